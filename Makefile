@@ -1,0 +1,44 @@
+# Every target creates or reuses .venv, so a fresh clone needs nothing but python3.11 and make.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-all demo tables figures bench params clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned, so no other package pulls a different build
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python run.py
+
+params: $(STAMP)
+	$(BIN)/python -m pilora.params
+
+tables: $(STAMP)
+	$(BIN)/python -m analysis.tables $(ARGS)
+
+figures: $(STAMP)
+	$(BIN)/python -m analysis.figures $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.step_time $(ARGS)
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,212 @@
+"""Stage 2 of PiLoRA: the dominant / supplementary adapter pair of Eq. 10, on top of PEFT.
+
+    h = W0 x + s_d·(M ⊗ B_d) A_d x + s_s·(M̄ ⊗ B_s) A_s x                       (Eq. 10)
+
+A PEFT ``lora.Linear`` keeps its structure; two of its sub-modules are swapped:
+
+* ``lora_A[adapter]`` becomes one ``(r + r') × n`` linear: ``A_d`` stacked on ``A_s`` (one GEMM);
+* ``lora_B[adapter]`` becomes :class:`RowPartitionedB`, holding ``B_d (|M| × r)`` and
+  ``B_s ((m−|M|) × r')`` only. Each forward it assembles the ``m × (r + r')`` block matrix
+  ``[M ⊗ B_d, c·M̄ ⊗ B_s]`` with one gather of ``m·(r+r')`` numbers (``c = s_s/s_d``) and does one
+  GEMM, exactly as LoRA does: no per-row work on activations, no dense masks, no ``m × r``
+  zero-padded parameters.
+
+Because the swapped ``lora_B`` exposes ``.weight`` (the assembled matrix), PEFT's own
+``merge`` / ``unmerge`` / ``merge_and_unload`` / ``disable_adapter`` (Eq. 11) work unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PILORA_FILE = "pilora_config.json"
+
+
+class RowPartitionedB(nn.Module):
+    """The ``B`` of a PiLoRA layer: compact dominant and supplementary row blocks.
+
+    Args:
+        dominant_mask: bool ``(m,)``, ``M`` of Eq. 9.
+        r: dominant rank. r_s: supplementary rank ``r'`` (0 freezes the supplementary rows).
+        supplementary_scale: ``c = s_s / s_d`` folded into the supplementary block.
+    """
+
+    def __init__(self, dominant_mask: torch.Tensor, r: int, r_s: int, supplementary_scale: float = 1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        mask = dominant_mask.to(device="cpu", dtype=torch.bool).flatten()
+        m, n_dom = mask.numel(), int(mask.sum())
+        self.r, self.r_s, self.supplementary_scale = int(r), int(r_s), float(supplementary_scale)
+        self.dominant = nn.Parameter(torch.zeros(n_dom, r, device=device, dtype=dtype))
+        self.supplementary = nn.Parameter(torch.zeros(m - n_dom, r_s, device=device, dtype=dtype))
+        # Persistent so a saved adapter carries its partition; int8 because safetensors and DDP
+        # broadcast handle it everywhere (bool buffers are not universally supported).
+        self.register_buffer("dominant_mask", mask.to(torch.int8).to(device=device))
+        # row_order[i] = position of output row i in cat([dominant rows, supplementary rows])
+        order = torch.empty(m, dtype=torch.long, device="cpu")  # explicit: may run under a meta context
+        order[mask] = torch.arange(n_dom, device="cpu")
+        order[~mask] = torch.arange(n_dom, m, device="cpu")
+        self.register_buffer("row_order", order.to(device=device), persistent=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.dominant_mask.numel()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The assembled ``m × (r + r')`` matrix ``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` (differentiable)."""
+        top = F.pad(self.dominant, (0, self.r_s))
+        bottom = F.pad(self.supplementary * self.supplementary_scale, (self.r, 0))
+        return torch.cat([top, bottom], 0).index_select(0, self.row_order)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, self.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "dominant_mask"
+        if key in state_dict and not torch.equal(state_dict[key].cpu().to(torch.int8), self.dominant_mask.cpu()):
+            raise ValueError(f"{prefix[:-1]}: saved dominant rows differ from this layer's partition; "
+                             "load with pilora.load_adapter, which rebuilds the layers from the saved masks")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"rows={self.out_features}, dominant={self.dominant.shape[0]} (r={self.r}), "
+                f"supplementary={self.supplementary.shape[0]} (r'={self.r_s})")
+
+
+def supplementary_scale(r: int, r_s: int, alpha: float, supplementary_alpha: float | None,
+                        use_rslora: bool = False) -> float:
+    """``c = s_s / s_d``. With ``supplementary_alpha=None`` both groups share ``s = α/r`` (the
+    supplementary adapter is "the same LoRA, fewer directions"); otherwise ``s_s = α'/r'``."""
+    if r_s == 0 or supplementary_alpha is None:
+        return 1.0
+    if use_rslora:
+        return (supplementary_alpha / math.sqrt(r_s)) / (alpha / math.sqrt(r))
+    return (supplementary_alpha / r_s) / (alpha / r)
+
+
+def convert_layer(layer: nn.Module, mask: torch.Tensor, r_s: int, scale: float = 1.0,
+                  adapter_name: str = "default") -> None:
+    """Turn one PEFT ``lora.Linear`` (rank ``r``) into a PiLoRA layer in place (fresh init:
+    ``A`` Kaiming-uniform as PEFT does, ``B`` zero, so the output equals the base model's)."""
+    base = layer.get_base_layer()
+    m, n = base.weight.shape
+    if mask.numel() != m:
+        raise ValueError(f"mask has {mask.numel()} rows but the layer has {m} output rows")
+    old_A = layer.lora_A[adapter_name].weight
+    r = int(layer.r[adapter_name])
+    A = nn.Linear(n, r + r_s, bias=False, device=old_A.device, dtype=old_A.dtype)
+    nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+    layer.lora_A[adapter_name] = A
+    layer.lora_B[adapter_name] = RowPartitionedB(mask, r, r_s, scale, device=old_A.device, dtype=old_A.dtype)
+
+
+def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementary_r: int,
+              supplementary_alpha: float | None = None, adapter_name: str = "default") -> nn.Module:
+    """Convert every LoRA layer of a freshly made PEFT LoRA model (rank ``r``) into a PiLoRA layer.
+
+    ``masks`` maps base-model module names (as in the importance statistics) to bool ``(m,)``.
+    """
+    from .importance import lora_layers
+
+    layers = lora_layers(peft_model, adapter_name)
+    missing = sorted(set(layers) - set(masks))
+    if missing:
+        raise ValueError(f"no dominant mask for LoRA layers {missing[:5]}; the masks cover "
+                         f"{sorted(masks)[:5]} ... (statistics from a different target_modules?)")
+    cfg = peft_model.peft_config[adapter_name]
+    scale = supplementary_scale(cfg.r, supplementary_r, cfg.lora_alpha, supplementary_alpha, cfg.use_rslora)
+    for name, layer in layers.items():
+        convert_layer(layer, masks[name], supplementary_r, scale, adapter_name)
+    peft_model.pilora_config = {"supplementary_r": int(supplementary_r),
+                                "supplementary_alpha": supplementary_alpha,
+                                "supplementary_scale": scale}
+    return peft_model
+
+
+def pilora_masks(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The dominant masks a PiLoRA model was built with, keyed by base-model module name."""
+    from .importance import lora_layers
+
+    return {name: layer.lora_B[adapter_name].dominant_mask.bool().cpu()
+            for name, layer in lora_layers(peft_model, adapter_name).items()
+            if isinstance(layer.lora_B[adapter_name], RowPartitionedB)}
+
+
+def save_adapter(peft_model: nn.Module, path: str, adapter_name: str = "default") -> None:
+    """Save a PiLoRA adapter: PEFT's files (config, weights incl. the masks) + ``pilora_config.json``."""
+    with warnings.catch_warnings():
+        # PEFT warns about 1-D tensors under lora_B; here that is the mask buffer, by design
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(path, selected_adapters=[adapter_name])
+    sub = path if adapter_name == "default" else os.path.join(path, adapter_name)
+    with open(os.path.join(sub, PILORA_FILE), "w") as f:
+        json.dump(peft_model.pilora_config, f, indent=2)
+
+
+def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -> nn.Module:
+    """Rebuild a saved PiLoRA model on ``base_model``: the masks come from the saved weights."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg_file = os.path.join(path, PILORA_FILE)
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{cfg_file} not found: {path!r} is not a PiLoRA adapter directory "
+                                "(a plain LoRA loads with peft.PeftModel.from_pretrained)")
+    with open(cfg_file) as f:
+        pcfg = json.load(f)
+    config = LoraConfig.from_pretrained(path)
+    config.inference_mode = not is_trainable
+    state = load_file(os.path.join(path, "adapter_model.safetensors"))
+    suffix = ".lora_B.dominant_mask"
+    masks = {k[len("base_model.model."):-len(suffix)]: v.bool() for k, v in state.items() if k.endswith(suffix)}
+    model = get_peft_model(base_model, config)
+    to_pilora(model, masks, pcfg["supplementary_r"], pcfg["supplementary_alpha"])
+    result = set_peft_model_state_dict(model, state)
+    bad = [k for k in result.unexpected_keys if "lora_" in k]
+    if bad:
+        raise ValueError(f"saved adapter has weights this model has no place for: {bad[:5]}")
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def export_lora(peft_model: nn.Module, path: str, adapter_name: str = "default") -> None:
+    """Write a plain PEFT LoRA of rank ``r + r'`` whose update equals the PiLoRA update.
+
+    ``A = [A_d; A_s]``, ``B = s·[M ⊗ B_d, c·M̄ ⊗ B_s]`` and ``lora_alpha = r + r'`` (scaling 1),
+    so stock ``peft.PeftModel.from_pretrained`` loads it with no PiLoRA code.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from .importance import lora_layers
+
+    cfg = peft_model.peft_config[adapter_name]
+    state, rank = {}, None
+    for name, layer in lora_layers(peft_model, adapter_name).items():
+        A = layer.lora_A[adapter_name].weight.detach()
+        B = layer.lora_B[adapter_name].weight.detach() * layer.scaling[adapter_name]
+        if rank is not None and A.shape[0] != rank:
+            raise ValueError("export needs one rank r + r' for all layers")
+        rank = A.shape[0]
+        state[f"base_model.model.{name}.lora_A.weight"] = A.contiguous().cpu()
+        state[f"base_model.model.{name}.lora_B.weight"] = B.contiguous().cpu()
+    # modules trained in full (e.g. a classification head) travel as they are
+    for key, value in peft_model.state_dict().items():
+        if ".modules_to_save." in key and f".{adapter_name}." in key:
+            state[key.replace(f".modules_to_save.{adapter_name}", "")] = value.detach().contiguous().cpu()
+    lora_cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=cfg.target_modules,
+                          lora_dropout=cfg.lora_dropout, modules_to_save=cfg.modules_to_save,
+                          task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path)
+    os.makedirs(path, exist_ok=True)
+    lora_cfg.save_pretrained(path)
+    save_file(state, os.path.join(path, "adapter_model.safetensors"))

@@ -1,0 +1,191 @@
+"""Methods and initialisations: pretrained model + method config -> the model to train.
+
+Every method is a PEFT LoRA plus (a) extra ``LoraConfig`` fields and (b) a named init applied to
+each LoRA layer after injection. Both are registries: adding a method is one entry here and one
+YAML file in ``conf/method/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# -------------------------------------------------------------------------------- method config
+
+
+@dataclass
+class MethodConfig:
+    """One adapter method. Field names mirror ``conf/method/*.yaml``."""
+
+    name: str = "lora"                      # key of METHODS
+    r: int = 8                              # LoRA rank; PiLoRA's dominant rank
+    alpha: float = 16.0                     # LoRA α (scaling α/r, or α/√r for rsLoRA)
+    dropout: float = 0.05                   # LoRA dropout probability
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    modules_to_save: list[str] | None = None  # trained in full (classification heads)
+    # PiLoRA only ------------------------------------------------------------------------------
+    supplementary_r: int = 1                # r' of the supplementary adapter; 0 freezes those rows
+    supplementary_alpha: float | None = None  # None: both groups share s = α/r
+    stage1_r: int | None = None             # rank of the stage-1 LoRA (default: r)
+    importance_interval: int = 10           # K: optimizer steps between importance checks
+    chunk_rows: int = 1024                  # rows of G̃ formed at once (memory bound)
+    partition: str = "hit_frequency"        # key of pilora.partition.PARTITIONS
+    partition_args: dict = field(default_factory=lambda: {"tau": 0.5})
+    rank_pattern: dict | None = None        # per-module ranks (budget-matched LoRA)
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose one of {sorted(METHODS)}")
+        if int(self.r) <= 0:
+            raise ValueError(f"rank r must be a positive integer, got {self.r}")
+        if self.name == "pilora":
+            if int(self.supplementary_r) < 0 or int(self.supplementary_r) > int(self.r):
+                raise ValueError(f"supplementary rank r' must satisfy 0 ≤ r' ≤ r = {self.r}, "
+                                 f"got {self.supplementary_r}")
+            from .partition import PARTITIONS
+            if self.partition not in PARTITIONS:
+                raise ValueError(f"unknown partition {self.partition!r}; choose one of {sorted(PARTITIONS)}")
+            for key in ("tau", "threshold", "fraction"):
+                if key in (self.partition_args or {}):
+                    v = float(self.partition_args[key])
+                    if not 0 < v <= 1:
+                        raise ValueError(f"partition {key} must lie in (0, 1], got {v}")
+        if not 0 <= float(self.dropout) < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -------------------------------------------------------------------------------------- registries
+
+INITS: dict[str, Callable[[nn.Module, str], None]] = {}
+METHODS: dict[str, "Method"] = {}
+
+
+def register_init(name: str):
+    def deco(fn):
+        INITS[name] = fn
+        return fn
+    return deco
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method = extra ``LoraConfig`` fields + a per-layer init + whether it has two stages."""
+
+    lora_kwargs: dict[str, Any]
+    init: str = "default"
+    two_stage: bool = False
+
+
+def register_method(name: str, method: Method) -> None:
+    METHODS[name] = method
+
+
+@register_init("default")
+def _default_init(layer, adapter):
+    """PEFT's LoRA init (A Kaiming-uniform, B = 0), already applied at injection."""
+
+
+@register_init("pissa")
+def _pissa_init(layer, adapter):
+    """PiSSA: principal r singular triplets in the adapter, the rest in W_res (PEFT's code)."""
+    layer.pissa_init(adapter, "pissa")
+
+
+@register_init("milora")
+def milora_init(layer, adapter):
+    """MiLoRA: the adapter takes the *minor* (smallest) r singular triplets of W0.
+
+    ``W0 = U Σ Vᵀ``; with the last r triplets ``(U_r, Σ_r, V_r)``: ``A = √(Σ_r/s) V_rᵀ``,
+    ``B = U_r √(Σ_r/s)`` and ``W_res = W0 − s·B A``, so the output is unchanged at init.
+    """
+    base = layer.get_base_layer()
+    W = base.weight
+    r, s = int(layer.r[adapter]), float(layer.scaling[adapter])
+    if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError("MiLoRA init needs a float base weight (initialise before quantising)")
+    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    Ur, Sr, Vhr = U[:, -r:], S[-r:] / s, Vh[-r:]
+    A = torch.diag(Sr.sqrt()) @ Vhr
+    B = Ur @ torch.diag(Sr.sqrt())
+    layer.lora_A[adapter].weight.data = A.to(layer.lora_A[adapter].weight.dtype)
+    layer.lora_B[adapter].weight.data = B.to(layer.lora_B[adapter].weight.dtype)
+    base.weight.data = (W.float() - s * B @ A).to(W.dtype)
+
+
+register_method("lora", Method({}))
+register_method("rslora", Method({"use_rslora": True}))
+register_method("dora", Method({"use_dora": True}))
+register_method("pissa", Method({}, init="pissa"))
+register_method("milora", Method({}, init="milora"))
+register_method("pilora", Method({}, two_stage=True))
+
+
+# ----------------------------------------------------------------------------- target modules
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the ``nn.Linear`` layers in ``model`` (candidates for targets)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
+    """Raise, listing the linear layers that exist, when a target name matches nothing."""
+    if isinstance(targets, str):
+        return  # a regex or "all-linear": PEFT validates it
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"target modules {missing} match no linear layer of {type(model).__name__}; "
+                         f"its linear layers are named {linear_module_names(model)}")
+
+
+# ------------------------------------------------------------------------------ building models
+
+def lora_config(cfg: MethodConfig, task_type: str | None = None, r: int | None = None):
+    """The PEFT ``LoraConfig`` for a method (for PiLoRA: its plain-LoRA stages)."""
+    from peft import LoraConfig
+
+    method = METHODS[cfg.name]
+    kwargs = dict(r=int(r or cfg.r), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
+                  target_modules=list(cfg.target_modules) if not isinstance(cfg.target_modules, str)
+                  else cfg.target_modules,
+                  modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+                  task_type=task_type, rank_pattern=dict(cfg.rank_pattern or {}))
+    kwargs.update(method.lora_kwargs)
+    return LoraConfig(**kwargs)
+
+
+def prepare_model(model: nn.Module, cfg: MethodConfig | dict, *, masks: dict | None = None,
+                  stage: int | None = None, task_type: str | None = None):
+    """Wrap ``model`` (pretrained, frozen) with the adapters of ``cfg``.
+
+    For PiLoRA, ``stage=1`` (or ``masks=None``) gives the plain rank-r LoRA of stage 1, and
+    ``masks`` (dominant rows per module) gives the stage-2 model of Eq. 10.
+    """
+    from peft import get_peft_model
+
+    from .importance import lora_layers
+    from .layer import to_pilora
+
+    if isinstance(cfg, dict):
+        cfg = MethodConfig.from_dict(cfg)
+    check_target_modules(model, cfg.target_modules)
+    method = METHODS[cfg.name]
+    r = cfg.stage1_r if (method.two_stage and masks is None and cfg.stage1_r) else cfg.r
+    peft_model = get_peft_model(model, lora_config(cfg, task_type, r=r))
+    init = INITS[method.init]
+    for layer in lora_layers(peft_model).values():
+        init(layer, "default")
+    if method.two_stage and masks is not None and stage != 1:
+        to_pilora(peft_model, masks, int(cfg.supplementary_r), cfg.supplementary_alpha)
+    return peft_model

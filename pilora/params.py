@@ -1,0 +1,171 @@
+"""Parameter accounting, in one place.
+
+``count_parameters`` counts what PEFT's ``print_trainable_parameters`` prints (trainable, all
+parameters including adapters, and their ratio), plus the adapter-only count the paper's
+"# Params" column uses. It only reads ``numel``, so it works on models built on the meta device.
+
+``python -m pilora.params`` prints the table of DESIGN.md §3 from configs alone (no weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+@dataclass
+class ParamCount:
+    trainable: int      # everything with requires_grad (adapters + heads trained in full)
+    total: int          # all parameters, adapters included (PEFT's "all params")
+    adapter: int        # LoRA / PiLoRA / DoRA adapter parameters only (the paper's # Params)
+    backbone: int       # the pretrained encoder/decoder without task head and adapters
+
+    @property
+    def share(self) -> float:
+        """PEFT-style share: trainable / all params (adapters included)."""
+        return self.trainable / self.total if self.total else 0.0
+
+    @property
+    def adapter_share(self) -> float:
+        """Adapter parameters / all params (PEFT-style, head excluded from the numerator)."""
+        return self.adapter / self.total if self.total else 0.0
+
+    @property
+    def adapter_share_of_backbone(self) -> float:
+        """Adapter parameters / backbone without adapters (GOAT's "4.00 %" convention)."""
+        return self.adapter / self.backbone if self.backbone else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "share": self.share, "adapter_share": self.adapter_share,
+                "adapter_share_of_backbone": self.adapter_share_of_backbone}
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Count parameters of a (PEFT) model; shared tensors are counted once."""
+    trainable = total = adapter = 0
+    for name, p in _unique_parameters(model):
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+        adapter += p.numel() if _is_adapter(name) else 0
+    # The backbone is the HF "base model" (e.g. RobertaModel inside ...ForSequenceClassification):
+    # no task head, no adapters. GOAT's "4.00 %" divides by this.
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = sum(p.numel() for name, p in _unique_parameters(getattr(hf, "base_model", hf))
+                   if not _is_adapter(name) and ".modules_to_save." not in f".{name}")
+    return ParamCount(trainable, total, adapter, backbone)
+
+
+def _is_adapter(name: str) -> bool:
+    return any(f".{k}." in f".{name}" for k in ADAPTER_KEYS)
+
+
+def _unique_parameters(module: nn.Module):
+    seen: set[int] = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:  # tied weights (embeddings / lm_head) count once
+            seen.add(id(p))
+            yield name, p
+
+
+# ------------------------------------------------------------------------- the DESIGN.md table
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+ROBERTA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _llama2_7b():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
+
+
+def _llama3_8b():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256))
+
+
+def _roberta_large():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    return RobertaForSequenceClassification(RobertaConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=2))
+
+
+def _clip_vit_b32():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        image_size=224, patch_size=32, projection_dim=512))
+
+
+SETTINGS = {
+    "LLaMA2-7B": (_llama2_7b, LLAMA_TARGETS, 32, 2),
+    "LLaMA3-8B": (_llama3_8b, LLAMA_TARGETS, 32, 2),
+    "RoBERTa-large": (_roberta_large, ROBERTA_TARGETS, 32, 1),
+    "CLIP ViT-B/32 image encoder": (_clip_vit_b32, CLIP_TARGETS, 8, 1),
+}
+
+
+def _first_rows_masks(peft_model, fraction: float) -> dict[str, torch.Tensor]:
+    """Masks with ``round(fraction·m)`` dominant rows per layer (counts depend only on |M|)."""
+    from .importance import lora_layers
+    masks = {}
+    for name, layer in lora_layers(peft_model).items():
+        m = layer.get_base_layer().weight.shape[0]
+        mask = torch.zeros(m, dtype=torch.bool, device="cpu")
+        mask[: round(fraction * m)] = True
+        masks[name] = mask
+    return masks
+
+
+def meta_count(setting: str, method: str = "lora", r: int | None = None, supplementary_r: int | None = None,
+               dominant_fraction: float | None = None) -> ParamCount:
+    """Count a paper setting on the meta device (configs only, no weights, no download)."""
+    from .methods import MethodConfig, prepare_model
+
+    build, targets, r0, rs0 = SETTINGS[setting]
+    with torch.device("meta"):
+        base = build()
+        cfg = MethodConfig(name=method, r=r or r0, alpha=2 * (r or r0), target_modules=targets,
+                           supplementary_r=rs0 if supplementary_r is None else supplementary_r)
+        model = prepare_model(base, cfg, stage=1)
+        if method == "pilora":
+            from .layer import to_pilora
+            to_pilora(model, _first_rows_masks(model, dominant_fraction), cfg.supplementary_r)
+    return count_parameters(model)
+
+
+def table_rows(pilora_fractions=(0.5, 0.41)) -> list[dict]:
+    rows = []
+    for setting in SETTINGS:
+        c = meta_count(setting)
+        rows.append({"setting": setting, "method": f"LoRA r={SETTINGS[setting][2]}", "adapter": c.adapter,
+                     "share_%": 100 * c.adapter_share, "share_of_backbone_%": 100 * c.adapter_share_of_backbone})
+    for fraction in pilora_fractions:
+        c = meta_count("LLaMA2-7B", "pilora", dominant_fraction=fraction)
+        rows.append({"setting": "LLaMA2-7B", "method": f"PiLoRA r=32 r'=2, dominant {fraction:.0%}",
+                     "adapter": c.adapter, "share_%": 100 * c.adapter_share,
+                     "share_of_backbone_%": 100 * c.adapter_share_of_backbone})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.41],
+                        help="dominant fractions for the PiLoRA rows (0.5 = the paper's Top-half)")
+    args = parser.parse_args(argv)
+    print(f"{'setting':30s} {'method':36s} {'# params':>12s} {'share %':>8s} {'of backbone %':>14s}")
+    for row in table_rows(args.fractions):
+        print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>12,d} {row['share_%']:>8.2f} "
+              f"{row['share_of_backbone_%']:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()

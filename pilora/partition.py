@@ -1,0 +1,108 @@
+"""Partition strategies: stage-1 statistics of one layer -> dominant-row mask ``M ∈ {0,1}^m``.
+
+Each strategy is a function ``f(stats: ModuleStats, *, name: str, **params) -> BoolTensor``
+registered under a name (DESIGN.md §1):
+
+=================  ===========================================================  ==================
+``hit_frequency``  ``M_i = 1`` where ``H_i ≥ τ·T`` (τ = 0.5 by default)          "Ours", Tab. 1-4
+``cumulative``     shortest prefix of rows sorted by ``H`` (ties by ``ΣS``)       Fig. 6
+                   whose share of ``ΣH`` reaches ``threshold``
+``top_fraction``   top ``fraction`` of rows by ``ΣS`` (0.5 is "Top-half")         Tab. 4
+``random``         a seeded uniformly random ``fraction`` of rows                 Tab. 4
+=================  ===========================================================  ==================
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable
+
+import torch
+
+from .importance import ImportanceStats, ModuleStats
+
+PARTITIONS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_partition(name: str):
+    def deco(fn):
+        PARTITIONS[name] = fn
+        return fn
+    return deco
+
+
+def _unit_interval(label: str, value: float) -> float:
+    if not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"partition {label} must lie in (0, 1], got {value}")
+    return float(value)
+
+
+def _top_k(order_keys: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(order_keys.numel(), dtype=torch.bool)
+    mask[torch.argsort(order_keys, descending=True, stable=True)[:k]] = True
+    return mask
+
+
+@register_partition("hit_frequency")
+def hit_frequency(stats: ModuleStats, *, tau: float = 0.5, **_) -> torch.Tensor:
+    """Rows important in at least a fraction ``τ`` of the ``T`` checks."""
+    tau = _unit_interval("tau", tau)
+    if stats.checks == 0:
+        raise ValueError("no importance checks were recorded (T = 0): run stage 1 for at least one "
+                         "optimizer step, or lower method.importance_interval")
+    return stats.hits >= tau * stats.checks - 1e-9
+
+
+@register_partition("cumulative")
+def cumulative(stats: ModuleStats, *, threshold: float = 0.7, **_) -> torch.Tensor:
+    """Smallest group of rows (by ``H``, ties by ``ΣS``) holding ``threshold`` of ``ΣH``."""
+    threshold = _unit_interval("threshold", threshold)
+    hits = stats.hits.double()
+    # rank by H, break ties by ΣS: ΣS is scaled into [0, 1) so it never outranks a whole hit
+    tie = stats.score_sum / (stats.score_sum.max() + 1) if stats.score_sum.max() > 0 else 0 * stats.score_sum
+    mass = hits if hits.sum() > 0 else stats.score_sum.double()  # no hits at all: fall back to ΣS
+    if mass.sum() <= 0:
+        raise ValueError("cumulative partition needs non-zero importance: all hits and scores are 0")
+    order = torch.argsort(hits + tie, descending=True, stable=True)
+    share = torch.cumsum(mass[order], 0) / mass.sum()
+    k = int(torch.searchsorted(share, torch.tensor(threshold - 1e-12, dtype=share.dtype))) + 1
+    mask = torch.zeros_like(stats.hits, dtype=torch.bool)
+    mask[order[: min(k, mask.numel())]] = True
+    return mask
+
+
+@register_partition("top_fraction")
+def top_fraction(stats: ModuleStats, *, fraction: float = 0.5, **_) -> torch.Tensor:
+    """The ``round(fraction·m)`` rows with the largest accumulated score ``ΣS``."""
+    fraction = _unit_interval("fraction", fraction)
+    m = stats.hits.numel()
+    return _top_k(stats.score_sum, max(1, round(fraction * m)))
+
+
+@register_partition("random")
+def random(stats: ModuleStats, *, fraction: float = 0.5, seed: int = 0, name: str = "", **_) -> torch.Tensor:
+    """A uniformly random ``round(fraction·m)`` rows; the seed is mixed with the module name so
+    layers of the same shape get different (but reproducible) rows."""
+    fraction = _unit_interval("fraction", fraction)
+    m = stats.hits.numel()
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
+    mask = torch.zeros(m, dtype=torch.bool)
+    mask[torch.randperm(m, generator=gen)[: max(1, round(fraction * m))]] = True
+    return mask
+
+
+def partition(stats: ImportanceStats, strategy: str = "hit_frequency", **params) -> dict[str, torch.Tensor]:
+    """Dominant-row masks for every layer in ``stats`` under the named strategy."""
+    if strategy not in PARTITIONS:
+        raise ValueError(f"unknown partition strategy {strategy!r}; choose one of {sorted(PARTITIONS)}")
+    fn = PARTITIONS[strategy]
+    return {name: fn(s, name=name, **params).to(torch.bool) for name, s in stats.modules.items()}
+
+
+def dominant_fractions(masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``|M|/m`` per module and ``"overall"`` (rows pooled over modules)."""
+    out = {name: float(m.float().mean()) for name, m in masks.items()}
+    total = sum(m.numel() for m in masks.values())
+    out["overall"] = sum(int(m.sum()) for m in masks.values()) / total if total else math.nan
+    return out

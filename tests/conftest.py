@@ -1,0 +1,38 @@
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyMLP(nn.Module):
+    """Two target linears with different shapes, a head that is not a target."""
+
+    def __init__(self, d_in=10, d_hidden=16, d_out=12, n_cls=3):
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hidden)
+        self.down = nn.Linear(d_hidden, d_out)
+        self.head = nn.Linear(d_out, n_cls)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.down(torch.tanh(self.up(x)))))
+
+
+@pytest.fixture
+def tiny_mlp():
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def train_steps(model, x, y, steps=3, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt

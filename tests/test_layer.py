@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from conftest import TinyMLP, train_steps
+from pilora import (MethodConfig, count_parameters, export_lora, load_adapter, pilora_masks, prepare_model,
+                    save_adapter)
+from pilora.importance import lora_layers
+from pilora.layer import RowPartitionedB
+
+X = torch.randn(20, 10, generator=torch.Generator().manual_seed(5))
+Y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(6))
+MASKS = {"up": torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool),
+         "down": torch.tensor([0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)}
+
+
+def _pilora(r=4, rs=1, masks=MASKS, **kw):
+    torch.manual_seed(0)
+    base = TinyMLP()
+    cfg = MethodConfig(name="pilora", r=r, alpha=2 * r, dropout=0.0, target_modules=["up", "down"],
+                       supplementary_r=rs, **kw)
+    return base, prepare_model(copy.deepcopy(base), cfg, masks=masks)
+
+
+def test_output_equals_base_at_init_and_param_count_matches_formula():
+    base, model = _pilora()
+    assert torch.allclose(model(X), base(X), atol=1e-6)
+    r, rs = 4, 1
+    expected = sum((r + rs) * n + int(M.sum()) * r + (M.numel() - int(M.sum())) * rs
+                   for M, n in ((MASKS["up"], 10), (MASKS["down"], 16)))
+    assert count_parameters(model).adapter == expected == count_parameters(model).trainable
+    # no zero-padded m×r parameter: B blocks hold exactly their own rows
+    B = lora_layers(model)["up"].lora_B["default"]
+    assert B.dominant.shape == (6, 4) and B.supplementary.shape == (10, 1)
+
+
+def test_only_adapter_weights_change_after_a_step():
+    _, model = _pilora()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, X, Y, steps=2)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(("lora_A" in k or "lora_B" in k) for k in changed)
+    assert any("supplementary" in k for k in changed) and any("dominant" in k for k in changed)
+
+
+def _effective_weight(layer):
+    return layer.get_base_layer().weight + layer.get_delta_weight("default")
+
+
+def test_forward_matches_eq10_and_merge_unmerge_unload_agree():
+    _, model = _pilora()
+    train_steps(model, X, Y, steps=3)
+    layer = lora_layers(model)["up"]
+    B = layer.lora_B["default"]
+    A = layer.lora_A["default"].weight
+    s = layer.scaling["default"]
+    # Eq. 10 written out with explicit masks (the hot path never builds these)
+    Bd_full = torch.zeros(16, 4); Bd_full[MASKS["up"]] = B.dominant.detach()
+    Bs_full = torch.zeros(16, 1); Bs_full[~MASKS["up"]] = B.supplementary.detach()
+    delta = s * (Bd_full @ A[:4] + Bs_full @ A[4:])
+    assert torch.allclose(layer.get_delta_weight("default"), delta, atol=1e-6)
+
+    W0 = layer.get_base_layer().weight.detach().clone()
+    out = model(X).detach()
+    model.merge_adapter()
+    assert torch.allclose(model(X), out, atol=1e-5)
+    model.unmerge_adapter()
+    assert torch.allclose(layer.get_base_layer().weight, W0, atol=1e-6)  # unmerge restores W0
+    assert torch.allclose(model(X), out, atol=1e-5)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, RowPartitionedB) for m in merged.modules())
+    assert torch.allclose(merged(X), out, atol=1e-5)
+
+
+def test_frozen_supplementary_rows_never_change_with_r_prime_zero():
+    _, model = _pilora(rs=0)
+    layers = lora_layers(model)
+    W0 = {k: l.get_base_layer().weight.detach().clone() for k, l in layers.items()}
+    train_steps(model, X, Y, steps=4, lr=5e-2)
+    for k, layer in layers.items():
+        W = _effective_weight(layer).detach()
+        sup = ~MASKS[k]
+        assert torch.equal(W[sup], W0[k][sup])          # supplementary rows frozen exactly
+        assert not torch.allclose(W[~sup], W0[k][~sup])  # dominant rows learnt
+
+
+def test_save_load_and_export_to_stock_peft_give_identical_outputs(tmp_path):
+    base, model = _pilora()
+    train_steps(model, X, Y, steps=3)
+    model.eval()
+    out = model(X).detach()
+    save_adapter(model, str(tmp_path / "pilora"))
+    loaded = load_adapter(copy.deepcopy(base), str(tmp_path / "pilora"))
+    assert torch.equal(loaded(X), out)
+    assert all(torch.equal(pilora_masks(loaded)[k], MASKS[k]) for k in MASKS)
+
+    export_lora(model, str(tmp_path / "lora"))
+    stock = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora"))
+    stock.eval()
+    assert torch.allclose(stock(X), out, atol=1e-6)
+    assert stock.peft_config["default"].r == 5
+
+
+def test_loading_into_mismatched_partition_is_rejected():
+    _, model = _pilora()
+    other = {k: ~v for k, v in MASKS.items()}
+    _, model2 = _pilora(masks=other)
+    with pytest.raises(ValueError, match="dominant rows differ"):
+        model2.load_state_dict(model.state_dict())
+
+
+def test_all_dominant_and_none_dominant_edge_cases():
+    for fill in (True, False):
+        masks = {k: torch.full_like(v, fill) for k, v in MASKS.items()}
+        base, model = _pilora(masks=masks)
+        assert torch.allclose(model(X), base(X), atol=1e-6)
+        train_steps(model, X, Y, steps=2)
+        assert torch.isfinite(model(X)).all()
+
+
+def test_supplementary_alpha_scales_the_supplementary_block():
+    _, model = _pilora(supplementary_alpha=8.0)  # s_d = 8/4 = 2, s_s = 8/1 = 8 → c = 4
+    B = lora_layers(model)["up"].lora_B["default"]
+    assert B.supplementary_scale == pytest.approx(4.0)
+    with torch.no_grad():
+        B.supplementary.fill_(1.0)
+    assert torch.allclose(B.weight[~MASKS["up"], 4:], torch.full((10, 1), 4.0))

@@ -1,0 +1,53 @@
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import TinyMLP, train_steps
+from pilora import METHODS, MethodConfig, count_parameters, prepare_model
+from pilora.importance import lora_layers
+
+X = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["lora", "rslora", "dora", "pissa", "milora", "pilora"])
+def test_every_method_preserves_output_at_init_and_trains(name):
+    torch.manual_seed(0)
+    base = TinyMLP()
+    model = prepare_model(copy.deepcopy(base), MethodConfig(name=name, r=2, alpha=4, dropout=0.0,
+                                                            target_modules=["up", "down"]))
+    assert torch.allclose(model(X), base(X), atol=1e-5)
+    before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+    train_steps(model, X, torch.zeros(8, dtype=torch.long), steps=2)
+    assert any(not torch.equal(v, before[k]) for k, v in model.named_parameters() if v.requires_grad)
+
+
+def test_milora_uses_smallest_singular_triplets_and_pissa_the_largest():
+    torch.manual_seed(0)
+    base = TinyMLP()
+    W = base.up.weight.detach().clone()
+    S = torch.linalg.svdvals(W)
+    for name, expected in (("milora", S[-2:]), ("pissa", S[:2])):
+        model = prepare_model(copy.deepcopy(base), MethodConfig(name=name, r=2, alpha=2, target_modules=["up"]))
+        layer = lora_layers(model)["up"]
+        delta = layer.get_delta_weight("default")
+        assert torch.allclose(torch.linalg.svdvals(delta)[:2], expected, atol=1e-4)
+        assert torch.allclose(layer.get_base_layer().weight + delta, W, atol=1e-5)
+
+
+def test_unknown_target_module_lists_linear_layers():
+    with pytest.raises(ValueError, match=r"\['down', 'head', 'up'\]"):
+        prepare_model(TinyMLP(), MethodConfig(target_modules=["q_proj"]))
+
+
+def test_methods_registry_and_exact_llama_counts():
+    assert set(METHODS) >= {"lora", "rslora", "dora", "pissa", "milora", "pilora"}
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    model = prepare_model(LlamaForCausalLM(cfg), MethodConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                  "up_proj", "down_proj"]))
+    per_layer = 4 * (32 + 32) + 2 * 4 * (32 + 16) + 2 * 4 * (32 + 48)
+    c = count_parameters(model)
+    assert c.adapter == c.trainable == 2 * per_layer
+    assert c.total == sum(p.numel() for p in model.parameters())

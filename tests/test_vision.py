@@ -1,0 +1,262 @@
+"""Tests for pilora.tasks.vision: tiny CLIP configs and PNGs written to tmp dirs, no downloads."""
+
+import os
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+from pilora.tasks import vision as V
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def tiny_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(**TINY)
+
+
+def write_imagefolder(root, n_per_class=6, size=40):
+    """Two separable classes, 'blue' (label 0) and 'red' (label 1), with a little noise."""
+    rng = np.random.default_rng(0)
+    colours = {"blue": (20, 40, 220), "red": (220, 30, 30)}
+    for cls, rgb in colours.items():
+        os.makedirs(root / cls, exist_ok=True)
+        for i in range(n_per_class):
+            arr = np.clip(np.array(rgb) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_imagefolder(tmp_path / "imgs")
+
+
+def load_folder(folder, tmp_path, **kw):
+    return V.load_vision_dataset("imagefolder", data_dir=str(folder), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_pooled_features_are_mean_of_patch_tokens_without_cls():
+    torch.manual_seed(0)
+    model = V.CLIPImageClassifier.from_config(tiny_config(), num_labels=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model.clip(pixel_values=x).last_hidden_state
+        assert hidden.shape == (2, 1 + 16, 32)
+        ln = model.clip.post_layernorm
+        manual = torch.stack([ln(hidden[b, 1:]).sum(0) / 16 for b in range(2)])
+        with_cls = ln(hidden).mean(1)
+        feats = model.features(x)
+        out = model(x)
+    torch.testing.assert_close(feats, manual)
+    assert not torch.allclose(feats, with_cls, atol=1e-4)  # CLS really is excluded
+    torch.testing.assert_close(out.logits, model.classifier(manual))
+    assert out.logits.shape == (2, 3) and out.loss is None
+
+
+def test_loss_matches_cross_entropy_and_head_is_seed_deterministic():
+    torch.manual_seed(1)
+    a = V.CLIPImageClassifier.from_config(tiny_config(), 4)
+    torch.manual_seed(1)
+    b = V.CLIPImageClassifier.from_config(tiny_config(), 4)
+    torch.manual_seed(2)
+    c = V.CLIPImageClassifier.from_config(tiny_config(), 4)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert torch.equal(a.classifier.bias, b.classifier.bias)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    out = a(x, labels=y)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, y))
+
+
+def test_from_pretrained_loads_vision_tower_of_full_clip_checkpoint(tmp_path):
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=64, max_position_embeddings=8)
+    full = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY, projection_dim=16))
+    full.save_pretrained(tmp_path / "clip")
+    model = V.CLIPImageClassifier.from_pretrained(str(tmp_path / "clip"), num_labels=5)
+    assert isinstance(model.clip, CLIPVisionModel) and model.classifier.out_features == 5
+    ref = dict(full.vision_model.named_parameters())
+    got = dict(model.clip.named_parameters())
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_zero_shot_head_is_frozen_and_shaped():
+    torch.manual_seed(0)
+    model = V.CLIPImageClassifier.from_config(tiny_config(), num_labels=2)
+    text = torch.randn(5, 16)
+    proj = torch.randn(16, 32)
+    head = V.zero_shot_head(text, proj)
+    assert not any(p.requires_grad for p in head.parameters())
+    model.classifier = head
+    logits = model(torch.randn(3, 3, 32, 32)).logits
+    assert logits.shape == (3, 5)
+    # Same class ranking as CLIP's cosine similarity in the joint space.
+    f = model.features(torch.ones(1, 3, 32, 32)).detach()
+    cos = torch.nn.functional.normalize(f @ proj.T, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    assert head(f).argmax() == cos.argmax()
+    with pytest.raises(ValueError, match="does not match"):
+        V.zero_shot_head(torch.randn(5, 8), proj)
+
+
+def test_peft_lora_targets_all_clip_linears():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = V.CLIPImageClassifier.from_config(tiny_config(), num_labels=3)
+    r = 2
+    expected = sum(
+        r * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in V.LORA_TARGET_MODULES
+    )
+    # 2 layers x (4 attention 32x32 + fc1 32->64 + fc2 64->32)
+    assert expected == 2 * (4 * r * 64 + 2 * r * 96)
+    cfg = peft.LoraConfig(r=r, lora_alpha=4, target_modules=V.LORA_TARGET_MODULES, modules_to_save=["classifier"])
+    pm = peft.get_peft_model(model, cfg)
+    lora = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+    assert lora == expected
+    trainable = {n: p.numel() for n, p in pm.named_parameters() if p.requires_grad}
+    head = sum(v for n, v in trainable.items() if "classifier" in n)
+    assert head == 32 * 3 + 3
+    assert sum(trainable.values()) == expected + head
+    out = pm(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_eval_transform_constant_colour_normalises_exactly():
+    rgb = (255, 0, 128)
+    img = Image.new("RGB", (50, 37), rgb)
+    x = V.eval_transform(24)(img)
+    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
+    expected = [(c / 255 - m) / s for c, m, s in zip(rgb, V.CLIP_MEAN, V.CLIP_STD)]
+    for ch in range(3):
+        torch.testing.assert_close(x[ch], torch.full((24, 24), expected[ch]), atol=1.5 / 255 / 0.26, rtol=0)
+
+
+def test_train_transform_shape_and_rgb_conversion():
+    torch.manual_seed(0)
+    grey = Image.new("L", (40, 60), 128)
+    x = V.train_transform(32)(grey)
+    assert x.shape == (3, 32, 32)
+    rgba = Image.new("RGBA", (33, 33), (1, 2, 3, 4))
+    assert V.eval_transform(16)(rgba).shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_holdout_split_disjoint_deterministic_and_capped():
+    ds = datasets.Dataset.from_dict({"idx": list(range(200)), "label": [i % 3 for i in range(200)]})
+    tr, va = V.holdout_split(ds, seed=3)
+    assert len(va) == 20 and len(tr) == 180
+    assert set(tr["idx"]).isdisjoint(va["idx"])
+    assert set(tr["idx"]) | set(va["idx"]) == set(range(200))
+    tr2, va2 = V.holdout_split(ds, seed=3)
+    assert list(va2["idx"]) == list(va["idx"]) and list(tr2["idx"]) == list(tr["idx"])
+    _, va3 = V.holdout_split(ds, seed=4)
+    assert list(va3["idx"]) != list(va["idx"])
+    _, capped = V.holdout_split(ds, fraction=0.5, max_size=7)
+    assert len(capped) == 7
+
+
+def test_imagefolder_training_loss_decreases(folder, tmp_path):
+    dsd = load_folder(folder, tmp_path)
+    assert set(dsd["train"].column_names) >= {"image", "label"}
+    assert V.num_classes(dsd) == 2
+    train = V.prepare_dataset(dsd["train"], V.eval_transform(32))
+    batch = V.collate([train[i] for i in range(len(train))])
+    assert batch["pixel_values"].shape == (12, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].dtype == torch.long and sorted(batch["labels"].tolist()) == [0] * 6 + [1] * 6
+
+    torch.manual_seed(0)
+    model = V.CLIPImageClassifier.from_config(tiny_config(), 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0] and losses[-1] < 0.3, losses
+
+
+def test_renames_columns_and_encodes_string_labels(tmp_path):
+    paths = []
+    for i, rgb in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), rgb).save(p)
+        paths.append(str(p))
+    csv = tmp_path / "train.csv"
+    csv.write_text("file,cls\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, ["red", "blue", "green"])))
+    dsd = V.load_vision_dataset("csv", data_files={"train": str(csv)}, image_column="file", label_column="cls",
+                                cache_dir=str(tmp_path / "cache"))
+    tr = dsd["train"]
+    assert tr.column_names == ["image", "label"]
+    assert tr.features["label"].names == ["blue", "green", "red"] and tr["label"] == [2, 0, 1]
+    assert V.num_classes(dsd) == 3
+    assert tr[0]["image"].size == (8, 8)
+
+
+def test_missing_local_path_names_path_and_hub_id(tmp_path):
+    missing = str(tmp_path / "data" / "eurosat")
+    with pytest.raises(FileNotFoundError) as e:
+        V.load_vision_dataset(missing)
+    assert missing in str(e.value) and "tanganke/eurosat" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="svhn.*cropped_digits"):
+        V.load_vision_dataset("imagefolder", data_dir=str(tmp_path / "svhn"))
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        V.load_vision_dataset("imagefolder", data_files={"train": [str(tmp_path / "nope.png")]})
+
+
+def test_missing_columns_lists_present_columns_and_config_keys(folder, tmp_path):
+    with pytest.raises(ValueError) as e:
+        load_folder(folder, tmp_path, image_column="img")
+    msg = str(e.value)
+    assert "'img'" in msg and "'image'" in msg and "'label'" in msg
+    assert "task.dataset.image_column" in msg and "task.dataset.label_column" in msg
+
+
+def test_label_out_of_range_names_the_label(tmp_path):
+    img = {"bytes": None, "path": None}
+    buf = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(buf)
+    img["path"] = str(buf)
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": [img] * 3, "label": [0, -1, 1]}, features=feats)
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    with pytest.raises(ValueError, match=r"label -1 of example 1 .*\[0, 2\)"):
+        V.load_vision_dataset("parquet", data_files={"train": str(tmp_path / "train.parquet")},
+                              cache_dir=str(tmp_path / "cache"))
+    ok = datasets.Dataset.from_dict({"label": [0, 1, 7, 2]})
+    assert V.num_classes(ok) == 8
+    with pytest.raises(ValueError, match="label 7 of example 2"):
+        V.check_labels(ok, n_classes=3)
+
+
+def test_undecodable_image_names_path(folder, tmp_path):
+    bad = folder / "red" / "broken.png"
+    bad.write_bytes(b"definitely not a png")
+    dsd = load_folder(folder, tmp_path)
+    ds = V.prepare_dataset(dsd["train"], V.eval_transform(32))
+    idx = [i for i, p in enumerate(dsd["train"].cast_column("image", datasets.Image(decode=False))["image"])
+           if p["path"] and p["path"].endswith("broken.png")]
+    assert idx
+    with pytest.raises(ValueError, match="broken.png"):
+        ds[idx[0]]
+
+
+def test_vision_dataset_defaults():
+    assert set(V.VISION_DATASETS) == {"cars", "dtd", "eurosat", "gtsrb", "resisc45", "sun397", "svhn"}
+    assert V.VISION_DATASETS["svhn"] == ("ufldl-stanford/svhn", "cropped_digits")
+    assert all(hub.startswith("tanganke/") for k, (hub, n) in V.VISION_DATASETS.items() if k != "svhn")
