@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 PILORA_FILE = "pilora_config.json"
+# PEFT flags 1-D tensors under lora_B as unsharded ZeRO/FSDP state; ours is the partition mask.
+warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*dominant_mask")
 
 
 class RowPartitionedB(nn.Module):
@@ -142,10 +144,7 @@ def pilora_masks(peft_model: nn.Module, adapter_name: str = "default") -> dict[s
 
 def save_adapter(peft_model: nn.Module, path: str, adapter_name: str = "default") -> None:
     """Save a PiLoRA adapter: PEFT's files (config, weights incl. the masks) + ``pilora_config.json``."""
-    with warnings.catch_warnings():
-        # PEFT warns about 1-D tensors under lora_B; here that is the mask buffer, by design
-        warnings.simplefilter("ignore")
-        peft_model.save_pretrained(path, selected_adapters=[adapter_name])
+    peft_model.save_pretrained(path, selected_adapters=[adapter_name])
     sub = path if adapter_name == "default" else os.path.join(path, adapter_name)
     with open(os.path.join(sub, PILORA_FILE), "w") as f:
         json.dump(peft_model.pilora_config, f, indent=2)

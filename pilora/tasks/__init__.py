@@ -1,0 +1,12 @@
+"""Task families: how a task's data is loaded, which model head it needs, and how it is scored.
+
+A task config (``conf/task/**.yaml``) names its ``family``; the family class turns the config
+into datasets ready for ``transformers.Trainer``, a fresh pretrained model, and metrics.
+"""
+
+from __future__ import annotations
+
+from .base import FAMILIES, DataError, Task, make_task, register_family
+from . import classification, generation, image  # noqa: F401  (register the families)
+
+__all__ = ["FAMILIES", "DataError", "Task", "make_task", "register_family"]

@@ -1,0 +1,68 @@
+"""Run records: one ``results.json`` per job, written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+
+SCHEMA = 1
+RECORD = "results.json"
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON so readers see either the old file or the complete new one."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_jsonable, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def read_record(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def git_revision(cwd: str | None = None) -> dict:
+    here = cwd or os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return {"revision": rev or None, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None, "dirty": None}
+
+
+def best_and_final(epochs: list[dict], metric: str, mode: str = "max") -> tuple[dict, dict]:
+    """Final = the last evaluation; best = the evaluation with the best ``metric`` (``mode``)."""
+    if not epochs:
+        return {}, {}
+    final = epochs[-1]
+    key = f"eval_{metric}"
+    scored = [e for e in epochs if isinstance(e.get(key), (int, float)) and not math.isnan(e[key])]
+    pick = max if mode == "max" else min
+    best = pick(scored, key=lambda e: e[key]) if scored else final
+    return final, best

@@ -1,0 +1,53 @@
+"""Print a compact table of the records under a folder (the demo's closing table)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from .records import RECORD, read_record
+
+
+def summary_rows(root: str) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(root, "**", RECORD), recursive=True)):
+        r = read_record(path)
+        if not r or r.get("status") != "complete":
+            continue
+        test, final = r["metrics"].get("test") or {}, r["metrics"].get("final") or {}
+        metric = r.get("metric", "accuracy")
+        acc = test.get(f"test_{metric}", final.get(f"eval_{metric}"))
+        rows.append({"method": r["method"], "task": r["task"], "seed": r["seed"], metric: acc,
+                     "trainable": r["params"]["trainable"], "adapter": r["params"]["adapter"],
+                     "share_%": 100 * r["params"]["share"],
+                     "dominant": (r.get("pilora") or {}).get("dominant_fraction"),
+                     "time_s": r["timing"]["total_s"], "path": os.path.dirname(path)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no complete records)"
+    metric = [k for k in rows[0] if k not in {"method", "task", "seed", "trainable", "adapter", "share_%",
+                                                "dominant", "time_s", "path"}][0]
+    head = f"{'method':8s} {'task':10s} {'seed':>4s} {metric:>9s} {'trainable':>10s} {'adapter':>9s} " \
+           f"{'share %':>8s} {'dominant':>8s} {'time s':>7s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        dom = f"{r['dominant']:.3f}" if r["dominant"] is not None else "—"
+        acc = f"{r[metric]:.4f}" if isinstance(r[metric], (int, float)) else "—"
+        lines.append(f"{r['method']:8s} {r['task']:10s} {r['seed']:>4d} {acc:>9s} {r['trainable']:>10,d} "
+                     f"{r['adapter']:>9,d} {r['share_%']:>8.3f} {dom:>8s} {r['time_s']:>7.0f}")
+    return "\n".join(lines)
+
+
+try:  # a Hydra callback when Hydra is present; the functions above need no Hydra
+    from hydra.experimental.callback import Callback
+
+    class PrintSummary(Callback):
+        """After a multirun, print the table of its records (used by experiment=demo)."""
+
+        def on_multirun_end(self, config, **kwargs):
+            print("\n" + format_table(summary_rows(config.hydra.sweep.dir)), flush=True)
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,184 @@
+"""The task interface, the family registry, and dataset loading shared by every family."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Callable
+
+import datasets
+
+FAMILIES: dict[str, type["Task"]] = {}
+# datasets the project generates itself (task.dataset.path: <key>), e.g. the offline demo
+BUILDERS: dict[str, Callable[..., datasets.DatasetDict]] = {}
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the path/hub id and what to change."""
+
+
+def register_family(name: str):
+    def deco(cls):
+        cls.family = name
+        FAMILIES[name] = cls
+        return cls
+    return deco
+
+
+def make_task(task_cfg: dict, model_cfg: dict, seed: int = 0) -> "Task":
+    family = task_cfg.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"task {task_cfg.get('name')!r} has unknown family {family!r}; "
+                         f"known families: {sorted(FAMILIES)}")
+    cls = FAMILIES[family]
+    if model_cfg.get("family") not in cls.model_families:
+        raise ValueError(
+            f"model {model_cfg.get('name')!r} ({model_cfg.get('family')}) cannot do task "
+            f"{task_cfg.get('name')!r} ({family}); this task needs a model of family "
+            f"{list(cls.model_families)}, e.g. model={cls.example_model}")
+    return cls(task_cfg, model_cfg, seed)
+
+
+class Task:
+    """One task: data, model, metrics. Subclasses fill in the family-specific parts."""
+
+    family: str = ""
+    model_families: tuple[str, ...] = ()
+    example_model: str = ""
+    task_type: str | None = None          # PEFT task type
+    remove_unused_columns: bool = True    # Trainer flag (False when a transform needs raw columns)
+
+    def __init__(self, task_cfg: dict, model_cfg: dict, seed: int = 0):
+        self.cfg, self.model_cfg, self.seed = task_cfg, model_cfg, seed
+        self.name = task_cfg["name"]
+
+    # --- to be provided by families ---------------------------------------------------------
+    def build_model(self):
+        """A fresh pretrained model with the task head (deterministic for ``self.seed``)."""
+        raise NotImplementedError
+
+    def datasets(self) -> dict[str, Any]:
+        """``{"train": ..., "validation": ..., "test": ... or None}`` ready for Trainer."""
+        raise NotImplementedError
+
+    def collator(self) -> Callable | None:
+        return None
+
+    def compute_metrics(self, eval_pred) -> dict:
+        return {}
+
+    def final_metrics(self, model, trainer, data: dict) -> dict:
+        """Metrics computed once after training: by default the labelled test split, if any."""
+        if data.get("test") is None:
+            return {}
+        out = trainer.predict(data["test"], metric_key_prefix="test")
+        return {k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+
+    @property
+    def head_modules(self) -> list[str] | None:
+        return self.model_cfg.get("head_modules")
+
+    @property
+    def metric(self) -> str:
+        return self.cfg.get("metric", "accuracy")
+
+    # --- shared data loading -------------------------------------------------------------------
+    def load_raw(self) -> datasets.DatasetDict:
+        """``datasets.load_dataset(path, name, data_files=...)`` with errors that say what to do."""
+        return load_raw(self.cfg.get("dataset", {}), self.name)
+
+
+def _local_files(data_files) -> list[str]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        out = []
+        for v in data_files.values():
+            out += _local_files(v)
+        return out
+    return [str(f) for f in data_files]
+
+
+def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
+    path, name = ds_cfg.get("path"), ds_cfg.get("name")
+    if path in BUILDERS:
+        return BUILDERS[path](**(ds_cfg.get("builder_args") or {}))
+    data_files = ds_cfg.get("data_files")
+    hub_id = ds_cfg.get("hub_id") or path
+    hub_hint = f"the hub dataset {hub_id!r}" + (f" (config {ds_cfg.get('hub_name', name)!r})" if name else "")
+    for f in _local_files(data_files):
+        if not glob.glob(os.path.expanduser(f)):
+            raise DataError(f"data file {f!r} for task {task_name!r} does not exist; fix "
+                            f"task.dataset.data_files, or load {hub_hint} with task.dataset.path={hub_id}")
+    if path and path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
+        raise DataError(f"dataset path {path!r} for task {task_name!r} does not exist; "
+                        f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}")
+    try:
+        kwargs = {"data_files": dict(data_files) if isinstance(data_files, dict) else data_files}
+        if ds_cfg.get("data_dir"):
+            kwargs["data_dir"] = ds_cfg["data_dir"]
+        raw = datasets.load_dataset(path, name, **{k: v for k, v in kwargs.items() if v is not None})
+    except (ConnectionError, OSError) as err:
+        raise DataError(f"could not load {hub_hint} for task {task_name!r} ({type(err).__name__}: {err}). "
+                        "Without network access, pre-download it and point task.dataset.path (and "
+                        "task.dataset.data_files) at the local copy.") from err
+    if isinstance(raw, datasets.Dataset):
+        raw = datasets.DatasetDict({"train": raw})
+    return raw
+
+
+def require_split(raw: datasets.DatasetDict, split: str | None, task_name: str, *, required=True):
+    if split is None:
+        return None
+    if split not in raw:
+        if not required:
+            return None
+        raise DataError(f"task {task_name!r} needs split {split!r} but the data has {list(raw)}; "
+                        f"set task.splits.* or task.dataset.data_files.{split}")
+    ds = raw[split]
+    if len(ds) == 0:
+        raise DataError(f"split {split!r} of task {task_name!r} is empty; check the data files")
+    return ds
+
+
+def require_columns(ds, columns: list[str], task_name: str, hint: str = "") -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"task {task_name!r} needs columns {missing} but the data has {ds.column_names}"
+                        + (f"; {hint}" if hint else ""))
+
+
+def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
+    """``auto_cls.from_pretrained(model.path)``, or a randomly initialised model built from
+    ``model.from_config`` (the tiny test variants: no weights, no download)."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = getattr(torch, model_cfg.get("dtype") or "float32")
+    if model_cfg.get("from_config"):
+        spec = dict(model_cfg["from_config"])
+        config = AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
+        return auto_cls.from_config(config, dtype=dtype)
+    path = model_cfg["path"]
+    if path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(f"model path {path!r} does not exist; set model.path to a local "
+                                f"checkpoint directory or a hub id such as {model_cfg.get('hub_id', path)!r}")
+    try:
+        return auto_cls.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load model {path!r} ({err}); without network access, "
+                                "pre-download it and set model.path to the local directory") from err
+
+
+def load_tokenizer(model_cfg: dict):
+    from transformers import AutoTokenizer
+
+    path = model_cfg.get("tokenizer") or model_cfg["path"]
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load the tokenizer {path!r} ({err}); set model.tokenizer "
+                                "or model.path to a local directory") from err
+    return tok

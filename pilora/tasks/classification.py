@@ -1,0 +1,102 @@
+"""Sequence classification (GLUE, the demo): one text built from a template, a linear head."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import demo  # noqa: F401  (registers the demo builder)
+from .base import DataError, Task, load_pretrained, load_tokenizer, register_family, require_columns, require_split
+
+METRICS = {}
+
+
+def metric(name):
+    def deco(fn):
+        METRICS[name] = fn
+        return fn
+    return deco
+
+
+@metric("accuracy")
+def _accuracy(preds, labels):
+    return float((preds == labels).mean())
+
+
+@metric("mcc")
+def _mcc(preds, labels):
+    from sklearn.metrics import matthews_corrcoef
+    return float(matthews_corrcoef(labels, preds))
+
+
+@metric("f1")
+def _f1(preds, labels):
+    from sklearn.metrics import f1_score
+    return float(f1_score(labels, preds))
+
+
+@register_family("classification")
+class ClassificationTask(Task):
+    """``template.format(**row)`` -> tokenizer (max_length) -> ``AutoModelForSequenceClassification``."""
+
+    model_families = ("encoder",)
+    example_model = "roberta-large"
+    task_type = "SEQ_CLS"
+
+    def __init__(self, task_cfg, model_cfg, seed=0):
+        super().__init__(task_cfg, model_cfg, seed)
+        self.tokenizer = load_tokenizer(model_cfg)
+        unknown = [m for m in task_cfg.get("metrics", ["accuracy"]) if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown} for task {self.name!r}; known: {sorted(METRICS)}")
+
+    @property
+    def head_modules(self):
+        return self.model_cfg.get("head_modules") or ["classifier"]
+
+    def build_model(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return load_pretrained(self.model_cfg, AutoModelForSequenceClassification,
+                               num_labels=int(self.cfg["num_labels"]))
+
+    def datasets(self):
+        raw = self.load_raw()
+        splits = self.cfg.get("splits", {})
+        out = {k: require_split(raw, splits.get(k, k), self.name, required=(k != "test"))
+               for k in ("train", "validation", "test")}
+        template, label = self.cfg["template"], self.cfg.get("label_column", "label")
+        columns = self.cfg["text_columns"] + [label]
+        n = int(self.cfg["num_labels"])
+        hint = ("GLUE columns are listed in conf/task/glue/*.yaml (task.text_columns, task.label_column); "
+                "local files must use the same column names")
+
+        def encode(batch):
+            texts = [template.format(**{c: batch[c][i] for c in self.cfg["text_columns"]})
+                     for i in range(len(batch[label]))]
+            enc = self.tokenizer(texts, truncation=True, max_length=int(self.cfg.get("max_length", 128)))
+            enc["labels"] = batch[label]
+            return enc
+
+        for split, ds in out.items():
+            if ds is None:
+                continue
+            require_columns(ds, columns, self.name, hint)
+            labels = np.asarray(ds[label])
+            if split != "test" and ((labels < 0) | (labels >= n)).any():  # GLUE test labels are -1
+                bad = labels[(labels < 0) | (labels >= n)][0]
+                raise DataError(f"label {bad} in split {split!r} of task {self.name!r} is outside "
+                                f"[0, {n}); fix the data or task.num_labels")
+            out[split] = ds.map(encode, batched=True, remove_columns=ds.column_names,
+                                desc=f"tokenize {self.name}/{split}")
+        if out["test"] is not None and min(out["test"]["labels"]) < 0:
+            out["test"] = None  # unlabelled test split (GLUE): evaluate on validation only
+        return out
+
+    def collator(self):
+        from transformers import DataCollatorWithPadding
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def compute_metrics(self, eval_pred):
+        logits, labels = eval_pred
+        preds = np.asarray(logits).argmax(-1)
+        return {m: METRICS[m](preds, np.asarray(labels)) for m in self.cfg.get("metrics", ["accuracy"])}

@@ -1,0 +1,59 @@
+"""Image classification with the CLIP ViT-B/32 image encoder (GOAT protocol, DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import vision as v
+from .base import DataError, Task, register_family
+
+
+@register_family("vision")
+class VisionTask(Task):
+    """Train split minus a seeded 10 % holdout (≤ 5000) for validation; top-1 on the test split."""
+
+    model_families = ("clip_vision",)
+    example_model = "clip-vit-b32"
+    remove_unused_columns = False  # the image transform needs the raw columns
+
+    def build_model(self):
+        from transformers import CLIPVisionConfig
+
+        n = int(self.cfg["num_labels"])
+        if self.model_cfg.get("from_config"):
+            spec = {k: val for k, val in self.model_cfg["from_config"].items() if k != "model_type"}
+            return v.CLIPImageClassifier.from_config(CLIPVisionConfig(**spec), n)
+        return v.CLIPImageClassifier.from_pretrained(self.model_cfg["path"], num_labels=n)
+
+    @property
+    def head_modules(self):
+        return self.model_cfg.get("head_modules") or ["classifier"]
+
+    def datasets(self):
+        d = self.cfg["dataset"]
+        raw = v.load_vision_dataset(d["path"], d.get("name"), data_files=d.get("data_files"),
+                                    image_column=d.get("image_column", "image"),
+                                    label_column=d.get("label_column", "label"), data_dir=d.get("data_dir"))
+        splits = self.cfg.get("splits", {})
+        train_name, test_name = splits.get("train", "train"), splits.get("test", "test")
+        if train_name not in raw:
+            raise DataError(f"task {self.name!r} needs split {train_name!r}; the data has {list(raw)}")
+        n = int(self.cfg["num_labels"])
+        v.check_labels(raw, n)
+        train, val = v.holdout_split(raw[train_name], fraction=float(self.cfg.get("holdout_fraction", 0.1)),
+                                     max_size=int(self.cfg.get("holdout_max", 5000)), seed=self.seed)
+        size = int(self.model_cfg.get("image_size", 224))
+        tr, ev = v.train_transform(size), v.eval_transform(size)
+        test = raw[test_name] if test_name in raw else None
+        for name, ds in (("train", train), ("validation", val), ("test", test)):
+            if ds is not None and len(ds) == 0:
+                raise DataError(f"split {name!r} of task {self.name!r} is empty")
+        return {"train": v.prepare_dataset(train, tr), "validation": v.prepare_dataset(val, ev),
+                "test": v.prepare_dataset(test, ev) if test is not None else None}
+
+    def collator(self):
+        return v.collate
+
+    def compute_metrics(self, eval_pred):
+        logits, labels = eval_pred
+        return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}

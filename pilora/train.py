@@ -1,0 +1,245 @@
+"""The shared trainer: one job = one method on one task, recorded in ``results.json``.
+
+``train(cfg)`` takes the composed config (a plain dict or an OmegaConf node; Hydra is not
+needed) and runs, all with ``transformers.Trainer``:
+
+* single-stage methods (LoRA, rsLoRA, DoRA, PiSSA, MiLoRA): train, evaluate every epoch;
+* PiLoRA: stage 1 (plain LoRA + :class:`ImportanceCallback`, 1 epoch or ``N`` steps) ->
+  ``importance.pt`` -> partition -> stage 2 from the pretrained weights (Alg. 1 line 15).
+
+Every stage checkpoints into its own folder and resumes from its last checkpoint, so rerunning
+an interrupted command continues it. The record is written once, atomically, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from typing import Any
+
+import torch
+
+from .callbacks import ImportanceCallback, NanLossGuard
+from .importance import ImportanceAccumulator, ImportanceStats
+from .layer import save_adapter
+from .methods import METHODS, MethodConfig, prepare_model
+from .params import count_parameters
+from .partition import dominant_fractions, partition
+from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
+from .tasks import make_task
+
+log = logging.getLogger("pilora")
+IMPORTANCE_FILE = "importance.pt"
+# TrainingArguments we set ourselves; a user value for them would be silently ignored
+_OWNED = {"output_dir", "report_to", "remove_unused_columns", "logging_nan_inf_filter", "seed"}
+
+
+def _plain(cfg) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency, but the library needs no Hydra
+        pass
+    return dict(cfg)
+
+
+def method_config(cfg: dict) -> MethodConfig:
+    """``cfg.method`` + the model's target modules + the task's head -> :class:`MethodConfig`."""
+    m = dict(cfg["method"])
+    part = m.pop("partition", None) or {}
+    if isinstance(part, dict):
+        m["partition"], m["partition_args"] = part.get("name", "hit_frequency"), dict(part.get("args") or {})
+    m.setdefault("target_modules", cfg["model"]["target_modules"])
+    if m.get("target_modules") is None:
+        m["target_modules"] = cfg["model"]["target_modules"]
+    return MethodConfig.from_dict(m)
+
+
+def _training_args(cfg: dict, task, output_dir: str, **overrides):
+    from transformers import TrainingArguments
+
+    clash = _OWNED & set(cfg["trainer"])
+    if clash:
+        raise ValueError(f"trainer.{sorted(clash)[0]} is set by the runner; use "
+                         "output_dir / logger / seed at the top level of the config instead")
+    kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **cfg["trainer"], **overrides}
+    report = ["wandb"] if cfg.get("logger", {}).get("name") == "wandb" else "none"
+    return TrainingArguments(output_dir=output_dir, report_to=report, seed=int(cfg["seed"]),
+                             remove_unused_columns=task.remove_unused_columns,
+                             logging_nan_inf_filter=False, **kwargs)
+
+
+def _resume_point(stage_dir: str, enabled: bool) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not enabled or not os.path.isdir(stage_dir):
+        return None
+    last = get_last_checkpoint(stage_dir)
+    if last is None:
+        return None
+    if not os.path.exists(os.path.join(last, "trainer_state.json")):
+        raise RuntimeError(f"checkpoint {last!r} is incomplete or corrupted (no trainer_state.json); "
+                           "delete it to resume from the previous checkpoint")
+    return last
+
+
+def _fit(trainer, resume: str | None) -> None:
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except (RuntimeError, ValueError, OSError, KeyError) as err:
+        if resume and "loss became" not in str(err):
+            raise RuntimeError(f"could not resume from checkpoint {resume!r} ({type(err).__name__}: {err}); "
+                               "it may be corrupted: delete it to resume from the previous one") from err
+        raise
+
+
+def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
+    from transformers import Trainer
+
+    return Trainer(model=model, args=args, train_dataset=data["train"],
+                   eval_dataset=data["validation"] if evaluate else None,
+                   data_collator=task.collator(), compute_metrics=task.compute_metrics if evaluate else None,
+                   callbacks=[NanLossGuard(), *callbacks])
+
+
+def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> tuple[ImportanceStats, str]:
+    """Stage 1 of Alg. 1; returns the statistics and the file they were saved to."""
+    path = os.path.join(out, IMPORTANCE_FILE)
+    source = cfg["method"].get("importance_from")
+    if source:
+        log.info("PiLoRA stage 1: reusing importance statistics from %s", source)
+        return ImportanceStats.load(source), os.path.abspath(source)
+    if os.path.exists(path):  # an interrupted job that had finished stage 1
+        log.info("PiLoRA stage 1: already done, loading %s", path)
+        return ImportanceStats.load(path), path
+    stage1 = cfg["method"].get("stage1") or {}
+    stage_dir = os.path.join(out, "stage1")
+    overrides = {"num_train_epochs": float(stage1.get("epochs", 1)), "max_steps": int(stage1.get("max_steps", -1)),
+                 "eval_strategy": "no", "load_best_model_at_end": False}
+    args = _training_args(cfg, task, stage_dir, **overrides)
+    torch.manual_seed(int(cfg["seed"]))
+    model = prepare_model(task.build_model(), method, stage=1, task_type=task.task_type)
+    resume = _resume_point(stage_dir, cfg.get("resume", True))
+    stats = ImportanceCallback.stats_from_checkpoint(resume) if resume else None
+    acc = ImportanceAccumulator(model, interval=method.importance_interval, chunk_rows=method.chunk_rows,
+                                stats=stats)
+    acc.stats.meta = {"task": task.name, "model": cfg["model"]["name"], "seed": cfg["seed"],
+                      "r": method.stage1_r or method.r, "interval": method.importance_interval}
+    log.info("PiLoRA stage 1: importance accumulation (K=%d)%s", method.importance_interval,
+             f", resuming {resume}" if resume else "")
+    trainer = _make_trainer(cfg, task, model, data, args, [ImportanceCallback(acc)], evaluate=False)
+    _fit(trainer, resume)
+    stats = acc.finalize()
+    stats.meta["steps"] = trainer.state.global_step
+    stats.save(path)
+    del trainer, model
+    return stats, path
+
+
+def _epoch_history(log_history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k.startswith("eval_") or k in ("epoch", "step")}
+            for e in log_history if "eval_loss" in e or any(k.startswith("eval_") for k in e)]
+
+
+def _start_logger(cfg: dict, out: str):
+    lg = cfg.get("logger") or {}
+    if lg.get("name") != "wandb":
+        return None
+    import wandb
+
+    return wandb.init(project=lg.get("project", "pilora"), entity=lg.get("entity"), mode=lg.get("mode", "offline"),
+                      dir=out, name=lg.get("run_name"), group=lg.get("group"), tags=list(lg.get("tags") or []),
+                      config=cfg, reinit="finish_previous")
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def train(cfg: Any) -> dict:
+    """Run one job (see module docstring) and return its record."""
+    from transformers import set_seed
+
+    cfg = _plain(cfg)
+    out = os.path.abspath(cfg["output_dir"])
+    os.makedirs(out, exist_ok=True)
+    done = read_record(os.path.join(out, RECORD))
+    if done and done.get("status") == "complete" and cfg.get("resume", True):
+        log.info("job already complete: %s", os.path.join(out, RECORD))
+        return done
+    set_seed(int(cfg["seed"]))
+    task = make_task(cfg["task"], cfg["model"], int(cfg["seed"]))
+    method = method_config(cfg)
+    if method.modules_to_save is None and task.head_modules:
+        method.modules_to_save = list(task.head_modules)
+    data = task.datasets()
+    run = _start_logger(cfg, out)
+    try:
+        record = _run(cfg, task, method, data, out)
+        if run is not None:
+            run.summary.update({f"final/{k}": v for k, v in record["metrics"]["final"].items()})
+            run.summary.update({f"params/{k}": v for k, v in record["params"].items()})
+            record["wandb"] = {"id": run.id, "project": run.project, "dir": run.dir}
+        atomic_write_json(os.path.join(out, RECORD), record)
+        log.info("record written: %s", os.path.join(out, RECORD))
+        return record
+    finally:
+        if run is not None:
+            run.finish()  # one W&B run per job, also inside multiruns
+
+
+def _run(cfg, task, method, data, out) -> dict:
+    timings, pilora_info = {}, None
+    t_start = time.time()
+    masks = None
+    if METHODS[method.name].two_stage:
+        t0 = time.time()
+        stats, stats_path = run_stage1(cfg, task, method, data, out)
+        timings["stage1_s"] = time.time() - t0
+        masks = partition(stats, method.partition, **method.partition_args)
+        fractions = dominant_fractions(masks)
+        pilora_info = {"importance_file": stats_path, "partition": method.partition,
+                       "partition_args": method.partition_args, "checks": {k: s.checks for k, s in stats.modules.items()},
+                       "dominant_fraction": fractions["overall"],
+                       "dominant_fraction_per_module": {k: v for k, v in fractions.items() if k != "overall"}}
+        log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition, fractions["overall"])
+    # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
+    torch.manual_seed(int(cfg["seed"]))
+    model = prepare_model(task.build_model(), method, masks=masks, task_type=task.task_type)
+    params = count_parameters(model)
+    stage_dir = os.path.join(out, "stage2" if masks is not None else "train")
+    args = _training_args(cfg, task, stage_dir)
+    log.info("%s: training %s (%d trainable parameters, %.2f%%)", "PiLoRA stage 2" if masks is not None
+             else method.name, task.name, params.trainable, 100 * params.share)
+    trainer = _make_trainer(cfg, task, model, data, args)
+    t0 = time.time()
+    _fit(trainer, _resume_point(stage_dir, cfg.get("resume", True)))
+    timings["stage2_s" if masks is not None else "train_s"] = time.time() - t0
+    epochs = _epoch_history(trainer.state.log_history)
+    t0 = time.time()
+    test = task.final_metrics(model, trainer, data)
+    timings["final_eval_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+    final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
+    if cfg.get("save_adapter", True):
+        adapter_dir = os.path.join(out, "adapter")
+        save_adapter(model, adapter_dir) if masks is not None else model.save_pretrained(adapter_dir)
+    train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "schema": SCHEMA, "status": "complete",
+        "task": task.name, "family": task.family, "method": method.name, "model": cfg["model"]["name"],
+        "seed": int(cfg["seed"]), "metric": task.metric,
+        "config": cfg, "git": git_revision(),
+        "epochs": epochs, "train_loss": train_losses,
+        "metrics": {"final": final, "best": best, "test": test},
+        "params": params.to_dict(),
+        "pilora": pilora_info,
+        "timing": timings, "steps": trainer.state.global_step,
+        "peak_memory_mb": _peak_memory_mb(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }

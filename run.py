@@ -1,0 +1,31 @@
+"""Entry point: compose the config, run one job, return its metric (for Hydra sweepers).
+
+    python run.py                                   # the offline demo (LoRA vs PiLoRA on MiniLM)
+    python run.py method=pilora task=glue/mrpc model=roberta-large
+    python run.py -m method=lora,pilora seed=0,1,2  # a sweep
+    python run.py experiment=table2_glue            # a paper table's sweep
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pilora.config import register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from pilora.train import train
+
+    record = train(cfg)
+    final = record["metrics"]["test"] or record["metrics"]["final"]
+    return next((v for k, v in final.items() if k.endswith(record["metric"])), float("nan"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 1:  # no arguments: the README's offline demo
+        sys.argv.append("experiment=demo")
+    main()
