@@ -28,7 +28,7 @@ from torch import nn
 
 PILORA_FILE = "pilora_config.json"
 # PEFT flags 1-D tensors under lora_B as unsharded ZeRO/FSDP state; ours is the partition mask.
-warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*dominant_mask")
+warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*lora_B\.(dominant|supplementary)")
 
 
 class RowPartitionedB(nn.Module):

@@ -177,7 +177,7 @@ def load_tokenizer(model_cfg: dict):
 
     path = model_cfg.get("tokenizer") or model_cfg["path"]
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **(model_cfg.get("tokenizer_kwargs") or {}))
     except OSError as err:
         raise FileNotFoundError(f"could not load the tokenizer {path!r} ({err}); set model.tokenizer "
                                 "or model.path to a local directory") from err

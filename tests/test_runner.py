@@ -1,0 +1,116 @@
+"""End-to-end jobs through the real configs and ``train`` (tiny models, tiny local data)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import FAST, compose_cfg, glue_overrides, write_commonsense, write_images
+from pilora import ImportanceStats
+from pilora.train import train
+
+
+def _method(name, stage1_steps=4, **extra):
+    """``method=<name>`` plus a short stage 1 when the method has one."""
+    out = [f"method={name}"] + [f"method.{k}={v}" for k, v in extra.items()]
+    if name == "pilora":
+        out += [f"method.stage1.max_steps={stage1_steps}", "method.importance_interval=1"]
+    return out
+
+
+def _check_record(rec, out, method):
+    assert rec["status"] == "complete" and rec["method"] == method
+    on_disk = json.load(open(os.path.join(out, "results.json")))
+    assert on_disk["metrics"] == json.loads(json.dumps(rec["metrics"]))
+    assert rec["config"]["method"]["name"] == method and rec["git"]["revision"]
+    assert rec["params"]["trainable"] > 0 and 0 < rec["params"]["share"] < 1
+    assert rec["epochs"] and all("eval_loss" in e for e in rec["epochs"])
+    assert rec["metrics"]["final"] and rec["metrics"]["best"]
+    losses = rec["train_loss"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss falls
+    assert rec["timing"]["total_s"] > 0
+
+
+def _check_pilora(rec, out):
+    info = rec["pilora"]
+    assert 0 < info["dominant_fraction"] <= 1 and info["dominant_fraction_per_module"]
+    assert "stage1_s" in rec["timing"] and "stage2_s" in rec["timing"]
+    # stage 2 used exactly the partition saved by stage 1
+    stats = ImportanceStats.load(info["importance_file"])
+    from pilora.partition import partition
+    masks = partition(stats, info["partition"], **info["partition_args"])
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    for name, mask in masks.items():
+        assert torch.equal(saved[f"base_model.model.{name}.lora_B.dominant_mask"].bool(), mask)
+        assert info["dominant_fraction_per_module"][name] == pytest.approx(mask.float().mean().item())
+
+
+@pytest.mark.parametrize("method", ["lora", "pilora"])
+def test_glue_classification_end_to_end(tmp_path, method):
+    out = tmp_path / "run"
+    cfg = compose_cfg(FAST + glue_overrides(tmp_path / "data") +
+                      _method(method) + ["trainer.num_train_epochs=3"], out)
+    rec = train(cfg)
+    _check_record(rec, out, method)
+    assert rec["metrics"]["best"]["eval_accuracy"] > 0.75
+    assert len(rec["epochs"]) == 3
+    if method == "pilora":
+        _check_pilora(rec, out)
+
+
+@pytest.mark.parametrize("method", ["lora", "pilora"])
+def test_commonsense_generation_end_to_end(tmp_path, method):
+    out = tmp_path / "run"
+    cfg = compose_cfg(FAST + write_commonsense(str(tmp_path / "cs")) +
+                      _method(method, 3, r=4) + ["trainer.num_train_epochs=2"], out)
+    rec = train(cfg)
+    _check_record(rec, out, method)
+    test = rec["metrics"]["test"]
+    assert {"test_boolq_accuracy", "test_piqa_accuracy", "test_avg_accuracy"} <= set(test)
+    assert 0 <= test["test_avg_accuracy"] <= 1
+    if method == "pilora":
+        _check_pilora(rec, out)
+
+
+@pytest.mark.parametrize("method", ["lora", "pilora"])
+def test_vision_end_to_end(tmp_path, method):
+    out = tmp_path / "run"
+    cfg = compose_cfg(FAST + write_images(str(tmp_path / "img")) +
+                      _method(method, 3) + ["trainer.num_train_epochs=3"], out)
+    rec = train(cfg)
+    _check_record(rec, out, method)
+    assert rec["metrics"]["test"]["test_accuracy"] >= 0.75
+    if method == "pilora":
+        _check_pilora(rec, out)
+
+
+def test_reusing_stage1_statistics_reproduces_masks(tmp_path):
+    base = FAST + glue_overrides(tmp_path / "data") + _method("pilora") + ["trainer.max_steps=2"]
+    first = train(compose_cfg(base, tmp_path / "a"))
+    stats_file = first["pilora"]["importance_file"]
+    second = train(compose_cfg(base + [f"method.importance_from={stats_file}"], tmp_path / "b"))
+    assert "stage1_s" in second["timing"] and not os.path.exists(tmp_path / "b" / "stage1")
+    assert second["pilora"]["dominant_fraction_per_module"] == first["pilora"]["dominant_fraction_per_module"]
+    # a different r' reuses the same partition with a different adapter size
+    third = train(compose_cfg(base + [f"method.importance_from={stats_file}", "method.supplementary_r=0"],
+                              tmp_path / "c"))
+    assert third["pilora"]["dominant_fraction"] == first["pilora"]["dominant_fraction"]
+    assert third["params"]["adapter"] < first["params"]["adapter"]
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path):
+    base = FAST + glue_overrides(tmp_path / "data") + _method("pilora") + ["trainer.num_train_epochs=2"]
+    full = train(compose_cfg(base, tmp_path / "full"))
+    # interrupted after stage 2's first epoch: drop the second checkpoint and the record, rerun
+    out = tmp_path / "cut"
+    train(compose_cfg(base, out))
+    ckpts = sorted(os.listdir(out / "stage2"), key=lambda s: int(s.split("-")[-1]))
+    import shutil
+    shutil.rmtree(out / "stage2" / ckpts[-1])
+    os.remove(out / "results.json")
+    resumed = train(compose_cfg(base, out))
+    assert resumed["metrics"]["final"]["eval_accuracy"] == full["metrics"]["final"]["eval_accuracy"]
+    assert resumed["metrics"]["final"]["eval_loss"] == pytest.approx(full["metrics"]["final"]["eval_loss"], rel=1e-5)
+    assert resumed["pilora"]["dominant_fraction_per_module"] == full["pilora"]["dominant_fraction_per_module"]
