@@ -6,12 +6,13 @@
     python run.py experiment=table2_glue            # a paper table's sweep
 """
 
+import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from pilora.config import register_resolvers
+from pilora.config import check_choices, register_resolvers
 
 register_resolvers()
 
@@ -28,4 +29,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 1:  # no arguments: the README's offline demo
         sys.argv.append("experiment=demo")
+    error = check_choices(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
+    if error:
+        sys.exit(f"error: {error}")
     main()

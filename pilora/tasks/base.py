@@ -107,7 +107,7 @@ def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
         return BUILDERS[path](**(ds_cfg.get("builder_args") or {}))
     data_files = ds_cfg.get("data_files")
     hub_id = ds_cfg.get("hub_id") or path
-    hub_hint = f"the hub dataset {hub_id!r}" + (f" (config {ds_cfg.get('hub_name', name)!r})" if name else "")
+    hub_hint = f"the hub dataset {hub_id!r}"
     for f in _local_files(data_files):
         if not glob.glob(os.path.expanduser(f)):
             raise DataError(f"data file {f!r} for task {task_name!r} does not exist; fix "
@@ -120,6 +120,10 @@ def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
         if ds_cfg.get("data_dir"):
             kwargs["data_dir"] = ds_cfg["data_dir"]
         raw = datasets.load_dataset(path, name, **{k: v for k, v in kwargs.items() if v is not None})
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise DataError(f"could not read the data files of task {task_name!r} ({data_files}): "
+                        f"{cause}. Empty, truncated or malformed files must be fixed or regenerated.") from err
     except (ConnectionError, OSError) as err:
         raise DataError(f"could not load {hub_hint} for task {task_name!r} ({type(err).__name__}: {err}). "
                         "Without network access, pre-download it and point task.dataset.path (and "

@@ -1,0 +1,480 @@
+"""Run records -> one pandas DataFrame (one row per job).
+
+Every job writes ``<output_dir>/results.json`` (schema 1, :mod:`pilora.records`). ``load_records``
+walks one or more results trees (Hydra's ``outputs/`` and ``multirun/`` by default) and flattens
+each record into a row; ``load_wandb`` builds the same frame from a W&B project, pulled once into
+a local JSON cache that it falls back to when the API cannot be reached.
+
+Grouping rule (used by the tables and figures): two records belong to the same configuration
+when their resolved configs agree on everything except the keys in :data:`IGNORED` (seed,
+output folder, logging, data *locations*, the stage-1 file a job reused, evaluation batch size
+and similar bookkeeping). ``config_key`` is a short hash of the rest: records are averaged over
+seeds only within one ``config_key`` -- records that differ in r, r', partition, model, learning
+rate, epochs, ... are never averaged together. Two records with the same ``config_key`` *and*
+seed are duplicates (e.g. an r' sweep point that repeats the main run through
+``method.importance_from``); :func:`drop_duplicates` keeps one (the one that ran its own stage 1,
+else the newest) and says which it ignored.
+
+Command line (lists records; ``--value`` prints one field, e.g. a stage-1 file to reuse)::
+
+    python -m analysis.records --root multirun/table1_llama2 \
+        --query "method == 'pilora' and seed == 0" --value importance_file
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+import pandas as pd
+
+SCHEMA = 1  # the record schema this reader understands; mirrors pilora.records.SCHEMA (tested)
+RECORD = "results.json"
+DEFAULT_ROOTS = ("outputs", "multirun")
+# folders inside a job directory that never hold records (walking checkpoints would be slow)
+_PRUNE = {".hydra", "wandb", "adapter"}
+
+#: Dotted config keys (prefixes) that do not distinguish configurations.
+IGNORED = (
+    "seed", "output_dir", "resume", "save_adapter", "sweep_name", "logger", "hydra",
+    "method.importance_from",            # which stage-1 file was reused, not how it was made
+    "method.partition.args.seed",        # random partitions follow the job seed (${seed})
+    "method.chunk_rows",                 # memory knob, numerically identical
+    "model.path",                        # hub id or local copy of the same model
+    "task.dataset.path", "task.dataset.name", "task.dataset.data_dir", "task.dataset.data_files",
+    "task.dataset.root", "task.dataset.train_file", "task.eval_sets",   # data locations
+    "task.eval_batch_size",
+    "trainer.logging_steps", "trainer.disable_tqdm", "trainer.per_device_eval_batch_size",
+    "trainer.save_strategy", "trainer.save_steps", "trainer.save_total_limit",
+    "trainer.dataloader_num_workers", "trainer.dataloader_pin_memory", "trainer.report_to",
+    "trainer.run_name", "trainer.logging_dir",
+)
+
+#: Columns every frame has, also when it is empty (so callers can filter without KeyErrors).
+BASE_COLUMNS = [
+    "task", "family", "method", "model", "seed", "metric", "r", "alpha", "supplementary_r",
+    "supplementary_alpha", "stage1_r", "importance_interval", "stage1_max_steps", "importance_from",
+    "partition", "partition_args", "partition_label", "dominant_fraction", "lr", "epochs", "max_steps",
+    "batch_size", "params_trainable", "params_total", "params_adapter", "params_backbone", "share",
+    "adapter_share", "adapter_share_of_backbone", "git_revision", "git_dirty", "time_total_s", "steps",
+    "peak_memory_mb", "device", "importance_file", "config_key", "config", "source", "path", "dir", "mtime",
+]
+
+
+class RecordError(ValueError):
+    """A record this reader cannot use (the message says why)."""
+
+
+def say(msg: str) -> None:
+    """One line to stderr: the warnings and notes of this package (never a traceback)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- config identity
+
+def _norm(v):
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return v
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": value}``; lists stay lists."""
+    out: dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = _norm(v)
+    return out
+
+
+def _ignored(key: str, ignore: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in ignore)
+
+
+def config_items(config: dict, ignore: Iterable[str] = IGNORED) -> dict[str, Any]:
+    """The flattened config without the keys that do not distinguish configurations."""
+    return {k: v for k, v in sorted(flatten(config).items()) if not _ignored(k, ignore)}
+
+
+def config_key(config: dict, ignore: Iterable[str] = IGNORED) -> str:
+    """Short stable hash of :func:`config_items` (equal for the seeds of one configuration)."""
+    blob = json.dumps(config_items(config, ignore), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def partition_label(name, args) -> str | None:
+    if not name:
+        return None
+    args = {k: v for k, v in (args or {}).items() if k != "seed"}
+    return name + ("(" + ", ".join(f"{k}={_norm(v)}" for k, v in sorted(args.items())) + ")" if args else "")
+
+
+# ----------------------------------------------------------------------------- record -> row
+
+def _need(rec: dict, dotted: str):
+    cur: Any = rec
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise RecordError(f"missing key {dotted!r}")
+        cur = cur[part]
+    return cur
+
+
+def record_row(rec: Any, path: str, source: str = "file") -> dict:
+    """Flatten one record; raise :class:`RecordError` (with a one-line reason) if unusable."""
+    if not isinstance(rec, dict):
+        raise RecordError("not a JSON object")
+    schema = rec.get("schema")
+    if schema != SCHEMA:
+        raise RecordError(f"record schema {schema!r}, this reader handles schema {SCHEMA} "
+                          "(re-run the job or convert the record)")
+    if rec.get("status") != "complete":
+        raise RecordError(f"status {rec.get('status')!r}, not 'complete'")
+    for key in ("task", "method", "model", "seed", "config", "metrics.final", "metrics.best",
+                "params.adapter", "params.adapter_share"):
+        _need(rec, key)
+    cfg = rec["config"]
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), dict):
+        raise RecordError("missing key 'config.method'")
+    m, tr = cfg["method"], cfg.get("trainer") or {}
+    pil = rec.get("pilora") or {}
+    part = m.get("partition") if isinstance(m.get("partition"), dict) else {}
+    pname = pil.get("partition", part.get("name")) if rec["method"] == "pilora" else None
+    pargs = dict(pil.get("partition_args", part.get("args")) or {}) if pname else {}
+    params, timing, git = rec["params"], rec.get("timing") or {}, rec.get("git") or {}
+    row = {
+        "task": rec["task"], "family": rec.get("family", (cfg.get("task") or {}).get("family")),
+        "method": rec["method"], "model": rec["model"], "seed": int(rec["seed"]),
+        "metric": rec.get("metric", (cfg.get("task") or {}).get("metric", "accuracy")),
+        "r": m.get("r"), "alpha": m.get("alpha"), "supplementary_r": m.get("supplementary_r"),
+        "supplementary_alpha": m.get("supplementary_alpha"), "stage1_r": m.get("stage1_r"),
+        "importance_interval": m.get("importance_interval"),
+        "stage1_max_steps": (m.get("stage1") or {}).get("max_steps"),
+        "importance_from": m.get("importance_from"),
+        "partition": pname, "partition_args": pargs, "partition_label": partition_label(pname, pargs),
+        "dominant_fraction": pil.get("dominant_fraction"),
+        "lr": tr.get("learning_rate"), "epochs": tr.get("num_train_epochs"), "max_steps": tr.get("max_steps"),
+        "batch_size": tr.get("per_device_train_batch_size"),
+        "params_trainable": params.get("trainable"), "params_total": params.get("total"),
+        "params_adapter": params.get("adapter"), "params_backbone": params.get("backbone"),
+        "share": params.get("share"), "adapter_share": params.get("adapter_share"),
+        "adapter_share_of_backbone": params.get("adapter_share_of_backbone"),
+        "git_revision": git.get("revision"), "git_dirty": git.get("dirty"),
+        "steps": rec.get("steps"), "peak_memory_mb": rec.get("peak_memory_mb"), "device": rec.get("device"),
+        "importance_file": pil.get("importance_file"),
+        "config_key": config_key(cfg), "config": config_items(cfg),
+        "source": source, "path": path, "dir": os.path.dirname(path) if source == "file" else None,
+        "mtime": os.path.getmtime(path) if source == "file" and os.path.exists(path) else None,
+        "wandb_id": (rec.get("wandb") or {}).get("id"),
+    }
+    for k, v in pargs.items():
+        if k != "seed":
+            row[f"partition_{k}"] = v
+    for k, v in timing.items():
+        row[f"time_{k}"] = v
+    for which in ("final", "best"):
+        for k, v in (rec["metrics"].get(which) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[f"{which}_{k}"] = v
+    for k, v in (rec["metrics"].get("test") or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[k if k.startswith("test_") else f"test_{k}"] = v
+    return row
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col in BASE_COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.Series(dtype=object)
+    lead = [c for c in BASE_COLUMNS if c in df.columns]
+    return df[lead + sorted(c for c in df.columns if c not in lead)].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- local trees
+
+def _as_list(roots) -> list[str]:
+    if roots is None:
+        return list(DEFAULT_ROOTS)
+    if isinstance(roots, (str, os.PathLike)):
+        return [os.fspath(roots)]
+    return [os.fspath(r) for r in roots]
+
+
+def find_record_files(roots) -> list[str]:
+    """Every ``results.json`` under ``roots`` (sorted; checkpoints and adapters are not entered)."""
+    found = []
+    for root in _as_list(roots):
+        if os.path.isfile(root) and os.path.basename(root) == RECORD:
+            found.append(os.path.abspath(root))
+            continue
+        for here, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in _PRUNE and not d.startswith("checkpoint-"))
+            if RECORD in files:
+                found.append(os.path.abspath(os.path.join(here, RECORD)))
+    return sorted(set(found))
+
+
+def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.DataFrame:
+    """All usable records under ``roots`` (a folder, a list of folders, or ``None`` for
+    ``outputs/`` and ``multirun/``) as one DataFrame; unusable files are skipped with one warning
+    line each (also listed in ``df.attrs["skipped"]``)."""
+    roots = _as_list(roots)
+    rows, skipped = [], []
+    missing = [r for r in roots if not os.path.exists(r)]
+    for path in find_record_files([r for r in roots if os.path.exists(r)]):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            rows.append(record_row(rec, path))
+        except (OSError, json.JSONDecodeError) as err:
+            skipped.append((path, f"unreadable ({type(err).__name__}: {err})"))
+        except RecordError as err:
+            skipped.append((path, str(err)))
+        except Exception as err:  # a record of an unexpected shape must not stop the others
+            skipped.append((path, f"unexpected content ({type(err).__name__}: {err})"))
+    if not quiet:
+        for path, why in skipped:
+            say(f"warning: skipping {path}: {why}")
+    df = frame(rows)
+    if dedupe:
+        df = drop_duplicates(df, quiet=quiet)
+    if not quiet and df.empty:
+        where = ", ".join(roots)
+        extra = f" ({', '.join(missing)}: no such folder)" if missing else ""
+        say(f"no usable results.json records under {where}{extra}; run the experiments first "
+            "(experiments/README.md) or point --root at a results tree")
+    df.attrs.update(roots=roots, skipped=skipped, missing_roots=missing)
+    return df
+
+
+def drop_duplicates(df: pd.DataFrame, quiet: bool = False) -> pd.DataFrame:
+    """Keep one record per (config_key, seed): the one that ran its own stage 1, else the newest."""
+    if df.empty:
+        df.attrs.setdefault("duplicates", [])
+        return df
+    order = df.assign(_reused=df["importance_from"].notna(), _mtime=df["mtime"].fillna(0).astype(float))
+    order = order.sort_values(["_reused", "_mtime", "path"], ascending=[True, False, True])
+    dup = order.duplicated(["config_key", "seed"], keep="first")
+    dropped = []
+    for idx in order.index[dup]:
+        twin = order[(order.config_key == df.at[idx, "config_key"]) & (order.seed == df.at[idx, "seed"]) & ~dup]
+        dropped.append((df.at[idx, "path"], twin["path"].iloc[0]))
+        if not quiet:
+            say(f"note: ignoring {df.at[idx, 'path']}: same configuration and seed as {twin['path'].iloc[0]}")
+    out = df.drop(index=order.index[dup]).reset_index(drop=True)
+    out.attrs.update(df.attrs)
+    out.attrs["duplicates"] = dropped
+    return out
+
+
+# ----------------------------------------------------------------------------- scores
+
+def score(df: pd.DataFrame, which: str = "best") -> pd.Series:
+    """The headline number of each record (a fraction): commonsense -> ``test_avg_accuracy``,
+    vision -> ``test_accuracy`` (test split), classification/GLUE -> validation
+    ``<which>_eval_<metric>`` (``which`` = best | final epoch)."""
+    if which not in ("best", "final"):
+        raise ValueError(f"which must be 'best' or 'final', not {which!r}")
+    out = pd.Series(float("nan"), index=df.index, dtype=float)
+    for idx, row in df.iterrows():
+        fam = row.get("family")
+        if fam == "generation":
+            col = "test_avg_accuracy"
+        elif fam == "vision":
+            col = "test_accuracy"
+        else:
+            col = f"{which}_eval_{row.get('metric') or 'accuracy'}"
+        v = row.get(col)
+        out[idx] = float(v) if v is not None and not pd.isna(v) else float("nan")
+    return out
+
+
+def score_label(families: Iterable[str], which: str = "best") -> str:
+    fams = set(families)
+    parts = []
+    if "generation" in fams:
+        parts.append("commonsense: mean test accuracy over the test sets")
+    if "vision" in fams:
+        parts.append("vision: test accuracy")
+    if fams - {"generation", "vision"}:
+        parts.append(f"classification: validation accuracy at the {which} epoch")
+    return "; ".join(parts) or "accuracy"
+
+
+# ----------------------------------------------------------------------------- W&B
+
+def _cache_file(cache_dir: str, project: str, entity: str | None, filters: dict | None) -> str:
+    tag = ""
+    if filters:
+        tag = "__" + hashlib.sha1(json.dumps(filters, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return os.path.join(cache_dir, f"{entity or 'default'}__{project}{tag}.json")
+
+
+def _plain(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _pull(project: str, entity: str | None, filters: dict | None, api) -> list[dict]:
+    if api is None:
+        import wandb
+        api = wandb.Api(timeout=30)
+    runs = api.runs(f"{entity}/{project}" if entity else project, filters=filters or {})
+    items = []
+    for run in runs:
+        summary = getattr(run, "summary", {}) or {}
+        summary = getattr(summary, "_json_dict", summary)
+        item = {"id": run.id, "name": getattr(run, "name", None), "state": getattr(run, "state", None),
+                "path": "/".join(getattr(run, "path", []) or [project, run.id]),
+                "commit": getattr(run, "commit", None),
+                "config": _plain(dict(run.config or {})), "summary": _plain(dict(summary)), "record": None}
+        item["record"] = _record_file(run)
+        items.append(item)
+    return items
+
+
+def _record_file(run) -> dict | None:
+    """The job's own results.json when it was uploaded with the run (full record), else None."""
+    try:
+        for f in run.files():
+            if os.path.basename(f.name) == RECORD:
+                import tempfile
+                with tempfile.TemporaryDirectory() as tmp:
+                    f.download(root=tmp, replace=True)
+                    with open(os.path.join(tmp, f.name)) as fh:
+                        return json.load(fh)
+    except Exception:  # files are optional; the summary still gives a partial record
+        return None
+    return None
+
+
+def wandb_record(item: dict) -> dict:
+    """A W&B run (as cached) -> a schema-1 record: the uploaded results.json if there is one,
+    otherwise built from the run's config and summary (``final/``, ``best/``, ``test/``,
+    ``params/``, ``pilora/``, ``timing/`` keys; ``eval/`` as a fallback for final)."""
+    if item.get("record"):
+        return item["record"]
+    cfg, summ = item.get("config") or {}, item.get("summary") or {}
+    task, method, model = cfg.get("task") or {}, cfg.get("method") or {}, cfg.get("model") or {}
+    groups: dict[str, dict] = {g: {} for g in ("final", "best", "test", "params", "pilora", "timing")}
+    evals = {}
+    for k, v in summ.items():
+        head, _, tail = k.partition("/")
+        if head in groups and tail:
+            groups[head][tail if head != "test" or tail.startswith("test_") else f"test_{tail}"] = v
+        elif head == "eval" and tail:
+            evals[f"eval_{tail}"] = v
+        elif k.startswith("test_"):
+            groups["test"][k] = v
+    final = groups["final"] or evals
+    state = item.get("state")
+    return {
+        "schema": SCHEMA, "status": "complete" if state in (None, "finished") else state,
+        "task": task.get("name"), "family": task.get("family"), "method": method.get("name"),
+        "model": model.get("name"), "seed": cfg.get("seed"), "metric": task.get("metric", "accuracy"),
+        "config": cfg, "git": {"revision": item.get("commit"), "dirty": None},
+        "metrics": {"final": final, "best": groups["best"] or {}, "test": groups["test"]},
+        "params": groups["params"],
+        "pilora": ({"partition": (method.get("partition") or {}).get("name"),
+                    "partition_args": (method.get("partition") or {}).get("args") or {}, **groups["pilora"]}
+                   if method.get("name") == "pilora" else None),
+        "timing": groups["timing"], "wandb": {"id": item.get("id")},
+    }
+
+
+def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = None,
+               filters: dict | None = None, refresh: bool = False, api=None,
+               dedupe: bool = True) -> pd.DataFrame:
+    """Runs of a W&B project as the same frame as :func:`load_records`.
+
+    The runs' configs and summaries are pulled once into ``<cache_dir>/<entity>__<project>.json``
+    (``cache_dir`` defaults to ``$PILORA_WANDB_CACHE`` or ``.wandb_cache``); later calls read the
+    cache unless ``refresh=True``. When the API cannot be reached, a message says so and the cache
+    (if any) is used. ``filters`` is a W&B (MongoDB-style) run filter, e.g.
+    ``{"config.task.name": "cola"}``; ``api`` may be a ``wandb.Api``-like object (tests).
+    """
+    cache_dir = cache_dir or os.environ.get("PILORA_WANDB_CACHE", ".wandb_cache")
+    path = _cache_file(cache_dir, project, entity, filters)
+    where = f"{entity}/{project}" if entity else project
+    payload = None
+    if refresh or not os.path.exists(path):
+        try:
+            items = _pull(project, entity, filters, api)
+            payload = {"project": project, "entity": entity, "filters": filters,
+                       "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": items}
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(payload, f, indent=1, default=str)
+            os.replace(tmp, path)
+        except Exception as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+            if os.path.exists(path):
+                say(f"W&B API not reachable for {where} ({reason}); using the local cache {path}")
+            else:
+                say(f"W&B API not reachable for {where} ({reason}) and there is no local cache at {path}; "
+                    "no records (log in with `wandb login`, or set WANDB_MODE/WANDB_BASE_URL)")
+                df = frame([])
+                df.attrs.update(roots=[f"wandb:{where}"], skipped=[], missing_roots=[], wandb_cache=None)
+                return df
+    if payload is None:
+        with open(path) as f:
+            payload = json.load(f)
+    rows, skipped = [], []
+    for item in payload.get("runs", []):
+        label = f"wandb:{item.get('path') or item.get('id')}"
+        try:
+            rows.append(record_row(wandb_record(item), label, source="wandb"))
+        except RecordError as err:
+            skipped.append((label, str(err)))
+        except Exception as err:
+            skipped.append((label, f"unexpected content ({type(err).__name__}: {err})"))
+    for label, why in skipped:
+        say(f"warning: skipping {label}: {why}")
+    df = frame(rows)
+    if dedupe:
+        df = drop_duplicates(df)
+    df.attrs.update(roots=[f"wandb:{where}"], skipped=skipped, missing_roots=[], wandb_cache=path,
+                    pulled_at=payload.get("pulled_at"))
+    return df
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="List run records (one row per job).")
+    p.add_argument("--root", action="append", help="results tree (repeatable; default outputs/ and multirun/)")
+    p.add_argument("--query", help="pandas query, e.g. \"method == 'pilora' and seed == 0\"")
+    p.add_argument("--columns", default="task,model,method,seed,r,supplementary_r,partition_label,"
+                   "dominant_fraction,adapter_share,config_key,path")
+    p.add_argument("--value", help="print only this column of the first matching record (for scripts)")
+    p.add_argument("--which", default="best", choices=["best", "final"])
+    args = p.parse_args(argv)
+    df = load_records(args.root, quiet=bool(args.value))
+    if not df.empty:
+        df["score"] = score(df, args.which)
+    if args.query and not df.empty:
+        df = df.query(args.query)
+    if args.value:
+        if df.empty or args.value not in df.columns:
+            say(f"no matching record with a {args.value!r} field")
+            return 1
+        print(df[args.value].iloc[0])
+        return 0
+    cols = [c for c in args.columns.split(",") if c in df.columns] + (["score"] if "score" in df.columns else [])
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
+        print(df[cols].to_string(index=False) if not df.empty else "(no records)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
