@@ -558,18 +558,23 @@ def merged_inference(wl: Workload, masks: dict, repeats: int, warmup: int, devic
 
 class ChunkProbe:
     """Wrap ``pilora.importance._grad_chunks``: record every ``G̃`` block it yields, the bound
-    ``chunk_rows × n`` and how many blocks are alive (not yet garbage) when a new one appears."""
+    ``chunk_rows × n``, and how many distinct block storages are alive (still referenced by the
+    library) at the moment a new block has been formed. Views of one reused buffer count once."""
 
     def __init__(self):
         self.max_block_elems = 0
         self.bound_elems = 0
         self.max_live = 0
         self.blocks = 0
-        self._live = 0
+        self._refs: list[weakref.ref] = []
         self._orig = None
 
-    def _dead(self):
-        self._live -= 1
+    def _record(self, block: torch.Tensor) -> None:
+        self.blocks += 1
+        self.max_block_elems = max(self.max_block_elems, block.numel())
+        self._refs = [r for r in self._refs if r() is not None] + [weakref.ref(block)]
+        live = {(t.device, t.untyped_storage().data_ptr()) for t in (r() for r in self._refs) if t is not None}
+        self.max_live = max(self.max_live, len(live))
 
     def __enter__(self):
         from pilora import importance
@@ -580,15 +585,9 @@ class ChunkProbe:
         def wrapped(A, B, grad_A, grad_B, scaling, chunk_rows):
             probe.bound_elems = max(probe.bound_elems, min(chunk_rows, B.shape[0]) * A.shape[1])
             for item in orig(A, B, grad_A, grad_B, scaling, chunk_rows):
-                block = item[1]
-                probe.blocks += 1
-                probe._live += 1
-                probe.max_live = max(probe.max_live, probe._live)
-                probe.max_block_elems = max(probe.max_block_elems, block.numel())
-                weakref.finalize(block, probe._dead)
-                del block  # hold no reference of our own while the next block is formed
+                probe._record(item[1])
                 yield item
-                del item
+                del item  # hold no reference of our own while the next block is formed
 
         importance._grad_chunks = wrapped
         return self
@@ -669,6 +668,13 @@ def run_workload(wl: Workload, repeats: int, warmup: int, device: str, log=print
     return out
 
 
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(device: str, args: argparse.Namespace | None = None) -> dict:
     import peft
     import transformers
@@ -677,7 +683,8 @@ def environment(device: str, args: argparse.Namespace | None = None) -> dict:
            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "python": platform.python_version(), "platform": platform.platform(), "device": device,
            "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-           "cpu_count": os.cpu_count(), "command": " ".join([os.path.basename(sys.executable), "-m",
+           "cpu_count": os.cpu_count(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+           "loadavg": _loadavg(), "command": " ".join([os.path.basename(sys.executable), "-m",
                                                               "benchmarks.step_time", *sys.argv[1:]])}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name()

@@ -172,9 +172,10 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
     bad = [k for k in result.unexpected_keys if "lora_" in k]
     if bad:
         raise ValueError(f"saved adapter has weights this model has no place for: {bad[:5]}")
-    if not is_trainable:
+    if not is_trainable:  # like peft.PeftModel.from_pretrained: frozen and in eval mode (no dropout)
         for p in model.parameters():
             p.requires_grad_(False)
+        model.eval()
     return model
 
 

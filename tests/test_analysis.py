@@ -1,0 +1,490 @@
+"""analysis/: records -> DataFrame, Tables 1-4, figures and notebooks, on REAL records.
+
+A session fixture runs a tiny sweep through the project's own trainer (tiny CLIP on generated
+images, tiny RoBERTa on a generated GLUE-style csv; about a second per job): LoRA and PiLoRA x 2
+seeds, PiLoRA on a second dataset, and PiLoRA sweeps over r', the dominant rank and the
+cumulative threshold that reuse one stage 1 through ``method.importance_from``. The tests compute
+what they expect straight from the results.json files, independently of ``analysis``.
+"""
+
+import csv
+import glob
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import FAST, compose_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = FAST + ["trainer.save_strategy=no", "save_adapter=false"]
+PILORA = ["method=pilora", "method.stage1.max_steps=3", "method.importance_interval=1"]
+
+
+def _write_images(d, n_train=24, n_test=24, seed=0):
+    """Two overlapping noisy colour classes: learnable, but not perfectly in 3 steps, so seeds differ."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("test", n_test)):
+        for label in (0, 1):
+            os.makedirs(os.path.join(d, split, str(label)), exist_ok=True)
+            for i in range(count // 2):
+                px = np.array([150 + (25 if label else -25), 120, 120]) + rng.normal(0, 60, (16, 16, 3))
+                Image.fromarray(np.clip(px, 0, 255).astype("uint8")).save(os.path.join(d, split, str(label), f"{i}.png"))
+
+
+def _vision(d, task):
+    return [f"task=vision/{task}", "model=tiny-clip", "task.dataset.path=imagefolder", "task.dataset.name=null",
+            f"task.dataset.data_dir={d}", "task.num_labels=2", "task.holdout_fraction=0.25",
+            "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=6", "trainer.max_steps=3"]
+
+
+def _glue(d):
+    """Train labels follow a keyword, validation labels are inverted: validation accuracy falls as the
+    model learns, so the best epoch (first) and the final epoch differ."""
+    os.makedirs(d, exist_ok=True)
+    for split, n in (("train", 64), ("validation", 32)):
+        with open(os.path.join(d, f"{split}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sentence", "label"])
+            for i in range(n):
+                word = "good" if i % 2 else "bad"
+                w.writerow([f"{word} {word} {word}", i % 2 if split == "train" else 1 - i % 2])
+    return ["task=glue/cola", "task.dataset.path=csv", "task.dataset.name=null", "model=tiny-roberta",
+            "trainer.learning_rate=1e-2", "trainer.per_device_train_batch_size=16", "trainer.num_train_epochs=3",
+            "method=lora"] + [f"+task.dataset.data_files.{s}={d}/{s}.csv" for s in ("train", "validation")]
+
+
+@pytest.fixture(scope="session")
+def tree(tmp_path_factory):
+    """A results tree laid out like Hydra's multirun/ folders, made by the real trainer."""
+    import torch
+
+    from pilora.train import train
+
+    base = tmp_path_factory.mktemp("analysis")
+    img, root = str(base / "img"), base / "results"
+    _write_images(img)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # other test sessions share the CPUs
+    try:
+        def job(sweep, sub, overrides):
+            return train(compose_cfg(QUICK + overrides, root / "multirun" / sweep / sub))
+
+        for method in ("lora", "pilora"):
+            for seed in (0, 1):
+                extra = PILORA if method == "pilora" else ["method=lora"]
+                job("vision", f"method={method},seed={seed}", _vision(img, "eurosat") + extra + [f"seed={seed}"])
+        job("vision_dtd", "method=pilora", _vision(img, "dtd") + PILORA)
+        stage1 = str(root / "multirun" / "vision" / "method=pilora,seed=0" / "importance.pt")
+        reuse = _vision(img, "eurosat") + PILORA + [f"method.importance_from='{stage1}'"]  # quoted: = and ,
+        for rs in (0, 1):  # r' = 1 repeats the seed-0 main run: a duplicate the loader must drop
+            job("fig4_rprime", f"method.supplementary_r={rs}", reuse + [f"method.supplementary_r={rs}"])
+        job("fig5_rank", "method.r=4", reuse + ["method.r=4"])
+        for th in (0.5, 0.9):
+            job("fig6_group", f"threshold={th}",
+                reuse + ["method/partition=cumulative", f"method.partition.args.threshold={th}"])
+        for seed in (0, 1):
+            job("glue", f"seed={seed}", _glue(str(base / "glue")) + [f"seed={seed}"])
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _raw(root):
+    """Every record, read straight from disk (no analysis code)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "results.json"), recursive=True)):
+        with open(path) as f:
+            out.append((path, json.load(f)))
+    return out
+
+
+def _pick(root, sweep=None, **where):
+    recs = []
+    for path, r in _raw(root):
+        if sweep and f"{os.sep}{sweep}{os.sep}" not in path:
+            continue
+        if all((r["config"]["method"].get(k) if k in ("r", "supplementary_r") else r.get(k)) == v
+               for k, v in where.items()):
+            recs.append(r)
+    return recs
+
+
+def _cell(values, d=2):
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{d}f}"
+    return f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values):.{d}f} (n={len(values)})"
+
+
+def _md_rows(text, model, method_prefix):
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) > 3 and cells[0] == model and cells[1].startswith(method_prefix):
+            rows.append(cells)
+    return rows
+
+
+# ----------------------------------------------------------------------------- records
+
+def test_schema_matches_the_writer():
+    from analysis.records import SCHEMA
+    from pilora.records import SCHEMA as WRITTEN
+    assert SCHEMA == WRITTEN
+
+
+def test_load_records_one_row_per_job_with_record_values(tree, capsys):
+    from analysis.records import load_records
+
+    df = load_records(tree)
+    raw = _raw(tree)
+    err = capsys.readouterr().err
+    # the r'=1 sweep point repeats the seed-0 main run (same config, same seed): one is dropped, by name
+    dup = [p for p, _ in raw if "supplementary_r=1" in p][0]
+    assert f"ignoring {dup}" in err and len(df) == len(raw) - 1 == 11
+    assert dup not in set(df["path"])
+    for path, rec in raw:
+        if path == dup:
+            continue
+        row = df[df["path"] == path].iloc[0]
+        assert (row.task, row.method, row.model, row.seed) == (rec["task"], rec["method"], rec["model"], rec["seed"])
+        assert row.adapter_share == rec["params"]["adapter_share"] and row.params_adapter == rec["params"]["adapter"]
+        assert row.r == rec["config"]["method"]["r"] and row.git_revision == rec["git"]["revision"]
+        assert row.time_total_s == rec["timing"]["total_s"]
+        for k, v in rec["metrics"]["test"].items():
+            assert row[k] == v
+        assert row.best_eval_accuracy == rec["metrics"]["best"]["eval_accuracy"]
+        if rec["method"] == "pilora":
+            assert row.dominant_fraction == rec["pilora"]["dominant_fraction"]
+            assert row.partition == rec["pilora"]["partition"]
+    # seeds of one configuration share a key; anything else that differs splits it
+    keys = df.set_index("path")["config_key"]
+    vis = os.path.join(str(tree), "multirun", "vision")
+    k = {s: keys[os.path.join(vis, s, "results.json")] for s in
+         ("method=lora,seed=0", "method=lora,seed=1", "method=pilora,seed=0", "method=pilora,seed=1")}
+    assert k["method=lora,seed=0"] == k["method=lora,seed=1"] != k["method=pilora,seed=0"] == k["method=pilora,seed=1"]
+    sweeps = df[df["importance_from"].notna()]
+    assert sweeps["config_key"].nunique() == len(sweeps) == 4 and not set(sweeps["config_key"]) & set(k.values())
+
+
+def test_bad_records_are_skipped_with_one_line_each(tree, tmp_path, capsys):
+    from analysis.records import load_records
+
+    good_path, good = _raw(tree)[0]
+    os.makedirs(tmp_path / "ok")
+    json.dump(good, open(tmp_path / "ok" / "results.json", "w"))
+    old = dict(good, schema=0)
+    os.makedirs(tmp_path / "old")
+    json.dump(old, open(tmp_path / "old" / "results.json", "w"))
+    broken = {k: v for k, v in good.items() if k != "params"}
+    os.makedirs(tmp_path / "noparams")
+    json.dump(broken, open(tmp_path / "noparams" / "results.json", "w"))
+    os.makedirs(tmp_path / "torn")
+    (tmp_path / "torn" / "results.json").write_text('{"schema": 1, "status": "comp')
+    df = load_records(tmp_path)
+    err = capsys.readouterr().err
+    assert len(df) == 1 and df.iloc[0]["path"] == str(tmp_path / "ok" / "results.json")
+    lines = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert len(lines) == 3 and "Traceback" not in err
+    assert any(str(tmp_path / "old" / "results.json") in line and "schema 0" in line for line in lines)
+    assert any(str(tmp_path / "noparams" / "results.json") in line and "params" in line for line in lines)
+    assert any(str(tmp_path / "torn" / "results.json") in line for line in lines)
+
+
+def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys, monkeypatch):
+    import wandb
+
+    from analysis.records import load_records, load_wandb
+
+    local = load_records(tree)
+    recs = [r for _, r in _raw(tree) if r["task"] == "eurosat" and r["method"] == "lora"]
+
+    class Run:  # what wandb.Api().runs() yields, as train.py logs it (config + summary)
+        def __init__(self, rec):
+            self.id, self.name, self.state, self.path = f"run{rec['seed']}", "x", "finished", ["me", "proj", f"run{rec['seed']}"]
+            self.config, self.commit = rec["config"], rec["git"]["revision"]
+            self.summary = {**{f"final/{k}": v for k, v in rec["metrics"]["final"].items()},
+                            **{f"params/{k}": v for k, v in rec["params"].items()},
+                            **{f"test/{k[5:]}": v for k, v in rec["metrics"]["test"].items()}}
+
+        def files(self):
+            return []
+
+    class Api:
+        def __init__(self, *a, **k):
+            pass
+
+        def runs(self, path, filters=None):
+            assert path == "me/proj"
+            return [Run(r) for r in recs]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    first = load_wandb("proj", "me", cache_dir=str(tmp_path / "cache"))
+    assert len(first) == 2 and set(first["seed"]) == {0, 1}
+    lora = local[(local.task == "eurosat") & (local.method == "lora")].sort_values("seed")
+    assert list(first.sort_values("seed")["test_accuracy"]) == list(lora["test_accuracy"])
+    assert set(first["config_key"]) == set(lora["config_key"])  # same grouping as local records
+
+    class Down:
+        def __init__(self, *a, **k):
+            raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "Api", Down)
+    capsys.readouterr()
+    again = load_wandb("proj", "me", cache_dir=str(tmp_path / "cache"), refresh=True)
+    err = capsys.readouterr().err
+    assert "not reachable" in err and "cache" in err and "Traceback" not in err
+    assert list(again["test_accuracy"]) == list(first["test_accuracy"])
+    none = load_wandb("proj", "me", cache_dir=str(tmp_path / "nocache"))
+    assert none.empty and "no local cache" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- tables
+
+def test_table3_cells_are_the_records_mean_and_std(tree):
+    from analysis.records import load_records
+    from analysis.tables import render
+
+    text = render(load_records(tree, quiet=True), ["3"])
+    (lora,) = _md_rows(text, "tiny-clip", "LoRA")
+    header = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| Model")).strip("|").split(" | ")]
+    col = {name: i for i, name in enumerate(header)}
+    vals = [r["metrics"]["test"]["test_accuracy"] for r in _pick(tree, "vision", task="eurosat", method="lora")]
+    assert len(vals) == 2 and len(set(vals)) == 2  # two seeds that really differ
+    assert lora[col["EuroSAT"]] == f"{_cell(vals)} / —"
+    assert lora[col["DTD"]] == "— / —" and lora[col["Average"]] == "— / —"  # missing runs, no invented average
+    shares = [100 * r["params"]["adapter_share"] for r in _pick(tree, "vision", method="lora")]
+    assert lora[col["# Params (%)"]] == f"{statistics.mean(shares):.2f} / —"
+    # PiLoRA: one row per configuration, never averaged together
+    pil = _md_rows(text, "tiny-clip", "PiLoRA")
+    assert len(pil) == 5 and len({r[1] for r in pil}) == 5
+    main = next(r for r in pil if "r'=1" in r[1] and "r=8" in r[1] and "hit_frequency" in r[1])
+    main_vals = [r["metrics"]["test"]["test_accuracy"] for r in _pick(tree, "vision", task="eurosat", method="pilora")]
+    assert main[col["EuroSAT"]] == f"{_cell(main_vals)} / —"
+    dtd = _pick(tree, "vision_dtd")[0]["metrics"]["test"]["test_accuracy"]
+    assert main[col["DTD"]] == f"{_cell([dtd])} / —" and "±" not in main[col["DTD"]]  # one seed: no std
+    r0 = next(r for r in pil if "r'=0" in r[1])
+    r0_val = _pick(tree, "fig4_rprime", supplementary_r=0)[0]["metrics"]["test"]["test_accuracy"]
+    assert r0[col["EuroSAT"]] == f"{_cell([r0_val])} / —"
+    assert sum("threshold=" in r[1] for r in pil) == 2 and any("r=4" in r[1] for r in pil)
+    # the paper's rows, numbers as printed, with — for ours (its model is not in the tree)
+    paper = _md_rows(text, "CLIP ViT-B/32", "PiLoRA")[0]
+    assert paper[col["Cars"]] == "— / 55.38" and paper[col["Average"]] == "— / 81.86" and paper[2] == "— / 1.21"
+    assert _md_rows(text, "CLIP ViT-B/32", "Full FT †")[0][col["# Params (%)"]] == "— / 100"
+
+
+def test_table2_best_or_final_epoch(tree):
+    from analysis.records import load_records
+    from analysis.tables import build_table, render
+
+    df = load_records(tree, quiet=True)
+    recs = _pick(tree, "glue")
+    best = [r["metrics"]["best"]["eval_accuracy"] for r in recs]
+    final = [r["metrics"]["final"]["eval_accuracy"] for r in recs]
+    assert best != final  # the fixture makes them differ
+    for which, vals in (("best", best), ("final", final)):
+        (row,) = _md_rows(render(df, ["2"], which=which), "tiny-roberta", "LoRA")
+        assert row[3] == f"{_cell(vals)} / —"
+    t = build_table(df, "2")
+    (row,) = [r for r in t.rows if r.model == "tiny-roberta"]
+    assert row.cells["cola"].n == 2 and row.cells["cola"].seeds == [0, 1] and row.cells["sst2"] is None
+    assert "| RoBERTa-large | PiLoRA | — / 3.26 | — / 85.52 |" in render(df, ["2"])
+    assert "tiny-clip" not in render(df, ["2"]) and "tiny-" not in render(df, ["1", "4"])
+
+
+def test_a_configuration_matching_the_paper_sits_on_the_paper_row(tree):
+    """Rename the tiny model as the paper's: the main PiLoRA config (r=8, r'=1, τ=0.5) joins the
+    paper's row, the sweep configurations stay extra rows with — for the paper."""
+    from analysis.records import load_records
+    from analysis.tables import build_table
+
+    df = load_records(tree, quiet=True)
+    df = df.assign(model=df["model"].replace({"tiny-clip": "clip-vit-b32"}))
+    df["config"] = [{**c, "trainer.learning_rate": 1e-4} for c in df["config"]]  # the paper's lr
+    t = build_table(df, "3")
+    paper_row = next(r for r in t.rows if r.paper and r.paper["method"] == "PiLoRA")
+    vals = [100 * r["metrics"]["test"]["test_accuracy"] for r in _pick(tree, "vision", task="eurosat", method="pilora")]
+    assert paper_row.cells["eurosat"].values == pytest.approx(vals) and paper_row.paper["values"]["eurosat"] == 98.59
+    extra = [r for r in t.rows if r.paper is None and r.row_id == "pilora"]
+    assert len(extra) == 4 and all(r.label for r in extra)
+    lora = next(r for r in t.rows if r.paper and r.paper["method"] == "LoRA")
+    assert lora.cells["eurosat"].n == 2 and lora.cells["cars"] is None
+
+
+def test_empty_tree_prints_a_message_and_the_paper_numbers(tmp_path, capsys):
+    from analysis.tables import main
+
+    assert main(["--root", str(tmp_path / "nothing"), "--table", "1", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "no usable results.json records" in err and "paper's numbers only" in err
+    assert "| LLaMA2-7B | PiLoRA | — / 0.63 | — / 71.5 |" in out
+    assert "| ChatGPT † | — | — / — | — / 73.1 |" in out
+    assert "| LLaMA2-7B | Top-half | — / 0.66 | — / 72.4 | — / 84.1 |" in out
+    assert main(["--root", str(tmp_path), "--table", "3", "--latex"]) == 0
+    tex = capsys.readouterr().out
+    assert r"\begin{tabular}" in tex and "--- / 55.38" in tex and r"LoRA$^\dagger$" in tex
+
+
+def test_paper_numbers_are_consistent():
+    from analysis.tables import load_paper
+
+    paper = load_paper()
+    text = None
+    src = "/work/shared/paper/pilora-paper.txt"
+    if os.path.exists(src):
+        text = open(src).read()
+    for tid, t in paper["tables"].items():
+        d = t["decimals"]
+        keys = [c["key"] for c in t["columns"]]
+        for row in t["rows"]:
+            vals = [row["values"][k] for k in keys]
+            if "note" in row:  # one printed average disagrees with its row; kept as printed, flagged
+                assert f"{row['avg']:.{d}f}" in row["note"] and f"{statistics.mean(vals):.{d}f}" in row["note"]
+            else:
+                assert abs(statistics.mean(vals) - row["avg"]) <= 0.5 * 10 ** -d + 1e-9, (tid, row["method"])
+            assert row["dagger"] == (row["reported_in"] != "this paper")
+            if text:  # every row appears in the paper exactly as stored
+                cells = [f"{v:.{d}f}" for v in vals + [row["avg"]]]
+                assert "\t".join(cells) in text, (tid, row["method"])
+    assert [r["method"] for r in paper["tables"]["4"]["rows"]] == ["Random", "Top-half", "Ours"]
+    assert len(paper["tables"]["1"]["rows"]) == 12 and paper["tables"]["2"]["rows"][-1]["params_pct"] == 3.26
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_figures_write_png_and_pdf_with_the_records_values(tree, tmp_path):
+    from analysis.figures import fig_group_size, fig_rank, fig_rprime, make_all
+    from analysis.records import load_records
+
+    df = load_records(tree, quiet=True)
+    written, skipped = make_all(df, str(tmp_path / "figs"))
+    assert not skipped, skipped
+    names = {os.path.basename(p) for p in written}
+    for stem in ("fig3_partition_patterns", "fig4_rprime", "fig5_rank", "fig6_group_size"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    assert any(n.startswith("fig2_gradients_tiny-clip") and n.endswith(".pdf") for n in names)
+    assert any(n.startswith("fig7_gradients_layers_tiny-clip") and n.endswith(".png") for n in names)
+    for p in written:
+        assert os.path.getsize(p) > 1000
+        with open(p, "rb") as f:
+            assert f.read(4) in (b"\x89PNG", b"%PDF")
+
+    def acc(r):
+        return 100 * r["metrics"]["test"]["test_accuracy"]
+
+    main = [acc(r) for r in _pick(tree, "vision", task="eurosat", method="pilora")]
+    expected = {
+        fig_rprime: ([0, 1], [acc(_pick(tree, "fig4_rprime", supplementary_r=0)[0]), statistics.mean(main)]),
+        fig_rank: ([4, 8], [acc(_pick(tree, "fig5_rank")[0]), statistics.mean(main)]),
+        fig_group_size: ([0.5, 0.9], [acc(r) for r in sorted(_pick(tree, "fig6_group"),
+                                                                 key=lambda r: r["config"]["method"]["partition"]["args"]["threshold"])]),
+    }
+    for fn, (xs, ys) in expected.items():
+        fig = fn(df)
+        (container,) = fig.axes[0].containers  # one line: eurosat, the other configs have one point
+        line = container.lines[0]
+        assert list(line.get_xdata()) == pytest.approx(xs) and list(line.get_ydata()) == pytest.approx(ys)
+
+
+def test_partition_pattern_rows_are_the_records_masks(tree):
+    from analysis.figures import partition_patterns
+    from analysis.records import load_records
+    from pilora import ImportanceStats, partition
+
+    fig = partition_patterns(load_records(tree, quiet=True))
+    img = fig.axes[0].images[0].get_array()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert [l.split()[0] for l in labels] == ["dtd", "eurosat"]
+    for i, (sweep, sub) in enumerate((("vision_dtd", "method=pilora"), ("vision", "method=pilora,seed=0"))):
+        stats = ImportanceStats.load(os.path.join(tree, "multirun", sweep, sub, "importance.pt"))
+        name = next(n for n in stats.modules if ".layers.1." in n and n.endswith("q_proj"))  # last layer (of 2),
+        assert name in fig.axes[0].get_title()  # first of the config's target_modules (q_proj, k_proj, ...)
+        mask = partition(stats, "hit_frequency", tau=0.5)[name].numpy()
+        assert np.array_equal(np.asarray(img[i]).astype(bool), mask)
+    assert img.shape[0] == 2 and not np.asarray(img).all()  # both groups present
+
+
+def test_gradient_heatmap_shows_the_snapshot(tree):
+    from analysis.figures import gradient_heatmaps
+    from pilora import ImportanceStats
+
+    path = os.path.join(tree, "multirun", "vision", "method=pilora,seed=0", "importance.pt")
+    stats = ImportanceStats.load(path)
+    fig = gradient_heatmaps(path, layers=[0], targets=["fc1"])
+    (ax,) = [a for a in fig.axes if a.images]
+    s = next(v for k, v in stats.modules.items() if ".layers.0." in k and k.endswith("fc1"))
+    np.testing.assert_allclose(ax.images[0].get_array(), s.grad_snapshot.numpy() / s.checks, rtol=1e-6)
+    assert len(gradient_heatmaps(path, "spread").axes) > len(fig.axes)
+
+
+def test_missing_inputs_give_a_message_not_a_traceback(tmp_path, capsys):
+    from analysis.figures import (fig_group_size, fig_rank, fig_rprime, gradient_heatmaps, main,
+                                  partition_patterns, save)
+    from analysis.records import load_records
+
+    empty = load_records(tmp_path, quiet=True)
+    for fig in (fig_rprime(empty), fig_rank(empty), fig_group_size(empty), partition_patterns(empty),
+                gradient_heatmaps(str(tmp_path / "none.pt"))):
+        assert fig.missing_input and save(fig, str(tmp_path / "out"), "x") == []
+    err = capsys.readouterr().err
+    assert "no importance statistics file" in err and "no records" in err and "Traceback" not in err
+    assert main(["--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "no figure written" in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
+
+
+def test_a_sweep_without_a_partner_point_is_reported(tree):
+    from analysis.figures import fig_rprime
+    from analysis.records import load_records
+
+    df = load_records(tree, quiet=True)
+    alone = df[~df["path"].str.contains("fig4_rprime")]  # r' = 1 only: no sweep over r'
+    assert "no sweep over r'" in fig_rprime(alone).missing_input
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+def _kernel_name():
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+        return "python3"
+    except NoSuchKernel:  # register this interpreter's kernel for the user, once
+        import subprocess
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"],
+                       check=True, capture_output=True)
+        return "python3"
+
+
+def test_notebooks_execute_top_to_bottom(tree, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("PILORA_RESULTS", str(tree))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    kernel = _kernel_name()
+    nbdir = os.path.join(REPO, "notebooks")
+    names = sorted(os.listdir(nbdir))
+    assert {"gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb"} <= set(names)
+    for name in ("gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb"):
+        nb = nbformat.read(os.path.join(nbdir, name), as_version=4)
+        NotebookClient(nb, timeout=120, kernel_name=kernel, resources={"metadata": {"path": nbdir}}).execute()
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.output_type == "error"]
+        images = [o for o in outputs if "image/png" in o.get("data", {})]
+        text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
+        if name == "tables.ipynb":
+            assert "tiny-clip" in text and "55.38" in text and "(n=2)" in text
+        elif name == "ablations.ipynb":
+            assert len(images) == 3
+        elif name == "gradient_heatmaps.ipynb":
+            assert len(images) == 2
+        else:
+            assert len(images) == 1
