@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .budget import matched_rank_pattern
 from .callbacks import ImportanceCallback, NanLossGuard
 from .importance import ImportanceAccumulator, ImportanceStats
 from .layer import save_adapter
@@ -197,7 +198,19 @@ def _run(cfg, task, method, data, out) -> dict:
     timings, pilora_info = {}, None
     t_start = time.time()
     masks = None
-    if METHODS[method.name].two_stage:
+    budget = None
+    if cfg["method"].get("match_budget"):
+        # LoRA with PiLoRA's budget: the partition of a PiLoRA stage 1 sets per-module ranks
+        t0 = time.time()
+        stats, stats_path = run_stage1(cfg, task, method, data, out)
+        timings["stage1_s"] = time.time() - t0
+        shapes = {k: tuple(s.shape) for k, s in stats.modules.items()}
+        lora_masks = partition(stats, method.partition, **method.partition_args)
+        method.rank_pattern, budget = matched_rank_pattern(lora_masks, shapes, method.r, method.supplementary_r)
+        budget.update({"importance_file": stats_path, "ranks": method.rank_pattern})
+        log.info("budget-matched LoRA: %d adapter parameters vs PiLoRA's %d (residual %+d)",
+                 budget["lora_adapter_params"], budget["pilora_adapter_params"], budget["residual"])
+    elif METHODS[method.name].two_stage:
         t0 = time.time()
         stats, stats_path = run_stage1(cfg, task, method, data, out)
         timings["stage1_s"] = time.time() - t0
@@ -232,13 +245,13 @@ def _run(cfg, task, method, data, out) -> dict:
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "schema": SCHEMA, "status": "complete",
-        "task": task.name, "family": task.family, "method": method.name, "model": cfg["model"]["name"],
+        "task": task.name, "family": task.family, "method": cfg["method"].get("label") or method.name, "model": cfg["model"]["name"],
         "seed": int(cfg["seed"]), "metric": task.metric,
         "config": cfg, "git": git_revision(),
         "epochs": epochs, "train_loss": train_losses,
         "metrics": {"final": final, "best": best, "test": test},
         "params": params.to_dict(),
-        "pilora": pilora_info,
+        "pilora": pilora_info, "budget_match": budget,
         "timing": timings, "steps": trainer.state.global_step,
         "peak_memory_mb": _peak_memory_mb(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

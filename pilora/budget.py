@@ -1,0 +1,35 @@
+"""Budget-matched LoRA: per-module ranks whose parameter count is nearest a PiLoRA run's.
+
+PiLoRA's claim is accuracy per trainable parameter, so the fair baseline is a LoRA with the
+same budget, not only LoRA at the full rank. For each module with dominant mask ``M``:
+
+    PiLoRA count  = (r + r')·n + |M|·r + (m − |M|)·r'
+    LoRA rank k   = round(PiLoRA count / (m + n)), at least 1
+
+passed to PEFT as ``rank_pattern``; the residual difference is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def pilora_module_count(m: int, n: int, dominant: int, r: int, r_s: int) -> int:
+    return (r + r_s) * n + dominant * r + (m - dominant) * r_s
+
+
+def matched_rank_pattern(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                         r: int, r_s: int) -> tuple[dict[str, int], dict]:
+    """``rank_pattern`` (full module names, regex-escaped for PEFT) and a budget summary."""
+    pattern, target, achieved = {}, 0, 0
+    for name, mask in masks.items():
+        m, n = shapes[name]
+        count = pilora_module_count(m, n, int(mask.sum()), r, r_s)
+        k = max(1, round(count / (m + n)))
+        pattern[re.escape(name)] = k  # PEFT matches (.*\.)?<key>$: a full name selects one module
+        target += count
+        achieved += k * (m + n)
+    return pattern, {"pilora_adapter_params": target, "lora_adapter_params": achieved,
+                     "residual": achieved - target, "residual_share": (achieved - target) / max(target, 1)}

@@ -1,0 +1,198 @@
+"""The benchmark code paths at tiny sizes (no timing is asserted anywhere)."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import gpu_llama
+from benchmarks import step_time as st
+from pilora import importance, prepare_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops on a loaded machine: OpenMP barriers, not work, dominate with several threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fake_workload(times: dict[str, float], peaks: dict[str, int], kind="layer", name="layer_q", check=None):
+    samples = {m: [t * f for f in (0.9, 1.0, 1.3)] for m, t in times.items()}
+    if check is not None:
+        samples["importance_check"] = [check * f for f in (0.9, 1.0, 1.3)]
+    summary = st.ratio_summary(samples)
+    memory = {m: {"static_bytes": p // 2, "step_peak_bytes": p - p // 2, "peak_bytes": p} for m, p in peaks.items()}
+    ratios = st.memory_ratios(memory)
+    for m, r in ratios.items():
+        memory[m]["ratio"] = r["peak"]
+    return {"name": name, "kind": kind, "time": summary, "memory": memory, "memory_ratios": ratios,
+            "stage1": st.stage1_overheads(summary), "adapter_params": {m: 1 for m in times}}
+
+
+def test_ratios_come_from_the_medians_and_paired_samples():
+    samples = {"lora": [1.0, 3.0, 2.0], "pilora": [1.1, 2.7, 2.4], "dora": [1.5, 3.0, 3.0]}
+    s = st.ratio_summary(samples)
+    assert s["lora"]["median_s"] == 2.0 and s["lora"]["ratio"] == 1.0
+    assert s["pilora"]["median_s"] == 2.4 and s["pilora"]["ratio"] == pytest.approx(1.2)
+    assert s["dora"]["ratio"] == pytest.approx(1.5)
+    paired = sorted([1.1, 0.9, 1.2])
+    assert s["pilora"]["paired_ratio"]["median"] == pytest.approx(statistics.median(paired))
+    assert s["pilora"]["paired_ratio"]["q25"] <= s["pilora"]["paired_ratio"]["q75"]
+
+
+def test_stage1_overhead_direct_and_amortised():
+    s = st.ratio_summary({"lora": [2.0], "stage1_k10": [2.06], "stage1_k1": [2.5], "importance_check": [0.4]})
+    o = st.stage1_overheads(s)
+    assert o["stage1_k10_direct"] == pytest.approx(0.03)
+    assert o["stage1_k1_direct"] == pytest.approx(0.25)
+    assert o["k1_amortised"] == pytest.approx(0.2) and o["k10_amortised"] == pytest.approx(0.02)
+    assert o["default_k"] == pytest.approx(0.03) and o["default_k_source"] == "direct"
+    o = st.stage1_overheads(st.ratio_summary({"lora": [2.0], "importance_check": [1.4]}))
+    assert o["default_k"] == pytest.approx(0.07) and o["default_k_source"] == "amortised"
+
+
+def test_targets_pass_and_miss_from_fake_measurements():
+    fast = _fake_workload({"lora": 1.0, "pilora": 0.98, "dora": 1.3}, {"lora": 100, "pilora": 90, "dora": 150},
+                          check=0.3)
+    slow = _fake_workload({"lora": 2.0, "pilora": 2.1, "dora": 2.6}, {"lora": 100, "pilora": 101, "dora": 150},
+                          name="layer_up", check=1.2)
+    fast["merged_inference"] = {"leftovers": [], "ratio": 1.0, "merged_s": 1.0, "base_s": 1.0,
+                                "max_abs_diff_vs_unmerged": 0.0}
+    imp = {"layers": {"q": {}}, "chunk_rows": 4, "peak_extra_bytes": 200, "chunk_bytes": 100, "dense_bytes": 1000,
+           "max_block_elems": 25, "chunk_bound_elems": 25, "max_live_blocks": 2, "blocks_formed": 3}
+    rec = st.build_record({"layer_q": fast, "layer_up": slow}, imp, {"date": "d", "torch": "t", "device": "cpu",
+                                                                     "threads": 2}, {})
+    verdict = {(r["target"], r["where"]): r["pass"] for r in rec["targets"]}
+    assert verdict[("stage2_time", "layer_q")] and not verdict[("stage2_time", "layer_up")]
+    assert verdict[("stage2_memory", "layer_q")] and not verdict[("stage2_memory", "layer_up")]
+    assert verdict[("stage1_overhead", "layer_q")]            # 0.3 / (10 · 1.0) = 3 %
+    assert not verdict[("stage1_overhead", "layer_up")]       # 1.2 / (10 · 2.0) = 6 %
+    assert verdict[("merged_inference", "layer_q")]
+    assert not verdict[("importance_one_chunk", "7B layer set")]
+    # the layer set sums the medians of the layers
+    ls = rec["layer_set"]
+    assert ls["time"]["pilora"]["median_s"] == pytest.approx(0.98 + 2.1)
+    assert ls["time"]["pilora"]["ratio"] == pytest.approx(3.08 / 3.0)
+    assert ls["stage1"]["k10_amortised"] == pytest.approx(1.5 / 30)
+    assert verdict[("stage2_time", "layer set")] is False
+    text = st.format_report(rec)
+    assert "MISS" in text and "PASS" in text and "layer_up" in text
+
+
+def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
+    wl = st.layer_workload("layer_q", 24, 40, 8, torch.float32, "cpu")
+    res = st.run_workload(wl, repeats=2, warmup=0, device="cpu", log=lambda *_: None)
+    assert set(res["time"]) == {"lora", "pilora", "dora", "stage1_k1", "importance_check"}  # K=10 needs windows
+    lora_med = statistics.median(res["time"]["lora"]["samples_s"])
+    for m, t in res["time"].items():
+        assert len(t["samples_s"]) == 2
+        assert t["median_s"] == pytest.approx(statistics.median(t["samples_s"]))
+        assert t["ratio"] == pytest.approx(t["median_s"] / lora_med)
+    for m, mem in res["memory"].items():
+        assert mem["peak_bytes"] == mem["static_bytes"] + mem["step_peak_bytes"]
+        assert mem["step_peak_bytes"] > 0 and mem["static_bytes"] > 24 * 40 * 4  # the frozen weight is counted
+        assert mem["ratio"] == pytest.approx(mem["peak_bytes"] / res["memory"]["lora"]["peak_bytes"])
+    # PiLoRA r=32, r'=2 on 40 rows, 16 of them dominant: (r+r')·n + 16·r + 24·r'
+    assert res["adapter_params"]["pilora"] == 34 * 24 + 16 * 32 + 24 * 2
+    assert res["merged_inference"]["leftovers"] == []
+    imp = st.importance_memory({"layer_q": (24, 40)}, torch.float32, "cpu")
+    rec = st.build_record({"layer_q": res}, imp, st.environment("cpu"), {"quick": True})
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(rec, default=str))
+    back = json.loads(path.read_text())
+    assert {"environment", "config", "workloads", "layer_set", "importance_memory", "targets"} <= set(back)
+    assert {"torch", "device", "threads", "date"} <= set(back["environment"])
+    assert {r["target"] for r in back["targets"]} == {"stage2_time", "stage2_memory", "stage1_overhead",
+                                                      "merged_inference", "importance_one_chunk"}
+
+
+def test_merged_pilora_leaves_no_adapter_modules():
+    wl = st.layer_workload("layer_q", 16, 20, 4, torch.float32, "cpu")
+    masks = st.random_masks(wl.make_base(False), wl.targets)
+    assert int(masks["proj"].sum()) == 8  # 40 % of 20 rows
+    out = st.merged_inference(wl, masks, repeats=1, warmup=0, device="cpu")
+    assert out["leftovers"] == [] and out["max_abs_diff_vs_unmerged"] < 1e-4
+    assert out["max_abs_change_vs_base"] > 0  # the merged adapter did change the weights
+    # the structural check does see an adapter when one is there
+    unmerged = prepare_model(wl.make_base(True), st.method_config("pilora", ["proj"]), masks=masks)
+    found = st.adapter_leftovers(unmerged, wl.make_base(False))
+    assert any("RowPartitionedB" in f for f in found) and any("lora_" in f for f in found)
+
+
+def test_importance_probe_bounds_blocks_by_one_chunk_and_counts_live_blocks(monkeypatch):
+    # three chunks of 1024 rows (the last one shorter)
+    shapes = {"wide": (6, 2100)}
+    r = st.importance_memory(shapes, torch.float32, "cpu")
+    assert r["blocks_formed"] == 3
+    assert r["max_block_elems"] <= st.CHUNK_ROWS * 6 == r["chunk_bound_elems"]
+    assert r["chunk_bytes"] == st.CHUNK_ROWS * 6 * 4 and r["dense_bytes"] == 2100 * 6 * 4
+    assert 1 <= r["max_live_blocks"] <= 2 and r["peak_extra_bytes"] > 0
+
+    # the probe tells a generator that keeps every block from one that reuses a single buffer
+    kept = []
+
+    def hoarding(A, B, grad_A, grad_B, scaling, chunk_rows):
+        for start in range(0, B.shape[0], chunk_rows):
+            rows = slice(start, min(start + chunk_rows, B.shape[0]))
+            block = (B[rows].float() @ grad_A.float() + grad_B[rows].float() @ A.float()) * scaling
+            kept.append(block)
+            yield rows, block
+
+    def one_buffer(A, B, grad_A, grad_B, scaling, chunk_rows):
+        buf = torch.empty(min(chunk_rows, B.shape[0]), A.shape[1])
+        for start in range(0, B.shape[0], chunk_rows):
+            rows = slice(start, min(start + chunk_rows, B.shape[0]))
+            block = buf[: rows.stop - rows.start]
+            torch.mm(B[rows].float(), grad_A.float(), out=block)
+            yield rows, block.addmm_(grad_B[rows].float(), A.float()).mul_(scaling)
+
+    g = torch.Generator().manual_seed(0)
+    A, B, gA, gB = (torch.randn(s, generator=g) for s in [(3, 7), (50, 3), (3, 7), (50, 3)])
+    dense = importance.approx_full_grad(A, B, gA, gB, 2.0).abs().sum(1)
+    for fake, live in ((hoarding, 5), (one_buffer, 1)):
+        monkeypatch.setattr(importance, "_grad_chunks", fake)
+        kept.clear()
+        with st.ChunkProbe() as probe:
+            scores = importance.row_scores(A, B, gA, gB, 2.0, chunk_rows=10)
+        assert probe.blocks == 5 and probe.max_block_elems == 10 * 7 == probe.bound_elems
+        assert probe.max_live == live
+        assert torch.allclose(scores, dense, rtol=1e-5)
+        assert importance._grad_chunks is fake  # the probe restores what it wrapped
+
+
+def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
+    args = gpu_llama.parse_args(["--out", str(tmp_path / "g.json"), "--repeats", "1", "--warmup", "0",
+                                 "--batch", "1", "--seq", "8"])
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32)
+    rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny, importance_shapes={"q": (8, 12)})
+    w = rec["workloads"]["llama_tiny"]
+    assert {"lora", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
+    assert w["stage1"]["default_k_source"] == "direct"
+    assert w["merged_inference"]["leftovers"] == []
+    assert json.loads((tmp_path / "g.json").read_text())["workloads"]["llama_tiny"]["time"]["lora"]["ratio"] == 1.0
+
+
+def test_gpu_script_refuses_without_cuda(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_llama.main(["--out", str(tmp_path / "x.json")]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+    with pytest.raises(SystemExit) as e:
+        st.main(["--device", "cuda", "--quick"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        gpu_llama.parse_args([])  # --out is required
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal path needs a machine without CUDA")
+def test_gpu_script_exit_code_from_the_command_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_llama", "--out", str(tmp_path / "x.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "CUDA" in p.stderr
