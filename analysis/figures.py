@@ -122,6 +122,14 @@ def pick_pilora_records(df: pd.DataFrame, partition: str | None = "hit_frequency
 
 # ----------------------------------------------------------------------------- Fig. 2 / 7 / 8
 
+def heatmap_sources(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """``(model_task, importance.pt)``: one stage-1 file per model, from its PiLoRA records."""
+    picked = pick_pilora_records(df, None)
+    if picked.empty:
+        return []
+    return [(f"{r['model']}_{r['task']}", r["_stats"]) for _, r in picked.groupby("model").head(1).iterrows()]
+
+
 def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None) -> plt.Figure:
     """Heat maps of the G̃ snapshot: rows = layers, columns = target modules.
 
@@ -157,7 +165,8 @@ def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None
         chosen = [int(l) for l in layers]
         bad = [l for l in chosen if l not in by_layer]
         if bad:
-            return message_figure(f"gradient heat maps: no layer {bad} in these statistics (layers {known[0]}..{known[-1]})")
+            return message_figure(f"gradient heat maps: no layer {bad} in these statistics "
+                                  f"(layers {known[0]}..{known[-1]})")
     panels = []
     for layer in chosen:
         mods = by_layer[layer]
@@ -328,7 +337,8 @@ def _slug(s) -> str:
 
 def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, module: str | None = None,
              layers=None, only=None) -> tuple[list[str], list[str]]:
-    """Write every figure that has input; returns (written paths, skip messages)."""
+    """Write every figure that has input; returns (written paths, skip messages). Each skipped
+    figure prints its reason once, as it is made."""
     only = set(only or ["2", "3", "4", "5", "6", "7"])
     written, skipped = [], []
 
@@ -339,14 +349,12 @@ def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, 
 
     if only & {"2", "7"}:
         if stats_files:
-            sources = [(os.path.splitext(os.path.basename(os.path.dirname(os.path.abspath(p))))[0] or "stats", p)
-                       for p in stats_files]
+            sources = [(os.path.basename(os.path.dirname(os.path.abspath(p))) or "stats", p) for p in stats_files]
         else:
-            picked = pick_pilora_records(df, None)
-            picked = picked.groupby("model").head(1) if not picked.empty else picked
-            sources = [(f"{r['model']}_{r['task']}", r["_stats"]) for _, r in picked.iterrows()]
+            sources = heatmap_sources(df)
         if not sources:
             skipped.append("fig2/fig7: no importance.pt (no PiLoRA record and no --stats)")
+            say(f"gradient heat maps: {skipped[-1]}")
         for tag, path in sources:
             if "2" in only:
                 keep(gradient_heatmaps(path, layers or "last"), f"fig2_gradients_{_slug(tag)}")
@@ -376,9 +384,7 @@ def main(argv=None) -> int:
     plt.switch_backend("Agg")  # files only; notebooks keep their inline backend
     df = load_records(args.root)
     written, skipped = make_all(df, args.out, args.which, args.stats, args.module, args.layers, args.only)
-    for s in skipped:
-        say(f"skipped {s}")
-    for w in written:
+    for w in written:  # (each skipped figure has already said why)
         print(w)
     if not written:
         say("no figure written")

@@ -47,8 +47,8 @@ IGNORED = (
     "method.partition.args.seed",        # random partitions follow the job seed (${seed})
     "method.chunk_rows",                 # memory knob, numerically identical
     "model.path",                        # hub id or local copy of the same model
-    "task.dataset.path", "task.dataset.name", "task.dataset.data_dir", "task.dataset.data_files",
-    "task.dataset.root", "task.dataset.train_file", "task.eval_sets",   # data locations
+    "task.dataset.path", "task.dataset.hub_id", "task.dataset.name", "task.dataset.data_dir",
+    "task.dataset.data_files", "task.dataset.root", "task.dataset.train_file", "task.eval_sets",  # data locations
     "task.eval_batch_size",
     "trainer.logging_steps", "trainer.disable_tqdm", "trainer.per_device_eval_batch_size",
     "trainer.save_strategy", "trainer.save_steps", "trainer.save_total_limit",
@@ -181,6 +181,9 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
             row[f"partition_{k}"] = v
     for k, v in timing.items():
         row[f"time_{k}"] = v
+    for k, v in (rec.get("budget_match") or {}).items():  # budget-matched LoRA (method label lora_matched)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[f"budget_{k}"] = v
     for which in ("final", "best"):
         for k, v in (rec["metrics"].get(which) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):

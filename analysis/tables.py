@@ -46,9 +46,9 @@ from .records import load_records, load_wandb, partition_label, say
 
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_numbers.json")
 TABLE_IDS = ("1", "2", "3", "4")
-METHOD_NAMES = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "pissa": "PiSSA", "milora": "MiLoRA",
-                "pilora": "PiLoRA"}
-METHOD_ORDER = ["lora", "rslora", "dora", "pissa", "milora", "pilora"]
+METHOD_NAMES = {"lora": "LoRA", "lora_matched": "LoRA (PiLoRA's budget)", "rslora": "rsLoRA", "dora": "DoRA",
+                "pissa": "PiSSA", "milora": "MiLoRA", "pilora": "PiLoRA"}
+METHOD_ORDER = ["lora", "lora_matched", "rslora", "dora", "pissa", "milora", "pilora"]
 MODEL_NAMES = {"llama2-7b": "LLaMA2-7B", "llama3-8b": "LLaMA3-8B", "roberta-large": "RoBERTa-large",
                "clip-vit-b32": "CLIP ViT-B/32"}
 KEY_NAMES = {"method.r": "r", "method.supplementary_r": "r'", "method.alpha": "α",
@@ -334,9 +334,9 @@ def cell_texts(table: Table, row: Row) -> list[str]:
     """The texts of one row: model, method, # params, one per column, average."""
     d = table.decimals
     p = row.paper or {}
-    paper_params = p.get("params_pct")
-    out = [row.model, row.method,
-           f"{_params_text(row)} / {DASH if paper_params is None else f'{paper_params:g}' if paper_params == 100 else f'{paper_params:.2f}'}"]
+    pp = p.get("params_pct")
+    paper_params = DASH if pp is None else f"{pp:g}" if pp == 100 else f"{pp:.2f}"
+    out = [row.model, row.method, f"{_params_text(row)} / {paper_params}"]
     for c in table.columns:
         s = row.cells.get(c["key"])
         out.append(f"{s.fmt(d) if s else DASH} / {_paper_text((p.get('values') or {}).get(c['key']), d)}")
@@ -345,7 +345,8 @@ def cell_texts(table: Table, row: Row) -> list[str]:
 
 
 def header(table: Table) -> list[str]:
-    return ["Model", "Method", "# Params (%)"] + [c["label"] for c in table.columns] + [table.spec.get("avg_label", "Avg.")]
+    avg = table.spec.get("avg_label", "Avg.")
+    return ["Model", "Method", "# Params (%)"] + [c["label"] for c in table.columns] + [avg]
 
 
 def notes(table: Table, verbose: bool = False) -> list[str]:

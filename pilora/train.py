@@ -183,7 +183,10 @@ def train(cfg: Any) -> dict:
     try:
         record = _run(cfg, task, method, data, out)
         if run is not None:
-            run.summary.update({f"final/{k}": v for k, v in record["metrics"]["final"].items()})
+            for part in ("final", "best", "test"):
+                run.summary.update({f"{part}/{k}": v for k, v in (record["metrics"][part] or {}).items()})
+            if record["pilora"]:
+                run.summary["pilora/dominant_fraction"] = record["pilora"]["dominant_fraction"]
             run.summary.update({f"params/{k}": v for k, v in record["params"].items()})
             record["wandb"] = {"id": run.id, "project": run.project, "dir": run.dir}
         atomic_write_json(os.path.join(out, RECORD), record)

@@ -7,6 +7,7 @@ cumulative threshold that reuse one stage 1 through ``method.importance_from``. 
 what they expect straight from the results.json files, independently of ``analysis``.
 """
 
+import asyncio
 import csv
 import glob
 import json
@@ -34,7 +35,8 @@ def _write_images(d, n_train=24, n_test=24, seed=0):
             os.makedirs(os.path.join(d, split, str(label)), exist_ok=True)
             for i in range(count // 2):
                 px = np.array([150 + (25 if label else -25), 120, 120]) + rng.normal(0, 60, (16, 16, 3))
-                Image.fromarray(np.clip(px, 0, 255).astype("uint8")).save(os.path.join(d, split, str(label), f"{i}.png"))
+                out = os.path.join(d, split, str(label), f"{i}.png")
+                Image.fromarray(np.clip(px, 0, 255).astype("uint8")).save(out)
 
 
 def _vision(d, task):
@@ -207,7 +209,8 @@ def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys
 
     class Run:  # what wandb.Api().runs() yields, as train.py logs it (config + summary)
         def __init__(self, rec):
-            self.id, self.name, self.state, self.path = f"run{rec['seed']}", "x", "finished", ["me", "proj", f"run{rec['seed']}"]
+            self.id, self.name, self.state = f"run{rec['seed']}", "x", "finished"
+            self.path = ["me", "proj", self.id]
             self.config, self.commit = rec["config"], rec["git"]["revision"]
             self.summary = {**{f"final/{k}": v for k, v in rec["metrics"]["final"].items()},
                             **{f"params/{k}": v for k, v in rec["params"].items()},
@@ -382,8 +385,8 @@ def test_figures_write_png_and_pdf_with_the_records_values(tree, tmp_path):
     expected = {
         fig_rprime: ([0, 1], [acc(_pick(tree, "fig4_rprime", supplementary_r=0)[0]), statistics.mean(main)]),
         fig_rank: ([4, 8], [acc(_pick(tree, "fig5_rank")[0]), statistics.mean(main)]),
-        fig_group_size: ([0.5, 0.9], [acc(r) for r in sorted(_pick(tree, "fig6_group"),
-                                                                 key=lambda r: r["config"]["method"]["partition"]["args"]["threshold"])]),
+        fig_group_size: ([0.5, 0.9], [acc(r) for r in sorted(
+            _pick(tree, "fig6_group"), key=lambda r: r["config"]["method"]["partition"]["args"]["threshold"])]),
     }
     for fn, (xs, ys) in expected.items():
         fig = fn(df)
@@ -473,9 +476,16 @@ def test_notebooks_execute_top_to_bottom(tree, monkeypatch):
     nbdir = os.path.join(REPO, "notebooks")
     names = sorted(os.listdir(nbdir))
     assert {"gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb"} <= set(names)
-    for name in ("gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb"):
-        nb = nbformat.read(os.path.join(nbdir, name), as_version=4)
-        NotebookClient(nb, timeout=120, kernel_name=kernel, resources={"metadata": {"path": nbdir}}).execute()
+    books = {name: nbformat.read(os.path.join(nbdir, name), as_version=4) for name in
+             ("gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb")}
+
+    async def run_all():  # four kernels at once: their start-up and imports overlap
+        await asyncio.gather(*(NotebookClient(nb, timeout=180, kernel_name=kernel,
+                                              resources={"metadata": {"path": nbdir}}).async_execute()
+                               for nb in books.values()))
+
+    asyncio.run(run_all())
+    for name, nb in books.items():
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o.output_type == "error"]
         images = [o for o in outputs if "image/png" in o.get("data", {})]

@@ -50,7 +50,7 @@ def test_every_method_task_pair_composes(task, method):
     model = PAPER_MODEL[task.split("/")[0]]
     cfg = compose_cfg([f"task={task}", f"method={method}", f"model={model}"])
     mc = method_config(cfg)
-    assert mc.name == method and mc.alpha > 0
+    assert cfg.method.get("label", mc.name) == method and mc.alpha > 0
     assert cfg.model.family in FAMILIES[cfg.task.family].model_families
 
 
