@@ -675,6 +675,40 @@ def _loadavg():
         return None
 
 
+def profile_breakdown(wl: Workload, methods=(BASELINE, "pilora"), steps: int = 3, device: str = "cpu") -> dict:
+    """Self time per operator and step (ms) of each method, from ``torch.profiler`` over ``steps``
+    steps after one warm-up step each, run alternately. Returns ``{op: {method: ms}}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    variants = {m: build_variant(m, wl) for m in methods}
+    for v in variants.values():
+        v.step()
+    per_op: dict[str, dict[str, float]] = {}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
+    for _ in range(steps):
+        for m, v in variants.items():
+            with _quiet_stderr(), profile(activities=acts) as prof:
+                v.step()
+                sync(device)
+            for e in prof.key_averages():
+                t = e.self_device_time_total if str(device).startswith("cuda") else e.self_cpu_time_total
+                per_op.setdefault(e.key, {}).setdefault(m, 0.0)
+                per_op[e.key][m] += t / 1e3 / steps
+    return per_op
+
+
+def format_breakdown(per_op: dict, methods=(BASELINE, "pilora"), rows: int = 25) -> str:
+    a, b = methods
+    total = {m: sum(v.get(m, 0.0) for v in per_op.values()) for m in methods}
+    lines = [f"{'operator (self time, ms/step)':<58} {a:>10} {b:>10} {b + ' − ' + a:>14}"]
+    ranked = sorted(per_op.items(), key=lambda kv: -abs(kv[1].get(b, 0.0) - kv[1].get(a, 0.0)))
+    for op, t in ranked[:rows]:
+        lines.append(f"{op[:58]:<58} {t.get(a, 0.0):>10.2f} {t.get(b, 0.0):>10.2f} "
+                     f"{t.get(b, 0.0) - t.get(a, 0.0):>+14.2f}")
+    lines.append(f"{'total':<58} {total[a]:>10.2f} {total[b]:>10.2f} {total[b] - total[a]:>+14.2f}")
+    return "\n".join(lines)
+
+
 def environment(device: str, args: argparse.Namespace | None = None) -> dict:
     import peft
     import transformers
@@ -768,7 +802,10 @@ def sizes(quick: bool, device: str) -> dict:
     if quick:
         return {"layers": LAYERS_QUICK, "tokens": 256, "llama": LLAMA_QUICK, "batch": 2, "seq": 64,
                 "importance_layers": LAYERS_QUICK}
-    return {"layers": LAYERS_7B, "tokens": 2048, "llama": LLAMA_SMALL, "batch": 8, "seq": 256,
+    # the whole small model: 2 × 128 tokens on a CPU (its K=10-step windows dominate the run time),
+    # 8 × 256 = 2048 tokens on a GPU
+    batch, seq = (8, 256) if str(device).startswith("cuda") else (2, 128)
+    return {"layers": LAYERS_7B, "tokens": 2048, "llama": LLAMA_SMALL, "batch": batch, "seq": seq,
             "importance_layers": LAYERS_7B}
 
 
@@ -780,6 +817,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON record here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
+    p.add_argument("--profile", metavar="WORKLOAD", default=None,
+                   help="instead of the benchmark: torch.profiler per-operator breakdown of LoRA vs PiLoRA "
+                        "steps on one workload (layer_q, layer_up, layer_down, llama_small)")
     p.add_argument("--workloads", default="layer_q,layer_up,layer_down,llama_small,importance",
                    help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,importance")
     return p.parse_args(argv)
@@ -796,8 +836,24 @@ def main(argv=None) -> dict:
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sz = sizes(args.quick, device)
+    if args.profile:
+        name = args.profile
+        if name in sz["layers"]:
+            wl = layer_workload(name, *sz["layers"][name], sz["tokens"], dtype, device)
+        elif name == "llama_small":
+            wl = llama_workload(name, sz["llama"], sz["batch"], sz["seq"], dtype, device)
+        else:
+            raise SystemExit(f"--profile: unknown workload {name!r}")
+        per_op = profile_breakdown(wl, steps=args.repeats or 3, device=device)
+        print(f"# per-operator breakdown, {name} {wl.meta}, {torch.get_num_threads()} threads")
+        print(format_breakdown(per_op))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"environment": environment(device, args), "workload": wl.meta, "per_op_ms": per_op}, f, indent=1)
+        return {"per_op_ms": per_op}
     wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
     t_start = time.perf_counter()
+    load_start = _loadavg()
     results = {}
     for name in wanted:
         if name in sz["layers"]:
@@ -818,7 +874,7 @@ def main(argv=None) -> dict:
     config = {"r": R, "r_s": R_S, "dominant_fraction": DOMINANT_FRACTION, "alpha": 2 * R, "dropout": DROPOUT,
               "k_default": K_DEFAULT, "chunk_rows": CHUNK_ROWS, "repeats": repeats, "warmup": args.warmup,
               "quick": args.quick, "dtype": str(dtype).replace("torch.", ""), "optimizer": "AdamW(lr=1e-4)",
-              "sizes": sz, "wall_s": None}
+              "sizes": sz, "loadavg_start": load_start, "wall_s": None}
     config["wall_s"] = time.perf_counter() - t_start
     record = build_record(results, importance, environment(device, args), config)
     print(format_report(record))

@@ -2,8 +2,6 @@
 
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -168,10 +166,10 @@ def test_importance_probe_bounds_blocks_by_one_chunk_and_counts_live_blocks(monk
 
 def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
     args = gpu_llama.parse_args(["--out", str(tmp_path / "g.json"), "--repeats", "1", "--warmup", "0",
-                                 "--batch", "1", "--seq", "8"])
+                                 "--batch", "1", "--seq", "8", "--no-importance"])
     tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=2, vocab_size=32)
-    rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny, importance_shapes={"q": (8, 12)})
+    rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
     w = rec["workloads"]["llama_tiny"]
     assert {"lora", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
     assert w["stage1"]["default_k_source"] == "direct"
@@ -189,10 +187,3 @@ def test_gpu_script_refuses_without_cuda(monkeypatch, capsys, tmp_path):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         gpu_llama.parse_args([])  # --out is required
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal path needs a machine without CUDA")
-def test_gpu_script_exit_code_from_the_command_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_llama", "--out", str(tmp_path / "x.json")],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "CUDA" in p.stderr
