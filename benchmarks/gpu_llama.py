@@ -81,7 +81,6 @@ def main(argv=None) -> int:
               "(torch.cuda.is_available() is False); on a CPU run `python -m benchmarks.step_time` instead.",
               file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
     run(args)
     return 0
 

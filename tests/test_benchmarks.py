@@ -55,6 +55,45 @@ def test_stage1_overhead_direct_and_amortised():
     assert o["default_k"] == pytest.approx(0.07) and o["default_k_source"] == "amortised"
 
 
+def test_robust_step_time_weights_check_steps_by_their_share():
+    plain, check = 1.0, 3.0
+    window = [(check, True)] + [(plain, False)] * 9
+    spiky = [(check, True)] + [(plain, False)] * 8 + [(50.0, False)]  # one spike does not move it
+    assert st.robust_step_time([window, window]) == pytest.approx(1.0 + 2.0 / 10)
+    assert st.robust_step_time([window, spiky]) == pytest.approx(1.0 + 2.0 / 10, rel=1e-9)
+    assert st.robust_step_time([[(2.0, True), (4.0, True), (3.0, True)]]) == 3.0  # K = 1: the median
+    assert st.robust_step_time([[(2.0, False), (9.0, False), (3.0, False)]]) == 3.0  # no check: the median
+    s = st.ratio_summary({"lora": [1.0], "stage1_k10": [1.3]}, robust={"lora": 1.0, "stage1_k10": 1.02})
+    o = st.stage1_overheads(s)
+    assert o["stage1_k10_direct"] == pytest.approx(0.3) and o["stage1_k10_robust"] == pytest.approx(0.02)
+    assert o["default_k"] == pytest.approx(0.02) and o["default_k_source"] == "direct, robust"
+
+
+def test_round_order_varies_position_and_predecessor():
+    names = ["a", "b", "c", "d"]
+    orders = [st.round_order(names, r) for r in range(4)]
+    assert all(sorted(o) == names for o in orders)
+    assert len({o[0] for o in orders}) > 1
+    preds = {o[o.index("c") - 1] for o in orders if o.index("c") > 0}
+    assert len(preds) > 1
+
+
+def test_interleaved_timing_records_each_step_and_check_flags():
+    calls = []
+    counter = {"n": 0}
+
+    def periodic():
+        counter["n"] += 1
+    details = {}
+    samples = st.time_interleaved({"lora": lambda: calls.append(1), "stage1_k10": periodic}, repeats=2, warmup=1,
+                                  device="cpu", steps={"lora": 10, "stage1_k10": 10},
+                                  checks={"stage1_k10": lambda: counter["n"] % 10 == 0}, details=details)
+    assert len(calls) == 30 and counter["n"] == 30  # warm-up round + 2 timed rounds, 10 steps each
+    assert len(samples["lora"]) == 2 and len(details["stage1_k10"]) == 2
+    assert all(len(w) == 10 and sum(ran for _, ran in w) == 1 for w in details["stage1_k10"])
+    assert all(not ran for w in details["lora"] for _, ran in w)
+
+
 def test_targets_pass_and_miss_from_fake_measurements():
     fast = _fake_workload({"lora": 1.0, "pilora": 0.98, "dora": 1.3}, {"lora": 100, "pilora": 90, "dora": 150},
                           check=0.3)
@@ -172,7 +211,8 @@ def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
     rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
     w = rec["workloads"]["llama_tiny"]
     assert {"lora", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
-    assert w["stage1"]["default_k_source"] == "direct"
+    assert w["stage1"]["default_k_source"] == "direct, robust"
+    assert {"stage1_k10_direct", "stage1_k10_robust", "k10_amortised"} <= set(w["stage1"])
     assert w["merged_inference"]["leftovers"] == []
     assert json.loads((tmp_path / "g.json").read_text())["workloads"]["llama_tiny"]["time"]["lora"]["ratio"] == 1.0
 
@@ -187,3 +227,11 @@ def test_gpu_script_refuses_without_cuda(monkeypatch, capsys, tmp_path):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         gpu_llama.parse_args([])  # --out is required
+
+
+def test_profile_breakdown_reports_per_operator_times_for_both_methods():
+    wl = st.layer_workload("layer_q", 16, 24, 8, torch.float32, "cpu")
+    per_op = st.profile_breakdown(wl, steps=1)
+    assert "aten::mm" in per_op and set(per_op["aten::mm"]) == {"lora", "pilora"}
+    text = st.format_breakdown(per_op)
+    assert text.splitlines()[-1].startswith("total")
