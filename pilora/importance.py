@@ -37,12 +37,16 @@ def approx_full_grad(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, gra
 
 
 def _grad_chunks(A, B, grad_A, grad_B, scaling, chunk_rows) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(rows, G̃[rows])`` blocks in fp32 so no more than ``chunk_rows × n`` is alive."""
+    """Yield ``(rows, G̃[rows])`` blocks in fp32, all written into ONE reused buffer, so no more
+    than ``chunk_rows × n`` is alive. Each block is overwritten by the next: consume it first."""
     A32, gA32 = A.float(), grad_A.float()
-    for start in range(0, B.shape[0], chunk_rows):
-        rows = slice(start, min(start + chunk_rows, B.shape[0]))
-        block = B[rows].float() @ gA32
-        block.addmm_(grad_B[rows].float(), A32)  # in place: one block alive, not two
+    m = B.shape[0]
+    buf = torch.empty(min(chunk_rows, m), A.shape[1], dtype=torch.float32, device=B.device)
+    for start in range(0, m, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, m))
+        block = buf[: rows.stop - rows.start]
+        torch.mm(B[rows].float(), gA32, out=block)
+        block.addmm_(grad_B[rows].float(), A32)
         yield rows, block.mul_(scaling)
 
 
@@ -159,10 +163,6 @@ class ImportanceStats:
                              "Use statistics from a stage-1 run with the same model and target_modules, "
                              "or drop method.importance_from to recompute them.")
 
-    def dominant_fraction(self, masks: dict[str, torch.Tensor]) -> float:
-        rows = sum(int(m.numel()) for m in masks.values())
-        return sum(int(m.sum()) for m in masks.values()) / max(rows, 1)
-
 
 def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """PEFT LoRA linear layers of ``model`` that carry ``adapter_name``, keyed by base-model name."""
@@ -175,12 +175,12 @@ def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn
     return found
 
 
+PEFT_PREFIX = "base_model.model."
+
+
 def canonical_name(name: str) -> str:
     """Strip PEFT's wrapper prefix so statistics key on the base model's module names."""
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
 class ImportanceAccumulator:

@@ -7,7 +7,7 @@ A PEFT ``lora.Linear`` keeps its structure; two of its sub-modules are swapped:
 * ``lora_A[adapter]`` becomes one ``(r + r') × n`` linear: ``A_d`` stacked on ``A_s`` (one GEMM);
 * ``lora_B[adapter]`` becomes :class:`RowPartitionedB`, holding ``B_d (|M| × r)`` and
   ``B_s ((m−|M|) × r')`` only. Each forward it assembles the ``m × (r + r')`` block matrix
-  ``[M ⊗ B_d, c·M̄ ⊗ B_s]`` with one gather of ``m·(r+r')`` numbers (``c = s_s/s_d``) and does one
+  ``[M ⊗ B_d, c·M̄ ⊗ B_s]`` with two row copies of ``m·(r+r')`` numbers (``c = s_s/s_d``) and does one
   GEMM, exactly as LoRA does: no per-row work on activations, no dense masks, no ``m × r``
   zero-padded parameters.
 
@@ -31,6 +31,31 @@ PILORA_FILE = "pilora_config.json"
 warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*lora_B\.(dominant|supplementary)")
 
 
+class _AssembleRows(torch.autograd.Function):
+    """``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` by two row copies; the backward is two row gathers.
+
+    (``cat`` + ``index_select`` does the same, but its backward is a ``scatter_add`` that cost
+    ~15 ms of a ~250 ms small-model step on CPU: see benchmarks/README.md.)
+    """
+
+    @staticmethod
+    def forward(ctx, B_d, B_s, dominant_rows, supplementary_rows, c):
+        r = B_d.shape[1]
+        out = B_d.new_zeros(dominant_rows.numel() + supplementary_rows.numel(), r + B_s.shape[1])
+        out[:, :r].index_copy_(0, dominant_rows, B_d)
+        out[:, r:].index_copy_(0, supplementary_rows, B_s * c if c != 1.0 else B_s)
+        ctx.save_for_backward(dominant_rows, supplementary_rows)
+        ctx.r, ctx.c = r, c
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dominant_rows, supplementary_rows = ctx.saved_tensors
+        g_d = grad[:, : ctx.r].index_select(0, dominant_rows)
+        g_s = grad[:, ctx.r:].index_select(0, supplementary_rows)
+        return g_d, (g_s * ctx.c if ctx.c != 1.0 else g_s), None, None, None
+
+
 class RowPartitionedB(nn.Module):
     """The ``B`` of a PiLoRA layer: compact dominant and supplementary row blocks.
 
@@ -51,11 +76,10 @@ class RowPartitionedB(nn.Module):
         # Persistent so a saved adapter carries its partition; int8 because safetensors and DDP
         # broadcast handle it everywhere (bool buffers are not universally supported).
         self.register_buffer("dominant_mask", mask.to(torch.int8).to(device=device))
-        # row_order[i] = position of output row i in cat([dominant rows, supplementary rows])
-        order = torch.empty(m, dtype=torch.long, device="cpu")  # explicit: may run under a meta context
-        order[mask] = torch.arange(n_dom, device="cpu")
-        order[~mask] = torch.arange(n_dom, m, device="cpu")
-        self.register_buffer("row_order", order.to(device=device), persistent=False)
+        # row indices of each group (explicit cpu: construction may run under a meta context)
+        rows = torch.arange(m, device="cpu")
+        self.register_buffer("dominant_rows", rows[mask].to(device=device), persistent=False)
+        self.register_buffer("supplementary_rows", rows[~mask].to(device=device), persistent=False)
 
     @property
     def out_features(self) -> int:
@@ -64,9 +88,8 @@ class RowPartitionedB(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The assembled ``m × (r + r')`` matrix ``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` (differentiable)."""
-        top = F.pad(self.dominant, (0, self.r_s))
-        bottom = F.pad(self.supplementary * self.supplementary_scale, (self.r, 0))
-        return torch.cat([top, bottom], 0).index_select(0, self.row_order)
+        return _AssembleRows.apply(self.dominant, self.supplementary, self.dominant_rows,
+                                   self.supplementary_rows, self.supplementary_scale)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.weight)
@@ -155,6 +178,8 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from .importance import canonical_name
+
     cfg_file = os.path.join(path, PILORA_FILE)
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file} not found: {path!r} is not a PiLoRA adapter directory "
@@ -165,7 +190,7 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
     config.inference_mode = not is_trainable
     state = load_file(os.path.join(path, "adapter_model.safetensors"))
     suffix = ".lora_B.dominant_mask"
-    masks = {k[len("base_model.model."):-len(suffix)]: v.bool() for k, v in state.items() if k.endswith(suffix)}
+    masks = {canonical_name(k[: -len(suffix)]): v.bool() for k, v in state.items() if k.endswith(suffix)}
     model = get_peft_model(base_model, config)
     to_pilora(model, masks, pcfg["supplementary_r"], pcfg["supplementary_alpha"])
     result = set_peft_model_state_dict(model, state)
@@ -188,7 +213,7 @@ def export_lora(peft_model: nn.Module, path: str, adapter_name: str = "default")
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from .importance import lora_layers
+    from .importance import PEFT_PREFIX, lora_layers
 
     cfg = peft_model.peft_config[adapter_name]
     state, rank = {}, None
@@ -198,8 +223,8 @@ def export_lora(peft_model: nn.Module, path: str, adapter_name: str = "default")
         if rank is not None and A.shape[0] != rank:
             raise ValueError("export needs one rank r + r' for all layers")
         rank = A.shape[0]
-        state[f"base_model.model.{name}.lora_A.weight"] = A.contiguous().cpu()
-        state[f"base_model.model.{name}.lora_B.weight"] = B.contiguous().cpu()
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
     # modules trained in full (e.g. a classification head) travel as they are
     for key, value in peft_model.state_dict().items():
         if ".modules_to_save." in key and f".{adapter_name}." in key:

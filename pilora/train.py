@@ -53,8 +53,7 @@ def method_config(cfg: dict) -> MethodConfig:
     part = m.pop("partition", None) or {}
     if isinstance(part, dict):
         m["partition"], m["partition_args"] = part.get("name", "hit_frequency"), dict(part.get("args") or {})
-    m.setdefault("target_modules", cfg["model"]["target_modules"])
-    if m.get("target_modules") is None:
+    if m.get("target_modules") is None:  # null in conf/method: the model's own targets
         m["target_modules"] = cfg["model"]["target_modules"]
     return MethodConfig.from_dict(m)
 
