@@ -19,6 +19,8 @@ statistics file, no such module) it prints one line saying what is missing and r
 that shows the same message, with ``fig.missing_input`` set to it; :func:`save` and the command
 line skip such figures. Accuracy is the records' headline score (:func:`analysis.records.score`),
 mean ± sample std over seeds, one line per (task, model, configuration of everything else).
+Figs. 4-6 also draw the budget-matched LoRA (``method=lora_matched``, run by the same sweeps) as a
+dotted line with square markers: at each point, LoRA with that point's PiLoRA parameter budget.
 """
 
 from __future__ import annotations
@@ -259,11 +261,12 @@ def partition_patterns(df: pd.DataFrame, module: str | None = None, partition: s
 
 def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str, which: str = "best",
                 restrict=None, show_params: bool = True, what: str = "sweep") -> plt.Figure:
-    """Accuracy (mean ± std over seeds) against record column ``x`` for PiLoRA records; one line per
-    (task, model, config without the ``swept`` keys); lines with < 2 values of ``x`` are dropped."""
+    """Accuracy (mean ± std over seeds) against record column ``x`` for PiLoRA records and the
+    budget-matched LoRA records of the same sweep (dotted, squares); one line per (task, model,
+    method, config without the ``swept`` keys); lines with < 2 values of ``x`` are dropped."""
     if df is None or df.empty:
         return message_figure(f"{title}: no records")
-    sub = df[df["method"] == "pilora"]
+    sub = df[df["method"].isin(["pilora", "lora_matched"])]
     if restrict is not None:
         sub = sub[restrict(sub)] if not sub.empty else sub
     if x not in sub.columns or sub.empty:
@@ -274,28 +277,32 @@ def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str,
     ignore = set(swept)
     sub["_line"] = [repr(sorted((k, repr(v)) for k, v in c.items() if k not in ignore)) for c in sub["config"]]
     lines = []
-    for (task, model, _), g in sub.groupby(["task", "model", "_line"], sort=True):
+    for (task, model, method, _), g in sub.groupby(["task", "model", "method", "_line"], sort=True):
         if g[x].nunique() < 2:
             continue
         agg = g.groupby(x).agg(mean=("_score", "mean"), std=("_score", "std"), n=("_score", "size"),
                                params=("adapter_share", "mean")).sort_index()
-        lines.append((task, model, agg))
+        lines.append((task, model, method, agg))
+    lines.sort(key=lambda t: (t[0], t[1], t[2] != "pilora"))  # each PiLoRA line before its matched LoRA
     if not lines:
         return message_figure(f"{title}: no {what} found (PiLoRA records of one configuration that differ "
                               f"only in {', '.join(swept[:1])}; see experiments/README.md)")
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ax2 = ax.twinx() if show_params else None
-    labels = [f"{t} [{m}]" for t, m, _ in lines]
-    for i, (task, model, agg) in enumerate(lines):
+    labels = [f"{t} [{m}]" + (" LoRA (budget-matched)" if meth == "lora_matched" else "")
+              for t, m, meth, _ in lines]
+    for i, (task, model, method, agg) in enumerate(lines):
         lab = labels[i] + (f" #{i}" if labels.count(labels[i]) > 1 else "")
         xs = agg.index.to_numpy(dtype=float)
-        ax.errorbar(xs, agg["mean"], yerr=agg["std"].fillna(0), marker="o", capsize=3, color=f"C{i}", label=lab)
+        matched = method == "lora_matched"
+        ax.errorbar(xs, agg["mean"], yerr=agg["std"].fillna(0), marker="s" if matched else "o",
+                    ls=":" if matched else "-", capsize=3, color=f"C{i}", label=lab)
         for xv, (mean, n) in zip(xs, zip(agg["mean"], agg["n"])):
             if n > 1:
                 ax.annotate(f"n={n}", (xv, mean), textcoords="offset points", xytext=(3, 4), fontsize=6)
-        if ax2 is not None and agg["params"].notna().any():
+        if ax2 is not None and not matched and agg["params"].notna().any():  # matched: the same budget
             ax2.plot(xs, 100 * agg["params"], ls="--", color=f"C{i}", alpha=0.5)
-    xs_all = sorted({float(v) for _, _, a in lines for v in a.index})
+    xs_all = sorted({float(v) for _, _, _, a in lines for v in a.index})
     ax.set_xticks(xs_all)
     ax.set_xticklabels([f"{v:g}" for v in xs_all])
     ax.set_xlabel(xlabel)

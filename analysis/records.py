@@ -63,7 +63,7 @@ BASE_COLUMNS = [
     "partition", "partition_args", "partition_label", "dominant_fraction", "lr", "epochs", "max_steps",
     "batch_size", "params_trainable", "params_total", "params_adapter", "params_backbone", "share",
     "adapter_share", "adapter_share_of_backbone", "git_revision", "git_dirty", "time_total_s", "steps",
-    "peak_memory_mb", "device", "importance_file", "config_key", "config", "source", "path", "dir", "mtime",
+    "peak_memory_mb", "device", "n_gpus", "importance_file", "config_key", "config", "source", "path", "dir", "mtime",
 ]
 
 
@@ -148,7 +148,9 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
     m, tr = cfg["method"], cfg.get("trainer") or {}
     pil = rec.get("pilora") or {}
     part = m.get("partition") if isinstance(m.get("partition"), dict) else {}
-    pname = pil.get("partition", part.get("name")) if rec["method"] == "pilora" else None
+    # the partition of a PiLoRA run, or the one a budget-matched LoRA took its ranks from
+    pname = (pil.get("partition", part.get("name")) if rec["method"] == "pilora"
+             else part.get("name") if rec["method"] == "lora_matched" else None)
     pargs = dict(pil.get("partition_args", part.get("args")) or {}) if pname else {}
     params, timing, git = rec["params"], rec.get("timing") or {}, rec.get("git") or {}
     row = {
@@ -170,6 +172,9 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
         "adapter_share_of_backbone": params.get("adapter_share_of_backbone"),
         "git_revision": git.get("revision"), "git_dirty": git.get("dirty"),
         "steps": rec.get("steps"), "peak_memory_mb": rec.get("peak_memory_mb"), "device": rec.get("device"),
+        # GPUs the job used: n_gpus if the record has it, else its world_size (DDP processes, one GPU
+        # each); neither -> None and the cost table counts 1
+        "n_gpus": rec.get("n_gpus", rec.get("world_size")),
         "importance_file": pil.get("importance_file"),
         "config_key": config_key(cfg), "config": config_items(cfg),
         "source": source, "path": path, "dir": os.path.dirname(path) if source == "file" else None,

@@ -120,7 +120,7 @@ def _pick(root, sweep=None, **where):
 def _cell(values, d=2):
     values = [100 * v for v in values]
     if len(values) == 1:
-        return f"{values[0]:.{d}f}"
+        return f"{values[0]:.{d}f} (n=1)"  # one seed: the count, no spread
     return f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values):.{d}f} (n={len(values)})"
 
 
