@@ -11,6 +11,10 @@ Deterministic (a seeded generator, no files, no download). Each review is one of
 
 so a bag of words cannot solve it (the same words carry both labels): a model must read
 negation and which clause governs. Labels are balanced (majority baseline 50 %).
+
+The test split uses only adjectives that never occur in train or validation ("wonderful",
+"dreadful", ...): its accuracy measures how much of the pretrained model's word knowledge the
+adaptation keeps, so it does not saturate the way the in-vocabulary validation split does.
 """
 
 from __future__ import annotations
@@ -25,28 +29,32 @@ ASPECTS = ["battery", "screen", "camera", "keyboard", "speaker", "price", "desig
            "charger", "software", "case", "delivery"]
 POSITIVE = ["great", "excellent", "reliable", "superb", "pleasant", "solid", "fast", "bright"]
 NEGATIVE = ["awful", "poor", "terrible", "flimsy", "disappointing", "slow", "dim", "broken"]
+# held out: only the test split uses these
+UNSEEN_POSITIVE = ["wonderful", "outstanding", "lovely", "impressive", "fantastic", "sturdy"]
+UNSEEN_NEGATIVE = ["horrible", "dreadful", "mediocre", "useless", "faulty", "sluggish"]
 
 
-def _clause(rng: random.Random, aspect: str) -> tuple[str, int]:
+def _clause(rng: random.Random, aspect: str, unseen: bool) -> tuple[str, int]:
     positive = rng.random() < 0.5
-    adj = rng.choice(POSITIVE if positive else NEGATIVE)
+    words = (UNSEEN_POSITIVE if positive else UNSEEN_NEGATIVE) if unseen else (POSITIVE if positive else NEGATIVE)
+    adj = rng.choice(words)
     negated = rng.random() < 0.35
     label = int(positive != negated)
     return f"the {aspect} is {'not ' if negated else ''}{adj}", label
 
 
-def review(rng: random.Random) -> tuple[str, int]:
+def review(rng: random.Random, unseen: bool = False) -> tuple[str, int]:
     a1, a2, a3 = rng.sample(ASPECTS, 3)
     kind = rng.randrange(4)
-    first, l1 = _clause(rng, a1)
+    first, l1 = _clause(rng, a1, unseen)
     if kind == 0:
         return first + ".", l1
-    second, l2 = _clause(rng, a2)
+    second, l2 = _clause(rng, a2, unseen)
     if kind == 1:
         return f"{first}, but {second}.", l2
     if kind == 2:
         return f"although {first}, {second}.", l2
-    third, l3 = _clause(rng, a3)
+    third, l3 = _clause(rng, a3, unseen)
     return f"{first}, {second} and {third}.", int(l1 + l2 + l3 >= 2)
 
 
@@ -55,7 +63,7 @@ def build(n_train: int = 1000, n_validation: int = 400, n_test: int = 400, seed:
     rng = random.Random(seed)
     splits = {}
     for split, n in (("train", n_train), ("validation", n_validation), ("test", n_test)):
-        rows = [review(rng) for _ in range(n)]
+        rows = [review(rng, unseen=split == "test") for _ in range(n)]
         splits[split] = datasets.Dataset.from_dict(
             {"sentence": [r[0] for r in rows], "label": [r[1] for r in rows]},
             features=datasets.Features({"sentence": datasets.Value("string"),
