@@ -23,8 +23,12 @@ class ImportanceCallback(TrainerCallback):
 
     def __init__(self, accumulator: ImportanceAccumulator):
         self.accumulator = accumulator
+        self._checked = False
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self._checked:
+            check_full_lora_gradients(self.accumulator)
+            self._checked = True
         self.accumulator.step(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
@@ -40,6 +44,32 @@ class ImportanceCallback(TrainerCallback):
             raise FileNotFoundError(f"checkpoint {checkpoint!r} has no {STATS_IN_CHECKPOINT}: it was not "
                                     "written by a stage-1 run; delete it to restart stage 1")
         return ImportanceStats.load(path)
+
+
+class ShardedGradients(RuntimeError):
+    """The LoRA parameters (hence gradients) are sharded across ranks (FSDP): stage 1 cannot score them."""
+
+
+def check_full_lora_gradients(accumulator: ImportanceAccumulator) -> None:
+    """Raise :class:`ShardedGradients` if any LoRA ``A``/``B`` is a sharded DTensor (FSDP2) or its
+    gradient does not have the parameter's full shape (FSDP1 flat parameters): the importance pass
+    of Eq. 7 needs every rank to see the full, all-reduced ``∂A`` and ``∂B``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        DTensor = ()
+    a = accumulator.adapter_name
+    for name, layer in accumulator.layers.items():
+        for part in ("lora_A", "lora_B"):
+            w = getattr(layer, part)[a].weight
+            grad = w.grad
+            if isinstance(w, DTensor) or isinstance(grad, DTensor) or w.numel() == 0 or \
+                    (grad is not None and tuple(grad.shape) != tuple(w.shape)):
+                raise ShardedGradients(
+                    f"{name}.{part} is sharded across ranks (parameter {type(w).__name__} {tuple(w.shape)}, "
+                    f"gradient {None if grad is None else tuple(grad.shape)}): PiLoRA stage 1 needs the full "
+                    "LoRA gradients. Run stage 1 with DDP (no trainer.fsdp) and pass its importance.pt to "
+                    "an FSDP stage 2 with method.importance_from=...")
 
 
 class TrainingDiverged(RuntimeError):

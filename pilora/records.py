@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -12,19 +13,36 @@ SCHEMA = 1
 RECORD = "results.json"
 
 
+class RecordWriteError(OSError):
+    """The record could not be written (disk full, quota, permissions ...); the previous file, if
+    any, is untouched and no partial file is left behind."""
+
+
 def atomic_write_json(path: str, obj) -> None:
-    """Write ``obj`` as JSON so readers see either the old file or the complete new one."""
+    """Write ``obj`` as JSON so readers see either the old file or the complete new one.
+
+    The JSON goes to a temporary file in the same folder, is fsynced, then renamed over ``path``
+    (atomic on POSIX). On any failure the temporary file is removed; an ``OSError`` (e.g. ENOSPC)
+    becomes a :class:`RecordWriteError` that names the file and the cause.
+    """
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    tmp = None
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_jsonable, allow_nan=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        hint = " Free some disk space and rerun the command." if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise RecordWriteError(err.errno, f"could not write the record {path!r}: {reason} ({err}); "
+                               f"{'the previous record is unchanged' if os.path.exists(path) else 'no record was written'}."
+                               f"{hint}") from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

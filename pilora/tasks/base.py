@@ -47,6 +47,11 @@ class Task:
     example_model: str = ""
     task_type: str | None = None          # PEFT task type
     remove_unused_columns: bool = True    # Trainer flag (False when a transform needs raw columns)
+    # Whether the model's loss is normalised by Trainer's ``num_items_in_batch`` (HF causal LMs).
+    # Trainer guesses True for any ``forward(**kwargs)``, then skips the 1/gradient_accumulation
+    # scaling and multiplies by the DDP world size; for a plain per-batch mean loss (sequence
+    # classification, the CLIP classifier) that inflates the gradients. None keeps Trainer's guess.
+    accepts_loss_kwargs: bool | None = False
 
     def __init__(self, task_cfg: dict, model_cfg: dict, seed: int = 0):
         self.cfg, self.model_cfg, self.seed = task_cfg, model_cfg, seed
@@ -115,6 +120,11 @@ def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
     if path and path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
         raise DataError(f"dataset path {path!r} for task {task_name!r} does not exist; "
                         f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}")
+    for f in _local_files(data_files):
+        for match in glob.glob(os.path.expanduser(f)):
+            if os.path.isfile(match) and os.path.getsize(match) == 0:
+                raise DataError(f"data file {match!r} of task {task_name!r} is empty (0 bytes); "
+                                "regenerate or re-download it")
     try:
         kwargs = {"data_files": dict(data_files) if isinstance(data_files, dict) else data_files}
         if ds_cfg.get("data_dir"):
@@ -122,8 +132,10 @@ def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
         raw = datasets.load_dataset(path, name, **{k: v for k, v in kwargs.items() if v is not None})
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err.__cause__ or err
-        raise DataError(f"could not read the data files of task {task_name!r} ({data_files}): "
-                        f"{cause}. Empty, truncated or malformed files must be fixed or regenerated.") from err
+        culprit = _unreadable_file(path, name, data_files)
+        where = f"data file {culprit!r}" if culprit else f"the data files ({data_files})"
+        raise DataError(f"could not read {where} of task {task_name!r}: {cause}. Empty, truncated or "
+                        "malformed files must be fixed or regenerated.") from err
     except (ConnectionError, OSError) as err:
         raise DataError(f"could not load {hub_hint} for task {task_name!r} ({type(err).__name__}: {err}). "
                         "Without network access, pre-download it and point task.dataset.path (and "
@@ -131,6 +143,19 @@ def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
     return raw
+
+
+def _unreadable_file(path, name, data_files) -> str | None:
+    """On a load error: the first local data file that fails to load on its own (error path only)."""
+    files = [m for f in _local_files(data_files) for m in sorted(glob.glob(os.path.expanduser(f)))]
+    if len(files) < 2:
+        return files[0] if files else None
+    for f in files:
+        try:
+            datasets.load_dataset(path, name, data_files={"probe": f}, split="probe")
+        except Exception:  # noqa: BLE001 - any failure marks the culprit
+            return f
+    return None
 
 
 def require_split(raw: datasets.DatasetDict, split: str | None, task_name: str, *, required=True):
@@ -166,9 +191,7 @@ def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
         config = AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
         return auto_cls.from_config(config, dtype=dtype)
     path = model_cfg["path"]
-    if path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise FileNotFoundError(f"model path {path!r} does not exist; set model.path to a local "
-                                f"checkpoint directory or a hub id such as {model_cfg.get('hub_id', path)!r}")
+    check_model_path(model_cfg)
     try:
         return auto_cls.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as err:
@@ -176,10 +199,25 @@ def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
                                 "pre-download it and set model.path to the local directory") from err
 
 
+def check_model_path(model_cfg: dict, key: str = "path") -> None:
+    """A local-looking ``model.<key>`` (absolute, ``./``, ``~``) that does not exist is an error
+    naming it, instead of a hub look-up error about repo-id syntax."""
+    path = model_cfg.get(key)
+    if not path:
+        raise ValueError(f"model.{key} is not set for model {model_cfg.get('name')!r}; set it to a local "
+                         "checkpoint directory or a hub id")
+    if str(path).startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
+        hub = model_cfg.get("hub_id")
+        raise FileNotFoundError(f"model.{key} {path!r} does not exist; set it to a local checkpoint "
+                                "directory" + (f" or the hub id {hub!r}" if hub else " or a hub id"))
+
+
 def load_tokenizer(model_cfg: dict):
     from transformers import AutoTokenizer
 
-    path = model_cfg.get("tokenizer") or model_cfg["path"]
+    key = "tokenizer" if model_cfg.get("tokenizer") else "path"
+    check_model_path(model_cfg, key)
+    path = model_cfg[key]
     try:
         tok = AutoTokenizer.from_pretrained(path, **(model_cfg.get("tokenizer_kwargs") or {}))
     except OSError as err:

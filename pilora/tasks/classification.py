@@ -81,6 +81,12 @@ class ClassificationTask(Task):
             if ds is None:
                 continue
             require_columns(ds, columns, self.name, hint)
+            for col in columns:
+                blank = [i for i, x in enumerate(ds[col]) if x is None]
+                if blank:
+                    raise DataError(f"split {split!r} of task {self.name!r} has {len(blank)} row(s) with no "
+                                    f"{col!r} value (first: row {blank[0]}); the file may be truncated or have "
+                                    "blank cells")
             labels = np.asarray(ds[label])
             if split != "test" and ((labels < 0) | (labels >= n)).any():  # GLUE test labels are -1
                 bad = labels[(labels < 0) | (labels >= n)][0]

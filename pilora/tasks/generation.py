@@ -16,6 +16,7 @@ class CommonsenseTask(Task):
     model_families = ("causal_lm",)
     example_model = "llama2-7b"
     task_type = "CAUSAL_LM"
+    accepts_loss_kwargs = None  # HF causal LMs average the token loss over num_items_in_batch
 
     def __init__(self, task_cfg, model_cfg, seed=0):
         super().__init__(task_cfg, model_cfg, seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import vision as v
-from .base import DataError, Task, register_family
+from .base import DataError, Task, check_model_path, register_family
 
 
 @register_family("vision")
@@ -23,7 +23,12 @@ class VisionTask(Task):
         if self.model_cfg.get("from_config"):
             spec = {k: val for k, val in self.model_cfg["from_config"].items() if k != "model_type"}
             return v.CLIPImageClassifier.from_config(CLIPVisionConfig(**spec), n)
-        return v.CLIPImageClassifier.from_pretrained(self.model_cfg["path"], num_labels=n)
+        check_model_path(self.model_cfg)
+        try:
+            return v.CLIPImageClassifier.from_pretrained(self.model_cfg["path"], num_labels=n)
+        except OSError as err:
+            raise FileNotFoundError(f"could not load model {self.model_cfg['path']!r} ({err}); without network "
+                                    "access, pre-download it and set model.path to the local directory") from err
 
     @property
     def head_modules(self):
@@ -39,7 +44,11 @@ class VisionTask(Task):
         if train_name not in raw:
             raise DataError(f"task {self.name!r} needs split {train_name!r}; the data has {list(raw)}")
         n = int(self.cfg["num_labels"])
-        v.check_labels(raw, n)
+        try:
+            v.check_labels(raw, n)
+        except ValueError as err:
+            raise DataError(f"task {self.name!r}: {err}. task.num_labels is {n}: fix the data (class folders / "
+                            "label column) or set task.num_labels") from err
         train, val = v.holdout_split(raw[train_name], fraction=float(self.cfg.get("holdout_fraction", 0.1)),
                                      max_size=int(self.cfg.get("holdout_max", 5000)), seed=self.seed)
         size = int(self.model_cfg.get("image_size", 224))

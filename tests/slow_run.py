@@ -1,0 +1,29 @@
+"""``python tests/slow_run.py <run.py arguments>``: run.py, with every training step of the stage
+folder named by ``PILORA_SLOW_STAGE`` (``stage1`` / ``stage2`` / ``train``) delayed by
+``PILORA_STEP_DELAY`` seconds, so that a fault test can SIGKILL the job in the middle of that stage.
+Nothing else changes: the restarted job is plain ``python run.py`` with the same arguments."""
+
+import os
+import runpy
+import sys
+import time
+
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_stage = os.environ.get("PILORA_SLOW_STAGE", "")
+_delay = float(os.environ.get("PILORA_STEP_DELAY", "0.5"))
+_step = transformers.Trainer.training_step
+
+
+def _slow_step(self, *args, **kwargs):
+    if os.path.basename(os.path.normpath(self.args.output_dir)) == _stage:
+        time.sleep(_delay)
+    return _step(self, *args, **kwargs)
+
+
+transformers.Trainer.training_step = _slow_step
+
+if __name__ == "__main__":
+    sys.argv = [os.path.join(ROOT, "run.py"), *sys.argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,0 +1,162 @@
+"""Bad input fails early with an error that names the cause, and never leaves a results.json.
+(Missing files, wrong columns, header-only splits, GLUE labels out of range, NaN losses and
+impossible model/task pairs are covered in test_configs.py.)"""
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import FAST, compose_cfg, write_commonsense, write_images, write_sst2
+from pilora import records
+from pilora.records import RecordWriteError
+from pilora.tasks import DataError
+from pilora.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+
+def _run_py(args, out):
+    proc = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    return proc.stderr
+
+
+def _fails(overrides, out, exc, match):
+    with pytest.raises(exc, match=match):
+        train(compose_cfg(overrides, out))
+    assert not os.path.exists(os.path.join(out, "results.json"))
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_images(str(tmp_path / "img"))
+
+
+@pytest.fixture
+def glue(tmp_path):
+    """sst2 overrides without data files, and a folder holding good train/validation csv files."""
+    d = tmp_path / "csv"
+    write_sst2(d, n_train=24, n_val=8)
+    return FAST + ["task=glue/sst2", "task.dataset.path=csv", "task.dataset.name=null", "model=minilm-l6",
+                   "trainer.max_steps=2"], d
+
+
+def _files(d, train="train.csv"):
+    return [f"+task.dataset.data_files.train={d / train}", f"+task.dataset.data_files.validation={d / 'validation.csv'}"]
+
+
+# --- overrides ------------------------------------------------------------------------------------
+
+def test_malformed_override_is_a_hydra_error(tmp_path):
+    err = _run_py(["trainer.learning_rate=["], tmp_path / "o")
+    assert "no viable alternative at input '['" in err and "override_grammar" in err
+
+
+def test_unknown_trainer_key_is_a_hydra_error(tmp_path):
+    err = _run_py(["trainer.nonexistent=1"], tmp_path / "o")
+    assert "Could not override 'trainer.nonexistent'" in err and "Key 'nonexistent' is not in struct" in err
+
+
+def test_wrong_type_through_run_py(tmp_path, images):
+    err = _run_py(FAST + images + ["trainer.num_train_epochs=abc"], tmp_path / "o")
+    assert "trainer.num_train_epochs must be a float, got 'abc'" in err
+
+
+@pytest.mark.parametrize("override,match", [
+    ("trainer.max_steps=2.5", r"trainer\.max_steps must be an int, got 2\.5"),
+    ("trainer.bf16=maybe", r"trainer\.bf16 must be a bool, got 'maybe'"),
+    ("trainer.learning_rate=fast", r"trainer\.learning_rate must be a float, got 'fast'"),
+    ("+trainer.nonexistent=1", r"trainer\.nonexistent is not a transformers\.TrainingArguments field"),
+    ("+trainer.learning_rat=1", r"trainer\.learning_rat is not a .*TrainingArguments field \(did you mean trainer\.learning_rate\?\)"),
+    ("trainer.lr_scheduler_type=zigzag", r"invalid trainer settings.*zigzag"),
+])
+def test_bad_trainer_values(tmp_path, images, override, match):
+    _fails(FAST + images + [override], tmp_path / "o", ValueError, match)
+
+
+def test_numeric_strings_are_accepted(tmp_path, images):
+    """YAML 1.1 reads ``1e-3`` as a string; the runner converts strings that are numbers."""
+    rec = train(compose_cfg(FAST + images + ["trainer.learning_rate='5e-3'", "trainer.max_steps='2'",
+                                             "method.r=2"], tmp_path / "o"))
+    assert rec["steps"] == 2 and rec["config"]["trainer"]["learning_rate"] == "5e-3"
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def test_empty_data_file(tmp_path, glue):
+    base, d = glue
+    (d / "empty.csv").write_text("")
+    _fails(base + _files(d, "empty.csv"), tmp_path / "o", DataError, r"empty\.csv' of task 'sst2' is empty \(0 bytes\)")
+
+
+def test_truncated_data_file(tmp_path, glue):
+    base, d = glue
+    text = (d / "train.csv").read_text()
+    (d / "cut_quote.csv").write_text(text[:200] + '\n"an unterminated quoted sentence, 1')
+    _fails(base + _files(d, "cut_quote.csv"), tmp_path / "o", DataError,
+           r"could not read data file '.*cut_quote\.csv' of task 'sst2'.*truncated")
+    (d / "cut_row.csv").write_text(text.rstrip("\n").rsplit(",", 1)[0] + ",\n")  # last row lost its label
+    _fails(base + _files(d, "cut_row.csv"), tmp_path / "o2", DataError,
+           r"split 'train' of task 'sst2' has 1 row\(s\) with no 'label' value .*truncated")
+
+
+def test_image_labels_out_of_range(tmp_path, images):
+    extra = tmp_path / "img" / "train" / "2"  # a third class folder, but task.num_labels=2
+    extra.mkdir()
+    shutil.copy(tmp_path / "img" / "train" / "1" / "0.png", extra / "0.png")
+    _fails(FAST + images, tmp_path / "o", DataError, r"label 2 .* outside \[0, 2\).*task\.num_labels is 2")
+
+
+def test_image_that_fails_to_decode(tmp_path, images):
+    bad = tmp_path / "img" / "train" / "1" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png at all")
+    _fails(FAST + images + ["method=pilora", "method.stage1.max_steps=4"], tmp_path / "o", ValueError,
+           r"could not decode image \(path '.*broken\.png'")
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+def test_model_path_that_does_not_exist(tmp_path, glue, images):
+    base, d = glue
+    _fails(base + _files(d) + [f"model.path={tmp_path}/no-such-model"], tmp_path / "o", FileNotFoundError,
+           r"model\.path '.*no-such-model' does not exist")
+    _fails(FAST + images + ["model=clip-vit-b32", f"model.path={tmp_path}/no-clip"], tmp_path / "o2",
+           FileNotFoundError, r"model\.path '.*no-clip' does not exist")
+
+
+def test_tokenizer_without_pad_token_trains(tmp_path):
+    """LLaMA tokenizers ship without a pad token: the commonsense path pads with unk (or eos)."""
+    from transformers import AutoTokenizer
+
+    from pilora.config import _minilm_path
+
+    tok = AutoTokenizer.from_pretrained(_minilm_path())
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").pad_token is None
+    overrides = FAST + write_commonsense(str(tmp_path / "cs"), n_train=24, n_test=4) + [
+        f"model.tokenizer={tmp_path / 'tok'}", "method.r=2", "trainer.max_steps=2"]
+    rec = train(compose_cfg(overrides, tmp_path / "o"))
+    assert rec["status"] == "complete" and rec["steps"] == 2
+    assert 0 <= rec["metrics"]["test"]["test_avg_accuracy"] <= 1
+
+
+# --- disk -------------------------------------------------------------------------------------------
+
+def test_disk_full_on_record_write(tmp_path, images, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(records.os, "fsync", no_space)
+    out = tmp_path / "o"
+    _fails(FAST + images + ["trainer.max_steps=2", "method.r=2"], out, RecordWriteError,
+           r"could not write the record '.*results\.json': No space left on device.*no record was written.*"
+           r"Free some disk space")
+    assert not [f for f in os.listdir(out) if f.endswith(".json")]  # no temp file either

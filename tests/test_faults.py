@@ -1,0 +1,160 @@
+"""Faults: a job SIGKILLed in stage 1 or stage 2 resumes, on rerunning the same command, to the
+result of an uninterrupted run; a record write that dies leaves the old record; a corrupted
+checkpoint is named instead of being trained on."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import FAST, compose_cfg, write_images
+from pilora import ImportanceStats
+from pilora import records
+from pilora.records import RecordWriteError, atomic_write_json
+from pilora.train import CorruptCheckpoint, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+
+def _job(img):
+    """PiLoRA, tiny CLIP: stage 1 = 4 steps, stage 2 = 2 epochs x 3 steps, a checkpoint every step."""
+    return FAST + write_images(img) + [
+        "method=pilora", "method.stage1.max_steps=4", "method.importance_interval=1",
+        "trainer.num_train_epochs=2", "trainer.save_strategy=steps", "+trainer.save_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (one per module: both kill cases compare against it)."""
+    d = tmp_path_factory.mktemp("ref")
+    overrides = _job(str(d / "img"))
+    proc = subprocess.run([sys.executable, "run.py", *overrides, f"hydra.run.dir={d / 'run'}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return overrides, d / "run", json.load(open(d / "run" / "results.json"))
+
+
+def _kill_when(cmd, ready, env, timeout=300):
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"job ended (rc {proc.returncode}) before it could be killed: "
+                                     f"{proc.stderr.read()[-3000:]}")
+            if time.time() - t0 > timeout:
+                raise AssertionError("job never reached the point to kill it")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _assert_same_result(rec, out, ref_rec, ref_out):
+    assert rec["status"] == "complete" and rec["steps"] == ref_rec["steps"]
+    a, b = ImportanceStats.load(out / "importance.pt"), ImportanceStats.load(ref_out / "importance.pt")
+    for name in b.modules:
+        assert torch.equal(a.modules[name].hits, b.modules[name].hits), name
+    assert rec["pilora"]["dominant_fraction_per_module"] == ref_rec["pilora"]["dominant_fraction_per_module"]
+    assert len(rec["epochs"]) == len(ref_rec["epochs"])
+    for got, want in zip(rec["epochs"], ref_rec["epochs"]):
+        assert got["eval_accuracy"] == want["eval_accuracy"]
+        assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+    for key, value in ref_rec["metrics"]["test"].items():
+        assert rec["metrics"]["test"][key] == pytest.approx(value, rel=1e-6), key
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_sigkill_mid_stage_then_rerun_resumes(tmp_path, reference, stage):
+    overrides, ref_out, ref_rec = reference
+    out = tmp_path / "run"
+    args = [*overrides, f"hydra.run.dir={out}"]
+
+    def ready():  # a step-2 checkpoint of the stage is complete
+        ckpt = out / stage / "checkpoint-2"
+        return (ckpt / "trainer_state.json").exists() and \
+            (stage != "stage1" or (ckpt / "importance_stats.pt").exists())
+
+    _kill_when([sys.executable, "tests/slow_run.py", *args], ready,
+               {**ENV, "PILORA_SLOW_STAGE": stage, "PILORA_STEP_DELAY": "0.5"})
+    assert not (out / "results.json").exists()
+    assert (out / "importance.pt").exists() == (stage == "stage2")  # killed inside the stage
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "run.log").read_text()
+    if stage == "stage1":
+        assert "importance accumulation (K=1), resuming" in log
+    else:
+        assert "stage 1: already done" in log and f"resuming from {out}/stage2/checkpoint-" in log
+    _assert_same_result(json.load(open(out / "results.json")), out, ref_rec, ref_out)
+
+
+def test_killed_record_write_keeps_previous_record(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    atomic_write_json(str(path), {"status": "complete", "metrics": {"final": {"eval_accuracy": 0.5}}})
+    before = path.read_bytes()
+
+    def dies_midway(obj, f, **kw):
+        f.write('{"status": "comp')  # part of the new record reaches the disk ...
+        f.flush()
+        raise KeyboardInterrupt  # ... then the job is interrupted
+
+    monkeypatch.setattr(records.json, "dump", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(str(path), {"status": "complete", "metrics": {}})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["results.json"]
+    monkeypatch.undo()
+
+    def replace_fails(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(records.os, "replace", replace_fails)
+    with pytest.raises(RecordWriteError, match=r"results\.json.*Input/output error.*previous record is unchanged"):
+        atomic_write_json(str(path), {"status": "complete", "metrics": {}})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["results.json"]
+
+
+@pytest.fixture
+def finished_job(tmp_path):
+    """A completed in-process job with step checkpoints, its record removed (as if killed at the end)."""
+    overrides = _job(str(tmp_path / "img"))
+    out = tmp_path / "run"
+    rec = train(compose_cfg(overrides, out))
+    os.remove(out / "results.json")
+    return overrides, out, rec
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt", "adapter_model.safetensors"])
+def test_truncated_checkpoint_file_is_named(finished_job, victim):
+    overrides, out, _ = finished_job
+    last = out / "stage2" / "checkpoint-6"
+    size = os.path.getsize(last / victim)
+    with open(last / victim, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CorruptCheckpoint, match=rf"checkpoint '.*checkpoint-6' is corrupted: {victim} cannot be read"):
+        train(compose_cfg(overrides, out))
+    assert not (out / "results.json").exists()
+
+
+def test_checkpoint_cut_short_while_saving_falls_back(finished_job, caplog):
+    """A job killed while Trainer was saving leaves a checkpoint without trainer_state.json (written
+    last): it is dropped and the job resumes from the checkpoint before, to the same result."""
+    overrides, out, rec = finished_job
+    last = out / "stage2" / "checkpoint-6"
+    os.remove(last / "trainer_state.json")
+    with caplog.at_level("WARNING", logger="pilora"):
+        resumed = train(compose_cfg(overrides, out))
+    assert f"checkpoint {last} was cut short while being saved; removing it" in caplog.text
+    assert (last / "trainer_state.json").exists()  # step 6 trained again from checkpoint-5 and saved
+    assert resumed["metrics"]["final"]["eval_loss"] == pytest.approx(rec["metrics"]["final"]["eval_loss"], rel=1e-6)
+    assert resumed["metrics"]["test"] == pytest.approx(rec["metrics"]["test"], rel=1e-6)

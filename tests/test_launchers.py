@@ -1,0 +1,83 @@
+"""Sweeps through Hydra's submitit launcher: ``hydra/launcher=slurm`` composes into valid sbatch
+settings, and a local submitit sweep runs jobs end to end (the basic launcher's local multirun is
+tested in test_configs.py::test_two_job_multirun_through_run_py)."""
+
+import glob
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from helpers import CONF, FAST, write_images
+
+ROOT = os.path.dirname(CONF)
+
+
+def _hydra_cfg(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_slurm_launcher_composes(monkeypatch):
+    monkeypatch.delenv("PILORA_SLURM_PARTITION", raising=False)
+    monkeypatch.delenv("PILORA_SLURM_ACCOUNT", raising=False)
+    default = _hydra_cfg([])
+    assert default.hydra.launcher._target_.endswith("BasicLauncher")  # the plugin changes nothing by default
+    launcher = _hydra_cfg(["hydra/launcher=slurm"]).hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
+    assert launcher.timeout_min > 0 and launcher.partition is None and launcher.account is None
+    chosen = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30"])
+    assert (chosen.hydra.launcher.partition, chosen.hydra.launcher.timeout_min) == ("gpu", 30)
+    monkeypatch.setenv("PILORA_SLURM_PARTITION", "a100")
+    assert _hydra_cfg(["hydra/launcher=slurm"]).hydra.launcher.partition == "a100"
+
+
+def test_slurm_launcher_keys_make_an_sbatch_script(tmp_path, monkeypatch):
+    """Every key of conf/hydra/launcher/slurm.yaml is accepted by submitit and lands in sbatch
+    (a stub ``srun`` on PATH stands in for a cluster; nothing is submitted)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    stub = tmp_path / "bin" / "srun"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
+    hcfg = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                       f"hydra.sweep.dir={tmp_path}/sweep", "hydra.job.name=run"])
+    params = OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
+    params.pop("_target_")
+    folder, max_timeout = params.pop("submitit_folder"), params.pop("max_num_timeout")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())  # the plugin's split of generic / slurm_ keys
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_timeout)
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    text = executor._executor._make_submission_file_text("python -u run.py", "uid")
+    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --time=240",
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@120"):
+        assert line in text, (line, text)
+
+
+def test_run_py_prints_slurm_launcher_config():
+    proc = subprocess.run([sys.executable, "run.py", "hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+
+
+def test_local_submitit_sweep_runs_jobs(tmp_path):
+    """The submitit launcher (the same code path as SLURM, executed as local processes)."""
+    overrides = FAST + write_images(str(tmp_path / "img")) + [
+        "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}/sweep", "trainer.max_steps=2",
+        "trainer.save_strategy=no", "method.r=2", "seed=0,1"]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = glob.glob(f"{tmp_path}/sweep/**/results.json", recursive=True)
+    assert sorted(json.load(open(r))["seed"] for r in records) == [0, 1]
+    assert all(json.load(open(r))["status"] == "complete" for r in records)
