@@ -171,7 +171,7 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
                          "output_dir / logger / seed at the top level of the config instead")
     kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **_check_trainer_keys(cfg["trainer"]),
               **overrides}
-    launched = int(os.environ.get("WORLD_SIZE", 1))
+    launched = _world_size()
     if launched > 1 and not torch.cuda.is_available():
         # accelerate only sets up CPU DDP (gloo) when told use_cpu; otherwise every rank would
         # silently train on the whole data set on its own
@@ -441,26 +441,23 @@ def train(cfg: Any) -> dict:
 def _run(cfg, task, method, data, out) -> dict:
     timings, pilora_info = {}, None
     t_start = time.time()
-    masks = None
-    budget = None
-    if cfg["method"].get("match_budget"):
-        # LoRA with PiLoRA's budget: the partition of a PiLoRA stage 1 sets per-module ranks
+    masks = budget = None
+    matched = bool(cfg["method"].get("match_budget"))
+    if matched or METHODS[method.name].two_stage:
+        # stage 1 and its partition: PiLoRA's dominant rows, or the budget a matched LoRA copies
         t0 = time.time()
         stats, stats_path = run_stage1(cfg, task, method, data, out)
         timings["stage1_s"] = time.time() - t0
+        stage1_masks = partition(stats, method.partition, **method.partition_args)
+        check_ranks_agree(stage1_masks, stats)
+    if matched:
         shapes = {k: tuple(s.shape) for k, s in stats.modules.items()}
-        lora_masks = partition(stats, method.partition, **method.partition_args)
-        check_ranks_agree(lora_masks, stats)
-        method.rank_pattern, budget = matched_rank_pattern(lora_masks, shapes, method.r, method.supplementary_r)
+        method.rank_pattern, budget = matched_rank_pattern(stage1_masks, shapes, method.r, method.supplementary_r)
         budget.update({"importance_file": stats_path, "ranks": method.rank_pattern})
         log.info("budget-matched LoRA: %d adapter parameters vs PiLoRA's %d (residual %+d)",
                  budget["lora_adapter_params"], budget["pilora_adapter_params"], budget["residual"])
     elif METHODS[method.name].two_stage:
-        t0 = time.time()
-        stats, stats_path = run_stage1(cfg, task, method, data, out)
-        timings["stage1_s"] = time.time() - t0
-        masks = partition(stats, method.partition, **method.partition_args)
-        check_ranks_agree(masks, stats)
+        masks = stage1_masks
         fractions = dominant_fractions(masks)
         pilora_info = {"importance_file": stats_path, "partition": method.partition,
                        "partition_args": method.partition_args, "checks": {k: s.checks for k, s in stats.modules.items()},
