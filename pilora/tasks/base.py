@@ -114,17 +114,17 @@ def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
     hub_id = ds_cfg.get("hub_id") or path
     hub_hint = f"the hub dataset {hub_id!r}"
     for f in _local_files(data_files):
-        if not glob.glob(os.path.expanduser(f)):
+        matches = glob.glob(os.path.expanduser(f))
+        if not matches:
             raise DataError(f"data file {f!r} for task {task_name!r} does not exist; fix "
                             f"task.dataset.data_files, or load {hub_hint} with task.dataset.path={hub_id}")
-    if path and path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise DataError(f"dataset path {path!r} for task {task_name!r} does not exist; "
-                        f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}")
-    for f in _local_files(data_files):
-        for match in glob.glob(os.path.expanduser(f)):
+        for match in matches:
             if os.path.isfile(match) and os.path.getsize(match) == 0:
                 raise DataError(f"data file {match!r} of task {task_name!r} is empty (0 bytes); "
                                 "regenerate or re-download it")
+    if path and path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
+        raise DataError(f"dataset path {path!r} for task {task_name!r} does not exist; "
+                        f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}")
     try:
         kwargs = {"data_files": dict(data_files) if isinstance(data_files, dict) else data_files}
         if ds_cfg.get("data_dir"):
