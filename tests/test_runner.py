@@ -47,43 +47,37 @@ def _check_pilora(rec, out):
         assert info["dominant_fraction_per_module"][name] == pytest.approx(mask.float().mean().item())
 
 
-@pytest.mark.parametrize("method", ["lora", "pilora"])
-def test_glue_classification_end_to_end(tmp_path, method):
-    out = tmp_path / "run"
-    cfg = compose_cfg(FAST + glue_overrides(tmp_path / "data") +
-                      _method(method) + ["trainer.num_train_epochs=3"], out)
-    rec = train(cfg)
+def _train_and_check(overrides, out, method):
+    """Run one job and check what every family's record must hold (PiLoRA: its partition too)."""
+    rec = train(compose_cfg(overrides, out))
     _check_record(rec, out, method)
-    assert rec["metrics"]["best"]["eval_accuracy"] > 0.75
-    assert len(rec["epochs"]) == 3
     if method == "pilora":
         _check_pilora(rec, out)
+    return rec
+
+
+@pytest.mark.parametrize("method", ["lora", "pilora"])
+def test_glue_classification_end_to_end(tmp_path, method):
+    rec = _train_and_check(FAST + glue_overrides(tmp_path / "data") + _method(method) +
+                           ["trainer.num_train_epochs=3"], tmp_path / "run", method)
+    assert rec["metrics"]["best"]["eval_accuracy"] > 0.75
+    assert len(rec["epochs"]) == 3
 
 
 @pytest.mark.parametrize("method", ["lora", "pilora"])
 def test_commonsense_generation_end_to_end(tmp_path, method):
-    out = tmp_path / "run"
-    cfg = compose_cfg(FAST + write_commonsense(str(tmp_path / "cs")) +
-                      _method(method, 3, r=4) + ["trainer.num_train_epochs=2"], out)
-    rec = train(cfg)
-    _check_record(rec, out, method)
+    rec = _train_and_check(FAST + write_commonsense(str(tmp_path / "cs")) + _method(method, 3, r=4) +
+                           ["trainer.num_train_epochs=2"], tmp_path / "run", method)
     test = rec["metrics"]["test"]
     assert {"test_boolq_accuracy", "test_piqa_accuracy", "test_avg_accuracy"} <= set(test)
     assert 0 <= test["test_avg_accuracy"] <= 1
-    if method == "pilora":
-        _check_pilora(rec, out)
 
 
 @pytest.mark.parametrize("method", ["lora", "pilora"])
 def test_vision_end_to_end(tmp_path, method):
-    out = tmp_path / "run"
-    cfg = compose_cfg(FAST + write_images(str(tmp_path / "img")) +
-                      _method(method, 3) + ["trainer.num_train_epochs=3"], out)
-    rec = train(cfg)
-    _check_record(rec, out, method)
+    rec = _train_and_check(FAST + write_images(str(tmp_path / "img")) + _method(method, 3) +
+                           ["trainer.num_train_epochs=3"], tmp_path / "run", method)
     assert rec["metrics"]["test"]["test_accuracy"] >= 0.75
-    if method == "pilora":
-        _check_pilora(rec, out)
 
 
 def test_reusing_stage1_statistics_reproduces_masks(tmp_path):
