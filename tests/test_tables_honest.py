@@ -99,13 +99,18 @@ def _vals(recs, method, task):
     return [r["metrics"]["best"]["eval_accuracy"] for r in recs if r["method"] == method and r["task"] == task]
 
 
-def test_cells_show_mean_std_and_seed_count_and_one_seed_says_n1(glue):
-    root, recs = glue
+def _table2_rows(root):
+    """Table 2 as rendered: its text, the SST-2 and CoLA column indices and the three method rows."""
     text = render(load_records(root, quiet=True), ["2"], cost=False)
-    sst, cola = _col(text, "SST-2"), _col(text, "CoLA")
     (lora,) = _rows(text, "LoRA †")
     (matched,) = _rows(text, "LoRA (budget-matched)")
     (pil,) = _rows(text, "PiLoRA")
+    return text, _col(text, "SST-2"), _col(text, "CoLA"), lora, matched, pil
+
+
+def test_cells_show_mean_std_and_seed_count_and_one_seed_says_n1(glue):
+    root, recs = glue
+    text, sst, cola, lora, matched, pil = _table2_rows(root)
     assert lora[cola] == f"{_fmt(_vals(recs, 'lora', 'cola'))} / 83.41" == "81.00 ± 1.00 (n=3) / 83.41"
     assert matched[cola] == f"{_fmt(_vals(recs, 'lora_matched', 'cola'))} / —" == "80.50 ± 1.00 (n=3) / —"
     assert matched[sst] == f"{_fmt(_vals(recs, 'lora_matched', 'sst2'))} / —"
@@ -118,11 +123,7 @@ def test_cells_show_mean_std_and_seed_count_and_one_seed_says_n1(glue):
 
 def test_bold_only_for_a_win_beyond_the_spread(glue):
     root, recs = glue
-    text = render(load_records(root, quiet=True), ["2"], cost=False)
-    sst, cola = _col(text, "SST-2"), _col(text, "CoLA")
-    (lora,) = _rows(text, "LoRA †")
-    (matched,) = _rows(text, "LoRA (budget-matched)")
-    (pil,) = _rows(text, "PiLoRA")
+    text, sst, cola, lora, matched, pil = _table2_rows(root)
     # SST-2: LoRA 95.20 ± 0.20 vs matched 94.20 ± 0.20: margin 1.00 > 0.40 → marked
     assert lora[sst] == f"**{_fmt(_vals(recs, 'lora', 'sst2'))}** / 95.64"
     # CoLA: PiLoRA's 99.00 leads by 18 points but has one seed → never marked; LoRA 81.00 ± 1.00 vs
