@@ -13,6 +13,12 @@ A PEFT ``lora.Linear`` keeps its structure; two of its sub-modules are swapped:
 
 Because the swapped ``lora_B`` exposes ``.weight`` (the assembled matrix), PEFT's own
 ``merge`` / ``unmerge`` / ``merge_and_unload`` / ``disable_adapter`` (Eq. 11) work unchanged.
+
+The layer's adapter forward is registered as a PEFT ``LoraVariant`` (:class:`FusedLoraForward`): it
+adds ``s · z Bᵀ`` to the base output with one ``addmm`` instead of PEFT's ``result + B(z) * s``,
+which costs two extra elementwise passes over the ``tokens × m`` output forward and one backward.
+On a small model those passes cost about as much as the ``r'`` extra directions (see
+benchmarks/README.md, which also reports LoRA with the same fused forward).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 PILORA_FILE = "pilora_config.json"
@@ -106,6 +113,43 @@ class RowPartitionedB(nn.Module):
                 f"supplementary={self.supplementary.shape[0]} (r'={self.r_s})")
 
 
+class FusedLoraForward(LoraVariant):
+    """PEFT ``LoraVariant`` that adds the adapter with one ``addmm`` into the base output.
+
+    Works for any layer whose ``lora_B`` exposes ``.weight``: the PiLoRA layer uses it always;
+    ``MethodConfig.fused_forward`` puts it on plain LoRA layers for like-for-like timings.
+    Merging is PEFT's vanilla one (``get_delta_weight`` = ``s · B A``).
+    """
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:  # attached to layers already built
+        pass
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``result + s · (B (A dropout(x)))`` as one GEMM that accumulates into ``result``."""
+        z = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
+        W = module.lora_B[active_adapter].weight
+        scaling = module.scaling[active_adapter]
+        if result.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
+            # e.g. fp32 adapters on a bf16 base (PEFT's autocast_adapter_dtype): PEFT's promotion rules
+            return result + F.linear(z, W) * scaling
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), z.reshape(-1, z.shape[-1]), W.t(), alpha=scaling)
+        return out.view(result.shape)
+
+
 def supplementary_scale(r: int, r_s: int, alpha: float, supplementary_alpha: float | None,
                         use_rslora: bool = False) -> float:
     """``c = s_s / s_d``. With ``supplementary_alpha=None`` both groups share ``s = α/r`` (the
@@ -131,6 +175,7 @@ def convert_layer(layer: nn.Module, mask: torch.Tensor, r_s: int, scale: float =
     nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
     layer.lora_A[adapter_name] = A
     layer.lora_B[adapter_name] = RowPartitionedB(mask, r, r_s, scale, device=old_A.device, dtype=old_A.dtype)
+    layer.lora_variant[adapter_name] = FusedLoraForward()
 
 
 def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementary_r: int,

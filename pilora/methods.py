@@ -35,6 +35,10 @@ class MethodConfig:
     partition: str = "hit_frequency"        # key of pilora.partition.PARTITIONS
     partition_args: dict = field(default_factory=lambda: {"tau": 0.5})
     rank_pattern: dict | None = None        # per-module ranks (budget-matched LoRA)
+    # adapter added to the base output by one addmm (pilora.layer.FusedLoraForward) instead of
+    # PEFT's ``result + B(A(x)) * s``. None: the method's default, on for the PiLoRA layer (ours),
+    # off for PEFT's layers (stock LoRA, as in the paper). True on a LoRA method: like-for-like timings.
+    fused_forward: bool | None = None
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -55,6 +59,9 @@ class MethodConfig:
                         raise ValueError(f"partition {key} must lie in (0, 1], got {v}")
         if not 0 <= float(self.dropout) < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.fused_forward and METHODS[self.name].lora_kwargs.get("use_dora"):
+            raise ValueError("fused_forward applies to plain LoRA layers; DoRA has its own forward "
+                             "(set method.fused_forward=null)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodConfig":
@@ -175,7 +182,7 @@ def prepare_model(model: nn.Module, cfg: MethodConfig | dict, *, masks: dict | N
     from peft import get_peft_model
 
     from .importance import lora_layers
-    from .layer import to_pilora
+    from .layer import FusedLoraForward, to_pilora
 
     if isinstance(cfg, dict):
         cfg = MethodConfig.from_dict(cfg)
@@ -186,6 +193,13 @@ def prepare_model(model: nn.Module, cfg: MethodConfig | dict, *, masks: dict | N
     init = INITS[method.init]
     for layer in lora_layers(peft_model).values():
         init(layer, "default")
-    if method.two_stage and masks is not None and stage != 1:
+    stage2 = method.two_stage and masks is not None and stage != 1
+    if stage2:
         to_pilora(peft_model, masks, int(cfg.supplementary_r), cfg.supplementary_alpha)
+    fused = cfg.fused_forward if cfg.fused_forward is not None else stage2
+    for layer in lora_layers(peft_model).values():
+        if fused:
+            layer.lora_variant["default"] = FusedLoraForward()
+        elif isinstance(layer.lora_variant.get("default"), FusedLoraForward):
+            del layer.lora_variant["default"]  # PEFT's own forward, e.g. to time PiLoRA unfused
     return peft_model

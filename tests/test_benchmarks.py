@@ -95,8 +95,8 @@ def test_interleaved_timing_records_each_step_and_check_flags():
 
 
 def test_targets_pass_and_miss_from_fake_measurements():
-    fast = _fake_workload({"lora": 1.0, "pilora": 0.98, "dora": 1.3}, {"lora": 100, "pilora": 90, "dora": 150},
-                          check=0.3)
+    fast = _fake_workload({"lora": 1.0, "lora_fused": 0.96, "pilora": 0.98, "dora": 1.3},
+                          {"lora": 100, "lora_fused": 100, "pilora": 90, "dora": 150}, check=0.3)
     slow = _fake_workload({"lora": 2.0, "pilora": 2.1, "dora": 2.6}, {"lora": 100, "pilora": 101, "dora": 150},
                           name="layer_up", check=1.2)
     fast["merged_inference"] = {"leftovers": [], "ratio": 1.0, "merged_s": 1.0, "base_s": 1.0,
@@ -107,6 +107,8 @@ def test_targets_pass_and_miss_from_fake_measurements():
                                                                      "threads": 2}, {})
     verdict = {(r["target"], r["where"]): r["pass"] for r in rec["targets"]}
     assert verdict[("stage2_time", "layer_q")] and not verdict[("stage2_time", "layer_up")]
+    # like for like: 0.98 / 0.96 > 1 although PiLoRA beats stock LoRA
+    assert not verdict[("stage2_time_fused", "layer_q")] and ("stage2_time_fused", "layer_up") not in verdict
     assert verdict[("stage2_memory", "layer_q")] and not verdict[("stage2_memory", "layer_up")]
     assert verdict[("stage1_overhead", "layer_q")]            # 0.3 / (10 · 1.0) = 3 %
     assert not verdict[("stage1_overhead", "layer_up")]       # 1.2 / (10 · 2.0) = 6 %
@@ -125,7 +127,8 @@ def test_targets_pass_and_miss_from_fake_measurements():
 def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
     wl = st.layer_workload("layer_q", 24, 40, 8, torch.float32, "cpu")
     res = st.run_workload(wl, repeats=2, warmup=0, device="cpu", log=lambda *_: None)
-    assert set(res["time"]) == {"lora", "pilora", "dora", "stage1_k1", "importance_check"}  # K=10 needs windows
+    assert set(res["time"]) == {"lora", "lora_fused", "pilora", "dora", "stage1_k1", "importance_check"}  # K=10 needs windows
+    assert res["adapter_params"]["lora_fused"] == res["adapter_params"]["lora"]
     lora_med = statistics.median(res["time"]["lora"]["samples_s"])
     for m, t in res["time"].items():
         assert len(t["samples_s"]) == 2
@@ -145,8 +148,8 @@ def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
     back = json.loads(path.read_text())
     assert {"environment", "config", "workloads", "layer_set", "importance_memory", "targets"} <= set(back)
     assert {"torch", "device", "threads", "date"} <= set(back["environment"])
-    assert {r["target"] for r in back["targets"]} == {"stage2_time", "stage2_memory", "stage1_overhead",
-                                                      "merged_inference", "importance_one_chunk"}
+    assert {r["target"] for r in back["targets"]} == {"stage2_time", "stage2_time_fused", "stage2_memory",
+                                                      "stage1_overhead", "merged_inference", "importance_one_chunk"}
 
 
 def test_merged_pilora_leaves_no_adapter_modules():
@@ -210,7 +213,7 @@ def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
                 num_key_value_heads=2, vocab_size=32)
     rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
     w = rec["workloads"]["llama_tiny"]
-    assert {"lora", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
+    assert {"lora", "lora_fused", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
     assert w["stage1"]["default_k_source"] == "direct, robust"
     assert {"stage1_k10_direct", "stage1_k10_robust", "k10_amortised"} <= set(w["stage1"])
     assert w["merged_inference"]["leftovers"] == []

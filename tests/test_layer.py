@@ -9,7 +9,7 @@ from conftest import TinyMLP, train_steps
 from pilora import (MethodConfig, count_parameters, export_lora, load_adapter, pilora_masks, prepare_model,
                     save_adapter)
 from pilora.importance import lora_layers
-from pilora.layer import RowPartitionedB
+from pilora.layer import FusedLoraForward, RowPartitionedB
 
 X = torch.randn(20, 10, generator=torch.Generator().manual_seed(5))
 Y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(6))
@@ -150,3 +150,67 @@ def test_block_assembly_gradients_match_autograd_reference(c):
     assert torch.autograd.gradcheck(
         lambda d, s: _AssembleRows.apply(d, s, B.dominant_rows, B.supplementary_rows, c),
         (B.dominant.detach().clone().requires_grad_(), B.supplementary.detach().clone().requires_grad_()))
+
+
+def _without_variant(model):
+    """The same model with PEFT's vanilla adapter forward ``result + B(A(dropout(x))) * s``."""
+    plain = copy.deepcopy(model)
+    for layer in lora_layers(plain).values():
+        layer.lora_variant.clear()
+    return plain
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_forward_equals_pefts_vanilla_forward_in_value_and_gradient(dropout):
+    _, model = _pilora()
+    for layer in lora_layers(model).values():
+        layer.lora_dropout["default"].p = dropout
+    train_steps(model, X, Y, steps=2)  # non-zero B blocks
+    model.double()
+    assert all(isinstance(l.lora_variant["default"], FusedLoraForward) for l in lora_layers(model).values())
+    plain = _without_variant(model)
+    x = torch.randn(2, 7, 10, dtype=torch.float64, requires_grad=True)  # a (batch, seq, n) input
+    outs, grads = [], []
+    for m in (model, plain):
+        torch.manual_seed(3)  # same dropout masks
+        out = m(x)
+        params = [p for p in m.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(out.pow(2).sum(), params + [x]))
+        outs.append(out)
+    assert outs[0].shape == (2, 7, 3)
+    assert torch.allclose(outs[0], outs[1], atol=1e-12)
+    assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-11) for a, b in zip(*grads))
+
+
+def test_fused_forward_with_fp32_adapters_on_a_bf16_base():
+    _, model = _pilora()
+    train_steps(model, X, Y, steps=2)
+    for layer in lora_layers(model).values():  # PEFT's autocast_adapter_dtype layout
+        layer.get_base_layer().to(torch.bfloat16)
+    model.base_model.model.head.to(torch.bfloat16)
+    plain = _without_variant(model)
+    x = X.to(torch.bfloat16)
+    assert torch.equal(model(x), plain(x))
+
+
+def test_fused_forward_flag_picks_the_forward_for_lora_and_pilora_without_changing_the_math():
+    def build(name, fused, **kw):
+        torch.manual_seed(0)
+        cfg = MethodConfig(name=name, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"],
+                           fused_forward=fused, **kw)
+        return prepare_model(TinyMLP(), cfg, masks=MASKS if name == "pilora" else None)
+
+    def variants(model):
+        return {type(l.lora_variant.get("default")).__name__ for l in lora_layers(model).values()}
+
+    assert variants(build("lora", None)) == {"NoneType"}             # stock PEFT LoRA by default
+    assert variants(build("pilora", None, supplementary_r=1)) == {"FusedLoraForward"}
+    for name, kw in (("lora", {}), ("pilora", {"supplementary_r": 1})):
+        fused, plain = build(name, True, **kw), build(name, False, **kw)
+        assert variants(fused) == {"FusedLoraForward"} and variants(plain) == {"NoneType"}
+        plain.load_state_dict(fused.state_dict())
+        for m in (fused, plain):
+            train_steps(m, X, Y, steps=2)  # identical math → identical trajectories (to rounding)
+        assert torch.allclose(fused(X), plain(X), atol=1e-6)
+    with pytest.raises(ValueError, match="DoRA has its own forward"):
+        MethodConfig(name="dora", fused_forward=True)
