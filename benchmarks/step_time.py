@@ -816,7 +816,8 @@ def format_report(record: dict) -> str:
         s1 = w["stage1"]
         parts = [f"{k}={100 * v:+.2f}%" for k, v in s1.items() if isinstance(v, float) and k != "check_s"
                  and k != "default_k"]
-        lines.append(f"{'':<14} stage-1 overhead vs LoRA: " + ", ".join(parts))
+        if parts:
+            lines.append(f"{'':<14} stage-1 overhead vs LoRA: " + ", ".join(parts))
         mi = w.get("merged_inference")
         if mi:
             lines.append(f"{'':<14} merged PiLoRA inference: {1e3 * mi['merged_s']:.2f} ms vs base "
@@ -884,7 +885,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "steps on one workload (layer_q, layer_up, layer_down, llama_small)")
     p.add_argument("--workloads", default="layer_q,layer_up,layer_down,llama_small,importance",
                    help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,importance")
-    return p.parse_args(argv)
+    p.add_argument("--methods", default=",".join(TRAIN_METHODS),
+                   help=f"comma-separated subset of {','.join(TRAIN_METHODS)} (lora, the baseline, is always run); "
+                        "fewer methods leave room for more repeats")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(TRAIN_METHODS))
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(TRAIN_METHODS)}")
+    args.methods = tuple(m for m in TRAIN_METHODS if m in methods or m == BASELINE)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -926,7 +936,7 @@ def main(argv=None) -> dict:
         else:
             continue
         print(f"[{time.perf_counter() - t_start:6.1f} s] {name} {wl.meta}", flush=True)
-        results[name] = run_workload(wl, repeats, args.warmup, device)
+        results[name] = run_workload(wl, repeats, args.warmup, device, methods=args.methods)
         del wl
         gc.collect()
     importance = None
@@ -936,6 +946,7 @@ def main(argv=None) -> dict:
                                        where="quick layer set" if args.quick else "7B layer set")
     config = {"r": R, "r_s": R_S, "dominant_fraction": DOMINANT_FRACTION, "alpha": 2 * R, "dropout": DROPOUT,
               "k_default": K_DEFAULT, "chunk_rows": CHUNK_ROWS, "repeats": repeats, "warmup": args.warmup,
+              "methods": list(args.methods),
               "quick": args.quick, "dtype": str(dtype).replace("torch.", ""), "optimizer": "AdamW(lr=1e-4)",
               "sizes": sz, "loadavg_start": load_start, "wall_s": None}
     config["wall_s"] = time.perf_counter() - t_start

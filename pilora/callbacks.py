@@ -87,3 +87,13 @@ class NanLossGuard(TrainerCallback):
                 f"loss became {loss} at step {state.global_step}; last good checkpoint: {last or 'none'}. "
                 "Lower trainer.learning_rate or enable gradient clipping (trainer.max_grad_norm), then rerun "
                 "(the run resumes from that checkpoint).")
+
+
+class FirstStep(TrainerCallback):
+    """Marks the first optimizer step of ``Trainer.train``: an error raised before it comes from
+    loading the checkpoint being resumed, not from training."""
+
+    started = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = True

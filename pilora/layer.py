@@ -144,8 +144,9 @@ class FusedLoraForward(LoraVariant):
         W = module.lora_B[active_adapter].weight
         scaling = module.scaling[active_adapter]
         if result.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
-            # e.g. fp32 adapters on a bf16 base (PEFT's autocast_adapter_dtype): PEFT's promotion rules
-            return result + F.linear(z, W) * scaling
+            # fp32 adapters on a bf16 base (PEFT's autocast_adapter_dtype): add in the adapter's dtype,
+            # as PEFT's type promotion does; its forward casts the sum back to the base dtype
+            result = result.to(z.dtype)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), z.reshape(-1, z.shape[-1]), W.t(), alpha=scaling)
         return out.view(result.shape)
 

@@ -12,13 +12,11 @@ an interrupted command continues it. The record is written once, atomically, at 
 
 Under ``torchrun`` / ``accelerate launch`` (DDP) every rank runs this same function; the ranks
 check that stage 1 gave them identical partitions, and only rank 0 writes ``importance.pt``,
-the adapter and ``results.json``. FSDP is refused for stage 1 (see :func:`_refuse_sharded_stage1`).
+the adapter and ``results.json``. FSDP is refused for stage 1 (see :func:`pilora.distributed.refuse_sharded_stage1`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import resource
@@ -30,6 +28,9 @@ import torch
 
 from .budget import matched_rank_pattern
 from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, NanLossGuard
+from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
+from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
+                          refuse_sharded_stage1, world_size)
 from .importance import ImportanceAccumulator, ImportanceStats
 from .layer import save_adapter
 from .methods import METHODS, MethodConfig, prepare_model
@@ -63,41 +64,6 @@ def method_config(cfg: dict) -> MethodConfig:
     if m.get("target_modules") is None:  # null in conf/method: the model's own targets
         m["target_modules"] = cfg["model"]["target_modules"]
     return MethodConfig.from_dict(m)
-
-
-def _rank() -> int:
-    """This process's global rank: torch.distributed's once initialised, else the launcher's RANK."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _is_main() -> bool:
-    return _rank() == 0
-
-
-def _per_rank_log_file(out: str) -> None:
-    """Under a launcher every rank runs Hydra with the same run dir; rank k > 0 logs to
-    ``run.rank<k>.log`` instead of also writing (and clobbering) rank 0's ``run.log``."""
-    rank = _rank()
-    if rank == 0:
-        return
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and os.path.dirname(os.path.abspath(h.baseFilename)) == out:
-            stem, ext = os.path.splitext(h.baseFilename)
-            new = logging.FileHandler(f"{stem}.rank{rank}{ext}", mode="w")
-            new.setFormatter(h.formatter)
-            new.setLevel(h.level)
-            root.removeHandler(h)
-            h.close()
-            root.addHandler(new)
 
 
 def _scalar_type(hint):
@@ -171,7 +137,7 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
                          "output_dir / logger / seed at the top level of the config instead")
     kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **_check_trainer_keys(cfg["trainer"]),
               **overrides}
-    launched = _world_size()
+    launched = world_size()
     if launched > 1 and not torch.cuda.is_available():
         # accelerate only sets up CPU DDP (gloo) when told use_cpu; otherwise every rank would
         # silently train on the whole data set on its own
@@ -188,108 +154,6 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
                            f"process(es) in parallel mode {args.parallel_mode.value!r}: the ranks would train "
                            "independently. Check the launcher (torchrun / accelerate launch) and trainer.use_cpu.")
     return args
-
-
-def _refuse_sharded_stage1(args) -> None:
-    """Stage 1 reads the full LoRA gradients ``∂A``, ``∂B`` of every layer (Eq. 7): FSDP shards them
-    across ranks, so each rank would score its own shard only. Refuse it with the way out."""
-    accelerate_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    if getattr(args, "fsdp", None) or accelerate_fsdp:
-        raise ValueError(
-            "PiLoRA stage 1 needs full (unsharded) LoRA gradients, but FSDP is enabled "
-            f"({'trainer.fsdp' if getattr(args, 'fsdp', None) else 'ACCELERATE_USE_FSDP'}). Run stage 1 with "
-            "DDP (drop trainer.fsdp), or take the statistics of such a run with "
-            "method.importance_from=<dir>/importance.pt and use FSDP for stage 2 only.")
-
-
-class CorruptCheckpoint(RuntimeError):
-    """A checkpoint whose files are all present but one of them cannot be read."""
-
-
-def _checkpoints(stage_dir: str) -> list[str]:
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    found = []
-    for name in os.listdir(stage_dir):
-        head, _, step = name.rpartition("-")
-        if head == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(stage_dir, name)):
-            found.append((int(step), os.path.join(stage_dir, name)))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def _save_finished(ckpt: str, required: tuple[str, ...]) -> bool:
-    """Trainer writes ``trainer_state.json`` last (then our callbacks add ``required``): a checkpoint
-    without a readable one was cut short while being saved."""
-    try:
-        with open(os.path.join(ckpt, "trainer_state.json")) as f:
-            json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return all(os.path.exists(os.path.join(ckpt, r)) for r in required)
-
-
-def verify_checkpoint(ckpt: str) -> None:
-    """Open every weight / optimizer / RNG file of a checkpoint; raise :class:`CorruptCheckpoint`
-    naming the first one that does not load (truncated, overwritten, zero bytes ...)."""
-    import zipfile
-
-    for name in sorted(os.listdir(ckpt)):
-        path = os.path.join(ckpt, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                with safe_open(path, framework="pt") as f:
-                    for key in f.keys():
-                        f.get_slice(key)  # header offsets are checked against the file size
-            elif name.endswith((".pt", ".pth", ".bin")):
-                with zipfile.ZipFile(path) as z:  # torch.save's format; CRC-checks every record
-                    bad = z.testzip()
-                if bad is not None:
-                    raise ValueError(f"record {bad!r} fails its CRC check")
-            elif name.endswith(".json"):
-                with open(path) as f:
-                    json.load(f)
-        except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
-            raise CorruptCheckpoint(
-                f"checkpoint {ckpt!r} is corrupted: {name} cannot be read ({type(err).__name__}: {err}). "
-                f"Delete {ckpt!r} to resume from the previous checkpoint (or the whole stage folder to "
-                "restart the stage).") from err
-
-
-def _resume_point(stage_dir: str, enabled: bool, required: tuple[str, ...] = ()) -> str | None:
-    """The newest checkpoint of ``stage_dir`` to resume from, or None to start the stage.
-
-    A newest checkpoint whose save was cut short (the job was killed while saving) is removed and
-    the one before it is used; a checkpoint whose save finished but whose files do not load
-    raises :class:`CorruptCheckpoint` naming the file.
-    """
-    import shutil
-
-    if not enabled or not os.path.isdir(stage_dir):
-        return None
-    for ckpt in _checkpoints(stage_dir):
-        if not _save_finished(ckpt, required):
-            log.warning("checkpoint %s was cut short while being saved; %s", ckpt,
-                        "removing it" if _is_main() else "ignoring it")
-            if _is_main():
-                shutil.rmtree(ckpt, ignore_errors=True)
-            continue
-        verify_checkpoint(ckpt)
-        return ckpt
-    return None
-
-
-def _fit(trainer, resume: str | None) -> None:
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except (RuntimeError, ValueError, OSError, KeyError) as err:
-        if resume and "loss became" not in str(err):
-            raise RuntimeError(f"could not resume from checkpoint {resume!r} ({type(err).__name__}: {err}); "
-                               "it may be corrupted: delete it to resume from the previous one") from err
-        raise
 
 
 def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
@@ -319,10 +183,10 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> t
     overrides = {"num_train_epochs": float(stage1.get("epochs", 1)), "max_steps": int(stage1.get("max_steps", -1)),
                  "eval_strategy": "no", "load_best_model_at_end": False}
     args = _training_args(cfg, task, stage_dir, **overrides)
-    _refuse_sharded_stage1(args)
+    refuse_sharded_stage1(args)
     torch.manual_seed(int(cfg["seed"]))
     model = prepare_model(task.build_model(), method, stage=1, task_type=task.task_type)
-    resume = _resume_point(stage_dir, cfg.get("resume", True), required=(STATS_IN_CHECKPOINT,))
+    resume = resume_point(stage_dir, cfg.get("resume", True), required=(STATS_IN_CHECKPOINT,))
     stats = ImportanceCallback.stats_from_checkpoint(resume) if resume else None
     acc = ImportanceAccumulator(model, interval=method.importance_interval, chunk_rows=method.chunk_rows,
                                 stats=stats)
@@ -331,52 +195,14 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> t
     log.info("PiLoRA stage 1: importance accumulation (K=%d)%s", method.importance_interval,
              f", resuming {resume}" if resume else "")
     trainer = _make_trainer(cfg, task, model, data, args, [ImportanceCallback(acc)], evaluate=False)
-    _fit(trainer, resume)
+    fit(trainer, resume)
     stats = acc.finalize()
     stats.meta["steps"] = trainer.state.global_step
-    stats.meta["world_size"] = _world_size()
-    if _is_main():
+    stats.meta["world_size"] = world_size()
+    if is_main():
         stats.save(path)
     del trainer, model
     return stats, path
-
-
-class DistributedMismatch(RuntimeError):
-    """Ranks of one DDP job ended stage 1 with different statistics or partitions."""
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {k: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-            for k, t in sorted(tensors.items())}
-
-
-def check_ranks_agree(masks: dict[str, torch.Tensor], stats: ImportanceStats | None = None) -> None:
-    """All-gather a per-module hash of the partition masks (and of the hit counts ``H``) and raise
-    :class:`DistributedMismatch`, naming the modules, if any rank differs from rank 0.
-
-    Stage 1 scores the gradients after DDP's all-reduce, so the ranks should agree bit for bit;
-    this verifies it instead of trusting it. A no-op outside torch.distributed.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    mine = {"masks": _digest(masks)}
-    if stats is not None:
-        mine["hits"] = _digest({k: s.hits for k, s in stats.modules.items()})
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    ref = gathered[0]
-    for rank, other in enumerate(gathered[1:], start=1):
-        for part in ("masks", "hits"):
-            diff = sorted(k for k in set(ref.get(part, {})) | set(other.get(part, {}))
-                          if ref.get(part, {}).get(k) != other.get(part, {}).get(k))
-            if diff:
-                raise DistributedMismatch(
-                    f"stage-1 {part} differ between rank 0 and rank {rank} in {len(diff)} module(s), "
-                    f"e.g. {diff[:3]}: the ranks did not see identical (all-reduced) LoRA gradients. "
-                    "Check that every rank runs the same code, config and seed, and that the gradients "
-                    "are all-reduced before the importance pass (DDP, not FSDP or per-rank training).")
-    log.info("stage-1 partitions agree across %d ranks", len(gathered))
 
 
 def _epoch_history(log_history: list[dict]) -> list[dict]:
@@ -408,7 +234,7 @@ def train(cfg: Any) -> dict:
     cfg = _plain(cfg)
     out = os.path.abspath(cfg["output_dir"])
     os.makedirs(out, exist_ok=True)
-    _per_rank_log_file(out)
+    per_rank_log_file(out)
     done = read_record(os.path.join(out, RECORD))
     if done and done.get("status") == "complete" and cfg.get("resume", True):
         log.info("job already complete: %s", os.path.join(out, RECORD))
@@ -419,7 +245,7 @@ def train(cfg: Any) -> dict:
     if method.modules_to_save is None and task.head_modules:
         method.modules_to_save = list(task.head_modules)
     data = task.datasets()
-    run = _start_logger(cfg, out) if _is_main() else None
+    run = _start_logger(cfg, out) if is_main() else None
     try:
         record = _run(cfg, task, method, data, out)
         if run is not None:
@@ -429,7 +255,7 @@ def train(cfg: Any) -> dict:
                 run.summary["pilora/dominant_fraction"] = record["pilora"]["dominant_fraction"]
             run.summary.update({f"params/{k}": v for k, v in record["params"].items()})
             record["wandb"] = {"id": run.id, "project": run.project, "dir": run.dir}
-        if _is_main():
+        if is_main():
             atomic_write_json(os.path.join(out, RECORD), record)
             log.info("record written: %s", os.path.join(out, RECORD))
         return record
@@ -473,11 +299,11 @@ def _run(cfg, task, method, data, out) -> dict:
     log.info("%s: training %s (%d trainable parameters, %.2f%%)", "PiLoRA stage 2" if masks is not None
              else method.name, task.name, params.trainable, 100 * params.share)
     trainer = _make_trainer(cfg, task, model, data, args)
-    resume = _resume_point(stage_dir, cfg.get("resume", True))
+    resume = resume_point(stage_dir, cfg.get("resume", True))
     if resume:
         log.info("resuming from %s", resume)
     t0 = time.time()
-    _fit(trainer, resume)
+    fit(trainer, resume)
     timings["stage2_s" if masks is not None else "train_s"] = time.time() - t0
     epochs = _epoch_history(trainer.state.log_history)
     t0 = time.time()
@@ -485,7 +311,7 @@ def _run(cfg, task, method, data, out) -> dict:
     timings["final_eval_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
-    if cfg.get("save_adapter", True) and _is_main():
+    if cfg.get("save_adapter", True) and is_main():
         adapter_dir = os.path.join(out, "adapter")
         save_adapter(model, adapter_dir) if masks is not None else model.save_pretrained(adapter_dir)
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -501,5 +327,5 @@ def _run(cfg, task, method, data, out) -> dict:
         "timing": timings, "steps": trainer.state.global_step,
         "peak_memory_mb": _peak_memory_mb(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "world_size": _world_size(),
+        "world_size": world_size(),
     }

@@ -238,3 +238,11 @@ def test_profile_breakdown_reports_per_operator_times_for_both_methods():
     assert "aten::mm" in per_op and set(per_op["aten::mm"]) == {"lora", "pilora"}
     text = st.format_breakdown(per_op)
     assert text.splitlines()[-1].startswith("total")
+
+
+def test_methods_option_keeps_the_baseline_and_rejects_unknown_names(capsys):
+    args = st.parse_args(["--methods", "pilora,lora_fused"])
+    assert args.methods == ("lora", "lora_fused", "pilora")  # the baseline always runs, in table order
+    with pytest.raises(SystemExit):
+        st.parse_args(["--methods", "pilora,qlora"])
+    assert "unknown ['qlora']" in capsys.readouterr().err

@@ -158,3 +158,31 @@ def test_checkpoint_cut_short_while_saving_falls_back(finished_job, caplog):
     assert (last / "trainer_state.json").exists()  # step 6 trained again from checkpoint-5 and saved
     assert resumed["metrics"]["final"]["eval_loss"] == pytest.approx(rec["metrics"]["final"]["eval_loss"], rel=1e-6)
     assert resumed["metrics"]["test"] == pytest.approx(rec["metrics"]["test"], rel=1e-6)
+
+
+def test_resume_errors_name_the_checkpoint_only_while_it_loads(finished_job, monkeypatch):
+    """Loading a checkpoint that does not fit gets the 'could not resume' error; an error raised once
+    training runs again is passed on unchanged, not blamed on the checkpoint."""
+    import shutil
+
+    import transformers
+
+    overrides, out, _ = finished_job
+    shutil.rmtree(out / "stage2" / "checkpoint-6")  # step 6 is left to train after resuming at 5
+
+    def bad_rng(self, checkpoint):
+        raise RuntimeError("rng state does not load")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.Trainer, "_load_rng_state", bad_rng)
+        with pytest.raises(RuntimeError, match=r"could not resume from checkpoint '.*checkpoint-5'.*rng state"):
+            train(compose_cfg(overrides, out))
+
+    def bad_step(self, *args, **kwargs):
+        raise RuntimeError("a step failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.Trainer, "training_step", bad_step)
+        with pytest.raises(RuntimeError, match="a step failed") as info:
+            train(compose_cfg(overrides, out))
+        assert "could not resume" not in str(info.value)

@@ -1,0 +1,110 @@
+"""Checkpoints of a stage: which one to resume from, whether its files load, and training from it
+with errors that say whether the checkpoint or the run is at fault."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from .callbacks import FirstStep
+from .distributed import is_main
+
+log = logging.getLogger("pilora")
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint whose files are all present but one of them cannot be read."""
+
+
+def checkpoints(stage_dir: str) -> list[str]:
+    """The ``checkpoint-<step>`` folders of a stage, newest first."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    for name in os.listdir(stage_dir):
+        head, _, step = name.rpartition("-")
+        if head == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(stage_dir, name)):
+            found.append((int(step), os.path.join(stage_dir, name)))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_finished(ckpt: str, required: tuple[str, ...]) -> bool:
+    """Trainer writes ``trainer_state.json`` last (then our callbacks add ``required``): a checkpoint
+    without a readable one was cut short while being saved."""
+    try:
+        with open(os.path.join(ckpt, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(os.path.exists(os.path.join(ckpt, r)) for r in required)
+
+
+def verify_checkpoint(ckpt: str) -> None:
+    """Open every weight / optimizer / RNG file of a checkpoint; raise :class:`CorruptCheckpoint`
+    naming the first one that does not load (truncated, overwritten, zero bytes ...)."""
+    import zipfile
+
+    for name in sorted(os.listdir(ckpt)):
+        path = os.path.join(ckpt, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)  # header offsets are checked against the file size
+            elif name.endswith((".pt", ".pth", ".bin")):
+                with zipfile.ZipFile(path) as z:  # torch.save's format; CRC-checks every record
+                    bad = z.testzip()
+                if bad is not None:
+                    raise ValueError(f"record {bad!r} fails its CRC check")
+            elif name.endswith(".json"):
+                with open(path) as f:
+                    json.load(f)
+        except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
+            raise CorruptCheckpoint(
+                f"checkpoint {ckpt!r} is corrupted: {name} cannot be read ({type(err).__name__}: {err}). "
+                f"Delete {ckpt!r} to resume from the previous checkpoint (or the whole stage folder to "
+                "restart the stage).") from err
+
+
+def resume_point(stage_dir: str, enabled: bool, required: tuple[str, ...] = ()) -> str | None:
+    """The newest checkpoint of ``stage_dir`` to resume from, or None to start the stage.
+
+    A newest checkpoint whose save was cut short (the job was killed while saving) is removed and
+    the one before it is used; a checkpoint whose save finished but whose files do not load
+    raises :class:`CorruptCheckpoint` naming the file.
+    """
+    import shutil
+
+    if not enabled or not os.path.isdir(stage_dir):
+        return None
+    for ckpt in checkpoints(stage_dir):
+        if not save_finished(ckpt, required):
+            log.warning("checkpoint %s was cut short while being saved; %s", ckpt,
+                        "removing it" if is_main() else "ignoring it")
+            if is_main():
+                shutil.rmtree(ckpt, ignore_errors=True)
+            continue
+        verify_checkpoint(ckpt)
+        return ckpt
+    return None
+
+
+def fit(trainer, resume: str | None) -> None:
+    """``trainer.train``, resuming from ``resume``; a failure while that checkpoint loads is named as such."""
+    marker = FirstStep()
+    trainer.add_callback(marker)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except (RuntimeError, ValueError, OSError, KeyError) as err:
+        if resume and not marker.started:  # errors once training runs are the run's own, not the checkpoint's
+            raise RuntimeError(f"could not resume from checkpoint {resume!r} ({type(err).__name__}: {err}); "
+                               "it does not fit this run (changed config?) or is damaged: delete it to resume "
+                               "from the previous one") from err
+        raise
+    finally:
+        trainer.remove_callback(marker)
