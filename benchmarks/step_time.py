@@ -1,6 +1,7 @@
 """Training-step time and peak memory of PiLoRA, LoRA and DoRA; stage-1 overhead; merged inference.
 
     python -m benchmarks.step_time [--quick] [--repeats N] [--out FILE.json] [--device cpu|cuda]
+                                   [--workloads W,...] [--methods M,...] [--profile WORKLOAD]
 
 Everything runs in one process. Per workload, every method gets its own model and AdamW
 optimizer, and the methods are timed *interleaved*: each repeat times one sample of every method,
@@ -21,7 +22,9 @@ Workloads
       q, k, v, up, down, causal-LM loss on a batch of random token ids.
 
 Methods (rank 32, α = 2r, dropout 0.05 as in ``conf/method``)
-    lora, pilora (r=32, r'=2, a random 40 % dominant mask per layer), dora (PEFT ``use_dora``),
+    lora (stock PEFT, the baseline), lora_fused (LoRA with PiLoRA's one-``addmm`` forward,
+    ``fused_forward=True``: the like-for-like reference), pilora (r=32, r'=2, a random 40 %
+    dominant mask per layer), dora (PEFT ``use_dora``),
     stage1_k10 / stage1_k1 (the stage-1 LoRA with ``ImportanceAccumulator(interval=K)`` attached
     to the optimizer; timed directly where a sample spans a multiple of K steps), and
     importance_check (one ``ImportanceAccumulator.update()`` on its own): the stage-1 overhead at
