@@ -70,7 +70,9 @@ def test_forward_matches_eq10_and_merge_unmerge_unload_agree():
     model.unmerge_adapter()
     assert torch.allclose(layer.get_base_layer().weight, W0, atol=1e-6)  # unmerge restores W0
     assert torch.allclose(model(X), out, atol=1e-5)
-    merged = model.merge_and_unload()
+    safe = copy.deepcopy(model).merge_and_unload(safe_merge=True)  # FusedLoraForward.merge_safe
+    assert torch.allclose(safe(X), out, atol=1e-5)
+    merged = model.merge_and_unload()                                # FusedLoraForward.merge_unsafe
     assert not any(isinstance(m, RowPartitionedB) for m in merged.modules())
     assert torch.allclose(merged(X), out, atol=1e-5)
 
