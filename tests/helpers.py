@@ -79,3 +79,13 @@ def write_images(d, n=24, seed=0):
     return ["task=vision/eurosat", "model=tiny-clip", "task.dataset.path=imagefolder", "task.dataset.name=null",
             f"task.dataset.data_dir={d}", "task.num_labels=2", "task.holdout_fraction=0.25",
             "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=6"]
+
+
+def table_rows(text, model, method_prefix):
+    """Cells of the Markdown table rows of ``model`` whose method starts with ``method_prefix``."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) > 3 and cells[0] == model and cells[1].startswith(method_prefix):
+            rows.append(cells)
+    return rows

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import FAST, compose_cfg
+from helpers import FAST, compose_cfg, table_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = FAST + ["trainer.save_strategy=no", "save_adapter=false"]
@@ -122,15 +122,6 @@ def _cell(values, d=2):
     if len(values) == 1:
         return f"{values[0]:.{d}f} (n=1)"  # one seed: the count, no spread
     return f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values):.{d}f} (n={len(values)})"
-
-
-def _md_rows(text, model, method_prefix):
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if len(cells) > 3 and cells[0] == model and cells[1].startswith(method_prefix):
-            rows.append(cells)
-    return rows
 
 
 # ----------------------------------------------------------------------------- records
@@ -255,7 +246,7 @@ def test_table3_cells_are_the_records_mean_and_std(tree):
     from analysis.tables import render
 
     text = render(load_records(tree, quiet=True), ["3"])
-    (lora,) = _md_rows(text, "tiny-clip", "LoRA")
+    (lora,) = table_rows(text, "tiny-clip", "LoRA")
     header = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| Model")).strip("|").split(" | ")]
     col = {name: i for i, name in enumerate(header)}
     vals = [r["metrics"]["test"]["test_accuracy"] for r in _pick(tree, "vision", task="eurosat", method="lora")]
@@ -265,7 +256,7 @@ def test_table3_cells_are_the_records_mean_and_std(tree):
     shares = [100 * r["params"]["adapter_share"] for r in _pick(tree, "vision", method="lora")]
     assert lora[col["# Params (%)"]] == f"{statistics.mean(shares):.2f} / —"
     # PiLoRA: one row per configuration, never averaged together
-    pil = _md_rows(text, "tiny-clip", "PiLoRA")
+    pil = table_rows(text, "tiny-clip", "PiLoRA")
     assert len(pil) == 5 and len({r[1] for r in pil}) == 5
     main = next(r for r in pil if "r'=1" in r[1] and "r=8" in r[1] and "hit_frequency" in r[1])
     main_vals = [r["metrics"]["test"]["test_accuracy"] for r in _pick(tree, "vision", task="eurosat", method="pilora")]
@@ -277,9 +268,9 @@ def test_table3_cells_are_the_records_mean_and_std(tree):
     assert r0[col["EuroSAT"]] == f"{_cell([r0_val])} / —"
     assert sum("threshold=" in r[1] for r in pil) == 2 and any("r=4" in r[1] for r in pil)
     # the paper's rows, numbers as printed, with — for ours (its model is not in the tree)
-    paper = _md_rows(text, "CLIP ViT-B/32", "PiLoRA")[0]
+    paper = table_rows(text, "CLIP ViT-B/32", "PiLoRA")[0]
     assert paper[col["Cars"]] == "— / 55.38" and paper[col["Average"]] == "— / 81.86" and paper[2] == "— / 1.21"
-    assert _md_rows(text, "CLIP ViT-B/32", "Full FT †")[0][col["# Params (%)"]] == "— / 100"
+    assert table_rows(text, "CLIP ViT-B/32", "Full FT †")[0][col["# Params (%)"]] == "— / 100"
 
 
 def test_table2_best_or_final_epoch(tree):
@@ -292,7 +283,7 @@ def test_table2_best_or_final_epoch(tree):
     final = [r["metrics"]["final"]["eval_accuracy"] for r in recs]
     assert best != final  # the fixture makes them differ
     for which, vals in (("best", best), ("final", final)):
-        (row,) = _md_rows(render(df, ["2"], which=which), "tiny-roberta", "LoRA")
+        (row,) = table_rows(render(df, ["2"], which=which), "tiny-roberta", "LoRA")
         assert row[3] == f"{_cell(vals)} / —"
     t = build_table(df, "2")
     (row,) = [r for r in t.rows if r.model == "tiny-roberta"]

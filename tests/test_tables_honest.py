@@ -11,6 +11,7 @@ import pytest
 
 from analysis.records import load_records
 from analysis.tables import Stat, build_cost, build_table, clear_winner, render
+from helpers import table_rows
 
 H100 = "NVIDIA H100 80GB HBM3"
 PILORA = {"name": "pilora", "r": 8, "alpha": 16, "supplementary_r": 1,
@@ -75,12 +76,7 @@ def glue(tmp_path):
 
 
 def _rows(text, method_prefix, model="RoBERTa-large"):
-    out = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if len(cells) > 3 and cells[0] == model and cells[1].startswith(method_prefix):
-            out.append(cells)
-    return out
+    return table_rows(text, model, method_prefix)
 
 
 def _col(text, label):
