@@ -193,13 +193,12 @@ def prepare_model(model: nn.Module, cfg: MethodConfig | dict, *, masks: dict | N
     init = INITS[method.init]
     for layer in lora_layers(peft_model).values():
         init(layer, "default")
-    stage2 = method.two_stage and masks is not None and stage != 1
-    if stage2:
-        to_pilora(peft_model, masks, int(cfg.supplementary_r), cfg.supplementary_alpha)
-    fused = cfg.fused_forward if cfg.fused_forward is not None else stage2
-    for layer in lora_layers(peft_model).values():
-        if fused:
-            layer.lora_variant["default"] = FusedLoraForward()
-        elif isinstance(layer.lora_variant.get("default"), FusedLoraForward):
-            del layer.lora_variant["default"]  # PEFT's own forward, e.g. to time PiLoRA unfused
+    if method.two_stage and masks is not None and stage != 1:
+        to_pilora(peft_model, masks, int(cfg.supplementary_r), cfg.supplementary_alpha)  # fused by default
+    if cfg.fused_forward is not None:  # None keeps each layer's default: PiLoRA fused, PEFT's layers stock
+        for layer in lora_layers(peft_model).values():
+            if cfg.fused_forward:
+                layer.lora_variant["default"] = FusedLoraForward()
+            elif isinstance(layer.lora_variant.get("default"), FusedLoraForward):
+                del layer.lora_variant["default"]  # PEFT's own forward, e.g. to time PiLoRA unfused
     return peft_model
