@@ -458,6 +458,13 @@ def notes(table: Table, verbose: bool = False) -> list[str]:
              "adapter_share_of_backbone": "100 × adapter / backbone parameters"}.get(table.params_basis,
                                                                                       table.params_basis)
     lines.append(f"# Params (%): ours = {basis} from the records; paper as printed.")
+    lines += list(spec.get("notes") or [])
+    if table.which == "best" and "{which}" in json.dumps(spec["columns"]):
+        lines.append(f"Best epoch: chosen on {spec.get('best_epoch_on', 'the validation split')}"
+                     + (", the same data the columns report: an optimistic choice (--which final: the last "
+                        "epoch)." if spec.get("best_epoch_on_reported", False) else "."))
+    if any(r.row_id == "pilora" for r in table.rows):
+        lines.append(stage1_note(table))
     if spec.get("dagger_sources"):
         lines.append("† reported in " + "; ".join(spec["dagger_sources"]) + ", copied by the paper"
                      + (" (per-row source: analysis/paper_numbers.json)." if len(spec["dagger_sources"]) > 1 else "."))
@@ -476,6 +483,28 @@ def notes(table: Table, verbose: bool = False) -> list[str]:
                 lines.append(f"  {r.model} / {r.method}: {t} config {ck} seeds {seeds}: "
                              + ", ".join(os.path.dirname(p) for p in paths))
     return lines
+
+
+def _stage1_length(config: dict) -> str:
+    """How long a record's stage 1 was, from its flattened config."""
+    if config.get("method.importance_from"):
+        return "reused from another run"
+    steps = config.get("method.stage1.max_steps")
+    if steps is not None and int(steps) > 0:
+        return f"{int(steps)} steps"
+    epochs = config.get("method.stage1.epochs", 1)
+    return f"{epochs:g} epoch" + ("" if float(epochs) == 1 else "s")
+
+
+def stage1_note(table: Table) -> str:
+    """PiLoRA's extra training, said in the accuracy table and not only in the cost table."""
+    seen = sorted({_stage1_length(c) for r in table.rows if r.row_id in ("pilora", "lora_matched")
+                   and r.records is not None for c in r.records["config"]})
+    ours = f" (our records: {', '.join(seen)})" if seen else ""
+    return ("Training length: PiLoRA first trains a plain LoRA for its stage 1 (the paper: 1 epoch), "
+            "discards it and then trains the rows' epochs; the other rows train the epochs alone. "
+            f"LoRA (budget-matched) runs the same stage 1 unless it reused PiLoRA's{ours}. "
+            "The cost table counts it.")
 
 
 def to_markdown(table: Table, verbose: bool = False) -> str:

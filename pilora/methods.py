@@ -31,6 +31,7 @@ class MethodConfig:
     supplementary_alpha: float | None = None  # None: both groups share s = α/r
     stage1_r: int | None = None             # rank of the stage-1 LoRA (default: r)
     importance_interval: int = 10           # K: optimizer steps between importance checks
+    importance_checks: int | None = None    # N: set K from stage 1's length so that T ≈ N checks run
     chunk_rows: int = 1024                  # rows of G̃ formed at once (memory bound)
     partition: str = "hit_frequency"        # key of pilora.partition.PARTITIONS
     partition_args: dict = field(default_factory=lambda: {"tau": 0.5})
@@ -57,6 +58,9 @@ class MethodConfig:
                     v = float(self.partition_args[key])
                     if not 0 < v <= 1:
                         raise ValueError(f"partition {key} must lie in (0, 1], got {v}")
+        if self.importance_checks is not None and int(self.importance_checks) < 1:
+            raise ValueError(f"method.importance_checks must be a positive number of checks, got "
+                             f"{self.importance_checks} (null keeps K = method.importance_interval)")
         if not 0 <= float(self.dropout) < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.fused_forward and METHODS[self.name].lora_kwargs.get("use_dora"):
@@ -92,6 +96,9 @@ class Method:
     lora_kwargs: dict[str, Any]
     init: str = "default"
     two_stage: bool = False
+    # the init moves part of W0 into the adapter (W0 -> W_res): a saved adapter must be converted
+    # against the initial one to load onto the pretrained model (pilora.adapters)
+    mutates_base: bool = False
 
 
 def register_method(name: str, method: Method) -> None:
@@ -133,8 +140,8 @@ def milora_init(layer, adapter):
 register_method("lora", Method({}))
 register_method("rslora", Method({"use_rslora": True}))
 register_method("dora", Method({"use_dora": True}))
-register_method("pissa", Method({}, init="pissa"))
-register_method("milora", Method({}, init="milora"))
+register_method("pissa", Method({}, init="pissa", mutates_base=True))
+register_method("milora", Method({}, init="milora", mutates_base=True))
 register_method("pilora", Method({}, two_stage=True))
 
 

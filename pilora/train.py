@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapter
 from .budget import matched_rank_pattern
 from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, NanLossGuard
 from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
@@ -41,6 +42,7 @@ from .tasks import make_task
 
 log = logging.getLogger("pilora")
 IMPORTANCE_FILE = "importance.pt"
+MIN_CHECKS = 10  # fewer importance checks than this make hit counts coarse (T = 4 gives H/T in fifths)
 # TrainingArguments we set ourselves; a user value for them would be silently ignored
 _OWNED = {"output_dir", "report_to", "remove_unused_columns", "logging_nan_inf_filter", "seed"}
 
@@ -195,14 +197,78 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> t
     log.info("PiLoRA stage 1: importance accumulation (K=%d)%s", method.importance_interval,
              f", resuming {resume}" if resume else "")
     trainer = _make_trainer(cfg, task, model, data, args, [ImportanceCallback(acc)], evaluate=False)
+    if method.importance_checks:
+        acc.interval = acc.stats.meta["interval"] = interval_for_checks(trainer, int(method.importance_checks))
+        log.info("PiLoRA stage 1: K=%d for %d checks", acc.interval, method.importance_checks)
+    _warn_if_in_warmup(trainer)
     fit(trainer, resume)
     stats = acc.finalize()
+    _warn_if_few_checks(stats)
     stats.meta["steps"] = trainer.state.global_step
     stats.meta["world_size"] = world_size()
     if is_main():
         stats.save(path)
     del trainer, model
     return stats, path
+
+
+def stage1_steps(trainer) -> int:
+    """Optimizer steps the Trainer will run: ``max_steps``, else epochs × updates per epoch."""
+    import math
+
+    args = trainer.args
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    batches = len(trainer.get_train_dataloader())
+    return max(1, math.ceil(args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)))
+
+
+def interval_for_checks(trainer, checks: int) -> int:
+    """``K`` such that about ``checks`` importance checks fall into stage 1: checks run at optimizer
+    steps 0, K, 2K, ..., so ``T = ceil(steps / K)``, and ``K = steps // checks`` gives ``T ≥ checks``."""
+    steps = stage1_steps(trainer)
+    if checks > steps:
+        log.warning("method.importance_checks=%d exceeds stage 1's %d optimizer steps; checking every step "
+                    "(T = %d)", checks, steps, steps)
+    return max(1, steps // checks)
+
+
+def _warn_if_in_warmup(trainer) -> None:
+    """On small tasks stage 1 is shorter than the LR warm-up (RTE: 39 steps per epoch at batch 64,
+    warm-up 100), so the importance statistics come from gradients at a fraction of the peak LR."""
+    steps, warmup = stage1_steps(trainer), trainer.args.get_warmup_steps(stage1_steps(trainer))
+    if warmup >= steps:
+        log.warning("PiLoRA stage 1 (%d optimizer steps) lies entirely inside the LR warm-up (%d steps): "
+                    "the importance statistics come from a rising learning rate", steps, warmup)
+
+
+def _warn_if_few_checks(stats: ImportanceStats) -> None:
+    few = {k: s.checks for k, s in stats.modules.items() if s.checks < MIN_CHECKS}
+    if few:
+        t = min(few.values())
+        log.warning("the partition rests on T = %d importance check(s) (fewer than %d) in %d module(s): hit "
+                    "counts are coarse. Set method.importance_checks=%d (or a smaller method.importance_interval)",
+                    t, MIN_CHECKS, len(few), MIN_CHECKS)
+
+
+def _selection(trainer) -> dict:
+    """Which model the reported metrics come from, and the validation value a sweeper may tune on."""
+    args, state = trainer.args, trainer.state
+    if args.load_best_model_at_end:
+        return {"rule": "best_checkpoint", "metric": args.metric_for_best_model, "split": "validation",
+                "greater_is_better": args.greater_is_better, "checkpoint": state.best_model_checkpoint,
+                "value": state.best_metric}
+    return {"rule": "last", "metric": None, "split": None, "checkpoint": None, "value": None}
+
+
+def objective(record: dict) -> float:
+    """The validation value of the reported model, for Hydra sweepers (never a test metric):
+    the selected checkpoint's value, else the last evaluation's ``eval_<metric>``."""
+    sel = (record.get("evaluation") or {}).get("selection") or {}
+    if sel.get("value") is not None and str(sel.get("metric", "")).removeprefix("eval_") == record["metric"]:
+        return float(sel["value"])
+    final = record["metrics"]["final"] or {}
+    return float(final.get(f"eval_{record['metric']}", float("nan")))
 
 
 def _epoch_history(log_history: list[dict]) -> list[dict]:
@@ -293,6 +359,8 @@ def _run(cfg, task, method, data, out) -> dict:
     # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
     torch.manual_seed(int(cfg["seed"]))
     model = prepare_model(task.build_model(), method, masks=masks, task_type=task.task_type)
+    if METHODS[method.name].mutates_base and is_main():  # PiSSA / MiLoRA: kept to save a loadable adapter
+        save_initial_adapter(model, os.path.join(out, INITIAL_ADAPTER_DIR))
     params = count_parameters(model)
     stage_dir = os.path.join(out, "stage2" if masks is not None else "train")
     args = _training_args(cfg, task, stage_dir)
@@ -313,7 +381,7 @@ def _run(cfg, task, method, data, out) -> dict:
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
     if cfg.get("save_adapter", True) and is_main():
         adapter_dir = os.path.join(out, "adapter")
-        save_adapter(model, adapter_dir) if masks is not None else model.save_pretrained(adapter_dir)
+        save_adapter(model, adapter_dir) if masks is not None else save_peft_adapter(model, adapter_dir)
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "schema": SCHEMA, "status": "complete",
@@ -322,6 +390,7 @@ def _run(cfg, task, method, data, out) -> dict:
         "config": cfg, "git": git_revision(),
         "epochs": epochs, "train_loss": train_losses,
         "metrics": {"final": final, "best": best, "test": test},
+        "evaluation": {**task.protocol(), "selection": _selection(trainer)},
         "params": params.to_dict(),
         "pilora": pilora_info, "budget_match": budget,
         "timing": timings, "steps": trainer.state.global_step,

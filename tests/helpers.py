@@ -60,8 +60,8 @@ def write_commonsense(d, n_train=60, n_test=8, seed=0):
         os.makedirs(os.path.join(d, "dataset", name), exist_ok=True)
         json.dump(rows[:n_test], open(os.path.join(d, "dataset", name, "test.json"), "w"))
     return ["task=commonsense/commonsense170k", "model=tiny-llama", f"task.dataset.root={d}",
-            "task.val_set_size=8", "task.cutoff_len=48", "trainer.bf16=false", "task.max_new_tokens=8",
-            "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=8",
+            "task.val_set_size=8", "task.cutoff_len=48", "trainer.bf16=false", "task.generation.max_new_tokens=8",
+            "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=8", "trainer.eval_strategy=epoch",
             "~task.eval_sets.social_i_qa", "~task.eval_sets.hellaswag", "~task.eval_sets.winogrande",
             "~task.eval_sets.ARC-Easy", "~task.eval_sets.ARC-Challenge", "~task.eval_sets.openbookqa"]
 

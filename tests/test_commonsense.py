@@ -70,18 +70,73 @@ def test_eval_sets_order_and_sizes():
 # --------------------------------------------------------------------------- prompts
 
 
-def test_format_prompt_exact_strings():
-    assert cs.format_prompt("Q?") == (
+def test_format_prompt_alpaca_strings():
+    assert cs.format_prompt("Q?", style="alpaca") == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nQ?\n\n### Response:\n"
     )
-    assert cs.format_prompt("Q?", "ctx", "the answer") == (
+    assert cs.format_prompt("Q?", "ctx", "the answer", style="alpaca") == (
         "Below is an instruction that describes a task, paired with an input that provides "
         "further context. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nQ?\n\n### Input:\nctx\n\n### Response:\nthe answer"
     )
     # LLM-Adapters files store "input": "" -> the no-input template.
-    assert cs.format_prompt("Q?", "", "x") == cs.format_prompt("Q?") + "x"
+    assert cs.format_prompt("Q?", "", "x", style="alpaca") == cs.format_prompt("Q?", style="alpaca") + "x"
+
+
+# The reference scripts' templates, written here the way their sources write them: f-strings
+# indented inside a function body (finetune.py's first line even carries "  # noqa: E501").
+def _reference_train_prompt(instruction, input, output):
+    if input:
+        return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.  # noqa: E501
+
+                ### Instruction:
+                {instruction}
+                
+                ### Input:
+                {input}
+                
+                ### Response:
+                {output}"""  # noqa: E501, W293
+    return f"""Below is an instruction that describes a task. Write a response that appropriately completes the request.  # noqa: E501
+
+                ### Instruction:
+                {instruction}
+                
+                ### Response:
+                {output}"""  # noqa: E501, W293
+
+
+def _reference_eval_prompt(instruction, input=None):
+    if input:
+        return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+                ### Instruction:
+                {instruction}
+
+                ### Input:
+                {input}
+
+                ### Response:
+                """  # noqa: E501
+    return f"""Below is an instruction that describes a task. Write a response that appropriately completes the request. 
+
+                ### Instruction:
+                {instruction}
+
+                ### Response:
+                """  # noqa: E501, W291
+
+
+def test_default_prompts_are_the_reference_scripts():
+    assert cs.format_prompt("Q?") == _reference_eval_prompt("Q?")
+    assert cs.format_prompt("Q?", "ctx") == _reference_eval_prompt("Q?", "ctx")
+    assert cs.format_prompt("Q?", "", "the answer") == _reference_train_prompt("Q?", "", "the answer")
+    assert cs.format_prompt("Q?", "ctx", "the answer") == _reference_train_prompt("Q?", "ctx", "the answer")
+    # the reference evaluates with a prompt that differs from its training prompt
+    assert not cs.format_prompt("Q?", "", "x").startswith(cs.format_prompt("Q?"))
+    with pytest.raises(ValueError, match="alpaca"):
+        cs.format_prompt("Q?", style="chatml")
 
 
 # --------------------------------------------------------------------------- extraction
@@ -135,6 +190,36 @@ def test_extract_answer_uses_text_after_response_marker():
     # Only up to a second turn, like the reference split(...)[1].
     text = prompt + "hmm\n\n### Instruction:\nmore\n\n### Response:\ntrue"
     assert cs.extract_answer("boolq", text) is None
+
+
+def test_response_is_the_text_before_a_generated_marker():
+    """The reference decodes prompt + generation and keeps split("### Response:")[1]: a generation
+    "true ... ### Response: false" is scored "true" (scoring the text after the generated marker,
+    as decoding only the new tokens and then splitting does, gives "false")."""
+    prompt = cs.format_prompt("Is it true or false?")
+    generation = "the correct answer is true\n\n### Response:\nthe correct answer is false"
+    response = cs.response_text(prompt + generation, generation)
+    assert cs.extract_answer("boolq", response) == "true"
+    assert response == "the correct answer is true"
+    # a tokenizer that loses the marker when decoding (uncased): the same span from the new tokens
+    assert cs.response_text(prompt.lower() + generation.lower(), generation) == "the correct answer is true"
+    assert cs.response_text("no marker at all", "answer2 ### Response: answer1") == "answer2"
+
+
+def test_generation_defaults_are_the_reference_decoding(monkeypatch, tiny_llama, tokenizer):
+    seen = {}
+    real = tiny_llama.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(tiny_llama, "generate", spy)
+    cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:2], batch_size=2)
+    assert seen["num_beams"] == 4 and seen["max_new_tokens"] == 32 and seen["do_sample"] is False
+    assert "attention_mask" in seen and tokenizer.padding_side == "right"  # left only inside the call
+    cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:2], batch_size=2, num_beams=1, max_new_tokens=3)
+    assert seen["num_beams"] == 1 and seen["max_new_tokens"] == 3
 
 
 def test_extract_answer_aliases_and_unknown():
@@ -197,7 +282,7 @@ def test_tokenize_masks_prompt_when_not_training_on_inputs(tokenizer):
     assert labels[:n_masked] == [-100] * n_masked  # masked part is a prefix
     assert labels[n_masked:] == ids[n_masked:]
     # The masked prefix is the prompt (BERT's closing [SEP] is not part of it) ...
-    prompt_ids = tokenizer(cs.format_prompt(EXAMPLE["instruction"]))["input_ids"]
+    prompt_ids = tokenizer(cs.format_prompt(EXAMPLE["instruction"], "", ""))["input_ids"]  # finetune.py: output ""
     assert n_masked == len(prompt_ids) - 1
     # ... and what is trained on is exactly the response plus the closing tokens.
     trained = tokenizer.decode(labels[n_masked:], skip_special_tokens=True)

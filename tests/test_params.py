@@ -15,7 +15,7 @@ def test_design_table_lora_counts_on_meta_device(setting, count, share):
 
 
 def test_roberta_large_both_conventions():
-    c = meta_count("RoBERTa-large")
+    c = meta_count("RoBERTa-large", r=32)
     assert c.adapter == 14_155_776
     assert round(100 * c.adapter_share_of_backbone, 2) == 4.00   # GOAT: of the 354.3 M backbone
     assert round(100 * c.adapter_share, 2) == 3.83               # PEFT-style, head included
@@ -28,3 +28,21 @@ def test_pilora_top_half_share():
     per_layer = (3 * (34 * 4096 + 2048 * 34) + (34 * 4096 + 5504 * 34) + (34 * 11008 + 2048 * 34))
     assert c.adapter == 32 * per_layer
     assert round(100 * c.adapter_share, 2) == 0.66
+
+
+def test_glue_parameter_column_counts_what_tab6_trains():
+    """Tab. 6 trains r = 8: LoRA is 1.00 % of the backbone, not the printed 4.00 %, and PiLoRA at
+    r = 8, r' = 1 stays far below its printed 3.26 % even with every row dominant."""
+    from pilora.params import GLUE_PARAMS_NOTE, table_rows
+
+    lora = meta_count("RoBERTa-large")                       # the setting's default rank is Tab. 6's
+    # per block: q, k, v, attention.output.dense (1024 → 1024), intermediate (1024 → 4096), output (4096 → 1024)
+    assert lora.adapter == 24 * 8 * (4 * 2048 + 2 * 5120)
+    assert round(100 * lora.adapter_share_of_backbone, 2) == 1.00
+    full = meta_count("RoBERTa-large", "pilora", r=8, supplementary_r=1, dominant_fraction=1.0)
+    assert full.adapter == 24 * (4 * (9 * 1024 + 1024 * 8) + (9 * 1024 + 4096 * 8) + (9 * 4096 + 1024 * 8))
+    assert 100 * full.adapter_share_of_backbone < 1.1 < 3.26
+    rows = {(r["setting"], r["method"]): r for r in table_rows(())}
+    assert rows[("RoBERTa-large", "LoRA r=8")]["paper_%"] == 4.00
+    assert rows[("RoBERTa-large", "LoRA r=8")]["adapter"] == lora.adapter
+    assert "r = 32" in GLUE_PARAMS_NOTE and "3.26" in GLUE_PARAMS_NOTE

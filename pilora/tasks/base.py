@@ -79,6 +79,11 @@ class Task:
         out = trainer.predict(data["test"], metric_key_prefix="test")
         return {k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
 
+    def protocol(self) -> dict:
+        """How this task's numbers are produced, for the record (``results.json["evaluation"]``):
+        which split is reported, what picks the model, and the reference it follows."""
+        return {"reported_split": "test" if self.cfg.get("splits", {}).get("test") else "validation"}
+
     @property
     def head_modules(self) -> list[str] | None:
         return self.model_cfg.get("head_modules")

@@ -14,13 +14,20 @@ protocol:
 * :func:`evaluate_with_lm_eval` - the *different* log-likelihood protocol of
   lm-evaluation-harness, kept only as a sanity check.
 
-Differences from the reference scripts, on purpose:
+What follows the reference scripts exactly (``finetune.py`` and ``commonsense_evaluate.py``
+of LLM-Adapters, also used by DoRA):
 
-* generation uses left padding with attention masks, so batch size does not
-  change the answers (the reference pads on the right, which corrupts the
-  continuation of every prompt shorter than the longest in its batch);
-* decoding is greedy by default (the reference uses 4-beam search); pass
-  ``num_beams=4`` through ``generate_kwargs`` to match it.
+* the prompts, whitespace quirks included (:data:`PROMPT_STYLES` ``"llm_adapters"``: training
+  and evaluation use two slightly different strings there, and so do we); ``"alpaca"`` is the
+  clean Alpaca template, for other uses;
+* decoding: 4-beam search, at most 32 new tokens, no sampling (:data:`REFERENCE_GENERATION`);
+* answer extraction: the *whole* sequence (prompt + generation) is decoded, the text between the
+  first and the second ``### Response:`` is kept, and the first answer-shaped match in it wins
+  (:func:`response_text`, :func:`extract_answer`).
+
+One difference, on purpose: generation uses left padding *with attention masks*, so batch size
+does not change the answers (the reference passes no attention mask, so pad tokens leak into
+the continuation of every prompt shorter than the longest in its batch).
 
 Heavy libraries (torch, datasets, lm_eval) are imported inside the functions
 that need them so that importing this module, e.g. for the constants, is cheap.
@@ -38,7 +45,10 @@ __all__ = [
     "ANSWER_PATTERNS",
     "LM_EVAL_TASKS",
     "LM_EVAL_PROTOCOL",
+    "PROMPT_STYLES",
+    "REFERENCE_GENERATION",
     "format_prompt",
+    "response_text",
     "tokenize_for_training",
     "extract_answer",
     "generate_answers",
@@ -105,16 +115,53 @@ LM_EVAL_PROTOCOL = "lm-eval log-likelihood (not comparable with the paper's gene
 
 _RESPONSE_MARKER = "### Response:"
 
-_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+# Prompt templates: (training with input, training without, evaluation with input, without).
+# "llm_adapters" copies the strings of the reference scripts character for character: their
+# f-strings are indented inside the function body, so every line after the first starts with 16
+# spaces, finetune.py's first line even carries a stray "  # noqa: E501", and the evaluation
+# strings differ from the training ones. Models trained by the reference saw exactly these.
+_INDENT = " " * 16
+PROMPT_STYLES: dict[str, tuple[str, str, str, str]] = {
+    "llm_adapters": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.  # noqa: E501\n\n"
+        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
+        f"{_INDENT}### Input:\n{_INDENT}{{input}}\n{_INDENT}\n"
+        f"{_INDENT}### Response:\n{_INDENT}{{output}}",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.  # noqa: E501\n\n"
+        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
+        f"{_INDENT}### Response:\n{_INDENT}{{output}}",
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n\n"
+        f"{_INDENT}### Input:\n{_INDENT}{{input}}\n\n"
+        f"{_INDENT}### Response:\n{_INDENT}",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request. \n\n"
+        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n\n"
+        f"{_INDENT}### Response:\n{_INDENT}",
+    ),
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n{output}",
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+}
+DEFAULT_PROMPT_STYLE = "llm_adapters"
+
+# commonsense_evaluate.py: GenerationConfig(num_beams=4, temperature=0.1, top_p=0.75, top_k=40)
+# with sampling off (so the last three have no effect) and max_new_tokens=32.
+REFERENCE_GENERATION: dict[str, Any] = {"num_beams": 4, "max_new_tokens": 32, "do_sample": False}
 
 _DOWNLOAD_HINT = (
     "Get the files from the LLM-Adapters repository "
@@ -140,26 +187,29 @@ def _canonical_dataset(dataset: str) -> str:
 # --------------------------------------------------------------------------- prompts
 
 
-def format_prompt(instruction: str, input: str | None = None, output: str | None = None) -> str:
-    """Render an Alpaca-style prompt as used by LLM-Adapters.
+def format_prompt(instruction: str, input: str | None = None, output: str | None = None,
+                  style: str = DEFAULT_PROMPT_STYLE) -> str:
+    """Render a prompt as the reference scripts do.
 
     Args:
         instruction: the task text (question plus answer options).
         input: optional extra context; an empty string counts as absent,
             because the LLM-Adapters json files store ``"input": ""``.
-        output: when given, appended right after ``### Response:\\n`` (the
-            training target); leave ``None`` for an evaluation prompt.
+        output: when given, the training prompt with the target appended
+            (``finetune.py``); ``None`` gives the evaluation prompt
+            (``commonsense_evaluate.py``), which ends right after ``### Response:``.
+        style: a key of :data:`PROMPT_STYLES`.
 
     Returns:
         The prompt string.
     """
-    if input:
-        prompt = _PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    else:
-        prompt = _PROMPT_NO_INPUT.format(instruction=instruction)
-    if output is not None:
-        prompt += output
-    return prompt
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {sorted(PROMPT_STYLES)} "
+                         "(task.prompt_style)")
+    train_in, train_plain, eval_in, eval_plain = PROMPT_STYLES[style]
+    if output is None:
+        return (eval_in if input else eval_plain).format(instruction=instruction, input=input)
+    return (train_in if input else train_plain).format(instruction=instruction, input=input, output=output)
 
 
 def _tokenize(text: str, tokenizer: Any, cutoff_len: int, add_eos_token: bool) -> dict[str, list[int]]:
@@ -187,6 +237,7 @@ def tokenize_for_training(
     cutoff_len: int = 256,
     train_on_inputs: bool = True,
     add_eos_token: bool = True,
+    style: str = DEFAULT_PROMPT_STYLE,
 ) -> dict[str, list[int]]:
     """Tokenize one training example the way LLM-Adapters' ``finetune.py`` does.
 
@@ -203,6 +254,7 @@ def tokenize_for_training(
             the prompt tokens are masked with -100 so the loss only covers the
             response (and EOS).
         add_eos_token: append EOS as described above.
+        style: prompt template, a key of :data:`PROMPT_STYLES`.
 
     Returns:
         ``{"input_ids", "attention_mask", "labels"}`` as lists of ints.
@@ -212,14 +264,15 @@ def tokenize_for_training(
     missing = [k for k in ("instruction", "output") if k not in example]
     if missing:
         raise KeyError(f"training example lacks {missing}; it has {sorted(example)}")
-    full = format_prompt(example["instruction"], example.get("input"), example["output"])
+    full = format_prompt(example["instruction"], example.get("input"), example["output"], style)
     result = _tokenize(full, tokenizer, cutoff_len, add_eos_token)
     if train_on_inputs:
         result["labels"] = list(result["input_ids"])
         return result
 
+    # The prompt part is the training template with an empty output, as in finetune.py.
     prompt_ids = _tokenize(
-        format_prompt(example["instruction"], example.get("input")), tokenizer, cutoff_len, False
+        format_prompt(example["instruction"], example.get("input"), "", style), tokenizer, cutoff_len, False
     )["input_ids"]
     # The reference masks len(prompt_ids) tokens.  Using the common prefix
     # instead gives the same count for LLaMA-style tokenizers, and does not
@@ -266,34 +319,46 @@ def extract_answer(dataset: str, text: str | None) -> str | None:
     return match.group(0) if match else None
 
 
+def response_text(full_text: str, new_text: str) -> str:
+    """The response the reference scores: ``full_text.split("### Response:")[1].strip()``.
+
+    ``full_text`` is the decoded prompt + generation, so the kept text runs from the prompt's
+    marker up to a second ``### Response:`` the model may have generated: in a generation
+    ``"true ... ### Response: false"`` it is ``"true ..."``. A tokenizer that does not
+    reproduce the marker when decoding (e.g. an uncased one) falls back to the same span taken
+    from the decoded new tokens alone: everything before their first marker.
+    """
+    if _RESPONSE_MARKER in full_text:
+        return full_text.split(_RESPONSE_MARKER)[1].strip()
+    return new_text.split(_RESPONSE_MARKER)[0].strip()
+
+
 def generate_answers(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
     batch_size: int = 8,
-    max_new_tokens: int = 32,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Greedy-decode a continuation for each prompt, in batches.
+    """Decode a continuation for each prompt, in batches, and return the reference's responses.
 
-    Prompts are padded on the LEFT with an attention mask so that every
-    prompt's last token sits at the end of the batch and the new tokens of a
-    short prompt are not conditioned on pad tokens; the result therefore does
-    not depend on ``batch_size``.  The tokenizer's ``padding_side`` (and pad
-    token, which falls back to EOS when missing) is restored afterwards, and so
-    is the model's train/eval mode.
+    Decoding defaults to the reference's (:data:`REFERENCE_GENERATION`: 4 beams, 32 new
+    tokens, no sampling); ``generate_kwargs`` override it (e.g. ``num_beams=1`` for greedy).
+    Prompts are padded on the LEFT with an attention mask so that every prompt's last token
+    sits at the end of the batch and the new tokens of a short prompt are not conditioned on
+    pad tokens; the result therefore does not depend on ``batch_size``. The tokenizer's
+    ``padding_side`` (and pad token, which falls back to EOS when missing) is restored
+    afterwards, and so is the model's train/eval mode.
 
     Args:
         model: a causal LM with ``generate``.
         tokenizer: its tokenizer.
         prompts: prompt strings (e.g. from :func:`format_prompt`).
         batch_size: prompts per ``generate`` call.
-        max_new_tokens: generation budget per prompt.
-        **generate_kwargs: forwarded to ``model.generate`` (e.g. ``num_beams=4``
-            to match the reference's beam search).
+        **generate_kwargs: forwarded to ``model.generate`` over the reference's settings.
 
     Returns:
-        The decoded new tokens (special tokens skipped), one string per prompt.
+        One :func:`response_text` per prompt (special tokens skipped when decoding).
     """
     import torch
 
@@ -315,8 +380,7 @@ def generate_answers(
     except StopIteration:  # parameter-less wrapper; let generate place things
         device = None
 
-    kwargs = {"do_sample": False, "num_beams": 1, "pad_token_id": tokenizer.pad_token_id}
-    kwargs.update(generate_kwargs)
+    kwargs = {**REFERENCE_GENERATION, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
     outputs: list[str] = []
     try:
         tokenizer.padding_side = "left"
@@ -329,9 +393,10 @@ def generate_answers(
             if device is not None:
                 inputs = {k: v.to(device) for k, v in inputs.items()}
             with torch.inference_mode():
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+                generated = model.generate(**inputs, **kwargs)
+            full = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            new = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            outputs.extend(response_text(f, n) for f, n in zip(full, new))
     finally:
         tokenizer.padding_side = old_padding_side
         if borrowed_pad:
@@ -346,29 +411,29 @@ def evaluate_dataset(
     examples: Iterable[Mapping[str, Any]],
     dataset: str,
     batch_size: int = 8,
-    max_new_tokens: int = 32,
     return_predictions: bool = False,
+    style: str = DEFAULT_PROMPT_STYLE,
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
     """Generation-based accuracy on one commonsense test set.
 
-    Each example is rendered with :func:`format_prompt` (no output), answered
-    with :func:`generate_answers`, and scored by comparing
-    :func:`extract_answer` with the gold ``answer``; a generation without any
-    answer-shaped string counts as wrong.
+    Each example is rendered with :func:`format_prompt` (the evaluation prompt of ``style``),
+    answered with :func:`generate_answers`, and scored by comparing :func:`extract_answer` with
+    the gold ``answer``; a response without any answer-shaped string counts as wrong.
 
     Args:
         model, tokenizer: the model under test.
         examples: rows with ``instruction`` and ``answer`` (``input`` optional),
             e.g. from :func:`load_commonsense_split`.
         dataset: test-set name, selects the answer regex.
-        batch_size, max_new_tokens, **generate_kwargs: see :func:`generate_answers`.
+        batch_size, **generate_kwargs: see :func:`generate_answers`.
         return_predictions: also return the per-example ``predictions``
-            (extracted answers) and raw ``generations``.
+            (extracted answers) and the ``responses`` they came from.
+        style: prompt template, a key of :data:`PROMPT_STYLES`.
 
     Returns:
         ``{"accuracy", "correct", "total", "no_match"}`` (plus
-        ``predictions``/``generations`` when requested).
+        ``predictions``/``responses`` when requested).
     """
     name = _canonical_dataset(dataset)  # fail before spending time generating
     rows = [dict(ex) for ex in examples]
@@ -379,11 +444,9 @@ def evaluate_dataset(
         if missing:
             raise KeyError(f"example {i} of {name} lacks {missing}")
 
-    prompts = [format_prompt(r["instruction"], r.get("input")) for r in rows]
-    generations = generate_answers(
-        model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, **generate_kwargs
-    )
-    predictions = [extract_answer(name, g) for g in generations]
+    prompts = [format_prompt(r["instruction"], r.get("input"), style=style) for r in rows]
+    responses = generate_answers(model, tokenizer, prompts, batch_size=batch_size, **generate_kwargs)
+    predictions = [extract_answer(name, g) for g in responses]
     correct = sum(p is not None and p == str(r["answer"]).strip() for p, r in zip(predictions, rows))
     result: dict[str, Any] = {
         "accuracy": correct / len(rows),
@@ -393,7 +456,7 @@ def evaluate_dataset(
     }
     if return_predictions:
         result["predictions"] = predictions
-        result["generations"] = generations
+        result["responses"] = responses
     return result
 
 

@@ -22,13 +22,18 @@ class VisionTask(Task):
         n = int(self.cfg["num_labels"])
         if self.model_cfg.get("from_config"):
             spec = {k: val for k, val in self.model_cfg["from_config"].items() if k != "model_type"}
-            return v.CLIPImageClassifier.from_config(CLIPVisionConfig(**spec), n)
+            return v.CLIPImageClassifier.from_config(CLIPVisionConfig(**spec), n, pool=self.pool)
         check_model_path(self.model_cfg)
         try:
-            return v.CLIPImageClassifier.from_pretrained(self.model_cfg["path"], num_labels=n)
+            return v.CLIPImageClassifier.from_pretrained(self.model_cfg["path"], num_labels=n, pool=self.pool)
         except OSError as err:
             raise FileNotFoundError(f"could not load model {self.model_cfg['path']!r} ({err}); without network "
                                     "access, pre-download it and set model.path to the local directory") from err
+
+    @property
+    def pool(self) -> str:
+        """How the head pools the patch tokens (``model.pool``; GOAT's plain mean by default)."""
+        return self.model_cfg.get("pool") or "mean_patch"
 
     @property
     def head_modules(self):
@@ -66,3 +71,10 @@ class VisionTask(Task):
     def compute_metrics(self, eval_pred):
         logits, labels = eval_pred
         return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+    def protocol(self):
+        # GOAT (train_vit.py) trains a fixed schedule and selects no checkpoint; the per-epoch
+        # scores here come from the holdout carved out of train, the test split is scored once.
+        return {**super().protocol(), "best_epoch_on": "validation (holdout of the train split)",
+                "reference": "GOAT train_vit.py: a fixed schedule, no checkpoint selection; test on the final model",
+                "pool": self.pool}

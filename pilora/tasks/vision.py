@@ -68,13 +68,22 @@ class CLIPImageClassifier(torch.nn.Module):
         num_labels: number of classes.
     """
 
-    def __init__(self, clip: CLIPVisionModel, num_labels: int):
-        """Wrap an existing ``CLIPVisionModel`` and create a fresh head for ``num_labels``."""
+    def __init__(self, clip: CLIPVisionModel, num_labels: int, pool: str = "mean_patch"):
+        """Wrap an existing ``CLIPVisionModel`` and create a fresh head for ``num_labels``.
+
+        ``pool`` (a key of :data:`POOLING`): ``"mean_patch"`` averages the last hidden state's patch
+        tokens as they are, as GOAT's ``CLIPForImageClassification`` does; ``"mean_patch_postln"``
+        applies the backbone's ``post_layernorm`` to every patch token first.
+        """
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if pool not in POOLING:
+            raise ValueError(f"unknown pooling {pool!r} for the CLIP head; choose one of {sorted(POOLING)} "
+                             "(model.pool)")
         self.clip = clip
         self.num_labels = num_labels
+        self.pool = pool
         hidden = clip.config.hidden_size
         self.classifier = torch.nn.Linear(hidden, num_labels)
         self._init_head()
@@ -91,19 +100,20 @@ class CLIPImageClassifier(torch.nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str = DEFAULT_CLIP, num_labels: int = 2, **kw: Any
+        cls, path_or_hub_id: str = DEFAULT_CLIP, num_labels: int = 2, pool: str = "mean_patch", **kw: Any
     ) -> CLIPImageClassifier:
         """Load the vision tower with ``CLIPVisionModel.from_pretrained`` and add a new head.
 
         ``path_or_hub_id`` may be a full CLIP checkpoint (the text tower is ignored) or a
         vision-only one; ``kw`` goes to ``from_pretrained`` (e.g. ``dtype``, ``cache_dir``).
         """
-        return cls(CLIPVisionModel.from_pretrained(path_or_hub_id, **kw), num_labels)
+        return cls(CLIPVisionModel.from_pretrained(path_or_hub_id, **kw), num_labels, pool)
 
     @classmethod
-    def from_config(cls, vision_config: CLIPVisionConfig, num_labels: int) -> CLIPImageClassifier:
+    def from_config(cls, vision_config: CLIPVisionConfig, num_labels: int,
+                    pool: str = "mean_patch") -> CLIPImageClassifier:
         """Build a randomly initialised backbone from ``vision_config`` (tests, smoke runs)."""
-        return cls(CLIPVisionModel(vision_config), num_labels)
+        return cls(CLIPVisionModel(vision_config), num_labels, pool)
 
     @property
     def post_layernorm(self) -> torch.nn.LayerNorm:
@@ -112,11 +122,9 @@ class CLIPImageClassifier(torch.nn.Module):
         return inner.post_layernorm
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Mean over the patch tokens (CLS excluded) of the post-LayerNorm last hidden state."""
+        """Mean over the patch tokens (CLS excluded) of the last hidden state (see ``pool``)."""
         hidden = self.clip(pixel_values=pixel_values).last_hidden_state  # [B, 1 + P, D]
-        # CLIP only applies post_layernorm to the CLS token itself; applying it per token
-        # puts the patch tokens on the same scale before averaging.
-        return self.post_layernorm(hidden[:, 1:, :]).mean(dim=1)
+        return POOLING[self.pool](self, hidden[:, 1:, :])
 
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **_: Any
@@ -130,6 +138,16 @@ class CLIPImageClassifier(torch.nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.to(logits.device).long())
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+# Pooling of the patch tokens [B, P, D] -> [B, D] for the linear head.
+POOLING: dict[str, Callable[[CLIPImageClassifier, torch.Tensor], torch.Tensor]] = {
+    # GOAT (transformers' CLIPForImageClassification): the raw last hidden state, averaged
+    "mean_patch": lambda model, patches: patches.mean(dim=1),
+    # CLIP applies post_layernorm to the CLS token only; applying it per patch token first puts
+    # the tokens on one scale before averaging
+    "mean_patch_postln": lambda model, patches: model.post_layernorm(patches).mean(dim=1),
+}
 
 
 def zero_shot_head(

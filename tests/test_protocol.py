@@ -1,0 +1,237 @@
+"""The evaluation protocols: precision of the scored model, reloadable adapters, the CLIP head,
+checkpoint selection and what the record says about it (tiny models, nothing downloaded)."""
+
+import json
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import TinyMLP, train_steps
+from helpers import FAST, compose_cfg, glue_overrides, write_commonsense
+from pilora.importance import lora_layers
+from pilora.train import objective, train
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------- 1. evaluation precision
+
+def _bf16_llama_with_small_update(delta_std=1e-4):
+    """A bf16 LLaMA (W0 ~ N(0, 0.02)) with fp32 LoRA adapters whose update ΔW = s·B A has std
+    ``delta_std``: the size of an update early in fine-tuning."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
+    model = get_peft_model(base.to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                               target_modules=LLAMA_TARGETS))
+    for layer in lora_layers(model).values():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert A.dtype == torch.float32 and layer.get_base_layer().weight.dtype == torch.bfloat16
+        with torch.no_grad():
+            B.normal_()
+            delta = layer.scaling["default"] * B @ A
+            B.mul_(delta_std / delta.std())
+    return model.eval()
+
+
+def _predictions(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.argmax(-1)
+
+
+def test_bf16_merge_changes_predictions_and_the_default_evaluation_does_not():
+    from pilora.tasks.generation import EVAL_WEIGHTS
+
+    model = _bf16_llama_with_small_update(1e-4)
+    ids = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(1))
+    trained = _predictions(model, ids)                   # the model exactly as it was trained
+    with EVAL_WEIGHTS["unmerged"](None, model) as scored:   # the default evaluation
+        assert torch.equal(_predictions(scored, ids), trained)
+    layer = next(iter(lora_layers(model).values()))
+    w0 = layer.get_base_layer().weight.detach().float().clone()
+    delta = layer.get_delta_weight("default").detach().float()
+    model.merge_adapter()                                # what evaluation used to do
+    try:
+        merged = _predictions(model, ids)
+        kept = layer.get_base_layer().weight.detach().float() - w0
+    finally:
+        model.unmerge_adapter()
+    # bf16 keeps 8 significant bits: most of an update this small is rounded away ...
+    lost = ((kept - delta).norm() / delta.norm()).item()
+    assert lost > 0.2
+    # ... and the predictions change
+    assert (merged != trained).sum().item() > 0
+
+
+def test_merged_fp16_evaluation_reloads_the_saved_adapter(tmp_path):
+    """task.eval_weights=merged_fp16 scores a fresh fp16 model with the saved adapter merged, as the
+    reference evaluator does; the record says which weights were scored."""
+    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4",
+                                                             "trainer.num_train_epochs=1"]
+    ref = train(compose_cfg(over + ["task.eval_weights=merged_fp16"], tmp_path / "fp16"))
+    default = train(compose_cfg(over, tmp_path / "default"))
+    assert ref["evaluation"]["eval_weights"] == "merged_fp16"
+    assert default["evaluation"]["eval_weights"] == "unmerged"
+    assert default["evaluation"]["generation"] == {"num_beams": 4, "max_new_tokens": 8, "do_sample": False}
+    assert default["evaluation"]["prompt_style"] == "llm_adapters"
+    for rec in (ref, default):
+        assert 0 <= rec["metrics"]["test"]["test_avg_accuracy"] <= 1
+    # same training (same seed), scored two ways: the trained weights are the same
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "fp16" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "default" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_evaluation_keys_are_clear_errors(tmp_path):
+    from pilora.tasks import make_task
+
+    cfg = OmegaConf.to_container(compose_cfg(FAST + write_commonsense(str(tmp_path / "cs")), tmp_path / "o"),
+                                 resolve=True)
+    task_cfg, model_cfg = cfg["task"], cfg["model"]
+    for key, value, match in (("eval_weights", "merged_bf16", "merged_fp16"),
+                              ("prompt_style", "chatml", "llm_adapters"),
+                              ("generation", {"num_beam": 2}, "num_beams")):
+        task = make_task({**task_cfg, key: value}, model_cfg)
+        with pytest.raises(ValueError, match=match):
+            task.protocol()
+
+
+# ------------------------------------------------------- 5. PiSSA / MiLoRA adapters that reload
+
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_mutated_base_adapters_reload_onto_the_pretrained_model(tmp_path, method):
+    from peft import PeftModel
+
+    from pilora import MethodConfig, prepare_model
+    from pilora.adapters import save_initial_adapter, save_peft_adapter
+
+    cfg = MethodConfig(name=method, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"])
+    torch.manual_seed(0)                                 # the same pretrained TinyMLP in every build
+    model = prepare_model(TinyMLP(), cfg)
+    torch.manual_seed(0)
+    pretrained = TinyMLP()
+    model_w = model.get_base_model().up.base_layer.weight
+    assert not torch.allclose(model_w, pretrained.up.weight)  # the init moved W0 -> W_res
+    save_initial_adapter(model, str(tmp_path / "adapter_init"))
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    train_steps(model, x, y, steps=5, lr=5e-2)
+    with torch.no_grad():
+        trained = model(x)
+    save_peft_adapter(model, str(tmp_path / "adapter"))
+    torch.manual_seed(0)
+    reloaded = PeftModel.from_pretrained(TinyMLP(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), trained, atol=1e-5)
+    # saved as it used to be (PEFT's plain save), the adapter does not give the trained model back
+    model.save_pretrained(str(tmp_path / "plain"))
+    torch.manual_seed(0)
+    plain = PeftModel.from_pretrained(TinyMLP(), str(tmp_path / "plain")).eval()
+    with torch.no_grad():
+        assert (plain(x) - trained).abs().max() > 1e-3
+
+
+def test_runner_saves_pissa_adapters_that_reload(tmp_path):
+    from peft import PeftModel
+
+    from pilora.tasks import make_task
+
+    out = tmp_path / "run"
+    cfg = compose_cfg(FAST + glue_overrides(tmp_path / "data") + ["method=pissa", "trainer.max_steps=3"], out)
+    rec = train(cfg)
+    assert os.path.isdir(out / "adapter_init")
+    adapter_cfg = json.load(open(out / "adapter" / "adapter_config.json"))
+    assert adapter_cfg["r"] == 2 * rec["config"]["method"]["r"]  # ΔW = s·(B A − B₀ A₀): rank 2r
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    task = make_task(plain["task"], plain["model"])
+    model = PeftModel.from_pretrained(task.build_model(), str(out / "adapter")).eval()
+    data = task.datasets()["validation"]
+    batch = task.collator()([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    loss = nn.functional.cross_entropy(logits, batch["labels"]).item()
+    # the stock-PEFT reload onto the pretrained model is the trained model: same validation loss
+    assert loss == pytest.approx(rec["metrics"]["final"]["eval_loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------- 6. the CLIP head
+
+def test_clip_head_pools_like_goat():
+    """The default head is GOAT's CLIPForImageClassification: the mean of the last hidden state's
+    patch tokens, without post_layernorm."""
+    from transformers import CLIPConfig, CLIPForImageClassification, CLIPVisionConfig
+
+    from pilora.tasks.vision import CLIPImageClassifier
+
+    vcfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    goat = CLIPForImageClassification(CLIPConfig(vision_config=vcfg, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4), num_labels=5)).eval()
+    ours = CLIPImageClassifier.from_config(CLIPVisionConfig(**vcfg), 5).eval()
+    assert ours.pool == "mean_patch"
+    getattr(ours.clip, "vision_model", ours.clip).load_state_dict(goat.vision_model.state_dict())
+    ours.classifier.load_state_dict(goat.classifier.state_dict())
+    with torch.no_grad():
+        ours.post_layernorm.weight.mul_(3.0).add_(0.5)   # a LayerNorm that would change the pooled features
+        pixels = torch.randn(4, 3, 32, 32)
+        assert torch.allclose(ours(pixels).logits, goat(pixel_values=pixels).logits, atol=1e-5)
+        postln = CLIPImageClassifier(ours.clip, 5, pool="mean_patch_postln")
+        postln.classifier.load_state_dict(ours.classifier.state_dict())
+        assert not torch.allclose(postln(pixels).logits, ours(pixels).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="mean_patch"):
+        CLIPImageClassifier(ours.clip, 5, pool="cls")
+
+
+# --------------------------------------------------------------- 4. checkpoint selection, objective
+
+def test_commonsense_selects_the_best_checkpoint_on_validation_loss(tmp_path):
+    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4",
+                                                             "trainer.num_train_epochs=3"]
+    rec = train(compose_cfg(over, tmp_path / "run"))
+    sel = rec["evaluation"]["selection"]
+    assert sel["rule"] == "best_checkpoint" and sel["split"] == "validation" and sel["metric"] == "loss"
+    losses = [e["eval_loss"] for e in rec["epochs"]]
+    assert len(losses) == 3 and sel["value"] == pytest.approx(min(losses))
+    assert sel["checkpoint"].endswith(f"checkpoint-{rec['epochs'][losses.index(min(losses))]['step']}")
+    # a sweeper is handed the validation loss of the selected checkpoint, never a test accuracy
+    assert objective(rec) == pytest.approx(min(losses))
+    assert rec["evaluation"]["reported_split"] == "test"
+
+
+def test_glue_objective_is_a_validation_metric_and_the_record_says_what_picks_the_best_epoch(tmp_path):
+    rec = train(compose_cfg(FAST + glue_overrides(tmp_path / "data") + ["method=lora", "trainer.num_train_epochs=2"],
+                            tmp_path / "run"))
+    ev = rec["evaluation"]
+    assert ev["reported_split"] == "validation" and "optimistic" in ev["best_epoch_on"]
+    assert ev["selection"]["rule"] == "last"
+    assert objective(rec) == rec["metrics"]["final"]["eval_accuracy"]
+
+
+def test_objective_never_reads_test_metrics():
+    rec = {"metric": "accuracy", "evaluation": {"selection": {"rule": "last", "value": None}},
+           "metrics": {"final": {"eval_accuracy": 0.6}, "test": {"test_accuracy": 0.9}}}
+    assert objective(rec) == 0.6
+    rec["metrics"]["final"] = {}
+    assert objective(rec) != objective(rec)   # NaN: no validation metric, the sweeper sees a failure
+
+
+# ---------------------------------------------------------------------- 9. stage-1 evidence
+
+def test_importance_checks_sets_k_from_stage1_length(tmp_path, caplog):
+    base = FAST + glue_overrides(tmp_path / "data") + ["method=pilora", "trainer.max_steps=2",
+                                                        "method.stage1.max_steps=12"]
+    rec = train(compose_cfg(base + ["method.importance_checks=4"], tmp_path / "n4"))
+    assert set(rec["pilora"]["checks"].values()) == {4}      # K = 12 // 4 = 3: steps 0, 3, 6, 9
+    with caplog.at_level("WARNING", logger="pilora"):
+        few = train(compose_cfg(base + ["method.importance_interval=5"], tmp_path / "k5"))
+    assert set(few["pilora"]["checks"].values()) == {3}      # steps 0, 5, 10
+    assert "T = 3 importance check" in caplog.text and "method.importance_checks=10" in caplog.text
+    with pytest.raises(ValueError, match="importance_checks"):
+        train(compose_cfg(base + ["method.importance_checks=0"], tmp_path / "bad"))
