@@ -19,11 +19,10 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from pilora.train import train
+    from pilora.train import objective, train
 
-    record = train(cfg)
-    final = record["metrics"]["test"] or record["metrics"]["final"]
-    return next((v for k, v in final.items() if k.endswith(record["metric"])), float("nan"))
+    # a validation value, never a test metric: a sweeper (Optuna, Ax) tunes on what it is given
+    return objective(train(cfg))
 
 
 if __name__ == "__main__":
