@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector")
+ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dash")  # lora_dash: LoRA-Dash's coefficients
 
 
 @dataclass
 class ParamCount:
     trainable: int      # everything with requires_grad (adapters + heads trained in full)
     total: int          # all parameters, adapters included (PEFT's "all params")
-    adapter: int        # LoRA / PiLoRA / DoRA adapter parameters only (the paper's # Params)
+    adapter: int        # LoRA / PiLoRA / DoRA / LoRA-Dash adapter parameters only (the paper's # Params);
+                        # full fine-tuning: every trained parameter
     backbone: int       # the pretrained encoder/decoder without task head and adapters
 
     @property
@@ -57,6 +58,9 @@ def count_parameters(model: nn.Module) -> ParamCount:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = sum(p.numel() for name, p in _unique_parameters(getattr(hf, "base_model", hf))
                    if not _is_adapter(name) and ".modules_to_save." not in f".{name}")
+    if not hasattr(model, "peft_config"):
+        # full fine-tuning (no adapter): the method's own trained weights are all of them (100 %)
+        adapter = trainable
     return ParamCount(trainable, total, adapter, backbone)
 
 
