@@ -25,6 +25,7 @@ class ParamCount:
     adapter: int        # LoRA / PiLoRA / DoRA / LoRA-Dash adapter parameters only (the paper's # Params);
                         # full fine-tuning: every trained parameter
     backbone: int       # the pretrained encoder/decoder without task head and adapters
+    full_finetune: bool = False  # no adapter: every weight trains (the paper's "100 %")
 
     @property
     def share(self) -> float:
@@ -39,6 +40,8 @@ class ParamCount:
     @property
     def adapter_share_of_backbone(self) -> float:
         """Adapter parameters / backbone without adapters (GOAT's "4.00 %" convention)."""
+        if self.full_finetune:  # the whole backbone trains (the head, outside the backbone, too)
+            return 1.0
         return self.adapter / self.backbone if self.backbone else 0.0
 
     def to_dict(self) -> dict:
@@ -58,10 +61,10 @@ def count_parameters(model: nn.Module) -> ParamCount:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = sum(p.numel() for name, p in _unique_parameters(getattr(hf, "base_model", hf))
                    if not _is_adapter(name) and ".modules_to_save." not in f".{name}")
-    if not hasattr(model, "peft_config"):
-        # full fine-tuning (no adapter): the method's own trained weights are all of them (100 %)
+    full = not hasattr(model, "peft_config")
+    if full:  # full fine-tuning (no adapter): the method's own trained weights are all of them (100 %)
         adapter = trainable
-    return ParamCount(trainable, total, adapter, backbone)
+    return ParamCount(trainable, total, adapter, backbone, full)
 
 
 def _is_adapter(name: str) -> bool:
@@ -148,10 +151,15 @@ def meta_count(setting: str, method: str = "lora", r: int | None = None, supplem
 
 def table_rows(pilora_fractions=(0.5, 0.41)) -> list[dict]:
     rows = []
+    from .methods import MethodConfig
+
     for setting in SETTINGS:
-        c = meta_count(setting)
-        rows.append({"setting": setting, "method": f"LoRA r={SETTINGS[setting][2]}", "adapter": c.adapter,
-                     "share_%": 100 * c.adapter_share, "share_of_backbone_%": 100 * c.adapter_share_of_backbone})
+        r = SETTINGS[setting][2]
+        for method, label in (("lora", f"LoRA r={r}"), ("lora_dash", f"LoRA-Dash r={r} s={MethodConfig.directions}"),
+                              ("full", "Full FT")):
+            c = meta_count(setting, method)
+            rows.append({"setting": setting, "method": label, "adapter": c.adapter, "share_%": 100 * c.adapter_share,
+                         "share_of_backbone_%": 100 * c.adapter_share_of_backbone})
     for fraction in pilora_fractions:
         c = meta_count("LLaMA2-7B", "pilora", dominant_fraction=fraction)
         rows.append({"setting": "LLaMA2-7B", "method": f"PiLoRA r=32 r'=2, dominant {fraction:.0%}",
@@ -165,9 +173,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.41],
                         help="dominant fractions for the PiLoRA rows (0.5 = the paper's Top-half)")
     args = parser.parse_args(argv)
-    print(f"{'setting':30s} {'method':36s} {'# params':>12s} {'share %':>8s} {'of backbone %':>14s}")
+    print(f"{'setting':30s} {'method':36s} {'# params':>13s} {'share %':>8s} {'of backbone %':>14s}")
     for row in table_rows(args.fractions):
-        print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>12,d} {row['share_%']:>8.2f} "
+        print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>13,d} {row['share_%']:>8.2f} "
               f"{row['share_of_backbone_%']:>14.2f}")
 
 
