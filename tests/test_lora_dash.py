@@ -202,7 +202,6 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
     assert rec["metrics"]["best"]["eval_accuracy"] > 0.75
     assert 0 < rec["params"]["share"] < 1
     # the saved adapter holds the launched directions and learned coefficients
-    from helpers import compose_cfg as _c  # noqa: F401
     from safetensors.torch import load_file
     state = load_file(os.path.join(tmp_path / "run", "adapter", "adapter_model.safetensors"))
     coef = [v for k, v in state.items() if k.endswith("lora_dash.coefficients")]
