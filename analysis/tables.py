@@ -77,8 +77,9 @@ from .records import load_records, load_wandb, partition_label, say
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_numbers.json")
 TABLE_IDS = ("1", "2", "3", "4")
 METHOD_NAMES = {"lora": "LoRA", "lora_matched": "LoRA (budget-matched)", "rslora": "rsLoRA", "dora": "DoRA",
-                "pissa": "PiSSA", "milora": "MiLoRA", "pilora": "PiLoRA"}
-METHOD_ORDER = ["lora", "lora_matched", "rslora", "dora", "pissa", "milora", "pilora"]
+                "pissa": "PiSSA", "milora": "MiLoRA", "lora_dash": "LoRA-Dash", "full": "Full FT",
+                "pilora": "PiLoRA"}
+METHOD_ORDER = ["full", "lora", "lora_matched", "rslora", "dora", "pissa", "milora", "lora_dash", "pilora"]
 MODEL_NAMES = {"llama2-7b": "LLaMA2-7B", "llama3-8b": "LLaMA3-8B", "roberta-large": "RoBERTa-large",
                "clip-vit-b32": "CLIP ViT-B/32"}
 KEY_NAMES = {"method.r": "r", "method.supplementary_r": "r'", "method.alpha": "α",

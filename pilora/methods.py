@@ -40,6 +40,9 @@ class MethodConfig:
     # PEFT's ``result + B(A(x)) * s``. None: the method's default, on for the PiLoRA layer (ours),
     # off for PEFT's layers (stock LoRA, as in the paper). True on a LoRA method: like-for-like timings.
     fused_forward: bool | None = None
+    # LoRA-Dash only (defaults: the authors' code, t = 100 steps, s = 8 directions) -----------------
+    prelaunch_steps: int = 100              # t: optimizer steps of plain LoRA before the launch
+    directions: int = 8                     # s: task-specific directions (learned coefficients) per layer
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -61,6 +64,14 @@ class MethodConfig:
         if self.importance_checks is not None and int(self.importance_checks) < 1:
             raise ValueError(f"method.importance_checks must be a positive number of checks, got "
                              f"{self.importance_checks} (null keeps K = method.importance_interval)")
+        if self.name == "lora_dash":
+            if int(self.directions) <= 0:
+                raise ValueError(f"LoRA-Dash needs method.directions ≥ 1, got {self.directions}")
+            if int(self.prelaunch_steps) < 0:
+                raise ValueError(f"method.prelaunch_steps must be ≥ 0 optimizer steps, got {self.prelaunch_steps}")
+            if self.fused_forward:
+                raise ValueError("fused_forward applies to plain LoRA layers; LoRA-Dash has its own forward "
+                                 "(set method.fused_forward=null)")
         if not 0 <= float(self.dropout) < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.fused_forward and METHODS[self.name].lora_kwargs.get("use_dora"):
@@ -91,7 +102,10 @@ def register_init(name: str):
 
 @dataclass(frozen=True)
 class Method:
-    """A method = extra ``LoraConfig`` fields + a per-layer init + whether it has two stages."""
+    """A method = extra ``LoraConfig`` fields + a per-layer init + whether it has two stages.
+
+    ``adapter=False`` is full fine-tuning: no PEFT wrapper, every backbone weight trains.
+    """
 
     lora_kwargs: dict[str, Any]
     init: str = "default"
@@ -99,6 +113,7 @@ class Method:
     # the init moves part of W0 into the adapter (W0 -> W_res): a saved adapter must be converted
     # against the initial one to load onto the pretrained model (pilora.adapters)
     mutates_base: bool = False
+    adapter: bool = True
 
 
 def register_method(name: str, method: Method) -> None:
@@ -106,18 +121,18 @@ def register_method(name: str, method: Method) -> None:
 
 
 @register_init("default")
-def _default_init(layer, adapter):
+def _default_init(layer, adapter, cfg=None):
     """PEFT's LoRA init (A Kaiming-uniform, B = 0), already applied at injection."""
 
 
 @register_init("pissa")
-def _pissa_init(layer, adapter):
+def _pissa_init(layer, adapter, cfg=None):
     """PiSSA: principal r singular triplets in the adapter, the rest in W_res (PEFT's code)."""
     layer.pissa_init(adapter, "pissa")
 
 
 @register_init("milora")
-def milora_init(layer, adapter):
+def milora_init(layer, adapter, cfg=None):
     """MiLoRA: the adapter takes the *minor* (smallest) r singular triplets of W0.
 
     ``W0 = U Σ Vᵀ``; with the last r triplets ``(U_r, Σ_r, V_r)``: ``A = √(Σ_r/s) V_rᵀ``,
@@ -143,6 +158,24 @@ register_method("dora", Method({"use_dora": True}))
 register_method("pissa", Method({}, init="pissa", mutates_base=True))
 register_method("milora", Method({}, init="milora", mutates_base=True))
 register_method("pilora", Method({}, two_stage=True))
+register_method("lora_dash", Method({}, init="lora_dash"))
+register_method("full", Method({}, adapter=False))
+
+
+@register_init("lora_dash")
+def _lora_dash_init(layer, adapter, cfg=None):
+    """LoRA-Dash: PEFT's LoRA init plus ``cfg.directions`` zero coefficients; the directions are
+    chosen at the launch (:mod:`pilora.lora_dash`), so the output equals the base model's."""
+    from .lora_dash import attach_dash
+
+    attach_dash(layer, int(cfg.directions if cfg is not None else MethodConfig.directions), adapter)
+
+
+def full_finetune(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """Full fine-tuning: every weight of the model trains (backbone and task head alike)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 # ----------------------------------------------------------------------------- target modules
@@ -193,13 +226,15 @@ def prepare_model(model: nn.Module, cfg: MethodConfig | dict, *, masks: dict | N
 
     if isinstance(cfg, dict):
         cfg = MethodConfig.from_dict(cfg)
-    check_target_modules(model, cfg.target_modules)
     method = METHODS[cfg.name]
+    if not method.adapter:
+        return full_finetune(model, cfg)
+    check_target_modules(model, cfg.target_modules)
     r = cfg.stage1_r if (method.two_stage and masks is None and cfg.stage1_r) else cfg.r
     peft_model = get_peft_model(model, lora_config(cfg, task_type, r=r))
     init = INITS[method.init]
     for layer in lora_layers(peft_model).values():
-        init(layer, "default")
+        init(layer, "default", cfg)
     if method.two_stage and masks is not None and stage != 1:
         to_pilora(peft_model, masks, int(cfg.supplementary_r), cfg.supplementary_alpha)  # fused by default
     if cfg.fused_forward is not None:  # None keeps each layer's default: PiLoRA fused, PEFT's layers stock

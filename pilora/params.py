@@ -15,15 +15,17 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector")
+ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dash")  # lora_dash: LoRA-Dash's coefficients
 
 
 @dataclass
 class ParamCount:
     trainable: int      # everything with requires_grad (adapters + heads trained in full)
     total: int          # all parameters, adapters included (PEFT's "all params")
-    adapter: int        # LoRA / PiLoRA / DoRA adapter parameters only (the paper's # Params)
+    adapter: int        # LoRA / PiLoRA / DoRA / LoRA-Dash adapter parameters only (the paper's # Params);
+                        # full fine-tuning: every trained parameter
     backbone: int       # the pretrained encoder/decoder without task head and adapters
+    full_finetune: bool = False  # no adapter: every weight trains (the paper's "100 %")
 
     @property
     def share(self) -> float:
@@ -38,6 +40,8 @@ class ParamCount:
     @property
     def adapter_share_of_backbone(self) -> float:
         """Adapter parameters / backbone without adapters (GOAT's "4.00 %" convention)."""
+        if self.full_finetune:  # the whole backbone trains (the head, outside the backbone, too)
+            return 1.0
         return self.adapter / self.backbone if self.backbone else 0.0
 
     def to_dict(self) -> dict:
@@ -57,7 +61,10 @@ def count_parameters(model: nn.Module) -> ParamCount:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = sum(p.numel() for name, p in _unique_parameters(getattr(hf, "base_model", hf))
                    if not _is_adapter(name) and ".modules_to_save." not in f".{name}")
-    return ParamCount(trainable, total, adapter, backbone)
+    full = not hasattr(model, "peft_config")
+    if full:  # full fine-tuning (no adapter): the method's own trained weights are all of them (100 %)
+        adapter = trainable
+    return ParamCount(trainable, total, adapter, backbone, full)
 
 
 def _is_adapter(name: str) -> bool:
@@ -163,10 +170,17 @@ def table_rows(pilora_fractions=(0.41,)) -> list[dict]:
     """The parameter table: the paper's settings (:data:`PAPER_ROWS`) plus LLaMA2-7B PiLoRA at
     each of ``pilora_fractions`` (the paper's "Ours" implies about 0.41)."""
     rows = []
+    from .methods import MethodConfig
+
     extra = [("LLaMA2-7B", "pilora", 32, 2, f, None) for f in pilora_fractions]
-    for setting, method, r, r_s, fraction, paper in PAPER_ROWS + extra:
+    # LoRA-Dash (s coefficients per layer on top of LoRA) and full fine-tuning in every setting
+    others = [(setting, method, None, None, None, paper) for setting in SETTINGS
+              for method, paper in (("lora_dash", None), ("full", 100.0))]
+    for setting, method, r, r_s, fraction, paper in PAPER_ROWS + extra + others:
         c = meta_count(setting, method, r=r, supplementary_r=r_s, dominant_fraction=fraction)
-        label = f"LoRA r={r}" if method == "lora" else f"PiLoRA r={r} r'={r_s}, dominant {fraction:.0%}"
+        r = r or SETTINGS[setting][2]
+        label = {"lora": f"LoRA r={r}", "lora_dash": f"LoRA-Dash r={r} s={MethodConfig.directions}",
+                 "full": "Full FT"}.get(method) or f"PiLoRA r={r} r'={r_s}, dominant {fraction:.0%}"
         rows.append({"setting": setting, "method": label, "adapter": c.adapter,
                      "share_%": 100 * c.adapter_share, "share_of_backbone_%": 100 * c.adapter_share_of_backbone,
                      "paper_%": paper})
@@ -178,10 +192,10 @@ def main(argv=None) -> None:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.41],
                         help="dominant fractions for extra LLaMA2-7B PiLoRA rows (0.41: what 'Ours' implies)")
     args = parser.parse_args(argv)
-    print(f"{'setting':30s} {'method':36s} {'# params':>12s} {'share %':>8s} {'of backbone %':>14s} {'paper %':>8s}")
+    print(f"{'setting':30s} {'method':36s} {'# params':>13s} {'share %':>8s} {'of backbone %':>14s} {'paper %':>8s}")
     for row in table_rows(args.fractions):
         paper = "—" if row["paper_%"] is None else f"{row['paper_%']:.2f}"
-        print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>12,d} {row['share_%']:>8.2f} "
+        print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>13,d} {row['share_%']:>8.2f} "
               f"{row['share_of_backbone_%']:>14.2f} {paper:>8s}")
     print(f"\nNote: {GLUE_PARAMS_NOTE}")
 

@@ -4,6 +4,9 @@
 needed) and runs, all with ``transformers.Trainer``:
 
 * single-stage methods (LoRA, rsLoRA, DoRA, PiSSA, MiLoRA): train, evaluate every epoch;
+* LoRA-Dash: one run; :class:`~pilora.lora_dash.DashLaunchCallback` picks the directions after
+  ``method.prelaunch_steps`` steps (``dash_directions.pt``); full fine-tuning (``method=full``):
+  every weight trains, the model is saved to ``model/``;
 * PiLoRA: stage 1 (plain LoRA + :class:`ImportanceCallback`, 1 epoch or ``N`` steps) ->
   ``importance.pt`` -> partition -> stage 2 from the pretrained weights (Alg. 1 line 15).
 
@@ -33,7 +36,9 @@ from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
 from .importance import ImportanceAccumulator, ImportanceStats
+from .full import check_full_finetune_fsdp
 from .layer import save_adapter
+from .lora_dash import DIRECTIONS_FILE, DashLaunchCallback
 from .methods import METHODS, MethodConfig, prepare_model
 from .params import count_parameters
 from .partition import dominant_fractions, partition
@@ -366,7 +371,13 @@ def _run(cfg, task, method, data, out) -> dict:
     args = _training_args(cfg, task, stage_dir)
     log.info("%s: training %s (%d trainable parameters, %.2f%%)", "PiLoRA stage 2" if masks is not None
              else method.name, task.name, params.trainable, 100 * params.share)
-    trainer = _make_trainer(cfg, task, model, data, args)
+    # --- LoRA-Dash / full fine-tuning (pilora.lora_dash, pilora.full) --------------------------
+    dash = DashLaunchCallback(model, method.prelaunch_steps, os.path.join(out, DIRECTIONS_FILE)) \
+        if method.name == "lora_dash" else None
+    if not METHODS[method.name].adapter:
+        check_full_finetune_fsdp(args, model)
+    trainer = _make_trainer(cfg, task, model, data, args, [dash] if dash else [])
+    # ---------------------------------------------------------------------------------------
     resume = resume_point(stage_dir, cfg.get("resume", True))
     if resume:
         log.info("resuming from %s", resume)
@@ -381,7 +392,10 @@ def _run(cfg, task, method, data, out) -> dict:
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
     if cfg.get("save_adapter", True) and is_main():
         adapter_dir = os.path.join(out, "adapter")
-        save_adapter(model, adapter_dir) if masks is not None else save_peft_adapter(model, adapter_dir)
+        if not METHODS[method.name].adapter:  # full fine-tuning: the whole model (Trainer handles FSDP state)
+            trainer.save_model(os.path.join(out, "model"))
+        else:
+            save_adapter(model, adapter_dir) if masks is not None else save_peft_adapter(model, adapter_dir)
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "schema": SCHEMA, "status": "complete",
@@ -392,7 +406,7 @@ def _run(cfg, task, method, data, out) -> dict:
         "metrics": {"final": final, "best": best, "test": test},
         "evaluation": {**task.protocol(), "selection": _selection(trainer)},
         "params": params.to_dict(),
-        "pilora": pilora_info, "budget_match": budget,
+        "pilora": pilora_info, "budget_match": budget, "lora_dash": dash.summary() if dash else None,
         "timing": timings, "steps": trainer.state.global_step,
         "peak_memory_mb": _peak_memory_mb(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -1,0 +1,45 @@
+"""Full fine-tuning (``method=full``): every weight trains, through the same runner as the adapters.
+
+The model is not wrapped by PEFT (:func:`pilora.methods.full_finetune`); the runner saves it with
+``Trainer.save_model`` (which gathers FSDP shards) into ``<output_dir>/model``. FSDP is where full
+fine-tuning of a 7B model fits, so its settings are checked before the run: transformers ignores
+``fsdp_config`` keys it does not know, which would silently train unsharded or wrapped differently.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+# The fsdp_config keys transformers.TrainingArguments reads (transformers 5.x, after it strips the
+# "fsdp_" prefix); any other key is ignored by it without a word.
+FSDP_CONFIG_KEYS = frozenset({
+    "version", "min_num_params", "transformer_layer_cls_to_wrap", "auto_wrap_policy", "cpu_offload",
+    "cpu_ram_efficient_loading", "state_dict_type", "activation_checkpointing", "reshard_after_forward",
+    "forward_prefetch", "backward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers",
+    "xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt", "xla_fsdp_settings"})
+
+
+def check_full_finetune_fsdp(args, model: nn.Module) -> None:
+    """Raise a ValueError for FSDP settings a full fine-tune cannot use: an ``fsdp_config`` key that
+    transformers would ignore, or a ``transformer_layer_cls_to_wrap`` class the model does not have
+    (FSDP would then wrap the whole model as one unit, i.e. no sharding benefit)."""
+    if not getattr(args, "fsdp", None):
+        return
+    config = dict(getattr(args, "fsdp_config", None) or {})
+    unknown = sorted(set(config) - FSDP_CONFIG_KEYS)
+    if unknown:
+        hints = [f"{k} (did you mean {', '.join(difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=2))}?)"
+                 if difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=1) else k for k in unknown]
+        raise ValueError(f"full fine-tuning with FSDP: trainer.fsdp_config has key(s) {', '.join(hints)} that "
+                         "transformers ignores; remove or rename them. Known keys: "
+                         f"{', '.join(sorted(FSDP_CONFIG_KEYS))}")
+    wrap = config.get("transformer_layer_cls_to_wrap") or []
+    classes = {type(m).__name__ for m in model.modules()}
+    missing = [c for c in ([wrap] if isinstance(wrap, str) else wrap) if c not in classes]
+    if missing:
+        blocks = sorted(c for c in classes if c.endswith(("Layer", "Block")))
+        raise ValueError(f"full fine-tuning with FSDP: trainer.fsdp_config.transformer_layer_cls_to_wrap names "
+                         f"{missing}, which {type(model).__name__} does not contain; its layer classes are "
+                         f"{blocks or sorted(classes)}")
