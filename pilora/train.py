@@ -32,7 +32,7 @@ from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
 from .importance import ImportanceAccumulator, ImportanceStats
-from .layer import save_adapter
+from .export import write_adapters
 from .methods import METHODS, MethodConfig, prepare_model
 from .params import count_parameters
 from .partition import dominant_fractions, partition
@@ -312,8 +312,7 @@ def _run(cfg, task, method, data, out) -> dict:
     timings["total_s"] = time.time() - t_start
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
     if cfg.get("save_adapter", True) and is_main():
-        adapter_dir = os.path.join(out, "adapter")
-        save_adapter(model, adapter_dir) if masks is not None else model.save_pretrained(adapter_dir)
+        write_adapters(model, out)  # adapter/ loads in stock PEFT / lm-eval; PiLoRA also adapter_pilora/
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "schema": SCHEMA, "status": "complete",
