@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .records import load_records, say, score
+from .records import WandbSourceError, add_source_args, load_records, load_source, say, score  # noqa: F401
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -380,7 +380,7 @@ def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Figures 2-8 from run records (PNG + PDF).")
-    p.add_argument("--root", action="append", help="results tree (repeatable; default outputs/ and multirun/)")
+    add_source_args(p)
     p.add_argument("--out", default="figures", help="output folder (default figures/)")
     p.add_argument("--which", choices=["best", "final"], default="best")
     p.add_argument("--stats", nargs="+", help="importance.pt files for Fig. 2/7/8 (default: from the records)")
@@ -389,7 +389,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=["2", "3", "4", "5", "6", "7"], help="just these figures")
     args = p.parse_args(argv)
     plt.switch_backend("Agg")  # files only; notebooks keep their inline backend
-    df = load_records(args.root)
+    try:
+        df = load_source(args)
+    except WandbSourceError as err:
+        say(f"error: {err}")
+        return 2
     written, skipped = make_all(df, args.out, args.which, args.stats, args.module, args.layers, args.only)
     for w in written:  # (each skipped figure has already said why)
         print(w)
