@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .budget import matched_rank_pattern
-from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, NanLossGuard
+from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
+                        stage_label)
 from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
@@ -161,6 +162,7 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
 
 def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
 
     trainer = Trainer(model=model, args=args, train_dataset=data["train"],
                       eval_dataset=data["validation"] if evaluate else None,
@@ -168,6 +170,10 @@ def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
                       callbacks=[NanLossGuard(), *callbacks, *logging_wandb.trainer_callbacks(args.output_dir)])
     if task.accepts_loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = task.accepts_loss_kwargs
+    stage = stage_label(args.output_dir)  # console: bars named after their stage, metrics into run.log
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(StageProgress(stage))
+    trainer.add_callback(MetricsToLog(stage))
     return trainer
 
 
