@@ -154,6 +154,12 @@ def test_tables_cli_reads_wandb_dir_and_figures_come_from_the_artifacts(sweep, t
     written, _ = figures.make_all(df, str(tmp_path / "fig"), only=["2"])
     assert any(p.endswith(".png") for p in written)
 
+    # --shared-scale: every panel of Fig. 2/7 on one colour scale (own scales otherwise)
+    def clims(shared):
+        fig = figures.gradient_heatmaps(sorted(stats)[0], "all", shared_scale=shared)
+        return {im.get_clim() for ax in fig.axes for im in ax.images}
+    assert len(clims(True)) == 1 and len(clims(False)) > 1
+
 
 def test_bad_wandb_sources_get_a_clear_error(sweep, tmp_path, capsys, monkeypatch):
     import shutil
