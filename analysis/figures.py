@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .records import load_records, say, score
+from .records import WandbSourceError, add_source_args, load_records, load_source, say, score  # noqa: F401
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -132,7 +132,8 @@ def heatmap_sources(df: pd.DataFrame) -> list[tuple[str, str]]:
     return [(f"{r['model']}_{r['task']}", r["_stats"]) for _, r in picked.groupby("model").head(1).iterrows()]
 
 
-def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None) -> plt.Figure:
+def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None,
+                      shared_scale: bool = False) -> plt.Figure:
     """Heat maps of the G̃ snapshot: rows = layers, columns = target modules.
 
     ``stats``: an ``ImportanceStats`` or a path to ``importance.pt``. ``layers``: layer indices,
@@ -179,6 +180,11 @@ def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None
     if ncols == 0:
         return message_figure(f"gradient heat maps: no module matches {list(targets or [])}")
     fig, axes = plt.subplots(len(panels), ncols, figsize=(2.6 * ncols, 2.5 * len(panels)), squeeze=False)
+    vmin = vmax = None
+    if shared_scale:  # one colour scale for every panel, so their magnitudes can be compared
+        grids = [stats.modules[n].grad_snapshot.float() / max(int(stats.modules[n].checks), 1)
+                 for _, mods in panels for _, n in mods]
+        vmin, vmax = min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)
     for i, (layer, mods) in enumerate(panels):
         for j in range(ncols):
             ax = axes[i][j]
@@ -188,7 +194,7 @@ def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None
             target, name = mods[j]
             s = stats.modules[name]
             grid = s.grad_snapshot.float().numpy() / max(int(s.checks), 1)
-            im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
             m, n = s.shape
             ax.set_title(f"L{layer} {target}\n{m}×{n} (grid {grid.shape[0]}×{grid.shape[1]})", fontsize=8)
@@ -289,7 +295,7 @@ def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str,
                               f"only in {', '.join(swept[:1])}; see experiments/README.md)")
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ax2 = ax.twinx() if show_params else None
-    labels = [f"{t} [{m}]" + (" LoRA (budget-matched)" if meth == "lora_matched" else "")
+    labels = [f"{t} [{m}] " + ("LoRA (budget-matched)" if meth == "lora_matched" else "PiLoRA")
               for t, m, meth, _ in lines]
     for i, (task, model, method, agg) in enumerate(lines):
         lab = labels[i] + (f" #{i}" if labels.count(labels[i]) > 1 else "")
@@ -299,9 +305,11 @@ def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str,
                     ls=":" if matched else "-", capsize=3, color=f"C{i}", label=lab)
         for xv, (mean, n) in zip(xs, zip(agg["mean"], agg["n"])):
             if n > 1:
-                ax.annotate(f"n={n}", (xv, mean), textcoords="offset points", xytext=(3, 4), fontsize=6)
+                # inside the axes: a label at the edge would be cut off (clip_on drops it instead)
+                ax.annotate(f"n={n}", (xv, mean), textcoords="offset points", xytext=(3, 4), fontsize=6,
+                            annotation_clip=True, clip_on=True)
         if ax2 is not None and not matched and agg["params"].notna().any():  # matched: the same budget
-            ax2.plot(xs, 100 * agg["params"], ls="--", color=f"C{i}", alpha=0.5)
+            ax2.plot(xs, 100 * agg["params"], ls="--", color=f"C{i}", alpha=0.5, label=f"# Params (%) {lab}")
     xs_all = sorted({float(v) for _, _, _, a in lines for v in a.index})
     ax.set_xticks(xs_all)
     ax.set_xticklabels([f"{v:g}" for v in xs_all])
@@ -310,7 +318,12 @@ def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str,
     if ax2 is not None:
         ax2.set_ylabel("# Params (%) (dashed)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.margins(x=0.1, y=0.15)  # room for the n= labels inside the axes
+    handles, names = ax.get_legend_handles_labels()
+    if ax2 is not None:  # the dashed # Params lines are in the legend too
+        h2, n2 = ax2.get_legend_handles_labels()
+        handles, names = handles + h2, names + n2
+    ax.legend(handles, names, fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
@@ -343,7 +356,7 @@ def _slug(s) -> str:
 
 
 def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, module: str | None = None,
-             layers=None, only=None) -> tuple[list[str], list[str]]:
+             layers=None, only=None, shared_scale: bool = False) -> tuple[list[str], list[str]]:
     """Write every figure that has input; returns (written paths, skip messages). Each skipped
     figure prints its reason once, as it is made."""
     only = set(only or ["2", "3", "4", "5", "6", "7"])
@@ -364,9 +377,9 @@ def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, 
             say(f"gradient heat maps: {skipped[-1]}")
         for tag, path in sources:
             if "2" in only:
-                keep(gradient_heatmaps(path, layers or "last"), f"fig2_gradients_{_slug(tag)}")
+                keep(gradient_heatmaps(path, layers or "last", shared_scale=shared_scale), f"fig2_gradients_{_slug(tag)}")
             if "7" in only and not layers:
-                keep(gradient_heatmaps(path, "spread"), f"fig7_gradients_layers_{_slug(tag)}")
+                keep(gradient_heatmaps(path, "spread", shared_scale=shared_scale), f"fig7_gradients_layers_{_slug(tag)}")
     if "3" in only:
         keep(partition_patterns(df, module), "fig3_partition_patterns")
     if "4" in only:
@@ -380,17 +393,23 @@ def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Figures 2-8 from run records (PNG + PDF).")
-    p.add_argument("--root", action="append", help="results tree (repeatable; default outputs/ and multirun/)")
+    add_source_args(p)
     p.add_argument("--out", default="figures", help="output folder (default figures/)")
     p.add_argument("--which", choices=["best", "final"], default="best")
     p.add_argument("--stats", nargs="+", help="importance.pt files for Fig. 2/7/8 (default: from the records)")
     p.add_argument("--module", help="Fig. 3: module name substring (default: the last layer's first target)")
     p.add_argument("--layers", nargs="+", type=int, help="Fig. 2: layer indices (default: the last layer)")
+    p.add_argument("--shared-scale", action="store_true", help="Fig. 2/7: one colour scale for all panels")
     p.add_argument("--only", nargs="+", choices=["2", "3", "4", "5", "6", "7"], help="just these figures")
     args = p.parse_args(argv)
     plt.switch_backend("Agg")  # files only; notebooks keep their inline backend
-    df = load_records(args.root)
-    written, skipped = make_all(df, args.out, args.which, args.stats, args.module, args.layers, args.only)
+    try:
+        df = load_source(args)
+    except WandbSourceError as err:
+        say(f"error: {err}")
+        return 2
+    written, skipped = make_all(df, args.out, args.which, args.stats, args.module, args.layers, args.only,
+                                args.shared_scale)
     for w in written:  # (each skipped figure has already said why)
         print(w)
     if not written:

@@ -46,6 +46,7 @@ IGNORED = (
     "method.importance_from",            # which stage-1 file was reused, not how it was made
     "method.partition.args.seed",        # random partitions follow the job seed (${seed})
     "method.chunk_rows",                 # memory knob, numerically identical
+    "method.rank_pattern",               # budget-matched ranks: an outcome of each seed's stage 1
     "model.path",                        # hub id or local copy of the same model
     "task.dataset.path", "task.dataset.hub_id", "task.dataset.name", "task.dataset.data_dir",
     "task.dataset.data_files", "task.dataset.root", "task.dataset.train_file", "task.eval_sets",  # data locations
@@ -332,11 +333,26 @@ def _plain(x):
     return json.loads(json.dumps(x, default=str))
 
 
-def _pull(project: str, entity: str | None, filters: dict | None, api) -> list[dict]:
+class WandbSourceError(ValueError):
+    """A W&B source that names no runs (unknown project, empty folder); the message says what to do."""
+
+
+_NOT_FOUND = ("could not find", "not found", "does not exist", "404")
+
+
+def _pull(project: str, entity: str | None, filters: dict | None, api, artifact_dir: str | None = None) -> list[dict]:
     if api is None:
         import wandb
         api = wandb.Api(timeout=30)
-    runs = api.runs(f"{entity}/{project}" if entity else project, filters=filters or {})
+    where = f"{entity}/{project}" if entity else project
+    try:
+        runs = list(api.runs(where, filters=filters or {}))
+    except Exception as err:
+        if any(s in str(err).lower() for s in _NOT_FOUND):
+            raise WandbSourceError(f"W&B project {where!r} not found ({str(err).splitlines()[0]}); check the "
+                                   "ENTITY/PROJECT spelling (wandb.ai/<entity>/<project>) and that you are "
+                                   "logged in to an account that can see it") from err
+        raise
     items = []
     for run in runs:
         summary = getattr(run, "summary", {}) or {}
@@ -345,9 +361,31 @@ def _pull(project: str, entity: str | None, filters: dict | None, api) -> list[d
                 "path": "/".join(getattr(run, "path", []) or [project, run.id]),
                 "commit": getattr(run, "commit", None),
                 "config": _plain(dict(run.config or {})), "summary": _plain(dict(summary)), "record": None}
-        item["record"] = _record_file(run)
+        item["artifact_files"] = _download_artifacts(run, os.path.join(artifact_dir or ".", run.id))
+        results = item["artifact_files"].get(RECORD)
+        if results:
+            with open(results) as f:
+                item["record"] = json.load(f)
+        else:
+            item["record"] = _record_file(run)
         items.append(item)
     return items
+
+
+def _download_artifacts(run, root: str) -> dict:
+    """``{file name: local path}`` of the run's ``results`` artifact (results.json, importance.pt)."""
+    files = {}
+    try:
+        logged = list(run.logged_artifacts())
+    except Exception:  # runs logged before artifacts existed, or API objects without them
+        return files
+    for art in logged:
+        if getattr(art, "type", None) != "results":
+            continue
+        folder = art.download(root=os.path.join(root, art.type))
+        for name in os.listdir(folder):
+            files[name] = os.path.abspath(os.path.join(folder, name))
+    return files
 
 
 def _record_file(run) -> dict | None:
@@ -370,8 +408,12 @@ def wandb_record(item: dict) -> dict:
     otherwise built from the run's config and summary (``final/``, ``best/``, ``test/``,
     ``params/``, ``pilora/``, ``timing/`` keys; ``eval/`` as a fallback for final)."""
     if item.get("record"):
-        return item["record"]
-    cfg, summ = item.get("config") or {}, item.get("summary") or {}
+        return _with_artifacts(item["record"], item)
+    cfg, summ = _hydra_config(item.get("config") or {}), item.get("summary") or {}
+    if "schema" in summ and "metrics" in summ:  # the summary is the record (pilora.logging_wandb)
+        rec = {k: v for k, v in summ.items() if not k.startswith("_") and k not in ("label", "T")}
+        rec.update(config=cfg, status="complete" if item.get("state") in (None, "finished") else item.get("state"))
+        return _with_artifacts(rec, item)
     task, method, model = cfg.get("task") or {}, cfg.get("method") or {}, cfg.get("model") or {}
     groups: dict[str, dict] = {g: {} for g in ("final", "best", "test", "params", "pilora", "timing")}
     evals = {}
@@ -387,7 +429,7 @@ def wandb_record(item: dict) -> dict:
     state = item.get("state")
     return {
         "schema": SCHEMA, "status": "complete" if state in (None, "finished") else state,
-        "task": task.get("name"), "family": task.get("family"), "method": method.get("name"),
+        "task": task.get("name"), "family": task.get("family"), "method": method.get("label") or method.get("name"),
         "model": model.get("name"), "seed": cfg.get("seed"), "metric": task.get("metric", "accuracy"),
         "config": cfg, "git": {"revision": item.get("commit"), "dirty": None},
         "metrics": {"final": final, "best": groups["best"] or {}, "test": groups["test"]},
@@ -397,6 +439,88 @@ def wandb_record(item: dict) -> dict:
                    if method.get("name") == "pilora" else None),
         "timing": groups["timing"], "wandb": {"id": item.get("id")},
     }
+
+
+_HYDRA_KEYS = {"model", "task", "method", "trainer", "logger", "seed", "resume", "save_adapter", "sweep_name",
+               "output_dir", "tuned"}
+
+
+def _hydra_config(cfg: dict) -> dict:
+    """Runs logged before the W&B config was the Hydra config alone also carry Trainer's ~150
+    TrainingArguments and PEFT keys at the top level (``learning_rate``, ``run_name``, ``peft_config``
+    with each seed's ``rank_pattern``); they would put every seed in a configuration of its own."""
+    if isinstance(cfg.get("method"), dict) and isinstance(cfg.get("task"), dict):
+        return {k: v for k, v in cfg.items() if k in _HYDRA_KEYS}
+    return cfg
+
+
+def _with_artifacts(rec: dict, item: dict) -> dict:
+    """The record with its stage-1 statistics pointing at the run's ``importance.pt`` artifact, so
+    the figures are drawn from what W&B holds (the job's own path may not exist here)."""
+    local = (item.get("artifact_files") or {}).get("importance.pt")
+    if not local:
+        return rec
+    rec = json.loads(json.dumps(rec))
+    for part in ("pilora", "budget_match"):
+        if isinstance(rec.get(part), dict) and rec[part].get("importance_file"):
+            rec[part]["importance_file"] = local
+    return rec
+
+
+def _items_frame(items: list[dict], where: str, dedupe: bool = True) -> pd.DataFrame:
+    rows, skipped = [], []
+    for item in items:
+        label = f"wandb:{item.get('path') or item.get('id')}"
+        try:
+            if item.get("missing_files") and not item.get("record"):
+                raise RecordError(f"its artifact files are gone ({', '.join(item['missing_files'][:2])}); "
+                                  "run `wandb sync` from the machine that ran it, or read the local records "
+                                  "with --root")
+            rows.append(record_row(wandb_record(item), label, source="wandb"))
+        except RecordError as err:
+            skipped.append((label, str(err)))
+        except Exception as err:
+            skipped.append((label, f"unexpected content ({type(err).__name__}: {err})"))
+    for label, why in skipped:
+        say(f"warning: skipping {label}: {why}")
+    df = frame(rows)
+    if dedupe:
+        df = drop_duplicates(df)
+    df.attrs.update(roots=[f"wandb:{where}"], skipped=skipped, missing_roots=[])
+    return df
+
+
+def load_wandb_dir(root: str, dedupe: bool = True) -> pd.DataFrame:
+    """Offline W&B run folders under ``root`` (searched recursively) as the same frame as
+    :func:`load_records`; see :mod:`analysis.wandb_runs`. Raises :class:`WandbSourceError` when
+    ``root`` holds no run."""
+    from .wandb_runs import OfflineRunError, find_offline_runs, read_run
+
+    if not os.path.isdir(root):
+        raise WandbSourceError(f"--wandb-dir {root}: no such folder")
+    paths = find_offline_runs(root)
+    if not paths:
+        raise WandbSourceError(f"--wandb-dir {root}: no offline W&B runs (run-<id>.wandb files) below it; point "
+                               "it at the jobs' output folders (or their wandb/ subfolders) and check that they "
+                               "ran with logger=wandb")
+    items, broken = [], []
+    for path in paths:
+        try:
+            items.append(read_run(path))
+        except (OfflineRunError, OSError) as err:
+            broken.append((path, str(err)))
+            say(f"warning: skipping {path}: {err}")
+    df = _items_frame(items, root, dedupe)
+    df.attrs["skipped"] = broken + df.attrs["skipped"]
+    return df
+
+
+def parse_wandb_path(path: str) -> tuple[str | None, str]:
+    """``ENTITY/PROJECT`` or ``PROJECT`` -> (entity, project)."""
+    parts = path.strip("/").split("/")
+    if len(parts) > 2 or not all(parts):
+        raise WandbSourceError(f"--wandb {path!r}: expected ENTITY/PROJECT (e.g. my-team/pilora) or PROJECT")
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
 def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = None,
@@ -416,7 +540,7 @@ def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = 
     payload = None
     if refresh or not os.path.exists(path):
         try:
-            items = _pull(project, entity, filters, api)
+            items = _pull(project, entity, filters, api, artifact_dir=path[: -len(".json")] + "_artifacts")
             payload = {"project": project, "entity": entity, "filters": filters,
                        "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": items}
             os.makedirs(cache_dir, exist_ok=True)
@@ -424,6 +548,8 @@ def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = 
             with open(tmp, "w") as f:
                 json.dump(payload, f, indent=1, default=str)
             os.replace(tmp, path)
+        except WandbSourceError:
+            raise
         except Exception as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
             if os.path.exists(path):
@@ -437,26 +563,33 @@ def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = 
     if payload is None:
         with open(path) as f:
             payload = json.load(f)
-    rows, skipped = [], []
-    for item in payload.get("runs", []):
-        label = f"wandb:{item.get('path') or item.get('id')}"
-        try:
-            rows.append(record_row(wandb_record(item), label, source="wandb"))
-        except RecordError as err:
-            skipped.append((label, str(err)))
-        except Exception as err:
-            skipped.append((label, f"unexpected content ({type(err).__name__}: {err})"))
-    for label, why in skipped:
-        say(f"warning: skipping {label}: {why}")
-    df = frame(rows)
-    if dedupe:
-        df = drop_duplicates(df)
-    df.attrs.update(roots=[f"wandb:{where}"], skipped=skipped, missing_roots=[], wandb_cache=path,
-                    pulled_at=payload.get("pulled_at"))
+    df = _items_frame(payload.get("runs", []), where, dedupe)
+    df.attrs.update(wandb_cache=path, pulled_at=payload.get("pulled_at"))
     return df
 
 
 # ----------------------------------------------------------------------------- CLI
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """The record-source options shared by ``analysis.tables`` and ``analysis.figures``."""
+    p.add_argument("--root", action="append", help="results tree (repeatable; default outputs/ and multirun/)")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the records from this W&B project (public API)")
+    p.add_argument("--wandb-dir", metavar="DIR", help="read the records from the offline W&B runs below DIR")
+    p.add_argument("--wandb-project", help=argparse.SUPPRESS)  # older spelling of --wandb
+    p.add_argument("--wandb-entity", help=argparse.SUPPRESS)
+    p.add_argument("--wandb-cache", help="W&B cache folder (default $PILORA_WANDB_CACHE or .wandb_cache)")
+    p.add_argument("--refresh", action="store_true", help="pull the W&B project again")
+
+
+def load_source(args) -> pd.DataFrame:
+    """Records from ``--wandb`` / ``--wandb-dir`` / ``--root`` (raises :class:`WandbSourceError`)."""
+    if args.wandb_dir:
+        return load_wandb_dir(args.wandb_dir)
+    if args.wandb or args.wandb_project:
+        entity, project = parse_wandb_path(args.wandb) if args.wandb else (args.wandb_entity, args.wandb_project)
+        return load_wandb(project, entity, args.wandb_cache, refresh=args.refresh)
+    return load_records(args.root)
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="List run records (one row per job).")

@@ -4,7 +4,8 @@
     python -m analysis.tables --root multirun/table2_glue --table 2 --which final
     python -m analysis.tables --latex --table 1 3
     python -m analysis.tables --no-cost              # without the cost table
-    python -m analysis.tables --wandb-project pilora # records from W&B (cached locally)
+    python -m analysis.tables --wandb me/pilora      # records from a W&B project (cached locally)
+    python -m analysis.tables --wandb-dir multirun   # records from offline W&B run folders
 
 Every cell reads ``ours / paper``. *Ours* is the mean over seeds of one configuration with the
 sample standard deviation and the number of seeds (``81.20 ± 0.31 (n=3)``; one seed:
@@ -72,7 +73,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .records import load_records, load_wandb, partition_label, say
+from .records import (WandbSourceError, add_source_args, load_records, load_source, load_wandb,  # noqa: F401
+                      partition_label, say)
 
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_numbers.json")
 TABLE_IDS = ("1", "2", "3", "4")
@@ -709,7 +711,7 @@ def render(df: pd.DataFrame, tables=TABLE_IDS, which: str = "best", latex: bool 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Tables 1-4: our records beside the paper's numbers.")
-    p.add_argument("--root", action="append", help="results tree (repeatable; default outputs/ and multirun/)")
+    add_source_args(p)
     p.add_argument("--table", nargs="+", choices=TABLE_IDS, default=list(TABLE_IDS))
     p.add_argument("--which", choices=["best", "final"], default="best",
                    help="GLUE: validation accuracy of the best or the last epoch (default best)")
@@ -718,16 +720,13 @@ def main(argv=None) -> int:
                    default="adapter_share")
     p.add_argument("--verbose", action="store_true", help="list the configurations and folders behind each row")
     p.add_argument("--no-cost", action="store_true", help="leave out the cost table (wall time, GPU-hours, memory)")
-    p.add_argument("--wandb-project", help="read records from this W&B project instead of --root")
-    p.add_argument("--wandb-entity")
-    p.add_argument("--wandb-cache", help="cache folder (default $PILORA_WANDB_CACHE or .wandb_cache)")
-    p.add_argument("--refresh", action="store_true", help="pull the W&B project again")
     p.add_argument("--out", help="also write the output to this file")
     args = p.parse_args(argv)
-    if args.wandb_project:
-        df = load_wandb(args.wandb_project, args.wandb_entity, args.wandb_cache, refresh=args.refresh)
-    else:
-        df = load_records(args.root)
+    try:
+        df = load_source(args)
+    except WandbSourceError as err:
+        say(f"error: {err}")
+        return 2
     if df.empty:
         say("showing the paper's numbers only (ours: —)")
     text = render(df, args.table, args.which, args.latex, args.params_basis, args.verbose, cost=not args.no_cost)

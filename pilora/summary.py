@@ -30,13 +30,16 @@ def format_table(rows: list[dict]) -> str:
         return "(no complete records)"
     metric = [k for k in rows[0] if k not in {"method", "task", "seed", "trainable", "adapter", "share_%",
                                                 "dominant", "time_s", "path"}][0]
-    head = f"{'method':8s} {'task':10s} {'seed':>4s} {metric:>9s} {'trainable':>10s} {'adapter':>9s} " \
+    # columns as wide as their longest entry (lora_matched, commonsense170k ...)
+    wm = max(8, *(len(str(r["method"])) for r in rows))
+    wt = max(10, *(len(str(r["task"])) for r in rows))
+    head = f"{'method':{wm}s} {'task':{wt}s} {'seed':>4s} {metric:>9s} {'trainable':>10s} {'adapter':>9s} " \
            f"{'share %':>8s} {'dominant':>8s} {'time s':>7s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         dom = f"{r['dominant']:.3f}" if r["dominant"] is not None else "—"
         acc = f"{r[metric]:.4f}" if isinstance(r[metric], (int, float)) else "—"
-        lines.append(f"{r['method']:8s} {r['task']:10s} {r['seed']:>4d} {acc:>9s} {r['trainable']:>10,d} "
+        lines.append(f"{r['method']:{wm}s} {r['task']:{wt}s} {r['seed']:>4d} {acc:>9s} {r['trainable']:>10,d} "
                      f"{r['adapter']:>9,d} {r['share_%']:>8.3f} {dom:>8s} {r['time_s']:>7.0f}")
     return "\n".join(lines)
 
@@ -45,7 +48,7 @@ try:  # a Hydra callback when Hydra is present; the functions above need no Hydr
     from hydra.experimental.callback import Callback
 
     class PrintSummary(Callback):
-        """After a multirun, print the table of its records (used by experiment=demo)."""
+        """After every multirun, print the table of its records (conf/config.yaml hydra.callbacks)."""
 
         def on_multirun_end(self, config, **kwargs):
             print("\n" + format_table(summary_rows(config.hydra.sweep.dir)), flush=True)

@@ -31,13 +31,15 @@ import torch
 
 from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapter
 from .budget import matched_rank_pattern
-from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, NanLossGuard
+from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
+                        stage_label)
 from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
 from .importance import ImportanceAccumulator, ImportanceStats
+from . import logging_wandb
+from .export import write_adapters
 from .full import check_full_finetune_fsdp
-from .layer import save_adapter
 from .lora_dash import DIRECTIONS_FILE, DashLaunchCallback
 from .methods import METHODS, MethodConfig, prepare_model
 from .params import count_parameters
@@ -149,7 +151,9 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
         # accelerate only sets up CPU DDP (gloo) when told use_cpu; otherwise every rank would
         # silently train on the whole data set on its own
         kwargs.setdefault("use_cpu", True)
-    report = ["wandb"] if cfg.get("logger", {}).get("name") == "wandb" else "none"
+    # never Trainer's own W&B callback: pilora.logging_wandb logs each stage under its own prefix
+    # and keeps the run's config to the resolved Hydra config
+    report = "none"
     try:
         args = TrainingArguments(output_dir=output_dir, report_to=report, seed=int(cfg["seed"]),
                                  remove_unused_columns=task.remove_unused_columns,
@@ -165,13 +169,18 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
 
 def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
 
     trainer = Trainer(model=model, args=args, train_dataset=data["train"],
                       eval_dataset=data["validation"] if evaluate else None,
                       data_collator=task.collator(), compute_metrics=task.compute_metrics if evaluate else None,
-                      callbacks=[NanLossGuard(), *callbacks])
+                      callbacks=[NanLossGuard(), *callbacks, *logging_wandb.trainer_callbacks(args.output_dir)])
     if task.accepts_loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = task.accepts_loss_kwargs
+    stage = stage_label(args.output_dir)  # console: bars named after their stage, metrics into run.log
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(StageProgress(stage))
+    trainer.add_callback(MetricsToLog(stage))
     return trainer
 
 
@@ -281,17 +290,6 @@ def _epoch_history(log_history: list[dict]) -> list[dict]:
             for e in log_history if "eval_loss" in e or any(k.startswith("eval_") for k in e)]
 
 
-def _start_logger(cfg: dict, out: str):
-    lg = cfg.get("logger") or {}
-    if lg.get("name") != "wandb":
-        return None
-    import wandb
-
-    return wandb.init(project=lg.get("project", "pilora"), entity=lg.get("entity"), mode=lg.get("mode", "offline"),
-                      dir=out, name=lg.get("run_name"), group=lg.get("group"), tags=list(lg.get("tags") or []),
-                      config=cfg, reinit="finish_previous")
-
-
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -316,23 +314,23 @@ def train(cfg: Any) -> dict:
     if method.modules_to_save is None and task.head_modules:
         method.modules_to_save = list(task.head_modules)
     data = task.datasets()
-    run = _start_logger(cfg, out) if is_main() else None
+    run = logging_wandb.start_run(cfg, out) if is_main() else None
     try:
         record = _run(cfg, task, method, data, out)
         if run is not None:
-            for part in ("final", "best", "test"):
-                run.summary.update({f"{part}/{k}": v for k, v in (record["metrics"][part] or {}).items()})
-            if record["pilora"]:
-                run.summary["pilora/dominant_fraction"] = record["pilora"]["dominant_fraction"]
-            run.summary.update({f"params/{k}": v for k, v in record["params"].items()})
             record["wandb"] = {"id": run.id, "project": run.project, "dir": run.dir}
         if is_main():
             atomic_write_json(os.path.join(out, RECORD), record)
             log.info("record written: %s", os.path.join(out, RECORD))
+        if run is not None:  # summary = the record; artifacts = record, stage-1 statistics, adapter
+            logging_wandb.finish_run(run, record, cfg, out, {
+                "results": os.path.join(out, RECORD), "adapter": os.path.join(out, "adapter"),
+                "importance": (record.get("pilora") or record.get("budget_match") or {}).get("importance_file")})
+            run = None
         return record
     finally:
         if run is not None:
-            run.finish()  # one W&B run per job, also inside multiruns
+            logging_wandb.abort(run)  # a failed job: its run ends marked as failed
 
 
 def _run(cfg, task, method, data, out) -> dict:
@@ -391,11 +389,10 @@ def _run(cfg, task, method, data, out) -> dict:
     timings["total_s"] = time.time() - t_start
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
     if cfg.get("save_adapter", True) and is_main():
-        adapter_dir = os.path.join(out, "adapter")
         if not METHODS[method.name].adapter:  # full fine-tuning: the whole model (Trainer handles FSDP state)
             trainer.save_model(os.path.join(out, "model"))
         else:
-            save_adapter(model, adapter_dir) if masks is not None else save_peft_adapter(model, adapter_dir)
+            write_adapters(model, out)  # adapter/ loads in stock PEFT / lm-eval; PiLoRA also adapter_pilora/
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "schema": SCHEMA, "status": "complete",

@@ -489,3 +489,23 @@ def test_notebooks_execute_top_to_bottom(tree, monkeypatch):
             assert len(images) == 2
         else:
             assert len(images) == 1
+
+
+def test_fig4_legend_names_pilora_and_the_params_line_and_keeps_n_labels_inside(tree):
+    import matplotlib.pyplot as plt
+
+    from analysis.figures import fig_rprime
+    from analysis.records import load_records
+
+    plt.switch_backend("Agg")
+    fig = fig_rprime(load_records(tree, quiet=True))
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.endswith("PiLoRA") for t in texts) and any(t.startswith("# Params (%)") for t in texts)
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    for t in ax.texts:
+        if t.get_text().startswith("n=") and t.get_visible():
+            e = t.get_window_extent()
+            assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1
+    plt.close(fig)

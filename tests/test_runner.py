@@ -41,7 +41,7 @@ def _check_pilora(rec, out):
     from pilora.partition import partition
     masks = partition(stats, info["partition"], **info["partition_args"])
     from safetensors.torch import load_file
-    saved = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    saved = load_file(os.path.join(out, "adapter_pilora", "adapter_model.safetensors"))
     for name, mask in masks.items():
         assert torch.equal(saved[f"base_model.model.{name}.lora_B.dominant_mask"].bool(), mask)
         assert info["dominant_fraction_per_module"][name] == pytest.approx(mask.float().mean().item())

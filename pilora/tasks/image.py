@@ -20,6 +20,9 @@ class VisionTask(Task):
         from transformers import CLIPVisionConfig
 
         n = int(self.cfg["num_labels"])
+        if self.model_cfg.get("backend") == "open_clip":  # model=clip-vit-b32-openclip (pilora.tasks.openclip)
+            from .openclip import build_classifier
+            return build_classifier(self.model_cfg, n)
         if self.model_cfg.get("from_config"):
             spec = {k: val for k, val in self.model_cfg["from_config"].items() if k != "model_type"}
             return v.CLIPImageClassifier.from_config(CLIPVisionConfig(**spec), n, pool=self.pool)
