@@ -235,3 +235,23 @@ def test_importance_checks_sets_k_from_stage1_length(tmp_path, caplog):
     assert "T = 3 importance check" in caplog.text and "method.importance_checks=10" in caplog.text
     with pytest.raises(ValueError, match="importance_checks"):
         train(compose_cfg(base + ["method.importance_checks=0"], tmp_path / "bad"))
+
+
+# ------------------------------------------------- 4, 8, 10. what the accuracy tables disclose
+
+def test_tables_disclose_selection_parameter_basis_and_stage1_training(tmp_path):
+    from analysis.records import frame, record_row
+    from analysis.tables import render
+
+    rec = train(compose_cfg(FAST + glue_overrides(tmp_path / "data") + [
+        "method=pilora", "trainer.max_steps=2", "method.stage1.max_steps=3"], tmp_path / "run"))
+    df = frame([record_row(rec, str(tmp_path / "run" / "results.json"))])
+    best, final = render(df, ["2"], which="best"), render(df, ["2"], which="final")
+    # the best epoch is picked on the data it reports: the table says so (and not for the last epoch)
+    assert "same data the columns report" in best and "same data the columns report" not in final
+    # Table 2's parameter column: what r = 8 trains, against the printed 4.00 %
+    assert "the printed 4.00 % needs r = 32" in best
+    # PiLoRA's extra stage-1 training, with our records' length, in the accuracy table itself
+    assert "Training length: PiLoRA first trains a plain LoRA" in best and "(our records: 3 steps)" in best
+    t3 = render(frame([]), ["3"])
+    assert "Training length" in t3 and "same data the columns report" not in t3
