@@ -9,6 +9,7 @@ import os
 
 from .callbacks import FirstStep
 from .distributed import is_main
+from .jobdir import holds_lock
 
 log = logging.getLogger("pilora")
 
@@ -82,11 +83,14 @@ def resume_point(stage_dir: str, enabled: bool, required: tuple[str, ...] = ()) 
 
     if not enabled or not os.path.isdir(stage_dir):
         return None
+    # only the holder of the job's lock may remove a checkpoint: without it, the "cut short"
+    # checkpoint may be one a live run is writing right now
+    owner = is_main() and holds_lock(stage_dir)
     for ckpt in checkpoints(stage_dir):
         if not save_finished(ckpt, required):
             log.warning("checkpoint %s was cut short while being saved; %s", ckpt,
-                        "removing it" if is_main() else "ignoring it")
-            if is_main():
+                        "removing it" if owner else "ignoring it")
+            if owner:
                 shutil.rmtree(ckpt, ignore_errors=True)
             continue
         verify_checkpoint(ckpt)

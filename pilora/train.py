@@ -32,6 +32,7 @@ from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
 from .importance import ImportanceAccumulator, ImportanceStats
+from .jobdir import JobLocked, StaleJob, open_job  # noqa: F401 (re-exported)
 from .layer import save_adapter
 from .methods import METHODS, MethodConfig, prepare_model
 from .params import count_parameters
@@ -228,7 +229,20 @@ def _peak_memory_mb() -> float:
 
 
 def train(cfg: Any) -> dict:
-    """Run one job (see module docstring) and return its record."""
+    """Run one job (see module docstring) and return its record.
+
+    The job folder is locked for the whole job (a second copy stops with ``JobLocked``), and an
+    earlier run in it is reused only if it was made with this same config (``StaleJob`` otherwise);
+    see :mod:`pilora.jobdir`."""
+    cfg = _plain(cfg)
+    job = open_job(cfg)
+    try:
+        return _train(cfg)
+    finally:
+        job.release()
+
+
+def _train(cfg: dict) -> dict:
     from transformers import set_seed
 
     cfg = _plain(cfg)
