@@ -190,3 +190,54 @@ def test_resume_false_starts_clean_including_stage1(tmp_path):
     ref = torch.load(again["pilora"]["importance_file"], weights_only=True)["modules"]
     assert all(torch.equal(mine[k]["hits"], ref[k]["hits"]) for k in ref)
     assert fresh["pilora"]["dominant_fraction_per_module"] == again["pilora"]["dominant_fraction_per_module"]
+
+
+# -- folder names ----------------------------------------------------------------------------------
+def _dirs(overrides):
+    """The run folder and the multirun folder + subfolder Hydra would use for ``overrides``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from helpers import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg.hydra.run.dir, os.path.join(cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir)
+
+
+def _inside(path, root):
+    full = os.path.normpath(os.path.join("/base", path))
+    return full.startswith(f"/base/{root}/")
+
+
+def test_folder_names_cannot_leave_the_output_root():
+    run, sweep = _dirs(["+method.label=../../../../../x", "+task.dataset.data_dir=/etc/../tmp/y",
+                        "sweep_name=../../z"])
+    assert _inside(run, "outputs") and _inside(sweep, "multirun")
+    assert ".." not in run.split("/") and ".." not in sweep.split("/")
+    # a "/" in a value no longer nests folders: task, model, method, seed, overrides
+    assert len(run.split("/")) == 6 and len(sweep.split("/")) == 3
+
+
+def test_long_override_sets_become_prefix_plus_hash():
+    many = [f"trainer.{k}={v}" for k, v in [
+        ("learning_rate", 0.000123456), ("warmup_steps", 17), ("weight_decay", 0.0123), ("logging_steps", 3),
+        ("per_device_train_batch_size", 7), ("per_device_eval_batch_size", 9), ("max_grad_norm", 0.75),
+        ("num_train_epochs", 5), ("gradient_accumulation_steps", 2), ("lr_scheduler_type", "cosine"),
+        ("save_total_limit", 4), ("dataloader_num_workers", 0), ("max_steps", 1234)]] + ["method.r=16"]
+    run, sweep = _dirs(many)
+    for path in (run, sweep):
+        leaf = path.split("/")[-1]
+        assert len(leaf.encode()) <= 255
+        assert leaf.startswith("method.r=16,trainer.dataloader_num_workers=0")  # readable
+    other, _ = _dirs(many[:-1] + ["method.r=8"])
+    assert other.split("/")[-1] != run.split("/")[-1]  # the hash covers the full set
+
+
+def test_non_integer_seed_is_named_and_makes_no_folder(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "seed=abc", "logger=none"], cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "seed must be an integer, got 'abc'" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
