@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 import typing
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from .budget import matched_rank_pattern
 from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, NanLossGuard
 from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
+from .cost import JobClock, peak_memory_mb
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
 from .importance import ImportanceAccumulator, ImportanceStats
@@ -169,16 +169,24 @@ def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     return trainer
 
 
-def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> tuple[ImportanceStats, str]:
-    """Stage 1 of Alg. 1; returns the statistics and the file they were saved to."""
+def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
+               clock: JobClock | None = None) -> tuple[ImportanceStats, str]:
+    """Stage 1 of Alg. 1; returns the statistics and the file they were saved to. ``clock`` gets
+    the stage's time as ``stages["stage1"]`` (restored from ``importance.pt`` / a checkpoint)."""
+    clock = clock or JobClock()
+    clock.start("stage1")
     path = os.path.join(out, IMPORTANCE_FILE)
     source = cfg["method"].get("importance_from")
     if source:
         log.info("PiLoRA stage 1: reusing importance statistics from %s", source)
-        return ImportanceStats.load(source), os.path.abspath(source)
+        stats = ImportanceStats.load(source)
+        clock.stop("stage1")
+        return stats, os.path.abspath(source)
     if os.path.exists(path):  # an interrupted job that had finished stage 1
         log.info("PiLoRA stage 1: already done, loading %s", path)
-        return ImportanceStats.load(path), path
+        stats = ImportanceStats.load(path)
+        clock.restore(stats.meta.get("cost"))
+        return stats, path
     stage1 = cfg["method"].get("stage1") or {}
     stage_dir = os.path.join(out, "stage1")
     overrides = {"num_train_epochs": float(stage1.get("epochs", 1)), "max_steps": int(stage1.get("max_steps", -1)),
@@ -196,10 +204,12 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> t
     log.info("PiLoRA stage 1: importance accumulation (K=%d)%s", method.importance_interval,
              f", resuming {resume}" if resume else "")
     trainer = _make_trainer(cfg, task, model, data, args, [ImportanceCallback(acc)], evaluate=False)
-    fit(trainer, resume)
+    fit(trainer, resume, clock)
     stats = acc.finalize()
     stats.meta["steps"] = trainer.state.global_step
     stats.meta["world_size"] = world_size()
+    clock.stop("stage1")
+    stats.meta["cost"] = clock.state()  # a job resumed after stage 1 still counts its time
     if is_main():
         stats.save(path)
     del trainer, model
@@ -223,9 +233,7 @@ def _start_logger(cfg: dict, out: str):
 
 
 def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_memory_mb()
 
 
 def train(cfg: Any) -> dict:
@@ -280,14 +288,13 @@ def _train(cfg: dict) -> dict:
 
 def _run(cfg, task, method, data, out) -> dict:
     timings, pilora_info = {}, None
-    t_start = time.time()
+    clock = JobClock()  # time and peak memory summed over the segments of a preempted job
     masks = budget = None
     matched = bool(cfg["method"].get("match_budget"))
     if matched or METHODS[method.name].two_stage:
         # stage 1 and its partition: PiLoRA's dominant rows, or the budget a matched LoRA copies
-        t0 = time.time()
-        stats, stats_path = run_stage1(cfg, task, method, data, out)
-        timings["stage1_s"] = time.time() - t0
+        stats, stats_path = run_stage1(cfg, task, method, data, out, clock)
+        timings["stage1_s"] = clock.stages["stage1"]
         stage1_masks = partition(stats, method.partition, **method.partition_args)
         check_ranks_agree(stage1_masks, stats)
     if matched:
@@ -316,14 +323,15 @@ def _run(cfg, task, method, data, out) -> dict:
     resume = resume_point(stage_dir, cfg.get("resume", True))
     if resume:
         log.info("resuming from %s", resume)
-    t0 = time.time()
-    fit(trainer, resume)
-    timings["stage2_s" if masks is not None else "train_s"] = time.time() - t0
+    stage = "stage2" if masks is not None else "train"
+    clock.start(stage)
+    fit(trainer, resume, clock)
+    timings[f"{stage}_s"] = clock.stop(stage)
     epochs = _epoch_history(trainer.state.log_history)
     t0 = time.time()
     test = task.final_metrics(model, trainer, data)
     timings["final_eval_s"] = time.time() - t0
-    timings["total_s"] = time.time() - t_start
+    timings["total_s"] = clock.elapsed()
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
     if cfg.get("save_adapter", True) and is_main():
         adapter_dir = os.path.join(out, "adapter")
@@ -339,7 +347,7 @@ def _run(cfg, task, method, data, out) -> dict:
         "params": params.to_dict(),
         "pilora": pilora_info, "budget_match": budget,
         "timing": timings, "steps": trainer.state.global_step,
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": clock.peak(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "world_size": world_size(),
     }
