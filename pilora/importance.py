@@ -137,7 +137,10 @@ class ImportanceStats:
         except Exception as err:  # a truncated or foreign file
             raise ValueError(f"{path!r} is not a readable importance-statistics file ({err}); "
                              "re-run stage 1 to regenerate it") from err
-        if not isinstance(payload, dict) or payload.get("format") != STATS_FORMAT:
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path!r} holds a {type(payload).__name__}, not importance statistics (a dict "
+                             "written by a PiLoRA stage 1); point method.importance_from at a stage-1 importance.pt")
+        if payload.get("format") != STATS_FORMAT or not isinstance(payload.get("modules"), dict):
             raise ValueError(f"{path!r} has importance-statistics format {payload.get('format')!r}, "
                              f"this code reads format {STATS_FORMAT}; re-run stage 1")
         modules = {name: ModuleStats(tuple(d["shape"]), d["hits"], d["score_sum"], int(d["checks"]),

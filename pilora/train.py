@@ -36,6 +36,7 @@ from .jobdir import JobLocked, StaleJob, open_job  # noqa: F401 (re-exported)
 from .layer import save_adapter
 from .methods import METHODS, MethodConfig, prepare_model
 from .params import count_parameters
+from .stats_check import check_statistics
 from .partition import dominant_fractions, partition
 from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
 from .tasks import make_task
@@ -200,6 +201,7 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
     acc = ImportanceAccumulator(model, interval=method.importance_interval, chunk_rows=method.chunk_rows,
                                 stats=stats)
     acc.stats.meta = {"task": task.name, "model": cfg["model"]["name"], "seed": cfg["seed"],
+                      "target_modules": method.target_modules,
                       "r": method.stage1_r or method.r, "interval": method.importance_interval}
     log.info("PiLoRA stage 1: importance accumulation (K=%d)%s", method.importance_interval,
              f", resuming {resume}" if resume else "")
@@ -313,7 +315,10 @@ def _run(cfg, task, method, data, out) -> dict:
         log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition, fractions["overall"])
     # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
     torch.manual_seed(int(cfg["seed"]))
-    model = prepare_model(task.build_model(), method, masks=masks, task_type=task.task_type)
+    base = task.build_model()
+    if matched or METHODS[method.name].two_stage:
+        check_statistics(stats, stats_path, base, method, cfg["model"]["name"])
+    model = prepare_model(base, method, masks=masks, task_type=task.task_type)
     params = count_parameters(model)
     stage_dir = os.path.join(out, "stage2" if masks is not None else "train")
     args = _training_args(cfg, task, stage_dir)
