@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .records import umask_mode
+
 STATS_FORMAT = 1
 
 
@@ -118,6 +120,7 @@ class ImportanceStats:
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a group on a shared disk may read results
         os.close(fd)
         try:
             torch.save(payload, tmp)

@@ -322,6 +322,9 @@ def open_job(cfg: dict):
     Returns an object whose ``release()`` frees the folder."""
     from .distributed import is_main
 
+    from .checks import check_values
+
+    check_values(cfg)  # before the folder exists: a bad value leaves nothing behind
     out = os.path.abspath(cfg["output_dir"])
     os.makedirs(out, exist_ok=True)
     if not is_main():

@@ -241,3 +241,30 @@ def test_non_integer_seed_is_named_and_makes_no_folder(tmp_path):
     assert proc.returncode != 0
     assert "seed must be an integer, got 'abc'" in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+# -- values named before anything runs; files readable as the umask says --------------------------
+@pytest.mark.parametrize("override, message", [
+    ("method.r=abc", r"method\.r must be an integer >= 1, got 'abc'"),
+    ("method.r=2.5", r"method\.r must be an integer >= 1, got 2\.5"),
+    ("seed=abc", r"seed must be an integer"),
+])
+def test_bad_numbers_are_named_before_a_folder_is_made(tmp_path, override, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(compose_cfg(_vision(tmp_path / "img", override), out))
+    assert not out.exists()
+
+
+def test_records_and_statistics_follow_the_umask(tmp_path):
+    from pilora import ImportanceStats
+    from pilora.records import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(str(tmp_path / "results.json"), {"a": 1})
+        ImportanceStats().save(tmp_path / "importance.pt")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "results.json").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "importance.pt").st_mode & 0o777 == 0o644
