@@ -83,7 +83,10 @@ class JobLock:
         os.lseek(self._fd, 0, os.SEEK_SET)
         os.ftruncate(self._fd, 0)
         os.write(self._fd, data)
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)  # pushes the heartbeat to other hosts of a shared filesystem sooner
+        except OSError:
+            pass
 
     def _holder_alive(self, holder: dict, flocked: bool) -> bool:
         if holder.get("host") == self.info["host"]:
@@ -281,9 +284,12 @@ def check_reusable(cfg: dict, out: str) -> None:
                 "(hydra.run.dir=... / sweep_name=...), or with resume=false to discard that run and start clean.")
         if os.path.exists(path):
             return
-    from .records import atomic_write_json
-
-    atomic_write_json(path, mine)
+    # temp file + rename, without fsync: a full disk is reported by the record write at the end
+    # (RecordWriteError); a power loss at worst leaves an unreadable manifest, which the rerun reports
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(mine, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _read_json(path: str):
