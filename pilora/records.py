@@ -30,6 +30,7 @@ def atomic_write_json(path: str, obj) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a group on a shared disk may read results
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_jsonable, allow_nan=True)
             f.flush()
@@ -44,6 +45,13 @@ def atomic_write_json(path: str, obj) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` as the process umask leaves it (what ``open(..., "w")`` would create)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
 
 
 def _jsonable(x):

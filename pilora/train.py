@@ -22,29 +22,31 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 import typing
 from typing import Any
 
 import torch
 
+from . import logging_wandb
 from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapter
 from .budget import matched_rank_pattern
 from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
                         stage_label)
 from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
+from .cost import JobClock, peak_memory_mb
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
-from .importance import ImportanceAccumulator, ImportanceStats
-from . import logging_wandb
 from .export import write_adapters
 from .full import check_full_finetune_fsdp
+from .importance import ImportanceAccumulator, ImportanceStats
+from .jobdir import JobLocked, StaleJob, open_job  # noqa: F401 (re-exported)
 from .lora_dash import DIRECTIONS_FILE, DashLaunchCallback
 from .methods import METHODS, MethodConfig, prepare_model
 from .params import count_parameters
 from .partition import dominant_fractions, partition
 from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
+from .stats_check import check_statistics
 from .tasks import make_task
 
 log = logging.getLogger("pilora")
@@ -184,16 +186,24 @@ def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     return trainer
 
 
-def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> tuple[ImportanceStats, str]:
-    """Stage 1 of Alg. 1; returns the statistics and the file they were saved to."""
+def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
+               clock: JobClock | None = None) -> tuple[ImportanceStats, str]:
+    """Stage 1 of Alg. 1; returns the statistics and the file they were saved to. ``clock`` gets
+    the stage's time as ``stages["stage1"]`` (restored from ``importance.pt`` / a checkpoint)."""
+    clock = clock or JobClock()
+    clock.start("stage1")
     path = os.path.join(out, IMPORTANCE_FILE)
     source = cfg["method"].get("importance_from")
     if source:
         log.info("PiLoRA stage 1: reusing importance statistics from %s", source)
-        return ImportanceStats.load(source), os.path.abspath(source)
+        stats = ImportanceStats.load(source)
+        clock.stop("stage1")
+        return stats, os.path.abspath(source)
     if os.path.exists(path):  # an interrupted job that had finished stage 1
         log.info("PiLoRA stage 1: already done, loading %s", path)
-        return ImportanceStats.load(path), path
+        stats = ImportanceStats.load(path)
+        clock.restore(stats.meta.get("cost"))
+        return stats, path
     stage1 = cfg["method"].get("stage1") or {}
     stage_dir = os.path.join(out, "stage1")
     overrides = {"num_train_epochs": float(stage1.get("epochs", 1)), "max_steps": int(stage1.get("max_steps", -1)),
@@ -207,6 +217,7 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> t
     acc = ImportanceAccumulator(model, interval=method.importance_interval, chunk_rows=method.chunk_rows,
                                 stats=stats)
     acc.stats.meta = {"task": task.name, "model": cfg["model"]["name"], "seed": cfg["seed"],
+                      "target_modules": method.target_modules,
                       "r": method.stage1_r or method.r, "interval": method.importance_interval}
     log.info("PiLoRA stage 1: importance accumulation (K=%d)%s", method.importance_interval,
              f", resuming {resume}" if resume else "")
@@ -215,11 +226,13 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str) -> t
         acc.interval = acc.stats.meta["interval"] = interval_for_checks(trainer, int(method.importance_checks))
         log.info("PiLoRA stage 1: K=%d for %d checks", acc.interval, method.importance_checks)
     _warn_if_in_warmup(trainer)
-    fit(trainer, resume)
+    fit(trainer, resume, clock)
     stats = acc.finalize()
     _warn_if_few_checks(stats)
     stats.meta["steps"] = trainer.state.global_step
     stats.meta["world_size"] = world_size()
+    clock.stop("stage1")
+    stats.meta["cost"] = clock.state()  # a job resumed after stage 1 still counts its time
     if is_main():
         stats.save(path)
     del trainer, model
@@ -290,14 +303,21 @@ def _epoch_history(log_history: list[dict]) -> list[dict]:
             for e in log_history if "eval_loss" in e or any(k.startswith("eval_") for k in e)]
 
 
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def train(cfg: Any) -> dict:
-    """Run one job (see module docstring) and return its record."""
+    """Run one job (see module docstring) and return its record.
+
+    The job folder is locked for the whole job (a second copy stops with ``JobLocked``), and an
+    earlier run in it is reused only if it was made with this same config (``StaleJob`` otherwise);
+    see :mod:`pilora.jobdir`."""
+    cfg = _plain(cfg)
+    job = open_job(cfg)
+    try:
+        return _train(cfg)
+    finally:
+        job.release()
+
+
+def _train(cfg: dict) -> dict:
     from transformers import set_seed
 
     cfg = _plain(cfg)
@@ -335,14 +355,13 @@ def train(cfg: Any) -> dict:
 
 def _run(cfg, task, method, data, out) -> dict:
     timings, pilora_info = {}, None
-    t_start = time.time()
+    clock = JobClock()  # time and peak memory summed over the segments of a preempted job
     masks = budget = None
     matched = bool(cfg["method"].get("match_budget"))
     if matched or METHODS[method.name].two_stage:
         # stage 1 and its partition: PiLoRA's dominant rows, or the budget a matched LoRA copies
-        t0 = time.time()
-        stats, stats_path = run_stage1(cfg, task, method, data, out)
-        timings["stage1_s"] = time.time() - t0
+        stats, stats_path = run_stage1(cfg, task, method, data, out, clock)
+        timings["stage1_s"] = clock.stages["stage1"]
         stage1_masks = partition(stats, method.partition, **method.partition_args)
         check_ranks_agree(stage1_masks, stats)
     if matched:
@@ -361,7 +380,10 @@ def _run(cfg, task, method, data, out) -> dict:
         log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition, fractions["overall"])
     # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
     torch.manual_seed(int(cfg["seed"]))
-    model = prepare_model(task.build_model(), method, masks=masks, task_type=task.task_type)
+    base = task.build_model()
+    if matched or METHODS[method.name].two_stage:
+        check_statistics(stats, stats_path, base, method, cfg["model"]["name"])
+    model = prepare_model(base, method, masks=masks, task_type=task.task_type)
     if METHODS[method.name].mutates_base and is_main():  # PiSSA / MiLoRA: kept to save a loadable adapter
         save_initial_adapter(model, os.path.join(out, INITIAL_ADAPTER_DIR))
     params = count_parameters(model)
@@ -379,14 +401,15 @@ def _run(cfg, task, method, data, out) -> dict:
     resume = resume_point(stage_dir, cfg.get("resume", True))
     if resume:
         log.info("resuming from %s", resume)
-    t0 = time.time()
-    fit(trainer, resume)
-    timings["stage2_s" if masks is not None else "train_s"] = time.time() - t0
+    stage = "stage2" if masks is not None else "train"
+    clock.start(stage)
+    fit(trainer, resume, clock)
+    timings[f"{stage}_s"] = clock.stop(stage)
     epochs = _epoch_history(trainer.state.log_history)
     t0 = time.time()
     test = task.final_metrics(model, trainer, data)
     timings["final_eval_s"] = time.time() - t0
-    timings["total_s"] = time.time() - t_start
+    timings["total_s"] = clock.elapsed()
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
     if cfg.get("save_adapter", True) and is_main():
         if not METHODS[method.name].adapter:  # full fine-tuning: the whole model (Trainer handles FSDP state)
@@ -405,7 +428,7 @@ def _run(cfg, task, method, data, out) -> dict:
         "params": params.to_dict(),
         "pilora": pilora_info, "budget_match": budget, "lora_dash": dash.summary() if dash else None,
         "timing": timings, "steps": trainer.state.global_step,
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": clock.peak(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "world_size": world_size(),
     }

@@ -96,7 +96,48 @@ def test_sigkill_mid_stage_then_rerun_resumes(tmp_path, reference, stage):
         assert "importance accumulation (K=1), resuming" in log
     else:
         assert "stage 1: already done" in log and f"resuming from {out}/stage2/checkpoint-" in log
-    _assert_same_result(json.load(open(out / "results.json")), out, ref_rec, ref_out)
+    rec = json.load(open(out / "results.json"))
+    _assert_same_result(rec, out, ref_rec, ref_out)
+    # the cost covers both segments: stage 1 was timed before the kill (its steps were slowed by 0.5 s)
+    assert rec["timing"]["stage1_s"] >= (1.0 if stage == "stage1" else 0.5 * ref_rec["timing"]["stage1_s"])
+    assert rec["timing"]["total_s"] >= rec["timing"]["stage1_s"] + rec["timing"]["stage2_s"]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_sigkill_after_the_final_checkpoint_only_evaluates_and_saves(tmp_path, reference):
+    """Killed during the final adapter save: the rerun trains no further step, and ends with the
+    uninterrupted run's steps, weights and metrics, and the first segment's training time."""
+    overrides, ref_out, ref_rec = reference
+    out = tmp_path / "run"
+    args = [*overrides, f"hydra.run.dir={out}"]
+    marker = tmp_path / "saving"
+    _kill_when([sys.executable, "tests/slow_run.py", *args], marker.exists, {**ENV, "PILORA_SLOW_SAVE": str(marker)})
+    final = out / "stage2" / f"checkpoint-{ref_rec['steps']}"
+    saved = json.load(open(final / "pilora_cost.json"))
+    assert not (out / "results.json").exists()
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved after the last training step: loading it, no further training" in (out / "run.log").read_text()
+    rec = json.load(open(out / "results.json"))
+    _assert_same_result(rec, out, ref_rec, ref_out)
+    assert rec["train_loss"] == ref_rec["train_loss"]
+    got, want = _adapter(out), _adapter(ref_out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # times come from the killed segment's checkpoint, not from the rerun's few seconds
+    assert rec["timing"]["stage1_s"] == pytest.approx(saved["stages"]["stage1"])
+    # stage 2 as saved at its last step, plus the end-of-epoch evaluation that followed that save
+    assert saved["job_s"] - saved["started"]["stage2"] <= rec["timing"]["stage2_s"] \
+        < saved["job_s"] - saved["started"]["stage2"] + 5
+    assert rec["timing"]["total_s"] >= saved["job_s"] + rec["timing"]["final_eval_s"] - 0.01
+    assert rec["peak_memory_mb"] >= saved["peak_memory_mb"]
+    for key in ("stage1_s", "stage2_s", "total_s"):  # same order as the uninterrupted run's cost
+        assert 0.3 * ref_rec["timing"][key] < rec["timing"][key] < 3 * ref_rec["timing"][key] + 5, key
 
 
 def test_killed_record_write_keeps_previous_record(tmp_path, monkeypatch):

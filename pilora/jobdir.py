@@ -1,0 +1,347 @@
+"""The job folder: who may write it (a lock), whether what is in it belongs to this config
+(the job manifest), and a clean start (``resume=false``).
+
+A job folder is reused (finished record returned, checkpoints resumed) only when the manifest
+written by the job that created it (``job.json``: the resolved config and the identity of every
+input file the config names) equals the new job's. Anything else stops the job with
+:class:`StaleJob`, instead of silently returning or continuing a different experiment.
+
+The lock (``.lock`` in the job folder) holds the writer's host, pid and a heartbeat. On a local
+disk ``fcntl.flock`` decides (the kernel drops it with the process); on a shared filesystem
+where ``flock`` does not reach other hosts, a holder named in the file is live while its
+heartbeat is fresh (other host) or its pid runs (same host).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+
+log = logging.getLogger("pilora")
+
+LOCK_FILE = ".lock"
+MANIFEST = "job.json"
+# what a job writes into its folder; resume=false removes exactly these (never anything else the
+# folder may hold, e.g. Hydra's .hydra/ and run.log, or wandb/)
+JOB_ARTIFACTS = ("results.json", "importance.pt", "stage1", "stage2", "train", "adapter", "adapter_pilora",
+                 "adapter_init", "model", "dash_directions.pt", MANIFEST)
+# config keys that do not change what a job computes: a rerun differing only in them reuses the job
+NOT_RESULT_KEYS = ("resume", "output_dir", "logger")
+HEARTBEAT_S = float(os.environ.get("PILORA_LOCK_HEARTBEAT_S", "30"))
+# a holder on another host whose heartbeat is older than this is taken for dead (crashed node)
+STALE_S = float(os.environ.get("PILORA_LOCK_STALE_S", "300"))
+
+_held: dict[str, "JobLock"] = {}
+
+
+class JobLocked(RuntimeError):
+    """Another live process writes this job folder."""
+
+
+class StaleJob(RuntimeError):
+    """The job folder holds a run of a different config (or of changed input files)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class JobLock:
+    """Exclusive writer lock of one job folder; use as a context manager."""
+
+    def __init__(self, folder: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+        self.folder = os.path.abspath(folder)
+        self.path = os.path.join(self.folder, LOCK_FILE)
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self._fd = None
+        self._stop = threading.Event()
+        self._thread = None
+        self.info = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    # -- holder file ------------------------------------------------------------------------
+    def _read_holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                text = f.read()
+            return json.loads(text) if text.strip() else None
+        except (OSError, ValueError):
+            return None
+
+    def _write_holder(self) -> None:
+        data = json.dumps({**self.info, "heartbeat": time.time()}).encode()
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, data)
+        try:
+            os.fsync(self._fd)  # pushes the heartbeat to other hosts of a shared filesystem sooner
+        except OSError:
+            pass
+
+    def _holder_alive(self, holder: dict, flocked: bool) -> bool:
+        if holder.get("host") == self.info["host"]:
+            if flocked or holder.get("pid") == self.info["pid"]:
+                # a live holder on this host would hold the flock we just got: it is gone (its pid may
+                # even run another program by now)
+                return False
+            return _pid_alive(int(holder.get("pid", -1)))
+        return time.time() - float(holder.get("heartbeat", 0)) < self.stale_s
+
+    @staticmethod
+    def describe(holder: dict | None) -> str:
+        if not holder:
+            return "another process"
+        age = time.time() - float(holder.get("heartbeat", 0))
+        return f"pid {holder.get('pid')} on host {holder.get('host')} (heartbeat {age:.0f} s ago)"
+
+    def _refuse(self, holder: dict | None):
+        os.close(self._fd)
+        self._fd = None
+        raise JobLocked(
+            f"job folder {self.folder} is being written by {self.describe(holder)}: two copies of one job "
+            f"would overwrite each other's checkpoints and record. Wait for it to finish (rerunning the same "
+            f"command then returns its record), or stop it. If that process is gone (e.g. a crashed node), "
+            f"delete {self.path} and rerun.")
+
+    # -- acquire / release ------------------------------------------------------------------
+    def acquire(self) -> "JobLock":
+        import fcntl
+
+        os.makedirs(self.folder, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        flocked = True
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            flocked = False
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                self._refuse(self._read_holder())
+            # ENOLCK / ENOSYS / EOPNOTSUPP: a filesystem without flock; the holder file decides
+            log.warning("flock unavailable on %s (%s); relying on the host/pid/heartbeat in the lock file",
+                        self.path, err)
+        holder = self._read_holder()
+        if holder and self._holder_alive(holder, flocked):
+            self._refuse(holder)
+        if holder and holder.get("pid") != self.info["pid"]:
+            log.warning("taking over the stale lock of %s", self.describe(holder))
+        self._write_holder()
+        self._thread = threading.Thread(target=self._beat, name="pilora-lock-heartbeat", daemon=True)
+        self._thread.start()
+        _held[self.folder] = self
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._write_holder()
+            except (OSError, TypeError):  # closed by release() meanwhile
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        _held.pop(self.folder, None)
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                os.ftruncate(self._fd, 0)  # an empty lock file names no holder
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def holds_lock(path: str) -> bool:
+    """Whether this process holds the lock of the job folder containing ``path`` (or of ``path``)."""
+    p = os.path.abspath(path)
+    while True:
+        if p in _held:
+            return True
+        parent = os.path.dirname(p)
+        if parent == p:
+            return False
+        p = parent
+
+
+# -- manifest: what the folder was made for ----------------------------------------------------
+def _identity(path: str) -> dict:
+    """Size + modification time of a file; for a folder the same of its top-level entries (cheap on
+    data sets with many files, and it changes when a split or file is replaced)."""
+    st = os.stat(path)
+    if os.path.isdir(path):
+        entries = {}
+        for name in sorted(os.listdir(path))[:1000]:
+            try:
+                e = os.stat(os.path.join(path, name))
+                entries[name] = [e.st_size, e.st_mtime_ns]
+            except OSError:
+                continue
+        return {"dir": entries}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def input_files(cfg: dict, out: str) -> dict:
+    """Identity of every existing file / folder named by a path-like string of ``cfg`` (outside the
+    job folder itself), keyed by its dotted config key."""
+    out = os.path.abspath(out)
+    found = {}
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if key == "" and k in NOT_RESULT_KEYS:
+                    continue
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and os.sep in node:
+            path = os.path.abspath(os.path.expanduser(node))
+            if path == out or path.startswith(out + os.sep) or not os.path.exists(path):
+                return
+            try:
+                found[key] = {"path": path, **_identity(path)}
+            except OSError:
+                pass
+
+    walk(cfg, "")
+    return found
+
+
+def manifest(cfg: dict, out: str) -> dict:
+    return {"config": {k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS},
+            "inputs": input_files(cfg, out)}
+
+
+def _normalise(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _differences(old, new, key="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in old:
+                out.append(f"{sub} (new: {new[k]!r})")
+            elif k not in new:
+                out.append(f"{sub} (was {old[k]!r}, now unset)")
+            else:
+                out += _differences(old[k], new[k], sub)
+        return out
+    return [] if old == new else [f"{key} (was {old!r}, now {new!r})"]
+
+
+def check_reusable(cfg: dict, out: str) -> None:
+    """Raise :class:`StaleJob` when ``out`` holds a job (record, checkpoints or statistics) that was
+    not made with this config and these input files; write the manifest for a new job."""
+    mine = _normalise(manifest(cfg, out))
+    path = os.path.join(out, MANIFEST)
+    theirs = None
+    try:
+        with open(path) as f:
+            theirs = json.load(f)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        theirs = {"config": "<unreadable job.json>"}
+    if theirs is None:
+        existing = [a for a in JOB_ARTIFACTS if os.path.exists(os.path.join(out, a))]
+        if existing:  # a folder written before manifests existed, or by a different tool
+            record = _read_json(os.path.join(out, "results.json"))
+            if record and isinstance(record.get("config"), dict):
+                old_cfg = {k: v for k, v in record["config"].items() if k not in NOT_RESULT_KEYS}
+                theirs = {"config": old_cfg, "inputs": mine["inputs"]}  # no input identities were kept
+            else:
+                theirs = {"config": f"<no {MANIFEST}; holds {', '.join(existing)}>"}
+    if theirs is not None:
+        diff = _differences(theirs.get("config"), mine["config"], "config") + \
+            _differences(theirs.get("inputs"), mine["inputs"], "input")
+        if diff:
+            shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} differences)" if len(diff) > 6 else "")
+            raise StaleJob(
+                f"the job folder {out} holds a run of a different config or input files: {shown}. "
+                "Its record and checkpoints would not belong to this run. Rerun into a new folder "
+                "(hydra.run.dir=... / sweep_name=...), or with resume=false to discard that run and start clean.")
+        if os.path.exists(path):
+            return
+    # temp file + rename, without fsync: a full disk is reported by the record write at the end
+    # (RecordWriteError); a power loss at worst leaves an unreadable manifest, which the rerun reports
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(mine, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def start_clean(out: str) -> list[str]:
+    """``resume=false``: remove what an earlier run of this job wrote (stage 1 included)."""
+    removed = []
+    for name in JOB_ARTIFACTS:
+        p = os.path.join(out, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("resume=false: removed %s from %s", ", ".join(removed), out)
+    return removed
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def open_job(cfg: dict):
+    """Take the job folder for this process: the lock (rank 0 only: the other ranks of a DDP job
+    never remove or write job files), a clean start for ``resume=false``, and the manifest check.
+    Returns an object whose ``release()`` frees the folder."""
+    from .distributed import is_main
+
+    from .checks import check_values
+
+    check_values(cfg)  # before the folder exists: a bad value leaves nothing behind
+    out = os.path.abspath(cfg["output_dir"])
+    os.makedirs(out, exist_ok=True)
+    if not is_main():
+        return _NoLock()
+    lock = JobLock(out).acquire()
+    try:
+        if not cfg.get("resume", True):
+            start_clean(out)
+        check_reusable(cfg, out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock

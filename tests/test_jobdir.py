@@ -1,0 +1,270 @@
+"""The job folder on a shared cluster: one writer per job (lock), a folder is reused only for the
+config (and input files) that made it, ``resume=false`` starts clean, folder names stay inside the
+output root."""
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import FAST, compose_cfg, write_images
+from pilora import jobdir
+from pilora.checkpoints import resume_point
+from pilora.jobdir import JobLock, JobLocked, StaleJob
+from pilora.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+
+def _vision(img, *extra):
+    return FAST + write_images(str(img)) + ["method=lora", "trainer.num_train_epochs=1", *extra]
+
+
+# -- one writer per job ----------------------------------------------------------------------------
+def test_second_copy_of_a_running_job_stops_and_names_the_holder(tmp_path):
+    """Two processes on one job: the second exits non-zero naming the first; the first finishes
+    untouched (its in-progress checkpoints are not removed)."""
+    out = tmp_path / "run"
+    args = _vision(tmp_path / "img", "trainer.num_train_epochs=2", "trainer.save_strategy=steps",
+                   "+trainer.save_steps=1") + [f"hydra.run.dir={out}"]
+    env = {**ENV, "PILORA_SLOW_STAGE": "train", "PILORA_STEP_DELAY": "3"}  # the second copy starts meanwhile
+    first = subprocess.Popen([sys.executable, "tests/slow_run.py", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (out / "train" / "checkpoint-1" / "trainer_state.json").exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.time() - t0 < 300
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode != 0
+        assert f"is being written by pid {first.pid} on host {socket.gethostname()}" in second.stderr
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    rec = json.load(open(out / "results.json"))
+    assert rec["status"] == "complete" and rec["steps"] == 6
+    assert os.path.getsize(out / jobdir.LOCK_FILE) == 0  # released: names no holder
+
+
+def test_lock_is_released_and_the_same_command_then_reuses_the_record(tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_cfg(_vision(tmp_path / "img"), out)
+    first = train(cfg)
+    assert os.path.getsize(out / jobdir.LOCK_FILE) == 0  # no holder named after the job
+    t0 = time.time()
+    again = train(cfg)
+    assert again["timing"] == first["timing"] and again["metrics"] == json.loads(json.dumps(first["metrics"]))
+    assert time.time() - t0 < first["timing"]["total_s"] + 5
+
+
+def _holder(folder, **kw):
+    (folder / jobdir.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                       "heartbeat": time.time(), **kw}))
+
+
+def test_lock_rules_without_flock(tmp_path, monkeypatch):
+    """A shared filesystem whose flock does not reach other hosts: the holder file decides by
+    host + pid (same host) and heartbeat (other host)."""
+    import fcntl
+
+    def no_flock(fd, op):
+        if op & fcntl.LOCK_UN:
+            return
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    # other host, fresh heartbeat: live
+    _holder(tmp_path, host="node-17", pid=123)
+    with pytest.raises(JobLocked, match=r"being written by pid 123 on host node-17 \(heartbeat \d+ s ago\).*delete"):
+        JobLock(str(tmp_path)).acquire()
+    # other host, heartbeat older than the stale limit: a crashed node, taken over
+    _holder(tmp_path, host="node-17", pid=123, heartbeat=time.time() - 10 * jobdir.STALE_S)
+    lock = JobLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / jobdir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    # same host: a live pid holds it, a dead pid does not
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _holder(tmp_path, pid=live.pid)
+        with pytest.raises(JobLocked, match=f"pid {live.pid}"):
+            JobLock(str(tmp_path)).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    _holder(tmp_path, pid=int(dead))
+    JobLock(str(tmp_path)).acquire().release()
+
+
+def test_heartbeat_refreshes_while_held(tmp_path):
+    lock = JobLock(str(tmp_path), heartbeat_s=0.1).acquire()
+    try:
+        first = json.loads((tmp_path / jobdir.LOCK_FILE).read_text())["heartbeat"]
+        time.sleep(0.5)
+        assert json.loads((tmp_path / jobdir.LOCK_FILE).read_text())["heartbeat"] > first
+        with pytest.raises(JobLocked):  # flock: another open of the same folder in this host
+            JobLock(str(tmp_path)).acquire()
+    finally:
+        lock.release()
+
+
+def test_torn_checkpoint_is_removed_only_under_the_lock(tmp_path):
+    stage = tmp_path / "train"
+    (stage / "checkpoint-3").mkdir(parents=True)  # no trainer_state.json: looks cut short
+    assert resume_point(str(stage), True) is None
+    assert (stage / "checkpoint-3").exists()  # not ours to remove
+    with JobLock(str(tmp_path)):
+        assert resume_point(str(stage), True) is None
+    assert not (stage / "checkpoint-3").exists()
+
+
+# -- stale records ---------------------------------------------------------------------------------
+def test_finished_folder_with_another_config_is_not_returned(tmp_path):
+    """What `experiment=sa2` after `experiment=sa` does: same folder, another learning rate."""
+    out = tmp_path / "run"
+    base = _vision(tmp_path / "img")
+    train(compose_cfg(base, out))
+    with pytest.raises(StaleJob, match=r"config\.trainer\.learning_rate \(was 0\.005, now 0\.001\).*resume=false"):
+        train(compose_cfg(base + ["trainer.learning_rate=1e-3"], out))
+    # logger / resume do not change results: the record is reused
+    again = train(compose_cfg(base + ["logger=none"], out))
+    assert again["config"]["trainer"]["learning_rate"] == 5e-3
+
+
+def test_changed_input_file_is_not_reused(tmp_path):
+    out = tmp_path / "run"
+    base = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1",
+                   "trainer.num_train_epochs=1"] + write_images(str(tmp_path / "img"))
+    first = train(compose_cfg(base, tmp_path / "src1"))
+    other = train(compose_cfg(base + ["seed=1"], tmp_path / "src2"))
+    f1, f2 = first["pilora"]["importance_file"], other["pilora"]["importance_file"]
+    train(compose_cfg(base + [f"method.importance_from={f1}"], out))
+    # a sweep over two statistics files that lands in one folder
+    with pytest.raises(StaleJob, match=r"method\.importance_from"):
+        train(compose_cfg(base + [f"method.importance_from={f2}"], out))
+    # the same path, but the file was regenerated since
+    stats = torch.load(f1, weights_only=True)
+    time.sleep(0.01)
+    torch.save(stats, f1 + ".new")
+    os.replace(f1 + ".new", f1)
+    with pytest.raises(StaleJob, match=r"input\.method\.importance_from\.mtime_ns"):
+        train(compose_cfg(base + [f"method.importance_from={f1}"], out))
+
+
+def test_interrupted_folder_with_another_config_is_not_resumed(tmp_path):
+    out = tmp_path / "run"
+    base = _vision(tmp_path / "img")
+    train(compose_cfg(base, out))
+    os.remove(out / "results.json")  # killed before the record: checkpoints remain
+    with pytest.raises(StaleJob, match="trainer.per_device_train_batch_size"):
+        train(compose_cfg(base + ["trainer.per_device_train_batch_size=4"], out))
+
+
+def test_resume_false_starts_clean_including_stage1(tmp_path):
+    out = tmp_path / "run"
+    base = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1",
+                   "trainer.num_train_epochs=1"] + write_images(str(tmp_path / "img"))
+    train(compose_cfg(base, out))
+    # plant foreign statistics in place of this job's own (as a run of another config would leave)
+    other = train(compose_cfg(base + ["seed=3"], tmp_path / "other"))
+    import shutil
+    shutil.copy(other["pilora"]["importance_file"], out / "importance.pt")
+    (out / "stage1" / "checkpoint-99").mkdir(parents=True)
+    fresh = train(compose_cfg(base + ["trainer.learning_rate=1e-3", "resume=false"], out))
+    assert not (out / "stage1" / "checkpoint-99").exists()
+    assert fresh["config"]["trainer"]["learning_rate"] == 1e-3
+    mine = torch.load(out / "importance.pt", weights_only=True)["modules"]
+    again = train(compose_cfg(base + ["trainer.learning_rate=1e-3"], tmp_path / "check"))  # a clean run
+    ref = torch.load(again["pilora"]["importance_file"], weights_only=True)["modules"]
+    assert all(torch.equal(mine[k]["hits"], ref[k]["hits"]) for k in ref)
+    assert fresh["pilora"]["dominant_fraction_per_module"] == again["pilora"]["dominant_fraction_per_module"]
+
+
+# -- folder names ----------------------------------------------------------------------------------
+def _dirs(overrides):
+    """The run folder and the multirun folder + subfolder Hydra would use for ``overrides``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from helpers import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg.hydra.run.dir, os.path.join(cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir)
+
+
+def _inside(path, root):
+    full = os.path.normpath(os.path.join("/base", path))
+    return full.startswith(f"/base/{root}/")
+
+
+def test_folder_names_cannot_leave_the_output_root():
+    run, sweep = _dirs(["+method.label=../../../../../x", "+task.dataset.data_dir=/etc/../tmp/y",
+                        "sweep_name=../../z"])
+    assert _inside(run, "outputs") and _inside(sweep, "multirun")
+    assert ".." not in run.split("/") and ".." not in sweep.split("/")
+    # a "/" in a value no longer nests folders: task, model, method, seed, overrides
+    assert len(run.split("/")) == 6 and len(sweep.split("/")) == 3
+
+
+def test_long_override_sets_become_prefix_plus_hash():
+    many = [f"trainer.{k}={v}" for k, v in [
+        ("learning_rate", 0.000123456), ("warmup_steps", 17), ("weight_decay", 0.0123), ("logging_steps", 3),
+        ("per_device_train_batch_size", 7), ("per_device_eval_batch_size", 9), ("max_grad_norm", 0.75),
+        ("num_train_epochs", 5), ("gradient_accumulation_steps", 2), ("lr_scheduler_type", "cosine"),
+        ("save_total_limit", 4), ("dataloader_num_workers", 0), ("max_steps", 1234)]] + ["method.r=16"]
+    run, sweep = _dirs(many)
+    for path in (run, sweep):
+        leaf = path.split("/")[-1]
+        assert len(leaf.encode()) <= 255
+        assert leaf.startswith("method.r=16,trainer.dataloader_num_workers=0")  # readable
+    other, _ = _dirs(many[:-1] + ["method.r=8"])
+    assert other.split("/")[-1] != run.split("/")[-1]  # the hash covers the full set
+
+
+def test_non_integer_seed_is_named_and_makes_no_folder(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "seed=abc", "logger=none"], cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "seed must be an integer, got 'abc'" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+# -- values named before anything runs; files readable as the umask says --------------------------
+@pytest.mark.parametrize("override, message", [
+    ("method.r=abc", r"method\.r must be an integer >= 1, got 'abc'"),
+    ("method.r=2.5", r"method\.r must be an integer >= 1, got 2\.5"),
+    ("seed=abc", r"seed must be an integer"),
+])
+def test_bad_numbers_are_named_before_a_folder_is_made(tmp_path, override, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(compose_cfg(_vision(tmp_path / "img", override), out))
+    assert not out.exists()
+
+
+def test_records_and_statistics_follow_the_umask(tmp_path):
+    from pilora import ImportanceStats
+    from pilora.records import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(str(tmp_path / "results.json"), {"a": 1})
+        ImportanceStats().save(tmp_path / "importance.pt")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "results.json").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "importance.pt").st_mode & 0o777 == 0o644
