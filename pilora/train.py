@@ -34,7 +34,7 @@ from .budget import matched_rank_pattern
 from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
                         stage_label)
 from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
-from .cost import JobClock, peak_memory_mb
+from .cost import JobClock
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
 from .export import write_adapters
