@@ -575,8 +575,7 @@ def merged_inference(wl: Workload, masks: dict, repeats: int, warmup: int, devic
     with torch.no_grad():  # a trained-looking adapter: non-zero B blocks
         for layer in lora_layers(model).values():
             B = layer.lora_B["default"]
-            for p in (B.dominant, B.supplementary):
-                p.copy_(0.01 * torch.randn(p.shape, generator=g).to(p))
+            B.set_blocks(*(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (B.dominant, B.supplementary)))
     model.eval()
     with torch.inference_mode():
         before = wl.forward(model).float()

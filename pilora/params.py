@@ -24,6 +24,14 @@ class ParamCount:
     total: int          # all parameters, adapters included (PEFT's "all params")
     adapter: int        # LoRA / PiLoRA / DoRA adapter parameters only (the paper's # Params)
     backbone: int       # the pretrained encoder/decoder without task head and adapters
+    # numbers the optimizer holds for the trainable parameters: equals ``trainable`` except for
+    # PiLoRA's stage-2 ``B``, stored as one m × (r + r') tensor whose structural zeros (kept at
+    # exactly zero) are not parameters of Eq. 10 and so are not in ``trainable`` / ``adapter``
+    stored_trainable: int | None = None
+
+    def __post_init__(self):
+        if self.stored_trainable is None:
+            self.stored_trainable = self.trainable
 
     @property
     def share(self) -> float:
@@ -46,18 +54,26 @@ class ParamCount:
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
-    """Count parameters of a (PEFT) model; shared tensors are counted once."""
-    trainable = total = adapter = 0
+    """Count parameters of a (PEFT) model; shared tensors are counted once.
+
+    A parameter whose module says it stores structural zeros (``effective_numel()``, PiLoRA's
+    stage-2 ``B``) counts with its effective size (the paper's count); ``stored_trainable`` adds
+    the structural zeros the optimizer holds."""
+    effective = {id(getattr(m, "blocks")): m.effective_numel() for m in model.modules()
+                 if callable(getattr(m, "effective_numel", None)) and isinstance(getattr(m, "blocks", None), nn.Parameter)}
+    trainable = total = adapter = stored = 0
     for name, p in _unique_parameters(model):
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-        adapter += p.numel() if _is_adapter(name) else 0
+        n = effective.get(id(p), p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+        stored += p.numel() if p.requires_grad else 0
+        adapter += n if _is_adapter(name) else 0
     # The backbone is the HF "base model" (e.g. RobertaModel inside ...ForSequenceClassification):
     # no task head, no adapters. GOAT's "4.00 %" divides by this.
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = sum(p.numel() for name, p in _unique_parameters(getattr(hf, "base_model", hf))
                    if not _is_adapter(name) and ".modules_to_save." not in f".{name}")
-    return ParamCount(trainable, total, adapter, backbone)
+    return ParamCount(trainable, total, adapter, backbone, stored)
 
 
 def _is_adapter(name: str) -> bool:
@@ -151,7 +167,7 @@ def table_rows(pilora_fractions=(0.5, 0.41)) -> list[dict]:
     for fraction in pilora_fractions:
         c = meta_count("LLaMA2-7B", "pilora", dominant_fraction=fraction)
         rows.append({"setting": "LLaMA2-7B", "method": f"PiLoRA r=32 r'=2, dominant {fraction:.0%}",
-                     "adapter": c.adapter, "share_%": 100 * c.adapter_share,
+                     "adapter": c.adapter, "stored": c.stored_trainable, "share_%": 100 * c.adapter_share,
                      "share_of_backbone_%": 100 * c.adapter_share_of_backbone})
     return rows
 
@@ -161,10 +177,13 @@ def main(argv=None) -> None:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.41],
                         help="dominant fractions for the PiLoRA rows (0.5 = the paper's Top-half)")
     args = parser.parse_args(argv)
-    print(f"{'setting':30s} {'method':36s} {'# params':>12s} {'share %':>8s} {'of backbone %':>14s}")
+    print(f"{'setting':30s} {'method':36s} {'# params':>12s} {'share %':>8s} {'of backbone %':>14s}"
+          f" {'optimizer holds':>16s}")
     for row in table_rows(args.fractions):
         print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>12,d} {row['share_%']:>8.2f} "
-              f"{row['share_of_backbone_%']:>14.2f}")
+              f"{row['share_of_backbone_%']:>14.2f} {row.get('stored', row['adapter']):>16,d}")
+    print("# params: the paper's count (Eq. 10 for PiLoRA). optimizer holds: the numbers the optimizer keeps,\n"
+          "including the structural zeros of PiLoRA's m × (r + r') B (always zero, zero gradient).")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,17 @@ def test_output_equals_base_at_init_and_param_count_matches_formula():
     r, rs = 4, 1
     expected = sum((r + rs) * n + int(M.sum()) * r + (M.numel() - int(M.sum())) * rs
                    for M, n in ((MASKS["up"], 10), (MASKS["down"], 16)))
-    assert count_parameters(model).adapter == expected == count_parameters(model).trainable
-    # no zero-padded m×r parameter: B blocks hold exactly their own rows
+    count = count_parameters(model)
+    assert count.adapter == expected == count.trainable
+    # the optimizer holds B as one m × (r + r') tensor per layer: reported, not hidden
+    stored = sum((r + rs) * n + M.numel() * (r + rs) for M, n in ((MASKS["up"], 10), (MASKS["down"], 16)))
+    assert count.stored_trainable == stored > count.trainable
     B = lora_layers(model)["up"].lora_B["default"]
     assert B.dominant.shape == (6, 4) and B.supplementary.shape == (10, 1)
+    assert B.blocks.shape == (16, 5) and B.effective_numel() == 6 * 4 + 10 * 1
+    # the saved adapter keeps the compact blocks (no structural zeros on disk)
+    assert {k.rsplit(".", 1)[-1] for k in model.state_dict() if ".lora_B." in k} == \
+        {"dominant", "supplementary", "dominant_mask"}
 
 
 def test_only_adapter_weights_change_after_a_step():
@@ -127,31 +134,79 @@ def test_supplementary_alpha_scales_the_supplementary_block():
     _, model = _pilora(supplementary_alpha=8.0)  # s_d = 8/4 = 2, s_s = 8/1 = 8 → c = 4
     B = lora_layers(model)["up"].lora_B["default"]
     assert B.supplementary_scale == pytest.approx(4.0)
-    with torch.no_grad():
-        B.supplementary.fill_(1.0)
+    B.set_blocks(supplementary=torch.ones(10, 1))
     assert torch.allclose(B.weight[~MASKS["up"], 4:], torch.full((10, 1), 4.0))
+    with pytest.raises(ValueError, match=r"shape \(10, 1\)"):
+        B.set_blocks(supplementary=torch.ones(16, 1))
 
 
 @pytest.mark.parametrize("c", [1.0, 4.0])
-def test_block_assembly_gradients_match_autograd_reference(c):
+def test_block_matrix_and_gradients_match_separately_stored_blocks_in_float64(c):
+    """``blocks ⊙ P`` equals Eq. 9's masked expansion of separately stored ``B_d``, ``B_s``; the
+    gradient of a dominant/supplementary entry equals the compact one and a structural zero's is 0."""
     mask = MASKS["up"]
     torch.manual_seed(1)
     B = RowPartitionedB(mask, r=3, r_s=2, supplementary_scale=c, dtype=torch.float64)
-    with torch.no_grad():
-        B.dominant.normal_(); B.supplementary.normal_()
-    # reference: the explicit masked expansion of Eq. 9, built with differentiable ops
+    Bd, Bs = torch.randn(6, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    B.set_blocks(Bd, Bs)
+    Bd, Bs = Bd.clone().requires_grad_(), Bs.clone().requires_grad_()
+    # reference: the explicit masked expansion of Eq. 9, from compact leaves
     ref = torch.zeros(16, 5, dtype=torch.float64)
-    ref = ref.index_put((mask.nonzero().flatten(), ), torch.nn.functional.pad(B.dominant, (0, 2)))
-    ref = ref.index_put(((~mask).nonzero().flatten(), ), torch.nn.functional.pad(c * B.supplementary, (3, 0)))
+    ref = ref.index_put((mask.nonzero().flatten(), ), torch.nn.functional.pad(Bd, (0, 2)))
+    ref = ref.index_put(((~mask).nonzero().flatten(), ), torch.nn.functional.pad(c * Bs, (3, 0)))
     assert torch.equal(B.weight, ref)
     w = torch.randn(16, 5, dtype=torch.float64)
-    g_ours = torch.autograd.grad((B.weight * w).sum(), [B.dominant, B.supplementary])
-    g_ref = torch.autograd.grad((ref * w).sum(), [B.dominant, B.supplementary])
-    assert all(torch.allclose(a, b) for a, b in zip(g_ours, g_ref))
-    from pilora.layer import _AssembleRows
-    assert torch.autograd.gradcheck(
-        lambda d, s: _AssembleRows.apply(d, s, B.dominant_rows, B.supplementary_rows, c),
-        (B.dominant.detach().clone().requires_grad_(), B.supplementary.detach().clone().requires_grad_()))
+    (g_blocks,) = torch.autograd.grad((B.weight * w).sum(), [B.blocks])
+    g_d, g_s = torch.autograd.grad((ref * w).sum(), [Bd, Bs])
+    assert torch.equal(g_blocks[mask, :3], g_d) and torch.equal(g_blocks[~mask, 3:], g_s)
+    assert torch.count_nonzero(g_blocks[mask, 3:]) == 0 and torch.count_nonzero(g_blocks[~mask, :3]) == 0
+    assert torch.autograd.gradcheck(lambda b: b * B.pattern, (B.blocks.detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(optim):
+    """Steps of SGD / AdamW (weight decay, gradient clipping) on the stored ``m × (r + r')`` B give the
+    trajectory of a compact reference (``B_d``, ``B_s`` as their own leaves), to float64 precision."""
+    _, model = _pilora(supplementary_alpha=8.0)
+    model.double()
+    x, y = X.double(), Y
+    layers = lora_layers(model)
+    # reference: the same math with compact leaves, written out per Eq. 10
+    ref = {k: {"A": l.lora_A["default"].weight.detach().clone().requires_grad_(),
+               "Bd": l.lora_B["default"].dominant.detach().clone().requires_grad_(),
+               "Bs": l.lora_B["default"].supplementary.detach().clone().requires_grad_()} for k, l in layers.items()}
+    net = model.base_model.model
+
+    def ref_forward(x):
+        h = x
+        for name in ("up", "down"):
+            layer, p = layers[name], ref[name]
+            B = layer.lora_B["default"]
+            full = torch.zeros(B.out_features, B.r + B.r_s, dtype=torch.float64)
+            full = full.index_put((B.dominant_rows,), torch.nn.functional.pad(p["Bd"], (0, B.r_s)))
+            full = full.index_put((B.supplementary_rows,), torch.nn.functional.pad(B.supplementary_scale * p["Bs"],
+                                                                                    (B.r, 0)))
+            h = torch.tanh(layer.get_base_layer()(h) + layer.scaling["default"] * (h @ p["A"].t()) @ full.t())
+        return net.head(h)
+
+    ours = [p for p in model.parameters() if p.requires_grad]
+    theirs = [t for p in ref.values() for t in p.values()]
+    make = (lambda ps: torch.optim.SGD(ps, lr=0.5)) if optim == "sgd" else \
+        (lambda ps: torch.optim.AdamW(ps, lr=3e-2, weight_decay=0.1))
+    opts = [make(ours), make(theirs)]
+    for _ in range(4):
+        for opt, fwd, params in ((opts[0], model, ours), (opts[1], ref_forward, theirs)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(fwd(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.05)  # active: the structural zeros add nothing to the norm
+            opt.step()
+    for k, layer in layers.items():
+        B = layer.lora_B["default"]
+        torch.testing.assert_close(B.dominant, ref[k]["Bd"].detach(), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(B.supplementary, ref[k]["Bs"].detach(), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(layer.lora_A["default"].weight, ref[k]["A"].detach(), rtol=1e-12, atol=1e-13)
+        assert torch.count_nonzero(B.blocks * (B.pattern == 0)) == 0  # structural zeros exactly zero
+        assert torch.count_nonzero(B.dominant) > 0
 
 
 def _without_variant(model):
