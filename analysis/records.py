@@ -46,6 +46,7 @@ IGNORED = (
     "method.importance_from",            # which stage-1 file was reused, not how it was made
     "method.partition.args.seed",        # random partitions follow the job seed (${seed})
     "method.chunk_rows",                 # memory knob, numerically identical
+    "method.snapshot_interval",          # how often the figures' |G̃| snapshot is pooled; H, ΣS, masks unchanged
     "model.path",                        # hub id or local copy of the same model
     "task.dataset.path", "task.dataset.hub_id", "task.dataset.name", "task.dataset.data_dir",
     "task.dataset.data_files", "task.dataset.root", "task.dataset.train_file", "task.eval_sets",  # data locations

@@ -32,6 +32,7 @@ class MethodConfig:
     stage1_r: int | None = None             # rank of the stage-1 LoRA (default: r)
     importance_interval: int = 10           # K: optimizer steps between importance checks
     chunk_rows: int = 1024                  # rows of G̃ formed at once (memory bound)
+    snapshot_interval: int = 10             # pool the heat-map snapshot on every k-th importance check
     partition: str = "hit_frequency"        # key of pilora.partition.PARTITIONS
     partition_args: dict = field(default_factory=lambda: {"tau": 0.5})
     rank_pattern: dict | None = None        # per-module ranks (budget-matched LoRA)
