@@ -76,7 +76,8 @@ class RowPartitionedB(nn.Module):
         # Persistent so a saved adapter carries its partition; int8 because safetensors and DDP
         # broadcast handle it everywhere (bool buffers are not universally supported).
         self.register_buffer("dominant_mask", mask.to(torch.int8).to(device=device))
-        # built on the cpu (construction may run under a meta context), then moved
+        # P, built on the cpu (construction may run under a meta context), then moved. In the
+        # parameter's dtype: a bool P would cost a dtype conversion in every forward and backward
         pattern = torch.zeros(m, self.r + self.r_s, dtype=torch.float64, device="cpu")
         pattern[mask, : self.r] = 1.0
         pattern[~mask, self.r:] = self.supplementary_scale
