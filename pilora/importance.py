@@ -391,14 +391,13 @@ class ImportanceAccumulator:
             A = [l.lora_A[a].weight for l in layers]
             B = [l.lora_B[a].weight for l in layers]
             dt = torch.promote_types(B[0].dtype, torch.float32)
-            # L = [B, Gᴮ] (g × m × 2r) as the transpose of stacked [Bᵀ; Gᴮᵀ]; R = s·[Gᴬ; A] (g × 2r × n)
-            Lt = torch.stack([t for b in B for t in (b.t(), b.grad.t())])
-            R = torch.stack([t for w in A for t in (w.grad, w)])
-            if Lt.dtype != dt:
-                Lt, R = Lt.to(dt), R.to(dt)
-            k = len(layers)
-            L = Lt.view(k, -1, Lt.shape[-1]).transpose(1, 2)
-            R = R.view(k, -1, R.shape[-1]).mul_(g.scaling)
+            # L = [B, Gᴮ] (k × m × 2r), R = s·[Gᴬ; A] (k × 2r × n): four cats per group, no per-module op
+            k, (m, r), n = len(layers), B[0].shape, A[0].shape[1]
+            L = torch.cat([torch.cat(B).view(k, m, r), torch.cat([b.grad for b in B]).view(k, m, r)], dim=2)
+            R = torch.cat([t for w in A for t in (w.grad, w)]).view(k, 2 * r, n)
+            if L.dtype != dt:
+                L, R = L.to(dt), R.to(dt)
+            R.mul_(g.scaling)
             take = snapshot and g.snapshot is not None
             full = len(idx) == len(g.layers)
             hits = g.hits if full else torch.zeros(k, g.hits.shape[1], dtype=g.hits.dtype, device=g.hits.device)
