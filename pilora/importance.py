@@ -245,6 +245,8 @@ def score_group(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor, hits: torch
             # (modules, rows, gn): |G̃| averaged over column bins (in place: the block is consumed)
             pooled = F.adaptive_avg_pool1d(block.abs_(), snapshot.shape[-1])
             pooled.mul_(row_weight[rows, None])
+            if pooled.dtype != snapshot.dtype:  # float64 adapters: the snapshot stays float32
+                pooled = pooled.to(snapshot.dtype)
             snapshot[mods].index_add_(1, row_bin[rows], pooled)
     s64 = scores.to(torch.float64)
     hits.add_(s64 > s64.mean(dim=1, keepdim=True))
