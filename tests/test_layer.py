@@ -328,3 +328,41 @@ def test_compiled_training_step_equals_eager_and_feeds_the_importance_check(name
         for k, s in stats[0].modules.items():
             assert torch.equal(s.hits, stats[1].modules[k].hits)
             torch.testing.assert_close(s.score_sum, stats[1].modules[k].score_sum)
+
+
+class _WithLoss(TinyMLP):
+    def forward(self, x, labels=None):
+        logits = super().forward(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage2", [False, True])
+def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
+    """``trainer.torch_compile=true`` as train.py passes it: Trainer compiles the PEFT model; stage 1
+    with the importance callback, stage 2 with the PiLoRA layers (aot_eager backend here: no C++
+    toolchain; a GPU run uses inductor)."""
+    from transformers import Trainer, TrainingArguments
+
+    from pilora import ImportanceAccumulator
+    from pilora.callbacks import ImportanceCallback
+
+    torch.manual_seed(0)
+    cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.1, target_modules=["up", "down"], supplementary_r=1)
+    model = prepare_model(_WithLoss(), cfg, masks=MASKS if stage2 else None)
+    data = [{"x": X[i], "labels": Y[i]} for i in range(len(X))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=5, report_to="none",
+                             torch_compile=True, torch_compile_backend="aot_eager", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    callbacks = []
+    if not stage2:
+        acc = ImportanceAccumulator(model, interval=2)
+        callbacks.append(ImportanceCallback(acc))
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if not stage2:
+        assert all(s.checks == 2 for s in acc.finalize().modules.values())
