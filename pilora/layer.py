@@ -212,14 +212,35 @@ def supplementary_scale(r: int, r_s: int, alpha: float, supplementary_alpha: flo
     return (supplementary_alpha / r_s) / (alpha / r)
 
 
+def check_mask(mask, m: int, name: str = "") -> torch.Tensor:
+    """A dominant mask as a bool CPU tensor of ``m`` entries, or a ValueError that says how to fix it.
+
+    Any device is accepted (the mask is read once, when the layer is built); values must be 0/1."""
+    where = f" for {name}" if name else ""
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(mask)
+    if mask.device.type == "meta":
+        raise ValueError(f"dominant mask{where} is on the meta device and has no values: build the masks "
+                         "from real importance statistics (pilora.partition) on the cpu or the model's device")
+    if mask.dim() != 1 or mask.numel() != m:
+        raise ValueError(f"dominant mask{where} has shape {tuple(mask.shape)} but the layer has {m} output rows: "
+                         "pass one 1-D mask of length m per layer, from statistics of the same model and "
+                         "target_modules (ImportanceStats.check_matches tells which)")
+    mask = mask.detach().to("cpu")
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"dominant mask{where} must be bool (or 0/1), got dtype {mask.dtype} with other values")
+        mask = mask.bool()
+    return mask
+
+
 def convert_layer(layer: nn.Module, mask: torch.Tensor, r_s: int, scale: float = 1.0,
                   adapter_name: str = "default") -> None:
     """Turn one PEFT ``lora.Linear`` (rank ``r``) into a PiLoRA layer in place (fresh init:
     ``A`` Kaiming-uniform as PEFT does, ``B`` zero, so the output equals the base model's)."""
     base = layer.get_base_layer()
     m, n = base.weight.shape
-    if mask.numel() != m:
-        raise ValueError(f"mask has {mask.numel()} rows but the layer has {m} output rows")
+    mask = check_mask(mask, m)
     old_A = layer.lora_A[adapter_name].weight
     r = int(layer.r[adapter_name])
     A = nn.Linear(n, r + r_s, bias=False, device=old_A.device, dtype=old_A.dtype)
@@ -245,7 +266,8 @@ def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementa
     cfg = peft_model.peft_config[adapter_name]
     scale = supplementary_scale(cfg.r, supplementary_r, cfg.lora_alpha, supplementary_alpha, cfg.use_rslora)
     for name, layer in layers.items():
-        convert_layer(layer, masks[name], supplementary_r, scale, adapter_name)
+        mask = check_mask(masks[name], layer.get_base_layer().weight.shape[0], name)
+        convert_layer(layer, mask, supplementary_r, scale, adapter_name)
     peft_model.pilora_config = {"supplementary_r": int(supplementary_r),
                                 "supplementary_alpha": supplementary_alpha,
                                 "supplementary_scale": scale}

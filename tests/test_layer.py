@@ -366,3 +366,15 @@ def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     if not stage2:
         assert all(s.checks == 2 for s in acc.finalize().modules.values())
+
+
+def test_bad_masks_are_clear_errors_naming_the_fix():
+    for bad, match in ((torch.ones(15, dtype=torch.bool), r"has shape \(15,\) but the layer has 16 output rows"),
+                       (torch.ones(16, 1, dtype=torch.bool), r"1-D mask of length m"),
+                       (torch.full((16,), 0.5), r"must be bool \(or 0/1\)"),
+                       (torch.ones(16, dtype=torch.bool, device="meta"), r"meta device .* \(pilora.partition\)")):
+        with pytest.raises(ValueError, match=match):
+            _pilora(masks={"up": bad, "down": MASKS["down"]})
+    # a 0/1 integer mask (e.g. from a saved int8 buffer) on any device is read once and accepted
+    _, model = _pilora(masks={"up": MASKS["up"].to(torch.int8), "down": MASKS["down"].float()})
+    assert torch.equal(pilora_masks(model)["up"], MASKS["up"])
