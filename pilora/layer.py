@@ -81,10 +81,12 @@ class RowPartitionedB(nn.Module):
         pattern = torch.zeros(m, self.r + self.r_s, dtype=torch.float64, device="cpu")
         pattern[mask, : self.r] = 1.0
         pattern[~mask, self.r:] = self.supplementary_scale
-        self.register_buffer("pattern", pattern.to(device=device, dtype=self.blocks.dtype), persistent=False)
         rows = torch.arange(m, device="cpu")
-        self.register_buffer("dominant_rows", rows[mask].to(device=device), persistent=False)
-        self.register_buffer("supplementary_rows", rows[~mask].to(device=device), persistent=False)
+        # Derived from the mask, so plain attributes rather than buffers: DDP broadcasts every buffer
+        # at every forward (the pattern alone is m·(r+r') numbers per layer); _apply moves them.
+        self.pattern = pattern.to(device=device, dtype=self.blocks.dtype)
+        self.dominant_rows = rows[mask].to(device=device)
+        self.supplementary_rows = rows[~mask].to(device=device)
 
     @property
     def out_features(self) -> int:
@@ -124,6 +126,15 @@ class RowPartitionedB(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.weight)
+
+    _DERIVED = ("pattern", "dominant_rows", "supplementary_rows")
+
+    def _apply(self, fn, recurse=True):
+        # .to / .cuda / .half / ... reach the derived tensors as they reach the buffers
+        super()._apply(fn, recurse)
+        for name in self._DERIVED:
+            setattr(self, name, fn(getattr(self, name)))
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "dominant"] = self.dominant.detach()

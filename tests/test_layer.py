@@ -378,3 +378,18 @@ def test_bad_masks_are_clear_errors_naming_the_fix():
     # a 0/1 integer mask (e.g. from a saved int8 buffer) on any device is read once and accepted
     _, model = _pilora(masks={"up": MASKS["up"].to(torch.int8), "down": MASKS["down"].float()})
     assert torch.equal(pilora_masks(model)["up"], MASKS["up"])
+
+
+def test_derived_tensors_follow_the_module_but_are_not_buffers():
+    """Only the mask is a buffer (DDP broadcasts buffers every forward); the pattern and row indices
+    are derived and follow .to() / .double() like buffers do."""
+    _, model = _pilora(supplementary_alpha=8.0)
+    B = lora_layers(model)["up"].lora_B["default"]
+    assert {n for n, _ in B.named_buffers()} == {"dominant_mask"}
+    model.double()
+    assert B.pattern.dtype == B.blocks.dtype == torch.float64 and B.dominant_rows.dtype == torch.int64
+    clone = copy.deepcopy(model)
+    Bc = lora_layers(clone)["up"].lora_B["default"]
+    assert torch.equal(Bc.pattern, B.pattern) and Bc.pattern.data_ptr() != B.pattern.data_ptr()
+    model.to("meta")
+    assert B.pattern.device.type == "meta" and B.supplementary_rows.device.type == "meta"
