@@ -2,6 +2,7 @@
 
     python -m benchmarks.step_time [--quick] [--repeats N] [--out FILE.json] [--device cpu|cuda]
                                    [--workloads W,...] [--methods M,...] [--profile WORKLOAD]
+                                   [--compile BACKEND]
 
 Everything runs in one process. Per workload, every method gets its own model and AdamW
 optimizer, and the methods are timed *interleaved*: each repeat times one sample of every method,
@@ -39,6 +40,12 @@ Memory
     ``torch.profiler(profile_memory=True)`` records from PyTorch's CPU allocator (gradients,
     saved activations, temporaries, optimizer scratch). Memory that libraries allocate outside
     PyTorch's allocator (oneDNN/MKL scratch) is not seen on CPU.
+
+Host work
+    per method, ``operator_profile``: the ``aten::`` operators torch.profiler records per step
+    (nested ones included), the autograd nodes, the Python ``autograd.Function`` nodes and the host
+    time per step (until the step returns, before any device sync: the enqueue time on a GPU). The
+    counts are deterministic, so they hold on a noisy machine where step times do not.
 
 Merged inference
     a PiLoRA model with non-zero adapters is ``merge_and_unload()``-ed; the result is checked
