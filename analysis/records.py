@@ -47,6 +47,7 @@ IGNORED = (
     "method.partition.args.seed",        # random partitions follow the job seed (${seed})
     "method.chunk_rows",                 # memory knob, numerically identical
     "method.rank_pattern",               # budget-matched ranks: an outcome of each seed's stage 1
+    "method.snapshot_interval",          # how often the figures' |G̃| snapshot is pooled; H, ΣS, masks unchanged
     "model.path",                        # hub id or local copy of the same model
     "task.dataset.path", "task.dataset.hub_id", "task.dataset.name", "task.dataset.data_dir",
     "task.dataset.data_files", "task.dataset.root", "task.dataset.train_file", "task.eval_sets",  # data locations

@@ -1,6 +1,6 @@
 """LoRA vs PiLoRA vs DoRA on a randomly initialised ~1B LLaMA, bf16, one CUDA device.
 
-    python -m benchmarks.gpu_llama --out results/gpu_llama.json [--repeats 10] [--warmup 2]
+    python -m benchmarks.gpu_llama --out results/gpu_llama.json [--repeats 10] [--warmup 2] [--compile]
 
 Same measurements as :mod:`benchmarks.step_time` (interleaved per-step medians over windows of
 ``K = 10`` steps, so ``stage1_k10`` is timed directly; peak memory from the CUDA allocator; the
@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="decoder layers")
     p.add_argument("--no-importance", action="store_true", help="skip the importance-pass memory check")
+    p.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor", default=None,
+                   help="also time LoRA, LoRA fused, PiLoRA and stage 1 under torch.compile (default backend: inductor)")
     return p.parse_args(argv)
 
 
@@ -51,6 +53,11 @@ def run(args: argparse.Namespace, device: str = "cuda", dtype=torch.bfloat16, co
                         steps_per_sample=K_DEFAULT)
     print(f"[{time.perf_counter() - t0:6.1f} s] built {wl.meta}", flush=True)
     results = {wl.name: run_workload(wl, args.repeats, args.warmup, device)}
+    if args.compile:
+        print(f"[{time.perf_counter() - t0:6.1f} s] compiled ({args.compile})", flush=True)
+        results[wl.name + "_compiled"] = run_workload(wl, args.repeats, args.warmup, device,
+                                                      methods=("lora", "lora_fused", "pilora", "stage1_k10"),
+                                                      merged=False, compile_backend=args.compile)
     del wl
     gc.collect()
     if device.startswith("cuda"):
@@ -62,7 +69,8 @@ def run(args: argparse.Namespace, device: str = "cuda", dtype=torch.bfloat16, co
     env = environment(device, args)
     env["command"] = " ".join([os.path.basename(sys.executable), "-m", "benchmarks.gpu_llama", *sys.argv[1:]])
     conf = {"model": cfg, "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "warmup": args.warmup,
-            "dtype": str(dtype).replace("torch.", ""), "k_default": K_DEFAULT, "wall_s": time.perf_counter() - t0}
+            "dtype": str(dtype).replace("torch.", ""), "k_default": K_DEFAULT, "compile": args.compile,
+            "wall_s": time.perf_counter() - t0}
     if device.startswith("cuda"):
         conf["max_memory_allocated_total"] = torch.cuda.max_memory_allocated()
     record = build_record(results, importance, env, conf)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.step_time [--quick] [--repeats N] [--out FILE.json] [--device cpu|cuda]
                                    [--workloads W,...] [--methods M,...] [--profile WORKLOAD]
+                                   [--compile BACKEND]
 
 Everything runs in one process. Per workload, every method gets its own model and AdamW
 optimizer, and the methods are timed *interleaved*: each repeat times one sample of every method,
@@ -39,6 +40,12 @@ Memory
     ``torch.profiler(profile_memory=True)`` records from PyTorch's CPU allocator (gradients,
     saved activations, temporaries, optimizer scratch). Memory that libraries allocate outside
     PyTorch's allocator (oneDNN/MKL scratch) is not seen on CPU.
+
+Host work
+    per method, ``operator_profile``: the ``aten::`` operators torch.profiler records per step
+    (nested ones included), the autograd nodes, the Python ``autograd.Function`` nodes and the host
+    time per step (until the step returns, before any device sync: the enqueue time on a GPU). The
+    counts are deterministic, so they hold on a noisy machine where step times do not.
 
 Merged inference
     a PiLoRA model with non-zero adapters is ``merge_and_unload()``-ed; the result is checked
@@ -95,6 +102,8 @@ TARGETS = {  # name: (threshold, description); PASS means value <= threshold
     "stage1_overhead": (0.05, "stage-1 overhead ≤ 5 % at the default K"),
     "merged_inference": (0, "merged PiLoRA = base model: no adapter modules left"),
     "importance_one_chunk": (1, "importance pass never holds more than one chunk of G̃"),
+    "stage2_ops": (1.10, "PiLoRA operators per step ≤ 1.1× LoRA's (host work)"),
+    "stage2_time_model": (1.03, "PiLoRA ≤ 1.03× LoRA on the LLaMA workload"),
 }
 
 
@@ -235,10 +244,19 @@ class Variant:
         self.optimizer.step()
 
     def adapter_params(self) -> int:
+        """Trainable parameters as the paper counts them (PiLoRA: Eq. 10, without structural zeros)."""
+        from pilora.params import count_parameters
+
+        return count_parameters(self.model).trainable
+
+    def stored_params(self) -> int:
+        """Numbers the optimizer holds (PiLoRA: its m × (r + r') B, structural zeros included)."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def build_variant(method: str, wl: Workload, masks: dict | None = None, lr: float = 1e-4) -> Variant:
+def build_variant(method: str, wl: Workload, masks: dict | None = None, lr: float = 1e-4,
+                  compile_backend: str | None = None) -> Variant:
+    """One method's model and AdamW; ``compile_backend`` wraps the model in ``torch.compile``."""
     from pilora import ImportanceAccumulator, prepare_model
 
     base = wl.make_base(False)
@@ -254,8 +272,11 @@ def build_variant(method: str, wl: Workload, masks: dict | None = None, lr: floa
     acc = None
     if method.startswith("stage1"):
         k = int(method.rsplit("_k", 1)[1])
-        acc = ImportanceAccumulator(model, interval=k, chunk_rows=CHUNK_ROWS)
+        acc = ImportanceAccumulator(model, interval=k, chunk_rows=CHUNK_ROWS,
+                                    snapshot_interval=cfg.snapshot_interval)
         acc.attach(opt)
+    if compile_backend:
+        model = torch.compile(model, backend=compile_backend)
     return Variant(method, model, opt, wl, acc)
 
 
@@ -293,8 +314,7 @@ def static_tensors(v: Variant) -> list[torch.Tensor]:
     for state in v.optimizer.state.values():
         out += [t for t in state.values() if isinstance(t, torch.Tensor)]
     if v.accumulator is not None:
-        for s in v.accumulator.stats.modules.values():
-            out += [t for t in (s.hits, s.score_sum, s.grad_snapshot) if t is not None]
+        out += v.accumulator.state_tensors()
     return out
 
 
@@ -339,6 +359,49 @@ def peak_extra_bytes(fn: Callable[[], None], device: str) -> int:
         cur += e.nbytes()
         peak = max(peak, cur)
     return peak
+
+
+def _python_backward_names() -> set[str]:
+    """Names of the backward nodes of every ``torch.autograd.Function`` defined in Python."""
+    names, todo = set(), [torch.autograd.Function]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            names.add(sub.__name__ + "Backward")
+            todo.append(sub)
+    return names
+
+
+def operator_profile(fn: Callable[[], None], device: str, calls: int = 1) -> dict:
+    """Deterministic host-work measures of ``calls`` consecutive calls of ``fn``, per call:
+    ``ops``: ``aten::`` operators torch.profiler records (nested ones included, so a composite op
+    counts with its parts); ``autograd_nodes``: backward functions the autograd engine ran;
+    ``python_functions``: ``autograd.Function`` nodes written in Python (0 is the target);
+    ``host_s``: time until the calls returned, before waiting for the device (median of 3)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    python_nodes = _python_backward_names()
+    ops = nodes = py = 0
+    for e in prof.key_averages():
+        if e.key.startswith("aten::"):
+            ops += e.count
+        elif e.key.startswith("autograd::engine::evaluate_function: "):
+            nodes += e.count
+            py += e.count if e.key.split(": ", 1)[1] in python_nodes else 0
+    host = []
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host.append((time.perf_counter() - t0) / calls)
+        sync(device)
+    return {"ops": ops / calls, "autograd_nodes": nodes / calls, "python_functions": py / calls,
+            "host_s": statistics.median(host), "calls": calls}
 
 
 def measure_memory(v: Variant, device: str) -> dict:
@@ -510,9 +573,16 @@ def evaluate_targets(record: dict) -> list[dict]:
         t = w.get("time", {})
         if "pilora" in t:
             add("stage2_time", where, t["pilora"]["ratio"], f"{t['pilora']['ratio']:.3f}×")
+            if w.get("kind") == "model":
+                pr = t["pilora"].get("paired_ratio") or {}
+                band = f" (paired q25–q75 {pr['q25']:.3f}–{pr['q75']:.3f})" if pr else ""
+                add("stage2_time_model", where, t["pilora"]["ratio"], f"{t['pilora']['ratio']:.3f}×{band}")
             if LIKE_FOR_LIKE in t:
                 r = t["pilora"]["median_s"] / t[LIKE_FOR_LIKE]["median_s"]
                 add("stage2_time_fused", where, r, f"{r:.3f}×")
+        if "pilora" in w.get("ops", {}):
+            o = w["ops"]["pilora"]
+            add("stage2_ops", where, o["ratio"], f"{o['ratio']:.3f}× ({o['ops']:.0f} vs {w['ops'][BASELINE]['ops']:.0f})")
         mem = w.get("memory", {})
         if "pilora" in mem:
             r = mem["pilora"]["ratio"] if "ratio" in mem["pilora"] else w["memory_ratios"]["pilora"]["peak"]
@@ -575,8 +645,7 @@ def merged_inference(wl: Workload, masks: dict, repeats: int, warmup: int, devic
     with torch.no_grad():  # a trained-looking adapter: non-zero B blocks
         for layer in lora_layers(model).values():
             B = layer.lora_B["default"]
-            for p in (B.dominant, B.supplementary):
-                p.copy_(0.01 * torch.randn(p.shape, generator=g).to(p))
+            B.set_blocks(*(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (B.dominant, B.supplementary)))
     model.eval()
     with torch.inference_mode():
         before = wl.forward(model).float()
@@ -629,6 +698,7 @@ class ChunkProbe:
         from pilora import importance
 
         self._orig = orig = importance._grad_chunks
+        self._orig_group = orig_group = importance._group_blocks
         probe = self
 
         def wrapped(A, B, grad_A, grad_B, scaling, chunk_rows):
@@ -638,13 +708,23 @@ class ChunkProbe:
                 yield item
                 del item  # hold no reference of our own while the next block is formed
 
+        def wrapped_group(L, R, buf):
+            # the accumulator's bound: the largest single-module chunk, min(chunk_rows, m) × n
+            probe.bound_elems = max(probe.bound_elems, buf.numel())
+            for item in orig_group(L, R, buf):
+                probe._record(item[2])
+                yield item
+                del item
+
         importance._grad_chunks = wrapped
+        importance._group_blocks = wrapped_group
         return self
 
     def __exit__(self, *exc):
         from pilora import importance
 
         importance._grad_chunks = self._orig
+        importance._group_blocks = self._orig_group
         return False
 
 
@@ -684,11 +764,12 @@ def importance_memory(shapes: dict[str, tuple[int, int]], dtype, device: str, se
 # ----------------------------------------------------------------------------------------- run
 
 def run_workload(wl: Workload, repeats: int, warmup: int, device: str, log=print,
-                 methods=TRAIN_METHODS, merged: bool = True) -> dict:
+                 methods=TRAIN_METHODS, merged: bool = True, compile_backend: str | None = None) -> dict:
     k = wl.steps_per_sample
     methods = [m for m in methods if not (m == "stage1_k10" and k % K_DEFAULT)]  # needs whole windows
     masks = random_masks(wl.reference if wl.reference is not None else wl.make_base(False), wl.targets)
-    variants = {m: build_variant(m, wl, masks=masks if m == "pilora" else None) for m in methods}
+    variants = {m: build_variant(m, wl, masks=masks if m == "pilora" else None, compile_backend=compile_backend)
+                for m in methods}
     fns = {m: v.step for m, v in variants.items()}
     if "stage1_k1" in variants:
         fns["importance_check"] = variants["stage1_k1"].accumulator.update  # grads of its last step
@@ -704,8 +785,14 @@ def run_workload(wl: Workload, repeats: int, warmup: int, device: str, log=print
     log(f"  {wl.name}: timed {len(fns)} methods × {warmup}+{repeats} rounds in {time.perf_counter() - t0:.1f} s")
     summary = ratio_summary(samples, robust={m: robust_step_time(w) for m, w in details.items()})
     memory = {m: measure_memory(v, device) for m, v in variants.items()}
+    # host work per step (a whole window, so a stage-1 window holds its check); the check alone
+    ops = {m: operator_profile(fns[m], device, steps[m]) for m in fns}
+    for m, o in ops.items():
+        o["ratio"] = o["ops"] / ops[BASELINE]["ops"]
+        o["host_ratio"] = o["host_s"] / ops[BASELINE]["host_s"]
     out = {"name": wl.name, "kind": wl.kind, "meta": wl.meta, "steps_per_sample": k,
            "adapter_params": {m: v.adapter_params() for m, v in variants.items()},
+           "stored_params": {m: v.stored_params() for m, v in variants.items()}, "ops": ops,
            "time": summary, "memory": memory, "memory_ratios": memory_ratios(memory),
            "stage1": stage1_overheads(summary)}
     for m, r in out["memory_ratios"].items():
@@ -816,6 +903,14 @@ def format_report(record: dict) -> str:
             rob = f"{t['robust_ratio']:.3f}" if "robust_ratio" in t else ""
             lines.append(f"{name:<14} {label:<17} {1e3 * t['median_s']:>9.2f} {t['ratio']:>7.3f} {band:>15} {rob:>8} "
                          f"{memcols} {params:>10}")
+        ops = w.get("ops")
+        if ops:
+            cells = [f"{m} {o['ops']:.0f} ({o['ratio']:.3f}×, {o['autograd_nodes']:.0f} nodes"
+                     f"{', %d Python' % o['python_functions'] if o['python_functions'] else ''})"
+                     for m, o in ops.items()]
+            lines.append(f"{'':<14} aten ops per step: " + ", ".join(cells))
+            lines.append(f"{'':<14} host ms per step: " + ", ".join(
+                f"{m} {1e3 * o['host_s']:.2f} ({o['host_ratio']:.3f}×)" for m, o in ops.items()))
         s1 = w["stage1"]
         parts = [f"{k}={100 * v:+.2f}%" for k, v in s1.items() if isinstance(v, float) and k != "check_s"
                  and k != "default_k"]
@@ -883,6 +978,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON record here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
+    p.add_argument("--compile", metavar="BACKEND", default=None,
+                   help="torch.compile every method's model with this backend (inductor, aot_eager, eager)")
     p.add_argument("--profile", metavar="WORKLOAD", default=None,
                    help="instead of the benchmark: torch.profiler per-operator breakdown of LoRA vs PiLoRA "
                         "steps on one workload (layer_q, layer_up, layer_down, llama_small)")
@@ -939,7 +1036,8 @@ def main(argv=None) -> dict:
         else:
             continue
         print(f"[{time.perf_counter() - t_start:6.1f} s] {name} {wl.meta}", flush=True)
-        results[name] = run_workload(wl, repeats, args.warmup, device, methods=args.methods)
+        results[name] = run_workload(wl, repeats, args.warmup, device, methods=args.methods,
+                                     compile_backend=args.compile)
         del wl
         gc.collect()
     importance = None
@@ -949,7 +1047,7 @@ def main(argv=None) -> dict:
                                        where="quick layer set" if args.quick else "7B layer set")
     config = {"r": R, "r_s": R_S, "dominant_fraction": DOMINANT_FRACTION, "alpha": 2 * R, "dropout": DROPOUT,
               "k_default": K_DEFAULT, "chunk_rows": CHUNK_ROWS, "repeats": repeats, "warmup": args.warmup,
-              "methods": list(args.methods),
+              "methods": list(args.methods), "compile": args.compile,
               "quick": args.quick, "dtype": str(dtype).replace("torch.", ""), "optimizer": "AdamW(lr=1e-4)",
               "sizes": sz, "loadavg_start": load_start, "wall_s": None}
     config["wall_s"] = time.perf_counter() - t_start

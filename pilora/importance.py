@@ -8,8 +8,15 @@ Every target layer carries a plain LoRA ``ΔW = s·B A``. After the gradients of
 * ``H_i += 1`` where ``S_i > mean(S)``         (Alg. 1 line 11),
 
 and the running ``ΣS``, the number of checks ``T`` and a down-sampled ``Σ|G̃|`` (for the heat-map
-figures) are kept. ``G̃`` is formed in fp32, one module at a time and ``chunk_rows`` rows at a time,
-so the extra memory is one ``chunk_rows × n`` block, never ``m × n`` per layer.
+figures) are kept.
+
+:class:`ImportanceAccumulator` keeps the statistics on the model's device and never waits for it
+during a check: modules of equal shape are scored together (one batched GEMM forms ``G̃`` for
+several modules, one fused reduction gives ``S``), ``H`` and ``ΣS`` accumulate in device tensors,
+and the statistics are copied to the CPU only when they are read (:attr:`ImportanceAccumulator.stats`,
+saved or finalized). ``G̃`` is formed in fp32 in blocks of at most as many elements as the largest
+single-module chunk (``min(chunk_rows, m) × n``), so the extra memory never grows to ``m × n`` per
+layer. The heat-map snapshot is pooled on every ``snapshot_interval``-th check only.
 """
 
 from __future__ import annotations
@@ -84,7 +91,11 @@ class ModuleStats:
     hits: torch.Tensor            # H, int64 (m,)
     score_sum: torch.Tensor       # ΣS over checks, float64 (m,)
     checks: int = 0               # T
-    grad_snapshot: torch.Tensor | None = None  # Σ|G̃| pooled to a small grid, float32
+    # Σ over the T checks of |G̃| pooled to a small grid, float32. When only every k-th check is
+    # pooled (``snapshots`` < T), the pooled sum is scaled by T / snapshots, so ``grad_snapshot / T``
+    # is the mean pooled |G̃| either way.
+    grad_snapshot: torch.Tensor | None = None
+    snapshots: int | None = None  # checks actually pooled into grad_snapshot (None: all T)
 
     @classmethod
     def empty(cls, m: int, n: int, snapshot_shape: tuple[int, int] | None = (64, 64)) -> "ModuleStats":
@@ -94,11 +105,16 @@ class ModuleStats:
         return cls((m, n), torch.zeros(m, dtype=torch.int64), torch.zeros(m, dtype=torch.float64), 0, snap)
 
     def update(self, scores: torch.Tensor) -> None:
-        """Alg. 1 lines 10-12: one check with row scores ``S``."""
-        scores = scores.detach().to("cpu", torch.float64)
+        """Alg. 1 lines 10-12: one check with row scores ``S`` (on the statistics' device)."""
+        scores = scores.detach().to(self.hits.device, torch.float64)
         self.hits += (scores > scores.mean()).to(torch.int64)
         self.score_sum += scores
         self.checks += 1
+
+
+def _on_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A CPU copy with its own storage (a view would save its whole base)."""
+    return None if t is None else t.detach().to("cpu", copy=True)
 
 
 @dataclass
@@ -113,8 +129,9 @@ class ImportanceStats:
         payload = {
             "format": STATS_FORMAT,
             "meta": self.meta,
-            "modules": {name: {"shape": list(s.shape), "hits": s.hits, "score_sum": s.score_sum,
-                               "checks": s.checks, "grad_snapshot": s.grad_snapshot}
+            "modules": {name: {"shape": list(s.shape), "hits": _on_cpu(s.hits), "score_sum": _on_cpu(s.score_sum),
+                               "checks": int(s.checks), "grad_snapshot": _on_cpu(s.grad_snapshot),
+                               "snapshots": s.snapshots}
                         for name, s in self.modules.items()},
         }
         path = os.fspath(path)
@@ -147,7 +164,7 @@ class ImportanceStats:
             raise ValueError(f"{path!r} has importance-statistics format {payload.get('format')!r}, "
                              f"this code reads format {STATS_FORMAT}; re-run stage 1")
         modules = {name: ModuleStats(tuple(d["shape"]), d["hits"], d["score_sum"], int(d["checks"]),
-                                     d.get("grad_snapshot"))
+                                     d.get("grad_snapshot"), d.get("snapshots"))
                    for name, d in payload["modules"].items()}
         return cls(modules, payload.get("meta", {}))
 
@@ -189,47 +206,227 @@ def canonical_name(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
+def _group_blocks(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor):
+    """Yield ``(modules, rows, G̃[modules, rows])`` blocks for a group of equal-shape modules.
+
+    ``L = [B, Gᴮ]`` is ``g × m × 2r`` and ``R = s·[Gᴬ; A]`` is ``g × 2r × n`` (fp32), so one ``bmm``
+    forms ``G̃ = s·(B Gᴬ + Gᴮ A)`` for several modules at once. Every block is written into the one
+    reusable buffer ``buf`` and holds at most ``buf.numel()`` elements: whole modules when one fits,
+    else row chunks of one module. Each block is overwritten by the next: consume it first.
+    """
+    g, m, _ = L.shape
+    n = R.shape[2]
+    budget = buf.numel()
+    per = max(1, budget // (m * n))
+    if per > 1 or m * n <= budget:
+        for i in range(0, g, per):
+            j = min(i + per, g)
+            block = buf[: (j - i) * m * n].view(j - i, m, n)
+            torch.bmm(L[i:j], R[i:j], out=block)
+            yield slice(i, j), slice(0, m), block
+        return
+    rows = max(1, budget // n)
+    for i in range(g):
+        for start in range(0, m, rows):
+            stop = min(start + rows, m)
+            block = buf[: (stop - start) * n].view(1, stop - start, n)
+            torch.bmm(L[i:i + 1, start:stop], R[i:i + 1], out=block)
+            yield slice(i, i + 1), slice(start, stop), block
+
+
+def score_group(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor, hits: torch.Tensor, score_sum: torch.Tensor,
+                snapshot: torch.Tensor | None = None, row_bin: torch.Tensor | None = None,
+                row_weight: torch.Tensor | None = None) -> None:
+    """One check of a group of ``g`` equal-shape modules, on their device, with no host sync.
+
+    Adds Alg. 1 lines 9-12 into ``hits`` (int64 ``g × m``) and ``score_sum`` (float64 ``g × m``) and,
+    if ``snapshot`` (``g × gm × gn``) is given, the grid-pooled mean ``|G̃|`` (``row_bin``: grid row of
+    each of the ``m`` rows; ``row_weight``: 1 / rows in that grid row).
+    """
+    g, m, _ = L.shape
+    scores = torch.empty(g, m, dtype=buf.dtype, device=L.device)
+    for mods, rows, block in _group_blocks(L, R, buf):
+        torch.linalg.vector_norm(block, ord=1, dim=-1, out=scores[mods, rows])  # S_i = Σ_j |G̃_ij|
+        if snapshot is not None:
+            # (modules, rows, gn): |G̃| averaged over column bins (in place: the block is consumed)
+            pooled = F.adaptive_avg_pool1d(block.abs_(), snapshot.shape[-1])
+            pooled.mul_(row_weight[rows, None])
+            if pooled.dtype != snapshot.dtype:  # float64 adapters: the snapshot stays float32
+                pooled = pooled.to(snapshot.dtype)
+            snapshot[mods].index_add_(1, row_bin[rows], pooled)
+    s64 = scores.to(torch.float64)
+    hits.add_(s64 > s64.mean(dim=1, keepdim=True))
+    score_sum.add_(s64)
+
+
+@dataclass
+class _Group:
+    """Modules of one shape, rank, scaling, dtype and device: scored together."""
+
+    names: list[str]
+    layers: list
+    scaling: float
+    hits: torch.Tensor                    # g × m int64, on the device
+    score_sum: torch.Tensor               # g × m float64, on the device
+    checks: list[int]                     # T per module (host counters)
+    snapshot: torch.Tensor | None = None  # g × gm × gn float32: Σ over the pooled checks
+    snapshots: list[int] | None = None    # pooled checks per module
+    row_bin: torch.Tensor | None = None
+    row_weight: torch.Tensor | None = None
+
+
 class ImportanceAccumulator:
     """Accumulates ``H``, ``ΣS`` and ``T`` over the LoRA layers of a model (Alg. 1 lines 4-12).
 
     Call :meth:`step` once per optimizer step, after gradients are final and before the
     optimizer updates ``A`` and ``B`` (``attach`` registers an optimizer pre-hook that does
     this; with ``transformers.Trainer`` use :class:`ImportanceCallback`).
+
+    The statistics live on the device of the LoRA weights (moved there at the first check) and a
+    check never synchronises with the host; :attr:`stats` (and :meth:`finalize`, and saving)
+    copies them to the CPU. ``snapshot_interval`` pools the heat-map snapshot on every k-th check.
     """
 
     def __init__(self, model: nn.Module, interval: int = 10, chunk_rows: int = 1024,
                  adapter_name: str = "default", snapshot_shape: tuple[int, int] | None = (64, 64),
-                 stats: ImportanceStats | None = None):
+                 stats: ImportanceStats | None = None, snapshot_interval: int = 1):
         if interval < 1:
             raise ValueError(f"importance interval K must be ≥ 1, got {interval}")
+        if int(snapshot_interval) < 1:
+            raise ValueError(f"snapshot_interval must be ≥ 1 (pool the heat-map snapshot on every k-th "
+                             f"importance check), got {snapshot_interval}")
+        if int(chunk_rows) < 1:
+            raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
         self.layers = lora_layers(model, adapter_name)
         if not self.layers:
             raise ValueError("no LoRA layers found: apply a LoRA adapter (pilora.prepare_model) before "
                              "creating the importance accumulator")
-        self.adapter_name, self.interval, self.chunk_rows = adapter_name, interval, chunk_rows
+        self.adapter_name, self.interval, self.chunk_rows = adapter_name, interval, int(chunk_rows)
+        self.snapshot_interval = int(snapshot_interval)
         shapes = {k: tuple(l.get_base_layer().weight.shape) for k, l in self.layers.items()}
         if stats is None:
             stats = ImportanceStats({k: ModuleStats.empty(*s, snapshot_shape=snapshot_shape)
                                      for k, s in shapes.items()})
         else:
             stats.check_matches(shapes)
-        self.stats = stats
+        self._stats = stats
+        self._groups: list[_Group] | None = None  # device state, built at the first check
+        self.checks_done = max((s.checks for s in stats.modules.values()), default=0)
         self.steps_seen = 0
 
-    @torch.no_grad()
-    def update(self) -> None:
-        """One importance check over every layer (one module at a time, fp32, row chunks)."""
+    # -------------------------------------------------------------------- device-side state
+
+    def _stage(self) -> None:
+        """Move the statistics to the LoRA weights' device, grouped by (shape, rank, scaling, dtype)."""
         a = self.adapter_name
+        by_key: dict = {}
         for name, layer in self.layers.items():
             A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
-            if A.grad is None or B.grad is None:
-                continue  # layer not reached by this batch's loss
-            mstats = self.stats.modules[name]
-            if mstats.grad_snapshot is not None and mstats.grad_snapshot.device != B.device:
-                mstats.grad_snapshot = mstats.grad_snapshot.to(B.device)
-            scores = row_scores(A, B, A.grad, B.grad, float(layer.scaling[a]), self.chunk_rows,
-                                mstats.grad_snapshot)
-            mstats.update(scores)
+            key = (tuple(B.shape), A.shape[1], float(layer.scaling[a]), A.dtype, B.dtype, A.device)
+            by_key.setdefault(key, []).append(name)
+        groups = []
+        for (bshape, n, scaling, _, _, device), names in by_key.items():
+            mods = [self._stats.modules[k] for k in names]
+            m = bshape[0]
+            snap = snapshots = row_bin = row_weight = None
+            if all(s.grad_snapshot is not None for s in mods):
+                raw = []
+                for s in mods:  # back from "Σ over checks" to the sum over the pooled checks
+                    pooled = s.checks if s.snapshots is None else s.snapshots
+                    raw.append(s.grad_snapshot.float() * (pooled / s.checks) if pooled != s.checks else
+                               s.grad_snapshot.float())
+                snap = torch.stack(raw).to(device, non_blocking=True)
+                snapshots = [s.checks if s.snapshots is None else s.snapshots for s in mods]
+                gm = snap.shape[1]
+                bins = torch.arange(m) * gm // m
+                per_bin = torch.zeros(gm).index_add_(0, bins, torch.ones(m))
+                row_bin = bins.to(device, non_blocking=True)
+                row_weight = (1.0 / per_bin)[bins].to(device, non_blocking=True)
+            groups.append(_Group(names, [self.layers[k] for k in names], scaling,
+                                 torch.stack([s.hits for s in mods]).to(device, torch.int64, non_blocking=True),
+                                 torch.stack([s.score_sum for s in mods]).to(device, torch.float64,
+                                                                            non_blocking=True),
+                                 [int(s.checks) for s in mods], snap, snapshots, row_bin, row_weight))
+        self._groups = groups
+        self._budget = max(min(self.chunk_rows, s[0]) * s[1] for s in
+                           (tuple(l.get_base_layer().weight.shape) for l in self.layers.values()))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the statistics now (on the device once a check has run)."""
+        if self._groups is None:
+            return [t for s in self._stats.modules.values() for t in (s.hits, s.score_sum, s.grad_snapshot)
+                    if t is not None]
+        return [t for g in self._groups for t in (g.hits, g.score_sum, g.snapshot) if t is not None]
+
+    @property
+    def stats(self) -> ImportanceStats:
+        """The statistics, copied to the CPU (one transfer per group of modules)."""
+        if self._groups is not None:
+            for g in self._groups:
+                hits, score_sum = g.hits.cpu(), g.score_sum.cpu()
+                snap = g.snapshot.cpu() if g.snapshot is not None else None
+                for i, name in enumerate(g.names):
+                    s = self._stats.modules[name]
+                    s.hits, s.score_sum, s.checks = hits[i].clone(), score_sum[i].clone(), g.checks[i]
+                    if snap is not None:
+                        pooled = g.snapshots[i]
+                        s.grad_snapshot = snap[i] * (s.checks / pooled) if pooled not in (0, s.checks) else snap[i].clone()
+                        s.snapshots = None if pooled == s.checks else pooled
+        return self._stats
+
+    # ------------------------------------------------------------------------------ checks
+
+    @torch.no_grad()
+    def update(self, snapshot: bool | None = None) -> None:
+        """One importance check over every layer, on the device, without a host sync.
+
+        ``snapshot`` forces (True) or skips (False) pooling the heat-map snapshot; by default it is
+        pooled on every ``snapshot_interval``-th check (the first one included).
+        """
+        if self._groups is None:
+            self._stage()
+        if snapshot is None:
+            snapshot = self.checks_done % self.snapshot_interval == 0
+        self.checks_done += 1
+        a = self.adapter_name
+        bufs: dict = {}  # one G̃ buffer per device and dtype, reused by every group of this check
+        for g in self._groups:
+            idx = [i for i, layer in enumerate(g.layers)
+                   if layer.lora_A[a].weight.grad is not None and layer.lora_B[a].weight.grad is not None]
+            if not idx:
+                continue  # layers not reached by this batch's loss
+            layers = [g.layers[i] for i in idx]
+            A = [l.lora_A[a].weight for l in layers]
+            B = [l.lora_B[a].weight for l in layers]
+            dt = torch.promote_types(B[0].dtype, torch.float32)
+            # L = [B, Gᴮ] (k × m × 2r), R = s·[Gᴬ; A] (k × 2r × n): four cats per group, no per-module op
+            k, (m, r), n = len(layers), B[0].shape, A[0].shape[1]
+            L = torch.cat([torch.cat(B).view(k, m, r), torch.cat([b.grad for b in B]).view(k, m, r)], dim=2)
+            R = torch.cat([t for w in A for t in (w.grad, w)]).view(k, 2 * r, n)
+            if L.dtype != dt:
+                L, R = L.to(dt), R.to(dt)
+            R.mul_(g.scaling)
+            take = snapshot and g.snapshot is not None
+            full = len(idx) == len(g.layers)
+            hits = g.hits if full else torch.zeros(k, g.hits.shape[1], dtype=g.hits.dtype, device=g.hits.device)
+            ssum = g.score_sum if full else torch.zeros(k, g.score_sum.shape[1], dtype=g.score_sum.dtype,
+                                                         device=g.score_sum.device)
+            snap = None
+            if take:
+                snap = g.snapshot if full else torch.zeros((k,) + tuple(g.snapshot.shape[1:]), device=g.snapshot.device)
+            if (L.device, dt) not in bufs:
+                bufs[L.device, dt] = torch.empty(self._budget, dtype=dt, device=L.device)
+            score_group(L, R, bufs[L.device, dt], hits, ssum, snap, g.row_bin, g.row_weight)
+            if not full:  # a few layers lacked gradients: add the others' rows one by one
+                for j, i in enumerate(idx):
+                    g.hits[i].add_(hits[j])
+                    g.score_sum[i].add_(ssum[j])
+                    if take:
+                        g.snapshot[i].add_(snap[j])
+            for i in idx:
+                g.checks[i] += 1
+                if take:
+                    g.snapshots[i] += 1
 
     def step(self, global_step: int | None = None) -> bool:
         """Run a check if this optimizer step is a multiple of ``K``; return whether it ran."""
@@ -247,7 +444,5 @@ class ImportanceAccumulator:
         return optimizer.register_step_pre_hook(hook)
 
     def finalize(self) -> ImportanceStats:
-        for s in self.stats.modules.values():
-            if s.grad_snapshot is not None:
-                s.grad_snapshot = s.grad_snapshot.cpu()
+        """The statistics on the CPU (the only point, besides saving, where they leave the device)."""
         return self.stats

@@ -5,14 +5,14 @@
 A PEFT ``lora.Linear`` keeps its structure; two of its sub-modules are swapped:
 
 * ``lora_A[adapter]`` becomes one ``(r + r') × n`` linear: ``A_d`` stacked on ``A_s`` (one GEMM);
-* ``lora_B[adapter]`` becomes :class:`RowPartitionedB`, holding ``B_d (|M| × r)`` and
-  ``B_s ((m−|M|) × r')`` only. Each forward it assembles the ``m × (r + r')`` block matrix
-  ``[M ⊗ B_d, c·M̄ ⊗ B_s]`` with two row copies of ``m·(r+r')`` numbers (``c = s_s/s_d``) and does one
-  GEMM, exactly as LoRA does: no per-row work on activations, no dense masks, no ``m × r``
-  zero-padded parameters.
+* ``lora_B[adapter]`` becomes :class:`RowPartitionedB`: ``B_d`` and ``B_s`` in their places of one
+  ``m × (r + r')`` tensor whose structural zeros get exactly-zero gradients, so the adapter costs
+  what a LoRA adapter costs per module and step (one tiny elementwise product forward and
+  backward, no per-row work on activations, no index copies, no Python ``autograd.Function``).
 
-Because the swapped ``lora_B`` exposes ``.weight`` (the assembled matrix), PEFT's own
-``merge`` / ``unmerge`` / ``merge_and_unload`` / ``disable_adapter`` (Eq. 11) work unchanged.
+Because the swapped ``lora_B`` exposes ``.weight`` (the ``m × (r + r')`` matrix
+``[M ⊗ B_d, c·M̄ ⊗ B_s]``), PEFT's own ``merge`` / ``unmerge`` / ``merge_and_unload`` /
+``disable_adapter`` (Eq. 11) work unchanged.
 
 The layer's adapter forward is registered as a PEFT ``LoraVariant`` (:class:`FusedLoraForward`): it
 adds ``s · z Bᵀ`` to the base output with one ``addmm`` instead of PEFT's ``result + B(z) * s``,
@@ -38,38 +38,31 @@ PILORA_FILE = "pilora_config.json"
 warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*lora_B\.(dominant|supplementary)")
 
 
-class _AssembleRows(torch.autograd.Function):
-    """``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` by two row copies; the backward is two row gathers.
-
-    (``cat`` + ``index_select`` does the same, but its backward is a ``scatter_add`` that cost
-    ~15 ms of a ~250 ms small-model step on CPU: see benchmarks/README.md.)
-    """
-
-    @staticmethod
-    def forward(ctx, B_d, B_s, dominant_rows, supplementary_rows, c):
-        r = B_d.shape[1]
-        out = B_d.new_zeros(dominant_rows.numel() + supplementary_rows.numel(), r + B_s.shape[1])
-        out[:, :r].index_copy_(0, dominant_rows, B_d)
-        out[:, r:].index_copy_(0, supplementary_rows, B_s * c if c != 1.0 else B_s)
-        ctx.save_for_backward(dominant_rows, supplementary_rows)
-        ctx.r, ctx.c = r, c
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        dominant_rows, supplementary_rows = ctx.saved_tensors
-        g_d = grad[:, : ctx.r].index_select(0, dominant_rows)
-        g_s = grad[:, ctx.r:].index_select(0, supplementary_rows)
-        return g_d, (g_s * ctx.c if ctx.c != 1.0 else g_s), None, None, None
-
-
 class RowPartitionedB(nn.Module):
-    """The ``B`` of a PiLoRA layer: compact dominant and supplementary row blocks.
+    """The ``B`` of a PiLoRA layer: the dominant block ``B_d (|M| × r)`` and the supplementary block
+    ``B_s ((m−|M|) × r')`` of Eq. 10, kept in their places of one ``m × (r + r')`` tensor.
+
+    ``blocks[i, :r]`` is row ``i`` of ``B_d`` when row ``i`` is dominant, ``blocks[i, r:]`` row ``i``
+    of ``B_s`` when it is supplementary; every other entry is a *structural zero*. The layer uses
+    ``weight = blocks ⊙ P`` with the fixed pattern ``P`` (1 on the dominant block, ``c = s_s/s_d`` on
+    the supplementary block, 0 elsewhere), so
+
+    * the forward is one elementwise product of ``m·(r+r')`` numbers and the backward one more
+      (``∂blocks = ∂weight ⊙ P``): no index copies, no Python ``autograd.Function``;
+    * a structural zero gets an exactly-zero gradient, so it stays exactly zero under SGD, Adam(W)
+      (zero moments, decoupled decay of 0) and gradient clipping (it adds 0 to the norm), and the
+      trained values equal those of separately stored ``B_d``, ``B_s`` (Eq. 10 holds exactly);
+    * the optimizer does hold the structural zeros: ``m·(r+r')`` stored numbers for the
+      ``|M|·r + (m−|M|)·r'`` effective parameters (see :meth:`effective_numel` and
+      :func:`pilora.params.count_parameters`, which reports both).
+
+    The state dict holds the compact blocks (``dominant``, ``supplementary``) and the mask, as a
+    compact parameterisation would, so saved adapters and checkpoints keep their layout.
 
     Args:
         dominant_mask: bool ``(m,)``, ``M`` of Eq. 9.
         r: dominant rank. r_s: supplementary rank ``r'`` (0 freezes the supplementary rows).
-        supplementary_scale: ``c = s_s / s_d`` folded into the supplementary block.
+        supplementary_scale: ``c = s_s / s_d`` applied to the supplementary block.
     """
 
     def __init__(self, dominant_mask: torch.Tensor, r: int, r_s: int, supplementary_scale: float = 1.0,
@@ -78,39 +71,107 @@ class RowPartitionedB(nn.Module):
         mask = dominant_mask.to(device="cpu", dtype=torch.bool).flatten()
         m, n_dom = mask.numel(), int(mask.sum())
         self.r, self.r_s, self.supplementary_scale = int(r), int(r_s), float(supplementary_scale)
-        self.dominant = nn.Parameter(torch.zeros(n_dom, r, device=device, dtype=dtype))
-        self.supplementary = nn.Parameter(torch.zeros(m - n_dom, r_s, device=device, dtype=dtype))
+        self.n_dominant = n_dom
+        self.blocks = nn.Parameter(torch.zeros(m, self.r + self.r_s, device=device, dtype=dtype))
         # Persistent so a saved adapter carries its partition; int8 because safetensors and DDP
         # broadcast handle it everywhere (bool buffers are not universally supported).
         self.register_buffer("dominant_mask", mask.to(torch.int8).to(device=device))
-        # row indices of each group (explicit cpu: construction may run under a meta context)
+        # P, built on the cpu (construction may run under a meta context), then moved. In the
+        # parameter's dtype: a bool P would cost a dtype conversion in every forward and backward
+        pattern = torch.zeros(m, self.r + self.r_s, dtype=torch.float64, device="cpu")
+        pattern[mask, : self.r] = 1.0
+        pattern[~mask, self.r:] = self.supplementary_scale
         rows = torch.arange(m, device="cpu")
-        self.register_buffer("dominant_rows", rows[mask].to(device=device), persistent=False)
-        self.register_buffer("supplementary_rows", rows[~mask].to(device=device), persistent=False)
+        # Derived from the mask, so plain attributes rather than buffers: DDP broadcasts every buffer
+        # at every forward (the pattern alone is m·(r+r') numbers per layer); _apply moves them.
+        self.pattern = pattern.to(device=device, dtype=self.blocks.dtype)
+        self.dominant_rows = rows[mask].to(device=device)
+        self.supplementary_rows = rows[~mask].to(device=device)
 
     @property
     def out_features(self) -> int:
         return self.dominant_mask.numel()
 
+    def effective_numel(self) -> int:
+        """Parameters of Eq. 10 (the paper's count): ``|M|·r + (m−|M|)·r'``."""
+        return self.n_dominant * self.r + (self.out_features - self.n_dominant) * self.r_s
+
     @property
     def weight(self) -> torch.Tensor:
-        """The assembled ``m × (r + r')`` matrix ``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` (differentiable)."""
-        return _AssembleRows.apply(self.dominant, self.supplementary, self.dominant_rows,
-                                   self.supplementary_rows, self.supplementary_scale)
+        """The ``m × (r + r')`` matrix ``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` (differentiable)."""
+        return self.blocks * self.pattern
+
+    @property
+    def dominant(self) -> torch.Tensor:
+        """``B_d (|M| × r)``, gathered (a copy, differentiable); write with :meth:`set_blocks`."""
+        return self.blocks[self.dominant_rows, : self.r]
+
+    @property
+    def supplementary(self) -> torch.Tensor:
+        """``B_s ((m−|M|) × r')``, gathered (a copy, differentiable); write with :meth:`set_blocks`."""
+        return self.blocks[self.supplementary_rows, self.r:]
+
+    @torch.no_grad()
+    def set_blocks(self, dominant: torch.Tensor | None = None, supplementary: torch.Tensor | None = None) -> None:
+        """Write ``B_d`` and/or ``B_s`` (compact shapes) into their rows; structural zeros stay zero."""
+        for value, rows, cols, name in ((dominant, self.dominant_rows, slice(0, self.r), "dominant"),
+                                        (supplementary, self.supplementary_rows, slice(self.r, None),
+                                         "supplementary")):
+            if value is None:
+                continue
+            shape = (rows.numel(), cols.indices(self.blocks.shape[1])[1] - cols.indices(self.blocks.shape[1])[0])
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} block must have shape {shape} (rows × rank), got {tuple(value.shape)}")
+            self.blocks[rows, cols] = value.to(self.blocks)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.weight)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    _DERIVED = ("pattern", "dominant_rows", "supplementary_rows")
+
+    def _apply(self, fn, recurse=True):
+        # .to / .cuda / .half / ... reach the derived tensors as they reach the buffers
+        super()._apply(fn, recurse)
+        for name in self._DERIVED:
+            setattr(self, name, fn(getattr(self, name)))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "dominant"] = self.dominant.detach()
+        destination[prefix + "supplementary"] = self.supplementary.detach()
+        destination[prefix + "dominant_mask"] = self.dominant_mask if keep_vars else self.dominant_mask.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         key = prefix + "dominant_mask"
         if key in state_dict and not torch.equal(state_dict[key].cpu().to(torch.int8), self.dominant_mask.cpu()):
             raise ValueError(f"{prefix[:-1]}: saved dominant rows differ from this layer's partition; "
                              "load with pilora.load_adapter, which rebuilds the layers from the saved masks")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if key not in state_dict:
+            missing_keys.append(key)
+        blocks = {}
+        for name, shape in (("dominant", (self.n_dominant, self.r)),
+                            ("supplementary", (self.out_features - self.n_dominant, self.r_s))):
+            k = prefix + name
+            if k not in state_dict:
+                missing_keys.append(k)
+                continue
+            value = state_dict[k]
+            if tuple(value.shape) != shape:
+                error_msgs.append(f"size mismatch for {k}: copying a param with shape {tuple(value.shape)} from "
+                                  f"checkpoint, the shape in current model is {shape}.")
+                continue
+            blocks[name] = value
+        if blocks:
+            self.set_blocks(**blocks)
+        if strict:
+            known = {prefix + n for n in ("dominant", "supplementary", "dominant_mask")}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
     def extra_repr(self) -> str:
-        return (f"rows={self.out_features}, dominant={self.dominant.shape[0]} (r={self.r}), "
-                f"supplementary={self.supplementary.shape[0]} (r'={self.r_s})")
+        return (f"rows={self.out_features}, dominant={self.n_dominant} (r={self.r}), "
+                f"supplementary={self.out_features - self.n_dominant} (r'={self.r_s}), "
+                f"stored={self.blocks.numel()}, effective={self.effective_numel()}")
 
 
 class FusedLoraForward(LoraVariant):
@@ -162,14 +223,35 @@ def supplementary_scale(r: int, r_s: int, alpha: float, supplementary_alpha: flo
     return (supplementary_alpha / r_s) / (alpha / r)
 
 
+def check_mask(mask, m: int, name: str = "") -> torch.Tensor:
+    """A dominant mask as a bool CPU tensor of ``m`` entries, or a ValueError that says how to fix it.
+
+    Any device is accepted (the mask is read once, when the layer is built); values must be 0/1."""
+    where = f" for {name}" if name else ""
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(mask)
+    if mask.device.type == "meta":
+        raise ValueError(f"dominant mask{where} is on the meta device and has no values: build the masks "
+                         "from real importance statistics (pilora.partition) on the cpu or the model's device")
+    if mask.dim() != 1 or mask.numel() != m:
+        raise ValueError(f"dominant mask{where} has shape {tuple(mask.shape)} but the layer has {m} output rows: "
+                         "pass one 1-D mask of length m per layer, from statistics of the same model and "
+                         "target_modules (ImportanceStats.check_matches tells which)")
+    mask = mask.detach().to("cpu")
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"dominant mask{where} must be bool (or 0/1), got dtype {mask.dtype} with other values")
+        mask = mask.bool()
+    return mask
+
+
 def convert_layer(layer: nn.Module, mask: torch.Tensor, r_s: int, scale: float = 1.0,
                   adapter_name: str = "default") -> None:
     """Turn one PEFT ``lora.Linear`` (rank ``r``) into a PiLoRA layer in place (fresh init:
     ``A`` Kaiming-uniform as PEFT does, ``B`` zero, so the output equals the base model's)."""
     base = layer.get_base_layer()
     m, n = base.weight.shape
-    if mask.numel() != m:
-        raise ValueError(f"mask has {mask.numel()} rows but the layer has {m} output rows")
+    mask = check_mask(mask, m)
     old_A = layer.lora_A[adapter_name].weight
     r = int(layer.r[adapter_name])
     A = nn.Linear(n, r + r_s, bias=False, device=old_A.device, dtype=old_A.dtype)
@@ -195,7 +277,8 @@ def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementa
     cfg = peft_model.peft_config[adapter_name]
     scale = supplementary_scale(cfg.r, supplementary_r, cfg.lora_alpha, supplementary_alpha, cfg.use_rslora)
     for name, layer in layers.items():
-        convert_layer(layer, masks[name], supplementary_r, scale, adapter_name)
+        mask = check_mask(masks[name], layer.get_base_layer().weight.shape[0], name)
+        convert_layer(layer, mask, supplementary_r, scale, adapter_name)
     peft_model.pilora_config = {"supplementary_r": int(supplementary_r),
                                 "supplementary_alpha": supplementary_alpha,
                                 "supplementary_scale": scale}

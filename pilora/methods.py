@@ -33,6 +33,7 @@ class MethodConfig:
     importance_interval: int = 10           # K: optimizer steps between importance checks
     importance_checks: int | None = None    # N: set K from stage 1's length so that T ≈ N checks run
     chunk_rows: int = 1024                  # rows of G̃ formed at once (memory bound)
+    snapshot_interval: int = 10             # pool the heat-map snapshot on every k-th importance check
     partition: str = "hit_frequency"        # key of pilora.partition.PARTITIONS
     partition_args: dict = field(default_factory=lambda: {"tau": 0.5})
     rank_pattern: dict | None = None        # per-module ranks (budget-matched LoRA)

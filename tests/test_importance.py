@@ -126,3 +126,175 @@ def test_stats_save_load_roundtrip_and_mismatch_errors(tiny_mlp, tmp_path):
 def test_accumulator_needs_lora(tiny_mlp):
     with pytest.raises(ValueError, match="no LoRA layers"):
         ImportanceAccumulator(tiny_mlp)
+
+
+# ----------------------------------------------------------------- the check on the device
+
+class SameShapes(nn.Module):
+    """Three 8→12 target layers (one group), one 12→30 (another), a frozen head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(8, 12)
+        self.d = nn.Linear(12, 30)
+        self.head = nn.Linear(30, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) + torch.tanh(self.b(x)) * torch.tanh(self.c(x))
+        return self.head(torch.tanh(self.d(h)))
+
+
+SAME = dict(name="pilora", r=3, alpha=6, dropout=0.0, target_modules=["a", "b", "c", "d"])
+
+
+def _same_model(seed=0):
+    torch.manual_seed(seed)
+    model = prepare_model(SameShapes(), SAME, stage=1)
+    with torch.no_grad():  # B off zero: both terms of Eq. 7
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 0.2)
+    return model
+
+
+def _backward(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+    model.zero_grad()
+    _loss(model, x, y).backward()
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    """Records every torch function / Tensor method called while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+# calls that copy a value to the host or wait for the device (data-dependent shapes)
+HOST_SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+              "bincount", "unique", "masked_select", "any", "all", "equal", "allclose"}
+
+
+@pytest.mark.parametrize("chunk_rows", [1024, 5])  # whole modules per block / row chunks of one module
+def test_batched_device_check_equals_per_module_reference(chunk_rows):
+    model = _same_model()
+    layers = lora_layers(model)
+    acc = ImportanceAccumulator(model, interval=1, chunk_rows=chunk_rows, snapshot_shape=(4, 5))
+    manual = {k: ModuleStats.empty(*l.get_base_layer().weight.shape, snapshot_shape=(4, 5)) for k, l in layers.items()}
+    for step in range(4):
+        _backward(model, step)
+        with _Calls() as calls:
+            acc.update()
+        assert not HOST_SYNCS & set(calls.names), sorted(HOST_SYNCS & set(calls.names))
+        # one GEMM per block of at most the largest single-module chunk (d: min(chunk_rows, 30) × 12):
+        # chunk 1024 → a, b, c in one block + d in one; chunk 5 → 60 elements: 2 row blocks per module
+        assert calls.names.count("bmm") == {1024: 2, 5: 12}[chunk_rows]
+        with torch.no_grad():
+            for k, l in layers.items():
+                A, B = l.lora_A["default"].weight, l.lora_B["default"].weight
+                S = row_scores(A, B, A.grad, B.grad, l.scaling["default"], snapshot=manual[k].grad_snapshot)
+                manual[k].update(S)
+    stats = acc.finalize()
+    for k in layers:
+        s = stats.modules[k]
+        assert s.checks == 4 and s.snapshots is None and s.hits.device.type == "cpu"
+        assert torch.equal(s.hits, manual[k].hits), k
+        torch.testing.assert_close(s.score_sum, manual[k].score_sum, rtol=1e-6, atol=0)
+        torch.testing.assert_close(s.grad_snapshot, manual[k].grad_snapshot, rtol=1e-5, atol=1e-7)
+
+
+def test_check_on_the_meta_device_reads_no_value():
+    """Every tensor of a meta model is data-less: any host read (.item(), .cpu(), .tolist(), a
+    data-dependent shape) raises. Checks with and without the snapshot run through."""
+    with torch.device("meta"):
+        model = prepare_model(SameShapes(), SAME, stage=1)
+    acc = ImportanceAccumulator(model, interval=1, snapshot_interval=2)
+    for layer in lora_layers(model).values():
+        for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            w.grad = torch.empty_like(w)
+    for _ in range(3):
+        acc.update()
+    assert acc.checks_done == 3
+    assert all(t.device.type == "meta" for t in acc.state_tensors())
+    assert {len(g.names) for g in acc._groups} == {3, 1}  # a, b, c scored together
+
+
+def test_snapshot_interval_pools_every_kth_check_and_keeps_the_per_check_scale(tmp_path):
+    ref, rare = _same_model(), _same_model()
+    acc_ref = ImportanceAccumulator(ref, interval=1, snapshot_shape=(4, 5))
+    acc = ImportanceAccumulator(rare, interval=1, snapshot_shape=(4, 5), snapshot_interval=2)
+    pooled = {k: [] for k in lora_layers(ref)}
+    for step in range(4):
+        for model, a in ((ref, acc_ref), (rare, acc)):
+            _backward(model, step)
+            a.update()
+        for k, l in lora_layers(ref).items():  # this check's pooled |G̃|
+            A, B = l.lora_A["default"].weight, l.lora_B["default"].weight
+            snap = torch.zeros(4, 5)
+            with torch.no_grad():
+                row_scores(A, B, A.grad, B.grad, l.scaling["default"], snapshot=snap)
+            pooled[k].append(snap)
+    s_ref, s = acc_ref.finalize(), acc.finalize()
+    for k in pooled:
+        a, b = s_ref.modules[k], s.modules[k]
+        assert torch.equal(a.hits, b.hits) and torch.equal(a.score_sum, b.score_sum)  # H, ΣS untouched
+        assert b.checks == 4 and b.snapshots == 2  # checks 0 and 2 were pooled
+        torch.testing.assert_close(b.grad_snapshot / b.checks, (pooled[k][0] + pooled[k][2]) / 2)
+    s.save(tmp_path / "importance.pt")
+    loaded = ImportanceStats.load(tmp_path / "importance.pt")
+    assert all(loaded.modules[k].snapshots == 2 for k in pooled)
+    with pytest.raises(ValueError, match="snapshot_interval must be ≥ 1"):
+        ImportanceAccumulator(rare, snapshot_interval=0)
+
+
+def test_resumed_accumulator_continues_the_same_statistics(tmp_path):
+    def run(stop=None):
+        model = _same_model()
+        acc = ImportanceAccumulator(model, interval=1, snapshot_shape=(4, 5), snapshot_interval=3)
+        for step in range(7):
+            if step == stop:
+                acc.stats.save(tmp_path / "ckpt.pt")
+                acc = ImportanceAccumulator(model, interval=1, snapshot_shape=(4, 5), snapshot_interval=3,
+                                            stats=ImportanceStats.load(tmp_path / "ckpt.pt"))
+            _backward(model, step)
+            acc.update()
+        return acc.finalize()
+
+    whole, resumed = run(), run(stop=4)
+    for k, a in whole.modules.items():
+        b = resumed.modules[k]
+        assert torch.equal(a.hits, b.hits) and a.checks == b.checks == 7 and a.snapshots == b.snapshots == 3
+        torch.testing.assert_close(a.score_sum, b.score_sum, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.grad_snapshot, b.grad_snapshot, rtol=1e-6, atol=0)
+
+
+def test_layers_without_gradients_are_skipped_for_that_check():
+    model = _same_model()
+    acc = ImportanceAccumulator(model, interval=1)
+    _backward(model, 0)
+    acc.update()
+    lora_layers(model)["b"].lora_A["default"].weight.grad = None  # b not reached this time
+    acc.update()
+    stats = acc.finalize()
+    assert stats.modules["b"].checks == 1 and stats.modules["a"].checks == stats.modules["c"].checks == 2
+    assert int(stats.modules["b"].hits.max()) <= 1
+    # the statistics stay readable and the accumulator keeps accumulating after finalize
+    _backward(model, 1)
+    acc.update()
+    assert acc.finalize().modules["b"].checks == 2
+
+
+def test_check_has_no_graph_break():
+    from pilora.importance import score_group
+
+    g, m, n, r = 3, 20, 12, 4
+    args = (torch.randn(g, m, 2 * r), torch.randn(g, 2 * r, n), torch.empty(2 * m * n),
+            torch.zeros(g, m, dtype=torch.int64), torch.zeros(g, m, dtype=torch.float64), torch.zeros(g, 5, 4),
+            torch.arange(m) * 5 // m, torch.full((m,), 0.25))
+    explained = torch._dynamo.explain(score_group)(*args)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -31,10 +31,17 @@ def test_output_equals_base_at_init_and_param_count_matches_formula():
     r, rs = 4, 1
     expected = sum((r + rs) * n + int(M.sum()) * r + (M.numel() - int(M.sum())) * rs
                    for M, n in ((MASKS["up"], 10), (MASKS["down"], 16)))
-    assert count_parameters(model).adapter == expected == count_parameters(model).trainable
-    # no zero-padded m×r parameter: B blocks hold exactly their own rows
+    count = count_parameters(model)
+    assert count.adapter == expected == count.trainable
+    # the optimizer holds B as one m × (r + r') tensor per layer: reported, not hidden
+    stored = sum((r + rs) * n + M.numel() * (r + rs) for M, n in ((MASKS["up"], 10), (MASKS["down"], 16)))
+    assert count.stored_trainable == stored > count.trainable
     B = lora_layers(model)["up"].lora_B["default"]
     assert B.dominant.shape == (6, 4) and B.supplementary.shape == (10, 1)
+    assert B.blocks.shape == (16, 5) and B.effective_numel() == 6 * 4 + 10 * 1
+    # the saved adapter keeps the compact blocks (no structural zeros on disk)
+    assert {k.rsplit(".", 1)[-1] for k in model.state_dict() if ".lora_B." in k} == \
+        {"dominant", "supplementary", "dominant_mask"}
 
 
 def test_only_adapter_weights_change_after_a_step():
@@ -127,31 +134,79 @@ def test_supplementary_alpha_scales_the_supplementary_block():
     _, model = _pilora(supplementary_alpha=8.0)  # s_d = 8/4 = 2, s_s = 8/1 = 8 → c = 4
     B = lora_layers(model)["up"].lora_B["default"]
     assert B.supplementary_scale == pytest.approx(4.0)
-    with torch.no_grad():
-        B.supplementary.fill_(1.0)
+    B.set_blocks(supplementary=torch.ones(10, 1))
     assert torch.allclose(B.weight[~MASKS["up"], 4:], torch.full((10, 1), 4.0))
+    with pytest.raises(ValueError, match=r"shape \(10, 1\)"):
+        B.set_blocks(supplementary=torch.ones(16, 1))
 
 
 @pytest.mark.parametrize("c", [1.0, 4.0])
-def test_block_assembly_gradients_match_autograd_reference(c):
+def test_block_matrix_and_gradients_match_separately_stored_blocks_in_float64(c):
+    """``blocks ⊙ P`` equals Eq. 9's masked expansion of separately stored ``B_d``, ``B_s``; the
+    gradient of a dominant/supplementary entry equals the compact one and a structural zero's is 0."""
     mask = MASKS["up"]
     torch.manual_seed(1)
     B = RowPartitionedB(mask, r=3, r_s=2, supplementary_scale=c, dtype=torch.float64)
-    with torch.no_grad():
-        B.dominant.normal_(); B.supplementary.normal_()
-    # reference: the explicit masked expansion of Eq. 9, built with differentiable ops
+    Bd, Bs = torch.randn(6, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    B.set_blocks(Bd, Bs)
+    Bd, Bs = Bd.clone().requires_grad_(), Bs.clone().requires_grad_()
+    # reference: the explicit masked expansion of Eq. 9, from compact leaves
     ref = torch.zeros(16, 5, dtype=torch.float64)
-    ref = ref.index_put((mask.nonzero().flatten(), ), torch.nn.functional.pad(B.dominant, (0, 2)))
-    ref = ref.index_put(((~mask).nonzero().flatten(), ), torch.nn.functional.pad(c * B.supplementary, (3, 0)))
+    ref = ref.index_put((mask.nonzero().flatten(), ), torch.nn.functional.pad(Bd, (0, 2)))
+    ref = ref.index_put(((~mask).nonzero().flatten(), ), torch.nn.functional.pad(c * Bs, (3, 0)))
     assert torch.equal(B.weight, ref)
     w = torch.randn(16, 5, dtype=torch.float64)
-    g_ours = torch.autograd.grad((B.weight * w).sum(), [B.dominant, B.supplementary])
-    g_ref = torch.autograd.grad((ref * w).sum(), [B.dominant, B.supplementary])
-    assert all(torch.allclose(a, b) for a, b in zip(g_ours, g_ref))
-    from pilora.layer import _AssembleRows
-    assert torch.autograd.gradcheck(
-        lambda d, s: _AssembleRows.apply(d, s, B.dominant_rows, B.supplementary_rows, c),
-        (B.dominant.detach().clone().requires_grad_(), B.supplementary.detach().clone().requires_grad_()))
+    (g_blocks,) = torch.autograd.grad((B.weight * w).sum(), [B.blocks])
+    g_d, g_s = torch.autograd.grad((ref * w).sum(), [Bd, Bs])
+    assert torch.equal(g_blocks[mask, :3], g_d) and torch.equal(g_blocks[~mask, 3:], g_s)
+    assert torch.count_nonzero(g_blocks[mask, 3:]) == 0 and torch.count_nonzero(g_blocks[~mask, :3]) == 0
+    assert torch.autograd.gradcheck(lambda b: b * B.pattern, (B.blocks.detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(optim):
+    """Steps of SGD / AdamW (weight decay, gradient clipping) on the stored ``m × (r + r')`` B give the
+    trajectory of a compact reference (``B_d``, ``B_s`` as their own leaves), to float64 precision."""
+    _, model = _pilora(supplementary_alpha=8.0)
+    model.double()
+    x, y = X.double(), Y
+    layers = lora_layers(model)
+    # reference: the same math with compact leaves, written out per Eq. 10
+    ref = {k: {"A": l.lora_A["default"].weight.detach().clone().requires_grad_(),
+               "Bd": l.lora_B["default"].dominant.detach().clone().requires_grad_(),
+               "Bs": l.lora_B["default"].supplementary.detach().clone().requires_grad_()} for k, l in layers.items()}
+    net = model.base_model.model
+
+    def ref_forward(x):
+        h = x
+        for name in ("up", "down"):
+            layer, p = layers[name], ref[name]
+            B = layer.lora_B["default"]
+            full = torch.zeros(B.out_features, B.r + B.r_s, dtype=torch.float64)
+            full = full.index_put((B.dominant_rows,), torch.nn.functional.pad(p["Bd"], (0, B.r_s)))
+            full = full.index_put((B.supplementary_rows,), torch.nn.functional.pad(B.supplementary_scale * p["Bs"],
+                                                                                    (B.r, 0)))
+            h = torch.tanh(layer.get_base_layer()(h) + layer.scaling["default"] * (h @ p["A"].t()) @ full.t())
+        return net.head(h)
+
+    ours = [p for p in model.parameters() if p.requires_grad]
+    theirs = [t for p in ref.values() for t in p.values()]
+    make = (lambda ps: torch.optim.SGD(ps, lr=0.5)) if optim == "sgd" else \
+        (lambda ps: torch.optim.AdamW(ps, lr=3e-2, weight_decay=0.1))
+    opts = [make(ours), make(theirs)]
+    for _ in range(4):
+        for opt, fwd, params in ((opts[0], model, ours), (opts[1], ref_forward, theirs)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(fwd(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.05)  # active: the structural zeros add nothing to the norm
+            opt.step()
+    for k, layer in layers.items():
+        B = layer.lora_B["default"]
+        torch.testing.assert_close(B.dominant, ref[k]["Bd"].detach(), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(B.supplementary, ref[k]["Bs"].detach(), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(layer.lora_A["default"].weight, ref[k]["A"].detach(), rtol=1e-12, atol=1e-13)
+        assert torch.count_nonzero(B.blocks * (B.pattern == 0)) == 0  # structural zeros exactly zero
+        assert torch.count_nonzero(B.dominant) > 0
 
 
 def _without_variant(model):
@@ -220,3 +275,121 @@ def test_fused_forward_flag_picks_the_forward_for_lora_and_pilora_without_changi
         assert torch.allclose(fused(X), plain(X), atol=1e-6)
     with pytest.raises(ValueError, match="DoRA has its own forward"):
         MethodConfig(name="dora", fused_forward=True)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def _build(name, stage2):
+    torch.manual_seed(0)
+    cfg = MethodConfig(name=name, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"], supplementary_r=1,
+                       supplementary_alpha=4.0 if name == "pilora" else None)
+    return prepare_model(TinyMLP(), cfg, masks=MASKS if stage2 else None)
+
+
+@pytest.mark.parametrize("name,stage2", [("lora", False), ("pilora", False), ("pilora", True)])
+def test_no_graph_break_in_the_adapter_layers_or_the_model(name, stage2):
+    model = _build(name, stage2)
+    for target in (lora_layers(model)["up"], model):
+        explained = torch._dynamo.explain(target)(X)
+        assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("name,stage2", [("lora", False), ("pilora", True)])
+def test_compiled_training_step_equals_eager_and_feeds_the_importance_check(name, stage2):
+    """fullgraph torch.compile (aot_eager: dynamo + AOT autograd, no C++ toolchain needed) gives the
+    eager outputs and gradients; the stage-1 check reads the compiled backward's gradients."""
+    from pilora import ImportanceAccumulator
+
+    eager = _build(name, stage2).double()
+    if stage2:
+        with torch.no_grad():  # non-zero B blocks so every gradient path is exercised
+            for layer in lora_layers(eager).values():
+                B = layer.lora_B["default"]
+                B.set_blocks(torch.randn_like(B.dominant), torch.randn_like(B.supplementary))
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = X.double()
+    results = []
+    for m in (eager, compiled):
+        out = m(x)
+        loss = torch.nn.functional.cross_entropy(out, Y)
+        loss.backward()
+        results.append((out.detach(), [p.grad for p in (eager if m is eager else model).parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if not stage2:
+        stats = []
+        for m in (eager, model):
+            acc = ImportanceAccumulator(m, interval=1)
+            acc.update()
+            stats.append(acc.finalize())
+        for k, s in stats[0].modules.items():
+            assert torch.equal(s.hits, stats[1].modules[k].hits)
+            torch.testing.assert_close(s.score_sum, stats[1].modules[k].score_sum)
+
+
+class _WithLoss(TinyMLP):
+    def forward(self, x, labels=None):
+        logits = super().forward(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage2", [False, True])
+def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
+    """``trainer.torch_compile=true`` as train.py passes it: Trainer compiles the PEFT model; stage 1
+    with the importance callback, stage 2 with the PiLoRA layers (aot_eager backend here: no C++
+    toolchain; a GPU run uses inductor)."""
+    from transformers import Trainer, TrainingArguments
+
+    from pilora import ImportanceAccumulator
+    from pilora.callbacks import ImportanceCallback
+
+    torch.manual_seed(0)
+    cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.1, target_modules=["up", "down"], supplementary_r=1)
+    model = prepare_model(_WithLoss(), cfg, masks=MASKS if stage2 else None)
+    data = [{"x": X[i], "labels": Y[i]} for i in range(len(X))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=5, report_to="none",
+                             torch_compile=True, torch_compile_backend="aot_eager", use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    callbacks = []
+    if not stage2:
+        acc = ImportanceAccumulator(model, interval=2)
+        callbacks.append(ImportanceCallback(acc))
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if not stage2:
+        assert all(s.checks == 2 for s in acc.finalize().modules.values())
+
+
+def test_bad_masks_are_clear_errors_naming_the_fix():
+    for bad, match in ((torch.ones(15, dtype=torch.bool), r"has shape \(15,\) but the layer has 16 output rows"),
+                       (torch.ones(16, 1, dtype=torch.bool), r"1-D mask of length m"),
+                       (torch.full((16,), 0.5), r"must be bool \(or 0/1\)"),
+                       (torch.ones(16, dtype=torch.bool, device="meta"), r"meta device .* \(pilora.partition\)")):
+        with pytest.raises(ValueError, match=match):
+            _pilora(masks={"up": bad, "down": MASKS["down"]})
+    # a 0/1 integer mask (e.g. from a saved int8 buffer) on any device is read once and accepted
+    _, model = _pilora(masks={"up": MASKS["up"].to(torch.int8), "down": MASKS["down"].float()})
+    assert torch.equal(pilora_masks(model)["up"], MASKS["up"])
+
+
+def test_derived_tensors_follow_the_module_but_are_not_buffers():
+    """Only the mask is a buffer (DDP broadcasts buffers every forward); the pattern and row indices
+    are derived and follow .to() / .double() like buffers do."""
+    _, model = _pilora(supplementary_alpha=8.0)
+    B = lora_layers(model)["up"].lora_B["default"]
+    assert {n for n, _ in B.named_buffers()} == {"dominant_mask"}
+    model.double()
+    assert B.pattern.dtype == B.blocks.dtype == torch.float64 and B.dominant_rows.dtype == torch.int64
+    clone = copy.deepcopy(model)
+    Bc = lora_layers(clone)["up"].lora_B["default"]
+    assert torch.equal(Bc.pattern, B.pattern) and Bc.pattern.data_ptr() != B.pattern.data_ptr()
+    model.to("meta")
+    assert B.pattern.device.type == "meta" and B.supplementary_rows.device.type == "meta"

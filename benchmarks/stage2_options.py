@@ -1,0 +1,218 @@
+"""How to hold PiLoRA's stage-2 ``B``: the options measured side by side (host work per step).
+
+    python -m benchmarks.stage2_options [--quick] [--repeats 20] [--out FILE.json]
+
+Every option computes the same ``m × (r + r')`` matrix ``[M ⊗ B_d, c·M̄ ⊗ B_s]`` of Eq. 10 (checked
+here to float precision against the layer in :mod:`pilora.layer`), on the LLaMA workload of
+:mod:`benchmarks.step_time`, r = 32, r' = 2, 40 % dominant rows:
+
+* ``function``: compact ``B_d``, ``B_s`` leaves; a Python ``autograd.Function`` that zero-fills the
+  matrix and index-copies the two blocks (backward: two row gathers);
+* ``index``: compact leaves; ``cat`` of the two zero-padded blocks and one row ``index_select``
+  (built-in autograd; backward: an index-add);
+* ``batched``: compact leaves; one assembly of *every* module's matrix per step: one ``cat`` of all
+  blocks, one ``index_select``, one product with the scale, then a view per module;
+* ``stored``: one ``m × (r + r')`` leaf per module, ``weight = blocks ⊙ P`` (the layer's choice):
+  one elementwise product forward and backward, structural zeros get exactly-zero gradients.
+
+Reported per option: ``aten::`` operators per step (torch.profiler, nested ops included), autograd
+nodes per step, Python autograd nodes, host time per step (median over interleaved rounds, with
+the paired q25–q75 ratio to LoRA), and the numbers the optimizer holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks import step_time as st
+
+OPTIONS = ("function", "index", "batched", "stored")
+
+
+class _AssembleRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, B_d, B_s, dominant_rows, supplementary_rows, c):
+        r = B_d.shape[1]
+        out = B_d.new_zeros(dominant_rows.numel() + supplementary_rows.numel(), r + B_s.shape[1])
+        out[:, :r].index_copy_(0, dominant_rows, B_d)
+        out[:, r:].index_copy_(0, supplementary_rows, B_s * c if c != 1.0 else B_s)
+        ctx.save_for_backward(dominant_rows, supplementary_rows)
+        ctx.r, ctx.c = r, c
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dominant_rows, supplementary_rows = ctx.saved_tensors
+        g_d = grad[:, : ctx.r].index_select(0, dominant_rows)
+        g_s = grad[:, ctx.r:].index_select(0, supplementary_rows)
+        return g_d, (g_s * ctx.c if ctx.c != 1.0 else g_s), None, None, None
+
+
+class CompactB(nn.Module):
+    """Compact ``B_d``, ``B_s`` leaves; ``weight`` by one of the compact options."""
+
+    def __init__(self, stored, mode: str):
+        super().__init__()
+        self.mode, self.r, self.r_s, self.c = mode, stored.r, stored.r_s, stored.supplementary_scale
+        self.dominant = nn.Parameter(stored.dominant.detach().clone())
+        self.supplementary = nn.Parameter(stored.supplementary.detach().clone())
+        self.register_buffer("dominant_rows", stored.dominant_rows.clone())
+        self.register_buffer("supplementary_rows", stored.supplementary_rows.clone())
+        order = torch.cat([stored.dominant_rows, stored.supplementary_rows])
+        self.register_buffer("inverse", torch.argsort(order))
+        self.batched_weight = None  # set per step by BatchedAssembly
+
+    @property
+    def weight(self):
+        if self.mode == "function":
+            return _AssembleRows.apply(self.dominant, self.supplementary, self.dominant_rows,
+                                       self.supplementary_rows, self.c)
+        if self.mode == "index":
+            s = self.supplementary * self.c if self.c != 1.0 else self.supplementary
+            stacked = torch.cat([F.pad(self.dominant, (0, self.r_s)), F.pad(s, (self.r, 0))])
+            return stacked.index_select(0, self.inverse)
+        return self.batched_weight
+
+    def forward(self, z):
+        return F.linear(z, self.weight)
+
+
+class BatchedAssembly:
+    """A forward pre-hook on the model: every module's matrix from one cat + one index_select."""
+
+    def __init__(self, model: nn.Module, modules: list[CompactB]):
+        self.modules = modules
+        leaves, index, scale, offset, sizes = [], [], [], 0, []
+        total = sum(b.dominant.numel() + b.supplementary.numel() for b in modules)
+        zero = total  # the index of an appended 0
+        for b in modules:
+            m = b.dominant_rows.numel() + b.supplementary_rows.numel()
+            idx = torch.full((m, b.r + b.r_s), zero, dtype=torch.long)
+            sc = torch.zeros(m, b.r + b.r_s)
+            nd = b.dominant.numel()
+            idx[b.dominant_rows.cpu(), : b.r] = offset + torch.arange(nd).view(-1, b.r)
+            sc[b.dominant_rows.cpu(), : b.r] = 1.0
+            idx[b.supplementary_rows.cpu(), b.r:] = offset + nd + torch.arange(b.supplementary.numel()).view(-1, b.r_s)
+            sc[b.supplementary_rows.cpu(), b.r:] = b.c
+            offset += nd + b.supplementary.numel()
+            index.append(idx.flatten())
+            scale.append(sc.flatten())
+            sizes.append((m, b.r + b.r_s))
+            leaves += [b.dominant, b.supplementary]
+        dev = modules[0].dominant.device
+        self.index, self.scale, self.sizes, self.leaves = torch.cat(index).to(dev), torch.cat(scale).to(dev), sizes, leaves
+        self.zero = torch.zeros(1, device=dev)
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        flat = torch.cat([p.reshape(-1) for p in self.leaves] + [self.zero])
+        weights = (flat.index_select(0, self.index) * self.scale).split([m * k for m, k in self.sizes])
+        for b, w, shape in zip(self.modules, weights, self.sizes):
+            b.batched_weight = w.view(shape)
+
+
+def build_option(option: str, wl: st.Workload, masks: dict) -> st.Variant:
+    from pilora.importance import lora_layers
+
+    v = st.build_variant("pilora", wl, masks=masks)
+    if option == "stored":
+        return v
+    mods = []
+    g = torch.Generator().manual_seed(3)
+    for layer in lora_layers(v.model).values():
+        stored = layer.lora_B["default"]
+        stored.set_blocks(*(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (stored.dominant, stored.supplementary)))
+        layer.lora_B["default"] = CompactB(stored, "batched" if option == "batched" else option)
+        mods.append(layer.lora_B["default"])
+    if option == "batched":
+        v.model._pilora_batched = BatchedAssembly(v.model, mods)
+    v.optimizer = torch.optim.AdamW([p for p in v.model.parameters() if p.requires_grad], lr=1e-4)
+    return v
+
+
+def check_same_matrix(variants: dict[str, st.Variant]) -> float:
+    """Largest difference between each option's matrices and the stored layer's, same values."""
+    from pilora.importance import lora_layers
+
+    ref = {k: l.lora_B["default"] for k, l in lora_layers(variants["stored"].model).items()}
+    worst = 0.0
+    for name, v in variants.items():
+        if name == "stored":
+            continue
+        layers = lora_layers(v.model)
+        if name == "batched":
+            v.model._pilora_batched()
+        for k, l in layers.items():
+            b = l.lora_B["default"]
+            ref[k].set_blocks(b.dominant.detach(), b.supplementary.detach())
+            worst = max(worst, (b.weight.detach() - ref[k].weight.detach()).abs().max().item())
+    return worst
+
+
+def run(quick: bool = True, repeats: int = 20, warmup: int = 2, device: str = "cpu", config: dict | None = None,
+        batch: int | None = None, seq: int | None = None) -> dict:
+    sz = st.sizes(quick, device)
+    wl = st.llama_workload("llama", config or sz["llama"], batch or sz["batch"], seq or sz["seq"],
+                           torch.float32 if device == "cpu" else torch.bfloat16, device, steps_per_sample=1)
+    masks = st.random_masks(wl.reference, wl.targets)
+    variants = {"lora": st.build_variant("lora", wl), "lora_fused": st.build_variant("lora_fused", wl)}
+    variants.update({o: build_option(o, wl, masks) for o in OPTIONS})
+    max_diff = check_same_matrix({o: variants[o] for o in OPTIONS})
+    for v in variants.values():
+        v.step()
+    fns = {m: v.step for m, v in variants.items()}
+    samples = st.time_interleaved(fns, repeats, warmup, device)
+    summary = st.ratio_summary(samples)
+    ops = {m: st.operator_profile(fns[m], device, 1) for m in fns}
+    out = {"workload": wl.meta, "repeats": repeats, "max_abs_diff_vs_stored": max_diff, "options": {}}
+    for m in fns:
+        out["options"][m] = {"median_s": summary[m]["median_s"], "ratio": summary[m]["ratio"],
+                             "paired_ratio": summary[m]["paired_ratio"], **ops[m],
+                             "ops_ratio": ops[m]["ops"] / ops["lora"]["ops"],
+                             "trainable": variants[m].adapter_params(), "stored": variants[m].stored_params()}
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"# stage-2 B options on {res['workload']} ({res['repeats']} rounds); "
+             f"matrices agree to {res['max_abs_diff_vs_stored']:.1e}",
+             f"{'option':<11} {'step ms':>8} {'×LoRA':>7} {'paired q25–q75':>15} {'ops/step':>9} {'×LoRA':>7} "
+             f"{'nodes':>6} {'Python':>6} {'trainable':>10} {'stored':>9}"]
+    for m, o in res["options"].items():
+        pr = o["paired_ratio"]
+        lines.append(f"{m:<11} {1e3 * o['median_s']:>8.2f} {o['ratio']:>7.3f} {pr['q25']:>7.3f}–{pr['q75']:<7.3f} "
+                     f"{o['ops']:>9.0f} {o['ops_ratio']:>7.3f} {o['autograd_nodes']:>6.0f} {o['python_functions']:>6.0f} "
+                     f"{o['trainable']:>10} {o['stored']:>9}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stage2_options", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny LLaMA (else llama_small)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        raise SystemExit(2)
+    res = run(args.quick, args.repeats, args.warmup, args.device)
+    res["environment"] = st.environment(args.device, args)
+    print(format_table(res))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
+
+
+if __name__ == "__main__":
+    main()
