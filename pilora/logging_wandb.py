@@ -162,7 +162,7 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
                 kept += 1
             if kept:
                 run.log_artifact(art)
-    run.finish()
+    run.finish(exit_code=0 if record.get("status") == "complete" else 1)  # a failed record: a failed run
     _RUN = None
 
 

@@ -33,7 +33,8 @@ from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapt
 from .budget import matched_rank_pattern
 from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
                         stage_label)
-from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
+from .checkpoints import (CorruptCheckpoint, fit, non_finite_weights_failure, resume_point,  # noqa: F401
+                          verify_checkpoint)
 from .cost import JobClock
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
@@ -417,8 +418,11 @@ def _run(cfg, task, method, data, out) -> dict:
         else:
             write_adapters(model, out)  # adapter/ loads in stock PEFT / lm-eval; PiLoRA also adapter_pilora/
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    failure = non_finite_weights_failure(model)  # NaN/inf weights make NaN metrics: never a "complete" record
+    if failure:
+        log.error("%s", failure)
     return {
-        "schema": SCHEMA, "status": "complete",
+        "schema": SCHEMA, "status": "failed" if failure else "complete", "failure": failure,
         "task": task.name, "family": task.family, "method": cfg["method"].get("label") or method.name, "model": cfg["model"]["name"],
         "seed": int(cfg["seed"]), "metric": task.metric,
         "config": cfg, "git": git_revision(),
