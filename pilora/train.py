@@ -202,9 +202,13 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
         return stats, os.path.abspath(source)
     if os.path.exists(path):  # an interrupted job that had finished stage 1
         log.info("PiLoRA stage 1: already done, loading %s", path)
-        stats = ImportanceStats.load(path)
-        clock.restore(stats.meta.get("cost"))
-        return stats, path
+        try:
+            stats = ImportanceStats.load(path)
+        except ValueError as err:  # the job's own file: set it aside and run stage 1 again
+            _set_aside(path, err)
+        else:
+            clock.restore(stats.meta.get("cost"))
+            return stats, path
     stage1 = cfg["method"].get("stage1") or {}
     stage_dir = os.path.join(out, "stage1")
     overrides = {"num_train_epochs": float(stage1.get("epochs", 1)), "max_steps": int(stage1.get("max_steps", -1)),
@@ -238,6 +242,14 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
         stats.save(path)
     del trainer, model
     return stats, path
+
+
+def _set_aside(path: str, err: Exception) -> None:
+    """Move a damaged ``importance.pt`` of this job to ``importance.pt.corrupt`` (kept for inspection)."""
+    if is_main():
+        os.replace(path, path + ".corrupt")
+    log.warning("PiLoRA stage 1: %s does not load (%s); moved it to %s and running stage 1 again", path, err,
+                path + ".corrupt")
 
 
 def stage1_steps(trainer) -> int:

@@ -265,3 +265,25 @@ def test_nan_weights_make_a_failed_record(finished_job, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(CorruptCheckpoint, match="non-finite weights"):  # not "job already complete"
         train(compose_cfg(overrides, out))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_own_importance_file_is_regenerated(finished_job, caplog, damage):
+    """The job's own importance.pt does not load: it is set aside and stage 1 runs again (from its
+    checkpoints), so the rerun completes with the same statistics instead of repeating the error."""
+    overrides, out, rec = finished_job
+    path = out / "importance.pt"
+    before = ImportanceStats.load(path)
+    data = path.read_bytes()
+    path.write_bytes(b"not a torch file" if damage == "garbage" else data[: len(data) // 2])
+    with caplog.at_level("WARNING", logger="pilora"):
+        again = train(compose_cfg(overrides, out))
+    assert f"{path} does not load" in caplog.text and "running stage 1 again" in caplog.text
+    assert (out / "importance.pt.corrupt").exists()
+    after = ImportanceStats.load(path)
+    assert set(after.modules) == set(before.modules)
+    for k, s in before.modules.items():
+        assert torch.equal(after.modules[k].hits, s.hits) and after.modules[k].checks == s.checks
+    assert again["status"] == "complete"
+    assert again["pilora"]["dominant_fraction"] == rec["pilora"]["dominant_fraction"]
+    assert again["metrics"]["test"]["test_loss"] == pytest.approx(rec["metrics"]["test"]["test_loss"], rel=1e-6)
