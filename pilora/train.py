@@ -351,7 +351,7 @@ def _train(cfg: dict) -> dict:
     try:
         record = _run(cfg, task, method, data, out)
         if run is not None:
-            record["wandb"] = {"id": run.id, "project": run.project, "dir": run.dir}
+            record["wandb"] = logging_wandb.record_entry(run)
         if is_main():
             atomic_write_json(os.path.join(out, RECORD), record)
             log.info("record written: %s", os.path.join(out, RECORD))
