@@ -131,6 +131,21 @@ def _need(rec: dict, dotted: str):
     return cur
 
 
+# numeric fields of a record (dotted; None allowed): a mistyped one makes the record unusable
+NUMERIC = ("seed", "steps", "peak_memory_mb", "params.trainable", "params.total", "params.adapter",
+           "params.backbone", "params.share", "params.adapter_share", "params.adapter_share_of_backbone",
+           "pilora.dominant_fraction", "config.method.r", "config.method.supplementary_r", "config.method.stage1_r")
+
+
+def _check_numbers(rec: dict) -> None:
+    for dotted in NUMERIC + tuple(f"timing.{k}" for k in (rec.get("timing") or {})):
+        cur: Any = rec
+        for part in dotted.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if cur is not None and (isinstance(cur, bool) or not isinstance(cur, (int, float))):
+            raise RecordError(f"{dotted} is {cur!r} ({type(cur).__name__}), not a number")
+
+
 def record_row(rec: Any, path: str, source: str = "file") -> dict:
     """Flatten one record; raise :class:`RecordError` (with a one-line reason) if unusable."""
     if not isinstance(rec, dict):
@@ -147,6 +162,7 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
     cfg = rec["config"]
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), dict):
         raise RecordError("missing key 'config.method'")
+    _check_numbers(rec)
     m, tr = cfg["method"], cfg.get("trainer") or {}
     pil = rec.get("pilora") or {}
     part = m.get("partition") if isinstance(m.get("partition"), dict) else {}
@@ -264,6 +280,48 @@ def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.
         say(f"no usable results.json records under {where}{extra}; run the experiments first "
             "(experiments/README.md) or point --root at a results tree")
     df.attrs.update(roots=roots, skipped=skipped, missing_roots=missing)
+    return df
+
+
+def _revision_label(rev, dirty) -> str:
+    return (str(rev)[:10] if isinstance(rev, str) and rev else "unknown") + (" (dirty)" if dirty is True else "")
+
+
+def check_revisions(df: pd.DataFrame, revision: str | None = None, quiet: bool = False) -> pd.DataFrame:
+    """``revision`` (a hash or its prefix): keep only that git revision's records. Otherwise warn
+    when records averaged together (one configuration, several seeds) come from different git
+    revisions or from a tree with uncommitted changes (``git.dirty``): their code may differ.
+    The configurations concerned are listed in ``df.attrs["mixed_revisions"]``."""
+    if df.empty:
+        df.attrs.setdefault("mixed_revisions", [])
+        return df
+    revs = df["git_revision"].where(df["git_revision"].notna(), None)
+    if revision:
+        keep = revs.map(lambda r: isinstance(r, str) and r.startswith(revision))
+        out = df[keep.astype(bool)].reset_index(drop=True)
+        out.attrs.update(df.attrs)
+        out.attrs["mixed_revisions"] = []
+        if not quiet:
+            present = sorted({_revision_label(r, None) for r in revs})
+            say(f"note: --revision {revision}: {len(out)} of {len(df)} record(s) kept"
+                + ("" if len(out) else f"; the records' revisions are {', '.join(present)}"))
+        return out
+    mixed = []
+    for key, group in df.groupby("config_key", sort=True):
+        if len(group) < 2:
+            continue
+        labels = sorted({_revision_label(r, d) for r, d in zip(group["git_revision"], group["git_dirty"])})
+        if len(labels) > 1 or any(d is True for d in group["git_dirty"]):
+            first = group.iloc[0]
+            mixed.append({"config_key": key, "revisions": labels, "paths": list(group["path"]),
+                          "what": f"{first['task']}/{first['model']}/{first['method']}"})
+    if mixed and not quiet:
+        say(f"warning: {len(mixed)} configuration(s) average records from different code (other git "
+            "revisions, or a tree with uncommitted changes):")
+        for m in mixed:
+            say(f"  {m['what']} [{m['config_key']}]: {', '.join(m['revisions'])}: {', '.join(map(str, m['paths']))}")
+        say("  pass --revision REV to use one revision's records, or rerun them from one committed revision")
+    df.attrs["mixed_revisions"] = mixed
     return df
 
 
@@ -580,16 +638,20 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wandb-entity", help=argparse.SUPPRESS)
     p.add_argument("--wandb-cache", help="W&B cache folder (default $PILORA_WANDB_CACHE or .wandb_cache)")
     p.add_argument("--refresh", action="store_true", help="pull the W&B project again")
+    p.add_argument("--revision", metavar="REV", help="use only the records of this git revision (hash or prefix)")
 
 
 def load_source(args) -> pd.DataFrame:
-    """Records from ``--wandb`` / ``--wandb-dir`` / ``--root`` (raises :class:`WandbSourceError`)."""
+    """Records from ``--wandb`` / ``--wandb-dir`` / ``--root`` (raises :class:`WandbSourceError`),
+    of one ``--revision`` if given (else a warning when averaged records come from different code)."""
     if args.wandb_dir:
-        return load_wandb_dir(args.wandb_dir)
-    if args.wandb or args.wandb_project:
+        df = load_wandb_dir(args.wandb_dir)
+    elif args.wandb or args.wandb_project:
         entity, project = parse_wandb_path(args.wandb) if args.wandb else (args.wandb_entity, args.wandb_project)
-        return load_wandb(project, entity, args.wandb_cache, refresh=args.refresh)
-    return load_records(args.root)
+        df = load_wandb(project, entity, args.wandb_cache, refresh=args.refresh)
+    else:
+        df = load_records(args.root)
+    return check_revisions(df, getattr(args, "revision", None))
 
 
 def main(argv=None) -> int:

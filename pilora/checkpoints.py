@@ -70,6 +70,41 @@ def verify_checkpoint(ckpt: str) -> None:
                 f"checkpoint {ckpt!r} is corrupted: {name} cannot be read ({type(err).__name__}: {err}). "
                 f"Delete {ckpt!r} to resume from the previous checkpoint (or the whole stage folder to "
                 "restart the stage).") from err
+        if _is_weights(name):
+            bad = _non_finite(path)
+            if bad:
+                key, count = bad
+                raise CorruptCheckpoint(
+                    f"checkpoint {ckpt!r} holds non-finite weights: {key!r} in {name} has {count} NaN/inf "
+                    f"value(s), so resuming would train and report NaN. Delete {ckpt!r} to resume from the "
+                    "previous checkpoint; if that one is also refused the run diverged earlier: rerun with "
+                    "resume=false (e.g. a lower trainer.learning_rate).")
+
+
+def _is_weights(name: str) -> bool:
+    """Model / adapter weight files of a checkpoint (not optimizer, scheduler or RNG state)."""
+    return name.endswith(".safetensors") or (name.endswith(".bin") and name.startswith(("pytorch_model", "adapter_model")))
+
+
+def _non_finite(path: str) -> tuple[str, int] | None:
+    """The first floating tensor of a weight file holding NaN/inf, and how many such values (one
+    tensor in memory at a time)."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return key, int((~torch.isfinite(t)).sum())
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, t in (state.items() if isinstance(state, dict) else ()):
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key, int((~torch.isfinite(t)).sum())
+    return None
 
 
 def resume_point(stage_dir: str, enabled: bool, required: tuple[str, ...] = ()) -> str | None:
@@ -159,3 +194,16 @@ def fit(trainer, resume: str | None, clock=None) -> None:
         raise
     finally:
         trainer.remove_callback(marker)
+
+
+def non_finite_weights_failure(model) -> str | None:
+    """Why a record must not be marked complete: the parameters of ``model`` that hold NaN/inf."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters()
+           if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+    if not bad:
+        return None
+    return (f"{len(bad)} parameter tensor(s) of the trained model hold NaN/inf values (first: {bad[0]}), so its "
+            "metrics are meaningless; the record is marked failed. Rerun with resume=false (e.g. with a lower "
+            "trainer.learning_rate)")

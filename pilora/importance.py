@@ -155,17 +155,23 @@ class ImportanceStats:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"{path!r} is not a readable importance-statistics file ({err}); "
-                             "re-run stage 1 to regenerate it") from err
+            raise ValueError(f"{path!r} is not a readable importance-statistics file ({err}); delete it and "
+                             "re-run stage 1 (rerun the job that wrote it), or point method.importance_from at "
+                             "another file") from err
         if not isinstance(payload, dict):
             raise ValueError(f"{path!r} holds a {type(payload).__name__}, not importance statistics (a dict "
                              "written by a PiLoRA stage 1); point method.importance_from at a stage-1 importance.pt")
         if payload.get("format") != STATS_FORMAT or not isinstance(payload.get("modules"), dict):
             raise ValueError(f"{path!r} has importance-statistics format {payload.get('format')!r}, "
-                             f"this code reads format {STATS_FORMAT}; re-run stage 1")
-        modules = {name: ModuleStats(tuple(d["shape"]), d["hits"], d["score_sum"], int(d["checks"]),
-                                     d.get("grad_snapshot"), d.get("snapshots"))
-                   for name, d in payload["modules"].items()}
+                             f"this code reads format {STATS_FORMAT}; delete it and rerun the job that wrote it "
+                             "(its stage 1 runs again)")
+        try:
+            modules = {name: ModuleStats(tuple(d["shape"]), d["hits"], d["score_sum"], int(d["checks"]),
+                                         d.get("grad_snapshot"), d.get("snapshots"))
+                       for name, d in payload["modules"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path!r} has damaged module statistics ({type(err).__name__}: {err}); delete it "
+                             "and rerun the job that wrote it (its stage 1 runs again)") from err
         return cls(modules, payload.get("meta", {}))
 
     def check_matches(self, shapes: dict[str, tuple[int, int]]) -> None:

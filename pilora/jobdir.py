@@ -29,7 +29,7 @@ LOCK_FILE = ".lock"
 MANIFEST = "job.json"
 # what a job writes into its folder; resume=false removes exactly these (never anything else the
 # folder may hold, e.g. Hydra's .hydra/ and run.log, or wandb/)
-JOB_ARTIFACTS = ("results.json", "importance.pt", "stage1", "stage2", "train", "adapter", "adapter_pilora",
+JOB_ARTIFACTS = ("results.json", "importance.pt", "importance.pt.corrupt", "stage1", "stage2", "train", "adapter", "adapter_pilora",
                  "adapter_init", "model", "dash_directions.pt", MANIFEST)
 # config keys that do not change what a job computes: a rerun differing only in them reuses the job
 NOT_RESULT_KEYS = ("resume", "output_dir", "logger")

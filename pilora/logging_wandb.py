@@ -17,6 +17,10 @@
   ``adapter``: the stock-PEFT ``adapter/``), each skipped with a log line when larger than
   ``logger.artifact_max_mb``. ``results.json`` is also copied into the run's ``files/`` so an
   offline run folder carries its record.
+* **No network:** with ``logger.mode=online``, a W&B server that cannot be reached (a TCP probe,
+  at most 10 s) or a ``wandb.init`` that fails (``logger.init_timeout_s``, no API key) makes the
+  run offline, with a warning and ``offline_fallback`` in the record's ``wandb`` entry; the
+  job continues, and ``wandb sync`` uploads the run later.
 * **Quiet:** W&B's console output (banners, sync hints, captured stdout) is off unless
   ``logger.verbose=true``.
 """
@@ -30,6 +34,7 @@ import shutil
 
 log = logging.getLogger("pilora")
 _RUN = None  # the job's run while it trains; StageLogger callbacks log into it
+FALLBACK: str | None = None  # why the job's online run went offline (None: it did not)
 
 
 def _safe(text) -> str:
@@ -60,19 +65,68 @@ def start_run(cfg: dict, out: str):
     stages = "1+2" if two_stage(cfg) else "2"
     tags = [f"method:{method}", f"task:{cfg['task']['name']}", f"model:{cfg['model']['name']}", f"stages:{stages}"]
     verbose = bool(lg.get("verbose", False))
-    settings = wandb.Settings(silent=not verbose, quiet=not verbose, console="auto" if verbose else "off",
-                              x_save_requirements=verbose)
-    run = wandb.init(project=lg.get("project", "pilora"), entity=lg.get("entity"), mode=lg.get("mode", "offline"),
-                     dir=out, name=lg.get("run_name") or run_name(cfg),
-                     group=lg.get("group") or cfg.get("sweep_name"),
-                     tags=[str(t).replace(",", "_") for t in [*tags, *(lg.get("tags") or [])]],
-                     job_type="two_stage" if stages == "1+2" else "single_stage",
-                     config=cfg, settings=settings, reinit="finish_previous")
+    timeout = float(lg.get("init_timeout_s") or 60)
+    settings = dict(silent=not verbose, quiet=not verbose, console="auto" if verbose else "off",
+                    x_save_requirements=verbose)
+    kwargs = dict(project=lg.get("project", "pilora"), entity=lg.get("entity"), dir=out,
+                  name=lg.get("run_name") or run_name(cfg), group=lg.get("group") or cfg.get("sweep_name"),
+                  tags=[str(t).replace(",", "_") for t in [*tags, *(lg.get("tags") or [])]],
+                  job_type="two_stage" if stages == "1+2" else "single_stage", config=cfg, reinit="finish_previous")
+    mode = lg.get("mode", "offline")
+    global FALLBACK
+    FALLBACK = None
+    if mode == "online":
+        FALLBACK = unreachable(min(timeout, 10.0))
+    if mode == "online" and FALLBACK is None:
+        runs_dir = os.path.join(out, "wandb")
+        before = set(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else set()
+        try:
+            run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout, **settings), **kwargs)
+        except (wandb.errors.Error, TimeoutError, OSError) as err:  # no network, no API key, server down
+            FALLBACK = f"wandb.init failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            for name in (set(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else set()) - before:
+                if name.startswith("run-"):  # the failed attempt's empty run folder: no run to read or sync
+                    shutil.rmtree(os.path.join(runs_dir, name), ignore_errors=True)
+    if FALLBACK is not None:
+        mode = "offline"
+        log.warning("W&B: logger.mode=online but %s; logging this run offline instead (nothing is lost: "
+                    "upload it later with `wandb sync %s`)", FALLBACK, os.path.join(out, "wandb", "offline-run-*"))
+    if mode != "online" or FALLBACK is not None:
+        run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
     for stage in ("stage1", "stage2"):
         run.define_metric(f"{stage}/step")
         run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
     _RUN = run
     return run
+
+
+def base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def unreachable(timeout: float) -> str | None:
+    """Why the W&B server cannot be reached (a TCP connection to its host within ``timeout`` s), or
+    None when it answers or a proxy is configured (then ``wandb.init`` and its timeout decide)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    url = urlparse(base_url())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"the W&B server {base_url()} cannot be reached ({type(err).__name__}: {err})"
+
+
+def record_entry(run) -> dict:
+    """What the record says about the job's run; ``offline_fallback`` says why an online run went offline."""
+    out = {"id": run.id, "project": run.project, "dir": run.dir}
+    if FALLBACK is not None:
+        out.update(mode="offline", offline_fallback=FALLBACK)
+    return out
 
 
 def stage_of(output_dir: str) -> str:
@@ -162,7 +216,7 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
                 kept += 1
             if kept:
                 run.log_artifact(art)
-    run.finish()
+    run.finish(exit_code=0 if record.get("status") == "complete" else 1)  # a failed record: a failed run
     _RUN = None
 
 

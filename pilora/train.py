@@ -33,7 +33,8 @@ from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapt
 from .budget import matched_rank_pattern
 from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
                         stage_label)
-from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
+from .checkpoints import (CorruptCheckpoint, fit, non_finite_weights_failure, resume_point,  # noqa: F401
+                          verify_checkpoint)
 from .cost import JobClock
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
                           refuse_sharded_stage1, world_size)
@@ -201,9 +202,13 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
         return stats, os.path.abspath(source)
     if os.path.exists(path):  # an interrupted job that had finished stage 1
         log.info("PiLoRA stage 1: already done, loading %s", path)
-        stats = ImportanceStats.load(path)
-        clock.restore(stats.meta.get("cost"))
-        return stats, path
+        try:
+            stats = ImportanceStats.load(path)
+        except ValueError as err:  # the job's own file: set it aside and run stage 1 again
+            _set_aside(path, err)
+        else:
+            clock.restore(stats.meta.get("cost"))
+            return stats, path
     stage1 = cfg["method"].get("stage1") or {}
     stage_dir = os.path.join(out, "stage1")
     overrides = {"num_train_epochs": float(stage1.get("epochs", 1)), "max_steps": int(stage1.get("max_steps", -1)),
@@ -238,6 +243,14 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
         stats.save(path)
     del trainer, model
     return stats, path
+
+
+def _set_aside(path: str, err: Exception) -> None:
+    """Move a damaged ``importance.pt`` of this job to ``importance.pt.corrupt`` (kept for inspection)."""
+    if is_main():
+        os.replace(path, path + ".corrupt")
+    log.warning("PiLoRA stage 1: %s does not load (%s); moved it to %s and running stage 1 again", path, err,
+                path + ".corrupt")
 
 
 def stage1_steps(trainer) -> int:
@@ -339,7 +352,7 @@ def _train(cfg: dict) -> dict:
     try:
         record = _run(cfg, task, method, data, out)
         if run is not None:
-            record["wandb"] = {"id": run.id, "project": run.project, "dir": run.dir}
+            record["wandb"] = logging_wandb.record_entry(run)
         if is_main():
             atomic_write_json(os.path.join(out, RECORD), record)
             log.info("record written: %s", os.path.join(out, RECORD))
@@ -418,8 +431,11 @@ def _run(cfg, task, method, data, out) -> dict:
         else:
             write_adapters(model, out)  # adapter/ loads in stock PEFT / lm-eval; PiLoRA also adapter_pilora/
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    failure = non_finite_weights_failure(model)  # NaN/inf weights make NaN metrics: never a "complete" record
+    if failure:
+        log.error("%s", failure)
     return {
-        "schema": SCHEMA, "status": "complete",
+        "schema": SCHEMA, "status": "failed" if failure else "complete", "failure": failure,
         "task": task.name, "family": task.family, "method": cfg["method"].get("label") or method.name, "model": cfg["model"]["name"],
         "seed": int(cfg["seed"]), "metric": task.metric,
         "config": cfg, "git": git_revision(),

@@ -190,6 +190,69 @@ def test_bad_records_are_skipped_with_one_line_each(tree, tmp_path, capsys):
     assert any(str(tmp_path / "torn" / "results.json") in line for line in lines)
 
 
+def _copy_records(tree, dst, sweep, edit=None, **where):
+    """Copies of the ``sweep`` records matching ``where`` under ``dst`` (``edit(i, rec)`` changes copy i)."""
+    paths = []
+    for i, (path, rec) in enumerate((p, r) for p, r in _raw(tree) if f"{os.sep}{sweep}{os.sep}" in p
+                                    and all(r.get(k) == v for k, v in where.items())):
+        rec = json.loads(json.dumps(rec))
+        if edit:
+            edit(i, rec)
+        folder = dst / f"{sweep}_{i}"
+        os.makedirs(folder)
+        json.dump(rec, open(folder / "results.json", "w"))
+        paths.append(str(folder / "results.json"))
+    return paths
+
+
+def test_a_mistyped_record_is_skipped_not_every_table(tree, tmp_path, capsys):
+    """``params.adapter_share: "x"`` in one record: a warning naming the file, the other tables stand."""
+    from analysis.tables import main
+
+    def mistype(i, rec):
+        if i == 0:
+            rec["params"]["adapter_share"] = "x"
+
+    paths = _copy_records(tree, tmp_path, "vision", mistype, task="eurosat", method="lora")
+    _copy_records(tree, tmp_path, "glue")
+    assert main(["--root", str(tmp_path), "--table", "2", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: skipping {paths[0]}: params.adapter_share is 'x' (str), not a number" in err
+    assert "Traceback" not in err
+    (lora,) = table_rows(out, "tiny-clip", "LoRA")
+    assert any("(n=1)" in cell for cell in lora)  # the other seed's record is used
+    assert table_rows(out, "tiny-roberta", "LoRA")  # and Table 2 is built
+
+
+def test_records_of_different_revisions_warn_and_revision_filters(tree, tmp_path, capsys):
+    from analysis.tables import main
+
+    revs = ["1" * 40, "2" * 40]
+
+    def stamp(i, rec):
+        rec["git"] = {"revision": revs[i], "dirty": False}
+
+    paths = _copy_records(tree, tmp_path, "vision", stamp, task="eurosat", method="lora")
+    assert len(paths) == 2
+    assert main(["--root", str(tmp_path), "--table", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: 1 configuration(s) average records from different code" in err
+    assert "1111111111, 2222222222" in err and paths[0] in err and "--revision REV" in err
+    assert any("(n=2)" in c for c in table_rows(out, "tiny-clip", "LoRA")[0])
+    assert main(["--root", str(tmp_path), "--table", "3", "--revision", "2222"]) == 0
+    out, err = capsys.readouterr()
+    assert "different code" not in err and "--revision 2222: 1 of 2 record(s) kept" in err
+    rec = json.load(open(paths[1]))
+    assert f"{_cell([rec['metrics']['test']['test_accuracy']])} / —" in table_rows(out, "tiny-clip", "LoRA")[0]
+    # one revision, but a tree with uncommitted changes: the code behind the records is unknown
+    for p in paths:
+        rec = json.load(open(p))
+        rec["git"] = {"revision": revs[0], "dirty": True}
+        json.dump(rec, open(p, "w"))
+    assert main(["--root", str(tmp_path), "--table", "3"]) == 0
+    assert "1111111111 (dirty)" in capsys.readouterr().err
+
+
 def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys, monkeypatch):
     import wandb
 

@@ -1,6 +1,6 @@
 """Bad input fails early with an error that names the cause, and never leaves a results.json.
-(Missing files, wrong columns, header-only splits, GLUE labels out of range, NaN losses and
-impossible model/task pairs are covered in test_configs.py.)"""
+(Missing files, GLUE labels out of range, NaN losses and impossible model/task pairs are also
+covered in test_configs.py.)"""
 
 import errno
 import os
@@ -107,6 +107,33 @@ def test_truncated_data_file(tmp_path, glue):
            r"split 'train' of task 'sst2' has 1 row\(s\) with no 'label' value .*truncated")
 
 
+def test_wrong_text_column_names_the_file(tmp_path, glue):
+    """Train and validation with different columns: the cast error of ``datasets`` named neither."""
+    base, d = glue
+    (d / "other.csv").write_text("text,label\nhello good,1\nbye bad,0\n")
+    _fails(base + _files(d, "other.csv"), tmp_path / "o", DataError,
+           r"data file '.*other\.csv' of task 'sst2': the task needs columns \['sentence'\] but the file has "
+           r"\['text', 'label'\]; .*task\.text_columns")
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_header_only_csv(tmp_path, glue, split):
+    base, d = glue
+    (d / "header.csv").write_text("sentence,label\n")
+    files = [f"+task.dataset.data_files.{s}={d / ('header.csv' if s == split else s + '.csv')}"
+             for s in ("train", "validation")]
+    _fails(base + files, tmp_path / "o", DataError,
+           r"data file '.*header\.csv' of task 'sst2' is empty: it has a header \(sentence, label\) but no rows")
+
+
+def test_string_labels(tmp_path, glue):
+    base, d = glue
+    (d / "words.csv").write_text("sentence,label\ngood film,positive\nbad film,negative\n")
+    _fails(base + _files(d, "words.csv"), tmp_path / "o", DataError,
+           r"column 'label' of split 'train' of task 'sst2' holds str labels \(e\.g\. 'positive'\).*"
+           r"integers 0\.\.1")
+
+
 def test_image_labels_out_of_range(tmp_path, images):
     extra = tmp_path / "img" / "train" / "2"  # a third class folder, but task.num_labels=2
     extra.mkdir()
@@ -129,6 +156,27 @@ def test_model_path_that_does_not_exist(tmp_path, glue, images):
            r"model\.path '.*no-such-model' does not exist")
     _fails(FAST + images + ["model=clip-vit-b32", f"model.path={tmp_path}/no-clip"], tmp_path / "o2",
            FileNotFoundError, r"model\.path '.*no-clip' does not exist")
+
+
+def test_model_path_at_a_data_folder(tmp_path, glue):
+    """A folder without config.json is not a checkpoint (transformers said: install sentencepiece)."""
+    base, d = glue
+    _fails(base + _files(d) + [f"model.path={d}"], tmp_path / "o", FileNotFoundError,
+           r"model\.path '.*csv' is not a model checkpoint \(no config\.json\): the folder holds train\.csv, "
+           r"validation\.csv\. Set model\.path")
+
+
+def test_model_path_of_a_tiny_model_is_refused(tmp_path, images):
+    """``tiny-*`` models are built from an inline config: a model.path would be silently ignored."""
+    out = tmp_path / "o"
+    _fails(FAST + images + ["trainer.max_steps=1", f"model.path={tmp_path}/ckpt"], out, ValueError,
+           r"model\.path='.*ckpt' is ignored by model 'tiny-clip'.*model\.from_config.*Drop the model\.path")
+    assert not out.exists()  # refused before the job folder is made
+
+
+def test_lora_matched_with_supplementary_rank_above_r(tmp_path, images):
+    _fails(FAST + images + ["trainer.max_steps=1", "method=lora_matched", "method.r=2", "method.supplementary_r=4"],
+           tmp_path / "o", ValueError, r"method\.supplementary_r=4 exceeds method\.r=2: lora_matched .* 0 <= r' <= r")
 
 
 def test_tokenizer_without_pad_token_trains(tmp_path):

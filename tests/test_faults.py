@@ -227,3 +227,63 @@ def test_resume_errors_name_the_checkpoint_only_while_it_loads(finished_job, mon
         with pytest.raises(RuntimeError, match="a step failed") as info:
             train(compose_cfg(overrides, out))
         assert "could not resume" not in str(info.value)
+
+
+def _poison(path, key_part="lora_B"):
+    """Write NaN into one floating tensor of a safetensors file (as a bit flip or a diverged save would)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    key = next(k for k in sorted(state) if key_part in k and state[k].is_floating_point())
+    state[key][0, 0] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+    return key
+
+
+def test_nan_weights_in_a_checkpoint_are_refused_on_resume(finished_job):
+    overrides, out, _ = finished_job
+    last = out / "stage2" / "checkpoint-6"
+    key = _poison(last / "adapter_model.safetensors")
+    with pytest.raises(CorruptCheckpoint, match=rf"checkpoint '.*checkpoint-6' holds non-finite weights: "
+                                                 rf"'{key}' in adapter_model\.safetensors has 1 NaN/inf value.*"
+                                                 rf"Delete '.*checkpoint-6'"):
+        train(compose_cfg(overrides, out))
+    assert not (out / "results.json").exists()
+
+
+def test_nan_weights_make_a_failed_record(finished_job, monkeypatch):
+    """Weights that are NaN at the end (here: a poisoned last checkpoint let through) give a record
+    marked failed, never 'complete' with NaN metrics; a rerun does not return it as finished."""
+    from pilora import checkpoints
+
+    overrides, out, _ = finished_job
+    _poison(out / "stage2" / "checkpoint-6" / "adapter_model.safetensors")
+    monkeypatch.setattr(checkpoints, "_non_finite", lambda path: None)
+    rec = train(compose_cfg(overrides, out))
+    assert rec["status"] == "failed" and "hold NaN/inf values" in rec["failure"]
+    assert json.load(open(out / "results.json"))["status"] == "failed"
+    monkeypatch.undo()
+    with pytest.raises(CorruptCheckpoint, match="non-finite weights"):  # not "job already complete"
+        train(compose_cfg(overrides, out))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_own_importance_file_is_regenerated(finished_job, caplog, damage):
+    """The job's own importance.pt does not load: it is set aside and stage 1 runs again (from its
+    checkpoints), so the rerun completes with the same statistics instead of repeating the error."""
+    overrides, out, rec = finished_job
+    path = out / "importance.pt"
+    before = ImportanceStats.load(path)
+    data = path.read_bytes()
+    path.write_bytes(b"not a torch file" if damage == "garbage" else data[: len(data) // 2])
+    with caplog.at_level("WARNING", logger="pilora"):
+        again = train(compose_cfg(overrides, out))
+    assert f"{path} does not load" in caplog.text and "running stage 1 again" in caplog.text
+    assert (out / "importance.pt.corrupt").exists()
+    after = ImportanceStats.load(path)
+    assert set(after.modules) == set(before.modules)
+    for k, s in before.modules.items():
+        assert torch.equal(after.modules[k].hits, s.hits) and after.modules[k].checks == s.checks
+    assert again["status"] == "complete"
+    assert again["pilora"]["dominant_fraction"] == rec["pilora"]["dominant_fraction"]
+    assert again["metrics"]["test"]["test_loss"] == pytest.approx(rec["metrics"]["test"]["test_loss"], rel=1e-6)

@@ -198,3 +198,47 @@ def test_bad_wandb_sources_get_a_clear_error(sweep, tmp_path, capsys, monkeypatc
         os.rename(staged + ".gone", staged)
     err = capsys.readouterr().err
     assert len(df) == 5 and "artifact files are gone" in err and run["path"] in err
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["probe", "init"])
+def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, caplog, where):
+    """``logger.mode=online`` and a W&B server that cannot be reached: the job neither blocks for
+    minutes nor dies; it logs offline (the run files are all there) and says so, in the log and the record."""
+    import time
+
+    from helpers import write_images
+    from pilora import logging_wandb
+    from pilora.train import train
+
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for k in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(k, str(tmp_path / k.lower()))
+    if where == "init":  # the probe passes (e.g. behind a proxy): wandb.init itself times out
+        monkeypatch.setattr(logging_wandb, "unreachable", lambda timeout: None)
+    out = tmp_path / "run"
+    cfg = compose_cfg(QUICK + _vision(str(tmp_path / "img")) + ["method=lora", "logger.mode=online",
+                                                               "logger.init_timeout_s=5"], out)
+    write_images(str(tmp_path / "img"))
+    t0 = time.time()
+    with caplog.at_level("WARNING", logger="pilora"):
+        rec = train(cfg)
+    assert time.time() - t0 < 60
+    assert rec["status"] == "complete" and rec["steps"] == 3
+    assert "logger.mode=online but" in caplog.text and "logging this run offline instead" in caplog.text
+    reason = "cannot be reached" if where == "probe" else "wandb.init failed"
+    assert rec["wandb"]["mode"] == "offline" and reason in rec["wandb"]["offline_fallback"]
+    runs = _runs(out)
+    assert len(runs) == 1
+    (run,) = runs.values()
+    assert run["summary"]["status"] == "complete" and run["config"]["logger"]["mode"] == "online"
+    assert glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "results.json"))

@@ -95,7 +95,11 @@ class Task:
     # --- shared data loading -------------------------------------------------------------------
     def load_raw(self) -> datasets.DatasetDict:
         """``datasets.load_dataset(path, name, data_files=...)`` with errors that say what to do."""
-        return load_raw(self.cfg.get("dataset", {}), self.name)
+        return load_raw(self.cfg.get("dataset", {}), self.name, self.required_columns())
+
+    def required_columns(self) -> tuple[list[str], str] | None:
+        """Columns every local data file must have, and which keys name them (None: no check)."""
+        return None
 
 
 def _local_files(data_files) -> list[str]:
@@ -111,7 +115,34 @@ def _local_files(data_files) -> list[str]:
     return [str(f) for f in data_files]
 
 
-def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
+def _check_table_file(f: str, task_name: str, columns: tuple[list[str], str] | None) -> None:
+    """A local CSV/TSV file has a header with the task's columns and at least one row."""
+    import csv
+
+    delimiter = "\t" if f.endswith(".tsv") else ","
+    try:
+        with open(f, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh, delimiter=delimiter)
+            header = next(reader, None)
+            first = next((row for row in reader if row), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return  # unreadable here: load_dataset reports it with the file's name
+    if header is None:
+        return
+    header = [h.strip() for h in header]
+    if columns:
+        needed, keys = columns
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise DataError(f"data file {f!r} of task {task_name!r}: the task needs columns {missing} but the "
+                            f"file has {header}; rename the file's columns, or set {keys}")
+    if first is None:
+        raise DataError(f"data file {f!r} of task {task_name!r} is empty: it has a header ({', '.join(header)}) but no rows; "
+                        "regenerate it or point task.dataset.data_files at a file with data")
+
+
+def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] | None = None) -> datasets.DatasetDict:
+    """``columns``: (the columns every local CSV/TSV file must have, the config keys that name them)."""
     path, name = ds_cfg.get("path"), ds_cfg.get("name")
     if path in BUILDERS:
         return BUILDERS[path](**(ds_cfg.get("builder_args") or {}))
@@ -127,6 +158,8 @@ def load_raw(ds_cfg: dict, task_name: str = "") -> datasets.DatasetDict:
             if os.path.isfile(match) and os.path.getsize(match) == 0:
                 raise DataError(f"data file {match!r} of task {task_name!r} is empty (0 bytes); "
                                 "regenerate or re-download it")
+            if os.path.isfile(match) and (path in ("csv", "tsv") or match.endswith((".csv", ".tsv"))):
+                _check_table_file(match, task_name, columns)
     if path and path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
         raise DataError(f"dataset path {path!r} for task {task_name!r} does not exist; "
                         f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}")
@@ -211,10 +244,25 @@ def check_model_path(model_cfg: dict, key: str = "path") -> None:
     if not path:
         raise ValueError(f"model.{key} is not set for model {model_cfg.get('name')!r}; set it to a local "
                          "checkpoint directory or a hub id")
-    if str(path).startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
+    local = os.path.expanduser(str(path))
+    if str(path).startswith((".", "/", "~")) and not os.path.exists(local):
         hub = model_cfg.get("hub_id")
         raise FileNotFoundError(f"model.{key} {path!r} does not exist; set it to a local checkpoint "
                                 "directory" + (f" or the hub id {hub!r}" if hub else " or a hub id"))
+    if os.path.isdir(local):
+        wanted = ("config.json",) if key == "path" else _TOKENIZER_FILES
+        names = sorted(os.listdir(local))
+        if not any(n in names for n in wanted):
+            what = "model checkpoint (no config.json)" if key == "path" else \
+                f"tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "nothing"
+            raise FileNotFoundError(f"model.{key} {path!r} is not a {what}: the folder holds {shown}. Set "
+                                    f"model.{key} to a folder written by save_pretrained (or a hub id)")
+
+
+# files one of which a tokenizer folder holds (fast, slow WordPiece/BPE, SentencePiece)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model", "config.json")
 
 
 def load_tokenizer(model_cfg: dict):

@@ -59,6 +59,10 @@ class ClassificationTask(Task):
         return load_pretrained(self.model_cfg, AutoModelForSequenceClassification,
                                num_labels=int(self.cfg["num_labels"]))
 
+    def required_columns(self):
+        return (list(self.cfg["text_columns"]) + [self.cfg.get("label_column", "label")],
+                "task.text_columns / task.label_column to the file's names")
+
     def datasets(self):
         raw = self.load_raw()
         splits = self.cfg.get("splits", {})
@@ -88,6 +92,11 @@ class ClassificationTask(Task):
                                     f"{col!r} value (first: row {blank[0]}); the file may be truncated or have "
                                     "blank cells")
             labels = np.asarray(ds[label])
+            if labels.dtype.kind not in "iub":
+                example = next((x for x in ds[label] if not isinstance(x, (int, np.integer))), labels[0])
+                raise DataError(f"column {label!r} of split {split!r} of task {self.name!r} holds "
+                                f"{type(example).__name__} labels (e.g. {example!r}), not class ids; write the "
+                                f"labels as integers 0..{n - 1} (task.label_column names the column)")
             if split != "test" and ((labels < 0) | (labels >= n)).any():  # GLUE test labels are -1
                 bad = labels[(labels < 0) | (labels >= n)][0]
                 raise DataError(f"label {bad} in split {split!r} of task {self.name!r} is outside "
