@@ -119,7 +119,7 @@ class BatchedAssembly:
 
 
 def build_option(option: str, wl: st.Workload, masks: dict) -> st.Variant:
-    from pilora.importance import lora_layers
+    from pilora.peft_layers import lora_layers
 
     v = st.build_variant("pilora", wl, masks=masks)
     if option == "stored":
@@ -139,7 +139,7 @@ def build_option(option: str, wl: st.Workload, masks: dict) -> st.Variant:
 
 def check_same_matrix(variants: dict[str, st.Variant]) -> float:
     """Largest difference between each option's matrices and the stored layer's, same values."""
-    from pilora.importance import lora_layers
+    from pilora.peft_layers import lora_layers
 
     ref = {k: l.lora_B["default"] for k, l in lora_layers(variants["stored"].model).items()}
     worst = 0.0

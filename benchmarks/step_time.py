@@ -637,7 +637,7 @@ def adapter_leftovers(model: nn.Module, reference: nn.Module) -> list[str]:
 
 def merged_inference(wl: Workload, masks: dict, repeats: int, warmup: int, device: str) -> dict:
     from pilora import prepare_model
-    from pilora.importance import lora_layers
+    from pilora.peft_layers import lora_layers
 
     reference = wl.make_base(False).eval()
     model = prepare_model(wl.make_base(True), method_config("pilora", wl.targets), masks=masks)
@@ -732,7 +732,7 @@ def importance_memory(shapes: dict[str, tuple[int, int]], dtype, device: str, se
                       where: str = "7B layer set") -> dict:
     """Peak extra bytes and live ``G̃`` blocks of one ``ImportanceAccumulator.update()``."""
     from pilora import ImportanceAccumulator, prepare_model
-    from pilora.importance import lora_layers
+    from pilora.peft_layers import lora_layers
 
     g = torch.Generator().manual_seed(seed)
     weights = {k: nn.Parameter(torch.randn(o, i, generator=g).to(device=device, dtype=dtype) / i ** 0.5,

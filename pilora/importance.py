@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .peft_layers import lora_layers
 from .records import umask_mode
 
 STATS_FORMAT = 1
@@ -185,25 +186,6 @@ class ImportanceStats:
             raise ValueError("importance statistics do not match this model (" + " | ".join(lines) + "). "
                              "Use statistics from a stage-1 run with the same model and target_modules, "
                              "or drop method.importance_from to recompute them.")
-
-
-def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
-    """PEFT LoRA linear layers of ``model`` that carry ``adapter_name``, keyed by base-model name."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
-            found[canonical_name(name)] = module
-    return found
-
-
-PEFT_PREFIX = "base_model.model."
-
-
-def canonical_name(name: str) -> str:
-    """Strip PEFT's wrapper prefix so statistics key on the base model's module names."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
 def _group_blocks(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor):

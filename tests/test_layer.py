@@ -8,7 +8,7 @@ from torch import nn
 from conftest import TinyMLP, train_steps
 from pilora import (MethodConfig, count_parameters, export_lora, load_adapter, pilora_masks, prepare_model,
                     save_adapter)
-from pilora.importance import lora_layers
+from pilora.peft_layers import lora_layers
 from pilora.layer import FusedLoraForward, RowPartitionedB
 
 X = torch.randn(20, 10, generator=torch.Generator().manual_seed(5))
