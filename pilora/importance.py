@@ -22,7 +22,6 @@ layer. The heat-map snapshot is pooled on every ``snapshot_interval``-th check o
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .peft_layers import lora_layers
-from .records import umask_mode
+from .records import atomic_write
 
 STATS_FORMAT = 1
 
@@ -135,17 +134,7 @@ class ImportanceStats:
                                "snapshots": s.snapshots}
                         for name, s in self.modules.items()},
         }
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a group on a shared disk may read results
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda f: torch.save(payload, f), binary=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImportanceStats":
