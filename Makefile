@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/python run.py
 
 params: $(STAMP)
-	$(BIN)/python -m pilora.params
+	$(BIN)/python -m pilora.paper_params
 
 tables: $(STAMP)
 	$(BIN)/python -m analysis.tables $(ARGS)

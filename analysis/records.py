@@ -34,11 +34,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-SCHEMA = 1  # the record schema this reader understands; mirrors pilora.records.SCHEMA (tested)
-RECORD = "results.json"
+from pilora.records import RECORD, SCHEMA, atomic_write_json, find_records
+
 DEFAULT_ROOTS = ("outputs", "multirun")
-# folders inside a job directory that never hold records (walking checkpoints would be slow)
-_PRUNE = {".hydra", "wandb", "adapter"}
 
 #: Dotted config keys (prefixes) that do not distinguish configurations.
 IGNORED = (
@@ -237,17 +235,8 @@ def _as_list(roots) -> list[str]:
 
 
 def find_record_files(roots) -> list[str]:
-    """Every ``results.json`` under ``roots`` (sorted; checkpoints and adapters are not entered)."""
-    found = []
-    for root in _as_list(roots):
-        if os.path.isfile(root) and os.path.basename(root) == RECORD:
-            found.append(os.path.abspath(root))
-            continue
-        for here, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in _PRUNE and not d.startswith("checkpoint-"))
-            if RECORD in files:
-                found.append(os.path.abspath(os.path.join(here, RECORD)))
-    return sorted(set(found))
+    """Every ``results.json`` under ``roots`` (a folder, a list, or ``None`` for the defaults)."""
+    return find_records(_as_list(roots))
 
 
 def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.DataFrame:
@@ -602,11 +591,7 @@ def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = 
             items = _pull(project, entity, filters, api, artifact_dir=path[: -len(".json")] + "_artifacts")
             payload = {"project": project, "entity": entity, "filters": filters,
                        "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": items}
-            os.makedirs(cache_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(payload, f, indent=1, default=str)
-            os.replace(tmp, path)
+            atomic_write_json(path, payload, indent=1, fsync=False)
         except WandbSourceError:
             raise
         except Exception as err:

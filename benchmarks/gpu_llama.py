@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_llama --out results/gpu_llama.json [--repeats 10] [--warmup 2] [--compile]
 
-Same measurements as :mod:`benchmarks.step_time` (interleaved per-step medians over windows of
+Same measurements and code as :mod:`benchmarks.step_time` (interleaved per-step medians over windows of
 ``K = 10`` steps, so ``stage1_k10`` is timed directly; peak memory from the CUDA allocator; the
 stage-1 overhead at K = 1 and K = 10; merged-PiLoRA inference vs the base model; the memory of one
 importance pass over the LLaMA-7B layer set), on ``LlamaForCausalLM`` with hidden 2048, 16
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import sys
 import time
 
 import torch
 
-from benchmarks.step_time import (K_DEFAULT, LAYERS_7B, build_record, environment, format_report,
-                                  importance_memory, llama_workload, run_workload)
+from benchmarks.importance_probe import importance_memory
+from benchmarks.report import build_record, environment, format_report, write_json
+from benchmarks.runner import run_workload
+from benchmarks.workloads import K_DEFAULT, LAYERS_7B, llama_workload
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=16, vocab_size=32000)
@@ -66,8 +66,7 @@ def run(args: argparse.Namespace, device: str = "cuda", dtype=torch.bfloat16, co
     if not args.no_importance:
         print(f"[{time.perf_counter() - t0:6.1f} s] importance pass memory", flush=True)
         importance = importance_memory(importance_shapes or LAYERS_7B, dtype, device)
-    env = environment(device, args)
-    env["command"] = " ".join([os.path.basename(sys.executable), "-m", "benchmarks.gpu_llama", *sys.argv[1:]])
+    env = environment(device, args, script="benchmarks.gpu_llama")
     conf = {"model": cfg, "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "warmup": args.warmup,
             "dtype": str(dtype).replace("torch.", ""), "k_default": K_DEFAULT, "compile": args.compile,
             "wall_s": time.perf_counter() - t0}
@@ -75,9 +74,7 @@ def run(args: argparse.Namespace, device: str = "cuda", dtype=torch.bfloat16, co
         conf["max_memory_allocated_total"] = torch.cuda.max_memory_allocated()
     record = build_record(results, importance, env, conf)
     print(format_report(record))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1, default=str)
+    write_json(args.out, record)
     print(f"wrote {args.out}")
     return record
 

@@ -4,7 +4,7 @@
 
 Every option computes the same ``m × (r + r')`` matrix ``[M ⊗ B_d, c·M̄ ⊗ B_s]`` of Eq. 10 (checked
 here to float precision against the layer in :mod:`pilora.layer`), on the LLaMA workload of
-:mod:`benchmarks.step_time`, r = 32, r' = 2, 40 % dominant rows:
+:mod:`benchmarks.workloads`, r = 32, r' = 2, 40 % dominant rows:
 
 * ``function``: compact ``B_d``, ``B_s`` leaves; a Python ``autograd.Function`` that zero-fills the
   matrix and index-copies the two blocks (backward: two row gathers);
@@ -23,15 +23,15 @@ the paired q25–q75 ratio to LoRA), and the numbers the optimizer holds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks import step_time as st
+from benchmarks.harness import operator_profile, require_device, time_interleaved
+from benchmarks.report import environment, write_json
+from benchmarks.stats import ratio_summary
+from benchmarks.workloads import Variant, Workload, build_variant, llama_workload, random_masks, sizes
 
 OPTIONS = ("function", "index", "batched", "stored")
 
@@ -118,10 +118,10 @@ class BatchedAssembly:
             b.batched_weight = w.view(shape)
 
 
-def build_option(option: str, wl: st.Workload, masks: dict) -> st.Variant:
-    from pilora.importance import lora_layers
+def build_option(option: str, wl: Workload, masks: dict) -> Variant:
+    from pilora.peft_layers import lora_layers
 
-    v = st.build_variant("pilora", wl, masks=masks)
+    v = build_variant("pilora", wl, masks=masks)
     if option == "stored":
         return v
     mods = []
@@ -137,9 +137,9 @@ def build_option(option: str, wl: st.Workload, masks: dict) -> st.Variant:
     return v
 
 
-def check_same_matrix(variants: dict[str, st.Variant]) -> float:
+def check_same_matrix(variants: dict[str, Variant]) -> float:
     """Largest difference between each option's matrices and the stored layer's, same values."""
-    from pilora.importance import lora_layers
+    from pilora.peft_layers import lora_layers
 
     ref = {k: l.lora_B["default"] for k, l in lora_layers(variants["stored"].model).items()}
     worst = 0.0
@@ -158,19 +158,19 @@ def check_same_matrix(variants: dict[str, st.Variant]) -> float:
 
 def run(quick: bool = True, repeats: int = 20, warmup: int = 2, device: str = "cpu", config: dict | None = None,
         batch: int | None = None, seq: int | None = None) -> dict:
-    sz = st.sizes(quick, device)
-    wl = st.llama_workload("llama", config or sz["llama"], batch or sz["batch"], seq or sz["seq"],
-                           torch.float32 if device == "cpu" else torch.bfloat16, device, steps_per_sample=1)
-    masks = st.random_masks(wl.reference, wl.targets)
-    variants = {"lora": st.build_variant("lora", wl), "lora_fused": st.build_variant("lora_fused", wl)}
+    sz = sizes(quick, device)
+    wl = llama_workload("llama", config or sz["llama"], batch or sz["batch"], seq or sz["seq"],
+                        torch.float32 if device == "cpu" else torch.bfloat16, device, steps_per_sample=1)
+    masks = random_masks(wl.reference, wl.targets)
+    variants = {"lora": build_variant("lora", wl), "lora_fused": build_variant("lora_fused", wl)}
     variants.update({o: build_option(o, wl, masks) for o in OPTIONS})
     max_diff = check_same_matrix({o: variants[o] for o in OPTIONS})
     for v in variants.values():
         v.step()
     fns = {m: v.step for m, v in variants.items()}
-    samples = st.time_interleaved(fns, repeats, warmup, device)
-    summary = st.ratio_summary(samples)
-    ops = {m: st.operator_profile(fns[m], device, 1) for m in fns}
+    samples = time_interleaved(fns, repeats, warmup, device)
+    summary = ratio_summary(samples)
+    ops = {m: operator_profile(fns[m], device, 1) for m in fns}
     out = {"workload": wl.meta, "repeats": repeats, "max_abs_diff_vs_stored": max_diff, "options": {}}
     for m in fns:
         out["options"][m] = {"median_s": summary[m]["median_s"], "ratio": summary[m]["ratio"],
@@ -201,16 +201,12 @@ def main(argv=None) -> dict:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available", file=sys.stderr)
-        raise SystemExit(2)
+    require_device(args.device)
     res = run(args.quick, args.repeats, args.warmup, args.device)
-    res["environment"] = st.environment(args.device, args)
+    res["environment"] = environment(args.device, args, script="benchmarks.stage2_options")
     print(format_table(res))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json(args.out, res)
     return res
 
 

@@ -17,6 +17,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from .records import atomic_write_json
+
 COST_IN_CHECKPOINT = "pilora_cost.json"
 
 
@@ -78,7 +80,5 @@ class CostCallback(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(ckpt):
-                tmp = os.path.join(ckpt, f".{COST_IN_CHECKPOINT}.tmp")
-                with open(tmp, "w") as f:
-                    json.dump(self.clock.state(), f)
-                os.replace(tmp, os.path.join(ckpt, COST_IN_CHECKPOINT))
+                # no fsync: the checkpoint next to it is not fsynced either (Trainer writes it plainly)
+                atomic_write_json(os.path.join(ckpt, COST_IN_CHECKPOINT), self.clock.state(), indent=None, fsync=False)

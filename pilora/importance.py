@@ -22,7 +22,6 @@ layer. The heat-map snapshot is pooled on every ``snapshot_interval``-th check o
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -30,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .records import umask_mode
+from .peft_layers import lora_layers
+from .records import atomic_write
 
 STATS_FORMAT = 1
 
@@ -134,17 +134,7 @@ class ImportanceStats:
                                "snapshots": s.snapshots}
                         for name, s in self.modules.items()},
         }
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a group on a shared disk may read results
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda f: torch.save(payload, f), binary=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImportanceStats":
@@ -191,25 +181,6 @@ class ImportanceStats:
             raise ValueError("importance statistics do not match this model (" + " | ".join(lines) + "). "
                              "Use statistics from a stage-1 run with the same model and target_modules, "
                              "or drop method.importance_from to recompute them.")
-
-
-def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
-    """PEFT LoRA linear layers of ``model`` that carry ``adapter_name``, keyed by base-model name."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
-            found[canonical_name(name)] = module
-    return found
-
-
-PEFT_PREFIX = "base_model.model."
-
-
-def canonical_name(name: str) -> str:
-    """Strip PEFT's wrapper prefix so statistics key on the base model's module names."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
 def _group_blocks(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor):

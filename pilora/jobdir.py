@@ -23,6 +23,8 @@ import socket
 import threading
 import time
 
+from .records import atomic_write_json
+
 log = logging.getLogger("pilora")
 
 LOCK_FILE = ".lock"
@@ -287,10 +289,7 @@ def check_reusable(cfg: dict, out: str) -> None:
             return
     # temp file + rename, without fsync: a full disk is reported by the record write at the end
     # (RecordWriteError); a power loss at worst leaves an unreadable manifest, which the rerun reports
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(mine, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, mine, indent=1, fsync=False)
 
 
 def _read_json(path: str):

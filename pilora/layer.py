@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from .peft_layers import PEFT_PREFIX, canonical_name, lora_layers
+
 PILORA_FILE = "pilora_config.json"
 # PEFT flags 1-D tensors under lora_B as unsharded ZeRO/FSDP state; ours is the partition mask.
 warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*lora_B\.(dominant|supplementary)")
@@ -267,7 +269,6 @@ def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementa
 
     ``masks`` maps base-model module names (as in the importance statistics) to bool ``(m,)``.
     """
-    from .importance import lora_layers
 
     layers = lora_layers(peft_model, adapter_name)
     missing = sorted(set(layers) - set(masks))
@@ -287,7 +288,6 @@ def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementa
 
 def pilora_masks(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The dominant masks a PiLoRA model was built with, keyed by base-model module name."""
-    from .importance import lora_layers
 
     return {name: layer.lora_B[adapter_name].dominant_mask.bool().cpu()
             for name, layer in lora_layers(peft_model, adapter_name).items()
@@ -307,7 +307,6 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .importance import canonical_name
 
     cfg_file = os.path.join(path, PILORA_FILE)
     if not os.path.exists(cfg_file):
@@ -342,7 +341,6 @@ def export_lora(peft_model: nn.Module, path: str, adapter_name: str = "default")
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from .importance import PEFT_PREFIX, lora_layers
 
     cfg = peft_model.peft_config[adapter_name]
     state, rank = {}, None

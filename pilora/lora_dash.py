@@ -30,6 +30,8 @@ from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 from transformers import TrainerCallback
 
+from .peft_layers import PEFT_PREFIX, canonical_name, lora_layers
+
 log = logging.getLogger("pilora")
 DASH_KEY = "lora_dash"                   # PEFT saves every state key containing "lora_"
 DIRECTIONS_FILE = "dash_directions.pt"   # the launch's selection, per module (an artifact, like importance.pt)
@@ -149,7 +151,6 @@ def attach_dash(layer: nn.Module, s: int, adapter_name: str = "default", name: s
 
 def dash_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """LoRA layers of ``model`` that carry a dash term, keyed by base-model module name."""
-    from .importance import lora_layers
 
     return {k: v for k, v in lora_layers(model, adapter_name).items()
             if adapter_name in getattr(v, DASH_KEY, {})}
@@ -257,7 +258,6 @@ def load_lora_dash(base_model: nn.Module, path: str, is_trainable: bool = False)
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .importance import canonical_name
 
     state = load_file(os.path.join(path, "adapter_model.safetensors"))
     suffix = f".{DASH_KEY}.coefficients"
@@ -268,7 +268,6 @@ def load_lora_dash(base_model: nn.Module, path: str, is_trainable: bool = False)
     config = LoraConfig.from_pretrained(path)
     config.inference_mode = not is_trainable
     model = get_peft_model(base_model, config)
-    from .importance import lora_layers
     for name, layer in lora_layers(model).items():
         if name not in sizes:
             raise ValueError(f"saved adapter has no LoRA-Dash coefficients for layer {name}")
@@ -290,7 +289,6 @@ def export_as_lora(peft_model: nn.Module, path: str, adapter_name: str = "defaul
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from .importance import PEFT_PREFIX
 
     cfg = peft_model.peft_config[adapter_name]
     state, rank = {}, None

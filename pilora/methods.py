@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .peft_layers import lora_layers
+
 # -------------------------------------------------------------------------------- method config
 
 
@@ -222,7 +224,6 @@ def prepare_model(model: nn.Module, cfg: MethodConfig | dict, *, masks: dict | N
     """
     from peft import get_peft_model
 
-    from .importance import lora_layers
     from .layer import FusedLoraForward, to_pilora
 
     if isinstance(cfg, dict):

@@ -1,7 +1,7 @@
 """Partition strategies: stage-1 statistics of one layer -> dominant-row mask ``M ∈ {0,1}^m``.
 
 Each strategy is a function ``f(stats: ModuleStats, *, name: str, **params) -> BoolTensor``
-registered under a name (DESIGN.md §1):
+registered under a name:
 
 =================  ===========================================================  ==================
 ``hit_frequency``  ``M_i = 1`` where ``H_i ≥ τ·T`` (τ = 0.5 by default)          "Ours", Tab. 1-4

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import tempfile
+from typing import IO, Callable
 
 SCHEMA = 1
 RECORD = "results.json"
@@ -18,33 +19,43 @@ class RecordWriteError(OSError):
     any, is untouched and no partial file is left behind."""
 
 
-def atomic_write_json(path: str, obj) -> None:
-    """Write ``obj`` as JSON so readers see either the old file or the complete new one.
+def atomic_write(path, write: Callable[[IO], None], *, binary: bool = False, fsync: bool = True) -> None:
+    """Write a file so that readers see either the old file or the complete new one.
 
-    The JSON goes to a temporary file in the same folder, is fsynced, then renamed over ``path``
-    (atomic on POSIX). On any failure the temporary file is removed; an ``OSError`` (e.g. ENOSPC)
-    becomes a :class:`RecordWriteError` that names the file and the cause.
+    ``write(f)`` fills a temporary file in the same folder (permissions from the umask, not
+    mkstemp's 0600, so a group on a shared disk can read results); it is fsynced (unless
+    ``fsync=False``) and renamed over ``path`` (atomic on POSIX). On any failure the temporary
+    file is removed and the error propagates.
     """
-    path = os.path.abspath(path)
-    tmp = None
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; a group on a shared disk may read results
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, umask_mode())
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path, obj, *, indent: int = 2, fsync: bool = True) -> None:
+    """:func:`atomic_write` of ``obj`` as JSON. An ``OSError`` (e.g. ENOSPC) becomes a
+    :class:`RecordWriteError` that names the file and the cause."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        atomic_write(path, lambda f: json.dump(obj, f, indent=indent, default=_jsonable, allow_nan=True),
+                     fsync=fsync)
     except OSError as err:
         reason = os.strerror(err.errno) if err.errno else str(err)
         hint = " Free some disk space and rerun the command." if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise RecordWriteError(err.errno, f"could not write the record {path!r}: {reason} ({err}); "
                                f"{'the previous record is unchanged' if os.path.exists(path) else 'no record was written'}."
                                f"{hint}") from err
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -60,6 +71,25 @@ def _jsonable(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     return str(x)
+
+
+# folders inside a job directory that never hold records (walking checkpoints would be slow)
+_PRUNE = {".hydra", "wandb", "adapter", "adapter_pilora", "adapter_init", "model"}
+
+
+def find_records(roots: list[str]) -> list[str]:
+    """Every ``results.json`` under the folders ``roots`` (a ``results.json`` path counts as itself),
+    sorted; checkpoints and adapter folders are not entered."""
+    found = []
+    for root in roots:
+        if os.path.isfile(root) and os.path.basename(root) == RECORD:
+            found.append(os.path.abspath(root))
+            continue
+        for here, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in _PRUNE and not d.startswith("checkpoint-"))
+            if RECORD in files:
+                found.append(os.path.abspath(os.path.join(here, RECORD)))
+    return sorted(set(found))
 
 
 def read_record(path: str) -> dict | None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import glob
 import os
 
-from .records import RECORD, read_record
+from .records import find_records, read_record
 
 
 def summary_rows(root: str) -> list[dict]:
     rows = []
-    for path in sorted(glob.glob(os.path.join(root, "**", RECORD), recursive=True)):
+    for path in find_records([root]):
         r = read_record(path)
         if not r or r.get("status") != "complete":
             continue

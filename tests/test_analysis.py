@@ -126,12 +126,6 @@ def _cell(values, d=2):
 
 # ----------------------------------------------------------------------------- records
 
-def test_schema_matches_the_writer():
-    from analysis.records import SCHEMA
-    from pilora.records import SCHEMA as WRITTEN
-    assert SCHEMA == WRITTEN
-
-
 def test_load_records_one_row_per_job_with_record_values(tree, capsys):
     from analysis.records import load_records
 

@@ -33,7 +33,7 @@ def test_matched_lora_run_records_its_budget(tmp_path):
 
 
 def _lora_ranks(model):
-    from pilora.importance import lora_layers
+    from pilora.peft_layers import lora_layers
     return {name: layer.lora_A["default"].weight.shape[0] for name, layer in lora_layers(model).items()}
 
 

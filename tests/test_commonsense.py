@@ -1,4 +1,4 @@
-"""Tests for pilora.tasks.commonsense (offline: local BERT tokenizer, tiny random LLaMA)."""
+"""Tests for pilora.tasks.llm_adapters, the commonsense protocol (offline: local BERT tokenizer, tiny random LLaMA)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pilora.tasks import commonsense as cs
+from pilora.tasks import llm_adapters as cs
 
 
 # --------------------------------------------------------------------------- fixtures

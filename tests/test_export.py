@@ -10,7 +10,7 @@ import torch
 from pilora import MethodConfig, load_adapter, pilora_masks, prepare_model, save_adapter
 from pilora.export import (ADAPTER_DIR, PILORA_ADAPTER_DIR, ExportError, export_run, main as export_main,
                            write_adapters)
-from pilora.importance import lora_layers
+from pilora.peft_layers import lora_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 TEXTS = [("the cat sat on the", " mat"), ("alpha beta gamma", " delta omega"), ("good morning", " to you all")]

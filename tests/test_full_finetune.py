@@ -11,7 +11,7 @@ from conftest import TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides, table_rows
 from pilora import MethodConfig, count_parameters, prepare_model
 from pilora.full import check_full_finetune_fsdp
-from pilora.params import meta_count
+from pilora.paper_params import meta_count
 from pilora.train import train
 
 

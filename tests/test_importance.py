@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from pilora import ImportanceAccumulator, ImportanceStats, MethodConfig, approx_full_grad, prepare_model, row_scores
-from pilora.importance import ModuleStats, lora_layers
+from pilora.importance import ModuleStats
+from pilora.peft_layers import lora_layers
 
 CFG = dict(name="pilora", r=4, alpha=8, dropout=0.0, target_modules=["up", "down"])
 

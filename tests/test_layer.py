@@ -8,7 +8,7 @@ from torch import nn
 from conftest import TinyMLP, train_steps
 from pilora import (MethodConfig, count_parameters, export_lora, load_adapter, pilora_masks, prepare_model,
                     save_adapter)
-from pilora.importance import lora_layers
+from pilora.peft_layers import lora_layers
 from pilora.layer import FusedLoraForward, RowPartitionedB
 
 X = torch.randn(20, 10, generator=torch.Generator().manual_seed(5))
@@ -393,3 +393,70 @@ def test_derived_tensors_follow_the_module_but_are_not_buffers():
     assert torch.equal(Bc.pattern, B.pattern) and Bc.pattern.data_ptr() != B.pattern.data_ptr()
     model.to("meta")
     assert B.pattern.device.type == "meta" and B.supplementary_rows.device.type == "meta"
+
+
+ADAPTER_NAME_PARTS = ("lora_", "dominant_mask", "magnitude_vector", "base_layer")
+
+
+def _adapter_leftovers(model: nn.Module, reference: nn.Module) -> list[str]:
+    """What of an adapter remains in ``model``, judged against the plain ``reference`` model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    bad = [f"module {name or '<root>'}: {type(mod).__name__}" for name, mod in model.named_modules()
+           if isinstance(mod, (BaseTunerLayer, RowPartitionedB)) or type(mod).__module__.startswith("peft")]
+    bad += [f"tensor {name}" for name, _ in list(model.named_parameters()) + list(model.named_buffers())
+            if any(p in name for p in ADAPTER_NAME_PARTS)]
+    got = {n: type(m) for n, m in model.named_modules()}
+    want = {n: type(m) for n, m in reference.named_modules()}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()), key=str)[:5]
+        bad.append(f"module tree differs from the base model: {diff}")
+    if {n: tuple(p.shape) for n, p in model.named_parameters()} != \
+            {n: tuple(p.shape) for n, p in reference.named_parameters()}:
+        bad.append("parameters differ from the base model's")
+    return bad
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=32, max_position_embeddings=16, use_cache=False)
+    return LlamaForCausalLM(cfg).eval(), ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("which", ["mlp", "llama"])
+def test_merge_and_unload_leaves_exactly_the_base_model(which):
+    """After merge_and_unload no PEFT layer, no RowPartitionedB and no adapter tensor is left, the
+    module tree and parameter shapes are the base model's, and the output is the unmerged model's."""
+    if which == "mlp":
+        torch.manual_seed(0)
+        base, targets = TinyMLP().eval(), ["up", "down"]
+        x = X
+    else:
+        base, targets = _tiny_llama()
+        x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    masks = {n: torch.rand(m.out_features, generator=torch.Generator().manual_seed(2)) < 0.4
+             for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.0, target_modules=targets, supplementary_r=1)
+    model = prepare_model(copy.deepcopy(base), cfg, masks=masks)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained adapter: non-zero B blocks
+        for layer in lora_layers(model).values():
+            B = layer.lora_B["default"]
+            B.set_blocks(*(0.1 * torch.randn(t.shape, generator=g) for t in (B.dominant, B.supplementary)))
+    model.eval()
+
+    def out(m):
+        with torch.no_grad():
+            y = m(x)
+        return y if isinstance(y, torch.Tensor) else y.logits
+
+    found = _adapter_leftovers(model, base)  # the check sees an adapter that is there
+    assert any("RowPartitionedB" in f for f in found) and any("lora_" in f for f in found)
+    before = out(model)
+    merged = model.merge_and_unload()
+    assert _adapter_leftovers(merged, base) == []
+    assert torch.allclose(out(merged), before, atol=1e-5)
+    assert not torch.allclose(out(merged), out(base), atol=1e-5)  # the merge did change the weights

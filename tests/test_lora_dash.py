@@ -14,7 +14,7 @@ from helpers import FAST, compose_cfg, glue_overrides
 from pilora import MethodConfig, count_parameters, prepare_model
 from pilora.lora_dash import (DashLaunchCallback, change_rates, dash_layers, export_as_lora, is_launched, launch,
                               load_lora_dash, select_directions)
-from pilora.params import meta_count
+from pilora.paper_params import meta_count
 from pilora.train import train
 
 X = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))

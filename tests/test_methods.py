@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import TinyMLP, train_steps
 from pilora import METHODS, MethodConfig, count_parameters, prepare_model
-from pilora.importance import lora_layers
+from pilora.peft_layers import lora_layers
 
 X = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
 

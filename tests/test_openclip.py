@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers import FAST, compose_cfg, write_images
 from pilora import MethodConfig, count_parameters, prepare_model
-from pilora.importance import lora_layers
+from pilora.peft_layers import lora_layers
 from pilora.tasks import make_task
 from pilora.tasks.openclip import SplitAttention, split_attention
 
@@ -58,7 +58,7 @@ def test_openclip_and_transformers_towers_count_the_same_parameters():
     from transformers import CLIPVisionConfig
 
     from pilora.tasks.openclip import OpenCLIPImageClassifier, create_visual
-    from pilora.tasks.vision import CLIPImageClassifier
+    from pilora.tasks.clip import CLIPImageClassifier
 
     oc = {"openclip": {"name": "count-vit", "model_cfg": {
         "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},

@@ -1,6 +1,6 @@
 import pytest
 
-from pilora.params import meta_count
+from pilora.paper_params import meta_count
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -33,7 +33,7 @@ def test_pilora_top_half_share():
 def test_glue_parameter_column_counts_what_tab6_trains():
     """Tab. 6 trains r = 8: LoRA is 1.00 % of the backbone, not the printed 4.00 %, and PiLoRA at
     r = 8, r' = 1 stays far below its printed 3.26 % even with every row dominant."""
-    from pilora.params import GLUE_PARAMS_NOTE, table_rows
+    from pilora.paper_params import GLUE_PARAMS_NOTE, table_rows
 
     lora = meta_count("RoBERTa-large")                       # the setting's default rank is Tab. 6's
     # per block: q, k, v, attention.output.dense (1024 → 1024), intermediate (1024 → 4096), output (4096 → 1024)

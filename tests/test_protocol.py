@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides, write_commonsense
-from pilora.importance import lora_layers
+from pilora.peft_layers import lora_layers
 from pilora.train import objective, train
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -46,7 +46,7 @@ def _predictions(model, ids):
 
 
 def test_bf16_merge_changes_predictions_and_the_default_evaluation_does_not():
-    from pilora.tasks.generation import EVAL_WEIGHTS
+    from pilora.tasks.commonsense import EVAL_WEIGHTS
 
     model = _bf16_llama_with_small_update(1e-4)
     ids = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(1))
@@ -167,7 +167,7 @@ def test_clip_head_pools_like_goat():
     patch tokens, without post_layernorm."""
     from transformers import CLIPConfig, CLIPForImageClassification, CLIPVisionConfig
 
-    from pilora.tasks.vision import CLIPImageClassifier
+    from pilora.tasks.clip import CLIPImageClassifier
 
     vcfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 image_size=32, patch_size=8)
@@ -186,7 +186,7 @@ def test_clip_head_pools_like_goat():
         postln.classifier.load_state_dict(ours.classifier.state_dict())
         assert not torch.allclose(postln(pixels).logits, ours(pixels).logits, atol=1e-3)
     with pytest.raises(ValueError, match="mean_patch"):
-        CLIPImageClassifier(ours.clip, 5, pool="cls")
+        CLIPImageClassifier(ours.clip, 5, pool="max")
 
 
 # --------------------------------------------------------------- 4. checkpoint selection, objective

@@ -1,4 +1,4 @@
-"""Tests for pilora.tasks.vision: tiny CLIP configs and PNGs written to tmp dirs, no downloads."""
+"""Tests for pilora.tasks.clip and the vision task: tiny CLIP configs and PNGs written to tmp dirs, no downloads."""
 
 import os
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from pilora.tasks import vision as V
+from pilora.tasks import clip as V
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 

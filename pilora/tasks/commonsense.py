@@ -1,557 +1,162 @@
-"""Commonsense-reasoning protocol of LLM-Adapters / DoRA.
-
-Models are fine-tuned on ``commonsense_170k.json`` (the union of the eight
-training sets, rendered as Alpaca-style instructions) and evaluated on the
-eight test sets by *generating* an answer and pulling the first
-answer-shaped token (``true``, ``solution2``, ``answer3``, ...) out of the
-generated text with a dataset-specific regex.  This module implements that
-protocol:
-
-* :data:`EVAL_SETS` / :data:`ANSWER_PATTERNS` - the test sets and extractors;
-* :func:`format_prompt` / :func:`tokenize_for_training` - training data;
-* :func:`generate_answers` / :func:`evaluate_dataset` - generation-based eval;
-* :func:`load_commonsense_split` - the LLM-Adapters json files;
-* :func:`evaluate_with_lm_eval` - the *different* log-likelihood protocol of
-  lm-evaluation-harness, kept only as a sanity check.
-
-What follows the reference scripts exactly (``finetune.py`` and ``commonsense_evaluate.py``
-of LLM-Adapters, also used by DoRA):
-
-* the prompts, whitespace quirks included (:data:`PROMPT_STYLES` ``"llm_adapters"``: training
-  and evaluation use two slightly different strings there, and so do we); ``"alpaca"`` is the
-  clean Alpaca template, for other uses;
-* decoding: 4-beam search, at most 32 new tokens, no sampling (:data:`REFERENCE_GENERATION`);
-* answer extraction: the *whole* sequence (prompt + generation) is decoded, the text between the
-  first and the second ``### Response:`` is kept, and the first answer-shaped match in it wins
-  (:func:`response_text`, :func:`extract_answer`).
-
-One difference, on purpose: generation uses left padding *with attention masks*, so batch size
-does not change the answers (the reference passes no attention mask, so pad tokens leak into
-the continuation of every prompt shorter than the longest in its batch).
-
-Heavy libraries (torch, datasets, lm_eval) are imported inside the functions
-that need them so that importing this module, e.g. for the constants, is cheap.
-"""
+"""Commonsense reasoning with a causal LM (the LLM-Adapters / DoRA protocol)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
-from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = [
-    "EVAL_SETS",
-    "ANSWER_PATTERNS",
-    "LM_EVAL_TASKS",
-    "LM_EVAL_PROTOCOL",
-    "PROMPT_STYLES",
-    "REFERENCE_GENERATION",
-    "format_prompt",
-    "response_text",
-    "tokenize_for_training",
-    "extract_answer",
-    "generate_answers",
-    "evaluate_dataset",
-    "load_commonsense_split",
-    "evaluate_with_lm_eval",
-]
-
-# Test sets in the order the papers' tables use, with their sizes.
-EVAL_SETS: "OrderedDict[str, int]" = OrderedDict(
-    [
-        ("boolq", 3270),
-        ("piqa", 1838),
-        ("social_i_qa", 1954),
-        ("hellaswag", 10042),
-        ("winogrande", 1267),
-        ("ARC-Easy", 2376),
-        ("ARC-Challenge", 1172),
-        ("openbookqa", 500),
-    ]
-)
-
-_FIVE_ANSWERS = "answer1|answer2|answer3|answer4|answer5"
-
-# Case-sensitive like the reference: the training targets are all lowercase,
-# and matching "True" as well would change the numbers relative to the papers.
-ANSWER_PATTERNS: "OrderedDict[str, str]" = OrderedDict(
-    [
-        ("boolq", r"true|false"),
-        ("piqa", r"solution1|solution2"),
-        ("social_i_qa", _FIVE_ANSWERS),
-        ("hellaswag", r"ending1|ending2|ending3|ending4"),
-        ("winogrande", r"option1|option2"),
-        # ARC and OpenBookQA have at most 4 (ARC: rarely 5) choices, but the
-        # reference extractor accepts answer1-5 for all of them.
-        ("ARC-Easy", _FIVE_ANSWERS),
-        ("ARC-Challenge", _FIVE_ANSWERS),
-        ("openbookqa", _FIVE_ANSWERS),
-    ]
-)
-
-_COMPILED = {name: re.compile(p) for name, p in ANSWER_PATTERNS.items()}
+from . import llm_adapters as cs
+from .base import DataError, Task, load_pretrained, load_tokenizer, register_family, require_columns
 
 
-def _normalise_name(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
+@register_family("generation")
+class CommonsenseTask(Task):
+    """Train on Commonsense170K-style json, validate on a held-out slice (loss), and score the
+    eight test sets by generation (4-beam search by default) + regex answer extraction."""
+
+    model_families = ("causal_lm",)
+    example_model = "llama2-7b"
+    task_type = "CAUSAL_LM"
+    accepts_loss_kwargs = None  # HF causal LMs average the token loss over num_items_in_batch
+
+    def __init__(self, task_cfg, model_cfg, seed=0):
+        super().__init__(task_cfg, model_cfg, seed)
+        self.tokenizer = load_tokenizer(model_cfg)
+        if self.tokenizer.pad_token is None:
+            # LLaMA tokenizers have no pad token; LLM-Adapters pads with id 0 (unk)
+            self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        if self.tokenizer.eos_token is None:
+            raise DataError(f"tokenizer {model_cfg.get('tokenizer') or model_cfg.get('path')!r} has no EOS "
+                            "token; the commonsense protocol appends EOS to every example")
+
+    def build_model(self):
+        from transformers import AutoModelForCausalLM
+
+        model = load_pretrained(self.model_cfg, AutoModelForCausalLM)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def datasets(self):
+        train_file = self.cfg["dataset"]["train_file"]
+        if not os.path.exists(os.path.expanduser(train_file)):
+            raise DataError(f"training file {train_file!r} not found; download LLM-Adapters' "
+                            "ft-training_set/commonsense_170k.json and set task.dataset.train_file")
+        ds = cs.load_commonsense_split(train_file)
+        require_columns(ds, ["instruction", "output"], self.name)
+        n_val = int(self.cfg.get("val_set_size", 120))
+        if len(ds) <= n_val:
+            raise DataError(f"{train_file!r} has {len(ds)} examples, not more than val_set_size={n_val}")
+        # finetune.py splits with seed 42 whatever the run's seed, so every run validates on the same 120
+        split = ds.train_test_split(test_size=n_val, shuffle=True, seed=int(self.cfg.get("val_split_seed", 42)))
+        tok = lambda ex: cs.tokenize_for_training(  # noqa: E731
+            ex, self.tokenizer, cutoff_len=int(self.cfg.get("cutoff_len", 256)),
+            train_on_inputs=bool(self.cfg.get("train_on_inputs", True)), style=self.prompt_style)
+        cols = split["train"].column_names
+        return {"train": split["train"].map(tok, remove_columns=cols, desc="tokenize train"),
+                "validation": split["test"].map(tok, remove_columns=cols, desc="tokenize validation"),
+                "test": None}
+
+    def collator(self):
+        from transformers import DataCollatorForSeq2Seq
+        return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
+
+    @property
+    def prompt_style(self) -> str:
+        style = self.cfg.get("prompt_style", cs.DEFAULT_PROMPT_STYLE)
+        if style not in cs.PROMPT_STYLES:
+            raise ValueError(f"task.prompt_style={style!r} is not a prompt style; choose one of "
+                             f"{sorted(cs.PROMPT_STYLES)}")
+        return style
+
+    @property
+    def generation(self) -> dict:
+        """Decoding settings: the reference's, overridden by ``task.generation.*``."""
+        from transformers import GenerationConfig
+
+        settings = {**cs.REFERENCE_GENERATION, **(self.cfg.get("generation") or {})}
+        known = GenerationConfig().to_dict()
+        unknown = sorted(k for k in settings if k not in known)
+        if unknown:
+            import difflib
+            close = difflib.get_close_matches(unknown[0], list(known), n=3)
+            raise ValueError(f"task.generation.{unknown[0]} is not a transformers.GenerationConfig setting"
+                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        return settings
+
+    @property
+    def eval_weights(self) -> str:
+        mode = self.cfg.get("eval_weights", "unmerged")
+        if mode not in EVAL_WEIGHTS:
+            raise ValueError(f"task.eval_weights={mode!r} is not an evaluation mode; choose one of "
+                             f"{sorted(EVAL_WEIGHTS)}")
+        return mode
+
+    def protocol(self) -> dict:
+        return {"reported_split": "test", "reference": "LLM-Adapters commonsense_evaluate.py",
+                "prompt_style": self.prompt_style, "generation": self.generation,
+                "eval_weights": self.eval_weights, "best_epoch_on": "validation (held-out training examples)"}
+
+    def final_metrics(self, model, trainer, data):
+        """Accuracy on each configured test set by generation, and Avg."""
+        sets = {name: path for name, path in (self.cfg.get("eval_sets") or {}).items() if path}
+        limit = self.cfg.get("eval_limit")
+        generation, style = self.generation, self.prompt_style  # bad settings fail before any work
+        out = {}
+        with EVAL_WEIGHTS[self.eval_weights](self, model) as scored:
+            for name, path in sets.items():
+                examples = cs.load_commonsense_split(path)
+                if limit:
+                    examples = examples.select(range(min(int(limit), len(examples))))
+                res = cs.evaluate_dataset(scored, self.tokenizer, examples, name, style=style,
+                                          batch_size=int(self.cfg.get("eval_batch_size", 8)), **generation)
+                out[f"test_{name}_accuracy"] = res["accuracy"]
+                out[f"test_{name}_no_match"] = res["no_match"]
+            accs = [v for k, v in out.items() if k.endswith("_accuracy")]
+            if accs:
+                out["test_avg_accuracy"] = sum(accs) / len(accs)
+            if self.cfg.get("lm_eval"):
+                res = cs.evaluate_with_lm_eval(scored, self.tokenizer, limit=limit)
+                out.update({f"lm_eval_{k}": v for k, v in res.items()})
+        return out
 
 
-# Lets callers use lm-eval style or differently-cased names for the same set.
-_NAME_LOOKUP = {_normalise_name(n): n for n in ANSWER_PATTERNS}
-_NAME_LOOKUP["social_iqa"] = "social_i_qa"
-
-LM_EVAL_TASKS = (
-    "boolq",
-    "piqa",
-    "social_iqa",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-)
-LM_EVAL_PROTOCOL = "lm-eval log-likelihood (not comparable with the paper's generation protocol)"
-
-_RESPONSE_MARKER = "### Response:"
-
-# Prompt templates: (training with input, training without, evaluation with input, without).
-# "llm_adapters" copies the strings of the reference scripts character for character: their
-# f-strings are indented inside the function body, so every line after the first starts with 16
-# spaces, finetune.py's first line even carries a stray "  # noqa: E501", and the evaluation
-# strings differ from the training ones. Models trained by the reference saw exactly these.
-_INDENT = " " * 16
-PROMPT_STYLES: dict[str, tuple[str, str, str, str]] = {
-    "llm_adapters": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.  # noqa: E501\n\n"
-        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
-        f"{_INDENT}### Input:\n{_INDENT}{{input}}\n{_INDENT}\n"
-        f"{_INDENT}### Response:\n{_INDENT}{{output}}",
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.  # noqa: E501\n\n"
-        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
-        f"{_INDENT}### Response:\n{_INDENT}{{output}}",
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n\n"
-        f"{_INDENT}### Input:\n{_INDENT}{{input}}\n\n"
-        f"{_INDENT}### Response:\n{_INDENT}",
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request. \n\n"
-        f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n\n"
-        f"{_INDENT}### Response:\n{_INDENT}",
-    ),
-    "alpaca": (
-        "Below is an instruction that describes a task, paired with an input that provides "
-        "further context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}",
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n{output}",
-        "Below is an instruction that describes a task, paired with an input that provides "
-        "further context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n",
-    ),
-}
-DEFAULT_PROMPT_STYLE = "llm_adapters"
-
-# commonsense_evaluate.py: GenerationConfig(num_beams=4, temperature=0.1, top_p=0.75, top_k=40)
-# with sampling off (so the last three have no effect) and max_new_tokens=32.
-REFERENCE_GENERATION: dict[str, Any] = {"num_beams": 4, "max_new_tokens": 32, "do_sample": False}
-
-_DOWNLOAD_HINT = (
-    "Get the files from the LLM-Adapters repository "
-    "(https://github.com/AGI-Edgerunners/LLM-Adapters): the training set is "
-    "`ft-training_set/commonsense_170k.json` and each test set is "
-    "`dataset/<name>/test.json` with <name> one of " + ", ".join(EVAL_SETS) + "."
-)
+# How the trained model is scored: each entry is a context manager giving the model to evaluate.
+EVAL_WEIGHTS: dict = {}
 
 
-def _canonical_dataset(dataset: str) -> str:
-    """Return the canonical EVAL_SETS name for ``dataset`` or raise ValueError."""
-    if dataset in ANSWER_PATTERNS:
-        return dataset
-    if isinstance(dataset, str):
-        found = _NAME_LOOKUP.get(_normalise_name(dataset))
-        if found is not None:
-            return found
-    raise ValueError(
-        f"unknown commonsense dataset {dataset!r}; known datasets: {', '.join(ANSWER_PATTERNS)}"
-    )
+def _eval_weights(name):
+    def deco(fn):
+        EVAL_WEIGHTS[name] = contextlib.contextmanager(fn)
+        return fn
+    return deco
 
 
-# --------------------------------------------------------------------------- prompts
+@_eval_weights("unmerged")
+def _unmerged(task, model):
+    """The trained model as it is: frozen base + adapter, each in its own precision. Merging into a
+    bf16 base would round small updates away (bf16 keeps 8 significant bits)."""
+    yield model
 
 
-def format_prompt(instruction: str, input: str | None = None, output: str | None = None,
-                  style: str = DEFAULT_PROMPT_STYLE) -> str:
-    """Render a prompt as the reference scripts do.
+@_eval_weights("merged_fp16")
+def _merged_fp16(task, model):
+    """The reference's evaluator: the pretrained weights loaded in fp16, the saved adapter loaded on
+    top and merged in fp16 (LLM-Adapters' PEFT fork merges on ``model.eval()``). Built from a fresh
+    pretrained model and the stock-PEFT adapter (:func:`pilora.adapters.save_peft_adapter`), so it
+    also checks that the saved adapter reproduces the trained model."""
+    import tempfile
 
-    Args:
-        instruction: the task text (question plus answer options).
-        input: optional extra context; an empty string counts as absent,
-            because the LLM-Adapters json files store ``"input": ""``.
-        output: when given, the training prompt with the target appended
-            (``finetune.py``); ``None`` gives the evaluation prompt
-            (``commonsense_evaluate.py``), which ends right after ``### Response:``.
-        style: a key of :data:`PROMPT_STYLES`.
-
-    Returns:
-        The prompt string.
-    """
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; choose one of {sorted(PROMPT_STYLES)} "
-                         "(task.prompt_style)")
-    train_in, train_plain, eval_in, eval_plain = PROMPT_STYLES[style]
-    if output is None:
-        return (eval_in if input else eval_plain).format(instruction=instruction, input=input)
-    return (train_in if input else train_plain).format(instruction=instruction, input=input, output=output)
-
-
-def _tokenize(text: str, tokenizer: Any, cutoff_len: int, add_eos_token: bool) -> dict[str, list[int]]:
-    enc = tokenizer(text, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
-    input_ids = list(enc["input_ids"])
-    attention_mask = list(enc["attention_mask"])
-    if add_eos_token:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError(
-                "the tokenizer has no eos_token; set tokenizer.eos_token (the model must learn "
-                "to stop after the answer) or call with add_eos_token=False"
-            )
-        # Reference behaviour: a truncated sequence gets no EOS (no room), and
-        # tokenizers that already end with EOS do not get a second one.
-        if (not input_ids or input_ids[-1] != eos) and len(input_ids) < cutoff_len:
-            input_ids.append(eos)
-            attention_mask.append(1)
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def tokenize_for_training(
-    example: Mapping[str, Any],
-    tokenizer: Any,
-    cutoff_len: int = 256,
-    train_on_inputs: bool = True,
-    add_eos_token: bool = True,
-    style: str = DEFAULT_PROMPT_STYLE,
-) -> dict[str, list[int]]:
-    """Tokenize one training example the way LLM-Adapters' ``finetune.py`` does.
-
-    The full prompt (instruction, optional input, output) is tokenized with
-    truncation to ``cutoff_len`` tokens; EOS is appended when there is room
-    and the sequence does not already end with it.
-
-    Args:
-        example: mapping with ``instruction`` and ``output`` (``input`` optional).
-        tokenizer: a Hugging Face tokenizer; it must define ``eos_token`` when
-            ``add_eos_token`` is true.
-        cutoff_len: maximum sequence length in tokens.
-        train_on_inputs: if true the labels equal ``input_ids``; otherwise
-            the prompt tokens are masked with -100 so the loss only covers the
-            response (and EOS).
-        add_eos_token: append EOS as described above.
-        style: prompt template, a key of :data:`PROMPT_STYLES`.
-
-    Returns:
-        ``{"input_ids", "attention_mask", "labels"}`` as lists of ints.
-    """
-    if cutoff_len < 1:
-        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
-    missing = [k for k in ("instruction", "output") if k not in example]
-    if missing:
-        raise KeyError(f"training example lacks {missing}; it has {sorted(example)}")
-    full = format_prompt(example["instruction"], example.get("input"), example["output"], style)
-    result = _tokenize(full, tokenizer, cutoff_len, add_eos_token)
-    if train_on_inputs:
-        result["labels"] = list(result["input_ids"])
-        return result
-
-    # The prompt part is the training template with an empty output, as in finetune.py.
-    prompt_ids = _tokenize(
-        format_prompt(example["instruction"], example.get("input"), "", style), tokenizer, cutoff_len, False
-    )["input_ids"]
-    # The reference masks len(prompt_ids) tokens.  Using the common prefix
-    # instead gives the same count for LLaMA-style tokenizers, and does not
-    # mask a response token for tokenizers that close every sequence with a
-    # special token (e.g. BERT's [SEP]) or that merge across the boundary.
-    n_prompt = 0
-    for a, b in zip(prompt_ids, result["input_ids"]):
-        if a != b:
-            break
-        n_prompt += 1
-    ids = result["input_ids"]
-    result["labels"] = [-100] * n_prompt + ids[n_prompt:]
-    return result
-
-
-# --------------------------------------------------------------------------- answers
-
-
-def extract_answer(dataset: str, text: str | None) -> str | None:
-    """Return the first answer-shaped string in a generation, or None.
-
-    If ``text`` still contains the prompt, only the part after the first
-    ``### Response:`` (up to a second one, if the model produced another
-    turn) is searched, as in the reference evaluator.
-
-    Args:
-        dataset: one of :data:`EVAL_SETS` (case and ``-``/``_`` are ignored;
-            the lm-eval names ``social_iqa``/``arc_easy``/``arc_challenge``
-            are also accepted).
-        text: the generated text.
-
-    Returns:
-        The first match of ``ANSWER_PATTERNS[dataset]``, or None if nothing matches.
-
-    Raises:
-        ValueError: for an unknown dataset name.
-    """
-    pattern = _COMPILED[_canonical_dataset(dataset)]
-    if text is None:
-        return None
-    if _RESPONSE_MARKER in text:
-        text = text.split(_RESPONSE_MARKER)[1]
-    match = pattern.search(text.strip())
-    return match.group(0) if match else None
-
-
-def response_text(full_text: str, new_text: str) -> str:
-    """The response the reference scores: ``full_text.split("### Response:")[1].strip()``.
-
-    ``full_text`` is the decoded prompt + generation, so the kept text runs from the prompt's
-    marker up to a second ``### Response:`` the model may have generated: in a generation
-    ``"true ... ### Response: false"`` it is ``"true ..."``. A tokenizer that does not
-    reproduce the marker when decoding (e.g. an uncased one) falls back to the same span taken
-    from the decoded new tokens alone: everything before their first marker.
-    """
-    if _RESPONSE_MARKER in full_text:
-        return full_text.split(_RESPONSE_MARKER)[1].strip()
-    return new_text.split(_RESPONSE_MARKER)[0].strip()
-
-
-def generate_answers(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    batch_size: int = 8,
-    **generate_kwargs: Any,
-) -> list[str]:
-    """Decode a continuation for each prompt, in batches, and return the reference's responses.
-
-    Decoding defaults to the reference's (:data:`REFERENCE_GENERATION`: 4 beams, 32 new
-    tokens, no sampling); ``generate_kwargs`` override it (e.g. ``num_beams=1`` for greedy).
-    Prompts are padded on the LEFT with an attention mask so that every prompt's last token
-    sits at the end of the batch and the new tokens of a short prompt are not conditioned on
-    pad tokens; the result therefore does not depend on ``batch_size``. The tokenizer's
-    ``padding_side`` (and pad token, which falls back to EOS when missing) is restored
-    afterwards, and so is the model's train/eval mode.
-
-    Args:
-        model: a causal LM with ``generate``.
-        tokenizer: its tokenizer.
-        prompts: prompt strings (e.g. from :func:`format_prompt`).
-        batch_size: prompts per ``generate`` call.
-        **generate_kwargs: forwarded to ``model.generate`` over the reference's settings.
-
-    Returns:
-        One :func:`response_text` per prompt (special tokens skipped when decoding).
-    """
     import torch
+    from peft import PeftModel
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = list(prompts)
-    if not prompts:
-        return []
+    from ..adapters import save_peft_adapter
 
-    old_padding_side = tokenizer.padding_side
-    borrowed_pad = tokenizer.pad_token is None
-    if borrowed_pad:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad_token nor an eos_token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    was_training = model.training
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as d:
+        save_peft_adapter(model, d)
+        base = task.build_model().to(device=device, dtype=torch.float16)
+        merged = PeftModel.from_pretrained(base, d).to(dtype=torch.float16).merge_and_unload()
     try:
-        device = next(model.parameters()).device
-    except StopIteration:  # parameter-less wrapper; let generate place things
-        device = None
-
-    kwargs = {**REFERENCE_GENERATION, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
-    outputs: list[str] = []
-    try:
-        tokenizer.padding_side = "left"
-        model.eval()
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True)
-            # Only these two: e.g. BERT-style token_type_ids are not accepted by causal LMs.
-            inputs = {k: enc[k] for k in ("input_ids", "attention_mask")}
-            if device is not None:
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-            with torch.inference_mode():
-                generated = model.generate(**inputs, **kwargs)
-            full = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            new = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            outputs.extend(response_text(f, n) for f, n in zip(full, new))
+        yield merged.eval()
     finally:
-        tokenizer.padding_side = old_padding_side
-        if borrowed_pad:
-            tokenizer.pad_token = None
-        model.train(was_training)
-    return outputs
-
-
-def evaluate_dataset(
-    model: Any,
-    tokenizer: Any,
-    examples: Iterable[Mapping[str, Any]],
-    dataset: str,
-    batch_size: int = 8,
-    return_predictions: bool = False,
-    style: str = DEFAULT_PROMPT_STYLE,
-    **generate_kwargs: Any,
-) -> dict[str, Any]:
-    """Generation-based accuracy on one commonsense test set.
-
-    Each example is rendered with :func:`format_prompt` (the evaluation prompt of ``style``),
-    answered with :func:`generate_answers`, and scored by comparing :func:`extract_answer` with
-    the gold ``answer``; a response without any answer-shaped string counts as wrong.
-
-    Args:
-        model, tokenizer: the model under test.
-        examples: rows with ``instruction`` and ``answer`` (``input`` optional),
-            e.g. from :func:`load_commonsense_split`.
-        dataset: test-set name, selects the answer regex.
-        batch_size, **generate_kwargs: see :func:`generate_answers`.
-        return_predictions: also return the per-example ``predictions``
-            (extracted answers) and the ``responses`` they came from.
-        style: prompt template, a key of :data:`PROMPT_STYLES`.
-
-    Returns:
-        ``{"accuracy", "correct", "total", "no_match"}`` (plus
-        ``predictions``/``responses`` when requested).
-    """
-    name = _canonical_dataset(dataset)  # fail before spending time generating
-    rows = [dict(ex) for ex in examples]
-    if not rows:
-        raise ValueError(f"no examples to evaluate for {name}")
-    for i, row in enumerate(rows):
-        missing = [k for k in ("instruction", "answer") if k not in row]
-        if missing:
-            raise KeyError(f"example {i} of {name} lacks {missing}")
-
-    prompts = [format_prompt(r["instruction"], r.get("input"), style=style) for r in rows]
-    responses = generate_answers(model, tokenizer, prompts, batch_size=batch_size, **generate_kwargs)
-    predictions = [extract_answer(name, g) for g in responses]
-    correct = sum(p is not None and p == str(r["answer"]).strip() for p, r in zip(predictions, rows))
-    result: dict[str, Any] = {
-        "accuracy": correct / len(rows),
-        "correct": correct,
-        "total": len(rows),
-        "no_match": sum(p is None for p in predictions),
-    }
-    if return_predictions:
-        result["predictions"] = predictions
-        result["responses"] = responses
-    return result
-
-
-# --------------------------------------------------------------------------- data
-
-
-def load_commonsense_split(path_or_file: str | os.PathLike, cache_dir: str | None = None):
-    """Load an LLM-Adapters json file (a list of instruction records).
-
-    Args:
-        path_or_file: a json file such as ``commonsense_170k.json`` or
-            ``dataset/boolq/test.json``, or a directory containing ``test.json``.
-        cache_dir: optional ``datasets`` cache directory.
-
-    Returns:
-        A ``datasets.Dataset`` with at least ``instruction`` and ``answer``.
-
-    Raises:
-        FileNotFoundError: when the file does not exist (the message says
-            where to get it).
-        ValueError: when ``instruction`` or ``answer`` columns are missing.
-    """
-    path = os.path.expanduser(os.fspath(path_or_file))
-    if os.path.isdir(path):
-        path = os.path.join(path, "test.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"commonsense data file not found: {path}. {_DOWNLOAD_HINT}")
-
-    import datasets
-
-    ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
-    missing = [c for c in ("instruction", "answer") if c not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"{path} lacks required column(s) {missing}; found {ds.column_names}. "
-            "Expected LLM-Adapters records {instruction, input, output, answer}."
-        )
-    return ds
-
-
-# --------------------------------------------------------------------------- lm-eval
-
-
-def evaluate_with_lm_eval(
-    model: Any,
-    tokenizer: Any,
-    tasks: Sequence[str] = LM_EVAL_TASKS,
-    batch_size: int = 8,
-    limit: int | float | None = None,
-) -> dict[str, Any]:
-    """Accuracy under lm-evaluation-harness' log-likelihood protocol.
-
-    This ranks the answer options by likelihood instead of generating, so the
-    numbers are NOT comparable with the papers' generation protocol; the
-    result carries a ``"protocol"`` key saying so.  The tasks' datasets are
-    fetched from the Hugging Face hub (or its local cache).
-
-    Args:
-        model, tokenizer: an in-memory model and its tokenizer (wrapped in ``HFLM``).
-        tasks: lm-eval task names.
-        batch_size: lm-eval batch size.
-        limit: optional cap on examples per task (int) or fraction (float).
-
-    Returns:
-        ``{task: acc, ..., "protocol": LM_EVAL_PROTOCOL}`` (``acc`` is None
-        when a task reports no ``acc`` metric).
-
-    Raises:
-        RuntimeError: when lm-eval cannot be imported or its datasets cannot be
-            fetched (no network / offline hub).
-    """
-    hint = (
-        "the lm-eval protocol needs the Hugging Face hub datasets for tasks "
-        f"{list(tasks)} (downloaded on first use, or present in the local HF cache); "
-        "without them use evaluate_dataset() with the LLM-Adapters test.json files"
-    )
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as exc:
-        raise RuntimeError(f"lm-eval could not be imported ({exc}); {hint}") from exc
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
-    # ConnectionError, hub HTTP/offline errors and datasets' DatasetNotFoundError
-    # are all OSError subclasses; lm-eval raises ImportError for optional deps.
-    except (ImportError, OSError) as exc:
-        raise RuntimeError(f"lm-eval evaluation failed ({type(exc).__name__}: {exc}); {hint}") from exc
-
-    result: dict[str, Any] = {}
-    per_task = (out or {}).get("results", {})  # None on non-zero ranks
-    for task in tasks:
-        metrics = per_task.get(task, {})
-        acc = metrics.get("acc,none", metrics.get("acc"))
-        result[task] = float(acc) if acc is not None else None
-    result["protocol"] = LM_EVAL_PROTOCOL
-    return result
+        del merged, base

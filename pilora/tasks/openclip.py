@@ -4,7 +4,7 @@ The task-arithmetic vision suite (Cars, DTD, EuroSAT, GTSRB, RESISC45, SUN397, S
 with open_clip's ViT-B-32 checkpoints. This module builds that tower with ``open_clip.create_model``
 (a built-in name with a pretrained tag such as ``openai`` / ``laion2b_s34b_b79k`` or a local
 checkpoint file, or an inline ``model_cfg`` for tests) and puts the same linear head on it as
-:class:`pilora.tasks.vision.CLIPImageClassifier`, with the same pooling choices.
+:class:`pilora.tasks.clip.CLIPImageClassifier`, with the same pooling choices.
 
 LoRA targets. open_clip's blocks use ``nn.MultiheadAttention``, whose q, k, v live in one packed
 ``in_proj_weight`` (3D × D) that PEFT cannot adapt per projection. :func:`split_attention`
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-POOLS = ("mean", "mean_ln", "cls")
+from .clip import POOLING
 
 
 class SplitAttention(nn.Module):
@@ -127,14 +127,15 @@ def create_visual(model_cfg: dict) -> nn.Module:
 class OpenCLIPImageClassifier(nn.Module):
     """open_clip image tower + linear head on pooled tokens (the head of ``CLIPImageClassifier``).
 
-    ``pool``: ``mean`` (GOAT: mean of the last block's patch tokens, CLS excluded, no LayerNorm),
-    ``mean_ln`` (``ln_post`` on each patch token, then the mean) or ``cls`` (``ln_post`` of the CLS token).
+    ``pool``: a key of :data:`pilora.tasks.clip.POOLING` (the default ``mean_patch`` is GOAT's: the mean
+    of the last block's patch tokens, CLS excluded, no LayerNorm), with ``ln_post`` as the LayerNorm.
     """
 
-    def __init__(self, visual: nn.Module, num_labels: int, pool: str = "mean"):
+    def __init__(self, visual: nn.Module, num_labels: int, pool: str = "mean_patch"):
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"model.pool must be one of {POOLS}, got {pool!r}")
+        if pool not in POOLING:
+            raise ValueError(f"unknown pooling {pool!r} for the CLIP head; choose one of {sorted(POOLING)} "
+                             "(model.pool)")
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if not hasattr(visual, "_embeds") or not hasattr(visual, "transformer"):
@@ -156,12 +157,7 @@ class OpenCLIPImageClassifier(nn.Module):
         return self.visual.transformer(self.visual._embeds(pixel_values))
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(pixel_values)
-        if self.pool == "mean":
-            return x[:, 1:].mean(dim=1)
-        if self.pool == "mean_ln":
-            return self.visual.ln_post(x[:, 1:]).mean(dim=1)
-        return self.visual.ln_post(x[:, 0])
+        return POOLING[self.pool](self.tokens(pixel_values), self.visual.ln_post)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **_) -> ImageClassifierOutput:
         logits = self.classifier(self.features(pixel_values))
@@ -170,4 +166,4 @@ class OpenCLIPImageClassifier(nn.Module):
 
 
 def build_classifier(model_cfg: dict, num_labels: int, pool: str | None = None) -> OpenCLIPImageClassifier:
-    return OpenCLIPImageClassifier(create_visual(model_cfg), num_labels, pool or model_cfg.get("pool") or "mean")
+    return OpenCLIPImageClassifier(create_visual(model_cfg), num_labels, pool or model_cfg.get("pool") or "mean_patch")
