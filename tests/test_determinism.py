@@ -3,6 +3,7 @@
 
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,6 +19,7 @@ def _scores(rec):
             **{part: keep(rec["metrics"][part]) for part in ("final", "best", "test")}}
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(tmp_path):
     overrides = FAST + write_images(str(tmp_path / "img")) + [
         "method=pilora", "method.stage1.max_steps=3", "method.importance_interval=1", "trainer.num_train_epochs=2"]

@@ -46,6 +46,7 @@ def _torchrun(overrides, out, nproc=2):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     base = _common(str(tmp_path / "img"))
     ddp_out = tmp_path / "ddp"

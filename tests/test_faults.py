@@ -73,6 +73,7 @@ def _assert_same_result(rec, out, ref_rec, ref_out):
         assert rec["metrics"]["test"][key] == pytest.approx(value, rel=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_sigkill_mid_stage_then_rerun_resumes(tmp_path, reference, stage):
     overrides, ref_out, ref_rec = reference
@@ -109,6 +110,7 @@ def _adapter(out):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_after_the_final_checkpoint_only_evaluates_and_saves(tmp_path, reference):
     """Killed during the final adapter save: the rerun trains no further step, and ends with the
     uninterrupted run's steps, weights and metrics, and the first segment's training time."""

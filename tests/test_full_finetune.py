@@ -50,6 +50,7 @@ def test_fsdp_keys_full_finetuning_cannot_use_are_refused():
     check_full_finetune_fsdp(SimpleNamespace(fsdp=[], fsdp_config={"nonsense": 1}), model)
 
 
+@pytest.mark.slow
 def test_glue_full_finetune_end_to_end(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModel

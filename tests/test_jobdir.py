@@ -28,6 +28,7 @@ def _vision(img, *extra):
 
 
 # -- one writer per job ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_copy_of_a_running_job_stops_and_names_the_holder(tmp_path):
     """Two processes on one job: the second exits non-zero naming the first; the first finishes
     untouched (its in-progress checkpoints are not removed)."""
@@ -143,6 +144,7 @@ def test_finished_folder_with_another_config_is_not_returned(tmp_path):
     assert again["config"]["trainer"]["learning_rate"] == 5e-3
 
 
+@pytest.mark.slow
 def test_changed_input_file_is_not_reused(tmp_path):
     out = tmp_path / "run"
     base = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1",
@@ -172,6 +174,7 @@ def test_interrupted_folder_with_another_config_is_not_resumed(tmp_path):
         train(compose_cfg(base + ["trainer.per_device_train_batch_size=4"], out))
 
 
+@pytest.mark.slow
 def test_resume_false_starts_clean_including_stage1(tmp_path):
     out = tmp_path / "run"
     base = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1",
@@ -235,6 +238,7 @@ def test_long_override_sets_become_prefix_plus_hash():
     assert other.split("/")[-1] != run.split("/")[-1]  # the hash covers the full set
 
 
+@pytest.mark.slow
 def test_non_integer_seed_is_named_and_makes_no_folder(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "seed=abc", "logger=none"], cwd=tmp_path,
                           env=ENV, capture_output=True, text=True, timeout=300)

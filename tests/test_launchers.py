@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -62,6 +63,7 @@ def test_slurm_launcher_keys_make_an_sbatch_script(tmp_path, monkeypatch):
         assert line in text, (line, text)
 
 
+@pytest.mark.slow
 def test_run_py_prints_slurm_launcher_config():
     proc = subprocess.run([sys.executable, "run.py", "hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -69,6 +71,7 @@ def test_run_py_prints_slurm_launcher_config():
     assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
 
 
+@pytest.mark.slow
 def test_local_submitit_sweep_runs_jobs(tmp_path):
     """The submitit launcher (the same code path as SLURM, executed as local processes)."""
     overrides = FAST + write_images(str(tmp_path / "img")) + [

@@ -188,6 +188,7 @@ def _dash_run(tmp_path, *extra):
                                                        "method.directions=4", "trainer.num_train_epochs=3", *extra]
 
 
+@pytest.mark.slow
 def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
     overrides = _dash_run(tmp_path)
     rec = train(compose_cfg(overrides, tmp_path / "run"))

@@ -69,6 +69,7 @@ def test_bf16_merge_changes_predictions_and_the_default_evaluation_does_not():
     assert (merged != trained).sum().item() > 0
 
 
+@pytest.mark.slow
 def test_merged_fp16_evaluation_reloads_the_saved_adapter(tmp_path):
     """task.eval_weights=merged_fp16 scores a fresh fp16 model with the saved adapter merged, as the
     reference evaluator does; the record says which weights were scored."""
@@ -137,6 +138,7 @@ def test_mutated_base_adapters_reload_onto_the_pretrained_model(tmp_path, method
         assert (plain(x) - trained).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_runner_saves_pissa_adapters_that_reload(tmp_path):
     from peft import PeftModel
 
@@ -205,6 +207,7 @@ def test_commonsense_selects_the_best_checkpoint_on_validation_loss(tmp_path):
     assert rec["evaluation"]["reported_split"] == "test"
 
 
+@pytest.mark.slow
 def test_glue_objective_is_a_validation_metric_and_the_record_says_what_picks_the_best_epoch(tmp_path):
     rec = train(compose_cfg(FAST + glue_overrides(tmp_path / "data") + ["method=lora", "trainer.num_train_epochs=2"],
                             tmp_path / "run"))
@@ -224,6 +227,7 @@ def test_objective_never_reads_test_metrics():
 
 # ---------------------------------------------------------------------- 9. stage-1 evidence
 
+@pytest.mark.slow
 def test_importance_checks_sets_k_from_stage1_length(tmp_path, caplog):
     base = FAST + glue_overrides(tmp_path / "data") + ["method=pilora", "trainer.max_steps=2",
                                                         "method.stage1.max_steps=12"]
@@ -239,6 +243,7 @@ def test_importance_checks_sets_k_from_stage1_length(tmp_path, caplog):
 
 # ------------------------------------------------- 4, 8, 10. what the accuracy tables disclose
 
+@pytest.mark.slow
 def test_tables_disclose_selection_parameter_basis_and_stage1_training(tmp_path):
     from analysis.records import frame, record_row
     from analysis.tables import render

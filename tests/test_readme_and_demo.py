@@ -33,6 +33,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert torch.allclose(stock(x), out, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_code_path_learns_at_reduced_size(tmp_path):
     """experiment=demo, shrunk: both methods beat the 50 % majority baseline."""
     small = ["task.dataset.builder_args.n_train=400", "task.dataset.builder_args.n_validation=100",

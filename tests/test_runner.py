@@ -80,6 +80,7 @@ def test_vision_end_to_end(tmp_path, method):
     assert rec["metrics"]["test"]["test_accuracy"] >= 0.75
 
 
+@pytest.mark.slow
 def test_reusing_stage1_statistics_reproduces_masks(tmp_path):
     base = FAST + glue_overrides(tmp_path / "data") + _method("pilora") + ["trainer.max_steps=2"]
     first = train(compose_cfg(base, tmp_path / "a"))
@@ -94,6 +95,7 @@ def test_reusing_stage1_statistics_reproduces_masks(tmp_path):
     assert third["params"]["adapter"] < first["params"]["adapter"]
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted(tmp_path):
     base = FAST + glue_overrides(tmp_path / "data") + _method("pilora") + ["trainer.num_train_epochs=2"]
     full = train(compose_cfg(base, tmp_path / "full"))
