@@ -113,3 +113,22 @@ def test_fsdp_is_refused_for_stage1(tmp_path):
     with pytest.raises(ValueError, match=r"stage 1 needs full \(unsharded\) LoRA gradients.*importance_from"):
         train(cfg)
     assert not os.path.exists(out / "results.json")
+
+
+@pytest.mark.slow
+def test_lora_dash_two_process_ddp_picks_the_same_directions_as_one_process(tmp_path):
+    """LoRA-Dash's launch under DDP: every rank takes the SVD of the same W and the same all-reduced
+    LoRA update, so the ranks agree (checked in the job) and pick the directions one process picks."""
+    base = FAST + write_images(str(tmp_path / "img")) + [
+        "method=lora_dash", "method.prelaunch_steps=2", "method.directions=2", "method.dropout=0",
+        "trainer.num_train_epochs=2", "trainer.per_device_eval_batch_size=1", "trainer.save_strategy=no",
+        "+trainer.ddp_find_unused_parameters=false"]
+    ddp_out = tmp_path / "ddp"
+    proc = _torchrun(base + ["trainer.per_device_train_batch_size=3"], ddp_out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = json.load(open(ddp_out / "results.json"))
+    one = train(compose_cfg(base + ["trainer.per_device_train_batch_size=6"], tmp_path / "one"))
+    assert ddp["world_size"] == 2 and ddp["steps"] == one["steps"] == 6
+    assert ddp["lora_dash"]["launch_step"] == one["lora_dash"]["launch_step"]
+    assert ddp["lora_dash"]["directions"] == one["lora_dash"]["directions"]
+    assert ddp["metrics"]["final"]["eval_loss"] == pytest.approx(one["metrics"]["final"]["eval_loss"], rel=REL)
