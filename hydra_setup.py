@@ -1,0 +1,59 @@
+"""What Hydra needs from this project, kept out of the importable library (``pilora`` needs no Hydra):
+
+* the schema of ``conf/method/``: :class:`pilora.methods.MethodConfig` (every method accepts every
+  key; Hydra rejects any other), stored as ``schema/method`` and included by ``conf/method/_base.yaml``;
+* ``${job_dirname:...}``: a job's folder name from its overrides, without the ``method.*`` keys
+  its method does not use, so ``-m method=lora,pilora method.supplementary_r=1,2`` makes one LoRA
+  folder (and one LoRA job: the second finds the first's record);
+* ``${row_name:${method.label},${method.name}}``: the method's name in records and folders;
+* :class:`PrintSummary`, the table printed after every multirun.
+
+Importing this module registers all three (``run.py`` and the tests do).
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from pilora.config import register_resolvers, safe_dirname
+from pilora.methods import METHODS, MethodConfig, applicable_keys
+from pilora.summary import format_table, summary_rows
+
+
+def job_dirname(overrides, exclude_keys, method: str, match_budget: bool = False) -> str:
+    """Hydra's ``override_dirname`` (sorted ``key=value`` overrides joined by ``,``, without
+    ``exclude_keys``) minus the ``method.<key>`` overrides that ``method`` does not use, as one
+    safe folder name (:func:`pilora.config.safe_dirname`)."""
+    used = set(applicable_keys(method, bool(match_budget))) if method in METHODS else None
+    lines = []
+    for override in OverridesParser.create().parse_overrides(list(overrides or [])):
+        key = override.key_or_group
+        if key in set(exclude_keys or ()):
+            continue
+        parts = key.replace("/", ".").split(".")  # method.<key>=... and method/partition=...
+        if used is not None and parts[0] == "method" and len(parts) > 1 and parts[1] not in used:
+            continue
+        lines.append(override.input_line)
+    return safe_dirname(",".join(sorted(lines)))
+
+
+def register() -> None:
+    """Resolvers (the library's and ``job_dirname``) and the method schema; idempotent."""
+    register_resolvers()
+    for name, fn in {"job_dirname": job_dirname, "row_name": lambda label, name: label or name}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    ConfigStore.instance().store(group="schema", name="method", node=MethodConfig)
+
+
+class PrintSummary(Callback):
+    """After every multirun, print the table of its records (conf/config.yaml hydra.callbacks)."""
+
+    def on_multirun_end(self, config, **kwargs):
+        print("\n" + format_table(summary_rows(config.hydra.sweep.dir)), flush=True)
+
+
+register()
