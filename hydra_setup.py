@@ -6,7 +6,11 @@
   its method does not use, so ``-m method=lora,pilora method.supplementary_r=1,2`` makes one LoRA
   folder (and one LoRA job: the second finds the first's record);
 * ``${row_name:${method.label},${method.name}}``: the method's name in records and folders;
-* :class:`PrintSummary`, the table printed after every multirun.
+* :class:`PrintSummary`, the table printed after every multirun;
+* tab completion of nested choices (``task=glue/<TAB>`` -> ``task=glue/mrpc``, ...), which Hydra's
+  completion (``python run.py --shell-completion install=bash``) does not offer by itself;
+* :func:`check_overrides`: the options of a nested group and the keys of ``method`` when an
+  override names neither (Hydra lists the options of a top-level group itself).
 
 Importing this module registers all three (``run.py`` and the tests do).
 """
@@ -14,6 +18,8 @@ Importing this module registers all three (``run.py`` and the tests do).
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.object_type import ObjectType
+from hydra.plugins.completion_plugin import CompletionPlugin
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -40,6 +46,35 @@ def job_dirname(overrides, exclude_keys, method: str, match_budget: bool = False
     return safe_dirname(",".join(sorted(lines)))
 
 
+def nested_choices(config_loader, group: str, config_name: str | None = None, overrides=()) -> list[str]:
+    """Every config under ``group``, nested ones as ``sub/choice`` (``glue/mrpc``)."""
+    out = []
+    for kind in (ObjectType.CONFIG, ObjectType.GROUP):
+        for name in config_loader.get_group_options(group_name=group, results_filter=kind,
+                                                    config_name=config_name, overrides=list(overrides)):
+            if kind is ObjectType.CONFIG:
+                out.append(name)
+            else:
+                out += [f"{name}/{c}" for c in nested_choices(config_loader, f"{group}/{name}", config_name, overrides)]
+    return sorted(out)
+
+
+_hydra_query_groups = CompletionPlugin._query_config_groups
+
+
+def _query_config_groups(self, word, config_name, words):
+    """Hydra's completion, plus the nested choices of a group (``task=glue/mrpc``)."""
+    matched, exact = _hydra_query_groups(self, word, config_name, words)
+    prefix = word[0] if word[:1] in ("+", "~") else ""
+    group, eq, value = word[len(prefix):].rpartition("=")
+    if eq and group:
+        nested = [f"{prefix}{group}={c}" for c in nested_choices(self.config_loader, group, config_name, words)
+                  if "/" in c and c.startswith(value)]
+        matched = sorted(set(matched) | set(nested))
+        exact = exact or bool(nested)
+    return matched, exact
+
+
 def register() -> None:
     """Resolvers (the library's and ``job_dirname``) and the method schema; idempotent."""
     register_resolvers()
@@ -47,6 +82,7 @@ def register() -> None:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     ConfigStore.instance().store(group="schema", name="method", node=MethodConfig)
+    CompletionPlugin._query_config_groups = _query_config_groups
 
 
 class PrintSummary(Callback):

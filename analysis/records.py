@@ -130,6 +130,15 @@ def _need(rec: dict, dotted: str):
     return cur
 
 
+def _used_method_keys(section: dict) -> dict:
+    """``config.method`` without the keys its method does not use. Records hold only those
+    (``pilora.methods.recorded_section``); older records, and W&B configs, also held keys such as
+    ``supplementary_r`` of a LoRA run, which would otherwise split one configuration in two."""
+    from pilora.methods import recorded_section
+
+    return recorded_section(section)
+
+
 def record_row(rec: Any, path: str, source: str = "file") -> dict:
     """Flatten one record; raise :class:`RecordError` (with a one-line reason) if unusable."""
     if not isinstance(rec, dict):
@@ -146,6 +155,7 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
     cfg = rec["config"]
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), dict):
         raise RecordError("missing key 'config.method'")
+    cfg = {**cfg, "method": _used_method_keys(cfg["method"])}
     m, tr = cfg["method"], cfg.get("trainer") or {}
     pil = rec.get("pilora") or {}
     part = m.get("partition") if isinstance(m.get("partition"), dict) else {}
