@@ -17,6 +17,10 @@ Importing this module registers all three (``run.py`` and the tests do).
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import os
+
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 from hydra.plugins.completion_plugin import CompletionPlugin
@@ -25,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pilora.config import register_resolvers, safe_dirname
-from pilora.methods import METHODS, MethodConfig, applicable_keys
+from pilora.methods import METHODS, MethodConfig, PartitionConfig, Stage1Config, applicable_keys
 from pilora.summary import format_table, summary_rows
 
 
@@ -73,6 +77,47 @@ def _query_config_groups(self, word, config_name, words):
         matched = sorted(set(matched) | set(nested))
         exact = exact or bool(nested)
     return matched, exact
+
+
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+_SECTIONS = {"method": MethodConfig, "method.stage1": Stage1Config, "method.partition": PartitionConfig}
+
+
+def group_options(group: str, conf_dir: str = CONF) -> list[str]:
+    """Options of a config group, nested ones as ``glue/mrpc`` (files starting with ``_`` are
+    bases other files include)."""
+    base = os.path.join(conf_dir, group)
+    return sorted(os.path.relpath(p, base)[:-5].replace(os.sep, "/")
+                  for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
+                  if not os.path.basename(p).startswith("_"))
+
+
+def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:
+    """An error for what Hydra reports without the options: a ``method.<key>`` that no method has
+    (with the valid keys), and a choice of a group with nested options (``task=glue/nope``, with
+    the options). Hydra's own errors stand for everything else (e.g. ``method=lorax`` lists the methods)."""
+    from hydra._internal.utils import get_args
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(get_args(list(args)).overrides)
+    except (Exception, SystemExit):  # a malformed command line: Hydra reports it
+        return None
+    for o in overrides:
+        key = o.key_or_group
+        section, _, leaf = key.rpartition(".")
+        if section in _SECTIONS and not o.is_delete():
+            valid = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+            if leaf not in valid:
+                return f"unknown key {key!r}; valid keys of {section}: {', '.join(valid)}"
+        elif "." not in key and os.path.isdir(os.path.join(conf_dir, key)) and not key.startswith("hydra"):
+            options = group_options(key, conf_dir)
+            if not any("/" in opt for opt in options):
+                continue
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            unknown = [v for v in values if v not in options and v != "null"]
+            if unknown:
+                return f"unknown {key} {unknown[0]!r}; choose one of: {', '.join(options)}"
+    return None
 
 
 def register() -> None:

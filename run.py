@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import hydra_setup  # noqa: F401 (registers the method schema and the resolvers conf/ uses)
+import hydra_setup  # registers the method schema and the resolvers conf/ uses)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -25,4 +25,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 1:  # no arguments: the README's offline demo
         sys.argv.append("experiment=demo")
+    error = hydra_setup.check_overrides(sys.argv[1:])
+    if error:
+        sys.exit(f"error: {error}")
     main()
