@@ -131,7 +131,7 @@ class MethodConfig:
     def ignored(self) -> dict:
         """Keys set to a non-default value that this method does not use, with their values."""
         keys = applicable_keys(self.name, self.match_budget)
-        default = asdict(MethodConfig())
+        default = {**asdict(MethodConfig()), "partition": DEFAULT_PARTITION}
         mine = asdict(self)
         return {k: mine[k] for k in mine if k not in keys and mine[k] != default[k]}
 
@@ -145,6 +145,9 @@ def _known(cls, d: dict, where: str) -> dict:
     return dict(d)
 
 
+# the partition conf/method/_base.yaml gives every method (the schema's args stay empty, so that a
+# chosen partition's args replace them instead of merging into them)
+DEFAULT_PARTITION = {"name": "hit_frequency", "args": {"tau": 0.5}}
 # Keys every method uses; ``OPTIONAL_KEYS`` too, but a record lists them only when set.
 BASE_KEYS = ("name", "r", "alpha", "dropout", "target_modules")
 OPTIONAL_KEYS = ("label", "modules_to_save", "rank_pattern")
