@@ -19,7 +19,8 @@ ROOT = os.path.dirname(CONF)
 
 def _names(group):
     base = os.path.join(CONF, group)
-    return sorted(os.path.relpath(p, base)[:-5] for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True))
+    return sorted(os.path.relpath(p, base)[:-5] for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
+                  if not os.path.basename(p).startswith("_"))  # _base, _glue: included by the others
 
 
 EXPERIMENTS = _names("experiment")
@@ -50,7 +51,7 @@ def test_every_method_task_pair_composes(task, method):
     model = PAPER_MODEL[task.split("/")[0]]
     cfg = compose_cfg([f"task={task}", f"method={method}", f"model={model}"])
     mc = method_config(cfg)
-    assert cfg.method.get("label", mc.name) == method and mc.alpha > 0
+    assert mc.row_name == method and mc.alpha > 0
     assert cfg.model.family in FAMILIES[cfg.task.family].model_families
 
 
