@@ -33,6 +33,7 @@ from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapt
 from .budget import matched_rank_pattern
 from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
                         stage_label)
+from .checks import check_values
 from .checkpoints import CorruptCheckpoint, fit, resume_point, verify_checkpoint  # noqa: F401 (re-exported)
 from .cost import JobClock
 from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
@@ -80,6 +81,7 @@ def _method_settings(cfg: dict) -> tuple[MethodConfig, dict, dict]:
     holds, the keys the method uses (:func:`pilora.methods.recorded_section`); and the keys it does
     not use that were set, which change nothing (``-m method=lora,pilora method.supplementary_r=1,2``
     is one LoRA job) and go into the record's ``ignored``."""
+    check_values(cfg)  # a non-integer rank is named before anything converts it
     method = method_config(cfg)
     ignored = {f"method.{k}": v for k, v in method.ignored().items()}
     if ignored:
