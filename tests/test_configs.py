@@ -199,3 +199,16 @@ def test_two_job_multirun_through_run_py(tmp_path):
     import json
     seeds = sorted(json.load(open(r))["seed"] for r in records)
     assert seeds == [0, 1]
+
+
+def test_tab_completion_offers_nested_choices():
+    """Hydra's bash completion (``python run.py --shell-completion install=bash``), queried in-process."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.bash_completion import BashCompletion
+    from hydra._internal.utils import create_config_search_path
+
+    bash = BashCompletion(ConfigLoaderImpl(config_search_path=create_config_search_path(CONF)))
+    assert bash._query("config", "task=glue/m") == ["task=glue/mnli", "task=glue/mrpc"]
+    assert "task=vision/eurosat" in bash._query("config", "task=")
+    assert bash._query("config", "method=pi") == ["method=pilora", "method=pissa"]
+    assert bash._query("config", "method=lora method.stage1.") == ["method.stage1.epochs=", "method.stage1.max_steps="]
