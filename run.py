@@ -6,15 +6,12 @@
     python run.py experiment=table2_glue            # a paper table's sweep
 """
 
-import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from pilora.config import check_choices, register_resolvers
-
-register_resolvers()
+import hydra_setup  # registers the method schema and the resolvers conf/ uses)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -28,7 +25,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 1:  # no arguments: the README's offline demo
         sys.argv.append("experiment=demo")
-    error = check_choices(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
+    error = hydra_setup.check_overrides(sys.argv[1:])
     if error:
         sys.exit(f"error: {error}")
     main()

@@ -144,6 +144,15 @@ def _check_numbers(rec: dict) -> None:
             raise RecordError(f"{dotted} is {cur!r} ({type(cur).__name__}), not a number")
 
 
+def _used_method_keys(section: dict) -> dict:
+    """``config.method`` without the keys its method does not use. Records hold only those
+    (``pilora.methods.recorded_section``); older records, and W&B configs, also held keys such as
+    ``supplementary_r`` of a LoRA run, which would otherwise split one configuration in two."""
+    from pilora.methods import recorded_section
+
+    return recorded_section(section)
+
+
 def record_row(rec: Any, path: str, source: str = "file") -> dict:
     """Flatten one record; raise :class:`RecordError` (with a one-line reason) if unusable."""
     if not isinstance(rec, dict):
@@ -161,6 +170,7 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), dict):
         raise RecordError("missing key 'config.method'")
     _check_numbers(rec)
+    cfg = {**cfg, "method": _used_method_keys(cfg["method"])}
     m, tr = cfg["method"], cfg.get("trainer") or {}
     pil = rec.get("pilora") or {}
     part = m.get("partition") if isinstance(m.get("partition"), dict) else {}

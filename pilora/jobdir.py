@@ -277,7 +277,12 @@ def check_reusable(cfg: dict, out: str) -> None:
             else:
                 theirs = {"config": f"<no {MANIFEST}; holds {', '.join(existing)}>"}
     if theirs is not None:
-        diff = _differences(theirs.get("config"), mine["config"], "config") + \
+        old_cfg = theirs.get("config")
+        if isinstance(old_cfg, dict) and isinstance(old_cfg.get("method"), dict):
+            # a folder made before the method section held only the keys its method uses
+            from .methods import recorded_section
+            old_cfg = {**old_cfg, "method": recorded_section(old_cfg["method"])}
+        diff = _differences(old_cfg, mine["config"], "config") + \
             _differences(theirs.get("inputs"), mine["inputs"], "input")
         if diff:
             shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} differences)" if len(diff) > 6 else "")

@@ -8,7 +8,7 @@ YAML file in ``conf/method/``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -16,52 +16,89 @@ from torch import nn
 from .peft_layers import lora_layers
 
 # -------------------------------------------------------------------------------- method config
+# Field types are the ones OmegaConf checks (``typing`` generics, no ``X | Y`` unions): the same
+# dataclasses are the schema of ``conf/method/`` (registered at the Hydra edge, ``hydra_setup.py``).
+# Numbers that YAML may write as int or float (α = ${mul:${.r},2}) are ``Any``, checked in
+# ``__post_init__``, so a record keeps the value as composed.
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1 of Alg. 1 (PiLoRA's, or the one a budget-matched LoRA runs to get PiLoRA's partition)."""
+
+    epochs: Any = 1                         # the paper's initial phase: 1 epoch (a number of epochs)
+    max_steps: int = -1                     # > 0: stage 1 lasts this many optimizer steps instead
+
+
+@dataclass
+class PartitionConfig:
+    """How stage 1's statistics split each module's rows (``pilora.partition.PARTITIONS``)."""
+
+    name: str = "hit_frequency"             # key of pilora.partition.PARTITIONS
+    args: Dict[str, Any] = field(default_factory=dict)  # the strategy's keywords (tau, threshold, fraction, seed)
 
 
 @dataclass
 class MethodConfig:
-    """One adapter method. Field names mirror ``conf/method/*.yaml``."""
+    """One adapter method. Field names are the keys of ``conf/method/*.yaml``; every method accepts
+    every key, and :func:`applicable_keys` says which ones a method uses (the others are ignored
+    and listed in the record's ``ignored``)."""
 
     name: str = "lora"                      # key of METHODS
+    label: Optional[str] = None             # the row name of records and folders (lora_matched); null: name
     r: int = 8                              # LoRA rank; PiLoRA's dominant rank
-    alpha: float = 16.0                     # LoRA α (scaling α/r, or α/√r for rsLoRA)
+    alpha: Any = 16.0                       # LoRA α (scaling α/r, or α/√r for rsLoRA)
     dropout: float = 0.05                   # LoRA dropout probability
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    modules_to_save: list[str] | None = None  # trained in full (classification heads)
-    # PiLoRA only ------------------------------------------------------------------------------
-    supplementary_r: int = 1                # r' of the supplementary adapter; 0 freezes those rows
-    supplementary_alpha: float | None = None  # None: both groups share s = α/r
-    stage1_r: int | None = None             # rank of the stage-1 LoRA (default: r)
-    importance_interval: int = 10           # K: optimizer steps between importance checks
-    importance_checks: int | None = None    # N: set K from stage 1's length so that T ≈ N checks run
-    chunk_rows: int = 1024                  # rows of G̃ formed at once (memory bound)
-    snapshot_interval: int = 10             # pool the heat-map snapshot on every k-th importance check
-    partition: str = "hit_frequency"        # key of pilora.partition.PARTITIONS
-    partition_args: dict = field(default_factory=lambda: {"tau": 0.5})
-    rank_pattern: dict | None = None        # per-module ranks (budget-matched LoRA)
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, or a regex string
+    modules_to_save: Optional[List[str]] = None  # trained in full (classification heads)
     # adapter added to the base output by one addmm (pilora.layer.FusedLoraForward) instead of
     # PEFT's ``result + B(A(x)) * s``. None: the method's default, on for the PiLoRA layer (ours),
     # off for PEFT's layers (stock LoRA, as in the paper). True on a LoRA method: like-for-like timings.
-    fused_forward: bool | None = None
+    fused_forward: Optional[bool] = None
+    # PiLoRA (and the stage 1 of a budget-matched LoRA) ------------------------------------------
+    supplementary_r: int = 1                # r' of the supplementary adapter; 0 freezes those rows
+    supplementary_alpha: Any = None         # None: both groups share s = α/r
+    stage1_r: Optional[int] = None          # rank of the stage-1 LoRA (default: r)
+    importance_interval: int = 10           # K: optimizer steps between importance checks
+    importance_checks: Optional[int] = None  # N: set K from stage 1's length so that T ≈ N checks run
+    chunk_rows: int = 1024                  # rows of G̃ formed at once (memory bound)
+    snapshot_interval: int = 10             # pool the heat-map snapshot on every k-th importance check
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    importance_from: Optional[str] = None   # an importance.pt to reuse instead of running stage 1
+    # budget-matched LoRA: per-module ranks from PiLoRA's partition, as many adapter parameters as PiLoRA
+    match_budget: bool = False
+    rank_pattern: Optional[Dict[str, Any]] = None  # per-module ranks (set by the budget match)
     # LoRA-Dash only (defaults: the authors' code, t = 100 steps, s = 8 directions) -----------------
     prelaunch_steps: int = 100              # t: optimizer steps of plain LoRA before the launch
     directions: int = 8                     # s: task-specific directions (learned coefficients) per layer
 
     def __post_init__(self):
+        if isinstance(self.partition, str):
+            self.partition = PartitionConfig(name=self.partition)
+        elif isinstance(self.partition, dict):
+            self.partition = PartitionConfig(**_known(PartitionConfig, self.partition, "method.partition"))
+        if isinstance(self.stage1, dict):
+            self.stage1 = Stage1Config(**_known(Stage1Config, self.stage1, "method.stage1"))
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {sorted(METHODS)}")
         if int(self.r) <= 0:
             raise ValueError(f"rank r must be a positive integer, got {self.r}")
+        for key in ("alpha", "supplementary_alpha"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"method.{key} must be a positive number, got {value!r}")
         if self.name == "pilora":
             if int(self.supplementary_r) < 0 or int(self.supplementary_r) > int(self.r):
                 raise ValueError(f"supplementary rank r' must satisfy 0 ≤ r' ≤ r = {self.r}, "
                                  f"got {self.supplementary_r}")
+        if self.name == "pilora" or self.match_budget:
             from .partition import PARTITIONS
-            if self.partition not in PARTITIONS:
-                raise ValueError(f"unknown partition {self.partition!r}; choose one of {sorted(PARTITIONS)}")
+            if self.partition.name not in PARTITIONS:
+                raise ValueError(f"unknown partition {self.partition.name!r}; choose one of {sorted(PARTITIONS)}")
             for key in ("tau", "threshold", "fraction"):
-                if key in (self.partition_args or {}):
-                    v = float(self.partition_args[key])
+                if key in (self.partition.args or {}):
+                    v = float(self.partition.args[key])
                     if not 0 < v <= 1:
                         raise ValueError(f"partition {key} must lie in (0, 1], got {v}")
         if self.importance_checks is not None and int(self.importance_checks) < 1:
@@ -83,11 +120,67 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The config of a ``method`` mapping; a key that is no field raises, listing the valid ones."""
+        return cls(**_known(cls, d, "method"))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def row_name(self) -> str:
+        """How records, tables and folders name this method (``label``, else ``name``)."""
+        return self.label or self.name
+
+    def ignored(self) -> dict:
+        """Keys set to a non-default value that this method does not use, with their values."""
+        keys = applicable_keys(self.name, self.match_budget)
+        default = {**asdict(MethodConfig()), "partition": DEFAULT_PARTITION}
+        mine = asdict(self)
+        return {k: mine[k] for k in mine if k not in keys and mine[k] != default[k]}
+
+
+def _known(cls, d: dict, where: str) -> dict:
+    valid = list(cls.__dataclass_fields__)
+    unknown = [k for k in d if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                         f"valid keys of {where}: {', '.join(valid)}")
+    return dict(d)
+
+
+# the partition conf/method/_base.yaml gives every method (the schema's args stay empty, so that a
+# chosen partition's args replace them instead of merging into them)
+DEFAULT_PARTITION = {"name": "hit_frequency", "args": {"tau": 0.5}}
+# Keys every method uses; ``OPTIONAL_KEYS`` too, but a record lists them only when set.
+BASE_KEYS = ("name", "r", "alpha", "dropout", "target_modules")
+OPTIONAL_KEYS = ("label", "modules_to_save", "rank_pattern")
+# what stage 1 and its partition read: PiLoRA's, and a budget-matched LoRA's (which runs PiLoRA's stage 1)
+STAGE1_KEYS = ("supplementary_r", "stage1_r", "importance_interval", "importance_checks", "chunk_rows", "snapshot_interval",
+               "stage1", "importance_from", "partition")
+
+
+def applicable_keys(name: str, match_budget: bool = False) -> tuple[str, ...]:
+    """The keys of :class:`MethodConfig` that method ``name`` uses. A key outside them is ignored:
+    it changes neither the job nor its folder name, and the record lists it under ``ignored``."""
+    method = METHODS[name]
+    keys = BASE_KEYS + method.keys + method.optional_keys + OPTIONAL_KEYS
+    if match_budget and method.matchable:
+        keys += ("match_budget",) + tuple(k for k in STAGE1_KEYS if k not in keys)
+    return keys
+
+
+def recorded_section(section: dict) -> dict:
+    """The ``method`` section of a record and of a job's identity: the keys the method uses, as
+    composed (``target_modules: null`` stays null). Optional keys appear only when set, so a record
+    of a method holds the keys of its ``conf/method`` file."""
+    name, matched = section.get("name", "lora"), bool(section.get("match_budget"))
+    method = METHODS.get(name)
+    if method is None:
+        return dict(section)
+    default = asdict(MethodConfig())
+    always = BASE_KEYS + method.keys + (("match_budget",) + STAGE1_KEYS if matched and method.matchable else ())
+    keys = applicable_keys(name, matched)
+    return {k: v for k, v in section.items() if k in always or (k in keys and v != default.get(k))}
 
 
 # -------------------------------------------------------------------------------------- registries
@@ -117,6 +210,10 @@ class Method:
     # against the initial one to load onto the pretrained model (pilora.adapters)
     mutates_base: bool = False
     adapter: bool = True
+    # the config keys it uses beyond BASE_KEYS: recorded always (``keys``) or only when set
+    keys: tuple[str, ...] = ()
+    optional_keys: tuple[str, ...] = ()
+    matchable: bool = False  # match_budget=true trains it at a PiLoRA run's adapter budget
 
 
 def register_method(name: str, method: Method) -> None:
@@ -155,14 +252,15 @@ def milora_init(layer, adapter, cfg=None):
     base.weight.data = (W.float() - s * B @ A).to(W.dtype)
 
 
-register_method("lora", Method({}))
-register_method("rslora", Method({"use_rslora": True}))
-register_method("dora", Method({"use_dora": True}))
-register_method("pissa", Method({}, init="pissa", mutates_base=True))
-register_method("milora", Method({}, init="milora", mutates_base=True))
-register_method("pilora", Method({}, two_stage=True))
-register_method("lora_dash", Method({}, init="lora_dash"))
-register_method("full", Method({}, adapter=False))
+_FUSED = ("fused_forward",)
+register_method("lora", Method({}, keys=_FUSED, matchable=True))
+register_method("rslora", Method({"use_rslora": True}, keys=_FUSED))
+register_method("dora", Method({"use_dora": True}, optional_keys=_FUSED))  # fused_forward=true raises
+register_method("pissa", Method({}, init="pissa", mutates_base=True, keys=_FUSED))
+register_method("milora", Method({}, init="milora", mutates_base=True, keys=_FUSED))
+register_method("pilora", Method({}, two_stage=True, keys=_FUSED + ("supplementary_alpha",) + STAGE1_KEYS))
+register_method("lora_dash", Method({}, init="lora_dash", keys=_FUSED + ("prelaunch_steps", "directions")))
+register_method("full", Method({}, adapter=False))  # r, α, dropout, targets: kept, unused
 
 
 @register_init("lora_dash")

@@ -1,4 +1,5 @@
-"""Print a compact table of the records under a folder (the demo's closing table)."""
+"""A compact table of the records under a folder (the demo's closing table; printed after every
+multirun by ``hydra_setup.PrintSummary``)."""
 
 from __future__ import annotations
 
@@ -41,15 +42,3 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['method']:{wm}s} {r['task']:{wt}s} {r['seed']:>4d} {acc:>9s} {r['trainable']:>10,d} "
                      f"{r['adapter']:>9,d} {r['share_%']:>8.3f} {dom:>8s} {r['time_s']:>7.0f}")
     return "\n".join(lines)
-
-
-try:  # a Hydra callback when Hydra is present; the functions above need no Hydra
-    from hydra.experimental.callback import Callback
-
-    class PrintSummary(Callback):
-        """After every multirun, print the table of its records (conf/config.yaml hydra.callbacks)."""
-
-        def on_multirun_end(self, config, **kwargs):
-            print("\n" + format_table(summary_rows(config.hydra.sweep.dir)), flush=True)
-except ImportError:  # pragma: no cover
-    pass

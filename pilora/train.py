@@ -33,6 +33,7 @@ from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapt
 from .budget import matched_rank_pattern
 from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
                         stage_label)
+from .checks import check_values
 from .checkpoints import (CorruptCheckpoint, fit, non_finite_weights_failure, resume_point,  # noqa: F401
                           verify_checkpoint)
 from .cost import JobClock
@@ -43,7 +44,7 @@ from .full import check_full_finetune_fsdp
 from .importance import ImportanceAccumulator, ImportanceStats
 from .jobdir import JobLocked, StaleJob, open_job  # noqa: F401 (re-exported)
 from .lora_dash import DIRECTIONS_FILE, DashLaunchCallback
-from .methods import METHODS, MethodConfig, prepare_model
+from .methods import METHODS, MethodConfig, prepare_model, recorded_section
 from .params import count_parameters
 from .partition import dominant_fractions, partition
 from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
@@ -68,14 +69,25 @@ def _plain(cfg) -> dict:
 
 
 def method_config(cfg: dict) -> MethodConfig:
-    """``cfg.method`` + the model's target modules + the task's head -> :class:`MethodConfig`."""
+    """``cfg.method`` + the model's target modules -> :class:`MethodConfig` (strict: an unknown
+    key raises, listing the valid ones). ``target_modules: null`` means the model's own targets."""
     m = dict(cfg["method"])
-    part = m.pop("partition", None) or {}
-    if isinstance(part, dict):
-        m["partition"], m["partition_args"] = part.get("name", "hit_frequency"), dict(part.get("args") or {})
-    if m.get("target_modules") is None:  # null in conf/method: the model's own targets
+    if m.get("target_modules") is None:
         m["target_modules"] = cfg["model"]["target_modules"]
     return MethodConfig.from_dict(m)
+
+
+def _method_settings(cfg: dict) -> tuple[MethodConfig, dict, dict]:
+    """The typed method config; ``cfg`` with the ``method`` section a record (and the job's identity)
+    holds, the keys the method uses (:func:`pilora.methods.recorded_section`); and the keys it does
+    not use that were set, which change nothing (``-m method=lora,pilora method.supplementary_r=1,2``
+    is one LoRA job) and go into the record's ``ignored``."""
+    check_values(cfg)  # a non-integer rank is named before anything converts it
+    method = method_config(cfg)
+    ignored = {f"method.{k}": v for k, v in method.ignored().items()}
+    if ignored:
+        log.warning("%s does not use %s: ignored", method.row_name, ", ".join(sorted(ignored)))
+    return method, {**cfg, "method": recorded_section(cfg["method"])}, ignored
 
 
 def _scalar_type(hint):
@@ -194,7 +206,7 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
     clock = clock or JobClock()
     clock.start("stage1")
     path = os.path.join(out, IMPORTANCE_FILE)
-    source = cfg["method"].get("importance_from")
+    source = method.importance_from
     if source:
         log.info("PiLoRA stage 1: reusing importance statistics from %s", source)
         stats = ImportanceStats.load(source)
@@ -209,9 +221,8 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
         else:
             clock.restore(stats.meta.get("cost"))
             return stats, path
-    stage1 = cfg["method"].get("stage1") or {}
     stage_dir = os.path.join(out, "stage1")
-    overrides = {"num_train_epochs": float(stage1.get("epochs", 1)), "max_steps": int(stage1.get("max_steps", -1)),
+    overrides = {"num_train_epochs": float(method.stage1.epochs), "max_steps": int(method.stage1.max_steps),
                  "eval_strategy": "no", "load_best_model_at_end": False}
     args = _training_args(cfg, task, stage_dir, **overrides)
     refuse_sharded_stage1(args)
@@ -324,17 +335,17 @@ def train(cfg: Any) -> dict:
     earlier run in it is reused only if it was made with this same config (``StaleJob`` otherwise);
     see :mod:`pilora.jobdir`."""
     cfg = _plain(cfg)
+    method, cfg, ignored = _method_settings(cfg)  # the one typed method object from here on
     job = open_job(cfg)
     try:
-        return _train(cfg)
+        return _train(cfg, method, ignored)
     finally:
         job.release()
 
 
-def _train(cfg: dict) -> dict:
+def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
     from transformers import set_seed
 
-    cfg = _plain(cfg)
     out = os.path.abspath(cfg["output_dir"])
     os.makedirs(out, exist_ok=True)
     per_rank_log_file(out)
@@ -344,13 +355,13 @@ def _train(cfg: dict) -> dict:
         return done
     set_seed(int(cfg["seed"]))
     task = make_task(cfg["task"], cfg["model"], int(cfg["seed"]))
-    method = method_config(cfg)
     if method.modules_to_save is None and task.head_modules:
         method.modules_to_save = list(task.head_modules)
     data = task.datasets()
     run = logging_wandb.start_run(cfg, out) if is_main() else None
     try:
         record = _run(cfg, task, method, data, out)
+        record["ignored"] = ignored
         if run is not None:
             record["wandb"] = logging_wandb.record_entry(run)
         if is_main():
@@ -371,12 +382,12 @@ def _run(cfg, task, method, data, out) -> dict:
     timings, pilora_info = {}, None
     clock = JobClock()  # time and peak memory summed over the segments of a preempted job
     masks = budget = None
-    matched = bool(cfg["method"].get("match_budget"))
+    matched = method.match_budget
     if matched or METHODS[method.name].two_stage:
         # stage 1 and its partition: PiLoRA's dominant rows, or the budget a matched LoRA copies
         stats, stats_path = run_stage1(cfg, task, method, data, out, clock)
         timings["stage1_s"] = clock.stages["stage1"]
-        stage1_masks = partition(stats, method.partition, **method.partition_args)
+        stage1_masks = partition(stats, method.partition.name, **method.partition.args)
         check_ranks_agree(stage1_masks, stats)
     if matched:
         shapes = {k: tuple(s.shape) for k, s in stats.modules.items()}
@@ -387,11 +398,11 @@ def _run(cfg, task, method, data, out) -> dict:
     elif METHODS[method.name].two_stage:
         masks = stage1_masks
         fractions = dominant_fractions(masks)
-        pilora_info = {"importance_file": stats_path, "partition": method.partition,
-                       "partition_args": method.partition_args, "checks": {k: s.checks for k, s in stats.modules.items()},
+        pilora_info = {"importance_file": stats_path, "partition": method.partition.name,
+                       "partition_args": dict(method.partition.args), "checks": {k: s.checks for k, s in stats.modules.items()},
                        "dominant_fraction": fractions["overall"],
                        "dominant_fraction_per_module": {k: v for k, v in fractions.items() if k != "overall"}}
-        log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition, fractions["overall"])
+        log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition.name, fractions["overall"])
     # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
     torch.manual_seed(int(cfg["seed"]))
     base = task.build_model()
@@ -436,7 +447,7 @@ def _run(cfg, task, method, data, out) -> dict:
         log.error("%s", failure)
     return {
         "schema": SCHEMA, "status": "failed" if failure else "complete", "failure": failure,
-        "task": task.name, "family": task.family, "method": cfg["method"].get("label") or method.name, "model": cfg["model"]["name"],
+        "task": task.name, "family": task.family, "method": method.row_name, "model": cfg["model"]["name"],
         "seed": int(cfg["seed"]), "metric": task.metric,
         "config": cfg, "git": git_revision(),
         "epochs": epochs, "train_loss": train_losses,

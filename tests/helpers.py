@@ -7,10 +7,9 @@ import random
 
 from hydra import compose, initialize_config_dir
 
-from pilora.config import register_resolvers
+import hydra_setup  # noqa: F401 (the method schema and the resolvers of conf/)
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-register_resolvers()
 
 FAST = ["logger=none", "trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.save_strategy=epoch",
         "trainer.per_device_eval_batch_size=16", "trainer.disable_tqdm=true"]

@@ -19,7 +19,8 @@ ROOT = os.path.dirname(CONF)
 
 def _names(group):
     base = os.path.join(CONF, group)
-    return sorted(os.path.relpath(p, base)[:-5] for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True))
+    return sorted(os.path.relpath(p, base)[:-5] for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
+                  if not os.path.basename(p).startswith("_"))  # _base, _glue: included by the others
 
 
 EXPERIMENTS = _names("experiment")
@@ -50,7 +51,7 @@ def test_every_method_task_pair_composes(task, method):
     model = PAPER_MODEL[task.split("/")[0]]
     cfg = compose_cfg([f"task={task}", f"method={method}", f"model={model}"])
     mc = method_config(cfg)
-    assert cfg.method.get("label", mc.name) == method and mc.alpha > 0
+    assert mc.row_name == method and mc.alpha > 0
     assert cfg.model.family in FAMILIES[cfg.task.family].model_families
 
 
@@ -64,12 +65,81 @@ def test_paper_hyperparameters_come_from_tuned_configs():
 
 
 @pytest.mark.parametrize("override,needle", [("task=glue/nope", "glue/mrpc"), ("method=lorax", "pilora"),
-                                             ("model=gpt5", "roberta-large")])
-def test_unknown_choices_list_the_options(override, needle):
+                                             ("model=gpt5", "roberta-large"), ("method.rank=4", "supplementary_r"),
+                                             ("method.stage1.steps=4", "max_steps")])
+def test_unknown_choices_and_keys_list_the_options(override, needle):
     with pytest.raises((MissingConfigException, ConfigCompositionException)):
         compose_cfg([override])
     proc = subprocess.run([sys.executable, "run.py", override], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and needle in proc.stderr and "choose one of" in proc.stderr
+    # Hydra lists a top-level group's options itself; run.py lists nested options and method keys
+    assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+    assert "Available options" in proc.stderr or "choose one of" in proc.stderr or "valid keys" in proc.stderr
+
+
+def test_method_config_is_strict_and_typed():
+    with pytest.raises(ValueError, match=r"method\.rank.*valid keys of method: name, label, r, alpha"):
+        MethodConfig.from_dict({"name": "lora", "rank": 4})
+    with pytest.raises(ValueError, match=r"method\.stage1\.steps.*max_steps"):
+        MethodConfig.from_dict({"name": "pilora", "stage1": {"steps": 4}})
+    mc = method_config(compose_cfg(["method=pilora", "method.stage1.max_steps=5", "method/partition=cumulative",
+                                    "model=roberta-large"]))
+    assert (mc.stage1.max_steps, mc.partition.name, mc.partition.args) == (5, "cumulative", {"threshold": 0.7})
+    assert mc.target_modules == list(compose_cfg(["model=roberta-large"]).model.target_modules)
+
+
+@pytest.mark.parametrize("method,used", [("lora", False), ("pilora", True), ("lora_matched", True)])
+def test_keys_a_method_does_not_use_compose_and_are_ignored(method, used):
+    from pilora.methods import recorded_section
+    from pilora.train import _method_settings
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_cfg([f"method={method}", "method.supplementary_r=2", "method.stage1.max_steps=5",
+                                              "method/partition=cumulative"], "x"), resolve=True)
+    mc, recorded, ignored = _method_settings(cfg)
+    keys = {"method.supplementary_r", "method.stage1", "method.partition"}
+    if used:
+        assert not ignored and mc.supplementary_r == 2 and recorded["method"]["stage1"]["max_steps"] == 5
+    else:
+        assert set(ignored) == keys and ignored["method.supplementary_r"] == 2
+        assert not keys & {f"method.{k}" for k in recorded["method"]}
+        assert recorded["method"] == recorded_section(compose_cfg(["method=lora"], "x").method)
+
+
+def test_ignored_keys_do_not_name_a_folder():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra import compose, initialize_config_dir
+
+    def folder(overrides):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("config", overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg.hydra.sweep.subdir, cfg.hydra.run.dir
+
+    lora = folder(["method=lora"])
+    assert folder(["method=lora", "method.supplementary_r=2", "method/partition=cumulative"]) == lora
+    assert folder(["method=pilora", "method.supplementary_r=2"])[0] == "method.supplementary_r=2,method=pilora"
+    assert "supplementary_r=2" in folder(["method=lora_matched", "method.supplementary_r=2"])[0]
+    assert folder(["method=lora_matched"])[1].split("/")[3] == "lora_matched"
+
+
+def test_mixed_sweep_trains_an_unused_key_once(tmp_path):
+    """``-m method=lora,pilora method.supplementary_r=1,2``: two PiLoRA jobs and one LoRA job."""
+    import json
+
+    overrides = FAST + write_images(str(tmp_path / "img")) + [
+        "trainer.max_steps=2", "method.r=2", "method.stage1.max_steps=2", "method.importance_interval=1",
+        "save_adapter=false", f"hydra.sweep.dir={tmp_path}/sweep", "method=lora,pilora", "method.supplementary_r=1,2"]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.load(open(r)) for r in glob.glob(f"{tmp_path}/sweep/**/results.json", recursive=True)]
+    assert sorted(r["method"] for r in records) == ["lora", "pilora", "pilora"]
+    lora = next(r for r in records if r["method"] == "lora")
+    assert "supplementary_r" not in lora["config"]["method"]
+    assert set(lora["ignored"]) - {"method.supplementary_r"} == {"method.importance_interval", "method.stage1"}
+    assert proc.stderr.count("job already complete") + proc.stdout.count("job already complete") <= 1
+    assert sorted(r["config"]["method"]["supplementary_r"] for r in records if r["method"] == "pilora") == [1, 2]
 
 
 def _run(cfg):
@@ -129,3 +199,16 @@ def test_two_job_multirun_through_run_py(tmp_path):
     import json
     seeds = sorted(json.load(open(r))["seed"] for r in records)
     assert seeds == [0, 1]
+
+
+def test_tab_completion_offers_nested_choices():
+    """Hydra's bash completion (``python run.py --shell-completion install=bash``), queried in-process."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.bash_completion import BashCompletion
+    from hydra._internal.utils import create_config_search_path
+
+    bash = BashCompletion(ConfigLoaderImpl(config_search_path=create_config_search_path(CONF)))
+    assert bash._query("config", "task=glue/m") == ["task=glue/mnli", "task=glue/mrpc"]
+    assert "task=vision/eurosat" in bash._query("config", "task=")
+    assert bash._query("config", "method=pi") == ["method=pilora", "method=pissa"]
+    assert bash._query("config", "method=lora method.stage1.") == ["method.stage1.epochs=", "method.stage1.max_steps="]

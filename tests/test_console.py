@@ -43,7 +43,7 @@ def test_every_multirun_ends_with_the_summary_table():
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["method=lora"], return_hydra_config=True)
-    assert cfg.hydra.callbacks.summary._target_ == "pilora.summary.PrintSummary"
+    assert cfg.hydra.callbacks.summary._target_ == "hydra_setup.PrintSummary"
     rows = [{"method": m, "task": "commonsense170k", "seed": 0, "accuracy": 0.5, "trainable": 10, "adapter": 8,
              "share_%": 1.0, "dominant": None, "time_s": 3.0, "path": "x"} for m in ("lora", "lora_matched")]
     table = format_table(rows).splitlines()

@@ -254,9 +254,21 @@ def test_non_integer_seed_is_named_and_makes_no_folder(tmp_path):
     ("seed=abc", r"seed must be an integer"),
 ])
 def test_bad_numbers_are_named_before_a_folder_is_made(tmp_path, override, message):
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
     out = tmp_path / "run"
+    if override.startswith("method."):  # the method schema types r: Hydra names the key at composition
+        with pytest.raises(ConfigCompositionException) as err:
+            compose_cfg(_vision(tmp_path / "img", override), out)
+        assert "full_key: method.r" in str(err.value.__cause__) and "Integer" in str(err.value.__cause__)
+        cfg = OmegaConf.to_container(compose_cfg(_vision(tmp_path / "img"), out), resolve=True)
+        cfg["method"]["r"] = override.split("=")[1]  # a plain dict (no Hydra): train() names it
+        cfg["method"]["r"] = float(cfg["method"]["r"]) if cfg["method"]["r"] == "2.5" else cfg["method"]["r"]
+    else:
+        cfg = compose_cfg(_vision(tmp_path / "img", override), out)
     with pytest.raises(ValueError, match=message):
-        train(compose_cfg(_vision(tmp_path / "img", override), out))
+        train(cfg)
     assert not out.exists()
 
 

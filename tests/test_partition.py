@@ -76,7 +76,7 @@ def test_dominant_fractions():
 
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(r=0), "positive"), (dict(supplementary_r=-1), "r'"), (dict(r=4, supplementary_r=5), "r'"),
-    (dict(partition_args={"tau": 1.2}), r"\(0, 1\]"), (dict(partition="nope"), "choose one of"),
+    (dict(partition={"name": "hit_frequency", "args": {"tau": 1.2}}), r"\(0, 1\]"), (dict(partition="nope"), "choose one of"),
     (dict(name="lorax"), "choose one of")])
 def test_method_config_rejects_bad_input(kwargs, msg):
     with pytest.raises(ValueError, match=msg):

@@ -1,0 +1,140 @@
+"""What Hydra needs from this project, kept out of the importable library (``pilora`` needs no Hydra):
+
+* the schema of ``conf/method/``: :class:`pilora.methods.MethodConfig` (every method accepts every
+  key; Hydra rejects any other), stored as ``schema/method`` and included by ``conf/method/_base.yaml``;
+* ``${job_dirname:...}``: a job's folder name from its overrides, without the ``method.*`` keys
+  its method does not use, so ``-m method=lora,pilora method.supplementary_r=1,2`` makes one LoRA
+  folder (and one LoRA job: the second finds the first's record);
+* ``${row_name:${method.label},${method.name}}``: the method's name in records and folders;
+* :class:`PrintSummary`, the table printed after every multirun;
+* tab completion of nested choices (``task=glue/<TAB>`` -> ``task=glue/mrpc``, ...), which Hydra's
+  completion (``python run.py --shell-completion install=bash``) does not offer by itself;
+* :func:`check_overrides`: the options of a nested group and the keys of ``method`` when an
+  override names neither (Hydra lists the options of a top-level group itself).
+
+Importing this module registers all three (``run.py`` and the tests do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.object_type import ObjectType
+from hydra.plugins.completion_plugin import CompletionPlugin
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from pilora.config import register_resolvers, safe_dirname
+from pilora.methods import METHODS, MethodConfig, PartitionConfig, Stage1Config, applicable_keys
+from pilora.summary import format_table, summary_rows
+
+
+def job_dirname(overrides, exclude_keys, method: str, match_budget: bool = False) -> str:
+    """Hydra's ``override_dirname`` (sorted ``key=value`` overrides joined by ``,``, without
+    ``exclude_keys``) minus the ``method.<key>`` overrides that ``method`` does not use, as one
+    safe folder name (:func:`pilora.config.safe_dirname`)."""
+    used = set(applicable_keys(method, bool(match_budget))) if method in METHODS else None
+    lines = []
+    for override in OverridesParser.create().parse_overrides(list(overrides or [])):
+        key = override.key_or_group
+        if key in set(exclude_keys or ()):
+            continue
+        parts = key.replace("/", ".").split(".")  # method.<key>=... and method/partition=...
+        if used is not None and parts[0] == "method" and len(parts) > 1 and parts[1] not in used:
+            continue
+        lines.append(override.input_line)
+    return safe_dirname(",".join(sorted(lines)))
+
+
+def nested_choices(config_loader, group: str, config_name: str | None = None, overrides=()) -> list[str]:
+    """Every config under ``group``, nested ones as ``sub/choice`` (``glue/mrpc``)."""
+    out = []
+    for kind in (ObjectType.CONFIG, ObjectType.GROUP):
+        for name in config_loader.get_group_options(group_name=group, results_filter=kind,
+                                                    config_name=config_name, overrides=list(overrides)):
+            if kind is ObjectType.CONFIG:
+                out.append(name)
+            else:
+                out += [f"{name}/{c}" for c in nested_choices(config_loader, f"{group}/{name}", config_name, overrides)]
+    return sorted(out)
+
+
+_hydra_query_groups = CompletionPlugin._query_config_groups
+
+
+def _query_config_groups(self, word, config_name, words):
+    """Hydra's completion, plus the nested choices of a group (``task=glue/mrpc``)."""
+    matched, exact = _hydra_query_groups(self, word, config_name, words)
+    prefix = word[0] if word[:1] in ("+", "~") else ""
+    group, eq, value = word[len(prefix):].rpartition("=")
+    if eq and group:
+        nested = [f"{prefix}{group}={c}" for c in nested_choices(self.config_loader, group, config_name, words)
+                  if "/" in c and c.startswith(value)]
+        matched = sorted(set(matched) | set(nested))
+        exact = exact or bool(nested)
+    return matched, exact
+
+
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+_SECTIONS = {"method": MethodConfig, "method.stage1": Stage1Config, "method.partition": PartitionConfig}
+
+
+def group_options(group: str, conf_dir: str = CONF) -> list[str]:
+    """Options of a config group, nested ones as ``glue/mrpc`` (files starting with ``_`` are
+    bases other files include)."""
+    base = os.path.join(conf_dir, group)
+    return sorted(os.path.relpath(p, base)[:-5].replace(os.sep, "/")
+                  for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
+                  if not os.path.basename(p).startswith("_"))
+
+
+def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:
+    """An error for what Hydra reports without the options: a ``method.<key>`` that no method has
+    (with the valid keys), and a choice of a group with nested options (``task=glue/nope``, with
+    the options). Hydra's own errors stand for everything else (e.g. ``method=lorax`` lists the methods)."""
+    from hydra._internal.utils import get_args
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(get_args(list(args)).overrides)
+    except (Exception, SystemExit):  # a malformed command line: Hydra reports it
+        return None
+    for o in overrides:
+        key = o.key_or_group
+        section, _, leaf = key.rpartition(".")
+        if section in _SECTIONS and not o.is_delete():
+            valid = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+            if leaf not in valid:
+                return f"unknown key {key!r}; valid keys of {section}: {', '.join(valid)}"
+        elif "." not in key and os.path.isdir(os.path.join(conf_dir, key)) and not key.startswith("hydra"):
+            options = group_options(key, conf_dir)
+            if not any("/" in opt for opt in options):
+                continue
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            unknown = [v for v in values if v not in options and v != "null"]
+            if unknown:
+                return f"unknown {key} {unknown[0]!r}; choose one of: {', '.join(options)}"
+    return None
+
+
+def register() -> None:
+    """Resolvers (the library's and ``job_dirname``) and the method schema; idempotent."""
+    register_resolvers()
+    for name, fn in {"job_dirname": job_dirname, "row_name": lambda label, name: label or name}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    ConfigStore.instance().store(group="schema", name="method", node=MethodConfig)
+    CompletionPlugin._query_config_groups = _query_config_groups
+
+
+class PrintSummary(Callback):
+    """After every multirun, print the table of its records (conf/config.yaml hydra.callbacks)."""
+
+    def on_multirun_end(self, config, **kwargs):
+        print("\n" + format_table(summary_rows(config.hydra.sweep.dir)), flush=True)
+
+
+register()
