@@ -23,9 +23,9 @@ import os
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
-from hydra.plugins.completion_plugin import CompletionPlugin
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.plugins.completion_plugin import CompletionPlugin
 from omegaconf import OmegaConf
 
 from pilora.config import register_resolvers, safe_dirname
@@ -54,8 +54,9 @@ def nested_choices(config_loader, group: str, config_name: str | None = None, ov
     """Every config under ``group``, nested ones as ``sub/choice`` (``glue/mrpc``)."""
     out = []
     for kind in (ObjectType.CONFIG, ObjectType.GROUP):
-        for name in config_loader.get_group_options(group_name=group, results_filter=kind,
-                                                    config_name=config_name, overrides=list(overrides)):
+        for name in config_loader.get_group_options(
+            group_name=group, results_filter=kind, config_name=config_name, overrides=list(overrides)
+        ):
             if kind is ObjectType.CONFIG:
                 out.append(name)
             else:
@@ -70,10 +71,13 @@ def _query_config_groups(self, word, config_name, words):
     """Hydra's completion, plus the nested choices of a group (``task=glue/mrpc``)."""
     matched, exact = _hydra_query_groups(self, word, config_name, words)
     prefix = word[0] if word[:1] in ("+", "~") else ""
-    group, eq, value = word[len(prefix):].rpartition("=")
+    group, eq, value = word[len(prefix) :].rpartition("=")
     if eq and group:
-        nested = [f"{prefix}{group}={c}" for c in nested_choices(self.config_loader, group, config_name, words)
-                  if "/" in c and c.startswith(value)]
+        nested = [
+            f"{prefix}{group}={c}"
+            for c in nested_choices(self.config_loader, group, config_name, words)
+            if "/" in c and c.startswith(value)
+        ]
         matched = sorted(set(matched) | set(nested))
         exact = exact or bool(nested)
     return matched, exact
@@ -87,9 +91,11 @@ def group_options(group: str, conf_dir: str = CONF) -> list[str]:
     """Options of a config group, nested ones as ``glue/mrpc`` (files starting with ``_`` are
     bases other files include)."""
     base = os.path.join(conf_dir, group)
-    return sorted(os.path.relpath(p, base)[:-5].replace(os.sep, "/")
-                  for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
-                  if not os.path.basename(p).startswith("_"))
+    return sorted(
+        os.path.relpath(p, base)[:-5].replace(os.sep, "/")
+        for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
+        if not os.path.basename(p).startswith("_")
+    )
 
 
 def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:

@@ -1,9 +1,9 @@
 """Entry point: compose the config, run one job, return its metric (for Hydra sweepers).
 
-    python run.py                                   # the offline demo (LoRA vs PiLoRA on MiniLM)
-    python run.py method=pilora task=glue/mrpc model=roberta-large
-    python run.py -m method=lora,pilora seed=0,1,2  # a sweep
-    python run.py experiment=table2_glue            # a paper table's sweep
+python run.py                                   # the offline demo (LoRA vs PiLoRA on MiniLM)
+python run.py method=pilora task=glue/mrpc model=roberta-large
+python run.py -m method=lora,pilora seed=0,1,2  # a sweep
+python run.py experiment=table2_glue            # a paper table's sweep
 """
 
 import sys

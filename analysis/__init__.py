@@ -15,5 +15,6 @@ __all__ = ["config_key", "load_records", "load_wandb", "score"]
 def __getattr__(name):  # lazy, so `python -m analysis.records` does not import itself twice
     if name in __all__:
         from . import records
+
         return getattr(records, name)
     raise AttributeError(f"module 'analysis' has no attribute {name!r}")

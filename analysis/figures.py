@@ -41,6 +41,7 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def message_figure(msg: str) -> plt.Figure:
     """Print ``msg`` and return a small figure showing it (``fig.missing_input = msg``)."""
     say(msg)
@@ -69,7 +70,7 @@ def split_name(name: str) -> tuple[int | None, str]:
     m = _LAYER.search(name)
     if not m:
         return None, name
-    return int(m.group(1)), name[m.end():]
+    return int(m.group(1)), name[m.end() :]
 
 
 def load_stats(stats):
@@ -78,6 +79,7 @@ def load_stats(stats):
         if stats is None or not os.path.exists(stats):
             return None
         from pilora import ImportanceStats
+
         return ImportanceStats.load(stats)
     return stats
 
@@ -124,6 +126,7 @@ def pick_pilora_records(df: pd.DataFrame, partition: str | None = "hit_frequency
 
 # ----------------------------------------------------------------------------- Fig. 2 / 7 / 8
 
+
 def heatmap_sources(df: pd.DataFrame) -> list[tuple[str, str]]:
     """``(model_task, importance.pt)``: one stage-1 file per model, from its PiLoRA records."""
     picked = pick_pilora_records(df, None)
@@ -132,8 +135,9 @@ def heatmap_sources(df: pd.DataFrame) -> list[tuple[str, str]]:
     return [(f"{r['model']}_{r['task']}", r["_stats"]) for _, r in picked.groupby("model").head(1).iterrows()]
 
 
-def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None,
-                      shared_scale: bool = False) -> plt.Figure:
+def gradient_heatmaps(
+    stats, layers=None, targets=None, title: str | None = None, shared_scale: bool = False
+) -> plt.Figure:
     """Heat maps of the G̃ snapshot: rows = layers, columns = target modules.
 
     ``stats``: an ``ImportanceStats`` or a path to ``importance.pt``. ``layers``: layer indices,
@@ -148,8 +152,10 @@ def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None
     except (ValueError, OSError) as err:
         return message_figure(f"gradient heat maps: {err}")
     if stats is None:
-        return message_figure(f"gradient heat maps: no importance statistics file at {label!r} "
-                              "(a PiLoRA run writes importance.pt into its output folder)")
+        return message_figure(
+            f"gradient heat maps: no importance statistics file at {label!r} "
+            "(a PiLoRA run writes importance.pt into its output folder)"
+        )
     names = [n for n, s in stats.modules.items() if s.grad_snapshot is not None]
     if not names:
         return message_figure("gradient heat maps: these statistics hold no G̃ snapshot")
@@ -168,8 +174,9 @@ def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None
         chosen = [int(l) for l in layers]
         bad = [l for l in chosen if l not in by_layer]
         if bad:
-            return message_figure(f"gradient heat maps: no layer {bad} in these statistics "
-                                  f"(layers {known[0]}..{known[-1]})")
+            return message_figure(
+                f"gradient heat maps: no layer {bad} in these statistics (layers {known[0]}..{known[-1]})"
+            )
     panels = []
     for layer in chosen:
         mods = by_layer[layer]
@@ -182,8 +189,11 @@ def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None
     fig, axes = plt.subplots(len(panels), ncols, figsize=(2.6 * ncols, 2.5 * len(panels)), squeeze=False)
     vmin = vmax = None
     if shared_scale:  # one colour scale for every panel, so their magnitudes can be compared
-        grids = [stats.modules[n].grad_snapshot.float() / max(int(stats.modules[n].checks), 1)
-                 for _, mods in panels for _, n in mods]
+        grids = [
+            stats.modules[n].grad_snapshot.float() / max(int(stats.modules[n].checks), 1)
+            for _, mods in panels
+            for _, n in mods
+        ]
         vmin, vmax = min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)
     for i, (layer, mods) in enumerate(panels):
         for j in range(ncols):
@@ -205,16 +215,23 @@ def gradient_heatmaps(stats, layers=None, targets=None, title: str | None = None
             if i == len(panels) - 1:
                 ax.set_xlabel("input features")
     meta = getattr(stats, "meta", {}) or {}
-    fig.suptitle(title or f"mean |G̃| during stage 1 — {meta.get('model', '')} {meta.get('task', '')}".strip(),
-                 fontsize=10)
+    fig.suptitle(
+        title or f"mean |G̃| during stage 1 — {meta.get('model', '')} {meta.get('task', '')}".strip(), fontsize=10
+    )
     fig.tight_layout()
     return fig
 
 
 # ----------------------------------------------------------------------------- Fig. 3
 
-def partition_patterns(df: pd.DataFrame, module: str | None = None, partition: str | None = "hit_frequency",
-                       tasks=None, max_neurons: int | None = None) -> plt.Figure:
+
+def partition_patterns(
+    df: pd.DataFrame,
+    module: str | None = None,
+    partition: str | None = "hit_frequency",
+    tasks=None,
+    max_neurons: int | None = None,
+) -> plt.Figure:
     """Dominant (dark) / supplementary (light) rows of one layer, one row per dataset, one panel per
     model (Fig. 3). ``module``: a substring of the module name (default: the last layer's first
     target). One PiLoRA record per (model, task): the lowest seed with the given partition
@@ -223,8 +240,10 @@ def partition_patterns(df: pd.DataFrame, module: str | None = None, partition: s
     if tasks is not None and not picked.empty:
         picked = picked[picked["task"].isin(list(tasks))]
     if picked.empty:
-        return message_figure("partition patterns: no PiLoRA record with a readable importance.pt"
-                              + (f" and partition {partition!r}" if partition else ""))
+        return message_figure(
+            "partition patterns: no PiLoRA record with a readable importance.pt"
+            + (f" and partition {partition!r}" if partition else "")
+        )
     from pilora.partition import partition as make_masks
 
     panels = []
@@ -237,8 +256,9 @@ def partition_patterns(df: pd.DataFrame, module: str | None = None, partition: s
                 targets = (rec["config"] or {}).get("model.target_modules")
                 hits = [n for n in names if module in n] if module else [default_module(names, targets)]
                 if not hits or hits[0] is None:
-                    return message_figure(f"partition patterns: no module of {model} contains {module!r} "
-                                          f"(e.g. {names[-1]!r})")
+                    return message_figure(
+                        f"partition patterns: no module of {model} contains {module!r} (e.g. {names[-1]!r})"
+                    )
                 name = hits[0]
             if name not in stats.modules:
                 say(f"partition patterns: {rec['task']} has no module {name!r}; left out")
@@ -248,8 +268,9 @@ def partition_patterns(df: pd.DataFrame, module: str | None = None, partition: s
             rows.append((rec["task"], mask))
         if rows:
             panels.append((model, name, rows))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.45 * sum(len(r) for _, _, r in panels) + 1.2 * len(panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(10, 0.45 * sum(len(r) for _, _, r in panels) + 1.2 * len(panels)), squeeze=False
+    )
     for ax, (model, name, rows) in zip(axes[:, 0], panels):
         img = np.stack([m for _, m in rows]).astype(float)
         if max_neurons:
@@ -265,8 +286,18 @@ def partition_patterns(df: pd.DataFrame, module: str | None = None, partition: s
 
 # ----------------------------------------------------------------------------- Fig. 4 / 5 / 6
 
-def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str, which: str = "best",
-                restrict=None, show_params: bool = True, what: str = "sweep") -> plt.Figure:
+
+def accuracy_vs(
+    df: pd.DataFrame,
+    x: str,
+    swept: tuple,
+    xlabel: str,
+    title: str,
+    which: str = "best",
+    restrict=None,
+    show_params: bool = True,
+    what: str = "sweep",
+) -> plt.Figure:
     """Accuracy (mean ± std over seeds) against record column ``x`` for PiLoRA records and the
     budget-matched LoRA records of the same sweep (dotted, squares); one line per (task, model,
     method, config without the ``swept`` keys); lines with < 2 values of ``x`` are dropped."""
@@ -286,28 +317,49 @@ def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str,
     for (task, model, method, _), g in sub.groupby(["task", "model", "method", "_line"], sort=True):
         if g[x].nunique() < 2:
             continue
-        agg = g.groupby(x).agg(mean=("_score", "mean"), std=("_score", "std"), n=("_score", "size"),
-                               params=("adapter_share", "mean")).sort_index()
+        agg = (
+            g.groupby(x)
+            .agg(mean=("_score", "mean"), std=("_score", "std"), n=("_score", "size"), params=("adapter_share", "mean"))
+            .sort_index()
+        )
         lines.append((task, model, method, agg))
     lines.sort(key=lambda t: (t[0], t[1], t[2] != "pilora"))  # each PiLoRA line before its matched LoRA
     if not lines:
-        return message_figure(f"{title}: no {what} found (PiLoRA records of one configuration that differ "
-                              f"only in {', '.join(swept[:1])}; see experiments/README.md)")
+        return message_figure(
+            f"{title}: no {what} found (PiLoRA records of one configuration that differ "
+            f"only in {', '.join(swept[:1])}; see experiments/README.md)"
+        )
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ax2 = ax.twinx() if show_params else None
-    labels = [f"{t} [{m}] " + ("LoRA (budget-matched)" if meth == "lora_matched" else "PiLoRA")
-              for t, m, meth, _ in lines]
+    labels = [
+        f"{t} [{m}] " + ("LoRA (budget-matched)" if meth == "lora_matched" else "PiLoRA") for t, m, meth, _ in lines
+    ]
     for i, (task, model, method, agg) in enumerate(lines):
         lab = labels[i] + (f" #{i}" if labels.count(labels[i]) > 1 else "")
         xs = agg.index.to_numpy(dtype=float)
         matched = method == "lora_matched"
-        ax.errorbar(xs, agg["mean"], yerr=agg["std"].fillna(0), marker="s" if matched else "o",
-                    ls=":" if matched else "-", capsize=3, color=f"C{i}", label=lab)
+        ax.errorbar(
+            xs,
+            agg["mean"],
+            yerr=agg["std"].fillna(0),
+            marker="s" if matched else "o",
+            ls=":" if matched else "-",
+            capsize=3,
+            color=f"C{i}",
+            label=lab,
+        )
         for xv, (mean, n) in zip(xs, zip(agg["mean"], agg["n"])):
             if n > 1:
                 # inside the axes: a label at the edge would be cut off (clip_on drops it instead)
-                ax.annotate(f"n={n}", (xv, mean), textcoords="offset points", xytext=(3, 4), fontsize=6,
-                            annotation_clip=True, clip_on=True)
+                ax.annotate(
+                    f"n={n}",
+                    (xv, mean),
+                    textcoords="offset points",
+                    xytext=(3, 4),
+                    fontsize=6,
+                    annotation_clip=True,
+                    clip_on=True,
+                )
         if ax2 is not None and not matched and agg["params"].notna().any():  # matched: the same budget
             ax2.plot(xs, 100 * agg["params"], ls="--", color=f"C{i}", alpha=0.5, label=f"# Params (%) {lab}")
     xs_all = sorted({float(v) for _, _, _, a in lines for v in a.index})
@@ -330,33 +382,61 @@ def accuracy_vs(df: pd.DataFrame, x: str, swept: tuple, xlabel: str, title: str,
 
 def fig_rprime(df: pd.DataFrame, which: str = "best") -> plt.Figure:
     """Fig. 4: accuracy vs the supplementary rank r'."""
-    return accuracy_vs(df, "supplementary_r", ("method.supplementary_r", "method.supplementary_alpha"),
-                       "supplementary rank r'", "Fig. 4: effect of r'", which, what="sweep over r'")
+    return accuracy_vs(
+        df,
+        "supplementary_r",
+        ("method.supplementary_r", "method.supplementary_alpha"),
+        "supplementary rank r'",
+        "Fig. 4: effect of r'",
+        which,
+        what="sweep over r'",
+    )
 
 
 def fig_rank(df: pd.DataFrame, which: str = "best") -> plt.Figure:
     """Fig. 5: accuracy vs the dominant rank r (r' fixed: it stays part of the line's config)."""
-    return accuracy_vs(df, "r", ("method.r", "method.alpha", "method.stage1_r"),
-                       "dominant rank r", "Fig. 5: effect of the dominant rank", which,
-                       what="sweep over the dominant rank")
+    return accuracy_vs(
+        df,
+        "r",
+        ("method.r", "method.alpha", "method.stage1_r"),
+        "dominant rank r",
+        "Fig. 5: effect of the dominant rank",
+        which,
+        what="sweep over the dominant rank",
+    )
 
 
 def fig_group_size(df: pd.DataFrame, which: str = "best") -> plt.Figure:
     """Fig. 6: accuracy vs the cumulative-importance threshold of the ``cumulative`` partition."""
-    return accuracy_vs(df, "partition_threshold", ("method.partition.args.threshold",),
-                       "cumulative importance threshold", "Fig. 6: effect of the dominant group size", which,
-                       restrict=lambda s: s["partition"] == "cumulative",
-                       what="sweep over the cumulative threshold")
+    return accuracy_vs(
+        df,
+        "partition_threshold",
+        ("method.partition.args.threshold",),
+        "cumulative importance threshold",
+        "Fig. 6: effect of the dominant group size",
+        which,
+        restrict=lambda s: s["partition"] == "cumulative",
+        what="sweep over the cumulative threshold",
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def _slug(s) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s)).strip("-")
 
 
-def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, module: str | None = None,
-             layers=None, only=None, shared_scale: bool = False) -> tuple[list[str], list[str]]:
+def make_all(
+    df: pd.DataFrame,
+    out: str,
+    which: str = "best",
+    stats_files=None,
+    module: str | None = None,
+    layers=None,
+    only=None,
+    shared_scale: bool = False,
+) -> tuple[list[str], list[str]]:
     """Write every figure that has input; returns (written paths, skip messages). Each skipped
     figure prints its reason once, as it is made."""
     only = set(only or ["2", "3", "4", "5", "6", "7"])
@@ -377,9 +457,13 @@ def make_all(df: pd.DataFrame, out: str, which: str = "best", stats_files=None, 
             say(f"gradient heat maps: {skipped[-1]}")
         for tag, path in sources:
             if "2" in only:
-                keep(gradient_heatmaps(path, layers or "last", shared_scale=shared_scale), f"fig2_gradients_{_slug(tag)}")
+                keep(
+                    gradient_heatmaps(path, layers or "last", shared_scale=shared_scale), f"fig2_gradients_{_slug(tag)}"
+                )
             if "7" in only and not layers:
-                keep(gradient_heatmaps(path, "spread", shared_scale=shared_scale), f"fig7_gradients_layers_{_slug(tag)}")
+                keep(
+                    gradient_heatmaps(path, "spread", shared_scale=shared_scale), f"fig7_gradients_layers_{_slug(tag)}"
+                )
     if "3" in only:
         keep(partition_patterns(df, module), "fig3_partition_patterns")
     if "4" in only:
@@ -408,8 +492,9 @@ def main(argv=None) -> int:
     except WandbSourceError as err:
         say(f"error: {err}")
         return 2
-    written, skipped = make_all(df, args.out, args.which, args.stats, args.module, args.layers, args.only,
-                                args.shared_scale)
+    written, skipped = make_all(
+        df, args.out, args.which, args.stats, args.module, args.layers, args.only, args.shared_scale
+    )
     for w in written:  # (each skipped figure has already said why)
         print(w)
     if not written:

@@ -40,30 +40,86 @@ DEFAULT_ROOTS = ("outputs", "multirun")
 
 #: Dotted config keys (prefixes) that do not distinguish configurations.
 IGNORED = (
-    "seed", "output_dir", "resume", "save_adapter", "sweep_name", "logger", "hydra",
-    "method.importance_from",            # which stage-1 file was reused, not how it was made
-    "method.partition.args.seed",        # random partitions follow the job seed (${seed})
-    "method.chunk_rows",                 # memory knob, numerically identical
-    "method.rank_pattern",               # budget-matched ranks: an outcome of each seed's stage 1
-    "method.snapshot_interval",          # how often the figures' |G̃| snapshot is pooled; H, ΣS, masks unchanged
-    "model.path",                        # hub id or local copy of the same model
-    "task.dataset.path", "task.dataset.hub_id", "task.dataset.name", "task.dataset.data_dir",
-    "task.dataset.data_files", "task.dataset.root", "task.dataset.train_file", "task.eval_sets",  # data locations
+    "seed",
+    "output_dir",
+    "resume",
+    "save_adapter",
+    "sweep_name",
+    "logger",
+    "hydra",
+    "method.importance_from",  # which stage-1 file was reused, not how it was made
+    "method.partition.args.seed",  # random partitions follow the job seed (${seed})
+    "method.chunk_rows",  # memory knob, numerically identical
+    "method.rank_pattern",  # budget-matched ranks: an outcome of each seed's stage 1
+    "method.snapshot_interval",  # how often the figures' |G̃| snapshot is pooled; H, ΣS, masks unchanged
+    "model.path",  # hub id or local copy of the same model
+    "task.dataset.path",
+    "task.dataset.hub_id",
+    "task.dataset.name",
+    "task.dataset.data_dir",
+    "task.dataset.data_files",
+    "task.dataset.root",
+    "task.dataset.train_file",
+    "task.eval_sets",  # data locations
     "task.eval_batch_size",
-    "trainer.logging_steps", "trainer.disable_tqdm", "trainer.per_device_eval_batch_size",
-    "trainer.save_strategy", "trainer.save_steps", "trainer.save_total_limit",
-    "trainer.dataloader_num_workers", "trainer.dataloader_pin_memory", "trainer.report_to",
-    "trainer.run_name", "trainer.logging_dir",
+    "trainer.logging_steps",
+    "trainer.disable_tqdm",
+    "trainer.per_device_eval_batch_size",
+    "trainer.save_strategy",
+    "trainer.save_steps",
+    "trainer.save_total_limit",
+    "trainer.dataloader_num_workers",
+    "trainer.dataloader_pin_memory",
+    "trainer.report_to",
+    "trainer.run_name",
+    "trainer.logging_dir",
 )
 
 #: Columns every frame has, also when it is empty (so callers can filter without KeyErrors).
 BASE_COLUMNS = [
-    "task", "family", "method", "model", "seed", "metric", "r", "alpha", "supplementary_r",
-    "supplementary_alpha", "stage1_r", "importance_interval", "stage1_max_steps", "importance_from",
-    "partition", "partition_args", "partition_label", "dominant_fraction", "lr", "epochs", "max_steps",
-    "batch_size", "params_trainable", "params_total", "params_adapter", "params_backbone", "share",
-    "adapter_share", "adapter_share_of_backbone", "git_revision", "git_dirty", "time_total_s", "steps",
-    "peak_memory_mb", "device", "n_gpus", "importance_file", "config_key", "config", "source", "path", "dir", "mtime",
+    "task",
+    "family",
+    "method",
+    "model",
+    "seed",
+    "metric",
+    "r",
+    "alpha",
+    "supplementary_r",
+    "supplementary_alpha",
+    "stage1_r",
+    "importance_interval",
+    "stage1_max_steps",
+    "importance_from",
+    "partition",
+    "partition_args",
+    "partition_label",
+    "dominant_fraction",
+    "lr",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "params_trainable",
+    "params_total",
+    "params_adapter",
+    "params_backbone",
+    "share",
+    "adapter_share",
+    "adapter_share_of_backbone",
+    "git_revision",
+    "git_dirty",
+    "time_total_s",
+    "steps",
+    "peak_memory_mb",
+    "device",
+    "n_gpus",
+    "importance_file",
+    "config_key",
+    "config",
+    "source",
+    "path",
+    "dir",
+    "mtime",
 ]
 
 
@@ -77,6 +133,7 @@ def say(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- config identity
+
 
 def _norm(v):
     if isinstance(v, float) and math.isfinite(v) and v.is_integer():
@@ -120,6 +177,7 @@ def partition_label(name, args) -> str | None:
 
 # ----------------------------------------------------------------------------- record -> row
 
+
 def _need(rec: dict, dotted: str):
     cur: Any = rec
     for part in dotted.split("."):
@@ -130,9 +188,22 @@ def _need(rec: dict, dotted: str):
 
 
 # numeric fields of a record (dotted; None allowed): a mistyped one makes the record unusable
-NUMERIC = ("seed", "steps", "peak_memory_mb", "params.trainable", "params.total", "params.adapter",
-           "params.backbone", "params.share", "params.adapter_share", "params.adapter_share_of_backbone",
-           "pilora.dominant_fraction", "config.method.r", "config.method.supplementary_r", "config.method.stage1_r")
+NUMERIC = (
+    "seed",
+    "steps",
+    "peak_memory_mb",
+    "params.trainable",
+    "params.total",
+    "params.adapter",
+    "params.backbone",
+    "params.share",
+    "params.adapter_share",
+    "params.adapter_share_of_backbone",
+    "pilora.dominant_fraction",
+    "config.method.r",
+    "config.method.supplementary_r",
+    "config.method.stage1_r",
+)
 
 
 def _check_numbers(rec: dict) -> None:
@@ -159,12 +230,22 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
         raise RecordError("not a JSON object")
     schema = rec.get("schema")
     if schema != SCHEMA:
-        raise RecordError(f"record schema {schema!r}, this reader handles schema {SCHEMA} "
-                          "(re-run the job or convert the record)")
+        raise RecordError(
+            f"record schema {schema!r}, this reader handles schema {SCHEMA} (re-run the job or convert the record)"
+        )
     if rec.get("status") != "complete":
         raise RecordError(f"status {rec.get('status')!r}, not 'complete'")
-    for key in ("task", "method", "model", "seed", "config", "metrics.final", "metrics.best",
-                "params.adapter", "params.adapter_share"):
+    for key in (
+        "task",
+        "method",
+        "model",
+        "seed",
+        "config",
+        "metrics.final",
+        "metrics.best",
+        "params.adapter",
+        "params.adapter_share",
+    ):
         _need(rec, key)
     cfg = rec["config"]
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), dict):
@@ -175,35 +256,59 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
     pil = rec.get("pilora") or {}
     part = m.get("partition") if isinstance(m.get("partition"), dict) else {}
     # the partition of a PiLoRA run, or the one a budget-matched LoRA took its ranks from
-    pname = (pil.get("partition", part.get("name")) if rec["method"] == "pilora"
-             else part.get("name") if rec["method"] == "lora_matched" else None)
+    pname = (
+        pil.get("partition", part.get("name"))
+        if rec["method"] == "pilora"
+        else part.get("name")
+        if rec["method"] == "lora_matched"
+        else None
+    )
     pargs = dict(pil.get("partition_args", part.get("args")) or {}) if pname else {}
     params, timing, git = rec["params"], rec.get("timing") or {}, rec.get("git") or {}
     row = {
-        "task": rec["task"], "family": rec.get("family", (cfg.get("task") or {}).get("family")),
-        "method": rec["method"], "model": rec["model"], "seed": int(rec["seed"]),
+        "task": rec["task"],
+        "family": rec.get("family", (cfg.get("task") or {}).get("family")),
+        "method": rec["method"],
+        "model": rec["model"],
+        "seed": int(rec["seed"]),
         "metric": rec.get("metric", (cfg.get("task") or {}).get("metric", "accuracy")),
-        "r": m.get("r"), "alpha": m.get("alpha"), "supplementary_r": m.get("supplementary_r"),
-        "supplementary_alpha": m.get("supplementary_alpha"), "stage1_r": m.get("stage1_r"),
+        "r": m.get("r"),
+        "alpha": m.get("alpha"),
+        "supplementary_r": m.get("supplementary_r"),
+        "supplementary_alpha": m.get("supplementary_alpha"),
+        "stage1_r": m.get("stage1_r"),
         "importance_interval": m.get("importance_interval"),
         "stage1_max_steps": (m.get("stage1") or {}).get("max_steps"),
         "importance_from": m.get("importance_from"),
-        "partition": pname, "partition_args": pargs, "partition_label": partition_label(pname, pargs),
+        "partition": pname,
+        "partition_args": pargs,
+        "partition_label": partition_label(pname, pargs),
         "dominant_fraction": pil.get("dominant_fraction"),
-        "lr": tr.get("learning_rate"), "epochs": tr.get("num_train_epochs"), "max_steps": tr.get("max_steps"),
+        "lr": tr.get("learning_rate"),
+        "epochs": tr.get("num_train_epochs"),
+        "max_steps": tr.get("max_steps"),
         "batch_size": tr.get("per_device_train_batch_size"),
-        "params_trainable": params.get("trainable"), "params_total": params.get("total"),
-        "params_adapter": params.get("adapter"), "params_backbone": params.get("backbone"),
-        "share": params.get("share"), "adapter_share": params.get("adapter_share"),
+        "params_trainable": params.get("trainable"),
+        "params_total": params.get("total"),
+        "params_adapter": params.get("adapter"),
+        "params_backbone": params.get("backbone"),
+        "share": params.get("share"),
+        "adapter_share": params.get("adapter_share"),
         "adapter_share_of_backbone": params.get("adapter_share_of_backbone"),
-        "git_revision": git.get("revision"), "git_dirty": git.get("dirty"),
-        "steps": rec.get("steps"), "peak_memory_mb": rec.get("peak_memory_mb"), "device": rec.get("device"),
+        "git_revision": git.get("revision"),
+        "git_dirty": git.get("dirty"),
+        "steps": rec.get("steps"),
+        "peak_memory_mb": rec.get("peak_memory_mb"),
+        "device": rec.get("device"),
         # GPUs the job used: n_gpus if the record has it, else its world_size (DDP processes, one GPU
         # each); neither -> None and the cost table counts 1
         "n_gpus": rec.get("n_gpus", rec.get("world_size")),
         "importance_file": pil.get("importance_file"),
-        "config_key": config_key(cfg), "config": config_items(cfg),
-        "source": source, "path": path, "dir": os.path.dirname(path) if source == "file" else None,
+        "config_key": config_key(cfg),
+        "config": config_items(cfg),
+        "source": source,
+        "path": path,
+        "dir": os.path.dirname(path) if source == "file" else None,
         "mtime": os.path.getmtime(path) if source == "file" and os.path.exists(path) else None,
         "wandb_id": (rec.get("wandb") or {}).get("id"),
     }
@@ -235,6 +340,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- local trees
+
 
 def _as_list(roots) -> list[str]:
     if roots is None:
@@ -276,8 +382,10 @@ def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.
     if not quiet and df.empty:
         where = ", ".join(roots)
         extra = f" ({', '.join(missing)}: no such folder)" if missing else ""
-        say(f"no usable results.json records under {where}{extra}; run the experiments first "
-            "(experiments/README.md) or point --root at a results tree")
+        say(
+            f"no usable results.json records under {where}{extra}; run the experiments first "
+            "(experiments/README.md) or point --root at a results tree"
+        )
     df.attrs.update(roots=roots, skipped=skipped, missing_roots=missing)
     return df
 
@@ -302,8 +410,10 @@ def check_revisions(df: pd.DataFrame, revision: str | None = None, quiet: bool =
         out.attrs["mixed_revisions"] = []
         if not quiet:
             present = sorted({_revision_label(r, None) for r in revs})
-            say(f"note: --revision {revision}: {len(out)} of {len(df)} record(s) kept"
-                + ("" if len(out) else f"; the records' revisions are {', '.join(present)}"))
+            say(
+                f"note: --revision {revision}: {len(out)} of {len(df)} record(s) kept"
+                + ("" if len(out) else f"; the records' revisions are {', '.join(present)}")
+            )
         return out
     mixed = []
     for key, group in df.groupby("config_key", sort=True):
@@ -312,11 +422,19 @@ def check_revisions(df: pd.DataFrame, revision: str | None = None, quiet: bool =
         labels = sorted({_revision_label(r, d) for r, d in zip(group["git_revision"], group["git_dirty"])})
         if len(labels) > 1 or any(d is True for d in group["git_dirty"]):
             first = group.iloc[0]
-            mixed.append({"config_key": key, "revisions": labels, "paths": list(group["path"]),
-                          "what": f"{first['task']}/{first['model']}/{first['method']}"})
+            mixed.append(
+                {
+                    "config_key": key,
+                    "revisions": labels,
+                    "paths": list(group["path"]),
+                    "what": f"{first['task']}/{first['model']}/{first['method']}",
+                }
+            )
     if mixed and not quiet:
-        say(f"warning: {len(mixed)} configuration(s) average records from different code (other git "
-            "revisions, or a tree with uncommitted changes):")
+        say(
+            f"warning: {len(mixed)} configuration(s) average records from different code (other git "
+            "revisions, or a tree with uncommitted changes):"
+        )
         for m in mixed:
             say(f"  {m['what']} [{m['config_key']}]: {', '.join(m['revisions'])}: {', '.join(map(str, m['paths']))}")
         say("  pass --revision REV to use one revision's records, or rerun them from one committed revision")
@@ -345,6 +463,7 @@ def drop_duplicates(df: pd.DataFrame, quiet: bool = False) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- scores
+
 
 def score(df: pd.DataFrame, which: str = "best") -> pd.Series:
     """The headline number of each record (a fraction): commonsense -> ``test_avg_accuracy``,
@@ -380,6 +499,7 @@ def score_label(families: Iterable[str], which: str = "best") -> str:
 
 # ----------------------------------------------------------------------------- W&B
 
+
 def _cache_file(cache_dir: str, project: str, entity: str | None, filters: dict | None) -> str:
     tag = ""
     if filters:
@@ -401,24 +521,33 @@ _NOT_FOUND = ("could not find", "not found", "does not exist", "404")
 def _pull(project: str, entity: str | None, filters: dict | None, api, artifact_dir: str | None = None) -> list[dict]:
     if api is None:
         import wandb
+
         api = wandb.Api(timeout=30)
     where = f"{entity}/{project}" if entity else project
     try:
         runs = list(api.runs(where, filters=filters or {}))
     except Exception as err:
         if any(s in str(err).lower() for s in _NOT_FOUND):
-            raise WandbSourceError(f"W&B project {where!r} not found ({str(err).splitlines()[0]}); check the "
-                                   "ENTITY/PROJECT spelling (wandb.ai/<entity>/<project>) and that you are "
-                                   "logged in to an account that can see it") from err
+            raise WandbSourceError(
+                f"W&B project {where!r} not found ({str(err).splitlines()[0]}); check the "
+                "ENTITY/PROJECT spelling (wandb.ai/<entity>/<project>) and that you are "
+                "logged in to an account that can see it"
+            ) from err
         raise
     items = []
     for run in runs:
         summary = getattr(run, "summary", {}) or {}
         summary = getattr(summary, "_json_dict", summary)
-        item = {"id": run.id, "name": getattr(run, "name", None), "state": getattr(run, "state", None),
-                "path": "/".join(getattr(run, "path", []) or [project, run.id]),
-                "commit": getattr(run, "commit", None),
-                "config": _plain(dict(run.config or {})), "summary": _plain(dict(summary)), "record": None}
+        item = {
+            "id": run.id,
+            "name": getattr(run, "name", None),
+            "state": getattr(run, "state", None),
+            "path": "/".join(getattr(run, "path", []) or [project, run.id]),
+            "commit": getattr(run, "commit", None),
+            "config": _plain(dict(run.config or {})),
+            "summary": _plain(dict(summary)),
+            "record": None,
+        }
         item["artifact_files"] = _download_artifacts(run, os.path.join(artifact_dir or ".", run.id))
         results = item["artifact_files"].get(RECORD)
         if results:
@@ -452,6 +581,7 @@ def _record_file(run) -> dict | None:
         for f in run.files():
             if os.path.basename(f.name) == RECORD:
                 import tempfile
+
                 with tempfile.TemporaryDirectory() as tmp:
                     f.download(root=tmp, replace=True)
                     with open(os.path.join(tmp, f.name)) as fh:
@@ -486,21 +616,45 @@ def wandb_record(item: dict) -> dict:
     final = groups["final"] or evals
     state = item.get("state")
     return {
-        "schema": SCHEMA, "status": "complete" if state in (None, "finished") else state,
-        "task": task.get("name"), "family": task.get("family"), "method": method.get("label") or method.get("name"),
-        "model": model.get("name"), "seed": cfg.get("seed"), "metric": task.get("metric", "accuracy"),
-        "config": cfg, "git": {"revision": item.get("commit"), "dirty": None},
+        "schema": SCHEMA,
+        "status": "complete" if state in (None, "finished") else state,
+        "task": task.get("name"),
+        "family": task.get("family"),
+        "method": method.get("label") or method.get("name"),
+        "model": model.get("name"),
+        "seed": cfg.get("seed"),
+        "metric": task.get("metric", "accuracy"),
+        "config": cfg,
+        "git": {"revision": item.get("commit"), "dirty": None},
         "metrics": {"final": final, "best": groups["best"] or {}, "test": groups["test"]},
         "params": groups["params"],
-        "pilora": ({"partition": (method.get("partition") or {}).get("name"),
-                    "partition_args": (method.get("partition") or {}).get("args") or {}, **groups["pilora"]}
-                   if method.get("name") == "pilora" else None),
-        "timing": groups["timing"], "wandb": {"id": item.get("id")},
+        "pilora": (
+            {
+                "partition": (method.get("partition") or {}).get("name"),
+                "partition_args": (method.get("partition") or {}).get("args") or {},
+                **groups["pilora"],
+            }
+            if method.get("name") == "pilora"
+            else None
+        ),
+        "timing": groups["timing"],
+        "wandb": {"id": item.get("id")},
     }
 
 
-_HYDRA_KEYS = {"model", "task", "method", "trainer", "logger", "seed", "resume", "save_adapter", "sweep_name",
-               "output_dir", "tuned"}
+_HYDRA_KEYS = {
+    "model",
+    "task",
+    "method",
+    "trainer",
+    "logger",
+    "seed",
+    "resume",
+    "save_adapter",
+    "sweep_name",
+    "output_dir",
+    "tuned",
+}
 
 
 def _hydra_config(cfg: dict) -> dict:
@@ -531,9 +685,11 @@ def _items_frame(items: list[dict], where: str, dedupe: bool = True) -> pd.DataF
         label = f"wandb:{item.get('path') or item.get('id')}"
         try:
             if item.get("missing_files") and not item.get("record"):
-                raise RecordError(f"its artifact files are gone ({', '.join(item['missing_files'][:2])}); "
-                                  "run `wandb sync` from the machine that ran it, or read the local records "
-                                  "with --root")
+                raise RecordError(
+                    f"its artifact files are gone ({', '.join(item['missing_files'][:2])}); "
+                    "run `wandb sync` from the machine that ran it, or read the local records "
+                    "with --root"
+                )
             rows.append(record_row(wandb_record(item), label, source="wandb"))
         except RecordError as err:
             skipped.append((label, str(err)))
@@ -558,9 +714,11 @@ def load_wandb_dir(root: str, dedupe: bool = True) -> pd.DataFrame:
         raise WandbSourceError(f"--wandb-dir {root}: no such folder")
     paths = find_offline_runs(root)
     if not paths:
-        raise WandbSourceError(f"--wandb-dir {root}: no offline W&B runs (run-<id>.wandb files) below it; point "
-                               "it at the jobs' output folders (or their wandb/ subfolders) and check that they "
-                               "ran with logger=wandb")
+        raise WandbSourceError(
+            f"--wandb-dir {root}: no offline W&B runs (run-<id>.wandb files) below it; point "
+            "it at the jobs' output folders (or their wandb/ subfolders) and check that they "
+            "ran with logger=wandb"
+        )
     items, broken = [], []
     for path in paths:
         try:
@@ -581,9 +739,15 @@ def parse_wandb_path(path: str) -> tuple[str | None, str]:
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
-def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = None,
-               filters: dict | None = None, refresh: bool = False, api=None,
-               dedupe: bool = True) -> pd.DataFrame:
+def load_wandb(
+    project: str,
+    entity: str | None = None,
+    cache_dir: str | None = None,
+    filters: dict | None = None,
+    refresh: bool = False,
+    api=None,
+    dedupe: bool = True,
+) -> pd.DataFrame:
     """Runs of a W&B project as the same frame as :func:`load_records`.
 
     The runs' configs and summaries are pulled once into ``<cache_dir>/<entity>__<project>.json``
@@ -599,8 +763,13 @@ def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = 
     if refresh or not os.path.exists(path):
         try:
             items = _pull(project, entity, filters, api, artifact_dir=path[: -len(".json")] + "_artifacts")
-            payload = {"project": project, "entity": entity, "filters": filters,
-                       "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": items}
+            payload = {
+                "project": project,
+                "entity": entity,
+                "filters": filters,
+                "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "runs": items,
+            }
             atomic_write_json(path, payload, indent=1, fsync=False)
         except WandbSourceError:
             raise
@@ -609,8 +778,10 @@ def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = 
             if os.path.exists(path):
                 say(f"W&B API not reachable for {where} ({reason}); using the local cache {path}")
             else:
-                say(f"W&B API not reachable for {where} ({reason}) and there is no local cache at {path}; "
-                    "no records (log in with `wandb login`, or set WANDB_MODE/WANDB_BASE_URL)")
+                say(
+                    f"W&B API not reachable for {where} ({reason}) and there is no local cache at {path}; "
+                    "no records (log in with `wandb login`, or set WANDB_MODE/WANDB_BASE_URL)"
+                )
                 df = frame([])
                 df.attrs.update(roots=[f"wandb:{where}"], skipped=[], missing_roots=[], wandb_cache=None)
                 return df
@@ -623,6 +794,7 @@ def load_wandb(project: str, entity: str | None = None, cache_dir: str | None = 
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
     """The record-source options shared by ``analysis.tables`` and ``analysis.figures``."""
@@ -653,8 +825,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="List run records (one row per job).")
     p.add_argument("--root", action="append", help="results tree (repeatable; default outputs/ and multirun/)")
     p.add_argument("--query", help="pandas query, e.g. \"method == 'pilora' and seed == 0\"")
-    p.add_argument("--columns", default="task,model,method,seed,r,supplementary_r,partition_label,"
-                   "dominant_fraction,adapter_share,config_key,path")
+    p.add_argument(
+        "--columns",
+        default="task,model,method,seed,r,supplementary_r,partition_label,"
+        "dominant_fraction,adapter_share,config_key,path",
+    )
     p.add_argument("--value", help="print only this column of the first matching record (for scripts)")
     p.add_argument("--which", default="best", choices=["best", "final"])
     args = p.parse_args(argv)

@@ -73,23 +73,43 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .records import (WandbSourceError, add_source_args, load_records, load_source, load_wandb,  # noqa: F401
-                      partition_label, say)
+from .records import WandbSourceError, add_source_args, load_records, load_source, load_wandb, partition_label, say  # noqa: F401
 
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_numbers.json")
 TABLE_IDS = ("1", "2", "3", "4")
-METHOD_NAMES = {"lora": "LoRA", "lora_matched": "LoRA (budget-matched)", "rslora": "rsLoRA", "dora": "DoRA",
-                "pissa": "PiSSA", "milora": "MiLoRA", "lora_dash": "LoRA-Dash", "full": "Full FT",
-                "pilora": "PiLoRA"}
+METHOD_NAMES = {
+    "lora": "LoRA",
+    "lora_matched": "LoRA (budget-matched)",
+    "rslora": "rsLoRA",
+    "dora": "DoRA",
+    "pissa": "PiSSA",
+    "milora": "MiLoRA",
+    "lora_dash": "LoRA-Dash",
+    "full": "Full FT",
+    "pilora": "PiLoRA",
+}
 METHOD_ORDER = ["full", "lora", "lora_matched", "rslora", "dora", "pissa", "milora", "lora_dash", "pilora"]
-MODEL_NAMES = {"llama2-7b": "LLaMA2-7B", "llama3-8b": "LLaMA3-8B", "roberta-large": "RoBERTa-large",
-               "clip-vit-b32": "CLIP ViT-B/32"}
-KEY_NAMES = {"method.r": "r", "method.supplementary_r": "r'", "method.alpha": "α",
-             "method.supplementary_alpha": "α'", "method.partition.name": "partition",
-             "method.stage1_r": "stage-1 r", "method.importance_interval": "K",
-             "method.stage1.max_steps": "stage-1 steps", "method.stage1.epochs": "stage-1 epochs",
-             "trainer.learning_rate": "lr", "trainer.num_train_epochs": "epochs",
-             "trainer.max_steps": "max_steps", "trainer.per_device_train_batch_size": "batch"}
+MODEL_NAMES = {
+    "llama2-7b": "LLaMA2-7B",
+    "llama3-8b": "LLaMA3-8B",
+    "roberta-large": "RoBERTa-large",
+    "clip-vit-b32": "CLIP ViT-B/32",
+}
+KEY_NAMES = {
+    "method.r": "r",
+    "method.supplementary_r": "r'",
+    "method.alpha": "α",
+    "method.supplementary_alpha": "α'",
+    "method.partition.name": "partition",
+    "method.stage1_r": "stage-1 r",
+    "method.importance_interval": "K",
+    "method.stage1.max_steps": "stage-1 steps",
+    "method.stage1.epochs": "stage-1 epochs",
+    "trainer.learning_rate": "lr",
+    "trainer.num_train_epochs": "epochs",
+    "trainer.max_steps": "max_steps",
+    "trainer.per_device_train_batch_size": "batch",
+}
 DASH = "—"
 
 
@@ -100,13 +120,14 @@ def load_paper(path: str = PAPER_FILE) -> dict:
 
 # ----------------------------------------------------------------------------- data
 
+
 @dataclass
 class Stat:
     """Values (percent) of one cell, one per seed."""
 
     values: list[float]
     seeds: list = field(default_factory=list)
-    per_column_n: tuple | None = None   # set for a pooled average: (fewest, most) seeds of a column
+    per_column_n: tuple | None = None  # set for a pooled average: (fewest, most) seeds of a column
 
     @property
     def n(self) -> int:
@@ -148,19 +169,19 @@ def clear_winner(stats: list) -> int | None:
 
 @dataclass
 class Row:
-    model: str                      # display name
-    method: str                     # display label
-    paper: dict | None = None       # the paper's row, if this row is one
+    model: str  # display name
+    method: str  # display label
+    paper: dict | None = None  # the paper's row, if this row is one
     model_config: str | None = None
     row_id: str | None = None
-    label: str = ""                 # what distinguishes this configuration (extra rows)
-    cells: dict = field(default_factory=dict)      # column key -> Stat | None
+    label: str = ""  # what distinguishes this configuration (extra rows)
+    cells: dict = field(default_factory=dict)  # column key -> Stat | None
     avg: Stat | None = None
-    params: list = field(default_factory=list)    # ours, percent, one per record
-    groups: list = field(default_factory=list)    # (task, config_key, seeds, paths)
+    params: list = field(default_factory=list)  # ours, percent, one per record
+    groups: list = field(default_factory=list)  # (task, config_key, seeds, paths)
     residual: list = field(default_factory=list)  # budget-matched LoRA: residual share (%), one per record
-    records: pd.DataFrame | None = None           # the row's records (cost table)
-    best: set = field(default_factory=set)        # column keys (and "avg") marked as a clear win
+    records: pd.DataFrame | None = None  # the row's records (cost table)
+    best: set = field(default_factory=set)  # column keys (and "avg") marked as a clear win
 
     @property
     def has_ours(self) -> bool:
@@ -187,6 +208,7 @@ class Table:
 
 # ----------------------------------------------------------------------------- building
 
+
 def _eq(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
@@ -209,8 +231,9 @@ def _key_name(k: str) -> str:
 
 def _partition_id(name, args) -> str:
     args = {k: v for k, v in (args or {}).items() if k != "seed"}
-    return "partition:" + json.dumps([name, {k: float(v) if isinstance(v, (int, float)) else v
-                                               for k, v in sorted(args.items())}])
+    return "partition:" + json.dumps(
+        [name, {k: float(v) if isinstance(v, (int, float)) else v for k, v in sorted(args.items())}]
+    )
 
 
 def _row_id(rec: pd.Series, row_key: str) -> str:
@@ -239,15 +262,23 @@ def _varying_keys(configs: dict[str, dict], cells: dict[str, set]) -> list[str]:
                 varying.add(k)
     # α follows r (α = 2r, or α = r): not a separate difference when the ratio is constant
     if "method.alpha" in varying and "method.r" in varying:
-        ratios = {round(c["method.alpha"] / c["method.r"], 9) for c in configs.values()
-                  if isinstance(c.get("method.alpha"), (int, float)) and c.get("method.r")}
+        ratios = {
+            round(c["method.alpha"] / c["method.r"], 9)
+            for c in configs.values()
+            if isinstance(c.get("method.alpha"), (int, float)) and c.get("method.r")
+        }
         if len(ratios) == 1:
             varying.discard("method.alpha")
     return sorted(varying)
 
 
-_LABEL_ORDER = ["method.r", "method.alpha", "method.supplementary_r", "method.supplementary_alpha",
-                "method.partition.name"]
+_LABEL_ORDER = [
+    "method.r",
+    "method.alpha",
+    "method.supplementary_r",
+    "method.supplementary_alpha",
+    "method.partition.name",
+]
 
 
 def _label(config: dict, keys) -> str:
@@ -255,6 +286,7 @@ def _label(config: dict, keys) -> str:
         if k in _LABEL_ORDER:
             return (_LABEL_ORDER.index(k), k)
         return (len(_LABEL_ORDER) + (0 if k.startswith("method.partition.args.") else 1), k)
+
     return ", ".join(f"{_key_name(k)}={_fmt_value(config[k])}" for k in sorted(keys, key=order) if k in config)
 
 
@@ -282,8 +314,9 @@ def _avg_stat(cells: dict) -> Stat | None:
     return Stat([statistics.fmean(s.mean for s in stats)], [], per_column_n=(min(ns), max(ns)))
 
 
-def build_table(df: pd.DataFrame, table_id: str, which: str = "best", paper: dict | None = None,
-                params_basis: str = "adapter_share") -> Table:
+def build_table(
+    df: pd.DataFrame, table_id: str, which: str = "best", paper: dict | None = None, params_basis: str = "adapter_share"
+) -> Table:
     """Rows of one table (paper rows first, per model section, then our extra rows)."""
     if which not in ("best", "final"):
         raise ValueError(f"which must be 'best' or 'final', not {which!r}")
@@ -300,12 +333,18 @@ def build_table(df: pd.DataFrame, table_id: str, which: str = "best", paper: dic
     if not sub.empty:
         sub["_row_id"] = [_row_id(r, row_key) for _, r in sub.iterrows()]
 
-    paper_rows = [Row(model=p["model"] + (" †" if p.get("dagger") and p["method"] == DASH else ""),
-                      method=p["method"] + (" †" if p.get("dagger") and p["method"] != DASH else ""), paper=p,
-                      model_config=p.get("model_config"), row_id=_paper_row_id(p, row_key))
-                  for p in spec["rows"]]
+    paper_rows = [
+        Row(
+            model=p["model"] + (" †" if p.get("dagger") and p["method"] == DASH else ""),
+            method=p["method"] + (" †" if p.get("dagger") and p["method"] != DASH else ""),
+            paper=p,
+            model_config=p.get("model_config"),
+            row_id=_paper_row_id(p, row_key),
+        )
+        for p in spec["rows"]
+    ]
     extra: dict[str, list[Row]] = {}
-    for (model, rid), grp in (sub.groupby(["model", "_row_id"], sort=False) if not sub.empty else []):
+    for (model, rid), grp in sub.groupby(["model", "_row_id"], sort=False) if not sub.empty else []:
         configs = {ck: g.iloc[0]["config"] for ck, g in grp.groupby("config_key")}
         cells = {t: set(g["config_key"]) for t, g in grp.groupby("task")}
         varying = _varying_keys(configs, cells)
@@ -315,8 +354,11 @@ def build_table(df: pd.DataFrame, table_id: str, which: str = "best", paper: dic
         for ck, conf in configs.items():
             mismatch = [k for k in ref if k in conf and not _eq(conf[k], ref[k])]
             # Table 4: a budget-matched LoRA always names the partition its ranks came from
-            own = {k for k in conf if k.startswith("method.partition.")} if (
-                row_key == "partition" and rid == "lora_matched") else set()
+            own = (
+                {k for k in conf if k.startswith("method.partition.")}
+                if (row_key == "partition" and rid == "lora_matched")
+                else set()
+            )
             labels[ck] = _label(conf, set(varying) | set(mismatch) | own)
             # on the paper's row: agrees with the paper's setting on every key it has, and has no
             # value for a varying key the paper does not set (e.g. a cumulative threshold)
@@ -344,8 +386,13 @@ def build_table(df: pd.DataFrame, table_id: str, which: str = "best", paper: dic
                     name = partition_label(first["partition"], first["partition_args"]) or "?"
                 else:
                     name = METHOD_NAMES.get(rid, rid)
-                row = Row(model=MODEL_NAMES.get(model, model), method=name + (f" ({lab})" if lab else ""),
-                          model_config=model, row_id=rid, label=lab)
+                row = Row(
+                    model=MODEL_NAMES.get(model, model),
+                    method=name + (f" ({lab})" if lab else ""),
+                    model_config=model,
+                    row_id=rid,
+                    label=lab,
+                )
                 extra.setdefault(model, []).append(row)
             row.cells = {c["key"]: _cell_stat(recs[recs["task"] == c["task"]], fields[c["key"]]) for c in cols}
             row.avg = _avg_stat(row.cells)
@@ -353,8 +400,9 @@ def build_table(df: pd.DataFrame, table_id: str, which: str = "best", paper: dic
             if "budget_residual_share" in recs.columns:
                 row.residual = [100.0 * float(v) for v in recs["budget_residual_share"].dropna()]
             row.records = recs.drop(columns=["_row_id"])
-            row.groups = [(t, ck, sorted(g["seed"]), list(g["path"]))
-                          for (t, ck), g in recs.groupby(["task", "config_key"])]
+            row.groups = [
+                (t, ck, sorted(g["seed"]), list(g["path"])) for (t, ck), g in recs.groupby(["task", "config_key"])
+            ]
     # order: each paper section followed by our extra rows of that model; other models last
     rows: list[Row] = []
     for i, r in enumerate(paper_rows):
@@ -389,10 +437,12 @@ def _sorted_extra(rows: list[Row]) -> list[Row]:
     def key(r):
         rid = r.row_id or ""
         return (METHOD_ORDER.index(rid) if rid in METHOD_ORDER else len(METHOD_ORDER), rid, r.label)
+
     return sorted(rows, key=key)
 
 
 # ----------------------------------------------------------------------------- rendering
+
 
 def _params_text(row: Row) -> str:
     if not row.params:
@@ -451,40 +501,61 @@ def header(table: Table) -> list[str]:
 
 def notes(table: Table, verbose: bool = False) -> list[str]:
     spec = table.spec
-    lines = [f"Each cell: ours / paper. Ours: mean ± sample std over seeds (n = number of seeds; n=1: "
-             f"one seed, no spread), {DASH} = no run. Score: {spec.get('metric', 'accuracy (%)')}"
-             + (f"; GLUE columns at the {table.which} epoch" if "{which}" in json.dumps(spec["columns"]) else "") + "."]
-    lines.append("Bold: the best of our means in a column within one model, marked only when it beats the "
-                 "runner-up by more than the sum of their standard deviations (both with n ≥ 2); "
-                 "differences within the spread are not wins.")
-    basis = {"adapter_share": "100 × adapter / all parameters",
-             "adapter_share_of_backbone": "100 × adapter / backbone parameters"}.get(table.params_basis,
-                                                                                      table.params_basis)
+    lines = [
+        f"Each cell: ours / paper. Ours: mean ± sample std over seeds (n = number of seeds; n=1: "
+        f"one seed, no spread), {DASH} = no run. Score: {spec.get('metric', 'accuracy (%)')}"
+        + (f"; GLUE columns at the {table.which} epoch" if "{which}" in json.dumps(spec["columns"]) else "")
+        + "."
+    ]
+    lines.append(
+        "Bold: the best of our means in a column within one model, marked only when it beats the "
+        "runner-up by more than the sum of their standard deviations (both with n ≥ 2); "
+        "differences within the spread are not wins."
+    )
+    basis = {
+        "adapter_share": "100 × adapter / all parameters",
+        "adapter_share_of_backbone": "100 × adapter / backbone parameters",
+    }.get(table.params_basis, table.params_basis)
     lines.append(f"# Params (%): ours = {basis} from the records; paper as printed.")
     lines += list(spec.get("notes") or [])
     if table.which == "best" and "{which}" in json.dumps(spec["columns"]):
-        lines.append(f"Best epoch: chosen on {spec.get('best_epoch_on', 'the validation split')}"
-                     + (", the same data the columns report: an optimistic choice (--which final: the last "
-                        "epoch)." if spec.get("best_epoch_on_reported", False) else "."))
+        lines.append(
+            f"Best epoch: chosen on {spec.get('best_epoch_on', 'the validation split')}"
+            + (
+                ", the same data the columns report: an optimistic choice (--which final: the last epoch)."
+                if spec.get("best_epoch_on_reported", False)
+                else "."
+            )
+        )
     if any(r.row_id == "pilora" for r in table.rows):
         lines.append(stage1_note(table))
     if spec.get("dagger_sources"):
-        lines.append("† reported in " + "; ".join(spec["dagger_sources"]) + ", copied by the paper"
-                     + (" (per-row source: analysis/paper_numbers.json)." if len(spec["dagger_sources"]) > 1 else "."))
+        lines.append(
+            "† reported in "
+            + "; ".join(spec["dagger_sources"])
+            + ", copied by the paper"
+            + (" (per-row source: analysis/paper_numbers.json)." if len(spec["dagger_sources"]) > 1 else ".")
+        )
     if any(r.residual for r in table.rows):
-        lines.append("LoRA (budget-matched): LoRA with per-module ranks from PiLoRA's partition, matching "
-                     "PiLoRA's trainable-parameter count; residual = its adapter parameters minus PiLoRA's, "
-                     "in % of PiLoRA's.")
+        lines.append(
+            "LoRA (budget-matched): LoRA with per-module ranks from PiLoRA's partition, matching "
+            "PiLoRA's trainable-parameter count; residual = its adapter parameters minus PiLoRA's, "
+            "in % of PiLoRA's."
+        )
     if any(r.paper is None for r in table.rows):
-        lines.append("Rows without a paper number are configurations the paper does not report "
-                     "(other model, method or setting; the label says what differs).")
+        lines.append(
+            "Rows without a paper number are configurations the paper does not report "
+            "(other model, method or setting; the label says what differs)."
+        )
     if table.n_records == 0:
         lines.append("No records for this table: only the paper's numbers are shown.")
     if verbose:
         for r in table.rows:
             for t, ck, seeds, paths in r.groups:
-                lines.append(f"  {r.model} / {r.method}: {t} config {ck} seeds {seeds}: "
-                             + ", ".join(os.path.dirname(p) for p in paths))
+                lines.append(
+                    f"  {r.model} / {r.method}: {t} config {ck} seeds {seeds}: "
+                    + ", ".join(os.path.dirname(p) for p in paths)
+                )
     return lines
 
 
@@ -501,19 +572,31 @@ def _stage1_length(config: dict) -> str:
 
 def stage1_note(table: Table) -> str:
     """PiLoRA's extra training, said in the accuracy table and not only in the cost table."""
-    seen = sorted({_stage1_length(c) for r in table.rows if r.row_id in ("pilora", "lora_matched")
-                   and r.records is not None for c in r.records["config"]})
+    seen = sorted(
+        {
+            _stage1_length(c)
+            for r in table.rows
+            if r.row_id in ("pilora", "lora_matched") and r.records is not None
+            for c in r.records["config"]
+        }
+    )
     ours = f" (our records: {', '.join(seen)})" if seen else ""
-    return ("Training length: PiLoRA first trains a plain LoRA for its stage 1 (the paper: 1 epoch), "
-            "discards it and then trains the rows' epochs; the other rows train the epochs alone. "
-            f"LoRA (budget-matched) runs the same stage 1 unless it reused PiLoRA's{ours}. "
-            "The cost table counts it.")
+    return (
+        "Training length: PiLoRA first trains a plain LoRA for its stage 1 (the paper: 1 epoch), "
+        "discards it and then trains the rows' epochs; the other rows train the epochs alone. "
+        f"LoRA (budget-matched) runs the same stage 1 unless it reused PiLoRA's{ours}. "
+        "The cost table counts it."
+    )
 
 
 def to_markdown(table: Table, verbose: bool = False) -> str:
     head = header(table)
-    lines = [f"### {table.spec['title']}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    lines = [
+        f"### {table.spec['title']}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|",
+    ]
     for r in table.rows:
         lines.append("| " + " | ".join(cell_texts(table, r)) + " |")
     lines.append("")
@@ -526,19 +609,39 @@ def _tex(s: str) -> str:
     if bold:  # a clear win: "**ours** / paper"
         head, _, tail = s[2:].partition("** / ")
         return r"\textbf{" + _tex(head) + "} / " + _tex(tail)
-    s = (s.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
-         .replace("#", r"\#"))
-    return (s.replace(" ± ", r"$\pm$").replace("±", r"$\pm$").replace(DASH, "---").replace(" †", r"$^\dagger$")
-            .replace("–", "--").replace("α", r"$\alpha$").replace("τ", r"$\tau$").replace("×", r"$\times$")
-            .replace("≥", r"$\geq$").replace("Σ", r"$\Sigma$"))
+    s = (
+        s.replace("\\", r"\textbackslash{}")
+        .replace("&", r"\&")
+        .replace("%", r"\%")
+        .replace("_", r"\_")
+        .replace("#", r"\#")
+    )
+    return (
+        s.replace(" ± ", r"$\pm$")
+        .replace("±", r"$\pm$")
+        .replace(DASH, "---")
+        .replace(" †", r"$^\dagger$")
+        .replace("–", "--")
+        .replace("α", r"$\alpha$")
+        .replace("τ", r"$\tau$")
+        .replace("×", r"$\times$")
+        .replace("≥", r"$\geq$")
+        .replace("Σ", r"$\Sigma$")
+    )
 
 
 def to_latex(table: Table, verbose: bool = False) -> str:
     head = header(table)
-    lines = [r"\begin{table}[t]", r"\centering", r"\scriptsize",
-             r"\caption{" + _tex(table.spec["title"]) + r" (ours / paper)}",
-             r"\begin{tabular}{ll" + "r" * (len(head) - 2) + "}", r"\toprule",
-             " & ".join(_tex(h) for h in head) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\scriptsize",
+        r"\caption{" + _tex(table.spec["title"]) + r" (ours / paper)}",
+        r"\begin{tabular}{ll" + "r" * (len(head) - 2) + "}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in head) + r" \\",
+        r"\midrule",
+    ]
     prev = None
     for r in table.rows:
         if prev is not None and r.model != prev:
@@ -558,13 +661,23 @@ def table_frame(table: Table) -> pd.DataFrame:
         for c in table.columns + [{"key": "avg", "label": table.spec.get("avg_label", "Avg.")}]:
             s = r.avg if c["key"] == "avg" else r.cells.get(c["key"])
             paper_v = p.get("avg") if c["key"] == "avg" else (p.get("values") or {}).get(c["key"])
-            out.append({"model": r.model, "method": r.method, "column": c["label"],
-                        "ours_mean": s.mean if s else None, "ours_std": s.std if s else None,
-                        "n": s.n if s else 0, "best": c["key"] in r.best, "paper": paper_v})
+            out.append(
+                {
+                    "model": r.model,
+                    "method": r.method,
+                    "column": c["label"],
+                    "ours_mean": s.mean if s else None,
+                    "ours_std": s.std if s else None,
+                    "n": s.n if s else 0,
+                    "best": c["key"] in r.best,
+                    "paper": paper_v,
+                }
+            )
     return pd.DataFrame(out)
 
 
 # ----------------------------------------------------------------------------- cost
+
 
 @dataclass
 class CostRow:
@@ -576,16 +689,16 @@ class CostRow:
     jobs: int
     tasks: int
     seeds: list
-    devices: list             # "NVIDIA H100 80GB HBM3", "2× …", "cpu"
-    wall_h: float | None      # Σ total_s / 3600 over the timed jobs (None: none has a time)
-    stage1_h: float | None    # Σ stage1_s / 3600 (None: no job has a stage 1)
-    stage1_reused: int        # jobs that reused another job's stage 1 (method.importance_from)
-    gpu_h: float | None       # Σ total_s × GPUs / 3600 over the timed GPU jobs (None: no GPU job)
-    cpu_h: float | None       # Σ total_s / 3600 over the timed CPU jobs (None: no CPU job)
-    peak_gb: float | None     # max peak_memory_mb / 1024
-    untimed: int = 0          # jobs without timing.total_s
-    gpus_assumed: int = 0     # GPU jobs whose record has neither n_gpus nor world_size (counted as 1)
-    unknown_device: int = 0   # jobs whose record names no device (in no GPU-h / CPU-h sum)
+    devices: list  # "NVIDIA H100 80GB HBM3", "2× …", "cpu"
+    wall_h: float | None  # Σ total_s / 3600 over the timed jobs (None: none has a time)
+    stage1_h: float | None  # Σ stage1_s / 3600 (None: no job has a stage 1)
+    stage1_reused: int  # jobs that reused another job's stage 1 (method.importance_from)
+    gpu_h: float | None  # Σ total_s × GPUs / 3600 over the timed GPU jobs (None: no GPU job)
+    cpu_h: float | None  # Σ total_s / 3600 over the timed CPU jobs (None: no CPU job)
+    peak_gb: float | None  # max peak_memory_mb / 1024
+    untimed: int = 0  # jobs without timing.total_s
+    gpus_assumed: int = 0  # GPU jobs whose record has neither n_gpus nor world_size (counted as 1)
+    unknown_device: int = 0  # jobs whose record names no device (in no GPU-h / CPU-h sum)
 
 
 def _col(recs: pd.DataFrame, name: str) -> pd.Series:
@@ -610,17 +723,28 @@ def build_cost(table: Table) -> list[CostRow]:
         gpus = n_gpus.fillna(1.0)
         timed = total.notna()
         devices = sorted({(f"{int(g)}× {d}" if g > 1 else str(d)) for d, g, k in zip(dev, gpus, gpu | cpu) if k})
-        out.append(CostRow(
-            table=table.id, model=r.model, method=r.method, jobs=len(recs), tasks=recs["task"].nunique(),
-            seeds=sorted(set(int(v) for v in recs["seed"])), devices=devices,
-            wall_h=float(total[timed].sum()) / 3600 if timed.any() else None,
-            stage1_h=float(stage1.dropna().sum()) / 3600 if stage1.notna().any() else None,
-            stage1_reused=int((stage1.notna() & recs["importance_from"].notna()).sum()),
-            gpu_h=float((total * gpus)[gpu & timed].sum()) / 3600 if gpu.any() else None,
-            cpu_h=float(total[cpu & timed].sum()) / 3600 if cpu.any() else None,
-            peak_gb=float(_col(recs, "peak_memory_mb").max()) / 1024 if _col(recs, "peak_memory_mb").notna().any() else None,
-            untimed=int((~timed).sum()), gpus_assumed=int((gpu & n_gpus.isna()).sum()),
-            unknown_device=int((~known).sum())))
+        out.append(
+            CostRow(
+                table=table.id,
+                model=r.model,
+                method=r.method,
+                jobs=len(recs),
+                tasks=recs["task"].nunique(),
+                seeds=sorted(set(int(v) for v in recs["seed"])),
+                devices=devices,
+                wall_h=float(total[timed].sum()) / 3600 if timed.any() else None,
+                stage1_h=float(stage1.dropna().sum()) / 3600 if stage1.notna().any() else None,
+                stage1_reused=int((stage1.notna() & recs["importance_from"].notna()).sum()),
+                gpu_h=float((total * gpus)[gpu & timed].sum()) / 3600 if gpu.any() else None,
+                cpu_h=float(total[cpu & timed].sum()) / 3600 if cpu.any() else None,
+                peak_gb=float(_col(recs, "peak_memory_mb").max()) / 1024
+                if _col(recs, "peak_memory_mb").notna().any()
+                else None,
+                untimed=int((~timed).sum()),
+                gpus_assumed=int((gpu & n_gpus.isna()).sum()),
+                unknown_device=int((~known).sum()),
+            )
+        )
     return out
 
 
@@ -633,35 +757,59 @@ def hours_text(v: float | None) -> str:
     return f"{v:.2g}"
 
 
-COST_HEADER = ["Table", "Model", "Method", "Jobs", "Device", "Wall time (h)", "Stage 1 (h)", "GPU-h",
-               "Peak memory (GB)"]
+COST_HEADER = [
+    "Table",
+    "Model",
+    "Method",
+    "Jobs",
+    "Device",
+    "Wall time (h)",
+    "Stage 1 (h)",
+    "GPU-h",
+    "Peak memory (GB)",
+]
 
 
 def cost_texts(c: CostRow) -> list[str]:
     tasks = f"{c.tasks} task{'s' if c.tasks != 1 else ''}"
     seeds = ",".join(str(s) for s in c.seeds)
-    jobs = f"{c.jobs} ({tasks} × {len(c.seeds)} seeds)" if c.jobs == c.tasks * len(c.seeds) and len(c.seeds) > 1 \
+    jobs = (
+        f"{c.jobs} ({tasks} × {len(c.seeds)} seeds)"
+        if c.jobs == c.tasks * len(c.seeds) and len(c.seeds) > 1
         else f"{c.jobs} ({tasks}, seed{'s' if len(c.seeds) != 1 else ''} {seeds})"
+    )
     stage1 = hours_text(c.stage1_h) + (f" ({c.stage1_reused} reused)" if c.stage1_reused else "")
     compute = [hours_text(c.gpu_h)] if c.gpu_h is not None else []
     if c.cpu_h is not None:
         compute.append(f"{hours_text(c.cpu_h)} CPU-h")
-    return [f"Table {c.table}", c.model, c.method, jobs, ", ".join(c.devices) or DASH, hours_text(c.wall_h),
-            stage1, " + ".join(compute) or DASH, DASH if c.peak_gb is None else f"{c.peak_gb:.2f}"]
+    return [
+        f"Table {c.table}",
+        c.model,
+        c.method,
+        jobs,
+        ", ".join(c.devices) or DASH,
+        hours_text(c.wall_h),
+        stage1,
+        " + ".join(compute) or DASH,
+        DASH if c.peak_gb is None else f"{c.peak_gb:.2f}",
+    ]
 
 
 def cost_notes(rows: list[CostRow]) -> list[str]:
-    lines = ["Wall time: Σ over the row's jobs of timing.total_s (every stage: PiLoRA's stage 1, training, "
-             "final evaluation); Stage 1: the part spent in stage 1 ('reused': jobs that loaded another job's "
-             "stage 1 through method.importance_from and did not pay for it).",
-             "GPU-h: Σ total_s × GPUs / 3600 over GPU jobs; jobs on the CPU are shown as CPU-h (wall-clock hours, "
-             "not core-hours); GPUs per job: the record's n_gpus, else its world_size. Peak memory: largest "
-             "peak_memory_mb of the row's jobs (GPU: allocated by torch, one process; CPU: the process's peak "
-             "resident memory)."]
+    lines = [
+        "Wall time: Σ over the row's jobs of timing.total_s (every stage: PiLoRA's stage 1, training, "
+        "final evaluation); Stage 1: the part spent in stage 1 ('reused': jobs that loaded another job's "
+        "stage 1 through method.importance_from and did not pay for it).",
+        "GPU-h: Σ total_s × GPUs / 3600 over GPU jobs; jobs on the CPU are shown as CPU-h (wall-clock hours, "
+        "not core-hours); GPUs per job: the record's n_gpus, else its world_size. Peak memory: largest "
+        "peak_memory_mb of the row's jobs (GPU: allocated by torch, one process; CPU: the process's peak "
+        "resident memory).",
+    ]
     assumed = sum(c.gpus_assumed for c in rows)
     if assumed:
-        lines.append(f"{assumed} GPU job(s) do not record their GPU count (n_gpus or world_size): "
-                     "counted as 1 GPU each.")
+        lines.append(
+            f"{assumed} GPU job(s) do not record their GPU count (n_gpus or world_size): counted as 1 GPU each."
+        )
     untimed = sum(c.untimed for c in rows)
     if untimed:
         lines.append(f"{untimed} job(s) have no timing.total_s: left out of the hours.")
@@ -687,18 +835,32 @@ def cost_latex(tables: list[Table]) -> str:
     rows = [c for t in tables for c in build_cost(t)]
     if not rows:
         return "% Cost: no records.\n"
-    lines = [r"\begin{table}[t]", r"\centering", r"\scriptsize", r"\caption{Cost of the runs behind the tables}",
-             r"\begin{tabular}{lllll" + "r" * 4 + "}", r"\toprule", " & ".join(_tex(h) for h in COST_HEADER) + r" \\",
-             r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\scriptsize",
+        r"\caption{Cost of the runs behind the tables}",
+        r"\begin{tabular}{lllll" + "r" * 4 + "}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in COST_HEADER) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(_tex(t) for t in cost_texts(c)) + r" \\" for c in rows]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     lines += ["% " + n for n in cost_notes(rows)]
     return "\n".join(lines) + "\n"
 
 
-def render(df: pd.DataFrame, tables=TABLE_IDS, which: str = "best", latex: bool = False,
-           params_basis: str = "adapter_share", verbose: bool = False, paper: dict | None = None,
-           cost: bool = True) -> str:
+def render(
+    df: pd.DataFrame,
+    tables=TABLE_IDS,
+    which: str = "best",
+    latex: bool = False,
+    params_basis: str = "adapter_share",
+    verbose: bool = False,
+    paper: dict | None = None,
+    cost: bool = True,
+) -> str:
     """The tables (Markdown or LaTeX), followed by the cost table unless ``cost=False``."""
     paper = paper or load_paper()
     fn = to_latex if latex else to_markdown
@@ -713,11 +875,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Tables 1-4: our records beside the paper's numbers.")
     add_source_args(p)
     p.add_argument("--table", nargs="+", choices=TABLE_IDS, default=list(TABLE_IDS))
-    p.add_argument("--which", choices=["best", "final"], default="best",
-                   help="GLUE: validation accuracy of the best or the last epoch (default best)")
+    p.add_argument(
+        "--which",
+        choices=["best", "final"],
+        default="best",
+        help="GLUE: validation accuracy of the best or the last epoch (default best)",
+    )
     p.add_argument("--latex", action="store_true", help="LaTeX instead of Markdown")
-    p.add_argument("--params-basis", choices=["adapter_share", "adapter_share_of_backbone"],
-                   default="adapter_share")
+    p.add_argument("--params-basis", choices=["adapter_share", "adapter_share_of_backbone"], default="adapter_share")
     p.add_argument("--verbose", action="store_true", help="list the configurations and folders behind each row")
     p.add_argument("--no-cost", action="store_true", help="leave out the cost table (wall time, GPU-hours, memory)")
     p.add_argument("--out", help="also write the output to this file")

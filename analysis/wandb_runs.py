@@ -46,8 +46,8 @@ def read_records(path: str):
         if left < _CHUNK_HEADER:  # block trailer padding
             pos += left
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _CHUNK_HEADER])
-        chunk = data[pos + _CHUNK_HEADER:pos + _CHUNK_HEADER + length]
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
+        chunk = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
         pos += _CHUNK_HEADER + length
         if len(chunk) != length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
             return
@@ -85,8 +85,9 @@ def find_offline_runs(root: str) -> list[str]:
     found = []
     for here, dirs, files in os.walk(root):
         # latest-run is W&B's link to the newest run folder: a copied tree holds it as a second copy
-        dirs[:] = sorted(d for d in dirs if not d.startswith("checkpoint-")
-                         and d not in ("adapter", "adapter_pilora", "latest-run"))
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith("checkpoint-") and d not in ("adapter", "adapter_pilora", "latest-run")
+        )
         found += [os.path.join(here, f) for f in files if f.startswith("run-") and f.endswith(".wandb")]
     return sorted(found)
 
@@ -98,9 +99,16 @@ def read_run(path: str) -> dict:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
-            run_info = {"id": r.run_id, "name": r.display_name, "project": r.project, "entity": r.entity,
-                        "group": r.run_group, "job_type": r.job_type, "tags": list(r.tags),
-                        "commit": r.git.commit or None}
+            run_info = {
+                "id": r.run_id,
+                "name": r.display_name,
+                "project": r.project,
+                "entity": r.entity,
+                "group": r.run_group,
+                "job_type": r.job_type,
+                "tags": list(r.tags),
+                "commit": r.git.commit or None,
+            }
             _apply(config, r.config.update)
             _apply(summary, r.summary.update)
         elif kind == "config":
@@ -132,6 +140,14 @@ def read_run(path: str) -> dict:
         if local and not os.path.exists(local):
             missing.append(local)
             files.pop(name)
-    return {**run_info, "state": state, "path": os.path.dirname(path), "config": config, "summary": summary,
-            "record": record, "artifact_files": files, "artifact_types": sorted(artifacts),
-            "missing_files": sorted(set(missing))}
+    return {
+        **run_info,
+        "state": state,
+        "path": os.path.dirname(path),
+        "config": config,
+        "summary": summary,
+        "record": record,
+        "artifact_files": files,
+        "artifact_types": sorted(artifacts),
+        "missing_files": sorted(set(missing)),
+    }

@@ -26,8 +26,14 @@ from benchmarks.report import build_record, environment, format_report, write_js
 from benchmarks.runner import run_workload
 from benchmarks.workloads import K_DEFAULT, LAYERS_7B, llama_workload
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
-                num_key_value_heads=16, vocab_size=32000)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5504,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,25 +45,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="decoder layers")
     p.add_argument("--no-importance", action="store_true", help="skip the importance-pass memory check")
-    p.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor", default=None,
-                   help="also time LoRA, LoRA fused, PiLoRA and stage 1 under torch.compile (default backend: inductor)")
+    p.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        nargs="?",
+        const="inductor",
+        default=None,
+        help="also time LoRA, LoRA fused, PiLoRA and stage 1 under torch.compile (default backend: inductor)",
+    )
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace, device: str = "cuda", dtype=torch.bfloat16, config: dict | None = None,
-        importance_shapes: dict | None = None) -> dict:
+def run(
+    args: argparse.Namespace,
+    device: str = "cuda",
+    dtype=torch.bfloat16,
+    config: dict | None = None,
+    importance_shapes: dict | None = None,
+) -> dict:
     """The benchmark itself; ``main`` refuses to call it without CUDA (tests call it tiny on CPU)."""
     cfg = dict(config) if config else dict(LLAMA_1B, num_hidden_layers=args.layers)
     t0 = time.perf_counter()
-    wl = llama_workload("llama_1b" if config is None else "llama_tiny", cfg, args.batch, args.seq, dtype, device,
-                        steps_per_sample=K_DEFAULT)
+    wl = llama_workload(
+        "llama_1b" if config is None else "llama_tiny",
+        cfg,
+        args.batch,
+        args.seq,
+        dtype,
+        device,
+        steps_per_sample=K_DEFAULT,
+    )
     print(f"[{time.perf_counter() - t0:6.1f} s] built {wl.meta}", flush=True)
     results = {wl.name: run_workload(wl, args.repeats, args.warmup, device)}
     if args.compile:
         print(f"[{time.perf_counter() - t0:6.1f} s] compiled ({args.compile})", flush=True)
-        results[wl.name + "_compiled"] = run_workload(wl, args.repeats, args.warmup, device,
-                                                      methods=("lora", "lora_fused", "pilora", "stage1_k10"),
-                                                      merged=False, compile_backend=args.compile)
+        results[wl.name + "_compiled"] = run_workload(
+            wl,
+            args.repeats,
+            args.warmup,
+            device,
+            methods=("lora", "lora_fused", "pilora", "stage1_k10"),
+            merged=False,
+            compile_backend=args.compile,
+        )
     del wl
     gc.collect()
     if device.startswith("cuda"):
@@ -67,9 +97,17 @@ def run(args: argparse.Namespace, device: str = "cuda", dtype=torch.bfloat16, co
         print(f"[{time.perf_counter() - t0:6.1f} s] importance pass memory", flush=True)
         importance = importance_memory(importance_shapes or LAYERS_7B, dtype, device)
     env = environment(device, args, script="benchmarks.gpu_llama")
-    conf = {"model": cfg, "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "warmup": args.warmup,
-            "dtype": str(dtype).replace("torch.", ""), "k_default": K_DEFAULT, "compile": args.compile,
-            "wall_s": time.perf_counter() - t0}
+    conf = {
+        "model": cfg,
+        "batch": args.batch,
+        "seq": args.seq,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "dtype": str(dtype).replace("torch.", ""),
+        "k_default": K_DEFAULT,
+        "compile": args.compile,
+        "wall_s": time.perf_counter() - t0,
+    }
     if device.startswith("cuda"):
         conf["max_memory_allocated_total"] = torch.cuda.max_memory_allocated()
     record = build_record(results, importance, env, conf)
@@ -82,9 +120,11 @@ def run(args: argparse.Namespace, device: str = "cuda", dtype=torch.bfloat16, co
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks.gpu_llama needs a CUDA device and none is available "
-              "(torch.cuda.is_available() is False); on a CPU run `python -m benchmarks.step_time` instead.",
-              file=sys.stderr)
+        print(
+            "benchmarks.gpu_llama needs a CUDA device and none is available "
+            "(torch.cuda.is_available() is False); on a CPU run `python -m benchmarks.step_time` instead.",
+            file=sys.stderr,
+        )
         return 2
     run(args)
     return 0

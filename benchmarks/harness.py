@@ -48,9 +48,15 @@ def round_order(names: list, rep: int) -> list:
     return order[::-1] if rep % 2 else order
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str,
-                     steps: dict[str, int] | None = None, checks: dict[str, Callable[[], bool]] | None = None,
-                     details: dict | None = None) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int,
+    device: str,
+    steps: dict[str, int] | None = None,
+    checks: dict[str, Callable[[], bool]] | None = None,
+    details: dict | None = None,
+) -> dict[str, list[float]]:
     """Per-step seconds of every ``fn`` (the mean over a window of ``steps[name]`` consecutive
     calls), ``repeats`` windows each after ``warmup`` discarded rounds, interleaved.
 
@@ -134,8 +140,7 @@ def peak_extra_bytes(fn: Callable[[], None], device: str) -> int:
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     cpu = torch._C._autograd.DeviceType.CPU
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == cpu]
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
     cur = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         cur += e.nbytes()
@@ -192,8 +197,13 @@ def operator_profile(fn: Callable[[], None], device: str, calls: int = 1) -> dic
             fn()
         host.append((time.perf_counter() - t0) / calls)
         sync(device)
-    return {"ops": ops / calls, "autograd_nodes": nodes / calls, "python_functions": py / calls,
-            "host_s": statistics.median(host), "calls": calls}
+    return {
+        "ops": ops / calls,
+        "autograd_nodes": nodes / calls,
+        "python_functions": py / calls,
+        "host_s": statistics.median(host),
+        "calls": calls,
+    }
 
 
 def profile_breakdown(wl: Workload, methods=(BASELINE, "pilora"), steps: int = 3, device: str = "cpu") -> dict:

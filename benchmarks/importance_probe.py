@@ -67,15 +67,18 @@ class ChunkProbe:
         return False
 
 
-def importance_memory(shapes: dict[str, tuple[int, int]], dtype, device: str, seed: int = 0,
-                      where: str = "7B layer set") -> dict:
+def importance_memory(
+    shapes: dict[str, tuple[int, int]], dtype, device: str, seed: int = 0, where: str = "7B layer set"
+) -> dict:
     """Peak extra bytes and live ``G̃`` blocks of one ``ImportanceAccumulator.update()``."""
     from pilora import ImportanceAccumulator, prepare_model
     from pilora.peft_layers import lora_layers
 
     g = torch.Generator().manual_seed(seed)
-    weights = {k: nn.Parameter(torch.randn(o, i, generator=g).to(device=device, dtype=dtype) / i ** 0.5,
-                               requires_grad=False) for k, (i, o) in shapes.items()}
+    weights = {
+        k: nn.Parameter(torch.randn(o, i, generator=g).to(device=device, dtype=dtype) / i**0.5, requires_grad=False)
+        for k, (i, o) in shapes.items()
+    }
     model = prepare_model(LayerSet(weights), method_config("stage1", ["proj"]), stage=1)
     acc = ImportanceAccumulator(model, interval=1, chunk_rows=CHUNK_ROWS)
     with torch.no_grad():  # gradients as a backward pass would leave them (values do not matter)
@@ -90,11 +93,21 @@ def importance_memory(shapes: dict[str, tuple[int, int]], dtype, device: str, se
     fp32 = 4
     chunk = max(min(CHUNK_ROWS, o) * i for i, o in shapes.values()) * fp32
     dense = max(o * i for i, o in shapes.values()) * fp32
-    out = {"layers": {k: {"m": o, "n": i, "chunk_bytes": min(CHUNK_ROWS, o) * i * fp32,
-                          "dense_bytes": o * i * fp32} for k, (i, o) in shapes.items()},
-           "chunk_rows": CHUNK_ROWS, "peak_extra_bytes": peak, "chunk_bytes": chunk, "dense_bytes": dense,
-           "max_block_elems": probe.max_block_elems, "chunk_bound_elems": probe.bound_elems,
-           "max_live_blocks": probe.max_live, "blocks_formed": probe.blocks, "where": where}
+    out = {
+        "layers": {
+            k: {"m": o, "n": i, "chunk_bytes": min(CHUNK_ROWS, o) * i * fp32, "dense_bytes": o * i * fp32}
+            for k, (i, o) in shapes.items()
+        },
+        "chunk_rows": CHUNK_ROWS,
+        "peak_extra_bytes": peak,
+        "chunk_bytes": chunk,
+        "dense_bytes": dense,
+        "max_block_elems": probe.max_block_elems,
+        "chunk_bound_elems": probe.bound_elems,
+        "max_live_blocks": probe.max_live,
+        "blocks_formed": probe.blocks,
+        "where": where,
+    }
     del model, acc
     gc.collect()
     return out

@@ -10,20 +10,37 @@ import torch
 
 from benchmarks.harness import measure_memory, operator_profile, time_interleaved
 from benchmarks.stats import memory_ratios, ratio_summary, robust_step_time, stage1_overheads
-from benchmarks.workloads import (BASELINE, K_DEFAULT, TRAIN_METHODS, Workload, build_variant, method_config,
-                                  random_masks)
+from benchmarks.workloads import (
+    BASELINE,
+    K_DEFAULT,
+    TRAIN_METHODS,
+    Workload,
+    build_variant,
+    method_config,
+    random_masks,
+)
 
 
-def run_workload(wl: Workload, repeats: int, warmup: int, device: str, log=print,
-                 methods=TRAIN_METHODS, merged: bool = True, compile_backend: str | None = None) -> dict:
+def run_workload(
+    wl: Workload,
+    repeats: int,
+    warmup: int,
+    device: str,
+    log=print,
+    methods=TRAIN_METHODS,
+    merged: bool = True,
+    compile_backend: str | None = None,
+) -> dict:
     """Every method on ``wl``: interleaved step times (``repeats`` rounds after ``warmup``), memory,
     operators and host time per step, parameter counts, the stage-1 overhead and, with ``merged``,
     the merged PiLoRA model's inference time."""
     k = wl.steps_per_sample
     methods = [m for m in methods if not (m == "stage1_k10" and k % K_DEFAULT)]  # needs whole windows
     masks = random_masks(wl.reference if wl.reference is not None else wl.make_base(False), wl.targets)
-    variants = {m: build_variant(m, wl, masks=masks if m == "pilora" else None, compile_backend=compile_backend)
-                for m in methods}
+    variants = {
+        m: build_variant(m, wl, masks=masks if m == "pilora" else None, compile_backend=compile_backend)
+        for m in methods
+    }
     fns = {m: v.step for m, v in variants.items()}
     if "stage1_k1" in variants:
         fns["importance_check"] = variants["stage1_k1"].accumulator.update  # grads of its last step
@@ -32,8 +49,11 @@ def run_workload(wl: Workload, repeats: int, warmup: int, device: str, log=print
     if "stage1_k1" in variants:
         variants["stage1_k1"].step()
     t0 = time.perf_counter()
-    checks = {m: (lambda acc=v.accumulator: acc.steps_seen % acc.interval == 0)
-              for m, v in variants.items() if v.accumulator is not None}
+    checks = {
+        m: (lambda acc=v.accumulator: acc.steps_seen % acc.interval == 0)
+        for m, v in variants.items()
+        if v.accumulator is not None
+    }
     details: dict = {}
     samples = time_interleaved(fns, repeats, warmup, device, steps, checks, details)
     log(f"  {wl.name}: timed {len(fns)} methods × {warmup}+{repeats} rounds in {time.perf_counter() - t0:.1f} s")
@@ -44,11 +64,19 @@ def run_workload(wl: Workload, repeats: int, warmup: int, device: str, log=print
     for m, o in ops.items():
         o["ratio"] = o["ops"] / ops[BASELINE]["ops"]
         o["host_ratio"] = o["host_s"] / ops[BASELINE]["host_s"]
-    out = {"name": wl.name, "kind": wl.kind, "meta": wl.meta, "steps_per_sample": k,
-           "adapter_params": {m: v.adapter_params() for m, v in variants.items()},
-           "stored_params": {m: v.stored_params() for m, v in variants.items()}, "ops": ops,
-           "time": summary, "memory": memory, "memory_ratios": memory_ratios(memory),
-           "stage1": stage1_overheads(summary)}
+    out = {
+        "name": wl.name,
+        "kind": wl.kind,
+        "meta": wl.meta,
+        "steps_per_sample": k,
+        "adapter_params": {m: v.adapter_params() for m, v in variants.items()},
+        "stored_params": {m: v.stored_params() for m, v in variants.items()},
+        "ops": ops,
+        "time": summary,
+        "memory": memory,
+        "memory_ratios": memory_ratios(memory),
+        "stage1": stage1_overheads(summary),
+    }
     for m, r in out["memory_ratios"].items():
         out["memory"][m]["ratio"] = r["peak"]
     del variants, fns
@@ -86,10 +114,16 @@ def merged_inference(wl: Workload, masks: dict, repeats: int, warmup: int, devic
 
         def fwd(m):
             return lambda: wl.forward(m)
+
         samples = time_interleaved({"base": fwd(reference), "merged": fwd(merged)}, repeats, warmup, device)
-    out = {"base_s": statistics.median(samples["base"]), "merged_s": statistics.median(samples["merged"]),
-           "samples_s": samples, "max_abs_diff_vs_unmerged": diff,
-           "output_scale": scale, "max_abs_change_vs_base": changed}
+    out = {
+        "base_s": statistics.median(samples["base"]),
+        "merged_s": statistics.median(samples["merged"]),
+        "samples_s": samples,
+        "max_abs_diff_vs_unmerged": diff,
+        "output_scale": scale,
+        "max_abs_change_vs_base": changed,
+    }
     out["ratio"] = out["merged_s"] / out["base_s"]
     del merged, model, reference
     gc.collect()

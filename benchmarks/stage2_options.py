@@ -51,7 +51,7 @@ class _AssembleRows(torch.autograd.Function):
     def backward(ctx, grad):
         dominant_rows, supplementary_rows = ctx.saved_tensors
         g_d = grad[:, : ctx.r].index_select(0, dominant_rows)
-        g_s = grad[:, ctx.r:].index_select(0, supplementary_rows)
+        g_s = grad[:, ctx.r :].index_select(0, supplementary_rows)
         return g_d, (g_s * ctx.c if ctx.c != 1.0 else g_s), None, None, None
 
 
@@ -72,8 +72,9 @@ class CompactB(nn.Module):
     @property
     def weight(self):
         if self.mode == "function":
-            return _AssembleRows.apply(self.dominant, self.supplementary, self.dominant_rows,
-                                       self.supplementary_rows, self.c)
+            return _AssembleRows.apply(
+                self.dominant, self.supplementary, self.dominant_rows, self.supplementary_rows, self.c
+            )
         if self.mode == "index":
             s = self.supplementary * self.c if self.c != 1.0 else self.supplementary
             stacked = torch.cat([F.pad(self.dominant, (0, self.r_s)), F.pad(s, (self.r, 0))])
@@ -99,15 +100,20 @@ class BatchedAssembly:
             nd = b.dominant.numel()
             idx[b.dominant_rows.cpu(), : b.r] = offset + torch.arange(nd).view(-1, b.r)
             sc[b.dominant_rows.cpu(), : b.r] = 1.0
-            idx[b.supplementary_rows.cpu(), b.r:] = offset + nd + torch.arange(b.supplementary.numel()).view(-1, b.r_s)
-            sc[b.supplementary_rows.cpu(), b.r:] = b.c
+            idx[b.supplementary_rows.cpu(), b.r :] = offset + nd + torch.arange(b.supplementary.numel()).view(-1, b.r_s)
+            sc[b.supplementary_rows.cpu(), b.r :] = b.c
             offset += nd + b.supplementary.numel()
             index.append(idx.flatten())
             scale.append(sc.flatten())
             sizes.append((m, b.r + b.r_s))
             leaves += [b.dominant, b.supplementary]
         dev = modules[0].dominant.device
-        self.index, self.scale, self.sizes, self.leaves = torch.cat(index).to(dev), torch.cat(scale).to(dev), sizes, leaves
+        self.index, self.scale, self.sizes, self.leaves = (
+            torch.cat(index).to(dev),
+            torch.cat(scale).to(dev),
+            sizes,
+            leaves,
+        )
         self.zero = torch.zeros(1, device=dev)
         self.handle = model.register_forward_pre_hook(self)
 
@@ -128,7 +134,9 @@ def build_option(option: str, wl: Workload, masks: dict) -> Variant:
     g = torch.Generator().manual_seed(3)
     for layer in lora_layers(v.model).values():
         stored = layer.lora_B["default"]
-        stored.set_blocks(*(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (stored.dominant, stored.supplementary)))
+        stored.set_blocks(
+            *(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (stored.dominant, stored.supplementary))
+        )
         layer.lora_B["default"] = CompactB(stored, "batched" if option == "batched" else option)
         mods.append(layer.lora_B["default"])
     if option == "batched":
@@ -156,11 +164,25 @@ def check_same_matrix(variants: dict[str, Variant]) -> float:
     return worst
 
 
-def run(quick: bool = True, repeats: int = 20, warmup: int = 2, device: str = "cpu", config: dict | None = None,
-        batch: int | None = None, seq: int | None = None) -> dict:
+def run(
+    quick: bool = True,
+    repeats: int = 20,
+    warmup: int = 2,
+    device: str = "cpu",
+    config: dict | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+) -> dict:
     sz = sizes(quick, device)
-    wl = llama_workload("llama", config or sz["llama"], batch or sz["batch"], seq or sz["seq"],
-                        torch.float32 if device == "cpu" else torch.bfloat16, device, steps_per_sample=1)
+    wl = llama_workload(
+        "llama",
+        config or sz["llama"],
+        batch or sz["batch"],
+        seq or sz["seq"],
+        torch.float32 if device == "cpu" else torch.bfloat16,
+        device,
+        steps_per_sample=1,
+    )
     masks = random_masks(wl.reference, wl.targets)
     variants = {"lora": build_variant("lora", wl), "lora_fused": build_variant("lora_fused", wl)}
     variants.update({o: build_option(o, wl, masks) for o in OPTIONS})
@@ -173,23 +195,32 @@ def run(quick: bool = True, repeats: int = 20, warmup: int = 2, device: str = "c
     ops = {m: operator_profile(fns[m], device, 1) for m in fns}
     out = {"workload": wl.meta, "repeats": repeats, "max_abs_diff_vs_stored": max_diff, "options": {}}
     for m in fns:
-        out["options"][m] = {"median_s": summary[m]["median_s"], "ratio": summary[m]["ratio"],
-                             "paired_ratio": summary[m]["paired_ratio"], **ops[m],
-                             "ops_ratio": ops[m]["ops"] / ops["lora"]["ops"],
-                             "trainable": variants[m].adapter_params(), "stored": variants[m].stored_params()}
+        out["options"][m] = {
+            "median_s": summary[m]["median_s"],
+            "ratio": summary[m]["ratio"],
+            "paired_ratio": summary[m]["paired_ratio"],
+            **ops[m],
+            "ops_ratio": ops[m]["ops"] / ops["lora"]["ops"],
+            "trainable": variants[m].adapter_params(),
+            "stored": variants[m].stored_params(),
+        }
     return out
 
 
 def format_table(res: dict) -> str:
-    lines = [f"# stage-2 B options on {res['workload']} ({res['repeats']} rounds); "
-             f"matrices agree to {res['max_abs_diff_vs_stored']:.1e}",
-             f"{'option':<11} {'step ms':>8} {'×LoRA':>7} {'paired q25–q75':>15} {'ops/step':>9} {'×LoRA':>7} "
-             f"{'nodes':>6} {'Python':>6} {'trainable':>10} {'stored':>9}"]
+    lines = [
+        f"# stage-2 B options on {res['workload']} ({res['repeats']} rounds); "
+        f"matrices agree to {res['max_abs_diff_vs_stored']:.1e}",
+        f"{'option':<11} {'step ms':>8} {'×LoRA':>7} {'paired q25–q75':>15} {'ops/step':>9} {'×LoRA':>7} "
+        f"{'nodes':>6} {'Python':>6} {'trainable':>10} {'stored':>9}",
+    ]
     for m, o in res["options"].items():
         pr = o["paired_ratio"]
-        lines.append(f"{m:<11} {1e3 * o['median_s']:>8.2f} {o['ratio']:>7.3f} {pr['q25']:>7.3f}–{pr['q75']:<7.3f} "
-                     f"{o['ops']:>9.0f} {o['ops_ratio']:>7.3f} {o['autograd_nodes']:>6.0f} {o['python_functions']:>6.0f} "
-                     f"{o['trainable']:>10} {o['stored']:>9}")
+        lines.append(
+            f"{m:<11} {1e3 * o['median_s']:>8.2f} {o['ratio']:>7.3f} {pr['q25']:>7.3f}–{pr['q75']:<7.3f} "
+            f"{o['ops']:>9.0f} {o['ops_ratio']:>7.3f} {o['autograd_nodes']:>6.0f} {o['python_functions']:>6.0f} "
+            f"{o['trainable']:>10} {o['stored']:>9}"
+        )
     return "\n".join(lines)
 
 

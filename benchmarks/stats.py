@@ -33,8 +33,9 @@ def robust_step_time(windows: list[list[tuple[float, bool]]]) -> float:
     return base + (statistics.median(check) - base) * len(check) / (len(check) + len(plain))
 
 
-def ratio_summary(samples: dict[str, list[float]], baseline: str = BASELINE,
-                  robust: dict[str, float] | None = None) -> dict[str, dict]:
+def ratio_summary(
+    samples: dict[str, list[float]], baseline: str = BASELINE, robust: dict[str, float] | None = None
+) -> dict[str, dict]:
     """Median per method and its ratio to the baseline's median, plus paired per-repeat ratios.
 
     ``samples[method][i]`` is repeat ``i``'s per-step time; repeat ``i`` of two methods ran
@@ -46,8 +47,7 @@ def ratio_summary(samples: dict[str, list[float]], baseline: str = BASELINE,
     for name, xs in samples.items():
         med = statistics.median(xs)
         paired = [a / b for a, b in zip(xs, base)] if len(xs) == len(base) else []
-        out[name] = {"median_s": med, "ratio": med / base_med, "samples_s": list(xs),
-                     "paired_ratio": quantiles(paired)}
+        out[name] = {"median_s": med, "ratio": med / base_med, "samples_s": list(xs), "paired_ratio": quantiles(paired)}
         if robust and name in robust and baseline in robust:
             out[name]["robust_s"] = robust[name]
             out[name]["robust_ratio"] = robust[name] / robust[baseline]
@@ -71,8 +71,11 @@ def stage1_overheads(time_summary: dict[str, dict], k_default: int = K_DEFAULT) 
         out[f"k{k_default}_amortised"] = t_check / (k_default * t_lora)
     # the figure the target is judged on: a direct measurement at K where one exists (the
     # spike-robust one first), else the amortised one
-    for key, source in ((f"stage1_k{k_default}_robust", "direct, robust"),
-                        (f"stage1_k{k_default}_direct", "direct"), (f"k{k_default}_amortised", "amortised")):
+    for key, source in (
+        (f"stage1_k{k_default}_robust", "direct, robust"),
+        (f"stage1_k{k_default}_direct", "direct"),
+        (f"k{k_default}_amortised", "amortised"),
+    ):
         if key in out:
             out["default_k"], out["default_k_source"] = out[key], source
             break
@@ -83,9 +86,13 @@ def stage1_overheads(time_summary: dict[str, dict], k_default: int = K_DEFAULT) 
 
 def memory_ratios(memory: dict[str, dict], baseline: str = BASELINE) -> dict[str, dict]:
     b = memory[baseline]
-    return {n: {"peak": m["peak_bytes"] / b["peak_bytes"],
-                "step_peak": m["step_peak_bytes"] / b["step_peak_bytes"] if b["step_peak_bytes"] else None}
-            for n, m in memory.items()}
+    return {
+        n: {
+            "peak": m["peak_bytes"] / b["peak_bytes"],
+            "step_peak": m["step_peak_bytes"] / b["step_peak_bytes"] if b["step_peak_bytes"] else None,
+        }
+        for n, m in memory.items()
+    }
 
 
 def layer_set_summary(workloads: dict[str, dict]) -> dict | None:
@@ -95,16 +102,21 @@ def layer_set_summary(workloads: dict[str, dict]) -> dict | None:
         return None
     methods = [m for m in layers[0]["time"] if all(m in w["time"] for w in layers)]
     time_sum = {m: sum(w["time"][m]["median_s"] for w in layers) for m in methods}
-    out = {"layers": [w["name"] for w in layers],
-           "time": {m: {"median_s": t, "ratio": t / time_sum[BASELINE]} for m, t in time_sum.items()}}
+    out = {
+        "layers": [w["name"] for w in layers],
+        "time": {m: {"median_s": t, "ratio": t / time_sum[BASELINE]} for m, t in time_sum.items()},
+    }
     mem_methods = [m for m in layers[0].get("memory", {}) if all(m in w.get("memory", {}) for w in layers)]
     if BASELINE in mem_methods:
         peaks = {m: sum(w["memory"][m]["peak_bytes"] for w in layers) for m in mem_methods}
         out["memory"] = {m: {"peak_bytes": p, "ratio": p / peaks[BASELINE]} for m, p in peaks.items()}
     if all("stage1" in w and "check_s" in w["stage1"] for w in layers):
         t_check = sum(w["stage1"]["check_s"] for w in layers)
-        out["stage1"] = {"check_s": t_check, "k1_amortised": t_check / time_sum[BASELINE],
-                         f"k{K_DEFAULT}_amortised": t_check / (K_DEFAULT * time_sum[BASELINE])}
+        out["stage1"] = {
+            "check_s": t_check,
+            "k1_amortised": t_check / time_sum[BASELINE],
+            f"k{K_DEFAULT}_amortised": t_check / (K_DEFAULT * time_sum[BASELINE]),
+        }
         out["stage1"]["default_k"] = out["stage1"][f"k{K_DEFAULT}_amortised"]
         out["stage1"]["default_k_source"] = "amortised"
     return out

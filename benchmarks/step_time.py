@@ -73,8 +73,18 @@ from benchmarks.harness import profile_breakdown, require_device
 from benchmarks.importance_probe import importance_memory
 from benchmarks.report import build_record, environment, format_breakdown, format_report, loadavg, write_json
 from benchmarks.runner import run_workload
-from benchmarks.workloads import (BASELINE, CHUNK_ROWS, DOMINANT_FRACTION, DROPOUT, K_DEFAULT, R, R_S, TRAIN_METHODS,
-                                  named_workload, sizes)
+from benchmarks.workloads import (
+    BASELINE,
+    CHUNK_ROWS,
+    DOMINANT_FRACTION,
+    DROPOUT,
+    K_DEFAULT,
+    R_S,
+    TRAIN_METHODS,
+    R,
+    named_workload,
+    sizes,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,16 +95,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON record here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
-    p.add_argument("--compile", metavar="BACKEND", default=None,
-                   help="torch.compile every method's model with this backend (inductor, aot_eager, eager)")
-    p.add_argument("--profile", metavar="WORKLOAD", default=None,
-                   help="instead of the benchmark: torch.profiler per-operator breakdown of LoRA vs PiLoRA "
-                        "steps on one workload (layer_q, layer_up, layer_down, llama_small)")
-    p.add_argument("--workloads", default="layer_q,layer_up,layer_down,llama_small,importance",
-                   help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,importance")
-    p.add_argument("--methods", default=",".join(TRAIN_METHODS),
-                   help=f"comma-separated subset of {','.join(TRAIN_METHODS)} (lora, the baseline, is always run); "
-                        "fewer methods leave room for more repeats")
+    p.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        default=None,
+        help="torch.compile every method's model with this backend (inductor, aot_eager, eager)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="WORKLOAD",
+        default=None,
+        help="instead of the benchmark: torch.profiler per-operator breakdown of LoRA vs PiLoRA "
+        "steps on one workload (layer_q, layer_up, layer_down, llama_small)",
+    )
+    p.add_argument(
+        "--workloads",
+        default="layer_q,layer_up,layer_down,llama_small,importance",
+        help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,importance",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(TRAIN_METHODS),
+        help=f"comma-separated subset of {','.join(TRAIN_METHODS)} (lora, the baseline, is always run); "
+        "fewer methods leave room for more repeats",
+    )
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(TRAIN_METHODS))
@@ -133,20 +157,36 @@ def main(argv=None) -> dict:
         if wl is None:  # "importance" (below)
             continue
         print(f"[{time.perf_counter() - t_start:6.1f} s] {name} {wl.meta}", flush=True)
-        results[name] = run_workload(wl, repeats, args.warmup, device, methods=args.methods,
-                                     compile_backend=args.compile)
+        results[name] = run_workload(
+            wl, repeats, args.warmup, device, methods=args.methods, compile_backend=args.compile
+        )
         del wl
         gc.collect()
     importance = None
     if "importance" in wanted:
         print(f"[{time.perf_counter() - t_start:6.1f} s] importance pass memory", flush=True)
-        importance = importance_memory(sz["importance_layers"], dtype, device,
-                                       where="quick layer set" if args.quick else "7B layer set")
-    config = {"r": R, "r_s": R_S, "dominant_fraction": DOMINANT_FRACTION, "alpha": 2 * R, "dropout": DROPOUT,
-              "k_default": K_DEFAULT, "chunk_rows": CHUNK_ROWS, "repeats": repeats, "warmup": args.warmup,
-              "methods": list(args.methods), "compile": args.compile,
-              "quick": args.quick, "dtype": str(dtype).replace("torch.", ""), "optimizer": "AdamW(lr=1e-4)",
-              "sizes": sz, "loadavg_start": load_start, "wall_s": None}
+        importance = importance_memory(
+            sz["importance_layers"], dtype, device, where="quick layer set" if args.quick else "7B layer set"
+        )
+    config = {
+        "r": R,
+        "r_s": R_S,
+        "dominant_fraction": DOMINANT_FRACTION,
+        "alpha": 2 * R,
+        "dropout": DROPOUT,
+        "k_default": K_DEFAULT,
+        "chunk_rows": CHUNK_ROWS,
+        "repeats": repeats,
+        "warmup": args.warmup,
+        "methods": list(args.methods),
+        "compile": args.compile,
+        "quick": args.quick,
+        "dtype": str(dtype).replace("torch.", ""),
+        "optimizer": "AdamW(lr=1e-4)",
+        "sizes": sz,
+        "loadavg_start": load_start,
+        "wall_s": None,
+    }
     config["wall_s"] = time.perf_counter() - t_start
     record = build_record(results, importance, environment(device, args), config)
     print(format_report(record))

@@ -21,9 +21,17 @@ def evaluate_targets(record: dict) -> list[dict]:
 
     def add(target, where, value, shown):
         thr = TARGETS[target][0]
-        rows.append({"target": target, "description": TARGETS[target][1], "where": where,
-                     "value": value, "shown": shown, "threshold": thr,
-                     "pass": value is not None and value <= thr})
+        rows.append(
+            {
+                "target": target,
+                "description": TARGETS[target][1],
+                "where": where,
+                "value": value,
+                "shown": shown,
+                "threshold": thr,
+                "pass": value is not None and value <= thr,
+            }
+        )
 
     places = dict(record.get("workloads", {}))
     if record.get("layer_set"):
@@ -41,21 +49,29 @@ def evaluate_targets(record: dict) -> list[dict]:
                 add("stage2_time_fused", where, r, f"{r:.3f}×")
         if "pilora" in w.get("ops", {}):
             o = w["ops"]["pilora"]
-            add("stage2_ops", where, o["ratio"], f"{o['ratio']:.3f}× ({o['ops']:.0f} vs {w['ops'][BASELINE]['ops']:.0f})")
+            add(
+                "stage2_ops",
+                where,
+                o["ratio"],
+                f"{o['ratio']:.3f}× ({o['ops']:.0f} vs {w['ops'][BASELINE]['ops']:.0f})",
+            )
         mem = w.get("memory", {})
         if "pilora" in mem:
             r = mem["pilora"]["ratio"] if "ratio" in mem["pilora"] else w["memory_ratios"]["pilora"]["peak"]
             add("stage2_memory", where, r, f"{r:.3f}×")
         s1 = w.get("stage1", {})
         if s1.get("default_k") is not None:
-            add("stage1_overhead", where, s1["default_k"],
-                f"{100 * s1['default_k']:+.2f} % ({s1['default_k_source']})")
+            add("stage1_overhead", where, s1["default_k"], f"{100 * s1['default_k']:+.2f} % ({s1['default_k_source']})")
     imp = record.get("importance_memory")
     if imp:
-        add("importance_one_chunk", imp.get("where", "7B layer set"), imp["max_live_blocks"],
+        add(
+            "importance_one_chunk",
+            imp.get("where", "7B layer set"),
+            imp["max_live_blocks"],
             f"{imp['max_live_blocks']} blocks alive at once; peak extra "
             f"{imp['peak_extra_bytes'] / imp['chunk_bytes']:.2f}× one chunk, "
-            f"{imp['peak_extra_bytes'] / imp['dense_bytes']:.3f}× dense m×n")
+            f"{imp['peak_extra_bytes'] / imp['dense_bytes']:.3f}× dense m×n",
+        )
         if imp["max_block_elems"] > imp["chunk_bound_elems"]:  # a block larger than a chunk: a miss
             rows[-1]["pass"] = False
     return rows

@@ -17,10 +17,22 @@ LIKE_FOR_LIKE = "lora_fused"  # LoRA with PiLoRA's fused addmm forward: separate
 # (in_features, out_features) of the LLaMA-7B linear layers
 LAYERS_7B = {"layer_q": (4096, 4096), "layer_up": (4096, 11008), "layer_down": (11008, 4096)}
 LAYERS_QUICK = {"layer_q": (512, 512), "layer_up": (512, 1376), "layer_down": (1376, 512)}
-LLAMA_SMALL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=8, vocab_size=4096)
-LLAMA_QUICK = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, vocab_size=512)
+LLAMA_SMALL = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=4096,
+)
+LLAMA_QUICK = dict(
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=512,
+)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -48,22 +60,25 @@ class LayerSet(nn.Module):
 @dataclass
 class Workload:
     name: str
-    kind: str                                    # "layer" | "model"
-    make_base: Callable[[bool], nn.Module]       # make_base(copy_weights) -> a fresh base model
+    kind: str  # "layer" | "model"
+    make_base: Callable[[bool], nn.Module]  # make_base(copy_weights) -> a fresh base model
     targets: list[str]
     forward_backward: Callable[[nn.Module], None]
     forward: Callable[[nn.Module], torch.Tensor]
-    inputs: list[torch.Tensor]                   # the batch (counted in every variant's static bytes)
+    inputs: list[torch.Tensor]  # the batch (counted in every variant's static bytes)
     steps_per_sample: int = 1
     meta: dict = field(default_factory=dict)
-    reference: nn.Module | None = None           # the shared base, to read shapes from (not trained)
+    reference: nn.Module | None = None  # the shared base, to read shapes from (not trained)
 
 
-def layer_workload(name: str, in_features: int, out_features: int, tokens: int, dtype, device,
-                   seed: int = 0) -> Workload:
+def layer_workload(
+    name: str, in_features: int, out_features: int, tokens: int, dtype, device, seed: int = 0
+) -> Workload:
     g = torch.Generator().manual_seed(seed)
-    weight = nn.Parameter((torch.randn(out_features, in_features, generator=g) / in_features ** 0.5)
-                          .to(device=device, dtype=dtype), requires_grad=False)
+    weight = nn.Parameter(
+        (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(device=device, dtype=dtype),
+        requires_grad=False,
+    )
     x = torch.randn(tokens, in_features, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     grad_out = torch.randn(tokens, out_features, generator=g).to(device=device, dtype=dtype)
 
@@ -78,17 +93,39 @@ def layer_workload(name: str, in_features: int, out_features: int, tokens: int, 
     def forward(model):
         return model(x)
 
-    return Workload(name, "layer", make_base, ["proj"], forward_backward, forward, [x, grad_out], 1,
-                    {"in_features": in_features, "out_features": out_features, "tokens": tokens,
-                     "dtype": str(dtype).replace("torch.", "")}, SingleLinear(weight))
+    return Workload(
+        name,
+        "layer",
+        make_base,
+        ["proj"],
+        forward_backward,
+        forward,
+        [x, grad_out],
+        1,
+        {
+            "in_features": in_features,
+            "out_features": out_features,
+            "tokens": tokens,
+            "dtype": str(dtype).replace("torch.", ""),
+        },
+        SingleLinear(weight),
+    )
 
 
-def llama_workload(name: str, config: dict, batch: int, seq: int, dtype, device, seed: int = 0,
-                   steps_per_sample: int = K_DEFAULT, targets=LLAMA_TARGETS) -> Workload:
+def llama_workload(
+    name: str,
+    config: dict,
+    batch: int,
+    seq: int,
+    dtype,
+    device,
+    seed: int = 0,
+    steps_per_sample: int = K_DEFAULT,
+    targets=LLAMA_TARGETS,
+) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**config, max_position_embeddings=max(seq, 128), attn_implementation="sdpa",
-                      use_cache=False)
+    cfg = LlamaConfig(**config, max_position_embeddings=max(seq, 128), attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(seed)
     with torch.device(device):
         base0 = LlamaForCausalLM(cfg)
@@ -105,21 +142,49 @@ def llama_workload(name: str, config: dict, batch: int, seq: int, dtype, device,
         return model(input_ids=ids).logits
 
     n_params = sum(p.numel() for p in base0.parameters())
-    return Workload(name, "model", make_base, list(targets), forward_backward, forward, [ids],
-                    steps_per_sample, {**config, "batch": batch, "seq": seq, "tokens": batch * seq,
-                                       "base_params": n_params, "dtype": str(dtype).replace("torch.", "")}, base0)
+    return Workload(
+        name,
+        "model",
+        make_base,
+        list(targets),
+        forward_backward,
+        forward,
+        [ids],
+        steps_per_sample,
+        {
+            **config,
+            "batch": batch,
+            "seq": seq,
+            "tokens": batch * seq,
+            "base_params": n_params,
+            "dtype": str(dtype).replace("torch.", ""),
+        },
+        base0,
+    )
 
 
 def sizes(quick: bool, device: str) -> dict:
     """The workload sizes: 7B-shaped layers and llama_small, or the tiny ``--quick`` ones."""
     if quick:
-        return {"layers": LAYERS_QUICK, "tokens": 256, "llama": LLAMA_QUICK, "batch": 2, "seq": 64,
-                "importance_layers": LAYERS_QUICK}
+        return {
+            "layers": LAYERS_QUICK,
+            "tokens": 256,
+            "llama": LLAMA_QUICK,
+            "batch": 2,
+            "seq": 64,
+            "importance_layers": LAYERS_QUICK,
+        }
     # the whole small model: 2 × 128 tokens on a CPU (its K=10-step windows dominate the run time),
     # 8 × 256 = 2048 tokens on a GPU
     batch, seq = (8, 256) if str(device).startswith("cuda") else (2, 128)
-    return {"layers": LAYERS_7B, "tokens": 2048, "llama": LLAMA_SMALL, "batch": batch, "seq": seq,
-            "importance_layers": LAYERS_7B}
+    return {
+        "layers": LAYERS_7B,
+        "tokens": 2048,
+        "llama": LLAMA_SMALL,
+        "batch": batch,
+        "seq": seq,
+        "importance_layers": LAYERS_7B,
+    }
 
 
 def named_workload(name: str, sz: dict, dtype, device) -> Workload | None:
@@ -148,19 +213,23 @@ def method_config(method: str, targets: list[str], r: int = R, r_s: int = R_S):
 
 
 def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
-            and any(n == t or n.endswith("." + t) for t in targets)}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    }
 
 
-def random_masks(base: nn.Module, targets: list[str], fraction: float = DOMINANT_FRACTION,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def random_masks(
+    base: nn.Module, targets: list[str], fraction: float = DOMINANT_FRACTION, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A random dominant mask with exactly ``round(fraction · m)`` rows per target layer."""
     g = torch.Generator().manual_seed(seed)
     masks = {}
     for name, lin in target_linears(base, targets).items():
         m = lin.out_features
         mask = torch.zeros(m, dtype=torch.bool)
-        mask[torch.randperm(m, generator=g)[:round(fraction * m)]] = True
+        mask[torch.randperm(m, generator=g)[: round(fraction * m)]] = True
         masks[name] = mask
     return masks
 
@@ -189,8 +258,9 @@ class Variant:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def build_variant(method: str, wl: Workload, masks: dict | None = None, lr: float = 1e-4,
-                  compile_backend: str | None = None) -> Variant:
+def build_variant(
+    method: str, wl: Workload, masks: dict | None = None, lr: float = 1e-4, compile_backend: str | None = None
+) -> Variant:
     """One method's model and AdamW; ``compile_backend`` wraps the model in ``torch.compile``."""
     from pilora import ImportanceAccumulator, prepare_model
 
@@ -207,8 +277,7 @@ def build_variant(method: str, wl: Workload, masks: dict | None = None, lr: floa
     acc = None
     if method.startswith("stage1"):
         k = int(method.rsplit("_k", 1)[1])
-        acc = ImportanceAccumulator(model, interval=k, chunk_rows=CHUNK_ROWS,
-                                    snapshot_interval=cfg.snapshot_interval)
+        acc = ImportanceAccumulator(model, interval=k, chunk_rows=CHUNK_ROWS, snapshot_interval=cfg.snapshot_interval)
         acc.attach(opt)
     if compile_backend:
         model = torch.compile(model, backend=compile_backend)

@@ -18,7 +18,7 @@ import os
 
 from torch import nn
 
-INITIAL_ADAPTER_DIR = "adapter_init"   # PiSSA / MiLoRA: the adapter as initialised, for the conversion
+INITIAL_ADAPTER_DIR = "adapter_init"  # PiSSA / MiLoRA: the adapter as initialised, for the conversion
 _INITIAL_ATTR = "_pilora_initial_adapter"
 
 
@@ -47,16 +47,21 @@ def save_peft_adapter(peft_model: nn.Module, path: str) -> None:
     initial = getattr(peft_model, _INITIAL_ATTR, None)
     if initial is not None:
         if not os.path.isdir(initial):
-            raise FileNotFoundError(f"the initial adapter {initial!r} this model's conversion needs is gone; "
-                                    "it is written when training starts (rerun with resume=false)")
+            raise FileNotFoundError(
+                f"the initial adapter {initial!r} this model's conversion needs is gone; "
+                "it is written when training starts (rerun with resume=false)"
+            )
         from peft import get_peft_model_state_dict
         from safetensors.torch import load_file, save_file
 
         peft_model.save_pretrained(path, path_initial_model_for_weight_conversion=initial)
         # PEFT's conversion keeps only the LoRA tensors: put back what is trained in full
         # (modules_to_save, e.g. a classification head), or the reload would start a fresh head
-        full = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()
-                if ".lora_" not in k}
+        full = {
+            k: v.detach().contiguous().cpu()
+            for k, v in get_peft_model_state_dict(peft_model).items()
+            if ".lora_" not in k
+        }
         if full:
             file = os.path.join(path, "adapter_model.safetensors")
             save_file({**load_file(file), **full}, file, metadata={"format": "pt"})

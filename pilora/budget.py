@@ -20,8 +20,9 @@ def pilora_module_count(m: int, n: int, dominant: int, r: int, r_s: int) -> int:
     return (r + r_s) * n + dominant * r + (m - dominant) * r_s
 
 
-def matched_rank_pattern(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
-                         r: int, r_s: int) -> tuple[dict[str, int], dict]:
+def matched_rank_pattern(
+    masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], r: int, r_s: int
+) -> tuple[dict[str, int], dict]:
     """``rank_pattern`` (full module names, regex-escaped for PEFT) and a budget summary."""
     pattern, target, achieved = {}, 0, 0
     for name, mask in masks.items():
@@ -31,5 +32,9 @@ def matched_rank_pattern(masks: dict[str, torch.Tensor], shapes: dict[str, tuple
         pattern[re.escape(name)] = k  # PEFT matches (.*\.)?<key>$: a full name selects one module
         target += count
         achieved += k * (m + n)
-    return pattern, {"pilora_adapter_params": target, "lora_adapter_params": achieved,
-                     "residual": achieved - target, "residual_share": (achieved - target) / max(target, 1)}
+    return pattern, {
+        "pilora_adapter_params": target,
+        "lora_adapter_params": achieved,
+        "residual": achieved - target,
+        "residual_share": (achieved - target) / max(target, 1),
+    }

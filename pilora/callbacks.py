@@ -42,8 +42,10 @@ class ImportanceCallback(TrainerCallback):
     def stats_from_checkpoint(checkpoint: str) -> ImportanceStats:
         path = os.path.join(checkpoint, STATS_IN_CHECKPOINT)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint {checkpoint!r} has no {STATS_IN_CHECKPOINT}: it was not "
-                                    "written by a stage-1 run; delete it to restart stage 1")
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint!r} has no {STATS_IN_CHECKPOINT}: it was not "
+                "written by a stage-1 run; delete it to restart stage 1"
+            )
         return ImportanceStats.load(path)
 
 
@@ -64,13 +66,18 @@ def check_full_lora_gradients(accumulator: ImportanceAccumulator) -> None:
         for part in ("lora_A", "lora_B"):
             w = getattr(layer, part)[a].weight
             grad = w.grad
-            if isinstance(w, DTensor) or isinstance(grad, DTensor) or w.numel() == 0 or \
-                    (grad is not None and tuple(grad.shape) != tuple(w.shape)):
+            if (
+                isinstance(w, DTensor)
+                or isinstance(grad, DTensor)
+                or w.numel() == 0
+                or (grad is not None and tuple(grad.shape) != tuple(w.shape))
+            ):
                 raise ShardedGradients(
                     f"{name}.{part} is sharded across ranks (parameter {type(w).__name__} {tuple(w.shape)}, "
                     f"gradient {None if grad is None else tuple(grad.shape)}): PiLoRA stage 1 needs the full "
                     "LoRA gradients. Run stage 1 with DDP (no trainer.fsdp) and pass its importance.pt to "
-                    "an FSDP stage 2 with method.importance_from=...")
+                    "an FSDP stage 2 with method.importance_from=..."
+                )
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,7 +94,8 @@ class NanLossGuard(TrainerCallback):
             raise TrainingDiverged(
                 f"loss became {loss} at step {state.global_step}; last good checkpoint: {last or 'none'}. "
                 "Lower trainer.learning_rate or enable gradient clipping (trainer.max_grad_norm), then rerun "
-                "(the run resumes from that checkpoint).")
+                "(the run resumes from that checkpoint)."
+            )
 
 
 class FirstStep(TrainerCallback):

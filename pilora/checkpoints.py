@@ -69,7 +69,8 @@ def verify_checkpoint(ckpt: str) -> None:
             raise CorruptCheckpoint(
                 f"checkpoint {ckpt!r} is corrupted: {name} cannot be read ({type(err).__name__}: {err}). "
                 f"Delete {ckpt!r} to resume from the previous checkpoint (or the whole stage folder to "
-                "restart the stage).") from err
+                "restart the stage)."
+            ) from err
         if _is_weights(name):
             bad = _non_finite(path)
             if bad:
@@ -78,12 +79,15 @@ def verify_checkpoint(ckpt: str) -> None:
                     f"checkpoint {ckpt!r} holds non-finite weights: {key!r} in {name} has {count} NaN/inf "
                     f"value(s), so resuming would train and report NaN. Delete {ckpt!r} to resume from the "
                     "previous checkpoint; if that one is also refused the run diverged earlier: rerun with "
-                    "resume=false (e.g. a lower trainer.learning_rate).")
+                    "resume=false (e.g. a lower trainer.learning_rate)."
+                )
 
 
 def _is_weights(name: str) -> bool:
     """Model / adapter weight files of a checkpoint (not optimizer, scheduler or RNG state)."""
-    return name.endswith(".safetensors") or (name.endswith(".bin") and name.startswith(("pytorch_model", "adapter_model")))
+    return name.endswith(".safetensors") or (
+        name.endswith(".bin") and name.startswith(("pytorch_model", "adapter_model"))
+    )
 
 
 def _non_finite(path: str) -> tuple[str, int] | None:
@@ -101,7 +105,7 @@ def _non_finite(path: str) -> tuple[str, int] | None:
                     return key, int((~torch.isfinite(t)).sum())
         return None
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key, t in (state.items() if isinstance(state, dict) else ()):
+    for key, t in state.items() if isinstance(state, dict) else ():
         if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return key, int((~torch.isfinite(t)).sum())
     return None
@@ -125,8 +129,9 @@ def resume_point(stage_dir: str, enabled: bool, required: tuple[str, ...] = ()) 
 
     for ckpt in checkpoints(stage_dir):
         if not save_finished(ckpt, (*required, COST_IN_CHECKPOINT)):
-            log.warning("checkpoint %s was cut short while being saved; %s", ckpt,
-                        "removing it" if owner else "ignoring it")
+            log.warning(
+                "checkpoint %s was cut short while being saved; %s", ckpt, "removing it" if owner else "ignoring it"
+            )
             if owner:
                 shutil.rmtree(ckpt, ignore_errors=True)
             continue
@@ -158,8 +163,11 @@ def load_finished(trainer, ckpt: str) -> None:
     # end-of-epoch evaluation of an uninterrupted run; that evaluation is run here instead.
     step = trainer.state.global_step
     evaluated = any(e.get("step") == step and any(k.startswith("eval_") for k in e) for e in trainer.state.log_history)
-    if str(getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy)) == "epoch" and not evaluated \
-            and trainer.eval_dataset is not None:
+    if (
+        str(getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy)) == "epoch"
+        and not evaluated
+        and trainer.eval_dataset is not None
+    ):
         trainer.evaluate()
 
 
@@ -179,8 +187,10 @@ def fit(trainer, resume: str | None, clock=None) -> None:
         try:
             load_finished(trainer, resume)
         except (RuntimeError, ValueError, OSError, KeyError) as err:
-            raise RuntimeError(f"could not load the finished checkpoint {resume!r} ({type(err).__name__}: {err}); "
-                               "it is damaged or does not fit this run: delete it to retrain its last steps") from err
+            raise RuntimeError(
+                f"could not load the finished checkpoint {resume!r} ({type(err).__name__}: {err}); "
+                "it is damaged or does not fit this run: delete it to retrain its last steps"
+            ) from err
         return
     marker = FirstStep()
     trainer.add_callback(marker)
@@ -188,9 +198,11 @@ def fit(trainer, resume: str | None, clock=None) -> None:
         trainer.train(resume_from_checkpoint=resume)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
         if resume and not marker.started:  # errors once training runs are the run's own, not the checkpoint's
-            raise RuntimeError(f"could not resume from checkpoint {resume!r} ({type(err).__name__}: {err}); "
-                               "it does not fit this run (changed config?) or is damaged: delete it to resume "
-                               "from the previous one") from err
+            raise RuntimeError(
+                f"could not resume from checkpoint {resume!r} ({type(err).__name__}: {err}); "
+                "it does not fit this run (changed config?) or is damaged: delete it to resume "
+                "from the previous one"
+            ) from err
         raise
     finally:
         trainer.remove_callback(marker)
@@ -200,10 +212,15 @@ def non_finite_weights_failure(model) -> str | None:
     """Why a record must not be marked complete: the parameters of ``model`` that hold NaN/inf."""
     import torch
 
-    bad = [name for name, p in model.named_parameters()
-           if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())
+    ]
     if not bad:
         return None
-    return (f"{len(bad)} parameter tensor(s) of the trained model hold NaN/inf values (first: {bad[0]}), so its "
-            "metrics are meaningless; the record is marked failed. Rerun with resume=false (e.g. with a lower "
-            "trainer.learning_rate)")
+    return (
+        f"{len(bad)} parameter tensor(s) of the trained model hold NaN/inf values (first: {bad[0]}), so its "
+        "metrics are meaningless; the record is marked failed. Rerun with resume=false (e.g. with a lower "
+        "trainer.learning_rate)"
+    )

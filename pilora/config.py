@@ -34,7 +34,7 @@ def safe_dirname(value) -> str:
         name = "_" + name[1:]
     if len(name) > MAX_NAME:
         digest = hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
-        name = name[:MAX_NAME - HASH_LEN - 1].rstrip(",_") + "-" + digest
+        name = name[: MAX_NAME - HASH_LEN - 1].rstrip(",_") + "-" + digest
     return name
 
 
@@ -47,7 +47,11 @@ def checked_int(key: str, value) -> int:
 
 
 def register_resolvers() -> None:
-    for name, fn in {"minilm": _minilm_path, "mul": lambda a, b: a * b, "dirname": safe_dirname,
-                     "int_of": checked_int}.items():
+    for name, fn in {
+        "minilm": _minilm_path,
+        "mul": lambda a, b: a * b,
+        "dirname": safe_dirname,
+        "int_of": checked_int,
+    }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

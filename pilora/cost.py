@@ -33,8 +33,8 @@ class JobClock:
 
     def __init__(self):
         self.base, self.mark, self.prior_peak = 0.0, time.time(), 0.0
-        self.stages: dict[str, float] = {}      # finished stages: seconds
-        self.started: dict[str, float] = {}     # job seconds at which a stage began
+        self.stages: dict[str, float] = {}  # finished stages: seconds
+        self.started: dict[str, float] = {}  # job seconds at which a stage began
 
     def elapsed(self) -> float:
         return self.base + time.time() - self.mark
@@ -50,8 +50,12 @@ class JobClock:
         return self.stages[stage]
 
     def state(self) -> dict:
-        return {"job_s": self.elapsed(), "stages": dict(self.stages), "started": dict(self.started),
-                "peak_memory_mb": self.peak()}
+        return {
+            "job_s": self.elapsed(),
+            "stages": dict(self.stages),
+            "started": dict(self.started),
+            "peak_memory_mb": self.peak(),
+        }
 
     def restore(self, saved: dict | None) -> None:
         """Continue from a saved state: the time of this segment so far (start-up) is not counted."""

@@ -58,7 +58,8 @@ def refuse_sharded_stage1(args) -> None:
             "PiLoRA stage 1 needs full (unsharded) LoRA gradients, but FSDP is enabled "
             f"({'trainer.fsdp' if getattr(args, 'fsdp', None) else 'ACCELERATE_USE_FSDP'}). Run stage 1 with "
             "DDP (drop trainer.fsdp), or take the statistics of such a run with "
-            "method.importance_from=<dir>/importance.pt and use FSDP for stage 2 only.")
+            "method.importance_from=<dir>/importance.pt and use FSDP for stage 2 only."
+        )
 
 
 class DistributedMismatch(RuntimeError):
@@ -66,8 +67,10 @@ class DistributedMismatch(RuntimeError):
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {k: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-            for k, t in sorted(tensors.items())}
+    return {
+        k: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        for k, t in sorted(tensors.items())
+    }
 
 
 def check_ranks_agree(masks: dict[str, torch.Tensor], stats: ImportanceStats | None = None) -> None:
@@ -88,12 +91,16 @@ def check_ranks_agree(masks: dict[str, torch.Tensor], stats: ImportanceStats | N
     ref = gathered[0]
     for rank, other in enumerate(gathered[1:], start=1):
         for part in ("masks", "hits"):
-            diff = sorted(k for k in set(ref.get(part, {})) | set(other.get(part, {}))
-                          if ref.get(part, {}).get(k) != other.get(part, {}).get(k))
+            diff = sorted(
+                k
+                for k in set(ref.get(part, {})) | set(other.get(part, {}))
+                if ref.get(part, {}).get(k) != other.get(part, {}).get(k)
+            )
             if diff:
                 raise DistributedMismatch(
                     f"stage-1 {part} differ between rank 0 and rank {rank} in {len(diff)} module(s), "
                     f"e.g. {diff[:3]}: the ranks did not see identical (all-reduced) LoRA gradients. "
                     "Check that every rank runs the same code, config and seed, and that the gradients "
-                    "are all-reduced before the importance pass (DDP, not FSDP or per-rank training).")
+                    "are all-reduced before the importance pass (DDP, not FSDP or per-rank training)."
+                )
     log.info("stage-1 partitions agree across %d ranks", len(gathered))

@@ -28,7 +28,7 @@ import torch
 
 from .layer import PILORA_FILE, save_adapter
 
-ADAPTER_DIR = "adapter"                # stock PEFT LoRA (every method)
+ADAPTER_DIR = "adapter"  # stock PEFT LoRA (every method)
 PILORA_ADAPTER_DIR = "adapter_pilora"  # PiLoRA's compact form, for pilora.load_adapter
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -67,14 +67,18 @@ def export_compact(src: str, dst: str) -> dict:
     from safetensors.torch import load_file, save_file
 
     if not is_pilora_adapter(src):
-        raise ExportError(f"{src!r} holds no {PILORA_FILE}: it is not a compact PiLoRA adapter "
-                          "(a plain LoRA folder needs no export; peft.PeftModel.from_pretrained loads it)")
+        raise ExportError(
+            f"{src!r} holds no {PILORA_FILE}: it is not a compact PiLoRA adapter "
+            "(a plain LoRA folder needs no export; peft.PeftModel.from_pretrained loads it)"
+        )
     with open(os.path.join(src, PILORA_FILE)) as f:
         pcfg = json.load(f)
     cfg = LoraConfig.from_pretrained(src)
     if cfg.use_dora or cfg.alpha_pattern or cfg.rank_pattern:
-        raise ExportError(f"{src}: DoRA or per-module rank/alpha patterns are not part of a PiLoRA adapter; "
-                          "this folder was not written by pilora.save_adapter")
+        raise ExportError(
+            f"{src}: DoRA or per-module rank/alpha patterns are not part of a PiLoRA adapter; "
+            "this folder was not written by pilora.save_adapter"
+        )
     state = load_file(os.path.join(src, WEIGHTS))
     c = float(pcfg.get("supplementary_scale", 1.0))
     out, rank, n = {}, None, 0
@@ -92,8 +96,10 @@ def export_compact(src: str, dst: str) -> dict:
         B[mask, :r] = B_d.float()
         B[~mask, r:] = B_s.float() * c
         if rank is not None and A.shape[0] != rank:
-            raise ExportError(f"{src}: layers have different ranks r + r' ({rank} and {A.shape[0]}); "
-                              "one PEFT LoRA config cannot hold them")
+            raise ExportError(
+                f"{src}: layers have different ranks r + r' ({rank} and {A.shape[0]}); "
+                "one PEFT LoRA config cannot hold them"
+            )
         rank = A.shape[0]
         out[prefix + ".lora_A.weight"] = A.contiguous()
         out[prefix + ".lora_B.weight"] = (B * s).to(A.dtype).contiguous()
@@ -104,10 +110,18 @@ def export_compact(src: str, dst: str) -> dict:
     for key, value in state.items():
         if not (key.endswith(_B_PARTS) or key.endswith(".lora_A.weight")):
             out[key] = value.contiguous()
-    stock = LoraConfig(r=rank, lora_alpha=rank, target_modules=cfg.target_modules, lora_dropout=cfg.lora_dropout,
-                       bias=cfg.bias, modules_to_save=list(dict.fromkeys(cfg.modules_to_save or [])) or None,
-                       task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path,
-                       layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern)
+    stock = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=cfg.target_modules,
+        lora_dropout=cfg.lora_dropout,
+        bias=cfg.bias,
+        modules_to_save=list(dict.fromkeys(cfg.modules_to_save or [])) or None,
+        task_type=cfg.task_type,
+        base_model_name_or_path=cfg.base_model_name_or_path,
+        layers_to_transform=cfg.layers_to_transform,
+        layers_pattern=cfg.layers_pattern,
+    )
     os.makedirs(dst, exist_ok=True)
     stock.save_pretrained(dst)
     save_file(out, os.path.join(dst, WEIGHTS), metadata={"format": "pt"})
@@ -145,8 +159,10 @@ def export_run(run_dir: str) -> str | None:
     stock, compact = os.path.join(run_dir, ADAPTER_DIR), os.path.join(run_dir, PILORA_ADAPTER_DIR)
     if os.path.isdir(stock) and is_pilora_adapter(stock):
         if os.path.exists(compact):
-            raise ExportError(f"{run_dir} has both a compact PiLoRA adapter/ and {PILORA_ADAPTER_DIR}/; "
-                              f"remove the one you do not want and rerun")
+            raise ExportError(
+                f"{run_dir} has both a compact PiLoRA adapter/ and {PILORA_ADAPTER_DIR}/; "
+                f"remove the one you do not want and rerun"
+            )
         tmp = stock + ".export-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         info = export_compact(stock, tmp)
@@ -166,14 +182,19 @@ def _run_dirs(root: str) -> list[str]:
     for here, dirs, _ in os.walk(root):
         if ADAPTER_DIR in dirs or PILORA_ADAPTER_DIR in dirs:
             found.append(here)
-        dirs[:] = [d for d in dirs if d not in (ADAPTER_DIR, PILORA_ADAPTER_DIR, "wandb", ".hydra")
-                   and not d.startswith("checkpoint-")]
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in (ADAPTER_DIR, PILORA_ADAPTER_DIR, "wandb", ".hydra") and not d.startswith("checkpoint-")
+        ]
     return sorted(found)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write the stock-PEFT adapter/ of older runs (PiLoRA: rank r + r' "
-                                "export; the compact form moves to adapter_pilora/).")
+    p = argparse.ArgumentParser(
+        description="Write the stock-PEFT adapter/ of older runs (PiLoRA: rank r + r' "
+        "export; the compact form moves to adapter_pilora/)."
+    )
     p.add_argument("run_dirs", nargs="+", help="run folders, or folders to search for runs")
     args = p.parse_args(argv)
     status = 0
@@ -184,8 +205,10 @@ def main(argv=None) -> int:
             continue
         runs = _run_dirs(root)
         if not runs:
-            print(f"error: {root}: no run folder with an {ADAPTER_DIR}/ below it (was it run with "
-                  "save_adapter=false?)", file=sys.stderr)
+            print(
+                f"error: {root}: no run folder with an {ADAPTER_DIR}/ below it (was it run with save_adapter=false?)",
+                file=sys.stderr,
+            )
             status = 1
         for run in runs:
             try:

@@ -14,11 +14,28 @@ from torch import nn
 
 # The fsdp_config keys transformers.TrainingArguments reads (transformers 5.x, after it strips the
 # "fsdp_" prefix); any other key is ignored by it without a word.
-FSDP_CONFIG_KEYS = frozenset({
-    "version", "min_num_params", "transformer_layer_cls_to_wrap", "auto_wrap_policy", "cpu_offload",
-    "cpu_ram_efficient_loading", "state_dict_type", "activation_checkpointing", "reshard_after_forward",
-    "forward_prefetch", "backward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers",
-    "xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt", "xla_fsdp_settings"})
+FSDP_CONFIG_KEYS = frozenset(
+    {
+        "version",
+        "min_num_params",
+        "transformer_layer_cls_to_wrap",
+        "auto_wrap_policy",
+        "cpu_offload",
+        "cpu_ram_efficient_loading",
+        "state_dict_type",
+        "activation_checkpointing",
+        "reshard_after_forward",
+        "forward_prefetch",
+        "backward_prefetch",
+        "use_orig_params",
+        "sync_module_states",
+        "limit_all_gathers",
+        "xla",
+        "xla_fsdp_v2",
+        "xla_fsdp_grad_ckpt",
+        "xla_fsdp_settings",
+    }
+)
 
 
 def check_full_finetune_fsdp(args, model: nn.Module) -> None:
@@ -30,16 +47,24 @@ def check_full_finetune_fsdp(args, model: nn.Module) -> None:
     config = dict(getattr(args, "fsdp_config", None) or {})
     unknown = sorted(set(config) - FSDP_CONFIG_KEYS)
     if unknown:
-        hints = [f"{k} (did you mean {', '.join(difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=2))}?)"
-                 if difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=1) else k for k in unknown]
-        raise ValueError(f"full fine-tuning with FSDP: trainer.fsdp_config has key(s) {', '.join(hints)} that "
-                         "transformers ignores; remove or rename them. Known keys: "
-                         f"{', '.join(sorted(FSDP_CONFIG_KEYS))}")
+        hints = [
+            f"{k} (did you mean {', '.join(difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=2))}?)"
+            if difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=1)
+            else k
+            for k in unknown
+        ]
+        raise ValueError(
+            f"full fine-tuning with FSDP: trainer.fsdp_config has key(s) {', '.join(hints)} that "
+            "transformers ignores; remove or rename them. Known keys: "
+            f"{', '.join(sorted(FSDP_CONFIG_KEYS))}"
+        )
     wrap = config.get("transformer_layer_cls_to_wrap") or []
     classes = {type(m).__name__ for m in model.modules()}
     missing = [c for c in ([wrap] if isinstance(wrap, str) else wrap) if c not in classes]
     if missing:
         blocks = sorted(c for c in classes if c.endswith(("Layer", "Block")))
-        raise ValueError(f"full fine-tuning with FSDP: trainer.fsdp_config.transformer_layer_cls_to_wrap names "
-                         f"{missing}, which {type(model).__name__} does not contain; its layer classes are "
-                         f"{blocks or sorted(classes)}")
+        raise ValueError(
+            f"full fine-tuning with FSDP: trainer.fsdp_config.transformer_layer_cls_to_wrap names "
+            f"{missing}, which {type(model).__name__} does not contain; its layer classes are "
+            f"{blocks or sorted(classes)}"
+        )

@@ -35,8 +35,9 @@ from .records import atomic_write
 STATS_FORMAT = 1
 
 
-def approx_full_grad(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor,
-                     scaling: float = 1.0) -> torch.Tensor:
+def approx_full_grad(
+    A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
     """The approximate full-weight gradient ``G̃ = s·(B Gᴬ + Gᴮ A)`` of Eq. 7 (dense, ``m × n``).
 
     Meant for tests and small layers; :func:`row_scores` computes the same thing chunk-wise.
@@ -59,14 +60,15 @@ def _grad_chunks(A, B, grad_A, grad_B, scaling, chunk_rows) -> Iterator[tuple[sl
         yield rows, block.mul_(scaling)
 
 
-def row_scores(A, B, grad_A, grad_B, scaling: float = 1.0, chunk_rows: int = 1024,
-               snapshot: torch.Tensor | None = None) -> torch.Tensor:
+def row_scores(
+    A, B, grad_A, grad_B, scaling: float = 1.0, chunk_rows: int = 1024, snapshot: torch.Tensor | None = None
+) -> torch.Tensor:
     """Row importance ``S_i = Σ_j |G̃_ij|`` (Eq. 8), computed in row chunks.
 
     If ``snapshot`` (a ``gm × gn`` fp32 tensor) is given, ``|G̃|`` average-pooled onto that grid is
     added into it, so the heat maps of Fig. 2/7/8 can be drawn without keeping ``G̃``.
     """
-    m, n = B.shape[0], A.shape[1]
+    m = B.shape[0]
     scores = torch.empty(m, dtype=torch.float32, device=B.device)
     if snapshot is not None:
         gm, gn = snapshot.shape
@@ -88,9 +90,9 @@ class ModuleStats:
     """Stage-1 statistics of one ``m × n`` target layer."""
 
     shape: tuple[int, int]
-    hits: torch.Tensor            # H, int64 (m,)
-    score_sum: torch.Tensor       # ΣS over checks, float64 (m,)
-    checks: int = 0               # T
+    hits: torch.Tensor  # H, int64 (m,)
+    score_sum: torch.Tensor  # ΣS over checks, float64 (m,)
+    checks: int = 0  # T
     # Σ over the T checks of |G̃| pooled to a small grid, float32. When only every k-th check is
     # pooled (``snapshots`` < T), the pooled sum is scaled by T / snapshots, so ``grad_snapshot / T``
     # is the mean pooled |G̃| either way.
@@ -129,10 +131,17 @@ class ImportanceStats:
         payload = {
             "format": STATS_FORMAT,
             "meta": self.meta,
-            "modules": {name: {"shape": list(s.shape), "hits": _on_cpu(s.hits), "score_sum": _on_cpu(s.score_sum),
-                               "checks": int(s.checks), "grad_snapshot": _on_cpu(s.grad_snapshot),
-                               "snapshots": s.snapshots}
-                        for name, s in self.modules.items()},
+            "modules": {
+                name: {
+                    "shape": list(s.shape),
+                    "hits": _on_cpu(s.hits),
+                    "score_sum": _on_cpu(s.score_sum),
+                    "checks": int(s.checks),
+                    "grad_snapshot": _on_cpu(s.grad_snapshot),
+                    "snapshots": s.snapshots,
+                }
+                for name, s in self.modules.items()
+            },
         }
         atomic_write(path, lambda f: torch.save(payload, f), binary=True)
 
@@ -141,35 +150,55 @@ class ImportanceStats:
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"importance statistics not found at {path!r}: point method.importance_from at the "
-                "importance.pt written by a stage-1 run, or drop it to run stage 1")
+                "importance.pt written by a stage-1 run, or drop it to run stage 1"
+            )
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"{path!r} is not a readable importance-statistics file ({err}); delete it and "
-                             "re-run stage 1 (rerun the job that wrote it), or point method.importance_from at "
-                             "another file") from err
+            raise ValueError(
+                f"{path!r} is not a readable importance-statistics file ({err}); delete it and "
+                "re-run stage 1 (rerun the job that wrote it), or point method.importance_from at "
+                "another file"
+            ) from err
         if not isinstance(payload, dict):
-            raise ValueError(f"{path!r} holds a {type(payload).__name__}, not importance statistics (a dict "
-                             "written by a PiLoRA stage 1); point method.importance_from at a stage-1 importance.pt")
+            raise ValueError(
+                f"{path!r} holds a {type(payload).__name__}, not importance statistics (a dict "
+                "written by a PiLoRA stage 1); point method.importance_from at a stage-1 importance.pt"
+            )
         if payload.get("format") != STATS_FORMAT or not isinstance(payload.get("modules"), dict):
-            raise ValueError(f"{path!r} has importance-statistics format {payload.get('format')!r}, "
-                             f"this code reads format {STATS_FORMAT}; delete it and rerun the job that wrote it "
-                             "(its stage 1 runs again)")
+            raise ValueError(
+                f"{path!r} has importance-statistics format {payload.get('format')!r}, "
+                f"this code reads format {STATS_FORMAT}; delete it and rerun the job that wrote it "
+                "(its stage 1 runs again)"
+            )
         try:
-            modules = {name: ModuleStats(tuple(d["shape"]), d["hits"], d["score_sum"], int(d["checks"]),
-                                         d.get("grad_snapshot"), d.get("snapshots"))
-                       for name, d in payload["modules"].items()}
+            modules = {
+                name: ModuleStats(
+                    tuple(d["shape"]),
+                    d["hits"],
+                    d["score_sum"],
+                    int(d["checks"]),
+                    d.get("grad_snapshot"),
+                    d.get("snapshots"),
+                )
+                for name, d in payload["modules"].items()
+            }
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"{path!r} has damaged module statistics ({type(err).__name__}: {err}); delete it "
-                             "and rerun the job that wrote it (its stage 1 runs again)") from err
+            raise ValueError(
+                f"{path!r} has damaged module statistics ({type(err).__name__}: {err}); delete it "
+                "and rerun the job that wrote it (its stage 1 runs again)"
+            ) from err
         return cls(modules, payload.get("meta", {}))
 
     def check_matches(self, shapes: dict[str, tuple[int, int]]) -> None:
         """Raise a clear error when these statistics were not made for a model with ``shapes``."""
         missing = sorted(set(shapes) - set(self.modules))
         extra = sorted(set(self.modules) - set(shapes))
-        wrong = [f"{k}: stats {self.modules[k].shape} vs model {tuple(shapes[k])}"
-                 for k in sorted(set(shapes) & set(self.modules)) if tuple(self.modules[k].shape) != tuple(shapes[k])]
+        wrong = [
+            f"{k}: stats {self.modules[k].shape} vs model {tuple(shapes[k])}"
+            for k in sorted(set(shapes) & set(self.modules))
+            if tuple(self.modules[k].shape) != tuple(shapes[k])
+        ]
         if missing or extra or wrong:
             lines = []
             if missing:
@@ -178,9 +207,11 @@ class ImportanceStats:
                 lines.append(f"statistics for modules the model lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
             if wrong:
                 lines.append("shape mismatches: " + "; ".join(wrong[:5]))
-            raise ValueError("importance statistics do not match this model (" + " | ".join(lines) + "). "
-                             "Use statistics from a stage-1 run with the same model and target_modules, "
-                             "or drop method.importance_from to recompute them.")
+            raise ValueError(
+                "importance statistics do not match this model (" + " | ".join(lines) + "). "
+                "Use statistics from a stage-1 run with the same model and target_modules, "
+                "or drop method.importance_from to recompute them."
+            )
 
 
 def _group_blocks(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor):
@@ -207,13 +238,20 @@ def _group_blocks(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor):
         for start in range(0, m, rows):
             stop = min(start + rows, m)
             block = buf[: (stop - start) * n].view(1, stop - start, n)
-            torch.bmm(L[i:i + 1, start:stop], R[i:i + 1], out=block)
+            torch.bmm(L[i : i + 1, start:stop], R[i : i + 1], out=block)
             yield slice(i, i + 1), slice(start, stop), block
 
 
-def score_group(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor, hits: torch.Tensor, score_sum: torch.Tensor,
-                snapshot: torch.Tensor | None = None, row_bin: torch.Tensor | None = None,
-                row_weight: torch.Tensor | None = None) -> None:
+def score_group(
+    L: torch.Tensor,
+    R: torch.Tensor,
+    buf: torch.Tensor,
+    hits: torch.Tensor,
+    score_sum: torch.Tensor,
+    snapshot: torch.Tensor | None = None,
+    row_bin: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+) -> None:
     """One check of a group of ``g`` equal-shape modules, on their device, with no host sync.
 
     Adds Alg. 1 lines 9-12 into ``hits`` (int64 ``g × m``) and ``score_sum`` (float64 ``g × m``) and,
@@ -243,11 +281,11 @@ class _Group:
     names: list[str]
     layers: list
     scaling: float
-    hits: torch.Tensor                    # g × m int64, on the device
-    score_sum: torch.Tensor               # g × m float64, on the device
-    checks: list[int]                     # T per module (host counters)
+    hits: torch.Tensor  # g × m int64, on the device
+    score_sum: torch.Tensor  # g × m float64, on the device
+    checks: list[int]  # T per module (host counters)
     snapshot: torch.Tensor | None = None  # g × gm × gn float32: Σ over the pooled checks
-    snapshots: list[int] | None = None    # pooled checks per module
+    snapshots: list[int] | None = None  # pooled checks per module
     row_bin: torch.Tensor | None = None
     row_weight: torch.Tensor | None = None
 
@@ -264,26 +302,38 @@ class ImportanceAccumulator:
     copies them to the CPU. ``snapshot_interval`` pools the heat-map snapshot on every k-th check.
     """
 
-    def __init__(self, model: nn.Module, interval: int = 10, chunk_rows: int = 1024,
-                 adapter_name: str = "default", snapshot_shape: tuple[int, int] | None = (64, 64),
-                 stats: ImportanceStats | None = None, snapshot_interval: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        interval: int = 10,
+        chunk_rows: int = 1024,
+        adapter_name: str = "default",
+        snapshot_shape: tuple[int, int] | None = (64, 64),
+        stats: ImportanceStats | None = None,
+        snapshot_interval: int = 1,
+    ):
         if interval < 1:
             raise ValueError(f"importance interval K must be ≥ 1, got {interval}")
         if int(snapshot_interval) < 1:
-            raise ValueError(f"snapshot_interval must be ≥ 1 (pool the heat-map snapshot on every k-th "
-                             f"importance check), got {snapshot_interval}")
+            raise ValueError(
+                f"snapshot_interval must be ≥ 1 (pool the heat-map snapshot on every k-th "
+                f"importance check), got {snapshot_interval}"
+            )
         if int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
         self.layers = lora_layers(model, adapter_name)
         if not self.layers:
-            raise ValueError("no LoRA layers found: apply a LoRA adapter (pilora.prepare_model) before "
-                             "creating the importance accumulator")
+            raise ValueError(
+                "no LoRA layers found: apply a LoRA adapter (pilora.prepare_model) before "
+                "creating the importance accumulator"
+            )
         self.adapter_name, self.interval, self.chunk_rows = adapter_name, interval, int(chunk_rows)
         self.snapshot_interval = int(snapshot_interval)
         shapes = {k: tuple(l.get_base_layer().weight.shape) for k, l in self.layers.items()}
         if stats is None:
-            stats = ImportanceStats({k: ModuleStats.empty(*s, snapshot_shape=snapshot_shape)
-                                     for k, s in shapes.items()})
+            stats = ImportanceStats(
+                {k: ModuleStats.empty(*s, snapshot_shape=snapshot_shape) for k, s in shapes.items()}
+            )
         else:
             stats.check_matches(shapes)
         self._stats = stats
@@ -310,8 +360,9 @@ class ImportanceAccumulator:
                 raw = []
                 for s in mods:  # back from "Σ over checks" to the sum over the pooled checks
                     pooled = s.checks if s.snapshots is None else s.snapshots
-                    raw.append(s.grad_snapshot.float() * (pooled / s.checks) if pooled != s.checks else
-                               s.grad_snapshot.float())
+                    raw.append(
+                        s.grad_snapshot.float() * (pooled / s.checks) if pooled != s.checks else s.grad_snapshot.float()
+                    )
                 snap = torch.stack(raw).to(device, non_blocking=True)
                 snapshots = [s.checks if s.snapshots is None else s.snapshots for s in mods]
                 gm = snap.shape[1]
@@ -319,20 +370,32 @@ class ImportanceAccumulator:
                 per_bin = torch.zeros(gm).index_add_(0, bins, torch.ones(m))
                 row_bin = bins.to(device, non_blocking=True)
                 row_weight = (1.0 / per_bin)[bins].to(device, non_blocking=True)
-            groups.append(_Group(names, [self.layers[k] for k in names], scaling,
-                                 torch.stack([s.hits for s in mods]).to(device, torch.int64, non_blocking=True),
-                                 torch.stack([s.score_sum for s in mods]).to(device, torch.float64,
-                                                                            non_blocking=True),
-                                 [int(s.checks) for s in mods], snap, snapshots, row_bin, row_weight))
+            groups.append(
+                _Group(
+                    names,
+                    [self.layers[k] for k in names],
+                    scaling,
+                    torch.stack([s.hits for s in mods]).to(device, torch.int64, non_blocking=True),
+                    torch.stack([s.score_sum for s in mods]).to(device, torch.float64, non_blocking=True),
+                    [int(s.checks) for s in mods],
+                    snap,
+                    snapshots,
+                    row_bin,
+                    row_weight,
+                )
+            )
         self._groups = groups
-        self._budget = max(min(self.chunk_rows, s[0]) * s[1] for s in
-                           (tuple(l.get_base_layer().weight.shape) for l in self.layers.values()))
+        self._budget = max(
+            min(self.chunk_rows, s[0]) * s[1]
+            for s in (tuple(l.get_base_layer().weight.shape) for l in self.layers.values())
+        )
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors that hold the statistics now (on the device once a check has run)."""
         if self._groups is None:
-            return [t for s in self._stats.modules.values() for t in (s.hits, s.score_sum, s.grad_snapshot)
-                    if t is not None]
+            return [
+                t for s in self._stats.modules.values() for t in (s.hits, s.score_sum, s.grad_snapshot) if t is not None
+            ]
         return [t for g in self._groups for t in (g.hits, g.score_sum, g.snapshot) if t is not None]
 
     @property
@@ -347,7 +410,9 @@ class ImportanceAccumulator:
                     s.hits, s.score_sum, s.checks = hits[i].clone(), score_sum[i].clone(), g.checks[i]
                     if snap is not None:
                         pooled = g.snapshots[i]
-                        s.grad_snapshot = snap[i] * (s.checks / pooled) if pooled not in (0, s.checks) else snap[i].clone()
+                        s.grad_snapshot = (
+                            snap[i] * (s.checks / pooled) if pooled not in (0, s.checks) else snap[i].clone()
+                        )
                         s.snapshots = None if pooled == s.checks else pooled
         return self._stats
 
@@ -368,8 +433,11 @@ class ImportanceAccumulator:
         a = self.adapter_name
         bufs: dict = {}  # one G̃ buffer per device and dtype, reused by every group of this check
         for g in self._groups:
-            idx = [i for i, layer in enumerate(g.layers)
-                   if layer.lora_A[a].weight.grad is not None and layer.lora_B[a].weight.grad is not None]
+            idx = [
+                i
+                for i, layer in enumerate(g.layers)
+                if layer.lora_A[a].weight.grad is not None and layer.lora_B[a].weight.grad is not None
+            ]
             if not idx:
                 continue  # layers not reached by this batch's loss
             layers = [g.layers[i] for i in idx]
@@ -386,8 +454,11 @@ class ImportanceAccumulator:
             take = snapshot and g.snapshot is not None
             full = len(idx) == len(g.layers)
             hits = g.hits if full else torch.zeros(k, g.hits.shape[1], dtype=g.hits.dtype, device=g.hits.device)
-            ssum = g.score_sum if full else torch.zeros(k, g.score_sum.shape[1], dtype=g.score_sum.dtype,
-                                                         device=g.score_sum.device)
+            ssum = (
+                g.score_sum
+                if full
+                else torch.zeros(k, g.score_sum.shape[1], dtype=g.score_sum.dtype, device=g.score_sum.device)
+            )
             snap = None
             if take:
                 snap = g.snapshot if full else torch.zeros((k,) + tuple(g.snapshot.shape[1:]), device=g.snapshot.device)
@@ -416,8 +487,10 @@ class ImportanceAccumulator:
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Check before every ``optimizer.step`` of a hand-written loop; returns the hook handle."""
+
         def hook(*_):
             self.step()  # a pre-hook must return None
+
         return optimizer.register_step_pre_hook(hook)
 
     def finalize(self) -> ImportanceStats:

@@ -31,8 +31,20 @@ LOCK_FILE = ".lock"
 MANIFEST = "job.json"
 # what a job writes into its folder; resume=false removes exactly these (never anything else the
 # folder may hold, e.g. Hydra's .hydra/ and run.log, or wandb/)
-JOB_ARTIFACTS = ("results.json", "importance.pt", "importance.pt.corrupt", "stage1", "stage2", "train", "adapter", "adapter_pilora",
-                 "adapter_init", "model", "dash_directions.pt", MANIFEST)
+JOB_ARTIFACTS = (
+    "results.json",
+    "importance.pt",
+    "importance.pt.corrupt",
+    "stage1",
+    "stage2",
+    "train",
+    "adapter",
+    "adapter_pilora",
+    "adapter_init",
+    "model",
+    "dash_directions.pt",
+    MANIFEST,
+)
 # config keys that do not change what a job computes: a rerun differing only in them reuses the job
 NOT_RESULT_KEYS = ("resume", "output_dir", "logger")
 HEARTBEAT_S = float(os.environ.get("PILORA_LOCK_HEARTBEAT_S", "30"))
@@ -114,7 +126,8 @@ class JobLock:
             f"job folder {self.folder} is being written by {self.describe(holder)}: two copies of one job "
             f"would overwrite each other's checkpoints and record. Wait for it to finish (rerunning the same "
             f"command then returns its record), or stop it. If that process is gone (e.g. a crashed node), "
-            f"delete {self.path} and rerun.")
+            f"delete {self.path} and rerun."
+        )
 
     # -- acquire / release ------------------------------------------------------------------
     def acquire(self) -> "JobLock":
@@ -130,8 +143,9 @@ class JobLock:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 self._refuse(self._read_holder())
             # ENOLCK / ENOSYS / EOPNOTSUPP: a filesystem without flock; the holder file decides
-            log.warning("flock unavailable on %s (%s); relying on the host/pid/heartbeat in the lock file",
-                        self.path, err)
+            log.warning(
+                "flock unavailable on %s (%s); relying on the host/pid/heartbeat in the lock file", self.path, err
+            )
         holder = self._read_holder()
         if holder and self._holder_alive(holder, flocked):
             self._refuse(holder)
@@ -231,8 +245,7 @@ def input_files(cfg: dict, out: str) -> dict:
 
 
 def manifest(cfg: dict, out: str) -> dict:
-    return {"config": {k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS},
-            "inputs": input_files(cfg, out)}
+    return {"config": {k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}, "inputs": input_files(cfg, out)}
 
 
 def _normalise(obj):
@@ -281,15 +294,18 @@ def check_reusable(cfg: dict, out: str) -> None:
         if isinstance(old_cfg, dict) and isinstance(old_cfg.get("method"), dict):
             # a folder made before the method section held only the keys its method uses
             from .methods import recorded_section
+
             old_cfg = {**old_cfg, "method": recorded_section(old_cfg["method"])}
-        diff = _differences(old_cfg, mine["config"], "config") + \
-            _differences(theirs.get("inputs"), mine["inputs"], "input")
+        diff = _differences(old_cfg, mine["config"], "config") + _differences(
+            theirs.get("inputs"), mine["inputs"], "input"
+        )
         if diff:
             shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} differences)" if len(diff) > 6 else "")
             raise StaleJob(
                 f"the job folder {out} holds a run of a different config or input files: {shown}. "
                 "Its record and checkpoints would not belong to this run. Rerun into a new folder "
-                "(hydra.run.dir=... / sweep_name=...), or with resume=false to discard that run and start clean.")
+                "(hydra.run.dir=... / sweep_name=...), or with resume=false to discard that run and start clean."
+            )
         if os.path.exists(path):
             return
     # temp file + rename, without fsync: a full disk is reported by the record write at the end
@@ -331,9 +347,8 @@ def open_job(cfg: dict):
     """Take the job folder for this process: the lock (rank 0 only: the other ranks of a DDP job
     never remove or write job files), a clean start for ``resume=false``, and the manifest check.
     Returns an object whose ``release()`` frees the folder."""
-    from .distributed import is_main
-
     from .checks import check_values
+    from .distributed import is_main
 
     check_values(cfg)  # before the folder exists: a bad value leaves nothing behind
     out = os.path.abspath(cfg["output_dir"])

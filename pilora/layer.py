@@ -37,7 +37,9 @@ from .peft_layers import PEFT_PREFIX, canonical_name, lora_layers
 
 PILORA_FILE = "pilora_config.json"
 # PEFT flags 1-D tensors under lora_B as unsharded ZeRO/FSDP state; ours is the partition mask.
-warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*lora_B\.(dominant|supplementary)")
+warnings.filterwarnings(
+    "ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*lora_B\.(dominant|supplementary)"
+)
 
 
 class RowPartitionedB(nn.Module):
@@ -67,8 +69,9 @@ class RowPartitionedB(nn.Module):
         supplementary_scale: ``c = s_s / s_d`` applied to the supplementary block.
     """
 
-    def __init__(self, dominant_mask: torch.Tensor, r: int, r_s: int, supplementary_scale: float = 1.0,
-                 device=None, dtype=None):
+    def __init__(
+        self, dominant_mask: torch.Tensor, r: int, r_s: int, supplementary_scale: float = 1.0, device=None, dtype=None
+    ):
         super().__init__()
         mask = dominant_mask.to(device="cpu", dtype=torch.bool).flatten()
         m, n_dom = mask.numel(), int(mask.sum())
@@ -82,7 +85,7 @@ class RowPartitionedB(nn.Module):
         # parameter's dtype: a bool P would cost a dtype conversion in every forward and backward
         pattern = torch.zeros(m, self.r + self.r_s, dtype=torch.float64, device="cpu")
         pattern[mask, : self.r] = 1.0
-        pattern[~mask, self.r:] = self.supplementary_scale
+        pattern[~mask, self.r :] = self.supplementary_scale
         rows = torch.arange(m, device="cpu")
         # Derived from the mask, so plain attributes rather than buffers: DDP broadcasts every buffer
         # at every forward (the pattern alone is m·(r+r') numbers per layer); _apply moves them.
@@ -111,14 +114,15 @@ class RowPartitionedB(nn.Module):
     @property
     def supplementary(self) -> torch.Tensor:
         """``B_s ((m−|M|) × r')``, gathered (a copy, differentiable); write with :meth:`set_blocks`."""
-        return self.blocks[self.supplementary_rows, self.r:]
+        return self.blocks[self.supplementary_rows, self.r :]
 
     @torch.no_grad()
     def set_blocks(self, dominant: torch.Tensor | None = None, supplementary: torch.Tensor | None = None) -> None:
         """Write ``B_d`` and/or ``B_s`` (compact shapes) into their rows; structural zeros stay zero."""
-        for value, rows, cols, name in ((dominant, self.dominant_rows, slice(0, self.r), "dominant"),
-                                        (supplementary, self.supplementary_rows, slice(self.r, None),
-                                         "supplementary")):
+        for value, rows, cols, name in (
+            (dominant, self.dominant_rows, slice(0, self.r), "dominant"),
+            (supplementary, self.supplementary_rows, slice(self.r, None), "supplementary"),
+        ):
             if value is None:
                 continue
             shape = (rows.numel(), cols.indices(self.blocks.shape[1])[1] - cols.indices(self.blocks.shape[1])[0])
@@ -143,25 +147,32 @@ class RowPartitionedB(nn.Module):
         destination[prefix + "supplementary"] = self.supplementary.detach()
         destination[prefix + "dominant_mask"] = self.dominant_mask if keep_vars else self.dominant_mask.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + "dominant_mask"
         if key in state_dict and not torch.equal(state_dict[key].cpu().to(torch.int8), self.dominant_mask.cpu()):
-            raise ValueError(f"{prefix[:-1]}: saved dominant rows differ from this layer's partition; "
-                             "load with pilora.load_adapter, which rebuilds the layers from the saved masks")
+            raise ValueError(
+                f"{prefix[:-1]}: saved dominant rows differ from this layer's partition; "
+                "load with pilora.load_adapter, which rebuilds the layers from the saved masks"
+            )
         if key not in state_dict:
             missing_keys.append(key)
         blocks = {}
-        for name, shape in (("dominant", (self.n_dominant, self.r)),
-                            ("supplementary", (self.out_features - self.n_dominant, self.r_s))):
+        for name, shape in (
+            ("dominant", (self.n_dominant, self.r)),
+            ("supplementary", (self.out_features - self.n_dominant, self.r_s)),
+        ):
             k = prefix + name
             if k not in state_dict:
                 missing_keys.append(k)
                 continue
             value = state_dict[k]
             if tuple(value.shape) != shape:
-                error_msgs.append(f"size mismatch for {k}: copying a param with shape {tuple(value.shape)} from "
-                                  f"checkpoint, the shape in current model is {shape}.")
+                error_msgs.append(
+                    f"size mismatch for {k}: copying a param with shape {tuple(value.shape)} from "
+                    f"checkpoint, the shape in current model is {shape}."
+                )
                 continue
             blocks[name] = value
         if blocks:
@@ -171,9 +182,11 @@ class RowPartitionedB(nn.Module):
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
     def extra_repr(self) -> str:
-        return (f"rows={self.out_features}, dominant={self.n_dominant} (r={self.r}), "
-                f"supplementary={self.out_features - self.n_dominant} (r'={self.r_s}), "
-                f"stored={self.blocks.numel()}, effective={self.effective_numel()}")
+        return (
+            f"rows={self.out_features}, dominant={self.n_dominant} (r={self.r}), "
+            f"supplementary={self.out_features - self.n_dominant} (r'={self.r_s}), "
+            f"stored={self.blocks.numel()}, effective={self.effective_numel()}"
+        )
 
 
 class FusedLoraForward(LoraVariant):
@@ -214,8 +227,9 @@ class FusedLoraForward(LoraVariant):
         return out.view(result.shape)
 
 
-def supplementary_scale(r: int, r_s: int, alpha: float, supplementary_alpha: float | None,
-                        use_rslora: bool = False) -> float:
+def supplementary_scale(
+    r: int, r_s: int, alpha: float, supplementary_alpha: float | None, use_rslora: bool = False
+) -> float:
     """``c = s_s / s_d``. With ``supplementary_alpha=None`` both groups share ``s = α/r`` (the
     supplementary adapter is "the same LoRA, fewer directions"); otherwise ``s_s = α'/r'``."""
     if r_s == 0 or supplementary_alpha is None:
@@ -233,12 +247,16 @@ def check_mask(mask, m: int, name: str = "") -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         mask = torch.as_tensor(mask)
     if mask.device.type == "meta":
-        raise ValueError(f"dominant mask{where} is on the meta device and has no values: build the masks "
-                         "from real importance statistics (pilora.partition) on the cpu or the model's device")
+        raise ValueError(
+            f"dominant mask{where} is on the meta device and has no values: build the masks "
+            "from real importance statistics (pilora.partition) on the cpu or the model's device"
+        )
     if mask.dim() != 1 or mask.numel() != m:
-        raise ValueError(f"dominant mask{where} has shape {tuple(mask.shape)} but the layer has {m} output rows: "
-                         "pass one 1-D mask of length m per layer, from statistics of the same model and "
-                         "target_modules (ImportanceStats.check_matches tells which)")
+        raise ValueError(
+            f"dominant mask{where} has shape {tuple(mask.shape)} but the layer has {m} output rows: "
+            "pass one 1-D mask of length m per layer, from statistics of the same model and "
+            "target_modules (ImportanceStats.check_matches tells which)"
+        )
     mask = mask.detach().to("cpu")
     if mask.dtype != torch.bool:
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
@@ -247,8 +265,9 @@ def check_mask(mask, m: int, name: str = "") -> torch.Tensor:
     return mask
 
 
-def convert_layer(layer: nn.Module, mask: torch.Tensor, r_s: int, scale: float = 1.0,
-                  adapter_name: str = "default") -> None:
+def convert_layer(
+    layer: nn.Module, mask: torch.Tensor, r_s: int, scale: float = 1.0, adapter_name: str = "default"
+) -> None:
     """Turn one PEFT ``lora.Linear`` (rank ``r``) into a PiLoRA layer in place (fresh init:
     ``A`` Kaiming-uniform as PEFT does, ``B`` zero, so the output equals the base model's)."""
     base = layer.get_base_layer()
@@ -263,8 +282,13 @@ def convert_layer(layer: nn.Module, mask: torch.Tensor, r_s: int, scale: float =
     layer.lora_variant[adapter_name] = FusedLoraForward()
 
 
-def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementary_r: int,
-              supplementary_alpha: float | None = None, adapter_name: str = "default") -> nn.Module:
+def to_pilora(
+    peft_model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    supplementary_r: int,
+    supplementary_alpha: float | None = None,
+    adapter_name: str = "default",
+) -> nn.Module:
     """Convert every LoRA layer of a freshly made PEFT LoRA model (rank ``r``) into a PiLoRA layer.
 
     ``masks`` maps base-model module names (as in the importance statistics) to bool ``(m,)``.
@@ -273,25 +297,31 @@ def to_pilora(peft_model: nn.Module, masks: dict[str, torch.Tensor], supplementa
     layers = lora_layers(peft_model, adapter_name)
     missing = sorted(set(layers) - set(masks))
     if missing:
-        raise ValueError(f"no dominant mask for LoRA layers {missing[:5]}; the masks cover "
-                         f"{sorted(masks)[:5]} ... (statistics from a different target_modules?)")
+        raise ValueError(
+            f"no dominant mask for LoRA layers {missing[:5]}; the masks cover "
+            f"{sorted(masks)[:5]} ... (statistics from a different target_modules?)"
+        )
     cfg = peft_model.peft_config[adapter_name]
     scale = supplementary_scale(cfg.r, supplementary_r, cfg.lora_alpha, supplementary_alpha, cfg.use_rslora)
     for name, layer in layers.items():
         mask = check_mask(masks[name], layer.get_base_layer().weight.shape[0], name)
         convert_layer(layer, mask, supplementary_r, scale, adapter_name)
-    peft_model.pilora_config = {"supplementary_r": int(supplementary_r),
-                                "supplementary_alpha": supplementary_alpha,
-                                "supplementary_scale": scale}
+    peft_model.pilora_config = {
+        "supplementary_r": int(supplementary_r),
+        "supplementary_alpha": supplementary_alpha,
+        "supplementary_scale": scale,
+    }
     return peft_model
 
 
 def pilora_masks(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The dominant masks a PiLoRA model was built with, keyed by base-model module name."""
 
-    return {name: layer.lora_B[adapter_name].dominant_mask.bool().cpu()
-            for name, layer in lora_layers(peft_model, adapter_name).items()
-            if isinstance(layer.lora_B[adapter_name], RowPartitionedB)}
+    return {
+        name: layer.lora_B[adapter_name].dominant_mask.bool().cpu()
+        for name, layer in lora_layers(peft_model, adapter_name).items()
+        if isinstance(layer.lora_B[adapter_name], RowPartitionedB)
+    }
 
 
 def save_adapter(peft_model: nn.Module, path: str, adapter_name: str = "default") -> None:
@@ -307,11 +337,12 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-
     cfg_file = os.path.join(path, PILORA_FILE)
     if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{cfg_file} not found: {path!r} is not a PiLoRA adapter directory "
-                                "(a plain LoRA loads with peft.PeftModel.from_pretrained)")
+        raise FileNotFoundError(
+            f"{cfg_file} not found: {path!r} is not a PiLoRA adapter directory "
+            "(a plain LoRA loads with peft.PeftModel.from_pretrained)"
+        )
     with open(cfg_file) as f:
         pcfg = json.load(f)
     config = LoraConfig.from_pretrained(path)
@@ -341,7 +372,6 @@ def export_lora(peft_model: nn.Module, path: str, adapter_name: str = "default")
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-
     cfg = peft_model.peft_config[adapter_name]
     state, rank = {}, None
     for name, layer in lora_layers(peft_model, adapter_name).items():
@@ -356,9 +386,15 @@ def export_lora(peft_model: nn.Module, path: str, adapter_name: str = "default")
     for key, value in peft_model.state_dict().items():
         if ".modules_to_save." in key and f".{adapter_name}." in key:
             state[key.replace(f".modules_to_save.{adapter_name}", "")] = value.detach().contiguous().cpu()
-    lora_cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=cfg.target_modules,
-                          lora_dropout=cfg.lora_dropout, modules_to_save=cfg.modules_to_save,
-                          task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path)
+    lora_cfg = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=cfg.target_modules,
+        lora_dropout=cfg.lora_dropout,
+        modules_to_save=cfg.modules_to_save,
+        task_type=cfg.task_type,
+        base_model_name_or_path=cfg.base_model_name_or_path,
+    )
     os.makedirs(path, exist_ok=True)
     lora_cfg.save_pretrained(path)
     save_file(state, os.path.join(path, "adapter_model.safetensors"))

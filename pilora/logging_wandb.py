@@ -66,12 +66,20 @@ def start_run(cfg: dict, out: str):
     tags = [f"method:{method}", f"task:{cfg['task']['name']}", f"model:{cfg['model']['name']}", f"stages:{stages}"]
     verbose = bool(lg.get("verbose", False))
     timeout = float(lg.get("init_timeout_s") or 60)
-    settings = dict(silent=not verbose, quiet=not verbose, console="auto" if verbose else "off",
-                    x_save_requirements=verbose)
-    kwargs = dict(project=lg.get("project", "pilora"), entity=lg.get("entity"), dir=out,
-                  name=lg.get("run_name") or run_name(cfg), group=lg.get("group") or cfg.get("sweep_name"),
-                  tags=[str(t).replace(",", "_") for t in [*tags, *(lg.get("tags") or [])]],
-                  job_type="two_stage" if stages == "1+2" else "single_stage", config=cfg, reinit="finish_previous")
+    settings = dict(
+        silent=not verbose, quiet=not verbose, console="auto" if verbose else "off", x_save_requirements=verbose
+    )
+    kwargs = dict(
+        project=lg.get("project", "pilora"),
+        entity=lg.get("entity"),
+        dir=out,
+        name=lg.get("run_name") or run_name(cfg),
+        group=lg.get("group") or cfg.get("sweep_name"),
+        tags=[str(t).replace(",", "_") for t in [*tags, *(lg.get("tags") or [])]],
+        job_type="two_stage" if stages == "1+2" else "single_stage",
+        config=cfg,
+        reinit="finish_previous",
+    )
     mode = lg.get("mode", "offline")
     global FALLBACK
     FALLBACK = None
@@ -89,8 +97,12 @@ def start_run(cfg: dict, out: str):
                     shutil.rmtree(os.path.join(runs_dir, name), ignore_errors=True)
     if FALLBACK is not None:
         mode = "offline"
-        log.warning("W&B: logger.mode=online but %s; logging this run offline instead (nothing is lost: "
-                    "upload it later with `wandb sync %s`)", FALLBACK, os.path.join(out, "wandb", "offline-run-*"))
+        log.warning(
+            "W&B: logger.mode=online but %s; logging this run offline instead (nothing is lost: "
+            "upload it later with `wandb sync %s`)",
+            FALLBACK,
+            os.path.join(out, "wandb", "offline-run-*"),
+        )
     if mode != "online" or FALLBACK is not None:
         run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
     for stage in ("stage1", "stage2"):
@@ -155,7 +167,9 @@ class StageLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row = {f"{self.stage}/{k}": v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row = {
+            f"{self.stage}/{k}": v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         row[f"{self.stage}/step"] = state.global_step
         self.run.log(row)
 
@@ -202,8 +216,10 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
     if lg.get("artifacts", True):
         cap = float(lg.get("artifact_max_mb", 200))
         name = run_name(cfg)
-        for art_name, art_type, keys in ((f"{name}-record", "results", ("results", "importance")),
-                                         (f"{name}-adapter", "adapter", ("adapter",))):
+        for art_name, art_type, keys in (
+            (f"{name}-record", "results", ("results", "importance")),
+            (f"{name}-adapter", "adapter", ("adapter",)),
+        ):
             art, kept = wandb.Artifact(art_name, type=art_type), 0
             for key in keys:
                 path = files.get(key)

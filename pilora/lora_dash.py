@@ -33,11 +33,12 @@ from transformers import TrainerCallback
 from .peft_layers import PEFT_PREFIX, canonical_name, lora_layers
 
 log = logging.getLogger("pilora")
-DASH_KEY = "lora_dash"                   # PEFT saves every state key containing "lora_"
-DIRECTIONS_FILE = "dash_directions.pt"   # the launch's selection, per module (an artifact, like importance.pt)
+DASH_KEY = "lora_dash"  # PEFT saves every state key containing "lora_"
+DIRECTIONS_FILE = "dash_directions.pt"  # the launch's selection, per module (an artifact, like importance.pt)
 
 
 # ------------------------------------------------------------------------ direction selection
+
 
 def change_rates(W: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rate, U, σ, Vh)`` with ``W = U diag(σ) Vh`` and ``rate_i = |u_iᵀ ΔW v_i| / σ_i``.
@@ -61,14 +62,17 @@ def select_directions(W: torch.Tensor, delta: torch.Tensor, s: int):
     """
     m, n = W.shape
     if not 0 < s <= min(m, n):
-        raise ValueError(f"LoRA-Dash needs 0 < directions ≤ min(m, n) = {min(m, n)} for a {m}×{n} weight, "
-                         f"got {s}; lower method.directions")
+        raise ValueError(
+            f"LoRA-Dash needs 0 < directions ≤ min(m, n) = {min(m, n)} for a {m}×{n} weight, "
+            f"got {s}; lower method.directions"
+        )
     rate, U, _, Vh = change_rates(W, delta)
     index = torch.topk(rate, s).indices
     return index, U[:, index], Vh[index], rate
 
 
 # ------------------------------------------------------------------------------- the layer
+
 
 class DashDirections(nn.Module):
     """The dash term of one layer: ``U_s diag(c) V_sᵀ`` (``c`` trainable, zero until trained).
@@ -137,9 +141,11 @@ def attach_dash(layer: nn.Module, s: int, adapter_name: str = "default", name: s
     W = layer.get_base_layer().weight
     m, n = W.shape
     if not 0 < s <= min(m, n):
-        raise ValueError(f"LoRA-Dash: method.directions={s} but layer {name or type(layer).__name__} is {m}×{n}, "
-                         f"which has only min(m, n) = {min(m, n)} singular directions; set method.directions "
-                         f"between 1 and {min(m, n)}")
+        raise ValueError(
+            f"LoRA-Dash: method.directions={s} but layer {name or type(layer).__name__} is {m}×{n}, "
+            f"which has only min(m, n) = {min(m, n)} singular directions; set method.directions "
+            f"between 1 and {min(m, n)}"
+        )
     if not hasattr(layer, DASH_KEY):
         layer.lora_dash = nn.ModuleDict()
         # PEFT's adapter bookkeeping (set_adapter, trainable flags, delete_adapter) then covers it too
@@ -152,8 +158,7 @@ def attach_dash(layer: nn.Module, s: int, adapter_name: str = "default", name: s
 def dash_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """LoRA layers of ``model`` that carry a dash term, keyed by base-model module name."""
 
-    return {k: v for k, v in lora_layers(model, adapter_name).items()
-            if adapter_name in getattr(v, DASH_KEY, {})}
+    return {k: v for k, v in lora_layers(model, adapter_name).items() if adapter_name in getattr(v, DASH_KEY, {})}
 
 
 def is_launched(model: nn.Module, adapter_name: str = "default") -> bool:
@@ -183,6 +188,7 @@ def launch(model: nn.Module, adapter_name: str = "default") -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------ the runner
 
+
 class DashLaunchCallback(TrainerCallback):
     """Runs the launch inside one Trainer run, after optimizer step ``prelaunch_steps``.
 
@@ -192,8 +198,9 @@ class DashLaunchCallback(TrainerCallback):
     The dash term stays in the graph throughout, so DDP sees the same parameters used every step.
     """
 
-    def __init__(self, model: nn.Module, prelaunch_steps: int, directions_file: str | None = None,
-                 adapter_name: str = "default"):
+    def __init__(
+        self, model: nn.Module, prelaunch_steps: int, directions_file: str | None = None, adapter_name: str = "default"
+    ):
         self.model, self.t, self.file, self.adapter = model, int(prelaunch_steps), directions_file, adapter_name
         self.launch_step = None
         self.chosen: dict | None = None
@@ -218,39 +225,53 @@ class DashLaunchCallback(TrainerCallback):
             self.launch_step = state.global_step
             # every rank selects from identical (all-reduced) LoRA weights; verify it
             check_ranks_agree({k: torch.tensor(v["index"]) for k, v in self.chosen.items()})
-            log.info("LoRA-Dash launch at step %d: %d directions in each of %d layers", state.global_step,
-                     len(next(iter(self.chosen.values()))["index"]) if self.chosen else 0, len(self.chosen))
+            log.info(
+                "LoRA-Dash launch at step %d: %d directions in each of %d layers",
+                state.global_step,
+                len(next(iter(self.chosen.values()))["index"]) if self.chosen else 0,
+                len(self.chosen),
+            )
             if self.file and is_main():
                 torch.save({"step": state.global_step, "modules": self.chosen}, self.file)
 
     def _from_layers(self) -> dict:
-        return {k: {"index": l.lora_dash[self.adapter].direction_index.tolist()}
-                for k, l in dash_layers(self.model, self.adapter).items()}
+        return {
+            k: {"index": l.lora_dash[self.adapter].direction_index.tolist()}
+            for k, l in dash_layers(self.model, self.adapter).items()
+        }
 
     def summary(self) -> dict:
         """The record's ``lora_dash`` entry."""
-        return {"prelaunch_steps": self.t, "launch_step": self.launch_step,
-                "directions": {k: v["index"] for k, v in (self.chosen or {}).items()},
-                "directions_file": self.file if self.file and os.path.exists(self.file) else None}
+        return {
+            "prelaunch_steps": self.t,
+            "launch_step": self.launch_step,
+            "directions": {k: v["index"] for k, v in (self.chosen or {}).items()},
+            "directions_file": self.file if self.file and os.path.exists(self.file) else None,
+        }
 
 
 def check_prelaunch(prelaunch_steps: int, total_steps: int) -> None:
     """The pre-launch phase must end before the run does, or there is no dash phase."""
     if prelaunch_steps >= total_steps:
-        raise ValueError(f"LoRA-Dash pre-launch (method.prelaunch_steps={prelaunch_steps}) is not shorter than "
-                         f"the training run ({total_steps} optimizer steps), so the dash phase would never run. "
-                         "Lower method.prelaunch_steps or train longer (trainer.num_train_epochs / trainer.max_steps).")
+        raise ValueError(
+            f"LoRA-Dash pre-launch (method.prelaunch_steps={prelaunch_steps}) is not shorter than "
+            f"the training run ({total_steps} optimizer steps), so the dash phase would never run. "
+            "Lower method.prelaunch_steps or train longer (trainer.num_train_epochs / trainer.max_steps)."
+        )
 
 
 def refuse_sharded_launch(args) -> None:
     """The launch takes the SVD of every full frozen ``W0`` and reads the full ``A``, ``B``: FSDP shards them."""
     if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        raise ValueError("LoRA-Dash's launch needs every layer's full weight W0 and LoRA A, B on each rank "
-                         "(an SVD per layer), but FSDP shards them (trainer.fsdp / ACCELERATE_USE_FSDP). "
-                         "Run LoRA-Dash with DDP: drop trainer.fsdp.")
+        raise ValueError(
+            "LoRA-Dash's launch needs every layer's full weight W0 and LoRA A, B on each rank "
+            "(an SVD per layer), but FSDP shards them (trainer.fsdp / ACCELERATE_USE_FSDP). "
+            "Run LoRA-Dash with DDP: drop trainer.fsdp."
+        )
 
 
 # ------------------------------------------------------------------------- save / load / export
+
 
 def load_lora_dash(base_model: nn.Module, path: str, is_trainable: bool = False) -> nn.Module:
     """Rebuild a LoRA-Dash model saved with ``save_pretrained``: the number of directions comes from
@@ -258,13 +279,14 @@ def load_lora_dash(base_model: nn.Module, path: str, is_trainable: bool = False)
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-
     state = load_file(os.path.join(path, "adapter_model.safetensors"))
     suffix = f".{DASH_KEY}.coefficients"
     sizes = {canonical_name(k[: -len(suffix)]): v.numel() for k, v in state.items() if k.endswith(suffix)}
     if not sizes:
-        raise ValueError(f"{path!r} holds no LoRA-Dash coefficients (*{suffix}): not a LoRA-Dash adapter "
-                         "(a plain LoRA loads with peft.PeftModel.from_pretrained)")
+        raise ValueError(
+            f"{path!r} holds no LoRA-Dash coefficients (*{suffix}): not a LoRA-Dash adapter "
+            "(a plain LoRA loads with peft.PeftModel.from_pretrained)"
+        )
     config = LoraConfig.from_pretrained(path)
     config.inference_mode = not is_trainable
     model = get_peft_model(base_model, config)
@@ -289,14 +311,15 @@ def export_as_lora(peft_model: nn.Module, path: str, adapter_name: str = "defaul
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-
     cfg = peft_model.peft_config[adapter_name]
     state, rank = {}, None
     for name, layer in dash_layers(peft_model, adapter_name).items():
         dash = layer.lora_dash[adapter_name]
         A = torch.cat([layer.lora_A[adapter_name].weight, dash.directions_vh]).detach()
-        B = torch.cat([layer.lora_B[adapter_name].weight * layer.scaling[adapter_name],
-                       dash.directions_u * dash.coefficients], dim=1).detach()
+        B = torch.cat(
+            [layer.lora_B[adapter_name].weight * layer.scaling[adapter_name], dash.directions_u * dash.coefficients],
+            dim=1,
+        ).detach()
         if rank is not None and A.shape[0] != rank:
             raise ValueError("export needs one rank r + s for all layers")
         rank = A.shape[0]
@@ -305,7 +328,13 @@ def export_as_lora(peft_model: nn.Module, path: str, adapter_name: str = "defaul
     for key, value in peft_model.state_dict().items():  # heads trained in full travel as they are
         if ".modules_to_save." in key and f".{adapter_name}." in key:
             state[key.replace(f".modules_to_save.{adapter_name}", "")] = value.detach().contiguous().cpu()
-    LoraConfig(r=rank, lora_alpha=rank, target_modules=cfg.target_modules, lora_dropout=cfg.lora_dropout,
-               modules_to_save=cfg.modules_to_save, task_type=cfg.task_type,
-               base_model_name_or_path=cfg.base_model_name_or_path).save_pretrained(path)
+    LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=cfg.target_modules,
+        lora_dropout=cfg.lora_dropout,
+        modules_to_save=cfg.modules_to_save,
+        task_type=cfg.task_type,
+        base_model_name_or_path=cfg.base_model_name_or_path,
+    ).save_pretrained(path)
     save_file(state, os.path.join(path, "adapter_model.safetensors"))

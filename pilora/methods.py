@@ -26,15 +26,15 @@ from .peft_layers import lora_layers
 class Stage1Config:
     """Stage 1 of Alg. 1 (PiLoRA's, or the one a budget-matched LoRA runs to get PiLoRA's partition)."""
 
-    epochs: Any = 1                         # the paper's initial phase: 1 epoch (a number of epochs)
-    max_steps: int = -1                     # > 0: stage 1 lasts this many optimizer steps instead
+    epochs: Any = 1  # the paper's initial phase: 1 epoch (a number of epochs)
+    max_steps: int = -1  # > 0: stage 1 lasts this many optimizer steps instead
 
 
 @dataclass
 class PartitionConfig:
     """How stage 1's statistics split each module's rows (``pilora.partition.PARTITIONS``)."""
 
-    name: str = "hit_frequency"             # key of pilora.partition.PARTITIONS
+    name: str = "hit_frequency"  # key of pilora.partition.PARTITIONS
     args: Dict[str, Any] = field(default_factory=dict)  # the strategy's keywords (tau, threshold, fraction, seed)
 
 
@@ -44,11 +44,11 @@ class MethodConfig:
     every key, and :func:`applicable_keys` says which ones a method uses (the others are ignored
     and listed in the record's ``ignored``)."""
 
-    name: str = "lora"                      # key of METHODS
-    label: Optional[str] = None             # the row name of records and folders (lora_matched); null: name
-    r: int = 8                              # LoRA rank; PiLoRA's dominant rank
-    alpha: Any = 16.0                       # LoRA α (scaling α/r, or α/√r for rsLoRA)
-    dropout: float = 0.05                   # LoRA dropout probability
+    name: str = "lora"  # key of METHODS
+    label: Optional[str] = None  # the row name of records and folders (lora_matched); null: name
+    r: int = 8  # LoRA rank; PiLoRA's dominant rank
+    alpha: Any = 16.0  # LoRA α (scaling α/r, or α/√r for rsLoRA)
+    dropout: float = 0.05  # LoRA dropout probability
     target_modules: Any = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, or a regex string
     modules_to_save: Optional[List[str]] = None  # trained in full (classification heads)
     # adapter added to the base output by one addmm (pilora.layer.FusedLoraForward) instead of
@@ -56,22 +56,22 @@ class MethodConfig:
     # off for PEFT's layers (stock LoRA, as in the paper). True on a LoRA method: like-for-like timings.
     fused_forward: Optional[bool] = None
     # PiLoRA (and the stage 1 of a budget-matched LoRA) ------------------------------------------
-    supplementary_r: int = 1                # r' of the supplementary adapter; 0 freezes those rows
-    supplementary_alpha: Any = None         # None: both groups share s = α/r
-    stage1_r: Optional[int] = None          # rank of the stage-1 LoRA (default: r)
-    importance_interval: int = 10           # K: optimizer steps between importance checks
+    supplementary_r: int = 1  # r' of the supplementary adapter; 0 freezes those rows
+    supplementary_alpha: Any = None  # None: both groups share s = α/r
+    stage1_r: Optional[int] = None  # rank of the stage-1 LoRA (default: r)
+    importance_interval: int = 10  # K: optimizer steps between importance checks
     importance_checks: Optional[int] = None  # N: set K from stage 1's length so that T ≈ N checks run
-    chunk_rows: int = 1024                  # rows of G̃ formed at once (memory bound)
-    snapshot_interval: int = 10             # pool the heat-map snapshot on every k-th importance check
+    chunk_rows: int = 1024  # rows of G̃ formed at once (memory bound)
+    snapshot_interval: int = 10  # pool the heat-map snapshot on every k-th importance check
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
-    importance_from: Optional[str] = None   # an importance.pt to reuse instead of running stage 1
+    importance_from: Optional[str] = None  # an importance.pt to reuse instead of running stage 1
     # budget-matched LoRA: per-module ranks from PiLoRA's partition, as many adapter parameters as PiLoRA
     match_budget: bool = False
     rank_pattern: Optional[Dict[str, Any]] = None  # per-module ranks (set by the budget match)
     # LoRA-Dash only (defaults: the authors' code, t = 100 steps, s = 8 directions) -----------------
-    prelaunch_steps: int = 100              # t: optimizer steps of plain LoRA before the launch
-    directions: int = 8                     # s: task-specific directions (learned coefficients) per layer
+    prelaunch_steps: int = 100  # t: optimizer steps of plain LoRA before the launch
+    directions: int = 8  # s: task-specific directions (learned coefficients) per layer
 
     def __post_init__(self):
         if isinstance(self.partition, str):
@@ -90,10 +90,12 @@ class MethodConfig:
                 raise ValueError(f"method.{key} must be a positive number, got {value!r}")
         if self.name == "pilora":
             if int(self.supplementary_r) < 0 or int(self.supplementary_r) > int(self.r):
-                raise ValueError(f"supplementary rank r' must satisfy 0 ≤ r' ≤ r = {self.r}, "
-                                 f"got {self.supplementary_r}")
+                raise ValueError(
+                    f"supplementary rank r' must satisfy 0 ≤ r' ≤ r = {self.r}, got {self.supplementary_r}"
+                )
         if self.name == "pilora" or self.match_budget:
             from .partition import PARTITIONS
+
             if self.partition.name not in PARTITIONS:
                 raise ValueError(f"unknown partition {self.partition.name!r}; choose one of {sorted(PARTITIONS)}")
             for key in ("tau", "threshold", "fraction"):
@@ -102,21 +104,26 @@ class MethodConfig:
                     if not 0 < v <= 1:
                         raise ValueError(f"partition {key} must lie in (0, 1], got {v}")
         if self.importance_checks is not None and int(self.importance_checks) < 1:
-            raise ValueError(f"method.importance_checks must be a positive number of checks, got "
-                             f"{self.importance_checks} (null keeps K = method.importance_interval)")
+            raise ValueError(
+                f"method.importance_checks must be a positive number of checks, got "
+                f"{self.importance_checks} (null keeps K = method.importance_interval)"
+            )
         if self.name == "lora_dash":
             if int(self.directions) <= 0:
                 raise ValueError(f"LoRA-Dash needs method.directions ≥ 1, got {self.directions}")
             if int(self.prelaunch_steps) < 0:
                 raise ValueError(f"method.prelaunch_steps must be ≥ 0 optimizer steps, got {self.prelaunch_steps}")
             if self.fused_forward:
-                raise ValueError("fused_forward applies to plain LoRA layers; LoRA-Dash has its own forward "
-                                 "(set method.fused_forward=null)")
+                raise ValueError(
+                    "fused_forward applies to plain LoRA layers; LoRA-Dash has its own forward "
+                    "(set method.fused_forward=null)"
+                )
         if not 0 <= float(self.dropout) < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.fused_forward and METHODS[self.name].lora_kwargs.get("use_dora"):
-            raise ValueError("fused_forward applies to plain LoRA layers; DoRA has its own forward "
-                             "(set method.fused_forward=null)")
+            raise ValueError(
+                "fused_forward applies to plain LoRA layers; DoRA has its own forward (set method.fused_forward=null)"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodConfig":
@@ -143,8 +150,9 @@ def _known(cls, d: dict, where: str) -> dict:
     valid = list(cls.__dataclass_fields__)
     unknown = [k for k in d if k not in valid]
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                         f"valid keys of {where}: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; valid keys of {where}: {', '.join(valid)}"
+        )
     return dict(d)
 
 
@@ -155,8 +163,17 @@ DEFAULT_PARTITION = {"name": "hit_frequency", "args": {"tau": 0.5}}
 BASE_KEYS = ("name", "r", "alpha", "dropout", "target_modules")
 OPTIONAL_KEYS = ("label", "modules_to_save", "rank_pattern")
 # what stage 1 and its partition read: PiLoRA's, and a budget-matched LoRA's (which runs PiLoRA's stage 1)
-STAGE1_KEYS = ("supplementary_r", "stage1_r", "importance_interval", "importance_checks", "chunk_rows", "snapshot_interval",
-               "stage1", "importance_from", "partition")
+STAGE1_KEYS = (
+    "supplementary_r",
+    "stage1_r",
+    "importance_interval",
+    "importance_checks",
+    "chunk_rows",
+    "snapshot_interval",
+    "stage1",
+    "importance_from",
+    "partition",
+)
 
 
 def applicable_keys(name: str, match_budget: bool = False) -> tuple[str, ...]:
@@ -193,6 +210,7 @@ def register_init(name: str):
     def deco(fn):
         INITS[name] = fn
         return fn
+
     return deco
 
 
@@ -281,6 +299,7 @@ def full_finetune(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 # ----------------------------------------------------------------------------- target modules
 
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the ``nn.Linear`` layers in ``model`` (candidates for targets)."""
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
@@ -293,28 +312,41 @@ def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ValueError(f"target modules {missing} match no linear layer of {type(model).__name__}; "
-                         f"its linear layers are named {linear_module_names(model)}")
+        raise ValueError(
+            f"target modules {missing} match no linear layer of {type(model).__name__}; "
+            f"its linear layers are named {linear_module_names(model)}"
+        )
 
 
 # ------------------------------------------------------------------------------ building models
+
 
 def lora_config(cfg: MethodConfig, task_type: str | None = None, r: int | None = None):
     """The PEFT ``LoraConfig`` for a method (for PiLoRA: its plain-LoRA stages)."""
     from peft import LoraConfig
 
     method = METHODS[cfg.name]
-    kwargs = dict(r=int(r or cfg.r), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
-                  target_modules=list(cfg.target_modules) if not isinstance(cfg.target_modules, str)
-                  else cfg.target_modules,
-                  modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
-                  task_type=task_type, rank_pattern=dict(cfg.rank_pattern or {}))
+    kwargs = dict(
+        r=int(r or cfg.r),
+        lora_alpha=float(cfg.alpha),
+        lora_dropout=float(cfg.dropout),
+        target_modules=list(cfg.target_modules) if not isinstance(cfg.target_modules, str) else cfg.target_modules,
+        modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        task_type=task_type,
+        rank_pattern=dict(cfg.rank_pattern or {}),
+    )
     kwargs.update(method.lora_kwargs)
     return LoraConfig(**kwargs)
 
 
-def prepare_model(model: nn.Module, cfg: MethodConfig | dict, *, masks: dict | None = None,
-                  stage: int | None = None, task_type: str | None = None):
+def prepare_model(
+    model: nn.Module,
+    cfg: MethodConfig | dict,
+    *,
+    masks: dict | None = None,
+    stage: int | None = None,
+    task_type: str | None = None,
+):
     """Wrap ``model`` (pretrained, frozen) with the adapters of ``cfg``.
 
     For PiLoRA, ``stage=1`` (or ``masks=None``) gives the plain rank-r LoRA of stage 1, and

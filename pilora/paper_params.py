@@ -21,34 +21,71 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 def _llama2_7b():
     from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        )
+    )
 
 
 def _llama3_8b():
     from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256))
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        )
+    )
 
 
 def _roberta_large():
     from transformers import RobertaConfig, RobertaForSequenceClassification
-    return RobertaForSequenceClassification(RobertaConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=2))
+
+    return RobertaForSequenceClassification(
+        RobertaConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            vocab_size=50265,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            num_labels=2,
+        )
+    )
 
 
 def _clip_vit_b32():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        image_size=224, patch_size=32, projection_dim=512))
+
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+            projection_dim=512,
+        )
+    )
 
 
 SETTINGS = {
     "LLaMA2-7B": (_llama2_7b, LLAMA_TARGETS, 32, 2),
     "LLaMA3-8B": (_llama3_8b, LLAMA_TARGETS, 32, 2),
-    "RoBERTa-large": (_roberta_large, ROBERTA_TARGETS, 8, 1),   # Tab. 6 trains r = 8
+    "RoBERTa-large": (_roberta_large, ROBERTA_TARGETS, 8, 1),  # Tab. 6 trains r = 8
     "CLIP ViT-B/32 image encoder": (_clip_vit_b32, CLIP_TARGETS, 8, 1),
 }
 
@@ -65,9 +102,11 @@ PAPER_ROWS = [
     ("CLIP ViT-B/32 image encoder", "lora", 8, None, None, 1.49),
     ("LLaMA2-7B", "pilora", 32, 2, 0.5, 0.66),
 ]
-GLUE_PARAMS_NOTE = ("Table 2's parameter column does not match Tab. 6: LoRA at the trained r = 8 is 1.00 % of the "
-                    "RoBERTa-large backbone (the printed 4.00 % needs r = 32), and PiLoRA at r = 8, r' = 1 peaks at "
-                    "1.05 % with every row dominant (printed: 3.26 %). Counts here are what is trained.")
+GLUE_PARAMS_NOTE = (
+    "Table 2's parameter column does not match Tab. 6: LoRA at the trained r = 8 is 1.00 % of the "
+    "RoBERTa-large backbone (the printed 4.00 % needs r = 32), and PiLoRA at r = 8, r' = 1 peaks at "
+    "1.05 % with every row dominant (printed: 3.26 %). Counts here are what is trained."
+)
 
 
 def _first_rows_masks(peft_model, fraction: float) -> dict[str, torch.Tensor]:
@@ -81,18 +120,29 @@ def _first_rows_masks(peft_model, fraction: float) -> dict[str, torch.Tensor]:
     return masks
 
 
-def meta_count(setting: str, method: str = "lora", r: int | None = None, supplementary_r: int | None = None,
-               dominant_fraction: float | None = None) -> ParamCount:
+def meta_count(
+    setting: str,
+    method: str = "lora",
+    r: int | None = None,
+    supplementary_r: int | None = None,
+    dominant_fraction: float | None = None,
+) -> ParamCount:
     """Count a paper setting on the meta device (configs only, no weights, no download)."""
 
     build, targets, r0, rs0 = SETTINGS[setting]
     with torch.device("meta"):
         base = build()
-        cfg = MethodConfig(name=method, r=r or r0, alpha=2 * (r or r0), target_modules=targets,
-                           supplementary_r=rs0 if supplementary_r is None else supplementary_r)
+        cfg = MethodConfig(
+            name=method,
+            r=r or r0,
+            alpha=2 * (r or r0),
+            target_modules=targets,
+            supplementary_r=rs0 if supplementary_r is None else supplementary_r,
+        )
         model = prepare_model(base, cfg, stage=1)
         if method == "pilora":
             from .layer import to_pilora
+
             to_pilora(model, _first_rows_masks(model, dominant_fraction), cfg.supplementary_r)
     return count_parameters(model)
 
@@ -103,32 +153,57 @@ def table_rows(pilora_fractions=(0.41,)) -> list[dict]:
     rows = []
     extra = [("LLaMA2-7B", "pilora", 32, 2, f, None) for f in pilora_fractions]
     # LoRA-Dash (s coefficients per layer on top of LoRA) and full fine-tuning in every setting
-    others = [(setting, method, None, None, None, paper) for setting in SETTINGS
-              for method, paper in (("lora_dash", None), ("full", 100.0))]
+    others = [
+        (setting, method, None, None, None, paper)
+        for setting in SETTINGS
+        for method, paper in (("lora_dash", None), ("full", 100.0))
+    ]
     for setting, method, r, r_s, fraction, paper in PAPER_ROWS + extra + others:
         c = meta_count(setting, method, r=r, supplementary_r=r_s, dominant_fraction=fraction)
         r = r or SETTINGS[setting][2]
-        label = {"lora": f"LoRA r={r}", "lora_dash": f"LoRA-Dash r={r} s={MethodConfig.directions}",
-                 "full": "Full FT"}.get(method) or f"PiLoRA r={r} r'={r_s}, dominant {fraction:.0%}"
-        rows.append({"setting": setting, "method": label, "adapter": c.adapter, "stored": c.stored_trainable,
-                     "share_%": 100 * c.adapter_share, "share_of_backbone_%": 100 * c.adapter_share_of_backbone,
-                     "paper_%": paper})
+        label = {
+            "lora": f"LoRA r={r}",
+            "lora_dash": f"LoRA-Dash r={r} s={MethodConfig.directions}",
+            "full": "Full FT",
+        }.get(method) or f"PiLoRA r={r} r'={r_s}, dominant {fraction:.0%}"
+        rows.append(
+            {
+                "setting": setting,
+                "method": label,
+                "adapter": c.adapter,
+                "stored": c.stored_trainable,
+                "share_%": 100 * c.adapter_share,
+                "share_of_backbone_%": 100 * c.adapter_share_of_backbone,
+                "paper_%": paper,
+            }
+        )
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fractions", type=float, nargs="*", default=[0.41],
-                        help="dominant fractions for extra LLaMA2-7B PiLoRA rows (0.41: what 'Ours' implies)")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="*",
+        default=[0.41],
+        help="dominant fractions for extra LLaMA2-7B PiLoRA rows (0.41: what 'Ours' implies)",
+    )
     args = parser.parse_args(argv)
-    print(f"{'setting':30s} {'method':36s} {'# params':>13s} {'share %':>8s} {'of backbone %':>14s} {'paper %':>8s}"
-          f" {'optimizer holds':>16s}")
+    print(
+        f"{'setting':30s} {'method':36s} {'# params':>13s} {'share %':>8s} {'of backbone %':>14s} {'paper %':>8s}"
+        f" {'optimizer holds':>16s}"
+    )
     for row in table_rows(args.fractions):
         paper = "—" if row["paper_%"] is None else f"{row['paper_%']:.2f}"
-        print(f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>13,d} {row['share_%']:>8.2f} "
-              f"{row['share_of_backbone_%']:>14.2f} {paper:>8s} {row['stored']:>16,d}")
-    print("# params: the paper's count (Eq. 10 for PiLoRA). optimizer holds: the numbers the optimizer keeps,\n"
-          "including the structural zeros of PiLoRA's m × (r + r') B (always zero, zero gradient).")
+        print(
+            f"{row['setting']:30s} {row['method']:36s} {row['adapter']:>13,d} {row['share_%']:>8.2f} "
+            f"{row['share_of_backbone_%']:>14.2f} {paper:>8s} {row['stored']:>16,d}"
+        )
+    print(
+        "# params: the paper's count (Eq. 10 for PiLoRA). optimizer holds: the numbers the optimizer keeps,\n"
+        "including the structural zeros of PiLoRA's m × (r + r') B (always zero, zero gradient)."
+    )
     print(f"Note: {GLUE_PARAMS_NOTE}")
 
 

@@ -19,11 +19,11 @@ ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dash")  # lor
 
 @dataclass
 class ParamCount:
-    trainable: int      # everything with requires_grad (adapters + heads trained in full)
-    total: int          # all parameters, adapters included (PEFT's "all params")
-    adapter: int        # LoRA / PiLoRA / DoRA / LoRA-Dash adapter parameters only (the paper's # Params);
-                        # full fine-tuning: every trained parameter
-    backbone: int       # the pretrained encoder/decoder without task head and adapters
+    trainable: int  # everything with requires_grad (adapters + heads trained in full)
+    total: int  # all parameters, adapters included (PEFT's "all params")
+    adapter: int  # LoRA / PiLoRA / DoRA / LoRA-Dash adapter parameters only (the paper's # Params);
+    # full fine-tuning: every trained parameter
+    backbone: int  # the pretrained encoder/decoder without task head and adapters
     full_finetune: bool = False  # no adapter: every weight trains (the paper's "100 %")
     # numbers the optimizer holds for the trainable parameters: equals ``trainable`` except for
     # PiLoRA's stage-2 ``B``, stored as one m × (r + r') tensor whose structural zeros (kept at
@@ -52,8 +52,12 @@ class ParamCount:
         return self.adapter / self.backbone if self.backbone else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "share": self.share, "adapter_share": self.adapter_share,
-                "adapter_share_of_backbone": self.adapter_share_of_backbone}
+        return {
+            **asdict(self),
+            "share": self.share,
+            "adapter_share": self.adapter_share,
+            "adapter_share_of_backbone": self.adapter_share_of_backbone,
+        }
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
@@ -62,8 +66,11 @@ def count_parameters(model: nn.Module) -> ParamCount:
     A parameter whose module says it stores structural zeros (``effective_numel()``, PiLoRA's
     stage-2 ``B``) counts with its effective size (the paper's count); ``stored_trainable`` adds
     the structural zeros the optimizer holds."""
-    effective = {id(getattr(m, "blocks")): m.effective_numel() for m in model.modules()
-                 if callable(getattr(m, "effective_numel", None)) and isinstance(getattr(m, "blocks", None), nn.Parameter)}
+    effective = {
+        id(getattr(m, "blocks")): m.effective_numel()
+        for m in model.modules()
+        if callable(getattr(m, "effective_numel", None)) and isinstance(getattr(m, "blocks", None), nn.Parameter)
+    }
     trainable = total = adapter = stored = 0
     for name, p in _unique_parameters(model):
         n = effective.get(id(p), p.numel())
@@ -74,8 +81,11 @@ def count_parameters(model: nn.Module) -> ParamCount:
     # The backbone is the HF "base model" (e.g. RobertaModel inside ...ForSequenceClassification):
     # no task head, no adapters. GOAT's "4.00 %" divides by this.
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = sum(p.numel() for name, p in _unique_parameters(getattr(hf, "base_model", hf))
-                   if not _is_adapter(name) and ".modules_to_save." not in f".{name}")
+    backbone = sum(
+        p.numel()
+        for name, p in _unique_parameters(getattr(hf, "base_model", hf))
+        if not _is_adapter(name) and ".modules_to_save." not in f".{name}"
+    )
     full = not hasattr(model, "peft_config")
     if full:  # full fine-tuning (no adapter): the method's own trained weights are all of them (100 %)
         adapter = trainable

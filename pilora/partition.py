@@ -29,6 +29,7 @@ def register_partition(name: str):
     def deco(fn):
         PARTITIONS[name] = fn
         return fn
+
     return deco
 
 
@@ -49,8 +50,10 @@ def hit_frequency(stats: ModuleStats, *, tau: float = 0.5, **_) -> torch.Tensor:
     """Rows important in at least a fraction ``τ`` of the ``T`` checks."""
     tau = _unit_interval("tau", tau)
     if stats.checks == 0:
-        raise ValueError("no importance checks were recorded (T = 0): run stage 1 for at least one "
-                         "optimizer step, or lower method.importance_interval")
+        raise ValueError(
+            "no importance checks were recorded (T = 0): run stage 1 for at least one "
+            "optimizer step, or lower method.importance_interval"
+        )
     return stats.hits >= tau * stats.checks - 1e-9
 
 

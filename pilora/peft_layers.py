@@ -9,7 +9,7 @@ PEFT_PREFIX = "base_model.model."
 
 def canonical_name(name: str) -> str:
     """Strip PEFT's wrapper prefix so statistics, masks and files key on the base model's module names."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
 def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:

@@ -48,14 +48,16 @@ def atomic_write_json(path, obj, *, indent: int = 2, fsync: bool = True) -> None
     :class:`RecordWriteError` that names the file and the cause."""
     path = os.path.abspath(os.fspath(path))
     try:
-        atomic_write(path, lambda f: json.dump(obj, f, indent=indent, default=_jsonable, allow_nan=True),
-                     fsync=fsync)
+        atomic_write(path, lambda f: json.dump(obj, f, indent=indent, default=_jsonable, allow_nan=True), fsync=fsync)
     except OSError as err:
         reason = os.strerror(err.errno) if err.errno else str(err)
         hint = " Free some disk space and rerun the command." if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise RecordWriteError(err.errno, f"could not write the record {path!r}: {reason} ({err}); "
-                               f"{'the previous record is unchanged' if os.path.exists(path) else 'no record was written'}."
-                               f"{hint}") from err
+        raise RecordWriteError(
+            err.errno,
+            f"could not write the record {path!r}: {reason} ({err}); "
+            f"{'the previous record is unchanged' if os.path.exists(path) else 'no record was written'}."
+            f"{hint}",
+        ) from err
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -103,10 +105,18 @@ def read_record(path: str) -> dict | None:
 def git_revision(cwd: str | None = None) -> dict:
     here = cwd or os.path.dirname(os.path.abspath(__file__))
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
         return {"revision": rev or None, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"revision": None, "dirty": None}

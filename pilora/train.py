@@ -29,16 +29,20 @@ from typing import Any
 import torch
 
 from . import logging_wandb
-from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter, save_peft_adapter
+from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter
 from .budget import matched_rank_pattern
-from .callbacks import (STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress,
-                        stage_label)
+from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress, stage_label
+from .checkpoints import CorruptCheckpoint, fit, non_finite_weights_failure, resume_point, verify_checkpoint  # noqa: F401
 from .checks import check_values
-from .checkpoints import (CorruptCheckpoint, fit, non_finite_weights_failure, resume_point,  # noqa: F401
-                          verify_checkpoint)
 from .cost import JobClock
-from .distributed import (DistributedMismatch, check_ranks_agree, is_main, per_rank_log_file,  # noqa: F401
-                          refuse_sharded_stage1, world_size)
+from .distributed import (  # noqa: F401
+    DistributedMismatch,
+    check_ranks_agree,
+    is_main,
+    per_rank_log_file,
+    refuse_sharded_stage1,
+    world_size,
+)
 from .export import write_adapters
 from .full import check_full_finetune_fsdp
 from .importance import ImportanceAccumulator, ImportanceStats
@@ -61,6 +65,7 @@ _OWNED = {"output_dir", "report_to", "remove_unused_columns", "logging_nan_inf_f
 def _plain(cfg) -> dict:
     try:
         from omegaconf import DictConfig, OmegaConf
+
         if isinstance(cfg, DictConfig):
             return OmegaConf.to_container(cfg, resolve=True)
     except ImportError:  # pragma: no cover - omegaconf is a dependency, but the library needs no Hydra
@@ -119,15 +124,19 @@ def _check_trainer_keys(trainer_cfg: dict) -> dict:
     for key, value in trainer_cfg.items():
         if key not in hints:
             close = difflib.get_close_matches(key, list(hints), n=3)
-            raise ValueError(f"trainer.{key} is not a transformers.TrainingArguments field"
-                             + (f" (did you mean {', '.join('trainer.' + c for c in close)}?)" if close else "")
-                             + "; every key under trainer: is passed to TrainingArguments")
+            raise ValueError(
+                f"trainer.{key} is not a transformers.TrainingArguments field"
+                + (f" (did you mean {', '.join('trainer.' + c for c in close)}?)" if close else "")
+                + "; every key under trainer: is passed to TrainingArguments"
+            )
         kind, optional = _scalar_type(hints[key])
         if kind is None or (value is None and optional):
             out[key] = value
             continue
-        bad = ValueError(f"trainer.{key} must be {'an' if kind is int else 'a'} {kind.__name__}"
-                         f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")
+        bad = ValueError(
+            f"trainer.{key} must be {'an' if kind is int else 'a'} {kind.__name__}"
+            f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})"
+        )
         if kind is bool:
             if not isinstance(value, bool):
                 raise bad
@@ -157,10 +166,11 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
 
     clash = _OWNED & set(cfg["trainer"])
     if clash:
-        raise ValueError(f"trainer.{sorted(clash)[0]} is set by the runner; use "
-                         "output_dir / logger / seed at the top level of the config instead")
-    kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **_check_trainer_keys(cfg["trainer"]),
-              **overrides}
+        raise ValueError(
+            f"trainer.{sorted(clash)[0]} is set by the runner; use "
+            "output_dir / logger / seed at the top level of the config instead"
+        )
+    kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **_check_trainer_keys(cfg["trainer"]), **overrides}
     launched = world_size()
     if launched > 1 and not torch.cuda.is_available():
         # accelerate only sets up CPU DDP (gloo) when told use_cpu; otherwise every rank would
@@ -170,15 +180,22 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
     # and keeps the run's config to the resolved Hydra config
     report = "none"
     try:
-        args = TrainingArguments(output_dir=output_dir, report_to=report, seed=int(cfg["seed"]),
-                                 remove_unused_columns=task.remove_unused_columns,
-                                 logging_nan_inf_filter=False, **kwargs)
+        args = TrainingArguments(
+            output_dir=output_dir,
+            report_to=report,
+            seed=int(cfg["seed"]),
+            remove_unused_columns=task.remove_unused_columns,
+            logging_nan_inf_filter=False,
+            **kwargs,
+        )
     except (TypeError, ValueError) as err:
         raise ValueError(f"invalid trainer settings ({err}); fix the trainer.* keys named above") from err
     if launched > 1 and args.world_size != launched:
-        raise RuntimeError(f"launched with WORLD_SIZE={launched} but the Trainer runs {args.world_size} "
-                           f"process(es) in parallel mode {args.parallel_mode.value!r}: the ranks would train "
-                           "independently. Check the launcher (torchrun / accelerate launch) and trainer.use_cpu.")
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={launched} but the Trainer runs {args.world_size} "
+            f"process(es) in parallel mode {args.parallel_mode.value!r}: the ranks would train "
+            "independently. Check the launcher (torchrun / accelerate launch) and trainer.use_cpu."
+        )
     return args
 
 
@@ -186,10 +203,15 @@ def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     from transformers import Trainer
     from transformers.trainer_callback import ProgressCallback
 
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"],
-                      eval_dataset=data["validation"] if evaluate else None,
-                      data_collator=task.collator(), compute_metrics=task.compute_metrics if evaluate else None,
-                      callbacks=[NanLossGuard(), *callbacks, *logging_wandb.trainer_callbacks(args.output_dir)])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"] if evaluate else None,
+        data_collator=task.collator(),
+        compute_metrics=task.compute_metrics if evaluate else None,
+        callbacks=[NanLossGuard(), *callbacks, *logging_wandb.trainer_callbacks(args.output_dir)],
+    )
     if task.accepts_loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = task.accepts_loss_kwargs
     stage = stage_label(args.output_dir)  # console: bars named after their stage, metrics into run.log
@@ -199,8 +221,9 @@ def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     return trainer
 
 
-def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
-               clock: JobClock | None = None) -> tuple[ImportanceStats, str]:
+def run_stage1(
+    cfg: dict, task, method: MethodConfig, data: dict, out: str, clock: JobClock | None = None
+) -> tuple[ImportanceStats, str]:
     """Stage 1 of Alg. 1; returns the statistics and the file they were saved to. ``clock`` gets
     the stage's time as ``stages["stage1"]`` (restored from ``importance.pt`` / a checkpoint)."""
     clock = clock or JobClock()
@@ -222,22 +245,38 @@ def run_stage1(cfg: dict, task, method: MethodConfig, data: dict, out: str,
             clock.restore(stats.meta.get("cost"))
             return stats, path
     stage_dir = os.path.join(out, "stage1")
-    overrides = {"num_train_epochs": float(method.stage1.epochs), "max_steps": int(method.stage1.max_steps),
-                 "eval_strategy": "no", "load_best_model_at_end": False}
+    overrides = {
+        "num_train_epochs": float(method.stage1.epochs),
+        "max_steps": int(method.stage1.max_steps),
+        "eval_strategy": "no",
+        "load_best_model_at_end": False,
+    }
     args = _training_args(cfg, task, stage_dir, **overrides)
     refuse_sharded_stage1(args)
     torch.manual_seed(int(cfg["seed"]))
     model = prepare_model(task.build_model(), method, stage=1, task_type=task.task_type)
     resume = resume_point(stage_dir, cfg.get("resume", True), required=(STATS_IN_CHECKPOINT,))
     stats = ImportanceCallback.stats_from_checkpoint(resume) if resume else None
-    acc = ImportanceAccumulator(model, interval=method.importance_interval, chunk_rows=method.chunk_rows,
-                                snapshot_interval=method.snapshot_interval,
-                                stats=stats)
-    acc.stats.meta = {"task": task.name, "model": cfg["model"]["name"], "seed": cfg["seed"],
-                      "target_modules": method.target_modules,
-                      "r": method.stage1_r or method.r, "interval": method.importance_interval}
-    log.info("PiLoRA stage 1: importance accumulation (K=%d)%s", method.importance_interval,
-             f", resuming {resume}" if resume else "")
+    acc = ImportanceAccumulator(
+        model,
+        interval=method.importance_interval,
+        chunk_rows=method.chunk_rows,
+        snapshot_interval=method.snapshot_interval,
+        stats=stats,
+    )
+    acc.stats.meta = {
+        "task": task.name,
+        "model": cfg["model"]["name"],
+        "seed": cfg["seed"],
+        "target_modules": method.target_modules,
+        "r": method.stage1_r or method.r,
+        "interval": method.importance_interval,
+    }
+    log.info(
+        "PiLoRA stage 1: importance accumulation (K=%d)%s",
+        method.importance_interval,
+        f", resuming {resume}" if resume else "",
+    )
     trainer = _make_trainer(cfg, task, model, data, args, [ImportanceCallback(acc)], evaluate=False)
     if method.importance_checks:
         acc.interval = acc.stats.meta["interval"] = interval_for_checks(trainer, int(method.importance_checks))
@@ -260,8 +299,9 @@ def _set_aside(path: str, err: Exception) -> None:
     """Move a damaged ``importance.pt`` of this job to ``importance.pt.corrupt`` (kept for inspection)."""
     if is_main():
         os.replace(path, path + ".corrupt")
-    log.warning("PiLoRA stage 1: %s does not load (%s); moved it to %s and running stage 1 again", path, err,
-                path + ".corrupt")
+    log.warning(
+        "PiLoRA stage 1: %s does not load (%s); moved it to %s and running stage 1 again", path, err, path + ".corrupt"
+    )
 
 
 def stage1_steps(trainer) -> int:
@@ -280,8 +320,12 @@ def interval_for_checks(trainer, checks: int) -> int:
     steps 0, K, 2K, ..., so ``T = ceil(steps / K)``, and ``K = steps // checks`` gives ``T ≥ checks``."""
     steps = stage1_steps(trainer)
     if checks > steps:
-        log.warning("method.importance_checks=%d exceeds stage 1's %d optimizer steps; checking every step "
-                    "(T = %d)", checks, steps, steps)
+        log.warning(
+            "method.importance_checks=%d exceeds stage 1's %d optimizer steps; checking every step (T = %d)",
+            checks,
+            steps,
+            steps,
+        )
     return max(1, steps // checks)
 
 
@@ -290,26 +334,40 @@ def _warn_if_in_warmup(trainer) -> None:
     warm-up 100), so the importance statistics come from gradients at a fraction of the peak LR."""
     steps, warmup = stage1_steps(trainer), trainer.args.get_warmup_steps(stage1_steps(trainer))
     if warmup >= steps:
-        log.warning("PiLoRA stage 1 (%d optimizer steps) lies entirely inside the LR warm-up (%d steps): "
-                    "the importance statistics come from a rising learning rate", steps, warmup)
+        log.warning(
+            "PiLoRA stage 1 (%d optimizer steps) lies entirely inside the LR warm-up (%d steps): "
+            "the importance statistics come from a rising learning rate",
+            steps,
+            warmup,
+        )
 
 
 def _warn_if_few_checks(stats: ImportanceStats) -> None:
     few = {k: s.checks for k, s in stats.modules.items() if s.checks < MIN_CHECKS}
     if few:
         t = min(few.values())
-        log.warning("the partition rests on T = %d importance check(s) (fewer than %d) in %d module(s): hit "
-                    "counts are coarse. Set method.importance_checks=%d (or a smaller method.importance_interval)",
-                    t, MIN_CHECKS, len(few), MIN_CHECKS)
+        log.warning(
+            "the partition rests on T = %d importance check(s) (fewer than %d) in %d module(s): hit "
+            "counts are coarse. Set method.importance_checks=%d (or a smaller method.importance_interval)",
+            t,
+            MIN_CHECKS,
+            len(few),
+            MIN_CHECKS,
+        )
 
 
 def _selection(trainer) -> dict:
     """Which model the reported metrics come from, and the validation value a sweeper may tune on."""
     args, state = trainer.args, trainer.state
     if args.load_best_model_at_end:
-        return {"rule": "best_checkpoint", "metric": args.metric_for_best_model, "split": "validation",
-                "greater_is_better": args.greater_is_better, "checkpoint": state.best_model_checkpoint,
-                "value": state.best_metric}
+        return {
+            "rule": "best_checkpoint",
+            "metric": args.metric_for_best_model,
+            "split": "validation",
+            "greater_is_better": args.greater_is_better,
+            "checkpoint": state.best_model_checkpoint,
+            "value": state.best_metric,
+        }
     return {"rule": "last", "metric": None, "split": None, "checkpoint": None, "value": None}
 
 
@@ -324,8 +382,11 @@ def objective(record: dict) -> float:
 
 
 def _epoch_history(log_history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k.startswith("eval_") or k in ("epoch", "step")}
-            for e in log_history if "eval_loss" in e or any(k.startswith("eval_") for k in e)]
+    return [
+        {k: v for k, v in e.items() if k.startswith("eval_") or k in ("epoch", "step")}
+        for e in log_history
+        if "eval_loss" in e or any(k.startswith("eval_") for k in e)
+    ]
 
 
 def train(cfg: Any) -> dict:
@@ -368,9 +429,17 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
             atomic_write_json(os.path.join(out, RECORD), record)
             log.info("record written: %s", os.path.join(out, RECORD))
         if run is not None:  # summary = the record; artifacts = record, stage-1 statistics, adapter
-            logging_wandb.finish_run(run, record, cfg, out, {
-                "results": os.path.join(out, RECORD), "adapter": os.path.join(out, "adapter"),
-                "importance": (record.get("pilora") or record.get("budget_match") or {}).get("importance_file")})
+            logging_wandb.finish_run(
+                run,
+                record,
+                cfg,
+                out,
+                {
+                    "results": os.path.join(out, RECORD),
+                    "adapter": os.path.join(out, "adapter"),
+                    "importance": (record.get("pilora") or record.get("budget_match") or {}).get("importance_file"),
+                },
+            )
             run = None
         return record
     finally:
@@ -393,15 +462,23 @@ def _run(cfg, task, method, data, out) -> dict:
         shapes = {k: tuple(s.shape) for k, s in stats.modules.items()}
         method.rank_pattern, budget = matched_rank_pattern(stage1_masks, shapes, method.r, method.supplementary_r)
         budget.update({"importance_file": stats_path, "ranks": method.rank_pattern})
-        log.info("budget-matched LoRA: %d adapter parameters vs PiLoRA's %d (residual %+d)",
-                 budget["lora_adapter_params"], budget["pilora_adapter_params"], budget["residual"])
+        log.info(
+            "budget-matched LoRA: %d adapter parameters vs PiLoRA's %d (residual %+d)",
+            budget["lora_adapter_params"],
+            budget["pilora_adapter_params"],
+            budget["residual"],
+        )
     elif METHODS[method.name].two_stage:
         masks = stage1_masks
         fractions = dominant_fractions(masks)
-        pilora_info = {"importance_file": stats_path, "partition": method.partition.name,
-                       "partition_args": dict(method.partition.args), "checks": {k: s.checks for k, s in stats.modules.items()},
-                       "dominant_fraction": fractions["overall"],
-                       "dominant_fraction_per_module": {k: v for k, v in fractions.items() if k != "overall"}}
+        pilora_info = {
+            "importance_file": stats_path,
+            "partition": method.partition.name,
+            "partition_args": dict(method.partition.args),
+            "checks": {k: s.checks for k, s in stats.modules.items()},
+            "dominant_fraction": fractions["overall"],
+            "dominant_fraction_per_module": {k: v for k, v in fractions.items() if k != "overall"},
+        }
         log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition.name, fractions["overall"])
     # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
     torch.manual_seed(int(cfg["seed"]))
@@ -414,11 +491,19 @@ def _run(cfg, task, method, data, out) -> dict:
     params = count_parameters(model)
     stage_dir = os.path.join(out, "stage2" if masks is not None else "train")
     args = _training_args(cfg, task, stage_dir)
-    log.info("%s: training %s (%d trainable parameters, %.2f%%)", "PiLoRA stage 2" if masks is not None
-             else method.name, task.name, params.trainable, 100 * params.share)
+    log.info(
+        "%s: training %s (%d trainable parameters, %.2f%%)",
+        "PiLoRA stage 2" if masks is not None else method.name,
+        task.name,
+        params.trainable,
+        100 * params.share,
+    )
     # --- LoRA-Dash / full fine-tuning (pilora.lora_dash, pilora.full) --------------------------
-    dash = DashLaunchCallback(model, method.prelaunch_steps, os.path.join(out, DIRECTIONS_FILE)) \
-        if method.name == "lora_dash" else None
+    dash = (
+        DashLaunchCallback(model, method.prelaunch_steps, os.path.join(out, DIRECTIONS_FILE))
+        if method.name == "lora_dash"
+        else None
+    )
     if not METHODS[method.name].adapter:
         check_full_finetune_fsdp(args, model)
     trainer = _make_trainer(cfg, task, model, data, args, [dash] if dash else [])
@@ -446,16 +531,27 @@ def _run(cfg, task, method, data, out) -> dict:
     if failure:
         log.error("%s", failure)
     return {
-        "schema": SCHEMA, "status": "failed" if failure else "complete", "failure": failure,
-        "task": task.name, "family": task.family, "method": method.row_name, "model": cfg["model"]["name"],
-        "seed": int(cfg["seed"]), "metric": task.metric,
-        "config": cfg, "git": git_revision(),
-        "epochs": epochs, "train_loss": train_losses,
+        "schema": SCHEMA,
+        "status": "failed" if failure else "complete",
+        "failure": failure,
+        "task": task.name,
+        "family": task.family,
+        "method": method.row_name,
+        "model": cfg["model"]["name"],
+        "seed": int(cfg["seed"]),
+        "metric": task.metric,
+        "config": cfg,
+        "git": git_revision(),
+        "epochs": epochs,
+        "train_loss": train_losses,
         "metrics": {"final": final, "best": best, "test": test},
         "evaluation": {**task.protocol(), "selection": _selection(trainer)},
         "params": params.to_dict(),
-        "pilora": pilora_info, "budget_match": budget, "lora_dash": dash.summary() if dash else None,
-        "timing": timings, "steps": trainer.state.global_step,
+        "pilora": pilora_info,
+        "budget_match": budget,
+        "lora_dash": dash.summary() if dash else None,
+        "timing": timings,
+        "steps": trainer.state.global_step,
         "peak_memory_mb": clock.peak(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "world_size": world_size(),

@@ -11,8 +11,14 @@ import hydra_setup  # noqa: F401 (the method schema and the resolvers of conf/)
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
-FAST = ["logger=none", "trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.save_strategy=epoch",
-        "trainer.per_device_eval_batch_size=16", "trainer.disable_tqdm=true"]
+FAST = [
+    "logger=none",
+    "trainer.logging_steps=1",
+    "trainer.warmup_steps=0",
+    "trainer.save_strategy=epoch",
+    "trainer.per_device_eval_batch_size=16",
+    "trainer.disable_tqdm=true",
+]
 
 
 def compose_cfg(overrides, output_dir=None):
@@ -41,9 +47,14 @@ def write_sst2(d, n_train=96, n_val=32, seed=0):
 
 def glue_overrides(d, **kw):
     files = write_sst2(d, **kw)
-    return ["task=glue/sst2", "task.dataset.path=csv", "task.dataset.name=null", "model=minilm-l6",
-            "trainer.learning_rate=2e-3", "trainer.per_device_train_batch_size=16"] + \
-           [f"+{k}={v}" for k, v in files.items()]
+    return [
+        "task=glue/sst2",
+        "task.dataset.path=csv",
+        "task.dataset.name=null",
+        "model=minilm-l6",
+        "trainer.learning_rate=2e-3",
+        "trainer.per_device_train_batch_size=16",
+    ] + [f"+{k}={v}" for k, v in files.items()]
 
 
 def write_commonsense(d, n_train=60, n_test=8, seed=0):
@@ -52,17 +63,36 @@ def write_commonsense(d, n_train=60, n_test=8, seed=0):
     rows = []
     for _ in range(n_train):
         a = rng.choice(["true", "false"])
-        rows.append({"instruction": f"Please answer: is it {a}? Answer format: true/false", "input": "",
-                     "output": f"the correct answer is {a}", "answer": a})
+        rows.append(
+            {
+                "instruction": f"Please answer: is it {a}? Answer format: true/false",
+                "input": "",
+                "output": f"the correct answer is {a}",
+                "answer": a,
+            }
+        )
     json.dump(rows, open(os.path.join(d, "ft-training_set", "commonsense_170k.json"), "w"))
     for name in ("boolq", "piqa"):
         os.makedirs(os.path.join(d, "dataset", name), exist_ok=True)
         json.dump(rows[:n_test], open(os.path.join(d, "dataset", name, "test.json"), "w"))
-    return ["task=commonsense/commonsense170k", "model=tiny-llama", f"task.dataset.root={d}",
-            "task.val_set_size=8", "task.cutoff_len=48", "trainer.bf16=false", "task.generation.max_new_tokens=8",
-            "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=8", "trainer.eval_strategy=epoch",
-            "~task.eval_sets.social_i_qa", "~task.eval_sets.hellaswag", "~task.eval_sets.winogrande",
-            "~task.eval_sets.ARC-Easy", "~task.eval_sets.ARC-Challenge", "~task.eval_sets.openbookqa"]
+    return [
+        "task=commonsense/commonsense170k",
+        "model=tiny-llama",
+        f"task.dataset.root={d}",
+        "task.val_set_size=8",
+        "task.cutoff_len=48",
+        "trainer.bf16=false",
+        "task.generation.max_new_tokens=8",
+        "trainer.learning_rate=5e-3",
+        "trainer.per_device_train_batch_size=8",
+        "trainer.eval_strategy=epoch",
+        "~task.eval_sets.social_i_qa",
+        "~task.eval_sets.hellaswag",
+        "~task.eval_sets.winogrande",
+        "~task.eval_sets.ARC-Easy",
+        "~task.eval_sets.ARC-Challenge",
+        "~task.eval_sets.openbookqa",
+    ]
 
 
 def write_images(d, n=24, seed=0):
@@ -75,9 +105,17 @@ def write_images(d, n=24, seed=0):
             for i in range(count // 2):
                 jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in colour)
                 Image.new("RGB", (40, 40), jitter).save(os.path.join(d, split, str(label), f"{i}.png"))
-    return ["task=vision/eurosat", "model=tiny-clip", "task.dataset.path=imagefolder", "task.dataset.name=null",
-            f"task.dataset.data_dir={d}", "task.num_labels=2", "task.holdout_fraction=0.25",
-            "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=6"]
+    return [
+        "task=vision/eurosat",
+        "model=tiny-clip",
+        "task.dataset.path=imagefolder",
+        "task.dataset.name=null",
+        f"task.dataset.data_dir={d}",
+        "task.num_labels=2",
+        "task.holdout_fraction=0.25",
+        "trainer.learning_rate=5e-3",
+        "trainer.per_device_train_batch_size=6",
+    ]
 
 
 def table_rows(text, model, method_prefix):

@@ -17,7 +17,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import FAST, compose_cfg, table_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +39,18 @@ def _write_images(d, n_train=24, n_test=24, seed=0):
 
 
 def _vision(d, task):
-    return [f"task=vision/{task}", "model=tiny-clip", "task.dataset.path=imagefolder", "task.dataset.name=null",
-            f"task.dataset.data_dir={d}", "task.num_labels=2", "task.holdout_fraction=0.25",
-            "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=6", "trainer.max_steps=3"]
+    return [
+        f"task=vision/{task}",
+        "model=tiny-clip",
+        "task.dataset.path=imagefolder",
+        "task.dataset.name=null",
+        f"task.dataset.data_dir={d}",
+        "task.num_labels=2",
+        "task.holdout_fraction=0.25",
+        "trainer.learning_rate=5e-3",
+        "trainer.per_device_train_batch_size=6",
+        "trainer.max_steps=3",
+    ]
 
 
 def _glue(d):
@@ -56,9 +64,16 @@ def _glue(d):
             for i in range(n):
                 word = "good" if i % 2 else "bad"
                 w.writerow([f"{word} {word} {word}", i % 2 if split == "train" else 1 - i % 2])
-    return ["task=glue/cola", "task.dataset.path=csv", "task.dataset.name=null", "model=tiny-roberta",
-            "trainer.learning_rate=1e-2", "trainer.per_device_train_batch_size=16", "trainer.num_train_epochs=3",
-            "method=lora"] + [f"+task.dataset.data_files.{s}={d}/{s}.csv" for s in ("train", "validation")]
+    return [
+        "task=glue/cola",
+        "task.dataset.path=csv",
+        "task.dataset.name=null",
+        "model=tiny-roberta",
+        "trainer.learning_rate=1e-2",
+        "trainer.per_device_train_batch_size=16",
+        "trainer.num_train_epochs=3",
+        "method=lora",
+    ] + [f"+task.dataset.data_files.{s}={d}/{s}.csv" for s in ("train", "validation")]
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +89,7 @@ def tree(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # other test sessions share the CPUs
     try:
+
         def job(sweep, sub, overrides):
             return train(compose_cfg(QUICK + overrides, root / "multirun" / sweep / sub))
 
@@ -88,8 +104,11 @@ def tree(tmp_path_factory):
             job("fig4_rprime", f"method.supplementary_r={rs}", reuse + [f"method.supplementary_r={rs}"])
         job("fig5_rank", "method.r=4", reuse + ["method.r=4"])
         for th in (0.5, 0.9):
-            job("fig6_group", f"threshold={th}",
-                reuse + ["method/partition=cumulative", f"method.partition.args.threshold={th}"])
+            job(
+                "fig6_group",
+                f"threshold={th}",
+                reuse + ["method/partition=cumulative", f"method.partition.args.threshold={th}"],
+            )
         for seed in (0, 1):
             job("glue", f"seed={seed}", _glue(str(base / "glue")) + [f"seed={seed}"])
     finally:
@@ -111,8 +130,9 @@ def _pick(root, sweep=None, **where):
     for path, r in _raw(root):
         if sweep and f"{os.sep}{sweep}{os.sep}" not in path:
             continue
-        if all((r["config"]["method"].get(k) if k in ("r", "supplementary_r") else r.get(k)) == v
-               for k, v in where.items()):
+        if all(
+            (r["config"]["method"].get(k) if k in ("r", "supplementary_r") else r.get(k)) == v for k, v in where.items()
+        ):
             recs.append(r)
     return recs
 
@@ -125,6 +145,7 @@ def _cell(values, d=2):
 
 
 # ----------------------------------------------------------------------------- records
+
 
 def test_load_records_one_row_per_job_with_record_values(tree, capsys):
     from analysis.records import load_records
@@ -153,8 +174,10 @@ def test_load_records_one_row_per_job_with_record_values(tree, capsys):
     # seeds of one configuration share a key; anything else that differs splits it
     keys = df.set_index("path")["config_key"]
     vis = os.path.join(str(tree), "multirun", "vision")
-    k = {s: keys[os.path.join(vis, s, "results.json")] for s in
-         ("method=lora,seed=0", "method=lora,seed=1", "method=pilora,seed=0", "method=pilora,seed=1")}
+    k = {
+        s: keys[os.path.join(vis, s, "results.json")]
+        for s in ("method=lora,seed=0", "method=lora,seed=1", "method=pilora,seed=0", "method=pilora,seed=1")
+    }
     assert k["method=lora,seed=0"] == k["method=lora,seed=1"] != k["method=pilora,seed=0"] == k["method=pilora,seed=1"]
     sweeps = df[df["importance_from"].notna()]
     assert sweeps["config_key"].nunique() == len(sweeps) == 4 and not set(sweeps["config_key"]) & set(k.values())
@@ -187,8 +210,11 @@ def test_bad_records_are_skipped_with_one_line_each(tree, tmp_path, capsys):
 def _copy_records(tree, dst, sweep, edit=None, **where):
     """Copies of the ``sweep`` records matching ``where`` under ``dst`` (``edit(i, rec)`` changes copy i)."""
     paths = []
-    for i, (path, rec) in enumerate((p, r) for p, r in _raw(tree) if f"{os.sep}{sweep}{os.sep}" in p
-                                    and all(r.get(k) == v for k, v in where.items())):
+    for i, (path, rec) in enumerate(
+        (p, r)
+        for p, r in _raw(tree)
+        if f"{os.sep}{sweep}{os.sep}" in p and all(r.get(k) == v for k, v in where.items())
+    ):
         rec = json.loads(json.dumps(rec))
         if edit:
             edit(i, rec)
@@ -260,9 +286,11 @@ def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys
             self.id, self.name, self.state = f"run{rec['seed']}", "x", "finished"
             self.path = ["me", "proj", self.id]
             self.config, self.commit = rec["config"], rec["git"]["revision"]
-            self.summary = {**{f"final/{k}": v for k, v in rec["metrics"]["final"].items()},
-                            **{f"params/{k}": v for k, v in rec["params"].items()},
-                            **{f"test/{k[5:]}": v for k, v in rec["metrics"]["test"].items()}}
+            self.summary = {
+                **{f"final/{k}": v for k, v in rec["metrics"]["final"].items()},
+                **{f"params/{k}": v for k, v in rec["params"].items()},
+                **{f"test/{k[5:]}": v for k, v in rec["metrics"]["test"].items()},
+            }
 
         def files(self):
             return []
@@ -297,6 +325,7 @@ def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys
 
 
 # ----------------------------------------------------------------------------- tables
+
 
 def test_table3_cells_are_the_records_mean_and_std(tree):
     from analysis.records import load_records
@@ -398,7 +427,7 @@ def test_paper_numbers_are_consistent():
             if "note" in row:  # one printed average disagrees with its row; kept as printed, flagged
                 assert f"{row['avg']:.{d}f}" in row["note"] and f"{statistics.mean(vals):.{d}f}" in row["note"]
             else:
-                assert abs(statistics.mean(vals) - row["avg"]) <= 0.5 * 10 ** -d + 1e-9, (tid, row["method"])
+                assert abs(statistics.mean(vals) - row["avg"]) <= 0.5 * 10**-d + 1e-9, (tid, row["method"])
             assert row["dagger"] == (row["reported_in"] != "this paper")
             if text:  # every row appears in the paper exactly as stored
                 cells = [f"{v:.{d}f}" for v in vals + [row["avg"]]]
@@ -408,6 +437,7 @@ def test_paper_numbers_are_consistent():
 
 
 # ----------------------------------------------------------------------------- figures
+
 
 def test_figures_write_png_and_pdf_with_the_records_values(tree, tmp_path):
     from analysis.figures import fig_group_size, fig_rank, fig_rprime, make_all
@@ -433,8 +463,15 @@ def test_figures_write_png_and_pdf_with_the_records_values(tree, tmp_path):
     expected = {
         fig_rprime: ([0, 1], [acc(_pick(tree, "fig4_rprime", supplementary_r=0)[0]), statistics.mean(main)]),
         fig_rank: ([4, 8], [acc(_pick(tree, "fig5_rank")[0]), statistics.mean(main)]),
-        fig_group_size: ([0.5, 0.9], [acc(r) for r in sorted(
-            _pick(tree, "fig6_group"), key=lambda r: r["config"]["method"]["partition"]["args"]["threshold"])]),
+        fig_group_size: (
+            [0.5, 0.9],
+            [
+                acc(r)
+                for r in sorted(
+                    _pick(tree, "fig6_group"), key=lambda r: r["config"]["method"]["partition"]["args"]["threshold"]
+                )
+            ],
+        ),
     }
     for fn, (xs, ys) in expected.items():
         fig = fn(df)
@@ -475,13 +512,17 @@ def test_gradient_heatmap_shows_the_snapshot(tree):
 
 
 def test_missing_inputs_give_a_message_not_a_traceback(tmp_path, capsys):
-    from analysis.figures import (fig_group_size, fig_rank, fig_rprime, gradient_heatmaps, main,
-                                  partition_patterns, save)
+    from analysis.figures import fig_group_size, fig_rank, fig_rprime, gradient_heatmaps, main, partition_patterns, save
     from analysis.records import load_records
 
     empty = load_records(tmp_path, quiet=True)
-    for fig in (fig_rprime(empty), fig_rank(empty), fig_group_size(empty), partition_patterns(empty),
-                gradient_heatmaps(str(tmp_path / "none.pt"))):
+    for fig in (
+        fig_rprime(empty),
+        fig_rank(empty),
+        fig_group_size(empty),
+        partition_patterns(empty),
+        gradient_heatmaps(str(tmp_path / "none.pt")),
+    ):
         assert fig.missing_input and save(fig, str(tmp_path / "out"), "x") == []
     err = capsys.readouterr().err
     assert "no importance statistics file" in err and "no records" in err and "Traceback" not in err
@@ -500,6 +541,7 @@ def test_a_sweep_without_a_partner_point_is_reported(tree):
 
 # ----------------------------------------------------------------------------- notebooks
 
+
 def _kernel_name():
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
@@ -508,8 +550,12 @@ def _kernel_name():
         return "python3"
     except NoSuchKernel:  # register this interpreter's kernel for the user, once
         import subprocess
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"],
-                       check=True, capture_output=True)
+
+        subprocess.run(
+            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"],
+            check=True,
+            capture_output=True,
+        )
         return "python3"
 
 
@@ -525,13 +571,20 @@ def test_notebooks_execute_top_to_bottom(tree, monkeypatch):
     nbdir = os.path.join(REPO, "notebooks")
     names = sorted(os.listdir(nbdir))
     assert {"gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb"} <= set(names)
-    books = {name: nbformat.read(os.path.join(nbdir, name), as_version=4) for name in
-             ("gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb")}
+    books = {
+        name: nbformat.read(os.path.join(nbdir, name), as_version=4)
+        for name in ("gradient_heatmaps.ipynb", "partition_patterns.ipynb", "ablations.ipynb", "tables.ipynb")
+    }
 
     async def run_all():  # four kernels at once: their start-up and imports overlap
-        await asyncio.gather(*(NotebookClient(nb, timeout=180, kernel_name=kernel,
-                                              resources={"metadata": {"path": nbdir}}).async_execute()
-                               for nb in books.values()))
+        await asyncio.gather(
+            *(
+                NotebookClient(
+                    nb, timeout=180, kernel_name=kernel, resources={"metadata": {"path": nbdir}}
+                ).async_execute()
+                for nb in books.values()
+            )
+        )
 
     asyncio.run(run_all())
     for name, nb in books.items():

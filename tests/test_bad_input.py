@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import FAST, compose_cfg, write_commonsense, write_images, write_sst2
+
 from pilora import records
 from pilora.records import RecordWriteError
 from pilora.tasks import DataError
@@ -21,8 +21,14 @@ ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
 
 
 def _run_py(args, out):
-    proc = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args, f"hydra.run.dir={out}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert not os.path.exists(os.path.join(out, "results.json"))
     return proc.stderr
@@ -44,15 +50,24 @@ def glue(tmp_path):
     """sst2 overrides without data files, and a folder holding good train/validation csv files."""
     d = tmp_path / "csv"
     write_sst2(d, n_train=24, n_val=8)
-    return FAST + ["task=glue/sst2", "task.dataset.path=csv", "task.dataset.name=null", "model=minilm-l6",
-                   "trainer.max_steps=2"], d
+    return FAST + [
+        "task=glue/sst2",
+        "task.dataset.path=csv",
+        "task.dataset.name=null",
+        "model=minilm-l6",
+        "trainer.max_steps=2",
+    ], d
 
 
 def _files(d, train="train.csv"):
-    return [f"+task.dataset.data_files.train={d / train}", f"+task.dataset.data_files.validation={d / 'validation.csv'}"]
+    return [
+        f"+task.dataset.data_files.train={d / train}",
+        f"+task.dataset.data_files.validation={d / 'validation.csv'}",
+    ]
 
 
 # --- overrides ------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_malformed_override_is_a_hydra_error(tmp_path):
@@ -72,26 +87,36 @@ def test_wrong_type_through_run_py(tmp_path, images):
     assert "trainer.num_train_epochs must be a float, got 'abc'" in err
 
 
-@pytest.mark.parametrize("override,match", [
-    ("trainer.max_steps=2.5", r"trainer\.max_steps must be an int, got 2\.5"),
-    ("trainer.bf16=maybe", r"trainer\.bf16 must be a bool, got 'maybe'"),
-    ("trainer.learning_rate=fast", r"trainer\.learning_rate must be a float, got 'fast'"),
-    ("+trainer.nonexistent=1", r"trainer\.nonexistent is not a transformers\.TrainingArguments field"),
-    ("+trainer.learning_rat=1", r"trainer\.learning_rat is not a .*TrainingArguments field \(did you mean trainer\.learning_rate\?\)"),
-    ("trainer.lr_scheduler_type=zigzag", r"invalid trainer settings.*zigzag"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("trainer.max_steps=2.5", r"trainer\.max_steps must be an int, got 2\.5"),
+        ("trainer.bf16=maybe", r"trainer\.bf16 must be a bool, got 'maybe'"),
+        ("trainer.learning_rate=fast", r"trainer\.learning_rate must be a float, got 'fast'"),
+        ("+trainer.nonexistent=1", r"trainer\.nonexistent is not a transformers\.TrainingArguments field"),
+        (
+            "+trainer.learning_rat=1",
+            r"trainer\.learning_rat is not a .*TrainingArguments field \(did you mean trainer\.learning_rate\?\)",
+        ),
+        ("trainer.lr_scheduler_type=zigzag", r"invalid trainer settings.*zigzag"),
+    ],
+)
 def test_bad_trainer_values(tmp_path, images, override, match):
     _fails(FAST + images + [override], tmp_path / "o", ValueError, match)
 
 
 def test_numeric_strings_are_accepted(tmp_path, images):
     """YAML 1.1 reads ``1e-3`` as a string; the runner converts strings that are numbers."""
-    rec = train(compose_cfg(FAST + images + ["trainer.learning_rate='5e-3'", "trainer.max_steps='2'",
-                                             "method.r=2"], tmp_path / "o"))
+    rec = train(
+        compose_cfg(
+            FAST + images + ["trainer.learning_rate='5e-3'", "trainer.max_steps='2'", "method.r=2"], tmp_path / "o"
+        )
+    )
     assert rec["steps"] == 2 and rec["config"]["trainer"]["learning_rate"] == "5e-3"
 
 
 # --- data -----------------------------------------------------------------------------------------
+
 
 def test_empty_data_file(tmp_path, glue):
     base, d = glue
@@ -103,38 +128,60 @@ def test_truncated_data_file(tmp_path, glue):
     base, d = glue
     text = (d / "train.csv").read_text()
     (d / "cut_quote.csv").write_text(text[:200] + '\n"an unterminated quoted sentence, 1')
-    _fails(base + _files(d, "cut_quote.csv"), tmp_path / "o", DataError,
-           r"could not read data file '.*cut_quote\.csv' of task 'sst2'.*truncated")
+    _fails(
+        base + _files(d, "cut_quote.csv"),
+        tmp_path / "o",
+        DataError,
+        r"could not read data file '.*cut_quote\.csv' of task 'sst2'.*truncated",
+    )
     (d / "cut_row.csv").write_text(text.rstrip("\n").rsplit(",", 1)[0] + ",\n")  # last row lost its label
-    _fails(base + _files(d, "cut_row.csv"), tmp_path / "o2", DataError,
-           r"split 'train' of task 'sst2' has 1 row\(s\) with no 'label' value .*truncated")
+    _fails(
+        base + _files(d, "cut_row.csv"),
+        tmp_path / "o2",
+        DataError,
+        r"split 'train' of task 'sst2' has 1 row\(s\) with no 'label' value .*truncated",
+    )
 
 
 def test_wrong_text_column_names_the_file(tmp_path, glue):
     """Train and validation with different columns: the cast error of ``datasets`` named neither."""
     base, d = glue
     (d / "other.csv").write_text("text,label\nhello good,1\nbye bad,0\n")
-    _fails(base + _files(d, "other.csv"), tmp_path / "o", DataError,
-           r"data file '.*other\.csv' of task 'sst2': the task needs columns \['sentence'\] but the file has "
-           r"\['text', 'label'\]; .*task\.text_columns")
+    _fails(
+        base + _files(d, "other.csv"),
+        tmp_path / "o",
+        DataError,
+        r"data file '.*other\.csv' of task 'sst2': the task needs columns \['sentence'\] but the file has "
+        r"\['text', 'label'\]; .*task\.text_columns",
+    )
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_header_only_csv(tmp_path, glue, split):
     base, d = glue
     (d / "header.csv").write_text("sentence,label\n")
-    files = [f"+task.dataset.data_files.{s}={d / ('header.csv' if s == split else s + '.csv')}"
-             for s in ("train", "validation")]
-    _fails(base + files, tmp_path / "o", DataError,
-           r"data file '.*header\.csv' of task 'sst2' is empty: it has a header \(sentence, label\) but no rows")
+    files = [
+        f"+task.dataset.data_files.{s}={d / ('header.csv' if s == split else s + '.csv')}"
+        for s in ("train", "validation")
+    ]
+    _fails(
+        base + files,
+        tmp_path / "o",
+        DataError,
+        r"data file '.*header\.csv' of task 'sst2' is empty: it has a header \(sentence, label\) but no rows",
+    )
 
 
 def test_string_labels(tmp_path, glue):
     base, d = glue
     (d / "words.csv").write_text("sentence,label\ngood film,positive\nbad film,negative\n")
-    _fails(base + _files(d, "words.csv"), tmp_path / "o", DataError,
-           r"column 'label' of split 'train' of task 'sst2' holds str labels \(e\.g\. 'positive'\).*"
-           r"integers 0\.\.1")
+    _fails(
+        base + _files(d, "words.csv"),
+        tmp_path / "o",
+        DataError,
+        r"column 'label' of split 'train' of task 'sst2' holds str labels \(e\.g\. 'positive'\).*"
+        r"integers 0\.\.1",
+    )
 
 
 def test_image_labels_out_of_range(tmp_path, images):
@@ -147,39 +194,64 @@ def test_image_labels_out_of_range(tmp_path, images):
 def test_image_that_fails_to_decode(tmp_path, images):
     bad = tmp_path / "img" / "train" / "1" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png at all")
-    _fails(FAST + images + ["method=pilora", "method.stage1.max_steps=4"], tmp_path / "o", ValueError,
-           r"could not decode image \(path '.*broken\.png'")
+    _fails(
+        FAST + images + ["method=pilora", "method.stage1.max_steps=4"],
+        tmp_path / "o",
+        ValueError,
+        r"could not decode image \(path '.*broken\.png'",
+    )
 
 
 # --- models -----------------------------------------------------------------------------------------
 
+
 def test_model_path_that_does_not_exist(tmp_path, glue, images):
     base, d = glue
-    _fails(base + _files(d) + [f"model.path={tmp_path}/no-such-model"], tmp_path / "o", FileNotFoundError,
-           r"model\.path '.*no-such-model' does not exist")
-    _fails(FAST + images + ["model=clip-vit-b32", f"model.path={tmp_path}/no-clip"], tmp_path / "o2",
-           FileNotFoundError, r"model\.path '.*no-clip' does not exist")
+    _fails(
+        base + _files(d) + [f"model.path={tmp_path}/no-such-model"],
+        tmp_path / "o",
+        FileNotFoundError,
+        r"model\.path '.*no-such-model' does not exist",
+    )
+    _fails(
+        FAST + images + ["model=clip-vit-b32", f"model.path={tmp_path}/no-clip"],
+        tmp_path / "o2",
+        FileNotFoundError,
+        r"model\.path '.*no-clip' does not exist",
+    )
 
 
 def test_model_path_at_a_data_folder(tmp_path, glue):
     """A folder without config.json is not a checkpoint (transformers said: install sentencepiece)."""
     base, d = glue
-    _fails(base + _files(d) + [f"model.path={d}"], tmp_path / "o", FileNotFoundError,
-           r"model\.path '.*csv' is not a model checkpoint \(no config\.json\): the folder holds train\.csv, "
-           r"validation\.csv\. Set model\.path")
+    _fails(
+        base + _files(d) + [f"model.path={d}"],
+        tmp_path / "o",
+        FileNotFoundError,
+        r"model\.path '.*csv' is not a model checkpoint \(no config\.json\): the folder holds train\.csv, "
+        r"validation\.csv\. Set model\.path",
+    )
 
 
 def test_model_path_of_a_tiny_model_is_refused(tmp_path, images):
     """``tiny-*`` models are built from an inline config: a model.path would be silently ignored."""
     out = tmp_path / "o"
-    _fails(FAST + images + ["trainer.max_steps=1", f"model.path={tmp_path}/ckpt"], out, ValueError,
-           r"model\.path='.*ckpt' is ignored by model 'tiny-clip'.*model\.from_config.*Drop the model\.path")
+    _fails(
+        FAST + images + ["trainer.max_steps=1", f"model.path={tmp_path}/ckpt"],
+        out,
+        ValueError,
+        r"model\.path='.*ckpt' is ignored by model 'tiny-clip'.*model\.from_config.*Drop the model\.path",
+    )
     assert not out.exists()  # refused before the job folder is made
 
 
 def test_lora_matched_with_supplementary_rank_above_r(tmp_path, images):
-    _fails(FAST + images + ["trainer.max_steps=1", "method=lora_matched", "method.r=2", "method.supplementary_r=4"],
-           tmp_path / "o", ValueError, r"method\.supplementary_r=4 exceeds method\.r=2: lora_matched .* 0 <= r' <= r")
+    _fails(
+        FAST + images + ["trainer.max_steps=1", "method=lora_matched", "method.r=2", "method.supplementary_r=4"],
+        tmp_path / "o",
+        ValueError,
+        r"method\.supplementary_r=4 exceeds method\.r=2: lora_matched .* 0 <= r' <= r",
+    )
 
 
 def test_tokenizer_without_pad_token_trains(tmp_path):
@@ -192,8 +264,11 @@ def test_tokenizer_without_pad_token_trains(tmp_path):
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "tok")
     assert AutoTokenizer.from_pretrained(tmp_path / "tok").pad_token is None
-    overrides = FAST + write_commonsense(str(tmp_path / "cs"), n_train=24, n_test=4) + [
-        f"model.tokenizer={tmp_path / 'tok'}", "method.r=2", "trainer.max_steps=2"]
+    overrides = (
+        FAST
+        + write_commonsense(str(tmp_path / "cs"), n_train=24, n_test=4)
+        + [f"model.tokenizer={tmp_path / 'tok'}", "method.r=2", "trainer.max_steps=2"]
+    )
     rec = train(compose_cfg(overrides, tmp_path / "o"))
     assert rec["status"] == "complete" and rec["steps"] == 2
     assert 0 <= rec["metrics"]["test"]["test_avg_accuracy"] <= 1
@@ -201,13 +276,18 @@ def test_tokenizer_without_pad_token_trains(tmp_path):
 
 # --- disk -------------------------------------------------------------------------------------------
 
+
 def test_disk_full_on_record_write(tmp_path, images, monkeypatch):
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(records.os, "fsync", no_space)
     out = tmp_path / "o"
-    _fails(FAST + images + ["trainer.max_steps=2", "method.r=2"], out, RecordWriteError,
-           r"could not write the record '.*results\.json': No space left on device.*no record was written.*"
-           r"Free some disk space")
+    _fails(
+        FAST + images + ["trainer.max_steps=2", "method.r=2"],
+        out,
+        RecordWriteError,
+        r"could not write the record '.*results\.json': No space left on device.*no record was written.*"
+        r"Free some disk space",
+    )
     assert not [f for f in os.listdir(out) if f.endswith(".json") and f != "job.json"]  # no temp file either

@@ -28,8 +28,15 @@ def _fake_workload(times: dict[str, float], peaks: dict[str, int], kind="layer",
     ratios = stats.memory_ratios(memory)
     for m, r in ratios.items():
         memory[m]["ratio"] = r["peak"]
-    return {"name": name, "kind": kind, "time": summary, "memory": memory, "memory_ratios": ratios,
-            "stage1": stats.stage1_overheads(summary), "adapter_params": {m: 1 for m in times}}
+    return {
+        "name": name,
+        "kind": kind,
+        "time": summary,
+        "memory": memory,
+        "memory_ratios": ratios,
+        "stage1": stats.stage1_overheads(summary),
+        "adapter_params": {m: 1 for m in times},
+    }
 
 
 def test_ratios_come_from_the_medians_and_paired_samples():
@@ -83,10 +90,17 @@ def test_interleaved_timing_records_each_step_and_check_flags():
 
     def periodic():
         counter["n"] += 1
+
     details = {}
-    samples = harness.time_interleaved({"lora": lambda: calls.append(1), "stage1_k10": periodic}, repeats=2, warmup=1,
-                                  device="cpu", steps={"lora": 10, "stage1_k10": 10},
-                                  checks={"stage1_k10": lambda: counter["n"] % 10 == 0}, details=details)
+    samples = harness.time_interleaved(
+        {"lora": lambda: calls.append(1), "stage1_k10": periodic},
+        repeats=2,
+        warmup=1,
+        device="cpu",
+        steps={"lora": 10, "stage1_k10": 10},
+        checks={"stage1_k10": lambda: counter["n"] % 10 == 0},
+        details=details,
+    )
     assert len(calls) == 30 and counter["n"] == 30  # warm-up round + 2 timed rounds, 10 steps each
     assert len(samples["lora"]) == 2 and len(details["stage1_k10"]) == 2
     assert all(len(w) == 10 and sum(ran for _, ran in w) == 1 for w in details["stage1_k10"])
@@ -94,23 +108,36 @@ def test_interleaved_timing_records_each_step_and_check_flags():
 
 
 def test_targets_pass_and_miss_from_fake_measurements():
-    fast = _fake_workload({"lora": 1.0, "lora_fused": 0.96, "pilora": 0.98, "dora": 1.3},
-                          {"lora": 100, "lora_fused": 100, "pilora": 90, "dora": 150}, check=0.3)
-    slow = _fake_workload({"lora": 2.0, "pilora": 2.1, "dora": 2.6}, {"lora": 100, "pilora": 101, "dora": 150},
-                          name="layer_up", check=1.2)
-    fast["merged_inference"] = {"ratio": 1.0, "merged_s": 1.0, "base_s": 1.0,
-                                "max_abs_diff_vs_unmerged": 0.0}
-    imp = {"layers": {"q": {}}, "chunk_rows": 4, "peak_extra_bytes": 200, "chunk_bytes": 100, "dense_bytes": 1000,
-           "max_block_elems": 25, "chunk_bound_elems": 25, "max_live_blocks": 2, "blocks_formed": 3}
-    rec = report.build_record({"layer_q": fast, "layer_up": slow}, imp, {"date": "d", "torch": "t", "device": "cpu",
-                                                                     "threads": 2}, {})
+    fast = _fake_workload(
+        {"lora": 1.0, "lora_fused": 0.96, "pilora": 0.98, "dora": 1.3},
+        {"lora": 100, "lora_fused": 100, "pilora": 90, "dora": 150},
+        check=0.3,
+    )
+    slow = _fake_workload(
+        {"lora": 2.0, "pilora": 2.1, "dora": 2.6}, {"lora": 100, "pilora": 101, "dora": 150}, name="layer_up", check=1.2
+    )
+    fast["merged_inference"] = {"ratio": 1.0, "merged_s": 1.0, "base_s": 1.0, "max_abs_diff_vs_unmerged": 0.0}
+    imp = {
+        "layers": {"q": {}},
+        "chunk_rows": 4,
+        "peak_extra_bytes": 200,
+        "chunk_bytes": 100,
+        "dense_bytes": 1000,
+        "max_block_elems": 25,
+        "chunk_bound_elems": 25,
+        "max_live_blocks": 2,
+        "blocks_formed": 3,
+    }
+    rec = report.build_record(
+        {"layer_q": fast, "layer_up": slow}, imp, {"date": "d", "torch": "t", "device": "cpu", "threads": 2}, {}
+    )
     verdict = {(r["target"], r["where"]): r["pass"] for r in rec["targets"]}
     assert verdict[("stage2_time", "layer_q")] and not verdict[("stage2_time", "layer_up")]
     # like for like: 0.98 / 0.96 > 1 although PiLoRA beats stock LoRA
     assert not verdict[("stage2_time_fused", "layer_q")] and ("stage2_time_fused", "layer_up") not in verdict
     assert verdict[("stage2_memory", "layer_q")] and not verdict[("stage2_memory", "layer_up")]
-    assert verdict[("stage1_overhead", "layer_q")]            # 0.3 / (10 · 1.0) = 3 %
-    assert not verdict[("stage1_overhead", "layer_up")]       # 1.2 / (10 · 2.0) = 6 %
+    assert verdict[("stage1_overhead", "layer_q")]  # 0.3 / (10 · 1.0) = 3 %
+    assert not verdict[("stage1_overhead", "layer_up")]  # 1.2 / (10 · 2.0) = 6 %
     assert not verdict[("importance_one_chunk", "7B layer set")]
     # the layer set sums the medians of the layers
     ls = rec["layer_set"]
@@ -127,7 +154,14 @@ def test_targets_pass_and_miss_from_fake_measurements():
 def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
     wl = workloads.layer_workload("layer_q", 24, 40, 8, torch.float32, "cpu")
     res = runner.run_workload(wl, repeats=2, warmup=0, device="cpu", log=lambda *_: None)
-    assert set(res["time"]) == {"lora", "lora_fused", "pilora", "dora", "stage1_k1", "importance_check"}  # K=10 needs windows
+    assert set(res["time"]) == {
+        "lora",
+        "lora_fused",
+        "pilora",
+        "dora",
+        "stage1_k1",
+        "importance_check",
+    }  # K=10 needs windows
     assert res["adapter_params"]["lora_fused"] == res["adapter_params"]["lora"]
     lora_med = statistics.median(res["time"]["lora"]["samples_s"])
     for m, t in res["time"].items():
@@ -157,9 +191,14 @@ def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
     back = json.loads(path.read_text())
     assert {"environment", "config", "workloads", "layer_set", "importance_memory", "targets"} <= set(back)
     assert {"torch", "device", "threads", "date"} <= set(back["environment"])
-    assert {r["target"] for r in back["targets"]} == {"stage2_time", "stage2_time_fused", "stage2_memory",
-                                                      "stage1_overhead", "importance_one_chunk",
-                                                      "stage2_ops"}
+    assert {r["target"] for r in back["targets"]} == {
+        "stage2_time",
+        "stage2_time_fused",
+        "stage2_memory",
+        "stage1_overhead",
+        "importance_one_chunk",
+        "stage2_ops",
+    }
     assert "aten ops per step" in report.format_report(rec)
 
 
@@ -217,10 +256,29 @@ def test_importance_probe_bounds_blocks_by_one_chunk_and_counts_live_blocks(monk
 
 @pytest.mark.slow
 def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
-    args = gpu_llama.parse_args(["--out", str(tmp_path / "g.json"), "--repeats", "1", "--warmup", "0",
-                                 "--batch", "1", "--seq", "8", "--no-importance"])
-    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=32)
+    args = gpu_llama.parse_args(
+        [
+            "--out",
+            str(tmp_path / "g.json"),
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--no-importance",
+        ]
+    )
+    tiny = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=32,
+    )
     rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
     w = rec["workloads"]["llama_tiny"]
     assert {"lora", "lora_fused", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
@@ -261,8 +319,14 @@ def test_methods_option_keeps_the_baseline_and_rejects_unknown_names(capsys):
 def test_stage2_options_compute_the_same_matrix_and_count_host_work():
     from benchmarks import stage2_options as so
 
-    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=32)
+    tiny = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=32,
+    )
     res = so.run(quick=True, repeats=1, warmup=0, config=tiny, batch=1, seq=8)
     assert res["max_abs_diff_vs_stored"] == 0.0
     opt = res["options"]
@@ -310,10 +374,31 @@ print("ran without", {BLOCKED!r})
 
 @pytest.mark.slow
 def test_gpu_script_compiled_rows_run_tiny_on_cpu(tmp_path):
-    args = gpu_llama.parse_args(["--out", str(tmp_path / "g.json"), "--repeats", "1", "--warmup", "0",
-                                 "--batch", "1", "--seq", "8", "--no-importance", "--compile", "aot_eager"])
-    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=32)
+    args = gpu_llama.parse_args(
+        [
+            "--out",
+            str(tmp_path / "g.json"),
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--no-importance",
+            "--compile",
+            "aot_eager",
+        ]
+    )
+    tiny = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=32,
+    )
     rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
     w = rec["workloads"]["llama_tiny_compiled"]
     assert set(w["time"]) == {"lora", "lora_fused", "pilora", "stage1_k10"}

@@ -1,6 +1,6 @@
 import torch
-
 from helpers import FAST, compose_cfg, write_images
+
 from pilora.budget import matched_rank_pattern, pilora_module_count
 from pilora.train import train
 
@@ -18,14 +18,25 @@ def test_matched_ranks_against_hand_computed_counts():
 
 
 def test_matched_lora_run_records_its_budget(tmp_path):
-    cfg = compose_cfg(FAST + write_images(str(tmp_path / "img")) + [
-        "method=lora_matched", "method.r=4", "method.supplementary_r=1", "method.stage1.max_steps=3",
-        "method.importance_interval=1", "trainer.max_steps=3"], tmp_path / "run")
+    cfg = compose_cfg(
+        FAST
+        + write_images(str(tmp_path / "img"))
+        + [
+            "method=lora_matched",
+            "method.r=4",
+            "method.supplementary_r=1",
+            "method.stage1.max_steps=3",
+            "method.importance_interval=1",
+            "trainer.max_steps=3",
+        ],
+        tmp_path / "run",
+    )
     rec = train(cfg)
     b = rec["budget_match"]
     assert rec["method"] == "lora_matched" and b["ranks"]
     assert rec["params"]["adapter"] == b["lora_adapter_params"]  # the model really has those ranks
     from pilora import ImportanceStats
+
     shapes = [s.shape for s in ImportanceStats.load(b["importance_file"]).modules.values()]
     # rounding each module's rank moves it by at most half a rank step, (m + n) / 2 parameters
     assert abs(b["residual"]) <= sum((m + n) / 2 for m, n in shapes)
@@ -34,6 +45,7 @@ def test_matched_lora_run_records_its_budget(tmp_path):
 
 def _lora_ranks(model):
     from pilora.peft_layers import lora_layers
+
     return {name: layer.lora_A["default"].weight.shape[0] for name, layer in lora_layers(model).items()}
 
 
@@ -43,8 +55,9 @@ def test_rank_pattern_on_a_tiny_model_gives_the_hand_computed_count(tiny_mlp):
 
     masks = {"up": torch.tensor([True] * 6 + [False] * 10), "down": torch.tensor([True] * 3 + [False] * 9)}
     pattern, budget = matched_rank_pattern(masks, {"up": (16, 10), "down": (12, 16)}, r=4, r_s=1)
-    model = prepare_model(tiny_mlp, MethodConfig(name="lora", r=4, alpha=8, target_modules=["up", "down"],
-                                                 rank_pattern=pattern))
+    model = prepare_model(
+        tiny_mlp, MethodConfig(name="lora", r=4, alpha=8, target_modules=["up", "down"], rank_pattern=pattern)
+    )
     assert _lora_ranks(model) == {"up": 3, "down": 4}
     assert count_parameters(model).adapter == 3 * (16 + 10) + 4 * (12 + 16) == 190 == budget["lora_adapter_params"]
     assert count_parameters(model).trainable == 190  # the head and the base weights stay frozen
@@ -66,8 +79,16 @@ def test_rank_pattern_on_a_tiny_llama_gives_the_hand_computed_count():
     from pilora import MethodConfig, count_parameters, prepare_model
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=32,
+        )
+    )
     dominant = {"self_attn.q_proj": 8, "self_attn.v_proj": 2, "mlp.up_proj": 16, "mlp.down_proj": 0}
     masks, shapes = {}, {}
     for layer in (0, 1):
@@ -80,9 +101,26 @@ def test_rank_pattern_on_a_tiny_llama_gives_the_hand_computed_count():
     pattern, budget = matched_rank_pattern(masks, shapes, r=4, r_s=1)
     assert budget["pilora_adapter_params"] == 1116 and budget["lora_adapter_params"] == 1120
     assert budget["residual"] == 4
-    peft = prepare_model(model, MethodConfig(name="lora", r=4, alpha=8, dropout=0.0, rank_pattern=pattern,
-                                             target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    peft = prepare_model(
+        model,
+        MethodConfig(
+            name="lora",
+            r=4,
+            alpha=8,
+            dropout=0.0,
+            rank_pattern=pattern,
+            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        ),
+    )
     ranks = {k.split("layers.", 1)[1]: v for k, v in _lora_ranks(peft).items()}
-    assert ranks == {"0.self_attn.q_proj": 4, "0.self_attn.v_proj": 3, "0.mlp.up_proj": 3, "0.mlp.down_proj": 4,
-                     "1.self_attn.q_proj": 3, "1.self_attn.v_proj": 4, "1.mlp.up_proj": 3, "1.mlp.down_proj": 4}
+    assert ranks == {
+        "0.self_attn.q_proj": 4,
+        "0.self_attn.v_proj": 3,
+        "0.mlp.up_proj": 3,
+        "0.mlp.down_proj": 4,
+        "1.self_attn.q_proj": 3,
+        "1.self_attn.v_proj": 4,
+        "1.mlp.up_proj": 3,
+        "1.mlp.down_proj": 4,
+    }
     assert count_parameters(peft).adapter == 1120

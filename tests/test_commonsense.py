@@ -10,7 +10,6 @@ import torch
 
 from pilora.tasks import llm_adapters as cs
 
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -339,10 +338,13 @@ def test_batched_generation_matches_one_by_one(tiny_llama, tokenizer):
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         gen = tiny_llama.generate(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-            max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
-    right_padded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    right_padded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert right_padded != single
 
 

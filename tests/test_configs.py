@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import CONF, FAST, compose_cfg, write_images
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from helpers import CONF, FAST, compose_cfg, glue_overrides, write_images
 from pilora.methods import MethodConfig
 from pilora.tasks import FAMILIES, DataError
 from pilora.train import method_config, train
@@ -19,8 +19,11 @@ ROOT = os.path.dirname(CONF)
 
 def _names(group):
     base = os.path.join(CONF, group)
-    return sorted(os.path.relpath(p, base)[:-5] for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
-                  if not os.path.basename(p).startswith("_"))  # _base, _glue: included by the others
+    return sorted(
+        os.path.relpath(p, base)[:-5]
+        for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
+        if not os.path.basename(p).startswith("_")
+    )  # _base, _glue: included by the others
 
 
 EXPERIMENTS = _names("experiment")
@@ -36,6 +39,7 @@ def test_every_experiment_overlay_composes(experiment):
     method_config(cfg)  # validates the method section
     # every swept value composes too
     from omegaconf import OmegaConf
+
     with __import__("hydra").initialize_config_dir(config_dir=CONF, version_base="1.3"):
         hcfg = __import__("hydra").compose("config", [f"experiment={experiment}"], return_hydra_config=True)
     params = OmegaConf.to_container(hcfg.hydra.sweeper.params or {})
@@ -57,16 +61,28 @@ def test_every_method_task_pair_composes(task, method):
 
 def test_paper_hyperparameters_come_from_tuned_configs():
     rte = compose_cfg(["task=glue/rte", "method=pilora", "model=roberta-large"])
-    assert (rte.trainer.learning_rate, rte.trainer.num_train_epochs, rte.method.r, rte.method.supplementary_r) == (2e-4, 50, 8, 1)
+    assert (rte.trainer.learning_rate, rte.trainer.num_train_epochs, rte.method.r, rte.method.supplementary_r) == (
+        2e-4,
+        50,
+        8,
+        1,
+    )
     cs = compose_cfg(["experiment=table1_llama3"])
     assert cs.trainer.learning_rate == 1e-4 and cs.method.r == 32 and cs.method.alpha == 64
     # Tab. 5-7 give α = 2r for every method, MiLoRA included (its own code's α = r is an override away)
     assert compose_cfg(["method=milora", "model=roberta-large", "task=glue/sst2"]).method.alpha == 16
 
 
-@pytest.mark.parametrize("override,needle", [("task=glue/nope", "glue/mrpc"), ("method=lorax", "pilora"),
-                                             ("model=gpt5", "roberta-large"), ("method.rank=4", "supplementary_r"),
-                                             ("method.stage1.steps=4", "max_steps")])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("task=glue/nope", "glue/mrpc"),
+        ("method=lorax", "pilora"),
+        ("model=gpt5", "roberta-large"),
+        ("method.rank=4", "supplementary_r"),
+        ("method.stage1.steps=4", "max_steps"),
+    ],
+)
 def test_unknown_choices_and_keys_list_the_options(override, needle):
     with pytest.raises((MissingConfigException, ConfigCompositionException)):
         compose_cfg([override])
@@ -81,20 +97,34 @@ def test_method_config_is_strict_and_typed():
         MethodConfig.from_dict({"name": "lora", "rank": 4})
     with pytest.raises(ValueError, match=r"method\.stage1\.steps.*max_steps"):
         MethodConfig.from_dict({"name": "pilora", "stage1": {"steps": 4}})
-    mc = method_config(compose_cfg(["method=pilora", "method.stage1.max_steps=5", "method/partition=cumulative",
-                                    "model=roberta-large"]))
+    mc = method_config(
+        compose_cfg(
+            ["method=pilora", "method.stage1.max_steps=5", "method/partition=cumulative", "model=roberta-large"]
+        )
+    )
     assert (mc.stage1.max_steps, mc.partition.name, mc.partition.args) == (5, "cumulative", {"threshold": 0.7})
     assert mc.target_modules == list(compose_cfg(["model=roberta-large"]).model.target_modules)
 
 
 @pytest.mark.parametrize("method,used", [("lora", False), ("pilora", True), ("lora_matched", True)])
 def test_keys_a_method_does_not_use_compose_and_are_ignored(method, used):
-    from pilora.methods import recorded_section
-    from pilora.train import _method_settings
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(compose_cfg([f"method={method}", "method.supplementary_r=2", "method.stage1.max_steps=5",
-                                              "method/partition=cumulative"], "x"), resolve=True)
+    from pilora.methods import recorded_section
+    from pilora.train import _method_settings
+
+    cfg = OmegaConf.to_container(
+        compose_cfg(
+            [
+                f"method={method}",
+                "method.supplementary_r=2",
+                "method.stage1.max_steps=5",
+                "method/partition=cumulative",
+            ],
+            "x",
+        ),
+        resolve=True,
+    )
     mc, recorded, ignored = _method_settings(cfg)
     keys = {"method.supplementary_r", "method.stage1", "method.partition"}
     if used:
@@ -106,8 +136,8 @@ def test_keys_a_method_does_not_use_compose_and_are_ignored(method, used):
 
 
 def test_ignored_keys_do_not_name_a_folder():
-    from hydra.core.hydra_config import HydraConfig
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     def folder(overrides):
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -126,12 +156,24 @@ def test_mixed_sweep_trains_an_unused_key_once(tmp_path):
     """``-m method=lora,pilora method.supplementary_r=1,2``: two PiLoRA jobs and one LoRA job."""
     import json
 
-    overrides = FAST + write_images(str(tmp_path / "img")) + [
-        "trainer.max_steps=2", "method.r=2", "method.stage1.max_steps=2", "method.importance_interval=1",
-        "save_adapter=false", f"hydra.sweep.dir={tmp_path}/sweep", "method=lora,pilora", "method.supplementary_r=1,2"]
+    overrides = (
+        FAST
+        + write_images(str(tmp_path / "img"))
+        + [
+            "trainer.max_steps=2",
+            "method.r=2",
+            "method.stage1.max_steps=2",
+            "method.importance_interval=1",
+            "save_adapter=false",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            "method=lora,pilora",
+            "method.supplementary_r=1,2",
+        ]
+    )
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.load(open(r)) for r in glob.glob(f"{tmp_path}/sweep/**/results.json", recursive=True)]
     assert sorted(r["method"] for r in records) == ["lora", "pilora", "pilora"]
@@ -154,8 +196,16 @@ def test_model_that_cannot_do_the_task(tmp_path):
 
 
 def test_missing_local_file_names_path_and_hub_id(tmp_path):
-    cfg = compose_cfg(FAST + ["task=glue/sst2", "model=minilm-l6", "task.dataset.path=csv",
-                              f"+task.dataset.data_files.train={tmp_path}/missing.csv"], tmp_path / "o")
+    cfg = compose_cfg(
+        FAST
+        + [
+            "task=glue/sst2",
+            "model=minilm-l6",
+            "task.dataset.path=csv",
+            f"+task.dataset.data_files.train={tmp_path}/missing.csv",
+        ],
+        tmp_path / "o",
+    )
     with pytest.raises(DataError, match=r"missing\.csv.*nyu-mll/glue|nyu-mll/glue.*missing\.csv"):
         _run(cfg)
 
@@ -165,8 +215,14 @@ def test_wrong_columns_and_empty_split(tmp_path):
     d.mkdir()
     (d / "train.csv").write_text("text,label\nhello,1\n")
     (d / "validation.csv").write_text("text,label\nhello,1\n")
-    base = FAST + ["task=glue/sst2", "model=minilm-l6", "task.dataset.path=csv", "task.dataset.name=null",
-                   f"+task.dataset.data_files.train={d}/train.csv", f"+task.dataset.data_files.validation={d}/validation.csv"]
+    base = FAST + [
+        "task=glue/sst2",
+        "model=minilm-l6",
+        "task.dataset.path=csv",
+        "task.dataset.name=null",
+        f"+task.dataset.data_files.train={d}/train.csv",
+        f"+task.dataset.data_files.validation={d}/validation.csv",
+    ]
     with pytest.raises(DataError, match=r"needs columns \['sentence'\].*text"):
         _run(compose_cfg(base, tmp_path / "o"))
     (d / "train.csv").write_text("sentence,label\n")
@@ -180,23 +236,32 @@ def test_wrong_columns_and_empty_split(tmp_path):
 
 def test_nan_loss_stops_with_step_and_no_record(tmp_path):
     out = tmp_path / "o"
-    cfg = compose_cfg(FAST + write_images(str(tmp_path / "img")) + ["method=lora", "trainer.learning_rate=1e30",
-                                                                     "trainer.max_steps=6"], out)
+    cfg = compose_cfg(
+        FAST
+        + write_images(str(tmp_path / "img"))
+        + ["method=lora", "trainer.learning_rate=1e30", "trainer.max_steps=6"],
+        out,
+    )
     with pytest.raises(RuntimeError, match=r"loss became .* at step \d+; last good checkpoint"):
         _run(cfg)
     assert not os.path.exists(out / "results.json")
 
 
 def test_two_job_multirun_through_run_py(tmp_path):
-    overrides = FAST + write_images(str(tmp_path / "img")) + [
-        "trainer.max_steps=3", "method.r=2", f"hydra.sweep.dir={tmp_path}/sweep", "seed=0,1"]
+    overrides = (
+        FAST
+        + write_images(str(tmp_path / "img"))
+        + ["trainer.max_steps=3", "method.r=2", f"hydra.sweep.dir={tmp_path}/sweep", "seed=0,1"]
+    )
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = glob.glob(f"{tmp_path}/sweep/**/results.json", recursive=True)
     assert len(records) == 2
     import json
+
     seeds = sorted(json.load(open(r))["seed"] for r in records)
     assert seeds == [0, 1]
 

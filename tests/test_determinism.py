@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from helpers import FAST, compose_cfg, write_images
 from safetensors.torch import load_file
 
-from helpers import FAST, compose_cfg, write_images
 from pilora import ImportanceStats
 from pilora.train import train
 
@@ -15,14 +15,20 @@ from pilora.train import train
 def _scores(rec):
     """Every loss / accuracy the record holds (timings and throughputs excluded)."""
     keep = lambda d: {k: v for k, v in (d or {}).items() if k.endswith(("loss", "accuracy"))}  # noqa: E731
-    return {"train_loss": rec["train_loss"], "epochs": [keep(e) for e in rec["epochs"]],
-            **{part: keep(rec["metrics"][part]) for part in ("final", "best", "test")}}
+    return {
+        "train_loss": rec["train_loss"],
+        "epochs": [keep(e) for e in rec["epochs"]],
+        **{part: keep(rec["metrics"][part]) for part in ("final", "best", "test")},
+    }
 
 
 @pytest.mark.slow
 def test_same_seed_same_result(tmp_path):
-    overrides = FAST + write_images(str(tmp_path / "img")) + [
-        "method=pilora", "method.stage1.max_steps=3", "method.importance_interval=1", "trainer.num_train_epochs=2"]
+    overrides = (
+        FAST
+        + write_images(str(tmp_path / "img"))
+        + ["method=pilora", "method.stage1.max_steps=3", "method.importance_interval=1", "trainer.num_train_epochs=2"]
+    )
     runs = [train(compose_cfg(overrides, tmp_path / name)) for name in ("a", "b")]
     other = train(compose_cfg(overrides + ["seed=1"], tmp_path / "seed1"))
 

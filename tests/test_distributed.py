@@ -17,8 +17,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import FAST, compose_cfg, write_images
+
 from pilora import ImportanceStats
 from pilora.partition import partition
 from pilora.train import DistributedMismatch, check_ranks_agree, train
@@ -28,10 +28,20 @@ REL = 1e-4
 
 
 def _common(img):
-    return FAST + write_images(img) + [
-        "method=pilora", "method.stage1.max_steps=3", "method.importance_interval=1", "method.dropout=0",
-        "trainer.num_train_epochs=1", "trainer.per_device_eval_batch_size=1", "trainer.save_strategy=no",
-        "+trainer.ddp_find_unused_parameters=false"]
+    return (
+        FAST
+        + write_images(img)
+        + [
+            "method=pilora",
+            "method.stage1.max_steps=3",
+            "method.importance_interval=1",
+            "method.dropout=0",
+            "trainer.num_train_epochs=1",
+            "trainer.per_device_eval_batch_size=1",
+            "trainer.save_strategy=no",
+            "+trainer.ddp_find_unused_parameters=false",
+        ]
+    )
 
 
 def _masks(out):
@@ -41,8 +51,17 @@ def _masks(out):
 
 def _torchrun(overrides, out, nproc=2):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           "run.py", *overrides, f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        "run.py",
+        *overrides,
+        f"hydra.run.dir={out}",
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -61,8 +80,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
     # one process, same global batch: 6 per step, or 3 per step with 2-step gradient accumulation
     single = train(compose_cfg(base + ["trainer.per_device_train_batch_size=6"], tmp_path / "one"))
-    accum = train(compose_cfg(base + ["trainer.per_device_train_batch_size=3",
-                                      "trainer.gradient_accumulation_steps=2"], tmp_path / "accum"))
+    accum = train(
+        compose_cfg(
+            base + ["trainer.per_device_train_batch_size=3", "trainer.gradient_accumulation_steps=2"],
+            tmp_path / "accum",
+        )
+    )
     ddp_stats, ddp_masks = _masks(ddp_out)
     for out, rec in ((tmp_path / "one", single), (tmp_path / "accum", accum)):
         stats, masks = _masks(out)
@@ -71,8 +94,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         for name in masks:
             assert torch.equal(masks[name], ddp_masks[name]), name
             assert torch.equal(stats.modules[name].hits, ddp_stats.modules[name].hits), name
-            torch.testing.assert_close(stats.modules[name].score_sum, ddp_stats.modules[name].score_sum,
-                                       rtol=REL, atol=0)
+            torch.testing.assert_close(
+                stats.modules[name].score_sum, ddp_stats.modules[name].score_sum, rtol=REL, atol=0
+            )
         assert rec["pilora"]["dominant_fraction_per_module"] == ddp["pilora"]["dominant_fraction_per_module"]
         assert rec["train_loss"] == pytest.approx(ddp["train_loss"], rel=REL)
         for part in ("final", "test"):
@@ -84,7 +108,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def _mismatch_worker(rank, world, init_file, q):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        masks = {"layer.q_proj": torch.tensor([True, False, rank == 1]), "layer.k_proj": torch.ones(2, dtype=torch.bool)}
+        masks = {
+            "layer.q_proj": torch.tensor([True, False, rank == 1]),
+            "layer.k_proj": torch.ones(2, dtype=torch.bool),
+        }
         check_ranks_agree(masks)
         q.put((rank, "no error"))
     except DistributedMismatch as err:
@@ -119,10 +146,20 @@ def test_fsdp_is_refused_for_stage1(tmp_path):
 def test_lora_dash_two_process_ddp_picks_the_same_directions_as_one_process(tmp_path):
     """LoRA-Dash's launch under DDP: every rank takes the SVD of the same W and the same all-reduced
     LoRA update, so the ranks agree (checked in the job) and pick the directions one process picks."""
-    base = FAST + write_images(str(tmp_path / "img")) + [
-        "method=lora_dash", "method.prelaunch_steps=2", "method.directions=2", "method.dropout=0",
-        "trainer.num_train_epochs=2", "trainer.per_device_eval_batch_size=1", "trainer.save_strategy=no",
-        "+trainer.ddp_find_unused_parameters=false"]
+    base = (
+        FAST
+        + write_images(str(tmp_path / "img"))
+        + [
+            "method=lora_dash",
+            "method.prelaunch_steps=2",
+            "method.directions=2",
+            "method.dropout=0",
+            "trainer.num_train_epochs=2",
+            "trainer.per_device_eval_batch_size=1",
+            "trainer.save_strategy=no",
+            "+trainer.ddp_find_unused_parameters=false",
+        ]
+    )
     ddp_out = tmp_path / "ddp"
     proc = _torchrun(base + ["trainer.per_device_train_batch_size=3"], ddp_out)
     assert proc.returncode == 0, proc.stderr[-4000:]

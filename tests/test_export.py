@@ -2,14 +2,13 @@
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 
 from pilora import MethodConfig, load_adapter, pilora_masks, prepare_model, save_adapter
-from pilora.export import (ADAPTER_DIR, PILORA_ADAPTER_DIR, ExportError, export_run, main as export_main,
-                           write_adapters)
+from pilora.export import ADAPTER_DIR, PILORA_ADAPTER_DIR, ExportError, export_run, write_adapters
+from pilora.export import main as export_main
 from pilora.peft_layers import lora_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -24,9 +23,18 @@ def tiny_llama(tmp_path_factory):
     from pilora.config import _minilm_path
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=30522, max_position_embeddings=128,
-                      bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=30522,
+        max_position_embeddings=128,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     LlamaForCausalLM(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(_minilm_path(), eos_token="[SEP]").save_pretrained(path)
@@ -47,8 +55,9 @@ def _trained_pilora(path, seed=0):
     for name, mod in base.named_modules():
         if name.split(".")[-1] in TARGETS:
             masks[name] = torch.rand(mod.weight.shape[0], generator=g) < 0.4
-    cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.0, supplementary_r=2, supplementary_alpha=4.0,
-                       target_modules=TARGETS)
+    cfg = MethodConfig(
+        name="pilora", r=4, alpha=8, dropout=0.0, supplementary_r=2, supplementary_alpha=4.0, target_modules=TARGETS
+    )
     model = prepare_model(base, cfg, masks=masks, task_type="CAUSAL_LM")
     with torch.no_grad():
         for p in model.parameters():
@@ -95,8 +104,14 @@ def test_run_adapter_loads_in_stock_peft_and_lm_eval_with_identical_loglikelihoo
 
     # lm-eval's hf model with peft=<run>/adapter, scoring requests as an lm-eval task does
     # add_bos_token=False: the BERT tokenizer would otherwise wrap each text in [CLS] ... [SEP]
-    lm = HFLM(pretrained=tiny_llama, peft=str(run / ADAPTER_DIR), device="cpu", batch_size=1, dtype="float32",
-              add_bos_token=False)
+    lm = HFLM(
+        pretrained=tiny_llama,
+        peft=str(run / ADAPTER_DIR),
+        device="cpu",
+        batch_size=1,
+        dtype="float32",
+        add_bos_token=False,
+    )
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(c, x), idx=i) for i, (c, x) in enumerate(TEXTS)]
     scored = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
     assert scored == pytest.approx(ours, abs=1e-4)
@@ -118,8 +133,9 @@ def test_export_of_an_old_run_moves_the_compact_form_and_writes_a_stock_adapter(
     assert "exported rank 6 LoRA" in capsys.readouterr().out
     stock = PeftModel.from_pretrained(_base(tiny_llama), str(run / ADAPTER_DIR)).eval()
     assert _loglikelihoods(stock, tok) == pytest.approx(ours, abs=1e-4)
-    assert _loglikelihoods(load_adapter(_base(tiny_llama), str(run / PILORA_ADAPTER_DIR)), tok) == \
-        pytest.approx(ours, abs=1e-5)
+    assert _loglikelihoods(load_adapter(_base(tiny_llama), str(run / PILORA_ADAPTER_DIR)), tok) == pytest.approx(
+        ours, abs=1e-5
+    )
     assert export_run(str(run)) is None  # converting twice changes nothing
 
 
@@ -128,8 +144,15 @@ def test_exported_config_lists_each_head_once_and_keeps_the_trained_head(tmp_pat
 
     base = copy.deepcopy(tiny_mlp)
     masks = {"up": torch.arange(16) % 3 == 0, "down": torch.arange(12) % 2 == 0}
-    cfg = MethodConfig(name="pilora", r=2, alpha=4, dropout=0.0, supplementary_r=1, target_modules=["up", "down"],
-                       modules_to_save=["head", "head"])
+    cfg = MethodConfig(
+        name="pilora",
+        r=2,
+        alpha=4,
+        dropout=0.0,
+        supplementary_r=1,
+        target_modules=["up", "down"],
+        modules_to_save=["head", "head"],
+    )
     model = prepare_model(copy.deepcopy(base), cfg, masks=masks)
     with torch.no_grad():
         for p in model.parameters():

@@ -11,10 +11,9 @@ import time
 
 import pytest
 import torch
-
 from helpers import FAST, compose_cfg, write_images
-from pilora import ImportanceStats
-from pilora import records
+
+from pilora import ImportanceStats, records
 from pilora.records import RecordWriteError, atomic_write_json
 from pilora.train import CorruptCheckpoint, train
 
@@ -24,9 +23,18 @@ ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
 
 def _job(img):
     """PiLoRA, tiny CLIP: stage 1 = 4 steps, stage 2 = 2 epochs x 3 steps, a checkpoint every step."""
-    return FAST + write_images(img) + [
-        "method=pilora", "method.stage1.max_steps=4", "method.importance_interval=1",
-        "trainer.num_train_epochs=2", "trainer.save_strategy=steps", "+trainer.save_steps=1"]
+    return (
+        FAST
+        + write_images(img)
+        + [
+            "method=pilora",
+            "method.stage1.max_steps=4",
+            "method.importance_interval=1",
+            "trainer.num_train_epochs=2",
+            "trainer.save_strategy=steps",
+            "+trainer.save_steps=1",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +42,14 @@ def reference(tmp_path_factory):
     """The uninterrupted run (one per module: both kill cases compare against it)."""
     d = tmp_path_factory.mktemp("ref")
     overrides = _job(str(d / "img"))
-    proc = subprocess.run([sys.executable, "run.py", *overrides, f"hydra.run.dir={d / 'run'}"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "run.py", *overrides, f"hydra.run.dir={d / 'run'}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return overrides, d / "run", json.load(open(d / "run" / "results.json"))
 
@@ -46,8 +60,9 @@ def _kill_when(cmd, ready, env, timeout=300):
     try:
         while not ready():
             if proc.poll() is not None:
-                raise AssertionError(f"job ended (rc {proc.returncode}) before it could be killed: "
-                                     f"{proc.stderr.read()[-3000:]}")
+                raise AssertionError(
+                    f"job ended (rc {proc.returncode}) before it could be killed: {proc.stderr.read()[-3000:]}"
+                )
             if time.time() - t0 > timeout:
                 raise AssertionError("job never reached the point to kill it")
             time.sleep(0.05)
@@ -82,15 +97,18 @@ def test_sigkill_mid_stage_then_rerun_resumes(tmp_path, reference, stage):
 
     def ready():  # a step-2 checkpoint of the stage is complete
         ckpt = out / stage / "checkpoint-2"
-        return (ckpt / "trainer_state.json").exists() and \
-            (stage != "stage1" or (ckpt / "importance_stats.pt").exists())
+        return (ckpt / "trainer_state.json").exists() and (stage != "stage1" or (ckpt / "importance_stats.pt").exists())
 
-    _kill_when([sys.executable, "tests/slow_run.py", *args], ready,
-               {**ENV, "PILORA_SLOW_STAGE": stage, "PILORA_STEP_DELAY": "0.5"})
+    _kill_when(
+        [sys.executable, "tests/slow_run.py", *args],
+        ready,
+        {**ENV, "PILORA_SLOW_STAGE": stage, "PILORA_STEP_DELAY": "0.5"},
+    )
     assert not (out / "results.json").exists()
     assert (out / "importance.pt").exists() == (stage == "stage2")  # killed inside the stage
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "run.log").read_text()
     if stage == "stage1":
@@ -122,8 +140,9 @@ def test_sigkill_after_the_final_checkpoint_only_evaluates_and_saves(tmp_path, r
     final = out / "stage2" / f"checkpoint-{ref_rec['steps']}"
     saved = json.load(open(final / "pilora_cost.json"))
     assert not (out / "results.json").exists()
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "saved after the last training step: loading it, no further training" in (out / "run.log").read_text()
     rec = json.load(open(out / "results.json"))
@@ -134,8 +153,11 @@ def test_sigkill_after_the_final_checkpoint_only_evaluates_and_saves(tmp_path, r
     # times come from the killed segment's checkpoint, not from the rerun's few seconds
     assert rec["timing"]["stage1_s"] == pytest.approx(saved["stages"]["stage1"])
     # stage 2 as saved at its last step, plus the end-of-epoch evaluation that followed that save
-    assert saved["job_s"] - saved["started"]["stage2"] <= rec["timing"]["stage2_s"] \
+    assert (
+        saved["job_s"] - saved["started"]["stage2"]
+        <= rec["timing"]["stage2_s"]
         < saved["job_s"] - saved["started"]["stage2"] + 5
+    )
     assert rec["timing"]["total_s"] >= saved["job_s"] + rec["timing"]["final_eval_s"] - 0.01
     assert rec["peak_memory_mb"] >= saved["peak_memory_mb"]
     for key in ("stage1_s", "stage2_s", "total_s"):  # same order as the uninterrupted run's cost
@@ -246,9 +268,12 @@ def test_nan_weights_in_a_checkpoint_are_refused_on_resume(finished_job):
     overrides, out, _ = finished_job
     last = out / "stage2" / "checkpoint-6"
     key = _poison(last / "adapter_model.safetensors")
-    with pytest.raises(CorruptCheckpoint, match=rf"checkpoint '.*checkpoint-6' holds non-finite weights: "
-                                                 rf"'{key}' in adapter_model\.safetensors has 1 NaN/inf value.*"
-                                                 rf"Delete '.*checkpoint-6'"):
+    with pytest.raises(
+        CorruptCheckpoint,
+        match=rf"checkpoint '.*checkpoint-6' holds non-finite weights: "
+        rf"'{key}' in adapter_model\.safetensors has 1 NaN/inf value.*"
+        rf"Delete '.*checkpoint-6'",
+    ):
         train(compose_cfg(overrides, out))
     assert not (out / "results.json").exists()
 

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides, table_rows
+
 from pilora import MethodConfig, count_parameters, prepare_model
 from pilora.full import check_full_finetune_fsdp
 from pilora.paper_params import meta_count
@@ -39,14 +39,24 @@ def test_paper_settings_full_counts():
 def test_fsdp_keys_full_finetuning_cannot_use_are_refused():
     model = TinyMLP()
     with pytest.raises(ValueError, match=r"transformer_layer_cls_to_wrp.*did you mean transformer_layer_cls_to_wrap"):
-        check_full_finetune_fsdp(SimpleNamespace(fsdp=["full_shard"],
-                                                 fsdp_config={"transformer_layer_cls_to_wrp": ["X"]}), model)
+        check_full_finetune_fsdp(
+            SimpleNamespace(fsdp=["full_shard"], fsdp_config={"transformer_layer_cls_to_wrp": ["X"]}), model
+        )
     with pytest.raises(ValueError, match=r"\['LlamaDecoderLayer'\].*TinyMLP does not contain"):
-        check_full_finetune_fsdp(SimpleNamespace(fsdp=["full_shard"], fsdp_config={
-            "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}), model)
+        check_full_finetune_fsdp(
+            SimpleNamespace(
+                fsdp=["full_shard"], fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+            ),
+            model,
+        )
     # a usable config, and no FSDP at all, pass
-    check_full_finetune_fsdp(SimpleNamespace(fsdp=["full_shard"], fsdp_config={"version": 2, "min_num_params": 0,
-                                             "transformer_layer_cls_to_wrap": ["Linear"]}), model)
+    check_full_finetune_fsdp(
+        SimpleNamespace(
+            fsdp=["full_shard"],
+            fsdp_config={"version": 2, "min_num_params": 0, "transformer_layer_cls_to_wrap": ["Linear"]},
+        ),
+        model,
+    )
     check_full_finetune_fsdp(SimpleNamespace(fsdp=[], fsdp_config={"nonsense": 1}), model)
 
 
@@ -55,8 +65,11 @@ def test_glue_full_finetune_end_to_end(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    overrides = FAST + glue_overrides(tmp_path / "data") + ["method=full", "trainer.learning_rate=2e-4",
-                                                           "trainer.num_train_epochs=3"]
+    overrides = (
+        FAST
+        + glue_overrides(tmp_path / "data")
+        + ["method=full", "trainer.learning_rate=2e-4", "trainer.num_train_epochs=3"]
+    )
     cfg = compose_cfg(overrides, tmp_path / "run")
     rec = train(cfg)
     assert rec["status"] == "complete" and rec["method"] == "full"
@@ -69,28 +82,40 @@ def test_glue_full_finetune_end_to_end(tmp_path):
     # the saved model is the whole model, and every pretrained encoder matrix moved
     saved = load_file(os.path.join(tmp_path / "run", "model", "model.safetensors"))
     pretrained = AutoModel.from_pretrained(cfg.model.path).state_dict()
-    moved = [k for k, v in pretrained.items() if v.ndim == 2 and "embeddings" not in k
-             and not torch.equal(saved[next(s for s in saved if s.endswith(k))], v)]
+    moved = [
+        k
+        for k, v in pretrained.items()
+        if v.ndim == 2 and "embeddings" not in k and not torch.equal(saved[next(s for s in saved if s.endswith(k))], v)
+    ]
     assert len(moved) == sum(1 for k, v in pretrained.items() if v.ndim == 2 and "embeddings" not in k)
 
 
 def test_tables_show_our_run_on_the_cited_rows(tmp_path):
     """The LoRA-Dash and Full FT rows are cited (†) in the paper: our run fills "ours" when one
     exists, otherwise the cell reads "— / <cited number>"."""
+    from test_tables_honest import write
+
     from analysis.records import load_records
     from analysis.tables import render
-    from test_tables_honest import write
 
     root = str(tmp_path / "vision")
     for seed in (0, 1):
-        write(root, "full", "eurosat", seed, test={"test_accuracy": 0.981 + seed * 0.002}, model="clip-vit-b32",
-              family="vision", cfg={"name": "full"}, extra={"params": {"trainable": 10, "total": 10, "adapter": 10,
-                                                                      "adapter_share": 1.0}})
+        write(
+            root,
+            "full",
+            "eurosat",
+            seed,
+            test={"test_accuracy": 0.981 + seed * 0.002},
+            model="clip-vit-b32",
+            family="vision",
+            cfg={"name": "full"},
+            extra={"params": {"trainable": 10, "total": 10, "adapter": 10, "adapter_share": 1.0}},
+        )
     text = render(load_records(root), tables=["3", "1"], cost=True)
     (full,) = table_rows(text, "CLIP ViT-B/32", "Full FT †")
     assert full[2] == "100.00 / 100"
     assert "98.20 ± 0.14 (n=2) / 98.96" in full  # ours / the † number
-    assert "— / 60.33" in full                     # no run on Cars: the cited number only
+    assert "— / 60.33" in full  # no run on Cars: the cited number only
     (dash,) = table_rows(text, "LLaMA2-7B", "LoRA-Dash †")
     assert dash[3] == "— / 71.0"
     assert "Full FT" in text.split("Cost")[-1]  # its time and memory sit in the cost table

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pilora import ImportanceAccumulator, ImportanceStats, MethodConfig, approx_full_grad, prepare_model, row_scores
+from pilora import ImportanceAccumulator, ImportanceStats, approx_full_grad, prepare_model, row_scores
 from pilora.importance import ModuleStats
 from pilora.peft_layers import lora_layers
 
@@ -51,7 +51,7 @@ def test_with_B_zero_only_second_term_remains(tiny_mlp):
 
 
 def test_row_scores_hand_built_case_and_chunking():
-    A = torch.tensor([[1.0, -2.0, 0.0]])           # r=1, n=3
+    A = torch.tensor([[1.0, -2.0, 0.0]])  # r=1, n=3
     B = torch.tensor([[1.0], [0.0], [2.0], [-1.0]])  # m=4
     gA = torch.tensor([[0.5, 0.5, 1.0]])
     gB = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
@@ -131,6 +131,7 @@ def test_accumulator_needs_lora(tiny_mlp):
 
 # ----------------------------------------------------------------- the check on the device
 
+
 class SameShapes(nn.Module):
     """Three 8→12 target layers (one group), one 12→30 (another), a frozen head."""
 
@@ -177,8 +178,24 @@ class _Calls(torch.overrides.TorchFunctionMode):
 
 
 # calls that copy a value to the host or wait for the device (data-dependent shapes)
-HOST_SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
-              "bincount", "unique", "masked_select", "any", "all", "equal", "allclose"}
+HOST_SYNCS = {
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "nonzero",
+    "bincount",
+    "unique",
+    "masked_select",
+    "any",
+    "all",
+    "equal",
+    "allclose",
+}
 
 
 @pytest.mark.parametrize("chunk_rows", [1024, 5])  # whole modules per block / row chunks of one module
@@ -260,8 +277,13 @@ def test_resumed_accumulator_continues_the_same_statistics(tmp_path):
         for step in range(7):
             if step == stop:
                 acc.stats.save(tmp_path / "ckpt.pt")
-                acc = ImportanceAccumulator(model, interval=1, snapshot_shape=(4, 5), snapshot_interval=3,
-                                            stats=ImportanceStats.load(tmp_path / "ckpt.pt"))
+                acc = ImportanceAccumulator(
+                    model,
+                    interval=1,
+                    snapshot_shape=(4, 5),
+                    snapshot_interval=3,
+                    stats=ImportanceStats.load(tmp_path / "ckpt.pt"),
+                )
             _backward(model, step)
             acc.update()
         return acc.finalize()
@@ -294,8 +316,15 @@ def test_check_has_no_graph_break():
     from pilora.importance import score_group
 
     g, m, n, r = 3, 20, 12, 4
-    args = (torch.randn(g, m, 2 * r), torch.randn(g, 2 * r, n), torch.empty(2 * m * n),
-            torch.zeros(g, m, dtype=torch.int64), torch.zeros(g, m, dtype=torch.float64), torch.zeros(g, 5, 4),
-            torch.arange(m) * 5 // m, torch.full((m,), 0.25))
+    args = (
+        torch.randn(g, m, 2 * r),
+        torch.randn(g, 2 * r, n),
+        torch.empty(2 * m * n),
+        torch.zeros(g, m, dtype=torch.int64),
+        torch.zeros(g, m, dtype=torch.float64),
+        torch.zeros(g, 5, 4),
+        torch.arange(m) * 5 // m,
+        torch.full((m,), 0.25),
+    )
     explained = torch._dynamo.explain(score_group)(*args)
     assert explained.graph_break_count == 0, explained.break_reasons

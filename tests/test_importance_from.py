@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import FAST, compose_cfg, write_images
+
 from pilora.train import train
 
 BASE = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1", "trainer.max_steps=1"]
@@ -52,8 +52,12 @@ def _resized(p):
     name = sorted(p["modules"])[0]
     m = p["modules"][name]
     rows = m["shape"][0] + 16
-    p["modules"][name] = {**m, "shape": [rows, m["shape"][1]], "hits": torch.zeros(rows, dtype=m["hits"].dtype),
-                          "score_sum": torch.zeros(rows, dtype=m["score_sum"].dtype)}
+    p["modules"][name] = {
+        **m,
+        "shape": [rows, m["shape"][1]],
+        "hits": torch.zeros(rows, dtype=m["hits"].dtype),
+        "score_sum": torch.zeros(rows, dtype=m["score_sum"].dtype),
+    }
     return p
 
 
@@ -67,14 +71,17 @@ def _other_targets(p):
     return p
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_extra, r"statistics for modules the model lacks: \['vision_model\.extra\.fc9'\]"),
-    (_missing, r"modules without statistics: \['clip\.encoder\.layers\.0\."),
-    (_resized, r"shape mismatches: clip\.encoder\.layers\.0\.\S+: stats \(\d+, \d+\) vs model"),
-    (_other_model, r"made for model 'roberta-large', this run uses 'tiny-clip'"),
-    (_other_targets, r"made for target modules \['query', 'value'\]"),
-    (lambda p: [1, 2, 3], r"holds a list, not importance statistics"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_extra, r"statistics for modules the model lacks: \['vision_model\.extra\.fc9'\]"),
+        (_missing, r"modules without statistics: \['clip\.encoder\.layers\.0\."),
+        (_resized, r"shape mismatches: clip\.encoder\.layers\.0\.\S+: stats \(\d+, \d+\) vs model"),
+        (_other_model, r"made for model 'roberta-large', this run uses 'tiny-clip'"),
+        (_other_targets, r"made for target modules \['query', 'value'\]"),
+        (lambda p: [1, 2, 3], r"holds a list, not importance statistics"),
+    ],
+)
 def test_mismatching_statistics_name_the_file_and_module(stage1, tmp_path, edit, message):
     data, path, _ = stage1
     bad = _variant(path, tmp_path / "bad.pt", edit)

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from helpers import FAST, compose_cfg, write_images
+
 from pilora import jobdir
 from pilora.checkpoints import resume_point
 from pilora.jobdir import JobLock, JobLocked, StaleJob
@@ -33,19 +33,27 @@ def test_second_copy_of_a_running_job_stops_and_names_the_holder(tmp_path):
     """Two processes on one job: the second exits non-zero naming the first; the first finishes
     untouched (its in-progress checkpoints are not removed)."""
     out = tmp_path / "run"
-    args = _vision(tmp_path / "img", "trainer.num_train_epochs=2", "trainer.save_strategy=steps",
-                   "+trainer.save_steps=1") + [f"hydra.run.dir={out}"]
+    args = _vision(
+        tmp_path / "img", "trainer.num_train_epochs=2", "trainer.save_strategy=steps", "+trainer.save_steps=1"
+    ) + [f"hydra.run.dir={out}"]
     env = {**ENV, "PILORA_SLOW_STAGE": "train", "PILORA_STEP_DELAY": "3"}  # the second copy starts meanwhile
-    first = subprocess.Popen([sys.executable, "tests/slow_run.py", *args], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "tests/slow_run.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         t0 = time.time()
         while not (out / "train" / "checkpoint-1" / "trainer_state.json").exists():
             assert first.poll() is None, first.stderr.read()[-3000:]
             assert time.time() - t0 < 300
             time.sleep(0.05)
-        second = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True,
-                                text=True, timeout=300)
+        second = subprocess.run(
+            [sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+        )
         assert second.returncode != 0
         assert f"is being written by pid {first.pid} on host {socket.gethostname()}" in second.stderr
         assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
@@ -70,8 +78,9 @@ def test_lock_is_released_and_the_same_command_then_reuses_the_record(tmp_path):
 
 
 def _holder(folder, **kw):
-    (folder / jobdir.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                       "heartbeat": time.time(), **kw}))
+    (folder / jobdir.LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(), **kw})
+    )
 
 
 def test_lock_rules_without_flock(tmp_path, monkeypatch):
@@ -85,8 +94,9 @@ def test_lock_rules_without_flock(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     # other host, fresh heartbeat: live
     _holder(tmp_path, host="node-17", pid=123)
     with pytest.raises(JobLocked, match=r"being written by pid 123 on host node-17 \(heartbeat \d+ s ago\).*delete"):
@@ -147,8 +157,11 @@ def test_finished_folder_with_another_config_is_not_returned(tmp_path):
 @pytest.mark.slow
 def test_changed_input_file_is_not_reused(tmp_path):
     out = tmp_path / "run"
-    base = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1",
-                   "trainer.num_train_epochs=1"] + write_images(str(tmp_path / "img"))
+    base = (
+        FAST
+        + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1", "trainer.num_train_epochs=1"]
+        + write_images(str(tmp_path / "img"))
+    )
     first = train(compose_cfg(base, tmp_path / "src1"))
     other = train(compose_cfg(base + ["seed=1"], tmp_path / "src2"))
     f1, f2 = first["pilora"]["importance_file"], other["pilora"]["importance_file"]
@@ -177,12 +190,16 @@ def test_interrupted_folder_with_another_config_is_not_resumed(tmp_path):
 @pytest.mark.slow
 def test_resume_false_starts_clean_including_stage1(tmp_path):
     out = tmp_path / "run"
-    base = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1",
-                   "trainer.num_train_epochs=1"] + write_images(str(tmp_path / "img"))
+    base = (
+        FAST
+        + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1", "trainer.num_train_epochs=1"]
+        + write_images(str(tmp_path / "img"))
+    )
     train(compose_cfg(base, out))
     # plant foreign statistics in place of this job's own (as a run of another config would leave)
     other = train(compose_cfg(base + ["seed=3"], tmp_path / "other"))
     import shutil
+
     shutil.copy(other["pilora"]["importance_file"], out / "importance.pt")
     (out / "stage1" / "checkpoint-99").mkdir(parents=True)
     fresh = train(compose_cfg(base + ["trainer.learning_rate=1e-3", "resume=false"], out))
@@ -198,10 +215,9 @@ def test_resume_false_starts_clean_including_stage1(tmp_path):
 # -- folder names ----------------------------------------------------------------------------------
 def _dirs(overrides):
     """The run folder and the multirun folder + subfolder Hydra would use for ``overrides``."""
+    from helpers import CONF
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
-
-    from helpers import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
@@ -215,8 +231,7 @@ def _inside(path, root):
 
 
 def test_folder_names_cannot_leave_the_output_root():
-    run, sweep = _dirs(["+method.label=../../../../../x", "+task.dataset.data_dir=/etc/../tmp/y",
-                        "sweep_name=../../z"])
+    run, sweep = _dirs(["+method.label=../../../../../x", "+task.dataset.data_dir=/etc/../tmp/y", "sweep_name=../../z"])
     assert _inside(run, "outputs") and _inside(sweep, "multirun")
     assert ".." not in run.split("/") and ".." not in sweep.split("/")
     # a "/" in a value no longer nests folders: task, model, method, seed, overrides
@@ -224,11 +239,24 @@ def test_folder_names_cannot_leave_the_output_root():
 
 
 def test_long_override_sets_become_prefix_plus_hash():
-    many = [f"trainer.{k}={v}" for k, v in [
-        ("learning_rate", 0.000123456), ("warmup_steps", 17), ("weight_decay", 0.0123), ("logging_steps", 3),
-        ("per_device_train_batch_size", 7), ("per_device_eval_batch_size", 9), ("max_grad_norm", 0.75),
-        ("num_train_epochs", 5), ("gradient_accumulation_steps", 2), ("lr_scheduler_type", "cosine"),
-        ("save_total_limit", 4), ("dataloader_num_workers", 0), ("max_steps", 1234)]] + ["method.r=16"]
+    many = [
+        f"trainer.{k}={v}"
+        for k, v in [
+            ("learning_rate", 0.000123456),
+            ("warmup_steps", 17),
+            ("weight_decay", 0.0123),
+            ("logging_steps", 3),
+            ("per_device_train_batch_size", 7),
+            ("per_device_eval_batch_size", 9),
+            ("max_grad_norm", 0.75),
+            ("num_train_epochs", 5),
+            ("gradient_accumulation_steps", 2),
+            ("lr_scheduler_type", "cosine"),
+            ("save_total_limit", 4),
+            ("dataloader_num_workers", 0),
+            ("max_steps", 1234),
+        ]
+    ] + ["method.r=16"]
     run, sweep = _dirs(many)
     for path in (run, sweep):
         leaf = path.split("/")[-1]
@@ -240,19 +268,28 @@ def test_long_override_sets_become_prefix_plus_hash():
 
 @pytest.mark.slow
 def test_non_integer_seed_is_named_and_makes_no_folder(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "seed=abc", "logger=none"], cwd=tmp_path,
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "run.py"), "seed=abc", "logger=none"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "seed must be an integer, got 'abc'" in proc.stderr
     assert not (tmp_path / "outputs").exists()
 
 
 # -- values named before anything runs; files readable as the umask says --------------------------
-@pytest.mark.parametrize("override, message", [
-    ("method.r=abc", r"method\.r must be an integer >= 1, got 'abc'"),
-    ("method.r=2.5", r"method\.r must be an integer >= 1, got 2\.5"),
-    ("seed=abc", r"seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.r=abc", r"method\.r must be an integer >= 1, got 'abc'"),
+        ("method.r=2.5", r"method\.r must be an integer >= 1, got 2\.5"),
+        ("seed=abc", r"seed must be an integer"),
+    ],
+)
 def test_bad_numbers_are_named_before_a_folder_is_made(tmp_path, override, message):
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf

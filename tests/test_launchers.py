@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import CONF, FAST, write_images
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from helpers import CONF, FAST, write_images
 
 ROOT = os.path.dirname(CONF)
 
@@ -49,8 +48,14 @@ def test_slurm_launcher_keys_make_an_sbatch_script(tmp_path, monkeypatch):
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
-    hcfg = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                       f"hydra.sweep.dir={tmp_path}/sweep", "hydra.job.name=run"])
+    hcfg = _hydra_cfg(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            "hydra.job.name=run",
+        ]
+    )
     params = OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
     params.pop("_target_")
     folder, max_timeout = params.pop("submitit_folder"), params.pop("max_num_timeout")
@@ -58,15 +63,26 @@ def test_slurm_launcher_keys_make_an_sbatch_script(tmp_path, monkeypatch):
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_timeout)
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     text = executor._executor._make_submission_file_text("python -u run.py", "uid")
-    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --time=240",
-                 "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@120"):
+    for line in (
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=240",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --signal=USR2@120",
+    ):
         assert line in text, (line, text)
 
 
 @pytest.mark.slow
 def test_run_py_prints_slurm_launcher_config():
-    proc = subprocess.run([sys.executable, "run.py", "hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "run.py", "hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
 
@@ -74,12 +90,22 @@ def test_run_py_prints_slurm_launcher_config():
 @pytest.mark.slow
 def test_local_submitit_sweep_runs_jobs(tmp_path):
     """The submitit launcher (the same code path as SLURM, executed as local processes)."""
-    overrides = FAST + write_images(str(tmp_path / "img")) + [
-        "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}/sweep", "trainer.max_steps=2",
-        "trainer.save_strategy=no", "method.r=2", "seed=0,1"]
+    overrides = (
+        FAST
+        + write_images(str(tmp_path / "img"))
+        + [
+            "hydra/launcher=submitit_local",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            "trainer.max_steps=2",
+            "trainer.save_strategy=no",
+            "method.r=2",
+            "seed=0,1",
+        ]
+    )
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = glob.glob(f"{tmp_path}/sweep/**/results.json", recursive=True)
     assert sorted(json.load(open(r))["seed"] for r in records) == [0, 1]

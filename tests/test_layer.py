@@ -2,26 +2,28 @@ import copy
 
 import pytest
 import torch
+from conftest import TinyMLP, train_steps
 from peft import PeftModel
 from torch import nn
 
-from conftest import TinyMLP, train_steps
-from pilora import (MethodConfig, count_parameters, export_lora, load_adapter, pilora_masks, prepare_model,
-                    save_adapter)
-from pilora.peft_layers import lora_layers
+from pilora import MethodConfig, count_parameters, export_lora, load_adapter, pilora_masks, prepare_model, save_adapter
 from pilora.layer import FusedLoraForward, RowPartitionedB
+from pilora.peft_layers import lora_layers
 
 X = torch.randn(20, 10, generator=torch.Generator().manual_seed(5))
 Y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(6))
-MASKS = {"up": torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool),
-         "down": torch.tensor([0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)}
+MASKS = {
+    "up": torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool),
+    "down": torch.tensor([0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool),
+}
 
 
 def _pilora(r=4, rs=1, masks=MASKS, **kw):
     torch.manual_seed(0)
     base = TinyMLP()
-    cfg = MethodConfig(name="pilora", r=r, alpha=2 * r, dropout=0.0, target_modules=["up", "down"],
-                       supplementary_r=rs, **kw)
+    cfg = MethodConfig(
+        name="pilora", r=r, alpha=2 * r, dropout=0.0, target_modules=["up", "down"], supplementary_r=rs, **kw
+    )
     return base, prepare_model(copy.deepcopy(base), cfg, masks=masks)
 
 
@@ -29,8 +31,10 @@ def test_output_equals_base_at_init_and_param_count_matches_formula():
     base, model = _pilora()
     assert torch.allclose(model(X), base(X), atol=1e-6)
     r, rs = 4, 1
-    expected = sum((r + rs) * n + int(M.sum()) * r + (M.numel() - int(M.sum())) * rs
-                   for M, n in ((MASKS["up"], 10), (MASKS["down"], 16)))
+    expected = sum(
+        (r + rs) * n + int(M.sum()) * r + (M.numel() - int(M.sum())) * rs
+        for M, n in ((MASKS["up"], 10), (MASKS["down"], 16))
+    )
     count = count_parameters(model)
     assert count.adapter == expected == count.trainable
     # the optimizer holds B as one m × (r + r') tensor per layer: reported, not hidden
@@ -40,8 +44,11 @@ def test_output_equals_base_at_init_and_param_count_matches_formula():
     assert B.dominant.shape == (6, 4) and B.supplementary.shape == (10, 1)
     assert B.blocks.shape == (16, 5) and B.effective_numel() == 6 * 4 + 10 * 1
     # the saved adapter keeps the compact blocks (no structural zeros on disk)
-    assert {k.rsplit(".", 1)[-1] for k in model.state_dict() if ".lora_B." in k} == \
-        {"dominant", "supplementary", "dominant_mask"}
+    assert {k.rsplit(".", 1)[-1] for k in model.state_dict() if ".lora_B." in k} == {
+        "dominant",
+        "supplementary",
+        "dominant_mask",
+    }
 
 
 def test_only_adapter_weights_change_after_a_step():
@@ -65,8 +72,10 @@ def test_forward_matches_eq10_and_merge_unmerge_unload_agree():
     A = layer.lora_A["default"].weight
     s = layer.scaling["default"]
     # Eq. 10 written out with explicit masks (the hot path never builds these)
-    Bd_full = torch.zeros(16, 4); Bd_full[MASKS["up"]] = B.dominant.detach()
-    Bs_full = torch.zeros(16, 1); Bs_full[~MASKS["up"]] = B.supplementary.detach()
+    Bd_full = torch.zeros(16, 4)
+    Bd_full[MASKS["up"]] = B.dominant.detach()
+    Bs_full = torch.zeros(16, 1)
+    Bs_full[~MASKS["up"]] = B.supplementary.detach()
     delta = s * (Bd_full @ A[:4] + Bs_full @ A[4:])
     assert torch.allclose(layer.get_delta_weight("default"), delta, atol=1e-6)
 
@@ -79,7 +88,7 @@ def test_forward_matches_eq10_and_merge_unmerge_unload_agree():
     assert torch.allclose(model(X), out, atol=1e-5)
     safe = copy.deepcopy(model).merge_and_unload(safe_merge=True)  # FusedLoraForward.merge_safe
     assert torch.allclose(safe(X), out, atol=1e-5)
-    merged = model.merge_and_unload()                                # FusedLoraForward.merge_unsafe
+    merged = model.merge_and_unload()  # FusedLoraForward.merge_unsafe
     assert not any(isinstance(m, RowPartitionedB) for m in merged.modules())
     assert torch.allclose(merged(X), out, atol=1e-5)
 
@@ -92,7 +101,7 @@ def test_frozen_supplementary_rows_never_change_with_r_prime_zero():
     for k, layer in layers.items():
         W = _effective_weight(layer).detach()
         sup = ~MASKS[k]
-        assert torch.equal(W[sup], W0[k][sup])          # supplementary rows frozen exactly
+        assert torch.equal(W[sup], W0[k][sup])  # supplementary rows frozen exactly
         assert not torch.allclose(W[~sup], W0[k][~sup])  # dominant rows learnt
 
 
@@ -152,8 +161,8 @@ def test_block_matrix_and_gradients_match_separately_stored_blocks_in_float64(c)
     Bd, Bs = Bd.clone().requires_grad_(), Bs.clone().requires_grad_()
     # reference: the explicit masked expansion of Eq. 9, from compact leaves
     ref = torch.zeros(16, 5, dtype=torch.float64)
-    ref = ref.index_put((mask.nonzero().flatten(), ), torch.nn.functional.pad(Bd, (0, 2)))
-    ref = ref.index_put(((~mask).nonzero().flatten(), ), torch.nn.functional.pad(c * Bs, (3, 0)))
+    ref = ref.index_put((mask.nonzero().flatten(),), torch.nn.functional.pad(Bd, (0, 2)))
+    ref = ref.index_put(((~mask).nonzero().flatten(),), torch.nn.functional.pad(c * Bs, (3, 0)))
     assert torch.equal(B.weight, ref)
     w = torch.randn(16, 5, dtype=torch.float64)
     (g_blocks,) = torch.autograd.grad((B.weight * w).sum(), [B.blocks])
@@ -172,9 +181,14 @@ def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(opt
     x, y = X.double(), Y
     layers = lora_layers(model)
     # reference: the same math with compact leaves, written out per Eq. 10
-    ref = {k: {"A": l.lora_A["default"].weight.detach().clone().requires_grad_(),
-               "Bd": l.lora_B["default"].dominant.detach().clone().requires_grad_(),
-               "Bs": l.lora_B["default"].supplementary.detach().clone().requires_grad_()} for k, l in layers.items()}
+    ref = {
+        k: {
+            "A": l.lora_A["default"].weight.detach().clone().requires_grad_(),
+            "Bd": l.lora_B["default"].dominant.detach().clone().requires_grad_(),
+            "Bs": l.lora_B["default"].supplementary.detach().clone().requires_grad_(),
+        }
+        for k, l in layers.items()
+    }
     net = model.base_model.model
 
     def ref_forward(x):
@@ -184,15 +198,19 @@ def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(opt
             B = layer.lora_B["default"]
             full = torch.zeros(B.out_features, B.r + B.r_s, dtype=torch.float64)
             full = full.index_put((B.dominant_rows,), torch.nn.functional.pad(p["Bd"], (0, B.r_s)))
-            full = full.index_put((B.supplementary_rows,), torch.nn.functional.pad(B.supplementary_scale * p["Bs"],
-                                                                                    (B.r, 0)))
+            full = full.index_put(
+                (B.supplementary_rows,), torch.nn.functional.pad(B.supplementary_scale * p["Bs"], (B.r, 0))
+            )
             h = torch.tanh(layer.get_base_layer()(h) + layer.scaling["default"] * (h @ p["A"].t()) @ full.t())
         return net.head(h)
 
     ours = [p for p in model.parameters() if p.requires_grad]
     theirs = [t for p in ref.values() for t in p.values()]
-    make = (lambda ps: torch.optim.SGD(ps, lr=0.5)) if optim == "sgd" else \
-        (lambda ps: torch.optim.AdamW(ps, lr=3e-2, weight_decay=0.1))
+    make = (
+        (lambda ps: torch.optim.SGD(ps, lr=0.5))
+        if optim == "sgd"
+        else (lambda ps: torch.optim.AdamW(ps, lr=3e-2, weight_decay=0.1))
+    )
     opts = [make(ours), make(theirs)]
     for _ in range(4):
         for opt, fwd, params in ((opts[0], model, ours), (opts[1], ref_forward, theirs)):
@@ -257,14 +275,15 @@ def test_fused_forward_with_fp32_adapters_on_a_bf16_base():
 def test_fused_forward_flag_picks_the_forward_for_lora_and_pilora_without_changing_the_math():
     def build(name, fused, **kw):
         torch.manual_seed(0)
-        cfg = MethodConfig(name=name, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"],
-                           fused_forward=fused, **kw)
+        cfg = MethodConfig(
+            name=name, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"], fused_forward=fused, **kw
+        )
         return prepare_model(TinyMLP(), cfg, masks=MASKS if name == "pilora" else None)
 
     def variants(model):
         return {type(l.lora_variant.get("default")).__name__ for l in lora_layers(model).values()}
 
-    assert variants(build("lora", None)) == {"NoneType"}             # stock PEFT LoRA by default
+    assert variants(build("lora", None)) == {"NoneType"}  # stock PEFT LoRA by default
     assert variants(build("pilora", None, supplementary_r=1)) == {"FusedLoraForward"}
     for name, kw in (("lora", {}), ("pilora", {"supplementary_r": 1})):
         fused, plain = build(name, True, **kw), build(name, False, **kw)
@@ -279,10 +298,18 @@ def test_fused_forward_flag_picks_the_forward_for_lora_and_pilora_without_changi
 
 # ----------------------------------------------------------------------------- torch.compile
 
+
 def _build(name, stage2):
     torch.manual_seed(0)
-    cfg = MethodConfig(name=name, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"], supplementary_r=1,
-                       supplementary_alpha=4.0 if name == "pilora" else None)
+    cfg = MethodConfig(
+        name=name,
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["up", "down"],
+        supplementary_r=1,
+        supplementary_alpha=4.0 if name == "pilora" else None,
+    )
     return prepare_model(TinyMLP(), cfg, masks=MASKS if stage2 else None)
 
 
@@ -315,7 +342,9 @@ def test_compiled_training_step_equals_eager_and_feeds_the_importance_check(name
         out = m(x)
         loss = torch.nn.functional.cross_entropy(out, Y)
         loss.backward()
-        results.append((out.detach(), [p.grad for p in (eager if m is eager else model).parameters() if p.requires_grad]))
+        results.append(
+            (out.detach(), [p.grad for p in (eager if m is eager else model).parameters() if p.requires_grad])
+        )
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -351,9 +380,19 @@ def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
     cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.1, target_modules=["up", "down"], supplementary_r=1)
     model = prepare_model(_WithLoss(), cfg, masks=MASKS if stage2 else None)
     data = [{"x": X[i], "labels": Y[i]} for i in range(len(X))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=5, report_to="none",
-                             torch_compile=True, torch_compile_backend="aot_eager", use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=5,
+        report_to="none",
+        torch_compile=True,
+        torch_compile_backend="aot_eager",
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     callbacks = []
     if not stage2:
         acc = ImportanceAccumulator(model, interval=2)
@@ -369,10 +408,12 @@ def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
 
 
 def test_bad_masks_are_clear_errors_naming_the_fix():
-    for bad, match in ((torch.ones(15, dtype=torch.bool), r"has shape \(15,\) but the layer has 16 output rows"),
-                       (torch.ones(16, 1, dtype=torch.bool), r"1-D mask of length m"),
-                       (torch.full((16,), 0.5), r"must be bool \(or 0/1\)"),
-                       (torch.ones(16, dtype=torch.bool, device="meta"), r"meta device .* \(pilora.partition\)")):
+    for bad, match in (
+        (torch.ones(15, dtype=torch.bool), r"has shape \(15,\) but the layer has 16 output rows"),
+        (torch.ones(16, 1, dtype=torch.bool), r"1-D mask of length m"),
+        (torch.full((16,), 0.5), r"must be bool \(or 0/1\)"),
+        (torch.ones(16, dtype=torch.bool, device="meta"), r"meta device .* \(pilora.partition\)"),
+    ):
         with pytest.raises(ValueError, match=match):
             _pilora(masks={"up": bad, "down": MASKS["down"]})
     # a 0/1 integer mask (e.g. from a saved int8 buffer) on any device is read once and accepted
@@ -402,17 +443,24 @@ def _adapter_leftovers(model: nn.Module, reference: nn.Module) -> list[str]:
     """What of an adapter remains in ``model``, judged against the plain ``reference`` model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    bad = [f"module {name or '<root>'}: {type(mod).__name__}" for name, mod in model.named_modules()
-           if isinstance(mod, (BaseTunerLayer, RowPartitionedB)) or type(mod).__module__.startswith("peft")]
-    bad += [f"tensor {name}" for name, _ in list(model.named_parameters()) + list(model.named_buffers())
-            if any(p in name for p in ADAPTER_NAME_PARTS)]
+    bad = [
+        f"module {name or '<root>'}: {type(mod).__name__}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, (BaseTunerLayer, RowPartitionedB)) or type(mod).__module__.startswith("peft")
+    ]
+    bad += [
+        f"tensor {name}"
+        for name, _ in list(model.named_parameters()) + list(model.named_buffers())
+        if any(p in name for p in ADAPTER_NAME_PARTS)
+    ]
     got = {n: type(m) for n, m in model.named_modules()}
     want = {n: type(m) for n, m in reference.named_modules()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()), key=str)[:5]
         bad.append(f"module tree differs from the base model: {diff}")
-    if {n: tuple(p.shape) for n, p in model.named_parameters()} != \
-            {n: tuple(p.shape) for n, p in reference.named_parameters()}:
+    if {n: tuple(p.shape) for n, p in model.named_parameters()} != {
+        n: tuple(p.shape) for n, p in reference.named_parameters()
+    }:
         bad.append("parameters differ from the base model's")
     return bad
 
@@ -421,8 +469,16 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=32, max_position_embeddings=16, use_cache=False)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=32,
+        max_position_embeddings=16,
+        use_cache=False,
+    )
     return LlamaForCausalLM(cfg).eval(), ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -437,8 +493,11 @@ def test_merge_and_unload_leaves_exactly_the_base_model(which):
     else:
         base, targets = _tiny_llama()
         x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
-    masks = {n: torch.rand(m.out_features, generator=torch.Generator().manual_seed(2)) < 0.4
-             for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    masks = {
+        n: torch.rand(m.out_features, generator=torch.Generator().manual_seed(2)) < 0.4
+        for n, m in base.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets
+    }
     cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.0, target_modules=targets, supplementary_r=1)
     model = prepare_model(copy.deepcopy(base), cfg, masks=masks)
     g = torch.Generator().manual_seed(3)

@@ -7,13 +7,21 @@ import shutil
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from conftest import TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from pilora import MethodConfig, count_parameters, prepare_model
-from pilora.lora_dash import (DashLaunchCallback, change_rates, dash_layers, export_as_lora, is_launched, launch,
-                              load_lora_dash, select_directions)
+from pilora.lora_dash import (
+    DashLaunchCallback,
+    change_rates,
+    dash_layers,
+    export_as_lora,
+    is_launched,
+    launch,
+    load_lora_dash,
+    select_directions,
+)
 from pilora.paper_params import meta_count
 from pilora.train import train
 
@@ -27,6 +35,7 @@ def _rotation(theta):
 
 
 # --------------------------------------------------------------------------- direction selection
+
 
 def test_direction_selection_hand_computed():
     # W = Q diag(4, 2, 1) Pᵀ with known singular vectors; ΔW = Q D Pᵀ + (off-diagonal part, which
@@ -65,9 +74,12 @@ def test_more_directions_than_min_shape_is_refused():
 
 # ------------------------------------------------------------------------------- layer properties
 
+
 def _dash_model(base, s=3):
-    return prepare_model(copy.deepcopy(base), MethodConfig(name="lora_dash", r=2, alpha=4, dropout=0.0,
-                                                           target_modules=["up", "down"], directions=s))
+    return prepare_model(
+        copy.deepcopy(base),
+        MethodConfig(name="lora_dash", r=2, alpha=4, dropout=0.0, target_modules=["up", "down"], directions=s),
+    )
 
 
 def _trained(base):
@@ -84,8 +96,11 @@ def test_init_output_equals_base_and_only_adapter_and_coefficients_train():
     model = _dash_model(base)
     assert torch.equal(model(X), base(X)) or torch.allclose(model(X), base(X), atol=1e-6)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"base_model.model.{m}.{k}" for m in ("up", "down")
-                         for k in ("lora_A.default.weight", "lora_B.default.weight", "lora_dash.default.coefficients")}
+    assert trainable == {
+        f"base_model.model.{m}.{k}"
+        for m in ("up", "down")
+        for k in ("lora_A.default.weight", "lora_B.default.weight", "lora_dash.default.coefficients")
+    }
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = _trained(base)  # same base weights: trained is a separate copy; check it instead
     for n, p in trained.named_parameters():
@@ -101,8 +116,10 @@ def test_launch_keeps_output_and_selects_from_the_lora_update():
     model = _dash_model(base)
     train_steps(model, X, Y, steps=3)
     before = model(X)
-    expected = {n: select_directions(l.get_base_layer().weight, l.get_delta_weight("default"), 3)[0].tolist()
-                for n, l in dash_layers(model).items()}
+    expected = {
+        n: select_directions(l.get_base_layer().weight, l.get_delta_weight("default"), 3)[0].tolist()
+        for n, l in dash_layers(model).items()
+    }
     assert not is_launched(model)
     chosen = launch(model)
     assert is_launched(model)
@@ -155,6 +172,7 @@ def test_dash_gradients_dropped_before_launch_and_kept_after():
 
     class State:
         global_step = 1
+
     cb.on_step_end(None, State(), None)
     assert cb.launch_step == 1 and is_launched(model)
     model.zero_grad()
@@ -165,12 +183,20 @@ def test_dash_gradients_dropped_before_launch_and_kept_after():
 
 # ------------------------------------------------------------------------------ parameter accounting
 
+
 def test_exact_counts_tiny_llama_and_paper_settings():
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    model = prepare_model(LlamaForCausalLM(cfg), MethodConfig(name="lora_dash", r=4, target_modules=targets,
-                                                              directions=3))
+    model = prepare_model(
+        LlamaForCausalLM(cfg), MethodConfig(name="lora_dash", r=4, target_modules=targets, directions=3)
+    )
     per_layer = 4 * (32 + 32) + 2 * 4 * (32 + 16) + 2 * 4 * (32 + 48) + 5 * 3
     c = count_parameters(model)
     assert c.adapter == c.trainable == 2 * per_layer
@@ -183,9 +209,13 @@ def test_exact_counts_tiny_llama_and_paper_settings():
 
 # ------------------------------------------------------------------------------------ end to end
 
+
 def _dash_run(tmp_path, *extra):
-    return FAST + glue_overrides(tmp_path / "data") + ["method=lora_dash", "method.prelaunch_steps=4",
-                                                       "method.directions=4", "trainer.num_train_epochs=3", *extra]
+    return (
+        FAST
+        + glue_overrides(tmp_path / "data")
+        + ["method=lora_dash", "method.prelaunch_steps=4", "method.directions=4", "trainer.num_train_epochs=3", *extra]
+    )
 
 
 @pytest.mark.slow
@@ -204,11 +234,15 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
     assert 0 < rec["params"]["share"] < 1
     # the saved adapter holds the launched directions and learned coefficients
     from safetensors.torch import load_file
+
     state = load_file(os.path.join(tmp_path / "run", "adapter", "adapter_model.safetensors"))
     coef = [v for k, v in state.items() if k.endswith("lora_dash.coefficients")]
     assert coef and all(c.abs().sum() > 0 for c in coef)
-    index = {k[len("base_model.model."):-len(".lora_dash.direction_index")]: v.tolist()
-             for k, v in state.items() if k.endswith("lora_dash.direction_index")}
+    index = {
+        k[len("base_model.model.") : -len(".lora_dash.direction_index")]: v.tolist()
+        for k, v in state.items()
+        if k.endswith("lora_dash.direction_index")
+    }
     assert index == info["directions"]
     # interrupted after the launch (epoch 2's checkpoint dropped): the rerun resumes past the launch
     out = tmp_path / "run"

@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
+from conftest import TinyMLP, train_steps
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import TinyMLP, train_steps
 from pilora import METHODS, MethodConfig, count_parameters, prepare_model
 from pilora.peft_layers import lora_layers
 
@@ -15,8 +15,9 @@ X = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
 def test_every_method_preserves_output_at_init_and_trains(name):
     torch.manual_seed(0)
     base = TinyMLP()
-    model = prepare_model(copy.deepcopy(base), MethodConfig(name=name, r=2, alpha=4, dropout=0.0,
-                                                            target_modules=["up", "down"]))
+    model = prepare_model(
+        copy.deepcopy(base), MethodConfig(name=name, r=2, alpha=4, dropout=0.0, target_modules=["up", "down"])
+    )
     assert torch.allclose(model(X), base(X), atol=1e-5)
     before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
     train_steps(model, X, torch.zeros(8, dtype=torch.long), steps=2)
@@ -43,10 +44,17 @@ def test_unknown_target_module_lists_linear_layers():
 
 def test_methods_registry_and_exact_llama_counts():
     assert set(METHODS) >= {"lora", "rslora", "dora", "pissa", "milora", "pilora"}
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64)
-    model = prepare_model(LlamaForCausalLM(cfg), MethodConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                  "up_proj", "down_proj"]))
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    model = prepare_model(
+        LlamaForCausalLM(cfg), MethodConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    )
     per_layer = 4 * (32 + 32) + 2 * 4 * (32 + 16) + 2 * 4 * (32 + 48)
     c = count_parameters(model)
     assert c.adapter == c.trainable == 2 * per_layer

@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from helpers import FAST, compose_cfg, write_images
 from torch import nn
 
-from helpers import FAST, compose_cfg, write_images
 from pilora import MethodConfig, count_parameters, prepare_model
 from pilora.peft_layers import lora_layers
 from pilora.tasks import make_task
@@ -46,8 +46,10 @@ def test_openclip_tower_is_output_identical_after_the_split_and_has_six_targets_
 
     task = make_task(cfg.task, cfg.model, 0)
     model = task.build_model()
-    lora = prepare_model(model, MethodConfig(name="lora", r=2, target_modules=list(cfg.model.target_modules),
-                                             modules_to_save=["classifier"]))
+    lora = prepare_model(
+        model,
+        MethodConfig(name="lora", r=2, target_modules=list(cfg.model.target_modules), modules_to_save=["classifier"]),
+    )
     names = sorted(lora_layers(lora))
     assert len(names) == 2 * 6
     assert {n.split(".")[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"}
@@ -57,19 +59,53 @@ def test_openclip_and_transformers_towers_count_the_same_parameters():
     """Same shapes -> same total and adapter counts (the head and the accounting are shared)."""
     from transformers import CLIPVisionConfig
 
-    from pilora.tasks.openclip import OpenCLIPImageClassifier, create_visual
     from pilora.tasks.clip import CLIPImageClassifier
+    from pilora.tasks.openclip import OpenCLIPImageClassifier, create_visual
 
-    oc = {"openclip": {"name": "count-vit", "model_cfg": {
-        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}}}
+    oc = {
+        "openclip": {
+            "name": "count-vit",
+            "model_cfg": {
+                "embed_dim": 16,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
+                "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+            },
+        }
+    }
     ours = OpenCLIPImageClassifier(create_visual(oc), 5)
-    hf = CLIPImageClassifier.from_config(CLIPVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                                          num_attention_heads=4, image_size=32, patch_size=8), 5)
-    a = count_parameters(prepare_model(ours, MethodConfig(name="lora", r=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"], modules_to_save=["classifier"])))
-    b = count_parameters(prepare_model(hf, MethodConfig(name="lora", r=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], modules_to_save=["classifier"])))
+    hf = CLIPImageClassifier.from_config(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        5,
+    )
+    a = count_parameters(
+        prepare_model(
+            ours,
+            MethodConfig(
+                name="lora",
+                r=8,
+                target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
+                modules_to_save=["classifier"],
+            ),
+        )
+    )
+    b = count_parameters(
+        prepare_model(
+            hf,
+            MethodConfig(
+                name="lora",
+                r=8,
+                target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+                modules_to_save=["classifier"],
+            ),
+        )
+    )
     assert (a.total, a.adapter, a.trainable) == (b.total, b.adapter, b.trainable)
     assert a.adapter == 2 * 8 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
 
@@ -79,9 +115,18 @@ def test_pilora_trains_on_the_openclip_tower_and_its_adapter_loads_in_stock_peft
 
     from pilora.train import train
 
-    cfg = _cfg(tmp_path, extra=["method=pilora", "method.stage1.max_steps=3", "method.importance_interval=1",
-                                "trainer.max_steps=4", "trainer.save_strategy=no", "trainer.learning_rate=5e-3",
-                                "trainer.per_device_train_batch_size=6"])
+    cfg = _cfg(
+        tmp_path,
+        extra=[
+            "method=pilora",
+            "method.stage1.max_steps=3",
+            "method.importance_interval=1",
+            "trainer.max_steps=4",
+            "trainer.save_strategy=no",
+            "trainer.learning_rate=5e-3",
+            "trainer.per_device_train_batch_size=6",
+        ],
+    )
     rec = train(cfg)
     assert rec["status"] == "complete" and rec["model"] == "tiny-clip-openclip"
     assert len(rec["pilora"]["dominant_fraction_per_module"]) == 12
@@ -92,6 +137,7 @@ def test_pilora_trains_on_the_openclip_tower_and_its_adapter_loads_in_stock_peft
     base = task.build_model()
     stock = PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(cfg.output_dir, "adapter")).eval()
     from pilora import load_adapter
+
     compact = load_adapter(copy.deepcopy(base), os.path.join(cfg.output_dir, "adapter_pilora")).eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(stock(pixel_values=x).logits, compact(pixel_values=x).logits, atol=1e-5)

@@ -5,9 +5,14 @@ from pilora.paper_params import meta_count
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.mark.parametrize("setting,count,share", [
-    ("LLaMA2-7B", 56_098_816, 0.83), ("LLaMA3-8B", 56_623_104, 0.70),
-    ("CLIP ViT-B/32 image encoder", 1_327_104, 1.49)])
+@pytest.mark.parametrize(
+    "setting,count,share",
+    [
+        ("LLaMA2-7B", 56_098_816, 0.83),
+        ("LLaMA3-8B", 56_623_104, 0.70),
+        ("CLIP ViT-B/32 image encoder", 1_327_104, 1.49),
+    ],
+)
 def test_design_table_lora_counts_on_meta_device(setting, count, share):
     c = meta_count(setting)
     assert c.adapter == count
@@ -17,15 +22,15 @@ def test_design_table_lora_counts_on_meta_device(setting, count, share):
 def test_roberta_large_both_conventions():
     c = meta_count("RoBERTa-large", r=32)
     assert c.adapter == 14_155_776
-    assert round(100 * c.adapter_share_of_backbone, 2) == 4.00   # GOAT: of the 354.3 M backbone
-    assert round(100 * c.adapter_share, 2) == 3.83               # PEFT-style, head included
+    assert round(100 * c.adapter_share_of_backbone, 2) == 4.00  # GOAT: of the 354.3 M backbone
+    assert round(100 * c.adapter_share, 2) == 3.83  # PEFT-style, head included
     assert round(c.backbone / 1e6, 1) == 354.3
 
 
 def test_pilora_top_half_share():
     c = meta_count("LLaMA2-7B", "pilora", dominant_fraction=0.5)
     # (r+r')·n + |M|·r + (m−|M|)·r' summed over the 160 target layers
-    per_layer = (3 * (34 * 4096 + 2048 * 34) + (34 * 4096 + 5504 * 34) + (34 * 11008 + 2048 * 34))
+    per_layer = 3 * (34 * 4096 + 2048 * 34) + (34 * 4096 + 5504 * 34) + (34 * 11008 + 2048 * 34)
     assert c.adapter == 32 * per_layer
     assert round(100 * c.adapter_share, 2) == 0.66
 
@@ -35,7 +40,7 @@ def test_glue_parameter_column_counts_what_tab6_trains():
     r = 8, r' = 1 stays far below its printed 3.26 % even with every row dominant."""
     from pilora.paper_params import GLUE_PARAMS_NOTE, PAPER_ROWS
 
-    lora = meta_count("RoBERTa-large")                       # the setting's default rank is Tab. 6's
+    lora = meta_count("RoBERTa-large")  # the setting's default rank is Tab. 6's
     # per block: q, k, v, attention.output.dense (1024 → 1024), intermediate (1024 → 4096), output (4096 → 1024)
     assert lora.adapter == 24 * 8 * (4 * 2048 + 2 * 5120)
     assert round(100 * lora.adapter_share_of_backbone, 2) == 1.00

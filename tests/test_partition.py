@@ -17,9 +17,16 @@ def _stats(hits, score_sum, checks):
 STATS = _stats([4, 0, 2, 3, 1, 2], [9.0, 1.0, 5.0, 8.0, 2.0, 6.0], 4)
 
 
-@pytest.mark.parametrize("strategy,params", [
-    ("hit_frequency", {"tau": 0.5}), ("hit_frequency", {"tau": 1.0}), ("cumulative", {"threshold": 0.7}),
-    ("top_fraction", {"fraction": 0.5}), ("random", {"fraction": 0.3, "seed": 1})])
+@pytest.mark.parametrize(
+    "strategy,params",
+    [
+        ("hit_frequency", {"tau": 0.5}),
+        ("hit_frequency", {"tau": 1.0}),
+        ("cumulative", {"threshold": 0.7}),
+        ("top_fraction", {"fraction": 0.5}),
+        ("random", {"fraction": 0.3, "seed": 1}),
+    ],
+)
 def test_masks_are_boolean_over_all_rows(strategy, params):
     mask = partition(STATS, strategy, **params)["layer"]
     assert mask.dtype == torch.bool and mask.shape == (6,)
@@ -42,7 +49,12 @@ def test_cumulative_rule_with_ties():
     # ΣH = 12; order by H then ΣS: rows 0(4), 3(3), 5(2, ΣS 6) , 2(2, ΣS 5), 4(1), 1(0)
     assert partition(STATS, "cumulative", threshold=4 / 12)["layer"].nonzero().flatten().tolist() == [0]
     assert sorted(partition(STATS, "cumulative", threshold=0.6)["layer"].nonzero().flatten().tolist()) == [0, 3, 5]
-    assert sorted(partition(STATS, "cumulative", threshold=9.5 / 12)["layer"].nonzero().flatten().tolist()) == [0, 2, 3, 5]
+    assert sorted(partition(STATS, "cumulative", threshold=9.5 / 12)["layer"].nonzero().flatten().tolist()) == [
+        0,
+        2,
+        3,
+        5,
+    ]
     assert partition(STATS, "cumulative", threshold=1.0)["layer"].sum() == 5  # the 0-hit row adds nothing
 
 
@@ -55,8 +67,10 @@ def test_top_fraction_and_random():
     assert len({tuple(m.tolist()) for m in masks}) > 1  # the seed matters
 
 
-@pytest.mark.parametrize("strategy,key", [("hit_frequency", "tau"), ("cumulative", "threshold"),
-                                          ("top_fraction", "fraction"), ("random", "fraction")])
+@pytest.mark.parametrize(
+    "strategy,key",
+    [("hit_frequency", "tau"), ("cumulative", "threshold"), ("top_fraction", "fraction"), ("random", "fraction")],
+)
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
 def test_out_of_range_parameters_are_rejected(strategy, key, bad):
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
@@ -74,10 +88,17 @@ def test_dominant_fractions():
     assert f["a"] == 0.5 and f["b"] == 0.75 and f["overall"] == pytest.approx(4 / 6)
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(r=0), "positive"), (dict(supplementary_r=-1), "r'"), (dict(r=4, supplementary_r=5), "r'"),
-    (dict(partition={"name": "hit_frequency", "args": {"tau": 1.2}}), r"\(0, 1\]"), (dict(partition="nope"), "choose one of"),
-    (dict(name="lorax"), "choose one of")])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(r=0), "positive"),
+        (dict(supplementary_r=-1), "r'"),
+        (dict(r=4, supplementary_r=5), "r'"),
+        (dict(partition={"name": "hit_frequency", "args": {"tau": 1.2}}), r"\(0, 1\]"),
+        (dict(partition="nope"), "choose one of"),
+        (dict(name="lorax"), "choose one of"),
+    ],
+)
 def test_method_config_rejects_bad_input(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         MethodConfig(**{"name": "pilora", **kwargs})

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
+from conftest import TinyMLP, train_steps
+from helpers import FAST, compose_cfg, glue_overrides, write_commonsense
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import TinyMLP, train_steps
-from helpers import FAST, compose_cfg, glue_overrides, write_commonsense
 from pilora.peft_layers import lora_layers
 from pilora.train import objective, train
 
@@ -19,6 +19,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 # ----------------------------------------------------------------------- 1. evaluation precision
 
+
 def _bf16_llama_with_small_update(delta_std=1e-4):
     """A bf16 LLaMA (W0 ~ N(0, 0.02)) with fp32 LoRA adapters whose update ΔW = s·B A has std
     ``delta_std``: the size of an update early in fine-tuning."""
@@ -26,10 +27,19 @@ def _bf16_llama_with_small_update(delta_std=1e-4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
-    model = get_peft_model(base.to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                               target_modules=LLAMA_TARGETS))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+        )
+    )
+    model = get_peft_model(
+        base.to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LLAMA_TARGETS)
+    )
     for layer in lora_layers(model).values():
         A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         assert A.dtype == torch.float32 and layer.get_base_layer().weight.dtype == torch.bfloat16
@@ -50,13 +60,13 @@ def test_bf16_merge_changes_predictions_and_the_default_evaluation_does_not():
 
     model = _bf16_llama_with_small_update(1e-4)
     ids = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(1))
-    trained = _predictions(model, ids)                   # the model exactly as it was trained
-    with EVAL_WEIGHTS["unmerged"](None, model) as scored:   # the default evaluation
+    trained = _predictions(model, ids)  # the model exactly as it was trained
+    with EVAL_WEIGHTS["unmerged"](None, model) as scored:  # the default evaluation
         assert torch.equal(_predictions(scored, ids), trained)
     layer = next(iter(lora_layers(model).values()))
     w0 = layer.get_base_layer().weight.detach().float().clone()
     delta = layer.get_delta_weight("default").detach().float()
-    model.merge_adapter()                                # what evaluation used to do
+    model.merge_adapter()  # what evaluation used to do
     try:
         merged = _predictions(model, ids)
         kept = layer.get_base_layer().weight.detach().float() - w0
@@ -73,8 +83,7 @@ def test_bf16_merge_changes_predictions_and_the_default_evaluation_does_not():
 def test_merged_fp16_evaluation_reloads_the_saved_adapter(tmp_path):
     """task.eval_weights=merged_fp16 scores a fresh fp16 model with the saved adapter merged, as the
     reference evaluator does; the record says which weights were scored."""
-    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4",
-                                                             "trainer.num_train_epochs=1"]
+    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4", "trainer.num_train_epochs=1"]
     ref = train(compose_cfg(over + ["task.eval_weights=merged_fp16"], tmp_path / "fp16"))
     default = train(compose_cfg(over, tmp_path / "default"))
     assert ref["evaluation"]["eval_weights"] == "merged_fp16"
@@ -85,6 +94,7 @@ def test_merged_fp16_evaluation_reloads_the_saved_adapter(tmp_path):
         assert 0 <= rec["metrics"]["test"]["test_avg_accuracy"] <= 1
     # same training (same seed), scored two ways: the trained weights are the same
     from safetensors.torch import load_file
+
     a = load_file(tmp_path / "fp16" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "default" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -93,18 +103,22 @@ def test_merged_fp16_evaluation_reloads_the_saved_adapter(tmp_path):
 def test_bad_evaluation_keys_are_clear_errors(tmp_path):
     from pilora.tasks import make_task
 
-    cfg = OmegaConf.to_container(compose_cfg(FAST + write_commonsense(str(tmp_path / "cs")), tmp_path / "o"),
-                                 resolve=True)
+    cfg = OmegaConf.to_container(
+        compose_cfg(FAST + write_commonsense(str(tmp_path / "cs")), tmp_path / "o"), resolve=True
+    )
     task_cfg, model_cfg = cfg["task"], cfg["model"]
-    for key, value, match in (("eval_weights", "merged_bf16", "merged_fp16"),
-                              ("prompt_style", "chatml", "llm_adapters"),
-                              ("generation", {"num_beam": 2}, "num_beams")):
+    for key, value, match in (
+        ("eval_weights", "merged_bf16", "merged_fp16"),
+        ("prompt_style", "chatml", "llm_adapters"),
+        ("generation", {"num_beam": 2}, "num_beams"),
+    ):
         task = make_task({**task_cfg, key: value}, model_cfg)
         with pytest.raises(ValueError, match=match):
             task.protocol()
 
 
 # ------------------------------------------------------- 5. PiSSA / MiLoRA adapters that reload
+
 
 @pytest.mark.parametrize("method", ["pissa", "milora"])
 def test_mutated_base_adapters_reload_onto_the_pretrained_model(tmp_path, method):
@@ -114,7 +128,7 @@ def test_mutated_base_adapters_reload_onto_the_pretrained_model(tmp_path, method
     from pilora.adapters import save_initial_adapter, save_peft_adapter
 
     cfg = MethodConfig(name=method, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"])
-    torch.manual_seed(0)                                 # the same pretrained TinyMLP in every build
+    torch.manual_seed(0)  # the same pretrained TinyMLP in every build
     model = prepare_model(TinyMLP(), cfg)
     torch.manual_seed(0)
     pretrained = TinyMLP()
@@ -164,6 +178,7 @@ def test_runner_saves_pissa_adapters_that_reload(tmp_path):
 
 # ------------------------------------------------------------------------- 6. the CLIP head
 
+
 def test_clip_head_pools_like_goat():
     """The default head is GOAT's CLIPForImageClassification: the mean of the last hidden state's
     patch tokens, without post_layernorm."""
@@ -171,17 +186,23 @@ def test_clip_head_pools_like_goat():
 
     from pilora.tasks.clip import CLIPImageClassifier
 
-    vcfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                image_size=32, patch_size=8)
+    vcfg = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
-    goat = CLIPForImageClassification(CLIPConfig(vision_config=vcfg, text_config=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4), num_labels=5)).eval()
+    goat = CLIPForImageClassification(
+        CLIPConfig(
+            vision_config=vcfg,
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+            num_labels=5,
+        )
+    ).eval()
     ours = CLIPImageClassifier.from_config(CLIPVisionConfig(**vcfg), 5).eval()
     assert ours.pool == "mean_patch"
     getattr(ours.clip, "vision_model", ours.clip).load_state_dict(goat.vision_model.state_dict())
     ours.classifier.load_state_dict(goat.classifier.state_dict())
     with torch.no_grad():
-        ours.post_layernorm.weight.mul_(3.0).add_(0.5)   # a LayerNorm that would change the pooled features
+        ours.post_layernorm.weight.mul_(3.0).add_(0.5)  # a LayerNorm that would change the pooled features
         pixels = torch.randn(4, 3, 32, 32)
         assert torch.allclose(ours(pixels).logits, goat(pixel_values=pixels).logits, atol=1e-5)
         postln = CLIPImageClassifier(ours.clip, 5, pool="mean_patch_postln")
@@ -193,9 +214,9 @@ def test_clip_head_pools_like_goat():
 
 # --------------------------------------------------------------- 4. checkpoint selection, objective
 
+
 def test_commonsense_selects_the_best_checkpoint_on_validation_loss(tmp_path):
-    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4",
-                                                             "trainer.num_train_epochs=3"]
+    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4", "trainer.num_train_epochs=3"]
     rec = train(compose_cfg(over, tmp_path / "run"))
     sel = rec["evaluation"]["selection"]
     assert sel["rule"] == "best_checkpoint" and sel["split"] == "validation" and sel["metric"] == "loss"
@@ -209,8 +230,11 @@ def test_commonsense_selects_the_best_checkpoint_on_validation_loss(tmp_path):
 
 @pytest.mark.slow
 def test_glue_objective_is_a_validation_metric_and_the_record_says_what_picks_the_best_epoch(tmp_path):
-    rec = train(compose_cfg(FAST + glue_overrides(tmp_path / "data") + ["method=lora", "trainer.num_train_epochs=2"],
-                            tmp_path / "run"))
+    rec = train(
+        compose_cfg(
+            FAST + glue_overrides(tmp_path / "data") + ["method=lora", "trainer.num_train_epochs=2"], tmp_path / "run"
+        )
+    )
     ev = rec["evaluation"]
     assert ev["reported_split"] == "validation" and "optimistic" in ev["best_epoch_on"]
     assert ev["selection"]["rule"] == "last"
@@ -218,24 +242,31 @@ def test_glue_objective_is_a_validation_metric_and_the_record_says_what_picks_th
 
 
 def test_objective_never_reads_test_metrics():
-    rec = {"metric": "accuracy", "evaluation": {"selection": {"rule": "last", "value": None}},
-           "metrics": {"final": {"eval_accuracy": 0.6}, "test": {"test_accuracy": 0.9}}}
+    rec = {
+        "metric": "accuracy",
+        "evaluation": {"selection": {"rule": "last", "value": None}},
+        "metrics": {"final": {"eval_accuracy": 0.6}, "test": {"test_accuracy": 0.9}},
+    }
     assert objective(rec) == 0.6
     rec["metrics"]["final"] = {}
-    assert objective(rec) != objective(rec)   # NaN: no validation metric, the sweeper sees a failure
+    assert objective(rec) != objective(rec)  # NaN: no validation metric, the sweeper sees a failure
 
 
 # ---------------------------------------------------------------------- 9. stage-1 evidence
 
+
 @pytest.mark.slow
 def test_importance_checks_sets_k_from_stage1_length(tmp_path, caplog):
-    base = FAST + glue_overrides(tmp_path / "data") + ["method=pilora", "trainer.max_steps=2",
-                                                        "method.stage1.max_steps=12"]
+    base = (
+        FAST
+        + glue_overrides(tmp_path / "data")
+        + ["method=pilora", "trainer.max_steps=2", "method.stage1.max_steps=12"]
+    )
     rec = train(compose_cfg(base + ["method.importance_checks=4"], tmp_path / "n4"))
-    assert set(rec["pilora"]["checks"].values()) == {4}      # K = 12 // 4 = 3: steps 0, 3, 6, 9
+    assert set(rec["pilora"]["checks"].values()) == {4}  # K = 12 // 4 = 3: steps 0, 3, 6, 9
     with caplog.at_level("WARNING", logger="pilora"):
         few = train(compose_cfg(base + ["method.importance_interval=5"], tmp_path / "k5"))
-    assert set(few["pilora"]["checks"].values()) == {3}      # steps 0, 5, 10
+    assert set(few["pilora"]["checks"].values()) == {3}  # steps 0, 5, 10
     assert "T = 3 importance check" in caplog.text and "method.importance_checks=10" in caplog.text
     with pytest.raises(ValueError, match="importance_checks"):
         train(compose_cfg(base + ["method.importance_checks=0"], tmp_path / "bad"))
@@ -243,13 +274,20 @@ def test_importance_checks_sets_k_from_stage1_length(tmp_path, caplog):
 
 # ------------------------------------------------- 4, 8, 10. what the accuracy tables disclose
 
+
 @pytest.mark.slow
 def test_tables_disclose_selection_parameter_basis_and_stage1_training(tmp_path):
     from analysis.records import frame, record_row
     from analysis.tables import render
 
-    rec = train(compose_cfg(FAST + glue_overrides(tmp_path / "data") + [
-        "method=pilora", "trainer.max_steps=2", "method.stage1.max_steps=3"], tmp_path / "run"))
+    rec = train(
+        compose_cfg(
+            FAST
+            + glue_overrides(tmp_path / "data")
+            + ["method=pilora", "trainer.max_steps=2", "method.stage1.max_steps=3"],
+            tmp_path / "run",
+        )
+    )
     df = frame([record_row(rec, str(tmp_path / "run" / "results.json"))])
     best, final = render(df, ["2"], which="best"), render(df, ["2"], which="final")
     # the best epoch is picked on the data it reports: the table says so (and not for the last epoch)

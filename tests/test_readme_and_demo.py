@@ -4,8 +4,8 @@ import os
 import re
 
 import pytest
+from helpers import compose_cfg
 
-from helpers import FAST, compose_cfg
 from pilora.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +22,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     from peft import PeftModel
 
     from pilora import load_adapter
+
     model, x = namespace["model"], namespace["x"]
     model.eval()
     # the saved, exported and merged adapters all reproduce the trained model
@@ -36,17 +37,24 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_demo_code_path_learns_at_reduced_size(tmp_path):
     """experiment=demo, shrunk: both methods beat the 50 % majority baseline."""
-    small = ["task.dataset.builder_args.n_train=400", "task.dataset.builder_args.n_validation=100",
-             "task.dataset.builder_args.n_test=100", "trainer.num_train_epochs=2", "trainer.logging_steps=5"]
+    small = [
+        "task.dataset.builder_args.n_train=400",
+        "task.dataset.builder_args.n_validation=100",
+        "task.dataset.builder_args.n_test=100",
+        "trainer.num_train_epochs=2",
+        "trainer.logging_steps=5",
+    ]
     accs = {}
     for method in ("lora", "pilora"):
-        cfg = compose_cfg(["experiment=demo", f"method={method}", *small, "trainer.disable_tqdm=true"],
-                          tmp_path / method)
+        cfg = compose_cfg(
+            ["experiment=demo", f"method={method}", *small, "trainer.disable_tqdm=true"], tmp_path / method
+        )
         rec = train(cfg)
         accs[method] = rec["metrics"]["test"]["test_accuracy"]
         assert rec["model"] == "minilm-l6" and rec["task"] == "reviews"
     # 100 balanced test examples: 0.6 is 2 standard errors above the 50 % majority baseline
     assert accs["lora"] > 0.6 and accs["pilora"] > 0.6, accs
     from pilora.summary import format_table, summary_rows
+
     table = format_table(summary_rows(str(tmp_path)))
     assert "lora" in table and "pilora" in table and f"{accs['lora']:.4f}" in table

@@ -6,12 +6,12 @@ import re
 import shlex
 
 import pytest
+from helpers import CONF
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from helpers import CONF
 from pilora.train import _method_settings
 
 ROOT = os.path.dirname(CONF)
@@ -45,13 +45,15 @@ def job_overrides(args: str) -> list[list[str]]:
             axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
             value = o.get_value_element_as_str() if o.value() is not None else "null"
-            fixed.append(f"{key}={PLACEHOLDERS.get(key, '/tmp/placeholder')}" if value in ("...", "…") else o.input_line)
+            fixed.append(
+                f"{key}={PLACEHOLDERS.get(key, '/tmp/placeholder')}" if value in ("...", "…") else o.input_line
+            )
     if not words:  # `python run.py` alone is the demo
         fixed = ["experiment=demo"]
     jobs = [fixed + [a[0] for a in axes]]
     for i, axis in enumerate(axes):
         for v in axis[1:]:
-            jobs.append(fixed + [a[0] for a in axes[:i]] + [v] + [a[0] for a in axes[i + 1:]])
+            jobs.append(fixed + [a[0] for a in axes[:i]] + [v] + [a[0] for a in axes[i + 1 :]])
     return jobs
 
 
@@ -77,10 +79,16 @@ def test_readme_command_composes(doc, args):
         cfg = _compose(overrides)
         sweep = OmegaConf.to_container(cfg.hydra.sweeper).get("params") or {}
         # an experiment overlay's own sweep: each of its values once
-        extra = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in sweep.items()
-                 if not any(o.split("=")[0] == k for o in overrides)]
-        jobs = [overrides + [a[0] for a in extra]] + [overrides + [a[0] for a in extra[:i]] + [v] + [a[0] for a in extra[i + 1:]]
-                                                      for i, axis in enumerate(extra) for v in axis[1:]]
+        extra = [
+            [f"{k}={v}" for v in str(vals).split(",")]
+            for k, vals in sweep.items()
+            if not any(o.split("=")[0] == k for o in overrides)
+        ]
+        jobs = [overrides + [a[0] for a in extra]] + [
+            overrides + [a[0] for a in extra[:i]] + [v] + [a[0] for a in extra[i + 1 :]]
+            for i, axis in enumerate(extra)
+            for v in axis[1:]
+        ]
         for job in jobs:
             if tuple(sorted(job)) in _checked:
                 continue

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import FAST, compose_cfg, glue_overrides, write_commonsense, write_images
+
 from pilora import ImportanceStats
 from pilora.train import train
 
@@ -39,8 +39,10 @@ def _check_pilora(rec, out):
     # stage 2 used exactly the partition saved by stage 1
     stats = ImportanceStats.load(info["importance_file"])
     from pilora.partition import partition
+
     masks = partition(stats, info["partition"], **info["partition_args"])
     from safetensors.torch import load_file
+
     saved = load_file(os.path.join(out, "adapter_pilora", "adapter_model.safetensors"))
     for name, mask in masks.items():
         assert torch.equal(saved[f"base_model.model.{name}.lora_B.dominant_mask"].bool(), mask)
@@ -58,16 +60,22 @@ def _train_and_check(overrides, out, method):
 
 @pytest.mark.parametrize("method", ["lora", "pilora"])
 def test_glue_classification_end_to_end(tmp_path, method):
-    rec = _train_and_check(FAST + glue_overrides(tmp_path / "data") + _method(method) +
-                           ["trainer.num_train_epochs=3"], tmp_path / "run", method)
+    rec = _train_and_check(
+        FAST + glue_overrides(tmp_path / "data") + _method(method) + ["trainer.num_train_epochs=3"],
+        tmp_path / "run",
+        method,
+    )
     assert rec["metrics"]["best"]["eval_accuracy"] > 0.75
     assert len(rec["epochs"]) == 3
 
 
 @pytest.mark.parametrize("method", ["lora", "pilora"])
 def test_commonsense_generation_end_to_end(tmp_path, method):
-    rec = _train_and_check(FAST + write_commonsense(str(tmp_path / "cs")) + _method(method, 3, r=4) +
-                           ["trainer.num_train_epochs=2"], tmp_path / "run", method)
+    rec = _train_and_check(
+        FAST + write_commonsense(str(tmp_path / "cs")) + _method(method, 3, r=4) + ["trainer.num_train_epochs=2"],
+        tmp_path / "run",
+        method,
+    )
     test = rec["metrics"]["test"]
     assert {"test_boolq_accuracy", "test_piqa_accuracy", "test_avg_accuracy"} <= set(test)
     assert 0 <= test["test_avg_accuracy"] <= 1
@@ -75,8 +83,11 @@ def test_commonsense_generation_end_to_end(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["lora", "pilora"])
 def test_vision_end_to_end(tmp_path, method):
-    rec = _train_and_check(FAST + write_images(str(tmp_path / "img")) + _method(method, 3) +
-                           ["trainer.num_train_epochs=3"], tmp_path / "run", method)
+    rec = _train_and_check(
+        FAST + write_images(str(tmp_path / "img")) + _method(method, 3) + ["trainer.num_train_epochs=3"],
+        tmp_path / "run",
+        method,
+    )
     assert rec["metrics"]["test"]["test_accuracy"] >= 0.75
 
 
@@ -89,8 +100,9 @@ def test_reusing_stage1_statistics_reproduces_masks(tmp_path):
     assert "stage1_s" in second["timing"] and not os.path.exists(tmp_path / "b" / "stage1")
     assert second["pilora"]["dominant_fraction_per_module"] == first["pilora"]["dominant_fraction_per_module"]
     # a different r' reuses the same partition with a different adapter size
-    third = train(compose_cfg(base + [f"method.importance_from={stats_file}", "method.supplementary_r=0"],
-                              tmp_path / "c"))
+    third = train(
+        compose_cfg(base + [f"method.importance_from={stats_file}", "method.supplementary_r=0"], tmp_path / "c")
+    )
     assert third["pilora"]["dominant_fraction"] == first["pilora"]["dominant_fraction"]
     assert third["params"]["adapter"] < first["params"]["adapter"]
 
@@ -104,6 +116,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
     train(compose_cfg(base, out))
     ckpts = sorted(os.listdir(out / "stage2"), key=lambda s: int(s.split("-")[-1]))
     import shutil
+
     shutil.rmtree(out / "stage2" / ckpts[-1])
     os.remove(out / "results.json")
     resumed = train(compose_cfg(base, out))

@@ -8,34 +8,81 @@ import os
 import statistics
 
 import pytest
+from helpers import table_rows
 
 from analysis.records import load_records
 from analysis.tables import Stat, build_cost, build_table, clear_winner, render
-from helpers import table_rows
 
 H100 = "NVIDIA H100 80GB HBM3"
-PILORA = {"name": "pilora", "r": 8, "alpha": 16, "supplementary_r": 1,
-          "partition": {"name": "hit_frequency", "args": {"tau": 0.5}}}
-MATCHED = {"name": "lora", "label": "lora_matched", "match_budget": True, "r": 8, "alpha": 16,
-           "supplementary_r": 1, "partition": {"name": "hit_frequency", "args": {"tau": 0.5}}}
+PILORA = {
+    "name": "pilora",
+    "r": 8,
+    "alpha": 16,
+    "supplementary_r": 1,
+    "partition": {"name": "hit_frequency", "args": {"tau": 0.5}},
+}
+MATCHED = {
+    "name": "lora",
+    "label": "lora_matched",
+    "match_budget": True,
+    "r": 8,
+    "alpha": 16,
+    "supplementary_r": 1,
+    "partition": {"name": "hit_frequency", "args": {"tau": 0.5}},
+}
 LORA = {"name": "lora", "r": 8, "alpha": 16}
 
 
-def write(root, method, task, seed, *, acc=None, test=None, model="roberta-large", family="classification",
-          cfg=LORA, timing=None, device=H100, n_gpus=None, peak=1024.0, budget=None, importance_from=None, lr=1e-4, extra=None):
+def write(
+    root,
+    method,
+    task,
+    seed,
+    *,
+    acc=None,
+    test=None,
+    model="roberta-large",
+    family="classification",
+    cfg=LORA,
+    timing=None,
+    device=H100,
+    n_gpus=None,
+    peak=1024.0,
+    budget=None,
+    importance_from=None,
+    lr=1e-4,
+    extra=None,
+):
     """One schema-1 record, as pilora.train writes it (only the fields the loader reads)."""
     m = dict(cfg, importance_from=importance_from) if importance_from else dict(cfg)
     rec = {
-        "schema": 1, "status": "complete", "task": task, "family": family, "method": method, "model": model,
-        "seed": seed, "metric": "accuracy",
-        "config": {"seed": seed, "method": m, "model": {"name": model}, "task": {"name": task, "family": family},
-                   "trainer": {"learning_rate": lr, "num_train_epochs": 10}},
+        "schema": 1,
+        "status": "complete",
+        "task": task,
+        "family": family,
+        "method": method,
+        "model": model,
+        "seed": seed,
+        "metric": "accuracy",
+        "config": {
+            "seed": seed,
+            "method": m,
+            "model": {"name": model},
+            "task": {"name": task, "family": family},
+            "trainer": {"learning_rate": lr, "num_train_epochs": 10},
+        },
         "metrics": {"final": {"eval_accuracy": acc}, "best": {"eval_accuracy": acc}, "test": test or {}},
         "params": {"trainable": 1000, "total": 100000, "adapter": 900, "adapter_share": 0.009},
-        "pilora": ({"partition": m["partition"]["name"], "partition_args": m["partition"]["args"],
-                    "dominant_fraction": 0.3} if method == "pilora" else None),
-        "budget_match": budget, "timing": timing or {"train_s": 100.0, "final_eval_s": 10.0, "total_s": 110.0},
-        "peak_memory_mb": peak, "device": device, "git": {"revision": "abc", "dirty": False},
+        "pilora": (
+            {"partition": m["partition"]["name"], "partition_args": m["partition"]["args"], "dominant_fraction": 0.3}
+            if method == "pilora"
+            else None
+        ),
+        "budget_match": budget,
+        "timing": timing or {"train_s": 100.0, "final_eval_s": 10.0, "total_s": 110.0},
+        "peak_memory_mb": peak,
+        "device": device,
+        "git": {"revision": "abc", "dirty": False},
     }
     if n_gpus is not None:
         rec["n_gpus"] = n_gpus
@@ -53,25 +100,84 @@ def glue(tmp_path):
     root = str(tmp_path / "glue")
     recs = []
     for seed, (sst_l, sst_m, cola_l, cola_m) in enumerate(
-            [(0.950, 0.940, 0.80, 0.805), (0.952, 0.942, 0.81, 0.815), (0.954, 0.944, 0.82, 0.795)]):
-        recs.append(write(root, "lora", "sst2", seed, acc=sst_l,
-                          timing={"train_s": 3000.0 + seed, "final_eval_s": 60.0, "total_s": 3600.0 + 360 * seed},
-                          peak=2048.0 + seed))
+        [(0.950, 0.940, 0.80, 0.805), (0.952, 0.942, 0.81, 0.815), (0.954, 0.944, 0.82, 0.795)]
+    ):
+        recs.append(
+            write(
+                root,
+                "lora",
+                "sst2",
+                seed,
+                acc=sst_l,
+                timing={"train_s": 3000.0 + seed, "final_eval_s": 60.0, "total_s": 3600.0 + 360 * seed},
+                peak=2048.0 + seed,
+            )
+        )
         recs.append(write(root, "lora", "cola", seed, acc=cola_l, timing={"train_s": 700.0, "total_s": 720.0}))
-        recs.append(write(root, "lora_matched", "sst2", seed, acc=sst_m, cfg=MATCHED,
-                          timing={"stage1_s": 600.0, "train_s": 3000.0, "total_s": 3700.0},
-                          budget={"pilora_adapter_params": 1000, "lora_adapter_params": 1003, "residual": 3,
-                                  "residual_share": 0.0031, "importance_file": "/x/importance.pt",
-                                  "ranks": {"a": 7}}))
-        recs.append(write(root, "lora_matched", "cola", seed, acc=cola_m, cfg=MATCHED, importance_from="/x/imp.pt",
-                          timing={"stage1_s": 2.0, "train_s": 700.0, "total_s": 750.0},
-                          budget={"pilora_adapter_params": 1000, "lora_adapter_params": 1001, "residual": 1,
-                                  "residual_share": 0.001}))
+        recs.append(
+            write(
+                root,
+                "lora_matched",
+                "sst2",
+                seed,
+                acc=sst_m,
+                cfg=MATCHED,
+                timing={"stage1_s": 600.0, "train_s": 3000.0, "total_s": 3700.0},
+                budget={
+                    "pilora_adapter_params": 1000,
+                    "lora_adapter_params": 1003,
+                    "residual": 3,
+                    "residual_share": 0.0031,
+                    "importance_file": "/x/importance.pt",
+                    "ranks": {"a": 7},
+                },
+            )
+        )
+        recs.append(
+            write(
+                root,
+                "lora_matched",
+                "cola",
+                seed,
+                acc=cola_m,
+                cfg=MATCHED,
+                importance_from="/x/imp.pt",
+                timing={"stage1_s": 2.0, "train_s": 700.0, "total_s": 750.0},
+                budget={
+                    "pilora_adapter_params": 1000,
+                    "lora_adapter_params": 1001,
+                    "residual": 1,
+                    "residual_share": 0.001,
+                },
+            )
+        )
     # PiLoRA: one seed per task, two GPUs (DDP) on sst2, the CPU on cola; cola's 0.99 is far ahead but n = 1
-    recs.append(write(root, "pilora", "sst2", 0, acc=0.90, cfg=PILORA, extra={"world_size": 2}, peak=4096.0,
-                      timing={"stage1_s": 900.0, "stage2_s": 2700.0, "final_eval_s": 60.0, "total_s": 3660.0}))
-    recs.append(write(root, "pilora", "cola", 0, acc=0.99, cfg=PILORA, device="cpu", peak=512.0,
-                      timing={"stage1_s": 1800.0, "stage2_s": 5400.0, "total_s": 7200.0}))
+    recs.append(
+        write(
+            root,
+            "pilora",
+            "sst2",
+            0,
+            acc=0.90,
+            cfg=PILORA,
+            extra={"world_size": 2},
+            peak=4096.0,
+            timing={"stage1_s": 900.0, "stage2_s": 2700.0, "final_eval_s": 60.0, "total_s": 3660.0},
+        )
+    )
+    recs.append(
+        write(
+            root,
+            "pilora",
+            "cola",
+            0,
+            acc=0.99,
+            cfg=PILORA,
+            device="cpu",
+            peak=512.0,
+            timing={"stage1_s": 1800.0, "stage2_s": 5400.0, "total_s": 7200.0},
+        )
+    )
     return root, recs
 
 
@@ -138,12 +244,12 @@ def test_clear_winner_rule():
 
     # means 92.8 and 91.0, std 1 each: 1.8 > √2 (std of the difference) but < 1 + 1 → not a win
     assert clear_winner([s(91.8, 92.8, 93.8), s(90, 91, 92)]) is None
-    assert clear_winner([s(90, 91, 92), None, s(92.1, 93.1, 94.1)]) == 2        # 2.1 > 2: a win
-    assert clear_winner([s(91.0, 91.2), s(91.05, 91.15)]) is None               # equal means
-    assert clear_winner([s(99.0), s(90.0, 90.2)]) is None                       # the leader has n = 1
-    assert clear_winner([s(95.0, 95.2), s(90.0)]) is None                       # the runner-up has n = 1
-    assert clear_winner([s(95.0, 95.2), None]) is None                          # nobody to beat
-    assert clear_winner([s(95.0, 95.2), s(90.0, 90.2), s(10.0)]) == 0           # a one-seed third is no runner-up
+    assert clear_winner([s(90, 91, 92), None, s(92.1, 93.1, 94.1)]) == 2  # 2.1 > 2: a win
+    assert clear_winner([s(91.0, 91.2), s(91.05, 91.15)]) is None  # equal means
+    assert clear_winner([s(99.0), s(90.0, 90.2)]) is None  # the leader has n = 1
+    assert clear_winner([s(95.0, 95.2), s(90.0)]) is None  # the runner-up has n = 1
+    assert clear_winner([s(95.0, 95.2), None]) is None  # nobody to beat
+    assert clear_winner([s(95.0, 95.2), s(90.0, 90.2), s(10.0)]) == 0  # a one-seed third is no runner-up
     pooled = Stat([95.0], [], per_column_n=(2, 3))
     assert pooled.std is None and pooled.fmt(2) == "95.00 (n=2–3 per column)"
     assert clear_winner([pooled, s(90.0, 90.2)]) is None
@@ -184,15 +290,35 @@ def test_cost_table_equals_the_records_timings(glue):
     n = {k: c.gpus_assumed for k, c in cost.items()}
     assert n == {"LoRA †": 6, "LoRA (budget-matched)": 6, "PiLoRA": 0}
     text = render(df, ["2"])
-    row = {r[2]: r for r in (l.strip().strip("|").split(" | ") for l in text.split("### Cost")[1].splitlines()
-                             if l.startswith("| Table 2"))}
+    row = {
+        r[2]: r
+        for r in (
+            l.strip().strip("|").split(" | ")
+            for l in text.split("### Cost")[1].splitlines()
+            if l.startswith("| Table 2")
+        )
+    }
     lora_h = sum(r["timing"]["total_s"] for r in of("lora")) / 3600
     assert [c.strip() for c in row["LoRA †"]] == [
-        "Table 2", "RoBERTa-large", "LoRA †", "6 (2 tasks × 3 seeds)", H100, f"{lora_h:.2f}", "—", f"{lora_h:.2f}",
-        f"{2050 / 1024:.2f}"]
+        "Table 2",
+        "RoBERTa-large",
+        "LoRA †",
+        "6 (2 tasks × 3 seeds)",
+        H100,
+        f"{lora_h:.2f}",
+        "—",
+        f"{lora_h:.2f}",
+        f"{2050 / 1024:.2f}",
+    ]
     pil = [c.strip() for c in row["PiLoRA"]]
-    assert pil[3:] == ["2 (2 tasks, seed 0)", f"2× {H100}, cpu", f"{(3660 + 7200) / 3600:.2f}",
-                       f"{2700 / 3600:.2f}", f"{3660 * 2 / 3600:.2f} + 2.00 CPU-h", "4.00"]
+    assert pil[3:] == [
+        "2 (2 tasks, seed 0)",
+        f"2× {H100}, cpu",
+        f"{(3660 + 7200) / 3600:.2f}",
+        f"{2700 / 3600:.2f}",
+        f"{3660 * 2 / 3600:.2f} + 2.00 CPU-h",
+        "4.00",
+    ]
     assert row["LoRA (budget-matched)"][6].strip() == f"{(3 * 600 + 3 * 2) / 3600:.2f} (3 reused)"
     assert "counted as 1 GPU each" in text and "CPU-h (wall-clock hours" in text
     assert "### Cost" not in render(df, ["2"], cost=False)
@@ -205,15 +331,32 @@ def test_table4_shows_budget_matched_lora_by_partition(tmp_path):
     test = {f"test_{k}_accuracy": 0.5 for k in sets}
     common = dict(model="llama2-7b", family="generation", test=test, lr=2e-4)  # Table 4's setting
     write(root, "pilora", "commonsense170k", 0, cfg={**PILORA, **ref}, **common)
-    write(root, "pilora", "commonsense170k", 0, **common,
-          cfg={**PILORA, **ref, "partition": {"name": "random", "args": {"fraction": 0.5, "seed": 0}}})
-    write(root, "lora_matched", "commonsense170k", 0, **common, budget={"residual_share": -0.002},
-          cfg={**MATCHED, **ref, "partition": {"name": "top_fraction", "args": {"fraction": 0.5}}})
+    write(
+        root,
+        "pilora",
+        "commonsense170k",
+        0,
+        **common,
+        cfg={**PILORA, **ref, "partition": {"name": "random", "args": {"fraction": 0.5, "seed": 0}}},
+    )
+    write(
+        root,
+        "lora_matched",
+        "commonsense170k",
+        0,
+        **common,
+        budget={"residual_share": -0.002},
+        cfg={**MATCHED, **ref, "partition": {"name": "top_fraction", "args": {"fraction": 0.5}}},
+    )
     write(root, "lora", "commonsense170k", 0, cfg={**LORA, "r": 32, "alpha": 64}, **common)  # not a partition row
     text = render(load_records(root, quiet=True), ["4"], cost=False)
     methods = [r[1] for r in _rows(text, "", model="LLaMA2-7B")]
-    assert methods == ["Random", "Top-half", "Ours",
-                       "LoRA (budget-matched) (partition=top_fraction, fraction=0.5) [residual -0.20%]"]
+    assert methods == [
+        "Random",
+        "Top-half",
+        "Ours",
+        "LoRA (budget-matched) (partition=top_fraction, fraction=0.5) [residual -0.20%]",
+    ]
     assert _rows(text, "Ours", model="LLaMA2-7B")[0][3] == "50.0 (n=1) / 71.5"
     assert _rows(text, "Random", model="LLaMA2-7B")[0][3] == "50.0 (n=1) / 62.2"
     assert _rows(text, "Top-half", model="LLaMA2-7B")[0][3].startswith("— / ")
@@ -226,8 +369,16 @@ def test_fig4_draws_the_matched_lora_beside_pilora(tmp_path):
     acc = {("pilora", 0): 0.70, ("pilora", 2): 0.74, ("lora_matched", 0): 0.69, ("lora_matched", 2): 0.73}
     for (method, rs), v in acc.items():
         cfg = {**(PILORA if method == "pilora" else MATCHED), "r": 32, "alpha": 64, "supplementary_r": rs}
-        write(os.path.join(root, f"rs{rs}"), method, "commonsense170k", 0, cfg=cfg, model="llama2-7b",
-              family="generation", test={"test_avg_accuracy": v})
+        write(
+            os.path.join(root, f"rs{rs}"),
+            method,
+            "commonsense170k",
+            0,
+            cfg=cfg,
+            model="llama2-7b",
+            family="generation",
+            test={"test_avg_accuracy": v},
+        )
     fig = fig_rprime(load_records(root, quiet=True))
     pil, matched = fig.axes[0].containers
     assert list(pil.lines[0].get_ydata()) == pytest.approx([70, 74]) and pil.lines[0].get_linestyle() == "-"
@@ -240,9 +391,17 @@ def test_random_partition_row_of_table2_is_its_own_row(tmp_path):
     rnd = {**PILORA, "partition": {"name": "random", "args": {"fraction": 0.5, "seed": 0}}}
     for seed, (a, b) in enumerate([(0.90, 0.89), (0.91, 0.90)]):
         write(root, "pilora", "sst2", seed, acc=a, cfg=PILORA)
-        write(root, "pilora", "sst2", seed, acc=b, cfg={**rnd, "partition": {**rnd["partition"], "args": {
-            "fraction": 0.5, "seed": seed}}})  # the random partition follows the job seed: one configuration
+        write(
+            root,
+            "pilora",
+            "sst2",
+            seed,
+            acc=b,
+            cfg={**rnd, "partition": {**rnd["partition"], "args": {"fraction": 0.5, "seed": seed}}},
+        )  # the random partition follows the job seed: one configuration
     text = render(load_records(root, quiet=True), ["2"], cost=False)
     rows = {r[1]: r[_col(text, "SST-2")] for r in _rows(text, "PiLoRA")}
-    assert rows == {"PiLoRA": "90.50 ± 0.71 (n=2) / 96.44",
-                    "PiLoRA (partition=random, fraction=0.5)": "89.50 ± 0.71 (n=2) / —"}
+    assert rows == {
+        "PiLoRA": "90.50 ± 0.71 (n=2) / 96.44",
+        "PiLoRA (partition=random, fraction=0.5)": "89.50 ± 0.71 (n=2) / —",
+    }

@@ -11,7 +11,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 from pilora.tasks import clip as V
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def tiny_config() -> CLIPVisionConfig:
@@ -49,7 +51,7 @@ def test_pooled_features_are_mean_of_patch_tokens_without_cls():
     with torch.no_grad():
         hidden = model.clip(pixel_values=x).last_hidden_state
         assert hidden.shape == (2, 1 + 16, 32)
-        manual = torch.stack([hidden[b, 1:].sum(0) / 16 for b in range(2)])   # GOAT: no post_layernorm
+        manual = torch.stack([hidden[b, 1:].sum(0) / 16 for b in range(2)])  # GOAT: no post_layernorm
         with_cls = hidden.mean(1)
         feats = model.features(x)
         out = model(x)
@@ -75,8 +77,14 @@ def test_loss_matches_cross_entropy_and_head_is_seed_deterministic():
 
 
 def test_from_pretrained_loads_vision_tower_of_full_clip_checkpoint(tmp_path):
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                vocab_size=64, max_position_embeddings=8)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=8,
+    )
     full = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY, projection_dim=16))
     full.save_pretrained(tmp_path / "clip")
     model = V.CLIPImageClassifier.from_pretrained(str(tmp_path / "clip"), num_labels=5)
@@ -198,8 +206,13 @@ def test_renames_columns_and_encodes_string_labels(tmp_path):
         paths.append(str(p))
     csv = tmp_path / "train.csv"
     csv.write_text("file,cls\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, ["red", "blue", "green"])))
-    dsd = V.load_vision_dataset("csv", data_files={"train": str(csv)}, image_column="file", label_column="cls",
-                                cache_dir=str(tmp_path / "cache"))
+    dsd = V.load_vision_dataset(
+        "csv",
+        data_files={"train": str(csv)},
+        image_column="file",
+        label_column="cls",
+        cache_dir=str(tmp_path / "cache"),
+    )
     tr = dsd["train"]
     assert tr.column_names == ["image", "label"]
     assert tr.features["label"].names == ["blue", "green", "red"] and tr["label"] == [2, 0, 1]
@@ -235,8 +248,9 @@ def test_label_out_of_range_names_the_label(tmp_path):
     ds = datasets.Dataset.from_dict({"image": [img] * 3, "label": [0, -1, 1]}, features=feats)
     ds.to_parquet(str(tmp_path / "train.parquet"))
     with pytest.raises(ValueError, match=r"label -1 of example 1 .*\[0, 2\)"):
-        V.load_vision_dataset("parquet", data_files={"train": str(tmp_path / "train.parquet")},
-                              cache_dir=str(tmp_path / "cache"))
+        V.load_vision_dataset(
+            "parquet", data_files={"train": str(tmp_path / "train.parquet")}, cache_dir=str(tmp_path / "cache")
+        )
     ok = datasets.Dataset.from_dict({"label": [0, 1, 7, 2]})
     assert V.num_classes(ok) == 8
     with pytest.raises(ValueError, match="label 7 of example 2"):
@@ -248,8 +262,11 @@ def test_undecodable_image_names_path(folder, tmp_path):
     bad.write_bytes(b"definitely not a png")
     dsd = load_folder(folder, tmp_path)
     ds = V.prepare_dataset(dsd["train"], V.eval_transform(32))
-    idx = [i for i, p in enumerate(dsd["train"].cast_column("image", datasets.Image(decode=False))["image"])
-           if p["path"] and p["path"].endswith("broken.png")]
+    idx = [
+        i
+        for i, p in enumerate(dsd["train"].cast_column("image", datasets.Image(decode=False))["image"])
+        if p["path"] and p["path"].endswith("broken.png")
+    ]
     assert idx
     with pytest.raises(ValueError, match="broken.png"):
         ds[idx[0]]

@@ -13,7 +13,6 @@ import json
 import os
 
 import pytest
-
 from helpers import FAST, compose_cfg
 
 QUICK = FAST + ["logger=wandb", "logger.mode=offline", "trainer.save_strategy=no", "sweep_name=tiny"]
@@ -21,16 +20,25 @@ PILORA = ["method.stage1.max_steps=3", "method.importance_interval=1"]
 
 
 def _vision(d):
-    return ["task=vision/eurosat", "model=tiny-clip", "task.dataset.path=imagefolder", "task.dataset.name=null",
-            f"task.dataset.data_dir={d}", "task.num_labels=2", "task.holdout_fraction=0.25",
-            "trainer.learning_rate=5e-3", "trainer.per_device_train_batch_size=6", "trainer.max_steps=3"]
+    return [
+        "task=vision/eurosat",
+        "model=tiny-clip",
+        "task.dataset.path=imagefolder",
+        "task.dataset.name=null",
+        f"task.dataset.data_dir={d}",
+        "task.num_labels=2",
+        "task.holdout_fraction=0.25",
+        "trainer.learning_rate=5e-3",
+        "trainer.per_device_train_batch_size=6",
+        "trainer.max_steps=3",
+    ]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     import torch
-
     from helpers import write_images
+
     from pilora.train import train
 
     base = tmp_path_factory.mktemp("wandb_sweep")
@@ -43,11 +51,15 @@ def sweep(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for method, extra in (("lora", ["method=lora"]), ("pilora", ["method=pilora", *PILORA]),
-                              ("lora_matched", ["method=lora_matched", *PILORA])):
+        for method, extra in (
+            ("lora", ["method=lora"]),
+            ("pilora", ["method=pilora", *PILORA]),
+            ("lora_matched", ["method=lora_matched", *PILORA]),
+        ):
             for seed in (0, 1):
-                train(compose_cfg(QUICK + _vision(img) + extra + [f"seed={seed}"],
-                                  root / f"method={method},seed={seed}"))
+                train(
+                    compose_cfg(QUICK + _vision(img) + extra + [f"seed={seed}"], root / f"method={method},seed={seed}")
+                )
     finally:
         torch.set_num_threads(threads)
         for k, v in old.items():
@@ -71,8 +83,9 @@ def _runs(root):
 
 def test_each_job_is_one_named_grouped_tagged_run_with_the_hydra_config_only(sweep):
     runs = _runs(sweep)
-    assert sorted(runs) == sorted(f"{m}-eurosat-tiny-clip-s{s}" for m in ("lora", "pilora", "lora_matched")
-                                  for s in (0, 1))
+    assert sorted(runs) == sorted(
+        f"{m}-eurosat-tiny-clip-s{s}" for m in ("lora", "pilora", "lora_matched") for s in (0, 1)
+    )
     recs = {(r["method"], r["seed"]): r for r in _records(sweep).values()}
     for name, run in runs.items():
         rec = recs[(name.split("-")[0], int(name[-1]))]
@@ -98,8 +111,8 @@ def test_stages_log_under_their_own_prefix_and_step_axis(sweep):
         assert len(stages) == 1 and stages <= {"stage1", "stage2"}, row  # one stage per row, nothing unprefixed
         stage = stages.pop()
         steps[stage].append(row[f"{stage}/step"])
-    assert steps["stage1"] == sorted(steps["stage1"]) and max(steps["stage1"]) == 3   # stage 1: 3 steps
-    assert steps["stage2"] == sorted(steps["stage2"]) and min(steps["stage2"]) == 1   # its own axis, from 1
+    assert steps["stage1"] == sorted(steps["stage1"]) and max(steps["stage1"]) == 3  # stage 1: 3 steps
+    assert steps["stage2"] == sorted(steps["stage2"]) and min(steps["stage2"]) == 1  # its own axis, from 1
 
 
 def test_summary_holds_the_record_and_artifacts_hold_its_files(sweep):
@@ -136,7 +149,7 @@ def test_tables_from_offline_run_files_are_byte_identical_to_local_records(sweep
     theirs = tables.render(remote, ["3"], "best", False, "adapter_share", False, cost=True)
     assert theirs.encode() == ours.encode()
     assert "LoRA (budget-matched)" in ours and "(n=2)" in ours  # the label, and its two seeds averaged
-    cost = ours[ours.index("Cost"):] if "Cost" in ours else ours
+    cost = ours[ours.index("Cost") :] if "Cost" in ours else ours
     assert "CPU-h" in cost  # the cost table has rows
     assert before == {p: open(p, "rb").read() for p in _records(sweep)}  # no local record touched
 
@@ -158,6 +171,7 @@ def test_tables_cli_reads_wandb_dir_and_figures_come_from_the_artifacts(sweep, t
     def clims(shared):
         fig = figures.gradient_heatmaps(sorted(stats)[0], "all", shared_scale=shared)
         return {im.get_clim() for ax in fig.axes for im in ax.images}
+
     assert len(clims(True)) == 1 and len(clims(False)) > 1
 
 
@@ -215,6 +229,7 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
     import time
 
     from helpers import write_images
+
     from pilora import logging_wandb
     from pilora.train import train
 
@@ -226,8 +241,9 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
     if where == "init":  # the probe passes (e.g. behind a proxy): wandb.init itself times out
         monkeypatch.setattr(logging_wandb, "unreachable", lambda timeout: None)
     out = tmp_path / "run"
-    cfg = compose_cfg(QUICK + _vision(str(tmp_path / "img")) + ["method=lora", "logger.mode=online",
-                                                               "logger.init_timeout_s=5"], out)
+    cfg = compose_cfg(
+        QUICK + _vision(str(tmp_path / "img")) + ["method=lora", "logger.mode=online", "logger.init_timeout_s=5"], out
+    )
     write_images(str(tmp_path / "img"))
     t0 = time.time()
     with caplog.at_level("WARNING", logger="pilora"):

@@ -22,20 +22,23 @@ def register_family(name: str):
         cls.family = name
         FAMILIES[name] = cls
         return cls
+
     return deco
 
 
 def make_task(task_cfg: dict, model_cfg: dict, seed: int = 0) -> "Task":
     family = task_cfg.get("family")
     if family not in FAMILIES:
-        raise ValueError(f"task {task_cfg.get('name')!r} has unknown family {family!r}; "
-                         f"known families: {sorted(FAMILIES)}")
+        raise ValueError(
+            f"task {task_cfg.get('name')!r} has unknown family {family!r}; known families: {sorted(FAMILIES)}"
+        )
     cls = FAMILIES[family]
     if model_cfg.get("family") not in cls.model_families:
         raise ValueError(
             f"model {model_cfg.get('name')!r} ({model_cfg.get('family')}) cannot do task "
             f"{task_cfg.get('name')!r} ({family}); this task needs a model of family "
-            f"{list(cls.model_families)}, e.g. model={cls.example_model}")
+            f"{list(cls.model_families)}, e.g. model={cls.example_model}"
+        )
     return cls(task_cfg, model_cfg, seed)
 
 
@@ -45,8 +48,8 @@ class Task:
     family: str = ""
     model_families: tuple[str, ...] = ()
     example_model: str = ""
-    task_type: str | None = None          # PEFT task type
-    remove_unused_columns: bool = True    # Trainer flag (False when a transform needs raw columns)
+    task_type: str | None = None  # PEFT task type
+    remove_unused_columns: bool = True  # Trainer flag (False when a transform needs raw columns)
     # Whether the model's loss is normalised by Trainer's ``num_items_in_batch`` (HF causal LMs).
     # Trainer guesses True for any ``forward(**kwargs)``, then skips the 1/gradient_accumulation
     # scaling and multiplies by the DDP world size; for a plain per-batch mean loss (sequence
@@ -134,11 +137,15 @@ def _check_table_file(f: str, task_name: str, columns: tuple[list[str], str] | N
         needed, keys = columns
         missing = [c for c in needed if c not in header]
         if missing:
-            raise DataError(f"data file {f!r} of task {task_name!r}: the task needs columns {missing} but the "
-                            f"file has {header}; rename the file's columns, or set {keys}")
+            raise DataError(
+                f"data file {f!r} of task {task_name!r}: the task needs columns {missing} but the "
+                f"file has {header}; rename the file's columns, or set {keys}"
+            )
     if first is None:
-        raise DataError(f"data file {f!r} of task {task_name!r} is empty: it has a header ({', '.join(header)}) but no rows; "
-                        "regenerate it or point task.dataset.data_files at a file with data")
+        raise DataError(
+            f"data file {f!r} of task {task_name!r} is empty: it has a header ({', '.join(header)}) but no rows; "
+            "regenerate it or point task.dataset.data_files at a file with data"
+        )
 
 
 def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] | None = None) -> datasets.DatasetDict:
@@ -152,17 +159,22 @@ def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] |
     for f in _local_files(data_files):
         matches = glob.glob(os.path.expanduser(f))
         if not matches:
-            raise DataError(f"data file {f!r} for task {task_name!r} does not exist; fix "
-                            f"task.dataset.data_files, or load {hub_hint} with task.dataset.path={hub_id}")
+            raise DataError(
+                f"data file {f!r} for task {task_name!r} does not exist; fix "
+                f"task.dataset.data_files, or load {hub_hint} with task.dataset.path={hub_id}"
+            )
         for match in matches:
             if os.path.isfile(match) and os.path.getsize(match) == 0:
-                raise DataError(f"data file {match!r} of task {task_name!r} is empty (0 bytes); "
-                                "regenerate or re-download it")
+                raise DataError(
+                    f"data file {match!r} of task {task_name!r} is empty (0 bytes); regenerate or re-download it"
+                )
             if os.path.isfile(match) and (path in ("csv", "tsv") or match.endswith((".csv", ".tsv"))):
                 _check_table_file(match, task_name, columns)
     if path and path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise DataError(f"dataset path {path!r} for task {task_name!r} does not exist; "
-                        f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}")
+        raise DataError(
+            f"dataset path {path!r} for task {task_name!r} does not exist; "
+            f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}"
+        )
     try:
         kwargs = {"data_files": dict(data_files) if isinstance(data_files, dict) else data_files}
         if ds_cfg.get("data_dir"):
@@ -172,12 +184,16 @@ def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] |
         cause = err.__cause__ or err
         culprit = _unreadable_file(path, name, data_files)
         where = f"data file {culprit!r}" if culprit else f"the data files ({data_files})"
-        raise DataError(f"could not read {where} of task {task_name!r}: {cause}. Empty, truncated or "
-                        "malformed files must be fixed or regenerated.") from err
+        raise DataError(
+            f"could not read {where} of task {task_name!r}: {cause}. Empty, truncated or "
+            "malformed files must be fixed or regenerated."
+        ) from err
     except (ConnectionError, OSError) as err:
-        raise DataError(f"could not load {hub_hint} for task {task_name!r} ({type(err).__name__}: {err}). "
-                        "Without network access, pre-download it and point task.dataset.path (and "
-                        "task.dataset.data_files) at the local copy.") from err
+        raise DataError(
+            f"could not load {hub_hint} for task {task_name!r} ({type(err).__name__}: {err}). "
+            "Without network access, pre-download it and point task.dataset.path (and "
+            "task.dataset.data_files) at the local copy."
+        ) from err
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
     return raw
@@ -202,8 +218,10 @@ def require_split(raw: datasets.DatasetDict, split: str | None, task_name: str, 
     if split not in raw:
         if not required:
             return None
-        raise DataError(f"task {task_name!r} needs split {split!r} but the data has {list(raw)}; "
-                        f"set task.splits.* or task.dataset.data_files.{split}")
+        raise DataError(
+            f"task {task_name!r} needs split {split!r} but the data has {list(raw)}; "
+            f"set task.splits.* or task.dataset.data_files.{split}"
+        )
     ds = raw[split]
     if len(ds) == 0:
         raise DataError(f"split {split!r} of task {task_name!r} is empty; check the data files")
@@ -213,8 +231,10 @@ def require_split(raw: datasets.DatasetDict, split: str | None, task_name: str, 
 def require_columns(ds, columns: list[str], task_name: str, hint: str = "") -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise DataError(f"task {task_name!r} needs columns {missing} but the data has {ds.column_names}"
-                        + (f"; {hint}" if hint else ""))
+        raise DataError(
+            f"task {task_name!r} needs columns {missing} but the data has {ds.column_names}"
+            + (f"; {hint}" if hint else "")
+        )
 
 
 def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
@@ -233,8 +253,10 @@ def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
     try:
         return auto_cls.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as err:
-        raise FileNotFoundError(f"could not load model {path!r} ({err}); without network access, "
-                                "pre-download it and set model.path to the local directory") from err
+        raise FileNotFoundError(
+            f"could not load model {path!r} ({err}); without network access, "
+            "pre-download it and set model.path to the local directory"
+        ) from err
 
 
 def check_model_path(model_cfg: dict, key: str = "path") -> None:
@@ -242,27 +264,44 @@ def check_model_path(model_cfg: dict, key: str = "path") -> None:
     naming it, instead of a hub look-up error about repo-id syntax."""
     path = model_cfg.get(key)
     if not path:
-        raise ValueError(f"model.{key} is not set for model {model_cfg.get('name')!r}; set it to a local "
-                         "checkpoint directory or a hub id")
+        raise ValueError(
+            f"model.{key} is not set for model {model_cfg.get('name')!r}; set it to a local "
+            "checkpoint directory or a hub id"
+        )
     local = os.path.expanduser(str(path))
     if str(path).startswith((".", "/", "~")) and not os.path.exists(local):
         hub = model_cfg.get("hub_id")
-        raise FileNotFoundError(f"model.{key} {path!r} does not exist; set it to a local checkpoint "
-                                "directory" + (f" or the hub id {hub!r}" if hub else " or a hub id"))
+        raise FileNotFoundError(
+            f"model.{key} {path!r} does not exist; set it to a local checkpoint "
+            "directory" + (f" or the hub id {hub!r}" if hub else " or a hub id")
+        )
     if os.path.isdir(local):
         wanted = ("config.json",) if key == "path" else _TOKENIZER_FILES
         names = sorted(os.listdir(local))
         if not any(n in names for n in wanted):
-            what = "model checkpoint (no config.json)" if key == "path" else \
-                f"tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+            what = (
+                "model checkpoint (no config.json)"
+                if key == "path"
+                else f"tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+            )
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "nothing"
-            raise FileNotFoundError(f"model.{key} {path!r} is not a {what}: the folder holds {shown}. Set "
-                                    f"model.{key} to a folder written by save_pretrained (or a hub id)")
+            raise FileNotFoundError(
+                f"model.{key} {path!r} is not a {what}: the folder holds {shown}. Set "
+                f"model.{key} to a folder written by save_pretrained (or a hub id)"
+            )
 
 
 # files one of which a tokenizer folder holds (fast, slow WordPiece/BPE, SentencePiece)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                    "spiece.model", "sentencepiece.bpe.model", "config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "config.json",
+)
 
 
 def load_tokenizer(model_cfg: dict):
@@ -274,6 +313,7 @@ def load_tokenizer(model_cfg: dict):
     try:
         tok = AutoTokenizer.from_pretrained(path, **(model_cfg.get("tokenizer_kwargs") or {}))
     except OSError as err:
-        raise FileNotFoundError(f"could not load the tokenizer {path!r} ({err}); set model.tokenizer "
-                                "or model.path to a local directory") from err
+        raise FileNotFoundError(
+            f"could not load the tokenizer {path!r} ({err}); set model.tokenizer or model.path to a local directory"
+        ) from err
     return tok

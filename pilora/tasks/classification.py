@@ -14,6 +14,7 @@ def metric(name):
     def deco(fn):
         METRICS[name] = fn
         return fn
+
     return deco
 
 
@@ -25,12 +26,14 @@ def _accuracy(preds, labels):
 @metric("mcc")
 def _mcc(preds, labels):
     from sklearn.metrics import matthews_corrcoef
+
     return float(matthews_corrcoef(labels, preds))
 
 
 @metric("f1")
 def _f1(preds, labels):
     from sklearn.metrics import f1_score
+
     return float(f1_score(labels, preds))
 
 
@@ -56,27 +59,35 @@ class ClassificationTask(Task):
     def build_model(self):
         from transformers import AutoModelForSequenceClassification
 
-        return load_pretrained(self.model_cfg, AutoModelForSequenceClassification,
-                               num_labels=int(self.cfg["num_labels"]))
+        return load_pretrained(
+            self.model_cfg, AutoModelForSequenceClassification, num_labels=int(self.cfg["num_labels"])
+        )
 
     def required_columns(self):
-        return (list(self.cfg["text_columns"]) + [self.cfg.get("label_column", "label")],
-                "task.text_columns / task.label_column to the file's names")
+        return (
+            list(self.cfg["text_columns"]) + [self.cfg.get("label_column", "label")],
+            "task.text_columns / task.label_column to the file's names",
+        )
 
     def datasets(self):
         raw = self.load_raw()
         splits = self.cfg.get("splits", {})
-        out = {k: require_split(raw, splits.get(k, k), self.name, required=(k != "test"))
-               for k in ("train", "validation", "test")}
+        out = {
+            k: require_split(raw, splits.get(k, k), self.name, required=(k != "test"))
+            for k in ("train", "validation", "test")
+        }
         template, label = self.cfg["template"], self.cfg.get("label_column", "label")
         columns = self.cfg["text_columns"] + [label]
         n = int(self.cfg["num_labels"])
-        hint = ("GLUE columns are listed in conf/task/glue/*.yaml (task.text_columns, task.label_column); "
-                "local files must use the same column names")
+        hint = (
+            "GLUE columns are listed in conf/task/glue/*.yaml (task.text_columns, task.label_column); "
+            "local files must use the same column names"
+        )
 
         def encode(batch):
-            texts = [template.format(**{c: batch[c][i] for c in self.cfg["text_columns"]})
-                     for i in range(len(batch[label]))]
+            texts = [
+                template.format(**{c: batch[c][i] for c in self.cfg["text_columns"]}) for i in range(len(batch[label]))
+            ]
             enc = self.tokenizer(texts, truncation=True, max_length=int(self.cfg.get("max_length", 128)))
             enc["labels"] = batch[label]
             return enc
@@ -88,27 +99,35 @@ class ClassificationTask(Task):
             for col in columns:
                 blank = [i for i, x in enumerate(ds[col]) if x is None]
                 if blank:
-                    raise DataError(f"split {split!r} of task {self.name!r} has {len(blank)} row(s) with no "
-                                    f"{col!r} value (first: row {blank[0]}); the file may be truncated or have "
-                                    "blank cells")
+                    raise DataError(
+                        f"split {split!r} of task {self.name!r} has {len(blank)} row(s) with no "
+                        f"{col!r} value (first: row {blank[0]}); the file may be truncated or have "
+                        "blank cells"
+                    )
             labels = np.asarray(ds[label])
             if labels.dtype.kind not in "iub":
                 example = next((x for x in ds[label] if not isinstance(x, (int, np.integer))), labels[0])
-                raise DataError(f"column {label!r} of split {split!r} of task {self.name!r} holds "
-                                f"{type(example).__name__} labels (e.g. {example!r}), not class ids; write the "
-                                f"labels as integers 0..{n - 1} (task.label_column names the column)")
+                raise DataError(
+                    f"column {label!r} of split {split!r} of task {self.name!r} holds "
+                    f"{type(example).__name__} labels (e.g. {example!r}), not class ids; write the "
+                    f"labels as integers 0..{n - 1} (task.label_column names the column)"
+                )
             if split != "test" and ((labels < 0) | (labels >= n)).any():  # GLUE test labels are -1
                 bad = labels[(labels < 0) | (labels >= n)][0]
-                raise DataError(f"label {bad} in split {split!r} of task {self.name!r} is outside "
-                                f"[0, {n}); fix the data or task.num_labels")
-            out[split] = ds.map(encode, batched=True, remove_columns=ds.column_names,
-                                desc=f"tokenize {self.name}/{split}")
+                raise DataError(
+                    f"label {bad} in split {split!r} of task {self.name!r} is outside "
+                    f"[0, {n}); fix the data or task.num_labels"
+                )
+            out[split] = ds.map(
+                encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {self.name}/{split}"
+            )
         if out["test"] is not None and min(out["test"]["labels"]) < 0:
             out["test"] = None  # unlabelled test split (GLUE): evaluate on validation only
         return out
 
     def collator(self):
         from transformers import DataCollatorWithPadding
+
         return DataCollatorWithPadding(self.tokenizer)
 
     def compute_metrics(self, eval_pred):

@@ -80,8 +80,9 @@ class CLIPImageClassifier(torch.nn.Module):
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if pool not in POOLING:
-            raise ValueError(f"unknown pooling {pool!r} for the CLIP head; choose one of {sorted(POOLING)} "
-                             "(model.pool)")
+            raise ValueError(
+                f"unknown pooling {pool!r} for the CLIP head; choose one of {sorted(POOLING)} (model.pool)"
+            )
         self.clip = clip
         self.num_labels = num_labels
         self.pool = pool
@@ -111,8 +112,9 @@ class CLIPImageClassifier(torch.nn.Module):
         return cls(CLIPVisionModel.from_pretrained(path_or_hub_id, **kw), num_labels, pool)
 
     @classmethod
-    def from_config(cls, vision_config: CLIPVisionConfig, num_labels: int,
-                    pool: str = "mean_patch") -> CLIPImageClassifier:
+    def from_config(
+        cls, vision_config: CLIPVisionConfig, num_labels: int, pool: str = "mean_patch"
+    ) -> CLIPImageClassifier:
         """Build a randomly initialised backbone from ``vision_config`` (tests, smoke runs)."""
         return cls(CLIPVisionModel(vision_config), num_labels, pool)
 

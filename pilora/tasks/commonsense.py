@@ -26,8 +26,10 @@ class CommonsenseTask(Task):
             # LLaMA tokenizers have no pad token; LLM-Adapters pads with id 0 (unk)
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
         if self.tokenizer.eos_token is None:
-            raise DataError(f"tokenizer {model_cfg.get('tokenizer') or model_cfg.get('path')!r} has no EOS "
-                            "token; the commonsense protocol appends EOS to every example")
+            raise DataError(
+                f"tokenizer {model_cfg.get('tokenizer') or model_cfg.get('path')!r} has no EOS "
+                "token; the commonsense protocol appends EOS to every example"
+            )
 
     def build_model(self):
         from transformers import AutoModelForCausalLM
@@ -39,8 +41,10 @@ class CommonsenseTask(Task):
     def datasets(self):
         train_file = self.cfg["dataset"]["train_file"]
         if not os.path.exists(os.path.expanduser(train_file)):
-            raise DataError(f"training file {train_file!r} not found; download LLM-Adapters' "
-                            "ft-training_set/commonsense_170k.json and set task.dataset.train_file")
+            raise DataError(
+                f"training file {train_file!r} not found; download LLM-Adapters' "
+                "ft-training_set/commonsense_170k.json and set task.dataset.train_file"
+            )
         ds = cs.load_commonsense_split(train_file)
         require_columns(ds, ["instruction", "output"], self.name)
         n_val = int(self.cfg.get("val_set_size", 120))
@@ -49,23 +53,31 @@ class CommonsenseTask(Task):
         # finetune.py splits with seed 42 whatever the run's seed, so every run validates on the same 120
         split = ds.train_test_split(test_size=n_val, shuffle=True, seed=int(self.cfg.get("val_split_seed", 42)))
         tok = lambda ex: cs.tokenize_for_training(  # noqa: E731
-            ex, self.tokenizer, cutoff_len=int(self.cfg.get("cutoff_len", 256)),
-            train_on_inputs=bool(self.cfg.get("train_on_inputs", True)), style=self.prompt_style)
+            ex,
+            self.tokenizer,
+            cutoff_len=int(self.cfg.get("cutoff_len", 256)),
+            train_on_inputs=bool(self.cfg.get("train_on_inputs", True)),
+            style=self.prompt_style,
+        )
         cols = split["train"].column_names
-        return {"train": split["train"].map(tok, remove_columns=cols, desc="tokenize train"),
-                "validation": split["test"].map(tok, remove_columns=cols, desc="tokenize validation"),
-                "test": None}
+        return {
+            "train": split["train"].map(tok, remove_columns=cols, desc="tokenize train"),
+            "validation": split["test"].map(tok, remove_columns=cols, desc="tokenize validation"),
+            "test": None,
+        }
 
     def collator(self):
         from transformers import DataCollatorForSeq2Seq
+
         return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
 
     @property
     def prompt_style(self) -> str:
         style = self.cfg.get("prompt_style", cs.DEFAULT_PROMPT_STYLE)
         if style not in cs.PROMPT_STYLES:
-            raise ValueError(f"task.prompt_style={style!r} is not a prompt style; choose one of "
-                             f"{sorted(cs.PROMPT_STYLES)}")
+            raise ValueError(
+                f"task.prompt_style={style!r} is not a prompt style; choose one of {sorted(cs.PROMPT_STYLES)}"
+            )
         return style
 
     @property
@@ -78,23 +90,32 @@ class CommonsenseTask(Task):
         unknown = sorted(k for k in settings if k not in known)
         if unknown:
             import difflib
+
             close = difflib.get_close_matches(unknown[0], list(known), n=3)
-            raise ValueError(f"task.generation.{unknown[0]} is not a transformers.GenerationConfig setting"
-                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ValueError(
+                f"task.generation.{unknown[0]} is not a transformers.GenerationConfig setting"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+            )
         return settings
 
     @property
     def eval_weights(self) -> str:
         mode = self.cfg.get("eval_weights", "unmerged")
         if mode not in EVAL_WEIGHTS:
-            raise ValueError(f"task.eval_weights={mode!r} is not an evaluation mode; choose one of "
-                             f"{sorted(EVAL_WEIGHTS)}")
+            raise ValueError(
+                f"task.eval_weights={mode!r} is not an evaluation mode; choose one of {sorted(EVAL_WEIGHTS)}"
+            )
         return mode
 
     def protocol(self) -> dict:
-        return {"reported_split": "test", "reference": "LLM-Adapters commonsense_evaluate.py",
-                "prompt_style": self.prompt_style, "generation": self.generation,
-                "eval_weights": self.eval_weights, "best_epoch_on": "validation (held-out training examples)"}
+        return {
+            "reported_split": "test",
+            "reference": "LLM-Adapters commonsense_evaluate.py",
+            "prompt_style": self.prompt_style,
+            "generation": self.generation,
+            "eval_weights": self.eval_weights,
+            "best_epoch_on": "validation (held-out training examples)",
+        }
 
     def final_metrics(self, model, trainer, data):
         """Accuracy on each configured test set by generation, and Avg."""
@@ -107,8 +128,15 @@ class CommonsenseTask(Task):
                 examples = cs.load_commonsense_split(path)
                 if limit:
                     examples = examples.select(range(min(int(limit), len(examples))))
-                res = cs.evaluate_dataset(scored, self.tokenizer, examples, name, style=style,
-                                          batch_size=int(self.cfg.get("eval_batch_size", 8)), **generation)
+                res = cs.evaluate_dataset(
+                    scored,
+                    self.tokenizer,
+                    examples,
+                    name,
+                    style=style,
+                    batch_size=int(self.cfg.get("eval_batch_size", 8)),
+                    **generation,
+                )
                 out[f"test_{name}_accuracy"] = res["accuracy"]
                 out[f"test_{name}_no_match"] = res["no_match"]
             accs = [v for k, v in out.items() if k.endswith("_accuracy")]
@@ -128,6 +156,7 @@ def _eval_weights(name):
     def deco(fn):
         EVAL_WEIGHTS[name] = contextlib.contextmanager(fn)
         return fn
+
     return deco
 
 

@@ -25,8 +25,20 @@ import datasets
 
 from .base import BUILDERS
 
-ASPECTS = ["battery", "screen", "camera", "keyboard", "speaker", "price", "design", "service",
-           "charger", "software", "case", "delivery"]
+ASPECTS = [
+    "battery",
+    "screen",
+    "camera",
+    "keyboard",
+    "speaker",
+    "price",
+    "design",
+    "service",
+    "charger",
+    "software",
+    "case",
+    "delivery",
+]
 POSITIVE = ["great", "excellent", "reliable", "superb", "pleasant", "solid", "fast", "bright"]
 NEGATIVE = ["awful", "poor", "terrible", "flimsy", "disappointing", "slow", "dim", "broken"]
 # held out: only the test split uses these
@@ -66,8 +78,10 @@ def build(n_train: int = 1000, n_validation: int = 400, n_test: int = 400, seed:
         rows = [review(rng, unseen=split == "test") for _ in range(n)]
         splits[split] = datasets.Dataset.from_dict(
             {"sentence": [r[0] for r in rows], "label": [r[1] for r in rows]},
-            features=datasets.Features({"sentence": datasets.Value("string"),
-                                        "label": datasets.ClassLabel(names=["negative", "positive"])}))
+            features=datasets.Features(
+                {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+            ),
+        )
     return datasets.DatasetDict(splits)
 
 

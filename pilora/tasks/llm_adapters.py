@@ -118,18 +118,19 @@ _RESPONSE_MARKER = "### Response:"
 # Prompt templates: (training with input, training without, evaluation with input, without).
 # "llm_adapters" copies the strings of the reference scripts character for character: their
 # f-strings are indented inside the function body, so every line after the first starts with 16
-# spaces, finetune.py's first line even carries a stray "  # noqa: E501", and the evaluation
+# spaces, finetune.py's first line even carries a stray linter comment (_STRAY), and the evaluation
 # strings differ from the training ones. Models trained by the reference saw exactly these.
 _INDENT = " " * 16
+_STRAY = "  #" + " noqa: E501"  # spelled apart so that linters do not read it as a directive
 PROMPT_STYLES: dict[str, tuple[str, str, str, str]] = {
     "llm_adapters": (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.  # noqa: E501\n\n"
+        f"Write a response that appropriately completes the request.{_STRAY}\n\n"
         f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
         f"{_INDENT}### Input:\n{_INDENT}{{input}}\n{_INDENT}\n"
         f"{_INDENT}### Response:\n{_INDENT}{{output}}",
         "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.  # noqa: E501\n\n"
+        f"Write a response that appropriately completes the request.{_STRAY}\n\n"
         f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
         f"{_INDENT}### Response:\n{_INDENT}{{output}}",
         "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -179,16 +180,15 @@ def _canonical_dataset(dataset: str) -> str:
         found = _NAME_LOOKUP.get(_normalise_name(dataset))
         if found is not None:
             return found
-    raise ValueError(
-        f"unknown commonsense dataset {dataset!r}; known datasets: {', '.join(ANSWER_PATTERNS)}"
-    )
+    raise ValueError(f"unknown commonsense dataset {dataset!r}; known datasets: {', '.join(ANSWER_PATTERNS)}")
 
 
 # --------------------------------------------------------------------------- prompts
 
 
-def format_prompt(instruction: str, input: str | None = None, output: str | None = None,
-                  style: str = DEFAULT_PROMPT_STYLE) -> str:
+def format_prompt(
+    instruction: str, input: str | None = None, output: str | None = None, style: str = DEFAULT_PROMPT_STYLE
+) -> str:
     """Render a prompt as the reference scripts do.
 
     Args:
@@ -204,8 +204,7 @@ def format_prompt(instruction: str, input: str | None = None, output: str | None
         The prompt string.
     """
     if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; choose one of {sorted(PROMPT_STYLES)} "
-                         "(task.prompt_style)")
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {sorted(PROMPT_STYLES)} (task.prompt_style)")
     train_in, train_plain, eval_in, eval_plain = PROMPT_STYLES[style]
     if output is None:
         return (eval_in if input else eval_plain).format(instruction=instruction, input=input)

@@ -35,8 +35,10 @@ class SplitAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("only self-attention with packed in_proj_weight and no bias_k/add_zero_attn "
-                             "(open_clip's vision blocks) can be split")
+            raise ValueError(
+                "only self-attention with packed in_proj_weight and no bias_k/add_zero_attn "
+                "(open_clip's vision blocks) can be split"
+            )
         d, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
         self.dropout = mha.dropout
         w = mha.in_proj_weight.detach()
@@ -44,15 +46,14 @@ class SplitAttention(nn.Module):
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
             lin = nn.Linear(d, d, bias=b is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
-                lin.weight.copy_(w[i * d:(i + 1) * d])
+                lin.weight.copy_(w[i * d : (i + 1) * d])
                 if b is not None:
-                    lin.bias.copy_(b[i * d:(i + 1) * d])
+                    lin.bias.copy_(b[i * d : (i + 1) * d])
             setattr(self, name, lin)
         self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None, device=w.device, dtype=w.dtype)
         self.out_proj.load_state_dict(mha.out_proj.state_dict())
 
-    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, key_padding_mask=None,
-                **_):
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, key_padding_mask=None, **_):
         key = query if key is None else key
         value = query if value is None else value
         if not self.batch_first:  # (L, B, D) -> (B, L, D)
@@ -71,8 +72,7 @@ class SplitAttention(nn.Module):
             pad = key_padding_mask.view(B, 1, 1, -1)
             pad = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill(pad.bool(), float("-inf"))
             mask = pad if mask is None else mask + pad
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -104,6 +104,7 @@ def create_visual(model_cfg: dict) -> nn.Module:
     oc = model_cfg.get("openclip") or {}
     if not isinstance(oc, dict):  # an OmegaConf node (configs composed by Hydra)
         from omegaconf import OmegaConf
+
         oc = OmegaConf.to_container(oc, resolve=True)
     name = oc.get("name") or "ViT-B-32"
     if oc.get("model_cfg"):
@@ -120,7 +121,8 @@ def create_visual(model_cfg: dict) -> nn.Module:
             raise FileNotFoundError(
                 f"open_clip could not build {name!r} with pretrained={pretrained!r} ({err}); without network "
                 "access, download the checkpoint once and set model.openclip.pretrained=/path/to/file.bin "
-                "(or model.openclip.name=local-dir:/path)") from err
+                "(or model.openclip.name=local-dir:/path)"
+            ) from err
     return model.visual
 
 
@@ -134,8 +136,9 @@ class OpenCLIPImageClassifier(nn.Module):
     def __init__(self, visual: nn.Module, num_labels: int, pool: str = "mean_patch"):
         super().__init__()
         if pool not in POOLING:
-            raise ValueError(f"unknown pooling {pool!r} for the CLIP head; choose one of {sorted(POOLING)} "
-                             "(model.pool)")
+            raise ValueError(
+                f"unknown pooling {pool!r} for the CLIP head; choose one of {sorted(POOLING)} (model.pool)"
+            )
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if not hasattr(visual, "_embeds") or not hasattr(visual, "transformer"):
@@ -147,7 +150,7 @@ class OpenCLIPImageClassifier(nn.Module):
         self.visual, self.pool, self.num_labels = visual, pool, num_labels
         self.classifier = nn.Linear(visual.transformer.width, num_labels)
         g = torch.Generator().manual_seed(torch.initial_seed())  # head = f(seed), as CLIPImageClassifier
-        bound = 1.0 / self.classifier.in_features ** 0.5
+        bound = 1.0 / self.classifier.in_features**0.5
         with torch.no_grad():
             self.classifier.weight.uniform_(-bound, bound, generator=g)
             self.classifier.bias.uniform_(-bound, bound, generator=g)

@@ -22,6 +22,7 @@ class VisionTask(Task):
         n = int(self.cfg["num_labels"])
         if self.model_cfg.get("backend") == "open_clip":  # model=clip-vit-b32-openclip (pilora.tasks.openclip)
             from .openclip import build_classifier
+
             return build_classifier(self.model_cfg, n)
         if self.model_cfg.get("from_config"):
             spec = {k: val for k, val in self.model_cfg["from_config"].items() if k != "model_type"}
@@ -30,8 +31,10 @@ class VisionTask(Task):
         try:
             return v.CLIPImageClassifier.from_pretrained(self.model_cfg["path"], num_labels=n, pool=self.pool)
         except OSError as err:
-            raise FileNotFoundError(f"could not load model {self.model_cfg['path']!r} ({err}); without network "
-                                    "access, pre-download it and set model.path to the local directory") from err
+            raise FileNotFoundError(
+                f"could not load model {self.model_cfg['path']!r} ({err}); without network "
+                "access, pre-download it and set model.path to the local directory"
+            ) from err
 
     @property
     def pool(self) -> str:
@@ -44,9 +47,14 @@ class VisionTask(Task):
 
     def datasets(self):
         d = self.cfg["dataset"]
-        raw = v.load_vision_dataset(d["path"], d.get("name"), data_files=d.get("data_files"),
-                                    image_column=d.get("image_column", "image"),
-                                    label_column=d.get("label_column", "label"), data_dir=d.get("data_dir"))
+        raw = v.load_vision_dataset(
+            d["path"],
+            d.get("name"),
+            data_files=d.get("data_files"),
+            image_column=d.get("image_column", "image"),
+            label_column=d.get("label_column", "label"),
+            data_dir=d.get("data_dir"),
+        )
         splits = self.cfg.get("splits", {})
         train_name, test_name = splits.get("train", "train"), splits.get("test", "test")
         if train_name not in raw:
@@ -55,18 +63,27 @@ class VisionTask(Task):
         try:
             v.check_labels(raw, n)
         except ValueError as err:
-            raise DataError(f"task {self.name!r}: {err}. task.num_labels is {n}: fix the data (class folders / "
-                            "label column) or set task.num_labels") from err
-        train, val = v.holdout_split(raw[train_name], fraction=float(self.cfg.get("holdout_fraction", 0.1)),
-                                     max_size=int(self.cfg.get("holdout_max", 5000)), seed=self.seed)
+            raise DataError(
+                f"task {self.name!r}: {err}. task.num_labels is {n}: fix the data (class folders / "
+                "label column) or set task.num_labels"
+            ) from err
+        train, val = v.holdout_split(
+            raw[train_name],
+            fraction=float(self.cfg.get("holdout_fraction", 0.1)),
+            max_size=int(self.cfg.get("holdout_max", 5000)),
+            seed=self.seed,
+        )
         size = int(self.model_cfg.get("image_size", 224))
         tr, ev = v.train_transform(size), v.eval_transform(size)
         test = raw[test_name] if test_name in raw else None
         for name, ds in (("train", train), ("validation", val), ("test", test)):
             if ds is not None and len(ds) == 0:
                 raise DataError(f"split {name!r} of task {self.name!r} is empty")
-        return {"train": v.prepare_dataset(train, tr), "validation": v.prepare_dataset(val, ev),
-                "test": v.prepare_dataset(test, ev) if test is not None else None}
+        return {
+            "train": v.prepare_dataset(train, tr),
+            "validation": v.prepare_dataset(val, ev),
+            "test": v.prepare_dataset(test, ev) if test is not None else None,
+        }
 
     def collator(self):
         return v.collate
@@ -78,6 +95,9 @@ class VisionTask(Task):
     def protocol(self):
         # GOAT (train_vit.py) trains a fixed schedule and selects no checkpoint; the per-epoch
         # scores here come from the holdout carved out of train, the test split is scored once.
-        return {**super().protocol(), "best_epoch_on": "validation (holdout of the train split)",
-                "reference": "GOAT train_vit.py: a fixed schedule, no checkpoint selection; test on the final model",
-                "pool": self.pool}
+        return {
+            **super().protocol(),
+            "best_epoch_on": "validation (holdout of the train split)",
+            "reference": "GOAT train_vit.py: a fixed schedule, no checkpoint selection; test on the final model",
+            "pool": self.pool,
+        }
