@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pilora.paper_params import model_targets
+
 R, R_S, DOMINANT_FRACTION, K_DEFAULT, DROPOUT, CHUNK_ROWS = 32, 2, 0.4, 10, 0.05, 1024
 BASELINE = "lora"
 TRAIN_METHODS = ("lora", "lora_fused", "pilora", "dora", "stage1_k10", "stage1_k1")
@@ -33,7 +35,7 @@ LLAMA_QUICK = dict(
     num_key_value_heads=4,
     vocab_size=512,
 )
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+LLAMA_TARGETS = model_targets("llama2-7b")  # conf/model: the targets every LLaMA run adapts
 
 
 class SingleLinear(nn.Module):

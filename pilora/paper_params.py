@@ -7,16 +7,25 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 
 import torch
+import yaml
 
 from .methods import MethodConfig, prepare_model
 from .params import ParamCount, count_parameters
 from .peft_layers import lora_layers
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-ROBERTA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+MODEL_CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "model")
+
+
+@functools.cache
+def model_targets(model: str) -> list[str]:
+    """The adapted linear layers of ``conf/model/<model>.yaml``: the one list the runs, these counts
+    and the benchmarks share (plain YAML: no Hydra needed)."""
+    with open(os.path.join(MODEL_CONF, f"{model}.yaml")) as f:
+        return list(yaml.safe_load(f)["target_modules"])
 
 
 def _llama2_7b():
@@ -83,10 +92,10 @@ def _clip_vit_b32():
 
 
 SETTINGS = {
-    "LLaMA2-7B": (_llama2_7b, LLAMA_TARGETS, 32, 2),
-    "LLaMA3-8B": (_llama3_8b, LLAMA_TARGETS, 32, 2),
-    "RoBERTa-large": (_roberta_large, ROBERTA_TARGETS, 8, 1),  # Tab. 6 trains r = 8
-    "CLIP ViT-B/32 image encoder": (_clip_vit_b32, CLIP_TARGETS, 8, 1),
+    "LLaMA2-7B": (_llama2_7b, "llama2-7b", 32, 2),
+    "LLaMA3-8B": (_llama3_8b, "llama3-8b", 32, 2),
+    "RoBERTa-large": (_roberta_large, "roberta-large", 8, 1),  # Tab. 6 trains r = 8
+    "CLIP ViT-B/32 image encoder": (_clip_vit_b32, "clip-vit-b32", 8, 1),
 }
 
 # The rows of ``python -m pilora.paper_params``: (setting, method, r, r', dominant fraction, paper's figure in %).
@@ -129,14 +138,14 @@ def meta_count(
 ) -> ParamCount:
     """Count a paper setting on the meta device (configs only, no weights, no download)."""
 
-    build, targets, r0, rs0 = SETTINGS[setting]
+    build, model_name, r0, rs0 = SETTINGS[setting]
     with torch.device("meta"):
         base = build()
         cfg = MethodConfig(
             name=method,
             r=r or r0,
             alpha=2 * (r or r0),
-            target_modules=targets,
+            target_modules=model_targets(model_name),
             supplementary_r=rs0 if supplementary_r is None else supplementary_r,
         )
         model = prepare_model(base, cfg, stage=1)

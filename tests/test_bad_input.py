@@ -271,7 +271,7 @@ def test_tokenizer_without_pad_token_trains(tmp_path):
     )
     rec = train(compose_cfg(overrides, tmp_path / "o"))
     assert rec["status"] == "complete" and rec["steps"] == 2
-    assert 0 <= rec["metrics"]["test"]["test_avg_accuracy"] <= 1
+    assert {"test_boolq_accuracy", "test_avg_accuracy"} <= set(rec["metrics"]["test"])  # generation ran
 
 
 # --- disk -------------------------------------------------------------------------------------------

@@ -49,23 +49,6 @@ def tiny_llama():
     return model
 
 
-# --------------------------------------------------------------------------- constants
-
-
-def test_eval_sets_order_and_sizes():
-    assert list(cs.EVAL_SETS.items()) == [
-        ("boolq", 3270),
-        ("piqa", 1838),
-        ("social_i_qa", 1954),
-        ("hellaswag", 10042),
-        ("winogrande", 1267),
-        ("ARC-Easy", 2376),
-        ("ARC-Challenge", 1172),
-        ("openbookqa", 500),
-    ]
-    assert set(cs.ANSWER_PATTERNS) == set(cs.EVAL_SETS)
-
-
 # --------------------------------------------------------------------------- prompts
 
 
@@ -385,10 +368,14 @@ def test_evaluate_dataset_counts(monkeypatch, tokenizer):
 
 def test_evaluate_dataset_end_to_end(tiny_llama, tokenizer):
     examples = [{"instruction": p, "answer": "true"} for p in ("a", "b c", "d e f")]
-    res = cs.evaluate_dataset(tiny_llama, tokenizer, examples, "boolq", batch_size=2, max_new_tokens=3)
-    assert set(res) == {"accuracy", "correct", "total", "no_match"}
-    assert res["total"] == 3 and 0 <= res["correct"] <= 3 and 0 <= res["no_match"] <= 3
-    assert res["accuracy"] == res["correct"] / 3
+    res = cs.evaluate_dataset(
+        tiny_llama, tokenizer, examples, "boolq", batch_size=2, max_new_tokens=3, return_predictions=True
+    )
+    # the score is the reference's rule applied to the responses the model really produced
+    assert res["predictions"] == [cs.extract_answer("boolq", r) for r in res["responses"]]
+    assert res["correct"] == sum(p == "true" for p in res["predictions"])
+    assert res["no_match"] == sum(p is None for p in res["predictions"])
+    assert res["total"] == 3 and res["accuracy"] == res["correct"] / 3
 
 
 # --------------------------------------------------------------------------- loading

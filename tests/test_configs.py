@@ -43,11 +43,16 @@ def test_every_experiment_overlay_composes(experiment):
     with __import__("hydra").initialize_config_dir(config_dir=CONF, version_base="1.3"):
         hcfg = __import__("hydra").compose("config", [f"experiment={experiment}"], return_hydra_config=True)
     params = OmegaConf.to_container(hcfg.hydra.sweeper.params or {})
-    for combo in itertools.product(*[[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]):
-        c = compose_cfg([f"experiment={experiment}", *combo])
-        mc = method_config(c)
-        assert c.model.family in FAMILIES[c.task.family].model_families
-        assert isinstance(mc, MethodConfig)
+    axes = {k: str(vals).split(",") for k, vals in params.items()}
+    # each swept value once, the other axes at their first value (the axes compose independently)
+    for key, values in axes.items():
+        for value in values:
+            combo = [f"{k}={value if k == key else vals[0]}" for k, vals in axes.items()]
+            c = compose_cfg([f"experiment={experiment}", *combo])
+            mc = method_config(c)
+            assert c.model.family in FAMILIES[c.task.family].model_families
+            # the typed config carries what the overlay and the sweep point composed
+            assert (mc.name, mc.r, mc.row_name) == (c.method.name, c.method.r, c.method.get("label") or c.method.name)
 
 
 @pytest.mark.parametrize("task,method", list(itertools.product(TASKS, METHODS)))
@@ -73,6 +78,7 @@ def test_paper_hyperparameters_come_from_tuned_configs():
     assert compose_cfg(["method=milora", "model=roberta-large", "task=glue/sst2"]).method.alpha == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override,needle",
     [
@@ -152,6 +158,7 @@ def test_ignored_keys_do_not_name_a_folder():
     assert folder(["method=lora_matched"])[1].split("/")[3] == "lora_matched"
 
 
+@pytest.mark.slow
 def test_mixed_sweep_trains_an_unused_key_once(tmp_path):
     """``-m method=lora,pilora method.supplementary_r=1,2``: two PiLoRA jobs and one LoRA job."""
     import json
@@ -247,6 +254,7 @@ def test_nan_loss_stops_with_step_and_no_record(tmp_path):
     assert not os.path.exists(out / "results.json")
 
 
+@pytest.mark.slow
 def test_two_job_multirun_through_run_py(tmp_path):
     overrides = (
         FAST

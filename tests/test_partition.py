@@ -17,22 +17,22 @@ def _stats(hits, score_sum, checks):
 STATS = _stats([4, 0, 2, 3, 1, 2], [9.0, 1.0, 5.0, 8.0, 2.0, 6.0], 4)
 
 
+# H = [4, 0, 2, 3, 1, 2] over T = 4 checks, ΣS = [9, 1, 5, 8, 2, 6] (six rows)
 @pytest.mark.parametrize(
-    "strategy,params",
+    "strategy,params,expected_rows",
     [
-        ("hit_frequency", {"tau": 0.5}),
-        ("hit_frequency", {"tau": 1.0}),
-        ("cumulative", {"threshold": 0.7}),
-        ("top_fraction", {"fraction": 0.5}),
-        ("random", {"fraction": 0.3, "seed": 1}),
+        ("hit_frequency", {"tau": 0.5}, 4),  # H ≥ 2: rows 0, 2, 3, 5
+        ("hit_frequency", {"tau": 1.0}, 1),  # H = 4: row 0
+        ("cumulative", {"threshold": 0.7}, 3),  # 4 + 3 + 2 = 9 ≥ 0.7·12 (4 + 3 = 7 is not)
+        ("top_fraction", {"fraction": 0.5}, 3),  # round(0.5·6)
+        ("random", {"fraction": 0.3, "seed": 1}, 2),  # round(0.3·6)
     ],
 )
-def test_masks_are_boolean_over_all_rows(strategy, params):
+def test_each_strategy_selects_its_documented_number_of_rows(strategy, params, expected_rows):
     mask = partition(STATS, strategy, **params)["layer"]
     assert mask.dtype == torch.bool and mask.shape == (6,)
-    # dominant and supplementary are complements: disjoint and covering every row
-    dominant, supplementary = set(mask.nonzero().flatten().tolist()), set((~mask).nonzero().flatten().tolist())
-    assert dominant.isdisjoint(supplementary) and dominant | supplementary == set(range(6))
+    assert int(mask.sum()) == expected_rows
+    assert dominant_fractions({"layer": mask})["overall"] == pytest.approx(expected_rows / 6)
 
 
 def test_hit_frequency_rule():

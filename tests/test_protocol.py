@@ -11,10 +11,11 @@ from helpers import FAST, compose_cfg, glue_overrides, write_commonsense
 from omegaconf import OmegaConf
 from torch import nn
 
+from pilora.paper_params import model_targets
 from pilora.peft_layers import lora_layers
 from pilora.train import objective, train
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+LLAMA_TARGETS = model_targets("tiny-llama")
 
 
 # ----------------------------------------------------------------------- 1. evaluation precision

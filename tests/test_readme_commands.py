@@ -73,6 +73,7 @@ def _compose(overrides):
         return compose("config", overrides, return_hydra_config=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc,args", COMMANDS, ids=[f"{d}:{c[:70]}" for d, c in COMMANDS])
 def test_readme_command_composes(doc, args):
     for overrides in job_overrides(args):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
+from pilora.paper_params import model_targets
 from pilora.tasks import clip as V
 
 TINY = dict(
@@ -121,11 +122,13 @@ def test_peft_lora_targets_all_clip_linears():
     expected = sum(
         r * (m.in_features + m.out_features)
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in V.LORA_TARGET_MODULES
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in model_targets("clip-vit-b32")
     )
     # 2 layers x (4 attention 32x32 + fc1 32->64 + fc2 64->32)
     assert expected == 2 * (4 * r * 64 + 2 * r * 96)
-    cfg = peft.LoraConfig(r=r, lora_alpha=4, target_modules=V.LORA_TARGET_MODULES, modules_to_save=["classifier"])
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=4, target_modules=model_targets("clip-vit-b32"), modules_to_save=["classifier"]
+    )
     pm = peft.get_peft_model(model, cfg)
     lora = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
     assert lora == expected

@@ -11,7 +11,7 @@ The pieces, in the order a training script uses them::
 
 The model is the transformers ``CLIPVisionModel`` (not open_clip) because its attention
 and MLP are separate ``q_proj``/``k_proj``/``v_proj``/``out_proj``/``fc1``/``fc2`` linear
-layers, which is what LoRA and its variants target (see ``LORA_TARGET_MODULES``).
+layers, which is what LoRA and its variants target (``conf/model/clip-vit-b32.yaml``).
 
 Note for ``TrainingArguments``: set ``remove_unused_columns=False``. The transforms run
 lazily inside ``Dataset.with_transform`` and need the raw ``image``/``label`` columns,
@@ -47,9 +47,6 @@ VISION_DATASETS: dict[str, tuple[str, str | None]] = {
     "sun397": ("tanganke/sun397", None),
     "svhn": ("ufldl-stanford/svhn", "cropped_digits"),
 }
-
-# The linear layers of every CLIP encoder block that LoRA adapts.
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 # OpenAI CLIP pre-processing statistics (the encoder was trained with these).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
