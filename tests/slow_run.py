@@ -40,4 +40,5 @@ if os.environ.get("PILORA_SLOW_SAVE"):
 
 if __name__ == "__main__":
     sys.argv = [os.path.join(ROOT, "run.py"), *sys.argv[1:]]
+    sys.path.insert(0, ROOT)  # as for `python run.py`: run.py imports hydra_setup from the repository root
     runpy.run_path(sys.argv[0], run_name="__main__")
