@@ -6,8 +6,9 @@ dominant-row masks; stage 2 (:mod:`pilora.layer`) trains rank-r adapters on domi
 rank-r' adapters on the rest. :func:`prepare_model` builds any method's model to train.
 """
 
+from .export import export_lora
 from .importance import ImportanceAccumulator, ImportanceStats, ModuleStats, approx_full_grad, row_scores
-from .layer import RowPartitionedB, export_lora, load_adapter, pilora_masks, save_adapter, to_pilora
+from .layer import RowPartitionedB, load_adapter, pilora_masks, save_adapter, to_pilora
 from .methods import INITS, METHODS, MethodConfig, lora_config, prepare_model
 from .params import ParamCount, count_parameters
 from .partition import PARTITIONS, dominant_fractions, partition

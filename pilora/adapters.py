@@ -3,7 +3,7 @@
 Two methods need care beyond ``save_pretrained``:
 
 * PiLoRA's stage-2 layer holds row-partitioned ``B`` blocks that stock PEFT cannot read; its
-  update is written as the equivalent plain rank ``r + r'`` LoRA (:func:`pilora.layer.export_lora`).
+  update is written as the equivalent plain rank ``r + r'`` LoRA (:func:`pilora.export.export_lora`).
 * PiSSA and MiLoRA move part of ``W0`` into the adapter at init (``W0 → W_res = W0 − s·B₀A₀``).
   Their trained ``(A, B)`` only reproduce the trained model on top of ``W_res``, which is not
   saved; loaded onto the pretrained ``W0`` they would be wrong. PEFT converts such an adapter to
@@ -40,7 +40,7 @@ def save_peft_adapter(peft_model: nn.Module, path: str) -> None:
     """Write ``path`` so that ``PeftModel.from_pretrained(<pretrained model>, path)`` reproduces
     ``peft_model``'s outputs: the PiLoRA export, the PiSSA/MiLoRA conversion, or PEFT's own save."""
     if is_pilora(peft_model):
-        from .layer import export_lora
+        from .export import export_lora
 
         export_lora(peft_model, path)
         return

@@ -128,6 +128,19 @@ def export_compact(src: str, dst: str) -> dict:
     return {"rank": rank, "modules": n}
 
 
+def export_lora(peft_model, path: str, adapter_name: str = "default") -> None:
+    """Write a plain PEFT LoRA of rank ``r + r'`` whose update equals the in-memory PiLoRA model's.
+
+    ``A = [A_d; A_s]``, ``B = s·[M ⊗ B_d, c·M̄ ⊗ B_s]`` and ``lora_alpha = r + r'`` (scaling 1), so
+    stock ``peft.PeftModel.from_pretrained`` loads it with no PiLoRA code. The model's compact form
+    is saved and exported by :func:`export_compact`: one piece of code writes every export."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as compact:
+        save_adapter(peft_model, compact, adapter_name)
+        export_compact(compact, path)
+
+
 def write_adapters(peft_model, run_dir: str) -> str:
     """Save a trained model's adapter into ``run_dir``; returns the stock-loadable folder.
 

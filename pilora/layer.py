@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from .peft_layers import PEFT_PREFIX, canonical_name, lora_layers
+from .peft_layers import canonical_name, lora_layers
 
 PILORA_FILE = "pilora_config.json"
 # PEFT flags 1-D tensors under lora_B as unsharded ZeRO/FSDP state; ours is the partition mask.
@@ -361,40 +361,3 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
             p.requires_grad_(False)
         model.eval()
     return model
-
-
-def export_lora(peft_model: nn.Module, path: str, adapter_name: str = "default") -> None:
-    """Write a plain PEFT LoRA of rank ``r + r'`` whose update equals the PiLoRA update.
-
-    ``A = [A_d; A_s]``, ``B = s·[M ⊗ B_d, c·M̄ ⊗ B_s]`` and ``lora_alpha = r + r'`` (scaling 1),
-    so stock ``peft.PeftModel.from_pretrained`` loads it with no PiLoRA code.
-    """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    cfg = peft_model.peft_config[adapter_name]
-    state, rank = {}, None
-    for name, layer in lora_layers(peft_model, adapter_name).items():
-        A = layer.lora_A[adapter_name].weight.detach()
-        B = layer.lora_B[adapter_name].weight.detach() * layer.scaling[adapter_name]
-        if rank is not None and A.shape[0] != rank:
-            raise ValueError("export needs one rank r + r' for all layers")
-        rank = A.shape[0]
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
-    # modules trained in full (e.g. a classification head) travel as they are
-    for key, value in peft_model.state_dict().items():
-        if ".modules_to_save." in key and f".{adapter_name}." in key:
-            state[key.replace(f".modules_to_save.{adapter_name}", "")] = value.detach().contiguous().cpu()
-    lora_cfg = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=cfg.target_modules,
-        lora_dropout=cfg.lora_dropout,
-        modules_to_save=cfg.modules_to_save,
-        task_type=cfg.task_type,
-        base_model_name_or_path=cfg.base_model_name_or_path,
-    )
-    os.makedirs(path, exist_ok=True)
-    lora_cfg.save_pretrained(path)
-    save_file(state, os.path.join(path, "adapter_model.safetensors"))
