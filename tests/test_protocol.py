@@ -216,6 +216,7 @@ def test_clip_head_pools_like_goat():
 # --------------------------------------------------------------- 4. checkpoint selection, objective
 
 
+@pytest.mark.slow
 def test_commonsense_selects_the_best_checkpoint_on_validation_loss(tmp_path):
     over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4", "trainer.num_train_epochs=3"]
     rec = train(compose_cfg(over, tmp_path / "run"))

@@ -58,7 +58,8 @@ def _train_and_check(overrides, out, method):
     return rec
 
 
-@pytest.mark.parametrize("method", ["lora", "pilora"])
+# the LoRA runs of these families are slow-marked: the fast suite keeps the two-stage path
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "pilora"])
 def test_glue_classification_end_to_end(tmp_path, method):
     rec = _train_and_check(
         FAST + glue_overrides(tmp_path / "data") + _method(method) + ["trainer.num_train_epochs=3"],
@@ -69,7 +70,8 @@ def test_glue_classification_end_to_end(tmp_path, method):
     assert len(rec["epochs"]) == 3
 
 
-@pytest.mark.parametrize("method", ["lora", "pilora"])
+# the LoRA runs of these families are slow-marked: the fast suite keeps the two-stage path
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "pilora"])
 def test_commonsense_generation_end_to_end(tmp_path, method):
     rec = _train_and_check(
         FAST + write_commonsense(str(tmp_path / "cs")) + _method(method, 3, r=4) + ["trainer.num_train_epochs=2"],
@@ -83,7 +85,8 @@ def test_commonsense_generation_end_to_end(tmp_path, method):
     assert all(round(test[f"test_{s}_accuracy"] * 8) == test[f"test_{s}_accuracy"] * 8 for s in ("boolq", "piqa"))
 
 
-@pytest.mark.parametrize("method", ["lora", "pilora"])
+# the LoRA runs of these families are slow-marked: the fast suite keeps the two-stage path
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "pilora"])
 def test_vision_end_to_end(tmp_path, method):
     rec = _train_and_check(
         FAST + write_images(str(tmp_path / "img")) + _method(method, 3) + ["trainer.num_train_epochs=3"],
