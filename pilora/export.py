@@ -13,6 +13,13 @@ cannot load (its config says ``r`` but the weights hold ``r + r'`` rows and mask
 in place, with no model and no download (the export is computed from the saved tensors)::
 
     python -m pilora.export multirun/table1_llama2/method=pilora     # one run, or a tree of runs
+
+PiSSA and MiLoRA move part of ``W0`` into the adapter at init (``W0 → W_res = W0 − s·B₀A₀``).
+Their trained ``(A, B)`` only reproduce the trained model on top of ``W_res``, which is not saved;
+loaded onto the pretrained ``W0`` they would be wrong. PEFT converts such an adapter to a plain
+LoRA on ``W0`` (``ΔW = s·(B A − B₀ A₀)``, rank ``2r``) from the adapter as it was at init
+(``save_pretrained(..., path_initial_model_for_weight_conversion=...)``), so the init is saved
+right after it is made (:func:`save_initial_adapter`).
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ import sys
 
 import torch
 
-from .layer import PILORA_FILE, save_adapter
+from .layer import PILORA_FILE, pilora_masks, save_adapter
 
 ADAPTER_DIR = "adapter"  # stock PEFT LoRA (every method)
 PILORA_ADAPTER_DIR = "adapter_pilora"  # PiLoRA's compact form, for pilora.load_adapter
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 _B_PARTS = (".lora_B.dominant", ".lora_B.supplementary", ".lora_B.dominant_mask")
+INITIAL_ADAPTER_DIR = "adapter_init"  # PiSSA / MiLoRA: the adapter as initialised, for the conversion
+_INITIAL_ATTR = "_pilora_initial_adapter"
 
 
 class ExportError(ValueError):
@@ -141,14 +150,51 @@ def export_lora(peft_model, path: str, adapter_name: str = "default") -> None:
         export_compact(compact, path)
 
 
+def save_initial_adapter(peft_model, path: str) -> str:
+    """Save the adapter as initialised (call before training); later saves of this model are
+    converted against it. Returns ``path``. Only meaningful for inits that mutate ``W0``."""
+    peft_model.save_pretrained(path)
+    setattr(peft_model, _INITIAL_ATTR, os.path.abspath(path))
+    return path
+
+
+def save_peft_adapter(peft_model, path: str) -> None:
+    """Write ``path`` so that ``PeftModel.from_pretrained(<pretrained model>, path)`` reproduces
+    ``peft_model``'s outputs: the PiLoRA export, the PiSSA/MiLoRA conversion, or PEFT's own save."""
+    if pilora_masks(peft_model):
+        export_lora(peft_model, path)
+        return
+    initial = getattr(peft_model, _INITIAL_ATTR, None)
+    if initial is not None:
+        if not os.path.isdir(initial):
+            raise FileNotFoundError(
+                f"the initial adapter {initial!r} this model's conversion needs is gone; "
+                "it is written when training starts (rerun with resume=false)"
+            )
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        peft_model.save_pretrained(path, path_initial_model_for_weight_conversion=initial)
+        # PEFT's conversion keeps only the LoRA tensors: put back what is trained in full
+        # (modules_to_save, e.g. a classification head), or the reload would start a fresh head
+        full = {
+            k: v.detach().contiguous().cpu()
+            for k, v in get_peft_model_state_dict(peft_model).items()
+            if ".lora_" not in k
+        }
+        if full:
+            file = os.path.join(path, "adapter_model.safetensors")
+            save_file({**load_file(file), **full}, file, metadata={"format": "pt"})
+        return
+    peft_model.save_pretrained(path)
+
+
 def write_adapters(peft_model, run_dir: str) -> str:
     """Save a trained model's adapter into ``run_dir``; returns the stock-loadable folder.
 
     PiLoRA: the compact form to ``adapter_pilora/`` and its rank ``r + r'`` export to ``adapter/``.
     Every other method: PEFT's own ``save_pretrained`` into ``adapter/`` (PiSSA / MiLoRA converted to
-    a LoRA on the pretrained weights, :func:`pilora.adapters.save_peft_adapter`)."""
-    from .layer import pilora_masks
-
+    a LoRA on the pretrained weights, :func:`save_peft_adapter`)."""
     stock = os.path.join(run_dir, ADAPTER_DIR)
     if pilora_masks(peft_model):
         compact = os.path.join(run_dir, PILORA_ADAPTER_DIR)
@@ -156,8 +202,6 @@ def write_adapters(peft_model, run_dir: str) -> str:
         dedupe_modules_to_save(compact)
         export_compact(compact, stock)
     else:
-        from .adapters import save_peft_adapter
-
         save_peft_adapter(peft_model, stock)
         dedupe_modules_to_save(stock)
     return stock

@@ -225,7 +225,7 @@ class Method:
     init: str = "default"
     two_stage: bool = False
     # the init moves part of W0 into the adapter (W0 -> W_res): a saved adapter must be converted
-    # against the initial one to load onto the pretrained model (pilora.adapters)
+    # against the initial one to load onto the pretrained model (pilora.export)
     mutates_base: bool = False
     adapter: bool = True
     # the config keys it uses beyond BASE_KEYS: recorded always (``keys``) or only when set

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from . import logging_wandb
-from .adapters import INITIAL_ADAPTER_DIR, save_initial_adapter
 from .budget import matched_rank_pattern
 from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress, stage_label
 from .checkpoints import CorruptCheckpoint, fit, non_finite_weights_failure, resume_point, verify_checkpoint  # noqa: F401
@@ -43,7 +42,7 @@ from .distributed import (  # noqa: F401
     refuse_sharded_stage1,
     world_size,
 )
-from .export import write_adapters
+from .export import INITIAL_ADAPTER_DIR, save_initial_adapter, write_adapters
 from .full import check_full_finetune_fsdp
 from .importance import ImportanceAccumulator, ImportanceStats
 from .jobdir import JobLocked, StaleJob, open_job  # noqa: F401 (re-exported)

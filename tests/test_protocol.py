@@ -126,7 +126,7 @@ def test_mutated_base_adapters_reload_onto_the_pretrained_model(tmp_path, method
     from peft import PeftModel
 
     from pilora import MethodConfig, prepare_model
-    from pilora.adapters import save_initial_adapter, save_peft_adapter
+    from pilora.export import save_initial_adapter, save_peft_adapter
 
     cfg = MethodConfig(name=method, r=4, alpha=8, dropout=0.0, target_modules=["up", "down"])
     torch.manual_seed(0)  # the same pretrained TinyMLP in every build

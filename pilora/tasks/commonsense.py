@@ -171,14 +171,14 @@ def _unmerged(task, model):
 def _merged_fp16(task, model):
     """The reference's evaluator: the pretrained weights loaded in fp16, the saved adapter loaded on
     top and merged in fp16 (LLM-Adapters' PEFT fork merges on ``model.eval()``). Built from a fresh
-    pretrained model and the stock-PEFT adapter (:func:`pilora.adapters.save_peft_adapter`), so it
+    pretrained model and the stock-PEFT adapter (:func:`pilora.export.save_peft_adapter`), so it
     also checks that the saved adapter reproduces the trained model."""
     import tempfile
 
     import torch
     from peft import PeftModel
 
-    from ..adapters import save_peft_adapter
+    from ..export import save_peft_adapter
 
     device = next(model.parameters()).device
     with tempfile.TemporaryDirectory() as d:
