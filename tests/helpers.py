@@ -105,8 +105,13 @@ def write_images(d, n=24, seed=0):
             for i in range(count // 2):
                 jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in colour)
                 Image.new("RGB", (40, 40), jitter).save(os.path.join(d, split, str(label), f"{i}.png"))
+    return vision_overrides(d)
+
+
+def vision_overrides(d, task="eurosat"):
+    """A vision task on the image folder ``d`` (``train/<label>/``, ``test/<label>/``) with the tiny CLIP."""
     return [
-        "task=vision/eurosat",
+        f"task=vision/{task}",
         "model=tiny-clip",
         "task.dataset.path=imagefolder",
         "task.dataset.name=null",

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FAST, compose_cfg, table_rows
+from helpers import FAST, compose_cfg, table_rows, vision_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = FAST + ["trainer.save_strategy=no", "save_adapter=false"]
@@ -39,18 +39,7 @@ def _write_images(d, n_train=24, n_test=24, seed=0):
 
 
 def _vision(d, task):
-    return [
-        f"task=vision/{task}",
-        "model=tiny-clip",
-        "task.dataset.path=imagefolder",
-        "task.dataset.name=null",
-        f"task.dataset.data_dir={d}",
-        "task.num_labels=2",
-        "task.holdout_fraction=0.25",
-        "trainer.learning_rate=5e-3",
-        "trainer.per_device_train_batch_size=6",
-        "trainer.max_steps=3",
-    ]
+    return vision_overrides(d, task) + ["trainer.max_steps=3"]
 
 
 def _glue(d):

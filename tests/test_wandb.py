@@ -13,25 +13,14 @@ import json
 import os
 
 import pytest
-from helpers import FAST, compose_cfg
+from helpers import FAST, compose_cfg, vision_overrides
 
 QUICK = FAST + ["logger=wandb", "logger.mode=offline", "trainer.save_strategy=no", "sweep_name=tiny"]
 PILORA = ["method.stage1.max_steps=3", "method.importance_interval=1"]
 
 
 def _vision(d):
-    return [
-        "task=vision/eurosat",
-        "model=tiny-clip",
-        "task.dataset.path=imagefolder",
-        "task.dataset.name=null",
-        f"task.dataset.data_dir={d}",
-        "task.num_labels=2",
-        "task.holdout_fraction=0.25",
-        "trainer.learning_rate=5e-3",
-        "trainer.per_device_train_batch_size=6",
-        "trainer.max_steps=3",
-    ]
+    return vision_overrides(d) + ["trainer.max_steps=3"]
 
 
 @pytest.fixture(scope="module")
