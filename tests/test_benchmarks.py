@@ -254,22 +254,11 @@ def test_importance_probe_bounds_blocks_by_one_chunk_and_counts_live_blocks(monk
         assert importance._grad_chunks is fake  # the probe restores what it wrapped
 
 
-@pytest.mark.slow
-def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
+def _tiny_gpu_run(tmp_path, *extra):
+    """``benchmarks.gpu_llama`` on a one-layer LLaMA on the CPU, one repeat, writing ``g.json``."""
+    out = str(tmp_path / "g.json")
     args = gpu_llama.parse_args(
-        [
-            "--out",
-            str(tmp_path / "g.json"),
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--batch",
-            "1",
-            "--seq",
-            "8",
-            "--no-importance",
-        ]
+        ["--out", out, "--repeats", "1", "--warmup", "0", "--batch", "1", "--seq", "8", "--no-importance", *extra]
     )
     tiny = dict(
         hidden_size=16,
@@ -279,7 +268,12 @@ def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
         num_key_value_heads=2,
         vocab_size=32,
     )
-    rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
+    return gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
+    rec = _tiny_gpu_run(tmp_path)
     w = rec["workloads"]["llama_tiny"]
     assert {"lora", "lora_fused", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
     assert w["stage1"]["default_k_source"] == "direct, robust"
@@ -374,32 +368,7 @@ print("ran without", {BLOCKED!r})
 
 @pytest.mark.slow
 def test_gpu_script_compiled_rows_run_tiny_on_cpu(tmp_path):
-    args = gpu_llama.parse_args(
-        [
-            "--out",
-            str(tmp_path / "g.json"),
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--batch",
-            "1",
-            "--seq",
-            "8",
-            "--no-importance",
-            "--compile",
-            "aot_eager",
-        ]
-    )
-    tiny = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=32,
-    )
-    rec = gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
+    rec = _tiny_gpu_run(tmp_path, "--compile", "aot_eager")
     w = rec["workloads"]["llama_tiny_compiled"]
     assert set(w["time"]) == {"lora", "lora_fused", "pilora", "stage1_k10"}
     assert rec["config"]["compile"] == "aot_eager"
