@@ -1,6 +1,7 @@
 """LoRA vs PiLoRA vs DoRA on a randomly initialised ~1B LLaMA, bf16, one CUDA device.
 
-    python -m benchmarks.gpu_llama --out results/gpu_llama.json [--repeats 10] [--warmup 2] [--compile]
+    python -m benchmarks.gpu_llama --out results/gpu_llama.json [--repeats 10] [--warmup 2]
+                                   [--compile [BACKEND] [--compile-only]] [--optim adamw_torch_fused]
 
 Same measurements and code as :mod:`benchmarks.step_time` (interleaved per-step medians over windows of
 ``K = 10`` steps, so ``stage1_k10`` is timed directly; peak memory from the CUDA allocator; the
@@ -24,7 +25,7 @@ import torch
 from benchmarks.importance_probe import importance_memory
 from benchmarks.report import build_record, environment, format_report, write_json
 from benchmarks.runner import run_workload
-from benchmarks.workloads import K_DEFAULT, LAYERS_7B, llama_workload
+from benchmarks.workloads import DEFAULT_OPTIM, K_DEFAULT, LAYERS_7B, OPTIMIZERS, llama_workload
 
 LLAMA_1B = dict(
     hidden_size=2048,
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="decoder layers")
+    p.add_argument(
+        "--optim", choices=list(OPTIMIZERS), default=DEFAULT_OPTIM, help="every method's AdamW (trainer.optim name)"
+    )
     p.add_argument("--no-importance", action="store_true", help="skip the importance-pass memory check")
     p.add_argument(
         "--compile",
@@ -52,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         const="inductor",
         default=None,
         help="also time LoRA, LoRA fused, PiLoRA and stage 1 under torch.compile (default backend: inductor)",
+    )
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="with --compile: skip the eager methods (when eager and compiled run as separate jobs)",
     )
     return p.parse_args(argv)
 
@@ -76,26 +85,7 @@ def run(
         steps_per_sample=K_DEFAULT,
     )
     print(f"[{time.perf_counter() - t0:6.1f} s] built {wl.meta}", flush=True)
-    results = {wl.name: run_workload(wl, args.repeats, args.warmup, device)}
-    if args.compile:
-        print(f"[{time.perf_counter() - t0:6.1f} s] compiled ({args.compile})", flush=True)
-        results[wl.name + "_compiled"] = run_workload(
-            wl,
-            args.repeats,
-            args.warmup,
-            device,
-            methods=("lora", "lora_fused", "pilora", "stage1_k10"),
-            merged=False,
-            compile_backend=args.compile,
-        )
-    del wl
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    importance = None
-    if not args.no_importance:
-        print(f"[{time.perf_counter() - t0:6.1f} s] importance pass memory", flush=True)
-        importance = importance_memory(importance_shapes or LAYERS_7B, dtype, device)
+    optim = getattr(args, "optim", DEFAULT_OPTIM)
     env = environment(device, args, script="benchmarks.gpu_llama")
     conf = {
         "model": cfg,
@@ -106,13 +96,47 @@ def run(
         "dtype": str(dtype).replace("torch.", ""),
         "k_default": K_DEFAULT,
         "compile": args.compile,
-        "wall_s": time.perf_counter() - t0,
+        "optim": optim,
     }
+
+    def save(results: dict, importance=None, final: bool = False) -> dict:
+        # written after every part, so a run stopped at a time limit keeps what it measured
+        conf["wall_s"], conf["complete"] = time.perf_counter() - t0, final
+        if device.startswith("cuda"):
+            conf["max_memory_allocated_total"] = torch.cuda.max_memory_allocated()
+        record = build_record(results, importance, env, conf)
+        write_json(args.out, record)
+        return record
+
+    results = {}
+    if not (args.compile and getattr(args, "compile_only", False)):
+        results[wl.name] = run_workload(wl, args.repeats, args.warmup, device, optim=optim)
+        partial = save(results)
+        if args.compile:
+            print(format_report(partial), flush=True)  # the eager table, before the (long) compiled part
+    if args.compile:
+        print(f"[{time.perf_counter() - t0:6.1f} s] compiled ({args.compile})", flush=True)
+        results[wl.name + "_compiled"] = run_workload(
+            wl,
+            args.repeats,
+            args.warmup,
+            device,
+            methods=("lora", "lora_fused", "pilora", "stage1_k10"),
+            merged=False,
+            compile_backend=args.compile,
+            optim=optim,
+        )
+        save(results)
+    del wl
+    gc.collect()
     if device.startswith("cuda"):
-        conf["max_memory_allocated_total"] = torch.cuda.max_memory_allocated()
-    record = build_record(results, importance, env, conf)
+        torch.cuda.empty_cache()
+    importance = None
+    if not args.no_importance:
+        print(f"[{time.perf_counter() - t0:6.1f} s] importance pass memory", flush=True)
+        importance = importance_memory(importance_shapes or LAYERS_7B, dtype, device)
+    record = save(results, importance, final=True)
     print(format_report(record))
-    write_json(args.out, record)
     print(f"wrote {args.out}")
     return record
 

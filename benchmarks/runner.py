@@ -12,6 +12,7 @@ from benchmarks.harness import measure_memory, operator_profile, time_interleave
 from benchmarks.stats import memory_ratios, ratio_summary, robust_step_time, stage1_overheads
 from benchmarks.workloads import (
     BASELINE,
+    DEFAULT_OPTIM,
     K_DEFAULT,
     TRAIN_METHODS,
     Workload,
@@ -30,6 +31,7 @@ def run_workload(
     methods=TRAIN_METHODS,
     merged: bool = True,
     compile_backend: str | None = None,
+    optim: str = DEFAULT_OPTIM,
 ) -> dict:
     """Every method on ``wl``: interleaved step times (``repeats`` rounds after ``warmup``), memory,
     operators and host time per step, parameter counts, the stage-1 overhead and, with ``merged``,
@@ -38,7 +40,7 @@ def run_workload(
     methods = [m for m in methods if not (m == "stage1_k10" and k % K_DEFAULT)]  # needs whole windows
     masks = random_masks(wl.reference if wl.reference is not None else wl.make_base(False), wl.targets)
     variants = {
-        m: build_variant(m, wl, masks=masks if m == "pilora" else None, compile_backend=compile_backend)
+        m: build_variant(m, wl, masks=masks if m == "pilora" else None, compile_backend=compile_backend, optim=optim)
         for m in methods
     }
     fns = {m: v.step for m, v in variants.items()}

@@ -31,9 +31,50 @@ from torch import nn
 from benchmarks.harness import operator_profile, require_device, time_interleaved
 from benchmarks.report import environment, write_json
 from benchmarks.stats import ratio_summary
-from benchmarks.workloads import Variant, Workload, build_variant, llama_workload, random_masks, sizes
+from benchmarks.workloads import (
+    DEFAULT_OPTIM,
+    OPTIMIZERS,
+    Variant,
+    Workload,
+    build_variant,
+    llama_workload,
+    make_optimizer,
+    random_masks,
+    sizes,
+)
 
-OPTIONS = ("function", "index", "batched", "stored")
+OPTIONS = ("function", "index", "batched", "stored", "hook")
+
+
+class HookedB(nn.Module):
+    """The stored ``m × (r + r')`` leaf used as it is in the forward (its structural zeros are 0),
+    with the zeros' gradient cleared by a tensor hook on the leaf (``c = 1`` only): no product in
+    the forward, no ``weight`` temporary saved for the backward, a bool pattern."""
+
+    def __init__(self, stored):
+        super().__init__()
+        if stored.supplementary_scale != 1.0:
+            raise ValueError("the hook option holds c = 1 only (no scale in the forward)")
+        self.blocks = nn.Parameter(stored.blocks.detach().clone())
+        self.dominant_rows, self.supplementary_rows = stored.dominant_rows, stored.supplementary_rows
+        self.r = stored.r
+        zeros = stored.pattern == 0
+        self.blocks.register_hook(lambda g, zeros=zeros: g.masked_fill(zeros, 0))
+
+    @property
+    def weight(self):
+        return self.blocks
+
+    @property
+    def dominant(self):
+        return self.blocks[self.dominant_rows, : self.r]
+
+    @property
+    def supplementary(self):
+        return self.blocks[self.supplementary_rows, self.r :]
+
+    def forward(self, z):
+        return F.linear(z, self.blocks)
 
 
 class _AssembleRows(torch.autograd.Function):
@@ -124,10 +165,10 @@ class BatchedAssembly:
             b.batched_weight = w.view(shape)
 
 
-def build_option(option: str, wl: Workload, masks: dict) -> Variant:
+def build_option(option: str, wl: Workload, masks: dict, optim: str = DEFAULT_OPTIM) -> Variant:
     from pilora.peft_layers import lora_layers
 
-    v = build_variant("pilora", wl, masks=masks)
+    v = build_variant("pilora", wl, masks=masks, optim=optim)
     if option == "stored":
         return v
     mods = []
@@ -137,11 +178,14 @@ def build_option(option: str, wl: Workload, masks: dict) -> Variant:
         stored.set_blocks(
             *(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (stored.dominant, stored.supplementary))
         )
+        if option == "hook":
+            layer.lora_B["default"] = HookedB(stored)
+            continue
         layer.lora_B["default"] = CompactB(stored, "batched" if option == "batched" else option)
         mods.append(layer.lora_B["default"])
     if option == "batched":
         v.model._pilora_batched = BatchedAssembly(v.model, mods)
-    v.optimizer = torch.optim.AdamW([p for p in v.model.parameters() if p.requires_grad], lr=1e-4)
+    v.optimizer = make_optimizer(v.model, optim)
     return v
 
 
@@ -160,6 +204,8 @@ def check_same_matrix(variants: dict[str, Variant]) -> float:
         for k, l in layers.items():
             b = l.lora_B["default"]
             ref[k].set_blocks(b.dominant.detach(), b.supplementary.detach())
+            if name == "hook":  # the same values in the structural zeros too
+                worst = max(worst, (b.blocks.detach() - ref[k].blocks.detach()).abs().max().item())
             worst = max(worst, (b.weight.detach() - ref[k].weight.detach()).abs().max().item())
     return worst
 
@@ -172,6 +218,7 @@ def run(
     config: dict | None = None,
     batch: int | None = None,
     seq: int | None = None,
+    optim: str = DEFAULT_OPTIM,
 ) -> dict:
     sz = sizes(quick, device)
     wl = llama_workload(
@@ -184,8 +231,8 @@ def run(
         steps_per_sample=1,
     )
     masks = random_masks(wl.reference, wl.targets)
-    variants = {"lora": build_variant("lora", wl), "lora_fused": build_variant("lora_fused", wl)}
-    variants.update({o: build_option(o, wl, masks) for o in OPTIONS})
+    variants = {m: build_variant(m, wl, optim=optim) for m in ("lora", "lora_fused", "lora_wide")}
+    variants.update({o: build_option(o, wl, masks, optim) for o in OPTIONS})
     max_diff = check_same_matrix({o: variants[o] for o in OPTIONS})
     for v in variants.values():
         v.step()
@@ -193,7 +240,7 @@ def run(
     samples = time_interleaved(fns, repeats, warmup, device)
     summary = ratio_summary(samples)
     ops = {m: operator_profile(fns[m], device, 1) for m in fns}
-    out = {"workload": wl.meta, "repeats": repeats, "max_abs_diff_vs_stored": max_diff, "options": {}}
+    out = {"workload": wl.meta, "optim": optim, "repeats": repeats, "max_abs_diff_vs_stored": max_diff, "options": {}}
     for m in fns:
         out["options"][m] = {
             "median_s": summary[m]["median_s"],
@@ -230,10 +277,11 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--optim", choices=list(OPTIMIZERS), default=DEFAULT_OPTIM, help="AdamW (trainer.optim name)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     require_device(args.device)
-    res = run(args.quick, args.repeats, args.warmup, args.device)
+    res = run(args.quick, args.repeats, args.warmup, args.device, optim=args.optim)
     res["environment"] = environment(args.device, args, script="benchmarks.stage2_options")
     print(format_table(res))
     if args.out:

@@ -74,11 +74,14 @@ from benchmarks.importance_probe import importance_memory
 from benchmarks.report import build_record, environment, format_breakdown, format_report, loadavg, write_json
 from benchmarks.runner import run_workload
 from benchmarks.workloads import (
+    ALL_METHODS,
     BASELINE,
     CHUNK_ROWS,
+    DEFAULT_OPTIM,
     DOMINANT_FRACTION,
     DROPOUT,
     K_DEFAULT,
+    OPTIMIZERS,
     R_S,
     TRAIN_METHODS,
     R,
@@ -95,6 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON record here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
+    p.add_argument(
+        "--optim",
+        choices=list(OPTIMIZERS),
+        default=DEFAULT_OPTIM,
+        help=f"every method's AdamW, by its trainer.optim name (default {DEFAULT_OPTIM}, as conf/trainer)",
+    )
     p.add_argument(
         "--compile",
         metavar="BACKEND",
@@ -116,15 +125,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default=",".join(TRAIN_METHODS),
-        help=f"comma-separated subset of {','.join(TRAIN_METHODS)} (lora, the baseline, is always run); "
+        help=f"comma-separated subset of {','.join(ALL_METHODS)} (lora, the baseline, is always run; "
+        "lora_wide, LoRA at rank r + r' with the fused forward, only when named); "
         "fewer methods leave room for more repeats",
     )
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(TRAIN_METHODS))
+    unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {', '.join(TRAIN_METHODS)}")
-    args.methods = tuple(m for m in TRAIN_METHODS if m in methods or m == BASELINE)
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
+    args.methods = tuple(m for m in ALL_METHODS if m in methods or m == BASELINE)
     return args
 
 
@@ -158,7 +168,7 @@ def main(argv=None) -> dict:
             continue
         print(f"[{time.perf_counter() - t_start:6.1f} s] {name} {wl.meta}", flush=True)
         results[name] = run_workload(
-            wl, repeats, args.warmup, device, methods=args.methods, compile_backend=args.compile
+            wl, repeats, args.warmup, device, methods=args.methods, compile_backend=args.compile, optim=args.optim
         )
         del wl
         gc.collect()
@@ -182,7 +192,7 @@ def main(argv=None) -> dict:
         "compile": args.compile,
         "quick": args.quick,
         "dtype": str(dtype).replace("torch.", ""),
-        "optimizer": "AdamW(lr=1e-4)",
+        "optimizer": f"AdamW(lr=1e-4, {args.optim})",
         "sizes": sz,
         "loadavg_start": load_start,
         "wall_s": None,

@@ -16,7 +16,15 @@ R, R_S, DOMINANT_FRACTION, K_DEFAULT, DROPOUT, CHUNK_ROWS = 32, 2, 0.4, 10, 0.05
 BASELINE = "lora"
 TRAIN_METHODS = ("lora", "lora_fused", "pilora", "dora", "stage1_k10", "stage1_k1")
 LIKE_FOR_LIKE = "lora_fused"  # LoRA with PiLoRA's fused addmm forward: separates method cost from implementation
+# opt-in controls (not in the default run): LoRA with the fused forward at rank r + r', i.e. every adapter GEMM
+# as wide as PiLoRA's, so PiLoRA ÷ lora_wide is the host work PiLoRA adds and lora_wide ÷ lora_fused the width
+OPTIONAL_METHODS = ("lora_wide",)
+ALL_METHODS = TRAIN_METHODS + OPTIONAL_METHODS
 # (in_features, out_features) of the LLaMA-7B linear layers
+# the optimizer of a step, by its trainer.optim name: conf/trainer's default (adamw_torch: for-each
+# on a GPU, a per-tensor loop on a CPU) and the fused kernel (transformers' own default)
+OPTIMIZERS = {"adamw_torch": {}, "adamw_torch_fused": {"fused": True}}
+DEFAULT_OPTIM = "adamw_torch"
 LAYERS_7B = {"layer_q": (4096, 4096), "layer_up": (4096, 11008), "layer_down": (11008, 4096)}
 LAYERS_QUICK = {"layer_q": (512, 512), "layer_up": (512, 1376), "layer_down": (1376, 512)}
 LLAMA_SMALL = dict(
@@ -207,6 +215,8 @@ def method_config(method: str, targets: list[str], r: int = R, r_s: int = R_S):
         return MethodConfig(name="lora", **common)
     if method == LIKE_FOR_LIKE:
         return MethodConfig(name="lora", fused_forward=True, **common)
+    if method == "lora_wide":  # same scaling α/r as the others; only the width changes
+        return MethodConfig(name="lora", fused_forward=True, **{**common, "r": r + r_s})
     if method == "dora":
         return MethodConfig(name="dora", **common)
     if method == "pilora" or method.startswith("stage1") or method == "importance_check":
@@ -236,6 +246,12 @@ def random_masks(
     return masks
 
 
+def make_optimizer(model: nn.Module, optim: str = DEFAULT_OPTIM, lr: float = 1e-4) -> torch.optim.Optimizer:
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optim!r}; choose from {', '.join(OPTIMIZERS)}")
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **OPTIMIZERS[optim])
+
+
 @dataclass
 class Variant:
     name: str
@@ -261,9 +277,15 @@ class Variant:
 
 
 def build_variant(
-    method: str, wl: Workload, masks: dict | None = None, lr: float = 1e-4, compile_backend: str | None = None
+    method: str,
+    wl: Workload,
+    masks: dict | None = None,
+    lr: float = 1e-4,
+    compile_backend: str | None = None,
+    optim: str = DEFAULT_OPTIM,
 ) -> Variant:
-    """One method's model and AdamW; ``compile_backend`` wraps the model in ``torch.compile``."""
+    """One method's model and AdamW (``optim``: a key of ``OPTIMIZERS``); ``compile_backend`` wraps
+    the model in ``torch.compile``."""
     from pilora import ImportanceAccumulator, prepare_model
 
     base = wl.make_base(False)
@@ -275,7 +297,7 @@ def build_variant(
     else:
         model = prepare_model(base, cfg)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = make_optimizer(model, optim, lr)
     acc = None
     if method.startswith("stage1"):
         k = int(method.rsplit("_k", 1)[1])

@@ -215,16 +215,28 @@ class FusedLoraForward(LoraVariant):
 
     @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``result + s · (B (A dropout(x)))`` as one GEMM that accumulates into ``result``."""
-        z = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
+        """``result + s · (B (A dropout(x)))`` as one GEMM that accumulates into ``result``.
+
+        Written on 2-D views with ``mm``/``addmm`` rather than ``F.linear`` on the 3-D input: the same
+        two GEMMs, but ``linear``/``matmul`` add a reshape, an ``_unsafe_view`` and their backward
+        nodes per call, and on a GPU whose step is bound by host work every operator counts."""
+        x = module.lora_dropout[active_adapter](x)
+        A = module.lora_A[active_adapter].weight
         W = module.lora_B[active_adapter].weight
         scaling = module.scaling[active_adapter]
-        if result.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
+        if result.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             # fp32 adapters on a bf16 base (PEFT's autocast_adapter_dtype): add in the adapter's dtype,
             # as PEFT's type promotion does; its forward casts the sum back to the base dtype
-            result = result.to(z.dtype)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), z.reshape(-1, z.shape[-1]), W.t(), alpha=scaling)
-        return out.view(result.shape)
+            result = result.to(x.dtype)
+        out = torch.addmm(_rows(result), torch.mm(_rows(x), A.t()), W.t(), alpha=scaling)
+        return out if result.dim() == 2 else out.view(result.shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D (tokens × features) tensor: itself, a view, or (non-contiguous) a copy."""
+    if t.dim() == 2:
+        return t
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
 
 
 def supplementary_scale(

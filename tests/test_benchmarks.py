@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,6 +309,21 @@ def test_methods_option_keeps_the_baseline_and_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         step_time.parse_args(["--methods", "pilora,qlora"])
     assert "unknown ['qlora']" in capsys.readouterr().err
+    # the width control runs only when named, after the default methods
+    assert "lora_wide" not in step_time.parse_args([]).methods
+    assert step_time.parse_args(["--methods", "lora_wide,pilora"]).methods == ("lora", "pilora", "lora_wide")
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--optim", "sgd"])
+
+
+def test_lora_wide_is_lora_at_pilora_width_and_the_optimizer_choice_reaches_adamw():
+    wl = workloads.layer_workload("layer_q", 16, 24, 8, torch.float32, "cpu")
+    wide = workloads.build_variant("lora_wide", wl, optim="adamw_torch_fused")
+    pil = workloads.build_variant("pilora", wl)
+    assert wide.stored_params() == pil.stored_params() == (16 + 24) * (workloads.R + workloads.R_S)
+    assert wide.optimizer.defaults["fused"] is True and not pil.optimizer.defaults["fused"]
+    with pytest.raises(ValueError, match="adamw_torch_fused"):
+        workloads.make_optimizer(wide.model, "adam8bit")
 
 
 def test_stage2_options_compute_the_same_matrix_and_count_host_work():
@@ -324,12 +340,15 @@ def test_stage2_options_compute_the_same_matrix_and_count_host_work():
     res = so.run(quick=True, repeats=1, warmup=0, config=tiny, batch=1, seq=8)
     assert res["max_abs_diff_vs_stored"] == 0.0
     opt = res["options"]
-    assert set(opt) == {"lora", "lora_fused", *so.OPTIONS}
+    assert set(opt) == {"lora", "lora_fused", "lora_wide", *so.OPTIONS}
     assert opt["function"]["python_functions"] > 0 and opt["stored"]["python_functions"] == 0
-    # the layer's choice: as many operators per step as LoRA with the fused forward, plus one product
-    # forward and one backward per module (5 modules)
+    # the layer's choice: as many operators per step as LoRA with the fused forward (at either
+    # width), plus one product forward and one backward per module (5 modules) ...
+    assert opt["lora_wide"]["ops"] == opt["lora_fused"]["ops"]
     assert opt["stored"]["ops"] == opt["lora_fused"]["ops"] + 2 * 5
-    assert opt["stored"]["ops"] < min(opt[o]["ops"] for o in ("function", "index", "batched"))
+    assert opt["stored"]["ops"] < min(opt[o]["ops"] for o in ("function", "index", "batched", "hook"))
+    # ... and fewer than stock PEFT LoRA's: the fused forward saves more than the product costs
+    assert opt["stored"]["ops"] < opt["lora"]["ops"]
     assert opt["stored"]["trainable"] == opt["function"]["trainable"] < opt["stored"]["stored"]
     assert "stored" in so.format_table(res)
 
@@ -368,7 +387,58 @@ print("ran without", {BLOCKED!r})
 
 @pytest.mark.slow
 def test_gpu_script_compiled_rows_run_tiny_on_cpu(tmp_path):
-    rec = _tiny_gpu_run(tmp_path, "--compile", "aot_eager")
+    rec = _tiny_gpu_run(tmp_path, "--compile", "aot_eager", "--compile-only")
+    assert set(rec["workloads"]) == {"llama_tiny_compiled"}  # --compile-only: no eager methods
     w = rec["workloads"]["llama_tiny_compiled"]
     assert set(w["time"]) == {"lora", "lora_fused", "pilora", "stage1_k10"}
-    assert rec["config"]["compile"] == "aot_eager"
+    assert rec["config"]["compile"] == "aot_eager" and rec["config"]["complete"] is True
+
+
+@pytest.mark.slow
+def test_gpu_script_keeps_the_eager_record_when_the_compiled_part_is_stopped(tmp_path, monkeypatch):
+    real = gpu_llama.run_workload
+
+    def stopped_when_compiled(*args, compile_backend=None, **kw):
+        if compile_backend:
+            raise KeyboardInterrupt  # what a time limit does to the second part
+        return real(*args, compile_backend=compile_backend, **kw)
+
+    monkeypatch.setattr(gpu_llama, "run_workload", stopped_when_compiled)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_gpu_run(tmp_path, "--compile", "aot_eager")
+    rec = json.loads((tmp_path / "g.json").read_text())
+    assert set(rec["workloads"]) == {"llama_tiny"} and rec["config"]["complete"] is False
+    assert rec["workloads"]["llama_tiny"]["time"]["pilora"]["median_s"] > 0
+
+
+def _session(tmp_path, parts: str, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PARTS": parts, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    out = tmp_path / "session"
+    proc = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_session.sh"), str(out), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc, out
+
+
+@pytest.mark.slow
+def test_gpu_session_script_logs_each_part_and_refuses_unknown_parts_and_bad_wheels(tmp_path):
+    # a real part on a machine without CUDA: the command refuses, the script notes it and goes on
+    proc, out = _session(tmp_path, "options")
+    assert proc.returncode == 1
+    assert "gpu_options: exit 2 after" in (out / "summary.txt").read_text()
+    assert "CUDA" in (out / "gpu_options.log").read_text()
+    assert "torch" in (out / "env.txt").read_text()
+    proc, _ = _session(tmp_path, "llama bogus")
+    assert proc.returncode == 2 and "unknown part 'bogus'" in proc.stderr
+    proc, _ = _session(tmp_path, "options", str(tmp_path))  # a wheel folder with no wheels
+    assert proc.returncode == 1 and "installing the wheels" in proc.stderr

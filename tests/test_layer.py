@@ -235,8 +235,17 @@ def _without_variant(model):
     return plain
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_forward_equals_pefts_vanilla_forward_in_value_and_gradient(dropout):
+def _input(layout: str) -> torch.Tensor:
+    """A (batch, seq, n) input, a (tokens, n) one, or a non-contiguous (batch, seq, n) one."""
+    if layout == "2d":
+        return torch.randn(14, 10, dtype=torch.float64, requires_grad=True)
+    if layout == "transposed":
+        return torch.randn(7, 2, 10, dtype=torch.float64).transpose(0, 1).requires_grad_(True)
+    return torch.randn(2, 7, 10, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("dropout,layout", [(0.0, "3d"), (0.3, "3d"), (0.3, "2d"), (0.3, "transposed")])
+def test_fused_forward_equals_pefts_vanilla_forward_in_value_and_gradient(dropout, layout):
     _, model = _pilora()
     for layer in lora_layers(model).values():
         layer.lora_dropout["default"].p = dropout
@@ -244,7 +253,8 @@ def test_fused_forward_equals_pefts_vanilla_forward_in_value_and_gradient(dropou
     model.double()
     assert all(isinstance(l.lora_variant["default"], FusedLoraForward) for l in lora_layers(model).values())
     plain = _without_variant(model)
-    x = torch.randn(2, 7, 10, dtype=torch.float64, requires_grad=True)  # a (batch, seq, n) input
+    x = _input(layout)
+    assert x.is_contiguous() == (layout != "transposed")
     outs, grads = [], []
     for m in (model, plain):
         torch.manual_seed(3)  # same dropout masks
@@ -252,7 +262,7 @@ def test_fused_forward_equals_pefts_vanilla_forward_in_value_and_gradient(dropou
         params = [p for p in m.parameters() if p.requires_grad]
         grads.append(torch.autograd.grad(out.pow(2).sum(), params + [x]))
         outs.append(out)
-    assert outs[0].shape == (2, 7, 3)
+    assert outs[0].shape == (*x.shape[:-1], 3)
     assert torch.allclose(outs[0], outs[1], atol=1e-12)
     assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-11) for a, b in zip(*grads))
 
