@@ -13,7 +13,12 @@ here to float precision against the layer in :mod:`pilora.layer`), on the LLaMA 
 * ``batched``: compact leaves; one assembly of *every* module's matrix per step: one ``cat`` of all
   blocks, one ``index_select``, one product with the scale, then a view per module;
 * ``stored``: one ``m × (r + r')`` leaf per module, ``weight = blocks ⊙ P`` (the layer's choice):
-  one elementwise product forward and backward, structural zeros get exactly-zero gradients.
+  one elementwise product forward and backward, structural zeros get exactly-zero gradients;
+* ``hook``: the same leaf used as it is in the forward (its zeros are zero) and a tensor hook that
+  clears the zeros' gradient (``c = 1`` only): no forward product, a Python call per module backward.
+
+Beside them: stock LoRA (the baseline), LoRA with the fused forward, and ``lora_wide``, LoRA with the
+fused forward at rank ``r + r'`` (the same GEMM widths as PiLoRA, without the partition).
 
 Reported per option: ``aten::`` operators per step (torch.profiler, nested ops included), autograd
 nodes per step, Python autograd nodes, host time per step (median over interleaved rounds, with

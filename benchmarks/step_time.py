@@ -29,7 +29,10 @@ Methods (rank 32, α = 2r, dropout 0.05 as in ``conf/method``)
     stage1_k10 / stage1_k1 (the stage-1 LoRA with ``ImportanceAccumulator(interval=K)`` attached
     to the optimizer; timed directly where a sample spans a multiple of K steps), and
     importance_check (one ``ImportanceAccumulator.update()`` on its own): the stage-1 overhead at
-    interval K, amortised, is ``t_check / (K · t_lora)``.
+    interval K, amortised, is ``t_check / (K · t_lora)``. Only when named in ``--methods``:
+    lora_wide (LoRA with the fused forward at rank r + r' = 34: PiLoRA's GEMM widths without its
+    partition, so PiLoRA ÷ lora_wide is what the partition costs and lora_wide ÷ lora_fused the width).
+    ``--optim`` picks every method's AdamW by its ``trainer.optim`` name (default adamw_torch).
 
 Memory
     ``peak = static + step peak``. ``static`` is the bytes of the variant's own live tensors when a
