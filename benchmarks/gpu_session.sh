@@ -10,13 +10,14 @@
 #
 # PARTS picks the parts (default: all four, in this order):
 #     llama     the ~1 B LLaMA, 2048 tokens, eager: LoRA vs PiLoRA stage 2 vs DoRA, stage 1, memory  (limit 150 s)
-#     layers    LLaMA-7B-shaped layers and llama_small, with LoRA at width r + r' as a control   (120 s)
-#     options   the ways of holding stage 2's B, llama_small                                      (60 s)
+#     layers    7B-shaped layers, llama_small and host_stack, with LoRA at width r + r' as a control (120 s)
+#     options   the ways of holding stage 2's B, on llama_small and on host_stack                (120 s)
 #     compiled  the ~1 B LLaMA under torch.compile (inductor): LoRA, fused LoRA, PiLoRA, stage 1  (300 s)
-# Where one command may run at most 10 minutes, run it twice: PARTS="llama layers options", then
-# PARTS=compiled. Each part has its own time limit (LIMIT_LLAMA, LIMIT_LAYERS, LIMIT_OPTIONS,
-# LIMIT_COMPILED, seconds) and writes its log and JSON into OUTDIR as it goes, so a part that runs
-# out of time loses only itself; OUTDIR gets env.txt, summary.txt and a .log and a .json per part.
+# Where one command may run at most 10 minutes and bring back at most 8 files, run it twice:
+# PARTS="llama layers" (≤ 270 s, 6 files), then PARTS="options compiled" (≤ 420 s, 7 files).
+# Each part has its own time limit (LIMIT_LLAMA, LIMIT_LAYERS, LIMIT_OPTIONS, LIMIT_COMPILED,
+# seconds) and writes its log and JSON into OUTDIR as it goes, so a part that runs out of time
+# loses only itself; OUTDIR gets env.txt, summary.txt and each part's log and JSON.
 set -u -o pipefail
 
 out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR [WHEEL_DIR]}
@@ -57,8 +58,9 @@ for p in ${PARTS:-llama layers options compiled}; do
         llama) part gpu_llama "${LIMIT_LLAMA:-150}" "$PY" -m benchmarks.gpu_llama --out "$out/gpu_llama.json" ;;
         layers) part gpu_layers "${LIMIT_LAYERS:-120}" "$PY" -m benchmarks.step_time --device cuda --repeats 30 \
             --warmup 3 --methods lora,lora_fused,pilora,lora_wide,stage1_k10,stage1_k1 --out "$out/gpu_layers.json" ;;
-        options) part gpu_options "${LIMIT_OPTIONS:-60}" "$PY" -m benchmarks.stage2_options --device cuda \
-            --out "$out/gpu_options.json" ;;
+        options) part gpu_options "${LIMIT_OPTIONS:-120}" bash -c "$PY -m benchmarks.stage2_options --device cuda \
+            --out $out/gpu_options.json && $PY -m benchmarks.stage2_options --device cuda --workload host_stack \
+            --out $out/gpu_options_host_stack.json" ;;
         compiled) part gpu_llama_compiled "${LIMIT_COMPILED:-300}" "$PY" -m benchmarks.gpu_llama --compile \
             --compile-only --no-importance --out "$out/gpu_llama_compiled.json" ;;
         *) echo "unknown part '$p' in PARTS; the parts are: llama layers options compiled" >&2; exit 2 ;;

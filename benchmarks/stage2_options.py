@@ -1,6 +1,6 @@
 """How to hold PiLoRA's stage-2 ``B``: the options measured side by side (host work per step).
 
-    python -m benchmarks.stage2_options [--quick] [--repeats 20] [--out FILE.json]
+    python -m benchmarks.stage2_options [--quick] [--workload llama|host_stack] [--repeats 20] [--out FILE.json]
 
 Every option computes the same ``m × (r + r')`` matrix ``[M ⊗ B_d, c·M̄ ⊗ B_s]`` of Eq. 10 (checked
 here to float precision against the layer in :mod:`pilora.layer`), on the LLaMA workload of
@@ -15,7 +15,10 @@ here to float precision against the layer in :mod:`pilora.layer`), on the LLaMA 
 * ``stored``: one ``m × (r + r')`` leaf per module, ``weight = blocks ⊙ P`` (the layer's choice):
   one elementwise product forward and backward, structural zeros get exactly-zero gradients;
 * ``hook``: the same leaf used as it is in the forward (its zeros are zero) and a tensor hook that
-  clears the zeros' gradient (``c = 1`` only): no forward product, a Python call per module backward.
+  clears the zeros' gradient (``c = 1`` only): no forward product, a Python call per module backward;
+* ``foreach``: the stored leaf, with every module's product formed at once by one
+  ``torch._foreach_mul`` in a forward pre-hook of the model: one product and one backward node per
+  step instead of one per module.
 
 Beside them: stock LoRA (the baseline), LoRA with the fused forward, and ``lora_wide``, LoRA with the
 fused forward at rank ``r + r'`` (the same GEMM widths as PiLoRA, without the partition).
@@ -38,6 +41,7 @@ from benchmarks.report import environment, write_json
 from benchmarks.stats import ratio_summary
 from benchmarks.workloads import (
     DEFAULT_OPTIM,
+    HOST_STACK,
     OPTIMIZERS,
     Variant,
     Workload,
@@ -46,9 +50,10 @@ from benchmarks.workloads import (
     make_optimizer,
     random_masks,
     sizes,
+    stack_workload,
 )
 
-OPTIONS = ("function", "index", "batched", "stored", "hook")
+OPTIONS = ("function", "index", "batched", "stored", "hook", "foreach")
 
 
 class HookedB(nn.Module):
@@ -170,6 +175,53 @@ class BatchedAssembly:
             b.batched_weight = w.view(shape)
 
 
+class ForeachB(nn.Module):
+    """The stored layout whose products ``blocks ⊙ P`` are formed for every module of the model at
+    once, by one ``torch._foreach_mul`` in a forward pre-hook (:class:`ForeachProducts`): one
+    product and one autograd node per step instead of one per module. ``weight`` is the product of
+    the running forward (on a CPU ``_foreach_mul`` loops over the tensors; on a GPU it is one
+    multi-tensor kernel)."""
+
+    def __init__(self, stored):
+        super().__init__()
+        self.blocks = nn.Parameter(stored.blocks.detach().clone())
+        self.pattern = stored.pattern
+        self.dominant_rows, self.supplementary_rows, self.r = stored.dominant_rows, stored.supplementary_rows, stored.r
+        self.product = None
+
+    @property
+    def weight(self):
+        return self.product if self.product is not None else self.blocks * self.pattern
+
+    @property
+    def dominant(self):
+        return self.blocks[self.dominant_rows, : self.r]
+
+    @property
+    def supplementary(self):
+        return self.blocks[self.supplementary_rows, self.r :]
+
+    def forward(self, z):
+        return F.linear(z, self.weight)
+
+
+class ForeachProducts:
+    """Forward pre-hook of the model: every :class:`ForeachB`'s product with one ``_foreach_mul``.
+    Module state is read and written through ``__dict__``: ``nn.Module.__getattr__``/``__setattr__``
+    cost microseconds per call, i.e. per module and step."""
+
+    def __init__(self, model: nn.Module, modules: list[ForeachB]):
+        self.states = [b.__dict__ for b in modules]
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        for d in self.states:  # the last step's products go first, so two sets never coexist
+            d["product"] = None
+        blocks = [d["_parameters"]["blocks"] for d in self.states]
+        for d, w in zip(self.states, torch._foreach_mul(blocks, [d["pattern"] for d in self.states])):
+            d["product"] = w
+
+
 def build_option(option: str, wl: Workload, masks: dict, optim: str = DEFAULT_OPTIM) -> Variant:
     from pilora.peft_layers import lora_layers
 
@@ -183,13 +235,16 @@ def build_option(option: str, wl: Workload, masks: dict, optim: str = DEFAULT_OP
         stored.set_blocks(
             *(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (stored.dominant, stored.supplementary))
         )
-        if option == "hook":
-            layer.lora_B["default"] = HookedB(stored)
+        if option in ("hook", "foreach"):
+            layer.lora_B["default"] = (HookedB if option == "hook" else ForeachB)(stored)
+            mods.append(layer.lora_B["default"])
             continue
         layer.lora_B["default"] = CompactB(stored, "batched" if option == "batched" else option)
         mods.append(layer.lora_B["default"])
     if option == "batched":
         v.model._pilora_batched = BatchedAssembly(v.model, mods)
+    if option == "foreach":
+        v.model._pilora_foreach = ForeachProducts(v.model, mods)
     v.optimizer = make_optimizer(v.model, optim)
     return v
 
@@ -209,7 +264,7 @@ def check_same_matrix(variants: dict[str, Variant]) -> float:
         for k, l in layers.items():
             b = l.lora_B["default"]
             ref[k].set_blocks(b.dominant.detach(), b.supplementary.detach())
-            if name == "hook":  # the same values in the structural zeros too
+            if name in ("hook", "foreach"):  # the same values in the structural zeros too
                 worst = max(worst, (b.blocks.detach() - ref[k].blocks.detach()).abs().max().item())
             worst = max(worst, (b.weight.detach() - ref[k].weight.detach()).abs().max().item())
     return worst
@@ -224,17 +279,17 @@ def run(
     batch: int | None = None,
     seq: int | None = None,
     optim: str = DEFAULT_OPTIM,
+    workload: str = "llama",
 ) -> dict:
     sz = sizes(quick, device)
-    wl = llama_workload(
-        "llama",
-        config or sz["llama"],
-        batch or sz["batch"],
-        seq or sz["seq"],
-        torch.float32 if device == "cpu" else torch.bfloat16,
-        device,
-        steps_per_sample=1,
-    )
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if workload == "host_stack":  # 80 tiny modules: a step's time is its host work
+        wl = stack_workload("host_stack", **HOST_STACK, dtype=dtype, device=device)
+        wl.steps_per_sample = 1
+    else:
+        wl = llama_workload(
+            "llama", config or sz["llama"], batch or sz["batch"], seq or sz["seq"], dtype, device, steps_per_sample=1
+        )
     masks = random_masks(wl.reference, wl.targets)
     variants = {m: build_variant(m, wl, optim=optim) for m in ("lora", "lora_fused", "lora_wide")}
     variants.update({o: build_option(o, wl, masks, optim) for o in OPTIONS})
@@ -279,6 +334,12 @@ def format_table(res: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stage2_options", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny LLaMA (else llama_small)")
+    p.add_argument(
+        "--workload",
+        choices=["llama", "host_stack"],
+        default="llama",
+        help="llama (llama_small, or the tiny LLaMA with --quick) or host_stack (80 tiny modules: host work)",
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -286,7 +347,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     require_device(args.device)
-    res = run(args.quick, args.repeats, args.warmup, args.device, optim=args.optim)
+    res = run(args.quick, args.repeats, args.warmup, args.device, optim=args.optim, workload=args.workload)
     res["environment"] = environment(args.device, args, script="benchmarks.stage2_options")
     print(format_table(res))
     if args.out:

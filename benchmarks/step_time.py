@@ -21,6 +21,9 @@ Workloads
       tensor, so no loss computation blurs the layer's cost. "layer set" sums the three.
     * a small randomly initialised LLaMA (``LlamaForCausalLM`` from a ``LlamaConfig``), targets
       q, k, v, up, down, causal-LM loss on a batch of random token ids.
+    * ``host_stack``: 80 adapted 64 × 64 layers in a chain (as many modules as the ~1 B LLaMA of
+      ``gpu_llama``) on 8 tokens. Its compute is negligible, so a step's time is host work per
+      module: the regime of a GPU step at 1–4 k tokens, measured on any machine.
 
 Methods (rank 32, α = 2r, dropout 0.05 as in ``conf/method``)
     lora (stock PEFT, the baseline), lora_fused (LoRA with PiLoRA's one-``addmm`` forward,
@@ -122,8 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--workloads",
-        default="layer_q,layer_up,layer_down,llama_small,importance",
-        help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,importance",
+        default="layer_q,layer_up,layer_down,llama_small,host_stack,importance",
+        help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,host_stack,importance",
     )
     p.add_argument(
         "--methods",

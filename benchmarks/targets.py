@@ -40,7 +40,7 @@ def evaluate_targets(record: dict) -> list[dict]:
         t = w.get("time", {})
         if "pilora" in t:
             add("stage2_time", where, t["pilora"]["ratio"], f"{t['pilora']['ratio']:.3f}×")
-            if w.get("kind") == "model":
+            if str(w.get("name", where)).startswith("llama"):
                 pr = t["pilora"].get("paired_ratio") or {}
                 band = f" (paired q25–q75 {pr['q25']:.3f}–{pr['q75']:.3f})" if pr else ""
                 add("stage2_time_model", where, t["pilora"]["ratio"], f"{t['pilora']['ratio']:.3f}×{band}")

@@ -43,6 +43,10 @@ LLAMA_QUICK = dict(
     num_key_value_heads=4,
     vocab_size=512,
 )
+# host_stack: as many adapted modules as the ~1B LLaMA of gpu_llama (16 layers × q k v up down), each
+# tiny, on 8 tokens: the compute is negligible and a step's time is its host work per module, the
+# regime a GPU step at 1-4 k tokens is in (it waits for Python and kernel launches, not for FLOPs)
+HOST_STACK = dict(modules=80, width=64, tokens=8)
 LLAMA_TARGETS = model_targets("llama2-7b")  # conf/model: the targets every LLaMA run adapts
 
 
@@ -57,6 +61,19 @@ class SingleLinear(nn.Module):
 
     def forward(self, x):
         return self.proj(x)
+
+
+class LinearStack(nn.Module):
+    """``modules`` equal linear layers in a chain, each named ``proj`` inside its own block."""
+
+    def __init__(self, modules: int, width: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(SingleLinear(nn.Parameter(torch.empty(width, width))) for _ in range(modules))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 class LayerSet(nn.Module):
@@ -173,6 +190,26 @@ def llama_workload(
     )
 
 
+def stack_workload(name: str, modules: int, width: int, tokens: int, dtype, device, seed: int = 0) -> Workload:
+    """``host_stack``: a chain of ``modules`` tiny ``width × width`` layers, all adapted, on ``tokens``
+    tokens; loss = the output's sum. Timed in windows of K = 10 steps like the models."""
+    torch.manual_seed(seed)
+    base0 = LinearStack(modules, width)
+    for block in base0.blocks:
+        nn.init.normal_(block.proj.weight, std=width**-0.5)
+    base0.to(device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
+
+    def make_base(copy_weights: bool = True) -> nn.Module:
+        return copy.deepcopy(base0).train()
+
+    def forward_backward(model):
+        model(x).float().sum().backward()
+
+    meta = {"modules": modules, "width": width, "tokens": tokens, "dtype": str(dtype).replace("torch.", "")}
+    return Workload(name, "model", make_base, ["proj"], forward_backward, lambda m: m(x), [x], K_DEFAULT, meta, base0)
+
+
 def sizes(quick: bool, device: str) -> dict:
     """The workload sizes: 7B-shaped layers and llama_small, or the tiny ``--quick`` ones."""
     if quick:
@@ -198,12 +235,15 @@ def sizes(quick: bool, device: str) -> dict:
 
 
 def named_workload(name: str, sz: dict, dtype, device) -> Workload | None:
-    """The workload ``name`` (a layer of ``sz["layers"]`` or ``llama_small``) at the sizes ``sz``; None if unknown."""
+    """The workload ``name`` (a layer of ``sz["layers"]``, ``llama_small`` or ``host_stack``) at the sizes
+    ``sz``; None if unknown."""
     if name in sz["layers"]:
         i, o = sz["layers"][name]
         return layer_workload(name, i, o, sz["tokens"], dtype, device)
     if name == "llama_small":
         return llama_workload(name, sz["llama"], sz["batch"], sz["seq"], dtype, device)
+    if name == "host_stack":
+        return stack_workload(name, **HOST_STACK, dtype=dtype, device=device)
     return None
 
 

@@ -349,6 +349,11 @@ def test_stage2_options_compute_the_same_matrix_and_count_host_work():
     assert opt["stored"]["ops"] < min(opt[o]["ops"] for o in ("function", "index", "batched", "hook"))
     # ... and fewer than stock PEFT LoRA's: the fused forward saves more than the product costs
     assert opt["stored"]["ops"] < opt["lora"]["ops"]
+    # foreach: every module's product in one operator and one autograd node per step (on a CPU the
+    # operator loops over the modules inside, so it still counts their products)
+    assert opt["foreach"]["autograd_nodes"] == opt["lora_fused"]["autograd_nodes"] + 1
+    assert opt["stored"]["autograd_nodes"] == opt["lora_fused"]["autograd_nodes"] + 5
+    assert opt["foreach"]["ops"] == opt["stored"]["ops"] + 1
     assert opt["stored"]["trainable"] == opt["function"]["trainable"] < opt["stored"]["stored"]
     assert "stored" in so.format_table(res)
 
@@ -442,3 +447,18 @@ def test_gpu_session_script_logs_each_part_and_refuses_unknown_parts_and_bad_whe
     assert proc.returncode == 2 and "unknown part 'bogus'" in proc.stderr
     proc, _ = _session(tmp_path, "options", str(tmp_path))  # a wheel folder with no wheels
     assert proc.returncode == 1 and "installing the wheels" in proc.stderr
+
+
+@pytest.mark.slow
+def test_host_stack_adapts_as_many_modules_as_the_1b_llama_and_runs_every_option():
+    from benchmarks import stage2_options as so
+    from pilora.peft_layers import lora_layers
+
+    wl = workloads.named_workload("host_stack", workloads.sizes(True, "cpu"), torch.float32, "cpu")
+    v = workloads.build_variant("pilora", wl)
+    n_1b = gpu_llama.LLAMA_1B["num_hidden_layers"] * len(workloads.LLAMA_TARGETS)
+    assert len(lora_layers(v.model)) == workloads.HOST_STACK["modules"] == n_1b == 80
+    res = so.run(repeats=1, warmup=0, workload="host_stack")
+    assert res["max_abs_diff_vs_stored"] == 0.0 and res["workload"]["modules"] == 80
+    opt = res["options"]
+    assert opt["foreach"]["autograd_nodes"] + 79 == opt["stored"]["autograd_nodes"]

@@ -529,3 +529,31 @@ def test_merge_and_unload_leaves_exactly_the_base_model(which):
     assert _adapter_leftovers(merged, base) == []
     assert torch.allclose(out(merged), before, atol=1e-5)
     assert not torch.allclose(out(merged), out(base), atol=1e-5)  # the merge did change the weights
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    base, targets = _tiny_llama()
+    masks = {
+        n: torch.rand(m.out_features, generator=torch.Generator().manual_seed(2)) < 0.4
+        for n, m in base.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets
+    }
+    cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.0, target_modules=targets, supplementary_r=1)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same A
+        model = prepare_model(copy.deepcopy(base), cfg, masks=masks).train()
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                B = layer.lora_B["default"]
+                B.set_blocks(*(0.1 * torch.randn(t.shape, generator=g) for t in (B.dominant, B.supplementary)))
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.base_model.model.is_gradient_checkpointing
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:  # the recomputed forward forms the same products
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-8)
