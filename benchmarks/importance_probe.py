@@ -48,7 +48,7 @@ class ChunkProbe:
                 del item  # hold no reference of our own while the next block is formed
 
         def wrapped_group(L, R, buf):
-            # the accumulator's bound: the largest single-module chunk, min(chunk_rows, m) × n
+            # the accumulator's bound: chunk_rows rows of the widest module (chunk_rows × max n)
             probe.bound_elems = max(probe.bound_elems, buf.numel())
             for item in orig_group(L, R, buf):
                 probe._record(item[2])

@@ -14,9 +14,11 @@ figures) are kept.
 during a check: modules of equal shape are scored together (one batched GEMM forms ``G̃`` for
 several modules, one fused reduction gives ``S``), ``H`` and ``ΣS`` accumulate in device tensors,
 and the statistics are copied to the CPU only when they are read (:attr:`ImportanceAccumulator.stats`,
-saved or finalized). ``G̃`` is formed in fp32 in blocks of at most as many elements as the largest
-single-module chunk (``min(chunk_rows, m) × n``), so the extra memory never grows to ``m × n`` per
-layer. The heat-map snapshot is pooled on every ``snapshot_interval``-th check only.
+saved or finalized). ``G̃`` is formed in fp32 in blocks of at most ``chunk_rows`` rows of the widest
+adapted module (``chunk_rows × max n`` elements): a large module in row chunks, small modules of
+one shape several at a time, so the extra memory never grows to ``m × n`` per layer and a model of
+many small modules needs few GEMMs. The heat-map snapshot is pooled on every
+``snapshot_interval``-th check only.
 """
 
 from __future__ import annotations
@@ -214,6 +216,12 @@ class ImportanceStats:
             )
 
 
+def _adapter_weight(layer: nn.Module, part: str, adapter: str) -> torch.Tensor:
+    """``layer.lora_A[adapter].weight`` (``part="lora_A"``) read from the modules' dicts: a check reads
+    it for every module, and ``nn.Module.__getattr__`` costs about a microsecond per access."""
+    return layer._modules[part]._modules[adapter]._parameters["weight"]
+
+
 def _group_blocks(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor):
     """Yield ``(modules, rows, G̃[modules, rows])`` blocks for a group of equal-shape modules.
 
@@ -385,10 +393,10 @@ class ImportanceAccumulator:
                 )
             )
         self._groups = groups
-        self._budget = max(
-            min(self.chunk_rows, s[0]) * s[1]
-            for s in (tuple(l.get_base_layer().weight.shape) for l in self.layers.values())
-        )
+        # one block: chunk_rows rows of the widest module. Modules with fewer rows share a block
+        # (fewer GEMMs and operators per check: host work on a GPU); none is ever formed whole
+        # when it is larger
+        self._budget = self.chunk_rows * max(l.get_base_layer().weight.shape[1] for l in self.layers.values())
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors that hold the statistics now (on the device once a check has run)."""
@@ -433,19 +441,15 @@ class ImportanceAccumulator:
         a = self.adapter_name
         bufs: dict = {}  # one G̃ buffer per device and dtype, reused by every group of this check
         for g in self._groups:
-            idx = [
-                i
-                for i, layer in enumerate(g.layers)
-                if layer.lora_A[a].weight.grad is not None and layer.lora_B[a].weight.grad is not None
-            ]
+            A_all = [_adapter_weight(layer, "lora_A", a) for layer in g.layers]
+            B_all = [_adapter_weight(layer, "lora_B", a) for layer in g.layers]
+            idx = [i for i, (w, v) in enumerate(zip(A_all, B_all)) if w.grad is not None and v.grad is not None]
             if not idx:
                 continue  # layers not reached by this batch's loss
-            layers = [g.layers[i] for i in idx]
-            A = [l.lora_A[a].weight for l in layers]
-            B = [l.lora_B[a].weight for l in layers]
+            A, B = [A_all[i] for i in idx], [B_all[i] for i in idx]
             dt = torch.promote_types(B[0].dtype, torch.float32)
             # L = [B, Gᴮ] (k × m × 2r), R = s·[Gᴬ; A] (k × 2r × n): four cats per group, no per-module op
-            k, (m, r), n = len(layers), B[0].shape, A[0].shape[1]
+            k, (m, r), n = len(idx), B[0].shape, A[0].shape[1]
             L = torch.cat([torch.cat(B).view(k, m, r), torch.cat([b.grad for b in B]).view(k, m, r)], dim=2)
             R = torch.cat([t for w in A for t in (w.grad, w)]).view(k, 2 * r, n)
             if L.dtype != dt:
