@@ -61,7 +61,7 @@ class MethodConfig:
     stage1_r: Optional[int] = None  # rank of the stage-1 LoRA (default: r)
     importance_interval: int = 10  # K: optimizer steps between importance checks
     importance_checks: Optional[int] = None  # N: set K from stage 1's length so that T ≈ N checks run
-    chunk_rows: int = 1024  # rows of G̃ formed at once (memory bound)
+    chunk_rows: int = 1024  # G̃ is formed in blocks of chunk_rows × (widest n) elements (memory bound)
     snapshot_interval: int = 10  # pool the heat-map snapshot on every k-th importance check
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
