@@ -125,8 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--workloads",
-        default="layer_q,layer_up,layer_down,llama_small,host_stack,importance",
-        help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,host_stack,importance",
+        default=None,
+        help="comma-separated subset of layer_q,layer_up,layer_down,llama_small,host_stack,importance "
+        "(default: all; with --quick all but host_stack, whose profiled steps take minutes on a CPU)",
     )
     p.add_argument(
         "--methods",
@@ -141,6 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
     args.methods = tuple(m for m in ALL_METHODS if m in methods or m == BASELINE)
+    if args.workloads is None:
+        args.workloads = (
+            "layer_q,layer_up,layer_down,llama_small" + ("" if args.quick else ",host_stack") + ",importance"
+        )
     return args
 
 

@@ -222,6 +222,13 @@ def _adapter_weight(layer: nn.Module, part: str, adapter: str) -> torch.Tensor:
     return layer._modules[part]._modules[adapter]._parameters["weight"]
 
 
+def _block_elems(g: int, m: int, n: int, budget: int) -> int:
+    """Elements of the largest block :func:`_group_blocks` forms for ``g`` modules of ``m × n``."""
+    if m * n <= budget:
+        return min(g, budget // (m * n)) * m * n
+    return max(1, budget // n) * n
+
+
 def _group_blocks(L: torch.Tensor, R: torch.Tensor, buf: torch.Tensor):
     """Yield ``(modules, rows, G̃[modules, rows])`` blocks for a group of equal-shape modules.
 
@@ -393,10 +400,11 @@ class ImportanceAccumulator:
                 )
             )
         self._groups = groups
-        # one block: chunk_rows rows of the widest module. Modules with fewer rows share a block
-        # (fewer GEMMs and operators per check: host work on a GPU); none is ever formed whole
-        # when it is larger
-        self._budget = self.chunk_rows * max(l.get_base_layer().weight.shape[1] for l in self.layers.values())
+        # the budget of a block: chunk_rows rows of the widest module. Modules with fewer rows share
+        # a block (fewer GEMMs and operators per check: host work on a GPU); a larger module is
+        # formed in row chunks. The buffer is as large as the largest block some group forms.
+        budget = self.chunk_rows * max(n for (_, n, *_) in by_key)
+        self._budget = max(_block_elems(len(names), bshape[0], n, budget) for (bshape, n, *_), names in by_key.items())
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors that hold the statistics now (on the device once a check has run)."""
