@@ -89,19 +89,22 @@ _SECTIONS = {"method": MethodConfig, "method.stage1": Stage1Config, "method.part
 
 def group_options(group: str, conf_dir: str = CONF) -> list[str]:
     """Options of a config group, nested ones as ``glue/mrpc`` (files starting with ``_`` are
-    bases other files include)."""
+    bases other files include; a folder that is a section of the group's schema, like
+    ``method/partition``, is a group of its own, not a set of options)."""
     base = os.path.join(conf_dir, group)
-    return sorted(
+    options = (
         os.path.relpath(p, base)[:-5].replace(os.sep, "/")
         for p in glob.glob(os.path.join(base, "**", "*.yaml"), recursive=True)
         if not os.path.basename(p).startswith("_")
     )
+    return sorted(o for o in options if "/" not in o or f"{group}.{o.split('/')[0]}" not in _SECTIONS)
 
 
 def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:
-    """An error for what Hydra reports without the options: a ``method.<key>`` that no method has
-    (with the valid keys), and a choice of a group with nested options (``task=glue/nope``, with
-    the options). Hydra's own errors stand for everything else (e.g. ``method=lorax`` lists the methods)."""
+    """An error for what Hydra reports without the options, or with wrong ones: a ``method.<key>``
+    that no method has (with the valid keys), and an unknown choice of a ``conf/`` group
+    (``task=glue/nope``, ``method=_base``, with the options that can be chosen). Hydra's own errors
+    stand for everything else."""
     from hydra._internal.utils import get_args
 
     try:
@@ -115,10 +118,15 @@ def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:
             valid = [f.name for f in dataclasses.fields(_SECTIONS[section])]
             if leaf not in valid:
                 return f"unknown key {key!r}; valid keys of {section}: {', '.join(valid)}"
-        elif "." not in key and os.path.isdir(os.path.join(conf_dir, key)) and not key.startswith("hydra"):
+        elif (
+            "." not in key
+            and os.path.isdir(os.path.join(conf_dir, key))
+            and not key.startswith("hydra")
+            and not o.is_delete()
+        ):
+            # every choice of a conf/ group, so that the list holds what can be chosen: nested
+            # options (glue/mrpc), neither the _ bases nor a subgroup's files, which Hydra would list
             options = group_options(key, conf_dir)
-            if not any("/" in opt for opt in options):
-                continue
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             unknown = [v for v in values if v not in options and v != "null"]
             if unknown:

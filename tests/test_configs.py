@@ -93,9 +93,10 @@ def test_unknown_choices_and_keys_list_the_options(override, needle):
     with pytest.raises((MissingConfigException, ConfigCompositionException)):
         compose_cfg([override])
     proc = subprocess.run([sys.executable, "run.py", override], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    # Hydra lists a top-level group's options itself; run.py lists nested options and method keys
+    # run.py lists what can be chosen (no _ bases, no subgroup files) and the method keys
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
-    assert "Available options" in proc.stderr or "choose one of" in proc.stderr or "valid keys" in proc.stderr
+    assert "choose one of" in proc.stderr or "valid keys" in proc.stderr
+    assert "_base" not in proc.stderr.split("choose one of")[-1] and "partition/" not in proc.stderr
 
 
 def test_method_config_is_strict_and_typed():
@@ -285,3 +286,17 @@ def test_tab_completion_offers_nested_choices():
     assert "task=vision/eurosat" in bash._query("config", "task=")
     assert bash._query("config", "method=pi") == ["method=pilora", "method=pissa"]
     assert bash._query("config", "method=lora method.stage1.") == ["method.stage1.epochs=", "method.stage1.max_steps="]
+
+
+def test_group_choices_are_checked_against_what_can_be_chosen():
+    import hydra_setup
+
+    err = hydra_setup.check_overrides(["method=_base"])
+    listed = err.split("choose one of: ")[1].split(", ")
+    assert err.startswith("unknown method '_base'") and "pilora" in listed
+    assert not [o for o in listed if o.startswith("_") or "/" in o]  # no bases, no partition/ files
+    assert hydra_setup.group_options("method/partition") == ["cumulative", "hit_frequency", "random", "top_fraction"]
+    assert "glue/mrpc" in hydra_setup.group_options("task") and "glue/_glue" not in hydra_setup.group_options("task")
+    for ok in (["-m", "method=lora,pilora", "task=glue/mrpc,glue/rte"], ["method/partition=random"], ["~logger"]):
+        assert hydra_setup.check_overrides(ok) is None, ok
+    assert "unknown method/partition 'rand'" in hydra_setup.check_overrides(["method/partition=rand"])
