@@ -609,3 +609,23 @@ def test_fig4_legend_names_pilora_and_the_params_line_and_keeps_n_labels_inside(
             e = t.get_window_extent()
             assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1
     plt.close(fig)
+
+
+def test_fig6_legend_names_each_accuracy_line_and_its_params_line(tree):
+    """Fig. 6 draws accuracy (left axis) and the trainable share (dashed, right axis) per line; the
+    one legend holds both, with the params line in its accuracy line's colour and the records' shares."""
+    from analysis.figures import fig_group_size
+    from analysis.records import load_records
+
+    fig = fig_group_size(load_records(tree, quiet=True))
+    ax, ax2 = fig.axes[0], fig.axes[1]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    accuracy = [c.get_label() for c in ax.containers]
+    params = [l.get_label() for l in ax2.get_lines()]
+    assert accuracy and texts == accuracy + params
+    assert params == [f"# Params (%) {a}" for a in accuracy if "budget-matched" not in a]
+    (p,) = ax2.get_lines()
+    assert p.get_color() == ax.containers[0].lines[0].get_color() and p.get_linestyle() == "--"
+    recs = sorted(_pick(tree, "fig6_group"), key=lambda r: r["config"]["method"]["partition"]["args"]["threshold"])
+    assert list(p.get_ydata()) == pytest.approx([100 * r["params"]["adapter_share"] for r in recs])
+    assert "# Params" in ax2.get_ylabel()
