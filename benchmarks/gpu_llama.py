@@ -85,7 +85,7 @@ def run(
         steps_per_sample=K_DEFAULT,
     )
     print(f"[{time.perf_counter() - t0:6.1f} s] built {wl.meta}", flush=True)
-    optim = getattr(args, "optim", DEFAULT_OPTIM)
+    optim = args.optim
     env = environment(device, args, script="benchmarks.gpu_llama")
     conf = {
         "model": cfg,
@@ -109,7 +109,7 @@ def run(
         return record
 
     results = {}
-    if not (args.compile and getattr(args, "compile_only", False)):
+    if not (args.compile and args.compile_only):
         results[wl.name] = run_workload(wl, args.repeats, args.warmup, device, optim=optim)
         partial = save(results)
         if args.compile:

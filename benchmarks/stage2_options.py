@@ -56,24 +56,14 @@ from benchmarks.workloads import (
 OPTIONS = ("function", "index", "batched", "stored", "hook", "foreach")
 
 
-class HookedB(nn.Module):
-    """The stored ``m × (r + r')`` leaf used as it is in the forward (its structural zeros are 0),
-    with the zeros' gradient cleared by a tensor hook on the leaf (``c = 1`` only): no product in
-    the forward, no ``weight`` temporary saved for the backward, a bool pattern."""
+class _StoredLeaf(nn.Module):
+    """A copy of the layer's stored ``m × (r + r')`` leaf, for the options that keep that layout
+    but form ``weight`` differently; ``dominant`` / ``supplementary`` read the blocks back."""
 
     def __init__(self, stored):
         super().__init__()
-        if stored.supplementary_scale != 1.0:
-            raise ValueError("the hook option holds c = 1 only (no scale in the forward)")
         self.blocks = nn.Parameter(stored.blocks.detach().clone())
-        self.dominant_rows, self.supplementary_rows = stored.dominant_rows, stored.supplementary_rows
-        self.r = stored.r
-        zeros = stored.pattern == 0
-        self.blocks.register_hook(lambda g, zeros=zeros: g.masked_fill(zeros, 0))
-
-    @property
-    def weight(self):
-        return self.blocks
+        self.dominant_rows, self.supplementary_rows, self.r = stored.dominant_rows, stored.supplementary_rows, stored.r
 
     @property
     def dominant(self):
@@ -84,7 +74,24 @@ class HookedB(nn.Module):
         return self.blocks[self.supplementary_rows, self.r :]
 
     def forward(self, z):
-        return F.linear(z, self.blocks)
+        return F.linear(z, self.weight)
+
+
+class HookedB(_StoredLeaf):
+    """The stored ``m × (r + r')`` leaf used as it is in the forward (its structural zeros are 0),
+    with the zeros' gradient cleared by a tensor hook on the leaf (``c = 1`` only): no product in
+    the forward, no ``weight`` temporary saved for the backward, a bool pattern."""
+
+    def __init__(self, stored):
+        if stored.supplementary_scale != 1.0:
+            raise ValueError("the hook option holds c = 1 only (no scale in the forward)")
+        super().__init__(stored)
+        zeros = stored.pattern == 0
+        self.blocks.register_hook(lambda g, zeros=zeros: g.masked_fill(zeros, 0))
+
+    @property
+    def weight(self):
+        return self.blocks
 
 
 class _AssembleRows(torch.autograd.Function):
@@ -175,7 +182,7 @@ class BatchedAssembly:
             b.batched_weight = w.view(shape)
 
 
-class ForeachB(nn.Module):
+class ForeachB(_StoredLeaf):
     """The stored layout whose products ``blocks ⊙ P`` are formed for every module of the model at
     once, by one ``torch._foreach_mul`` in a forward pre-hook (:class:`ForeachProducts`): one
     product and one autograd node per step instead of one per module. ``weight`` is the product of
@@ -183,26 +190,13 @@ class ForeachB(nn.Module):
     multi-tensor kernel)."""
 
     def __init__(self, stored):
-        super().__init__()
-        self.blocks = nn.Parameter(stored.blocks.detach().clone())
+        super().__init__(stored)
         self.pattern = stored.pattern
-        self.dominant_rows, self.supplementary_rows, self.r = stored.dominant_rows, stored.supplementary_rows, stored.r
         self.product = None
 
     @property
     def weight(self):
         return self.product if self.product is not None else self.blocks * self.pattern
-
-    @property
-    def dominant(self):
-        return self.blocks[self.dominant_rows, : self.r]
-
-    @property
-    def supplementary(self):
-        return self.blocks[self.supplementary_rows, self.r :]
-
-    def forward(self, z):
-        return F.linear(z, self.weight)
 
 
 class ForeachProducts:
@@ -284,8 +278,7 @@ def run(
     sz = sizes(quick, device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if workload == "host_stack":  # 80 tiny modules: a step's time is its host work
-        wl = stack_workload("host_stack", **HOST_STACK, dtype=dtype, device=device)
-        wl.steps_per_sample = 1
+        wl = stack_workload("host_stack", **HOST_STACK, dtype=dtype, device=device, steps_per_sample=1)
     else:
         wl = llama_workload(
             "llama", config or sz["llama"], batch or sz["batch"], seq or sz["seq"], dtype, device, steps_per_sample=1

@@ -190,7 +190,9 @@ def llama_workload(
     )
 
 
-def stack_workload(name: str, modules: int, width: int, tokens: int, dtype, device, seed: int = 0) -> Workload:
+def stack_workload(
+    name: str, modules: int, width: int, tokens: int, dtype, device, seed: int = 0, steps_per_sample: int = K_DEFAULT
+) -> Workload:
     """``host_stack``: a chain of ``modules`` tiny ``width × width`` layers, all adapted, on ``tokens``
     tokens; loss = the output's sum. Timed in windows of K = 10 steps like the models."""
     torch.manual_seed(seed)
@@ -207,7 +209,9 @@ def stack_workload(name: str, modules: int, width: int, tokens: int, dtype, devi
         model(x).float().sum().backward()
 
     meta = {"modules": modules, "width": width, "tokens": tokens, "dtype": str(dtype).replace("torch.", "")}
-    return Workload(name, "model", make_base, ["proj"], forward_backward, lambda m: m(x), [x], K_DEFAULT, meta, base0)
+    return Workload(
+        name, "model", make_base, ["proj"], forward_backward, lambda m: m(x), [x], steps_per_sample, meta, base0
+    )
 
 
 def sizes(quick: bool, device: str) -> dict:

@@ -404,7 +404,9 @@ class ImportanceAccumulator:
         # a block (fewer GEMMs and operators per check: host work on a GPU); a larger module is
         # formed in row chunks. The buffer is as large as the largest block some group forms.
         budget = self.chunk_rows * max(n for (_, n, *_) in by_key)
-        self._budget = max(_block_elems(len(names), bshape[0], n, budget) for (bshape, n, *_), names in by_key.items())
+        self._buffer_elems = max(
+            _block_elems(len(names), bshape[0], n, budget) for (bshape, n, *_), names in by_key.items()
+        )
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors that hold the statistics now (on the device once a check has run)."""
@@ -475,7 +477,7 @@ class ImportanceAccumulator:
             if take:
                 snap = g.snapshot if full else torch.zeros((k,) + tuple(g.snapshot.shape[1:]), device=g.snapshot.device)
             if (L.device, dt) not in bufs:
-                bufs[L.device, dt] = torch.empty(self._budget, dtype=dt, device=L.device)
+                bufs[L.device, dt] = torch.empty(self._buffer_elems, dtype=dt, device=L.device)
             score_group(L, R, bufs[L.device, dt], hits, ssum, snap, g.row_bin, g.row_weight)
             if not full:  # a few layers lacked gradients: add the others' rows one by one
                 for j, i in enumerate(idx):

@@ -20,6 +20,17 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+# a one-layer LLaMA for the GPU scripts' code paths on the CPU
+TINY_LLAMA = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    vocab_size=32,
+)
+
+
 def _fake_workload(times: dict[str, float], peaks: dict[str, int], kind="layer", name="layer_q", check=None):
     samples = {m: [t * f for f in (0.9, 1.0, 1.3)] for m, t in times.items()}
     if check is not None:
@@ -261,15 +272,7 @@ def _tiny_gpu_run(tmp_path, *extra):
     args = gpu_llama.parse_args(
         ["--out", out, "--repeats", "1", "--warmup", "0", "--batch", "1", "--seq", "8", "--no-importance", *extra]
     )
-    tiny = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=32,
-    )
-    return gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
+    return gpu_llama.run(args, device="cpu", dtype=torch.float32, config=TINY_LLAMA)
 
 
 @pytest.mark.slow
@@ -329,15 +332,7 @@ def test_lora_wide_is_lora_at_pilora_width_and_the_optimizer_choice_reaches_adam
 def test_stage2_options_compute_the_same_matrix_and_count_host_work():
     from benchmarks import stage2_options as so
 
-    tiny = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=32,
-    )
-    res = so.run(quick=True, repeats=1, warmup=0, config=tiny, batch=1, seq=8)
+    res = so.run(quick=True, repeats=1, warmup=0, config=TINY_LLAMA, batch=1, seq=8)
     assert res["max_abs_diff_vs_stored"] == 0.0
     opt = res["options"]
     assert set(opt) == {"lora", "lora_fused", "lora_wide", *so.OPTIONS}
@@ -376,9 +371,7 @@ import torch
 from benchmarks import gpu_llama, stage2_options, step_time
 args = gpu_llama.parse_args(["--out", {str(tmp_path / "g.json")!r}, "--repeats", "1", "--warmup", "0",
                              "--batch", "1", "--seq", "8", "--no-importance"])
-tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2, vocab_size=32)
-gpu_llama.run(args, device="cpu", dtype=torch.float32, config=tiny)
+gpu_llama.run(args, device="cpu", dtype=torch.float32, config={TINY_LLAMA!r})
 bad = sorted(m for m, mod in sys.modules.items() if m.split(".")[0] in {BLOCKED!r} and mod is not None)
 assert not bad, bad
 print("ran without", {BLOCKED!r})
