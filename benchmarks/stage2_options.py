@@ -12,13 +12,18 @@ here to float precision against the layer in :mod:`pilora.layer`), on the LLaMA 
   (built-in autograd; backward: an index-add);
 * ``batched``: compact leaves; one assembly of *every* module's matrix per step: one ``cat`` of all
   blocks, one ``index_select``, one product with the scale, then a view per module;
-* ``stored``: one ``m × (r + r')`` leaf per module, ``weight = blocks ⊙ P`` (the layer's choice):
-  one elementwise product forward and backward, structural zeros get exactly-zero gradients;
+* ``stored``: one ``m × (r + r')`` leaf per module, ``weight = blocks ⊙ P`` (the layer on its own,
+  in any training loop): one elementwise product forward and backward, structural zeros get
+  exactly-zero gradients;
 * ``hook``: the same leaf used as it is in the forward (its zeros are zero) and a tensor hook that
   clears the zeros' gradient (``c = 1`` only): no forward product, a Python call per module backward;
 * ``foreach``: the stored leaf, with every module's product formed at once by one
   ``torch._foreach_mul`` in a forward pre-hook of the model: one product and one backward node per
-  step instead of one per module.
+  step instead of one per module;
+* ``step`` (**the trainer's**, :class:`pilora.layer.StepGradientMask`): the stored leaf used as it is
+  in the forward, and every module's gradient multiplied by ``P`` with one ``torch._foreach_mul_``
+  between the backward and the optimizer step (``c = 1``): no product, no extra autograd node, no
+  Python in the forward or backward, one multi-tensor operator per step.
 
 Beside them: stock LoRA (the baseline), LoRA with the fused forward, and ``lora_wide``, LoRA with the
 fused forward at rank ``r + r'`` (the same GEMM widths as PiLoRA, without the partition).
@@ -53,7 +58,7 @@ from benchmarks.workloads import (
     stack_workload,
 )
 
-OPTIONS = ("function", "index", "batched", "stored", "hook", "foreach")
+OPTIONS = ("function", "index", "batched", "stored", "hook", "foreach", "step")
 
 
 class _StoredLeaf(nn.Module):
@@ -220,6 +225,9 @@ def build_option(option: str, wl: Workload, masks: dict, optim: str = DEFAULT_OP
     from pilora.peft_layers import lora_layers
 
     v = build_variant("pilora", wl, masks=masks, optim=optim)
+    if option != "step":  # every other option forms the zeros itself (stored: the layer's own product)
+        v.grad_mask.remove()
+        v.grad_mask = None
     if option == "stored":
         return v
     mods = []
@@ -229,6 +237,8 @@ def build_option(option: str, wl: Workload, masks: dict, optim: str = DEFAULT_OP
         stored.set_blocks(
             *(0.01 * torch.randn(t.shape, generator=g).to(t) for t in (stored.dominant, stored.supplementary))
         )
+        if option == "step":
+            continue
         if option in ("hook", "foreach"):
             layer.lora_B["default"] = (HookedB if option == "hook" else ForeachB)(stored)
             mods.append(layer.lora_B["default"])
@@ -239,7 +249,8 @@ def build_option(option: str, wl: Workload, masks: dict, optim: str = DEFAULT_OP
         v.model._pilora_batched = BatchedAssembly(v.model, mods)
     if option == "foreach":
         v.model._pilora_foreach = ForeachProducts(v.model, mods)
-    v.optimizer = make_optimizer(v.model, optim)
+    if mods:
+        v.optimizer = make_optimizer(v.model, optim)
     return v
 
 
@@ -258,7 +269,7 @@ def check_same_matrix(variants: dict[str, Variant]) -> float:
         for k, l in layers.items():
             b = l.lora_B["default"]
             ref[k].set_blocks(b.dominant.detach(), b.supplementary.detach())
-            if name in ("hook", "foreach"):  # the same values in the structural zeros too
+            if name in ("hook", "foreach", "step"):  # the same values in the structural zeros too
                 worst = max(worst, (b.blocks.detach() - ref[k].blocks.detach()).abs().max().item())
             worst = max(worst, (b.weight.detach() - ref[k].weight.detach()).abs().max().item())
     return worst

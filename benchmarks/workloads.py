@@ -303,10 +303,13 @@ class Variant:
     optimizer: torch.optim.Optimizer
     workload: Workload
     accumulator: object = None
+    grad_mask: object = None  # PiLoRA: the StepGradientMask its trainer calls between backward and step
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.workload.forward_backward(self.model)
+        if self.grad_mask:
+            self.grad_mask()
         self.optimizer.step()
 
     def adapter_params(self) -> int:
@@ -331,11 +334,14 @@ def build_variant(
     """One method's model and AdamW (``optim``: a key of ``OPTIMIZERS``); ``compile_backend`` wraps
     the model in ``torch.compile``."""
     from pilora import ImportanceAccumulator, prepare_model
+    from pilora.layer import StepGradientMask
 
     base = wl.make_base(False)
     cfg = method_config(method, wl.targets)
+    grad_mask = None
     if method == "pilora":
         model = prepare_model(base, cfg, masks=masks if masks is not None else random_masks(base, wl.targets))
+        grad_mask = StepGradientMask(model)  # as pilora's Trainer trains stage 2
     elif method.startswith("stage1"):
         model = prepare_model(base, cfg, stage=1)
     else:
@@ -349,4 +355,4 @@ def build_variant(
         acc.attach(opt)
     if compile_backend:
         model = torch.compile(model, backend=compile_backend)
-    return Variant(method, model, opt, wl, acc)
+    return Variant(method, model, opt, wl, acc, grad_mask)

@@ -7,8 +7,11 @@ A PEFT ``lora.Linear`` keeps its structure; two of its sub-modules are swapped:
 * ``lora_A[adapter]`` becomes one ``(r + r') × n`` linear: ``A_d`` stacked on ``A_s`` (one GEMM);
 * ``lora_B[adapter]`` becomes :class:`RowPartitionedB`: ``B_d`` and ``B_s`` in their places of one
   ``m × (r + r')`` tensor whose structural zeros get exactly-zero gradients, so the adapter costs
-  what a LoRA adapter costs per module and step (one tiny elementwise product forward and
-  backward, no per-row work on activations, no index copies, no Python ``autograd.Function``).
+  what a LoRA adapter of rank ``r + r'`` costs per module and step (no per-row work on
+  activations, no index copies, no Python ``autograd.Function``). On its own a layer keeps the
+  zeros with one tiny elementwise product forward and backward; under a
+  :class:`StepGradientMask` (what :class:`pilora.trainer.PiLoRATrainer` uses) not even that: one
+  multi-tensor product of all layers' gradients per step.
 
 Because the swapped ``lora_B`` exposes ``.weight`` (the ``m × (r + r')`` matrix
 ``[M ⊗ B_d, c·M̄ ⊗ B_s]``), PEFT's own ``merge`` / ``unmerge`` / ``merge_and_unload`` /
@@ -60,6 +63,9 @@ class RowPartitionedB(nn.Module):
       ``|M|·r + (m−|M|)·r'`` effective parameters (see :meth:`effective_numel` and
       :func:`pilora.params.count_parameters`, which reports both).
 
+    Under a :class:`StepGradientMask` (``c = 1``) the product moves out of the forward and backward:
+    ``weight`` is ``blocks`` itself and the mask multiplies the gradient by ``P`` once per step.
+
     The state dict holds the compact blocks (``dominant``, ``supplementary``) and the mask, as a
     compact parameterisation would, so saved adapters and checkpoints keep their layout.
 
@@ -92,6 +98,9 @@ class RowPartitionedB(nn.Module):
         self.pattern = pattern.to(device=device, dtype=self.blocks.dtype)
         self.dominant_rows = rows[mask].to(device=device)
         self.supplementary_rows = rows[~mask].to(device=device)
+        # True while a StepGradientMask holds the structural zeros (see there): ``weight`` is then the
+        # leaf itself, with no product in the forward or the backward
+        self.masked_per_step = False
 
     @property
     def out_features(self) -> int:
@@ -103,8 +112,15 @@ class RowPartitionedB(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The ``m × (r + r')`` matrix ``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` (differentiable)."""
-        return self.blocks * self.pattern
+        """The ``m × (r + r')`` matrix ``[M ⊗ B_d, c·(M̄ ⊗ B_s)]`` (differentiable).
+
+        ``blocks ⊙ P``; under a :class:`StepGradientMask` (``c = 1`` only) the leaf ``blocks`` itself,
+        whose structural zeros are zero because the mask zeroes their gradients every step."""
+        return self.blocks if self.masked_per_step else self.blocks * self.pattern
+
+    def structural_zeros_moved(self) -> bool:
+        """Whether a structural zero of ``blocks`` is non-zero (one device→host read)."""
+        return bool(torch.count_nonzero(self.blocks.detach() * (self.pattern == 0)))
 
     @property
     def dominant(self) -> torch.Tensor:
@@ -143,6 +159,15 @@ class RowPartitionedB(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the compact blocks below would hide a moved zero, i.e. a model that trained outside Eq. 10
+        if self.masked_per_step and self.structural_zeros_moved():
+            raise RuntimeError(
+                f"{prefix[:-1]}: structural zeros of B are non-zero, so this layer did not train as Eq. 10. "
+                "Its gradients are masked once per step by a pilora.layer.StepGradientMask, and the "
+                "training loop did not call the mask between backward and clipping / optimizer step. "
+                "Call mask() there (pilora's Trainer does), or mask.remove() to go back to the "
+                "per-forward product, which needs no call."
+            )
         destination[prefix + "dominant"] = self.dominant.detach()
         destination[prefix + "supplementary"] = self.supplementary.detach()
         destination[prefix + "dominant_mask"] = self.dominant_mask if keep_vars else self.dominant_mask.detach()
@@ -187,6 +212,49 @@ class RowPartitionedB(nn.Module):
             f"supplementary={self.out_features - self.n_dominant} (r'={self.r_s}), "
             f"stored={self.blocks.numel()}, effective={self.effective_numel()}"
         )
+
+
+class StepGradientMask:
+    """Holds the structural zeros of every PiLoRA ``B`` in a model with one multi-tensor product per
+    step, ``∂blocks ← ∂blocks ⊙ P`` over all layers at once, instead of the product ``blocks ⊙ P`` in
+    each layer's forward and backward.
+
+    While the mask is on, each layer's ``weight`` is its leaf ``blocks`` (its zeros are zero), so a
+    layer runs exactly what a LoRA layer of rank ``r + r'`` runs; the structural zeros get a
+    gradient in the backward, and ``mask()`` zeroes it. Call it after the backward (after the last
+    micro-batch's, or after each) and before gradient clipping and the optimizer step: the gradients
+    the clipping norm and the optimizer see are then the same as the product gives, so training is
+    the same (Eq. 10 exactly; ``tests/test_layer.py``). On a GPU that is one multi-tensor kernel per
+    step instead of two kernels and one autograd node per layer and step.
+
+    Only layers with ``c = s_s/s_d = 1`` (the default) are taken; others keep the product. A
+    training loop that never calls the mask moves the zeros; saving such a layer raises
+    (:meth:`RowPartitionedB.structural_zeros_moved`). ``remove()`` returns the layers to the product.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, RowPartitionedB) and m.supplementary_scale == 1.0]
+        for layer in self.layers:
+            layer.masked_per_step = True
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    def __call__(self) -> None:
+        grads, patterns = [], []
+        for layer in self.layers:
+            state = layer.__dict__  # not nn.Module.__getattr__: microseconds per layer and step
+            grad = state["_parameters"]["blocks"].grad
+            if grad is not None:
+                grads.append(grad)
+                patterns.append(state["pattern"])
+        if grads:
+            torch._foreach_mul_(grads, patterns)
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer.masked_per_step = False
+        self.layers = []
 
 
 class FusedLoraForward(LoraVariant):

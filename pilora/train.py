@@ -199,10 +199,11 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
 
 
 def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
-    from transformers import Trainer
     from transformers.trainer_callback import ProgressCallback
 
-    trainer = Trainer(
+    from .trainer import PiLoRATrainer
+
+    trainer = PiLoRATrainer(
         model=model,
         args=args,
         train_dataset=data["train"],

@@ -119,6 +119,23 @@ def test_interleaved_timing_records_each_step_and_check_flags():
     assert all(not ran for w in details["lora"] for _, ran in w)
 
 
+def test_time_targets_judge_the_paired_median_not_the_ratio_of_medians():
+    """The time targets read the median of the same-round ratios (each round runs the methods back
+    to back, so the machine's speed in that round cancels), not the ratio of the two medians."""
+    from benchmarks.targets import paired_time_ratio
+
+    lora = [1.0, 1.0, 1.0, 2.0, 2.0]  # the machine slows down in the last two rounds ...
+    pilora = [1.02, 2.04, 2.04, 2.04, 2.04]  # ... and in the second and third, when PiLoRA ran
+    t = stats.ratio_summary({"lora": lora, "pilora": pilora})
+    value, shown = paired_time_ratio(t, "pilora")
+    assert value == pytest.approx(statistics.median([a / b for a, b in zip(pilora, lora)])) == pytest.approx(1.02)
+    assert t["pilora"]["ratio"] == pytest.approx(2.04)
+    assert shown.startswith("1.020× paired") and "medians 2.040×" in shown
+    # without per-round samples (the layer set's sums): the ratio of the medians
+    value, shown = paired_time_ratio({"lora": {"median_s": 2.0}, "pilora": {"median_s": 2.1}}, "pilora")
+    assert value == pytest.approx(1.05) and shown == "1.050×"
+
+
 def test_targets_pass_and_miss_from_fake_measurements():
     fast = _fake_workload(
         {"lora": 1.0, "lora_fused": 0.96, "pilora": 0.98, "dora": 1.3},

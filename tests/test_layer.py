@@ -7,7 +7,7 @@ from peft import PeftModel
 from torch import nn
 
 from pilora import MethodConfig, count_parameters, export_lora, load_adapter, pilora_masks, prepare_model, save_adapter
-from pilora.layer import FusedLoraForward, RowPartitionedB
+from pilora.layer import FusedLoraForward, RowPartitionedB, StepGradientMask
 from pilora.peft_layers import lora_layers
 
 X = torch.randn(20, 10, generator=torch.Generator().manual_seed(5))
@@ -173,11 +173,20 @@ def test_block_matrix_and_gradients_match_separately_stored_blocks_in_float64(c)
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(optim):
+@pytest.mark.parametrize("zeros", ["product", "step_mask"])
+def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(optim, zeros):
     """Steps of SGD / AdamW (weight decay, gradient clipping) on the stored ``m × (r + r')`` B give the
-    trajectory of a compact reference (``B_d``, ``B_s`` as their own leaves), to float64 precision."""
-    _, model = _pilora(supplementary_alpha=8.0)
+    trajectory of a compact reference (``B_d``, ``B_s`` as their own leaves), to float64 precision:
+    with the per-forward product ``blocks ⊙ P`` (here with ``c = 4``) and with the leaf used as it is
+    and a StepGradientMask called between backward and clipping (``c = 1``, the trainer's way)."""
+    _, model = _pilora(supplementary_alpha=8.0 if zeros == "product" else None)
     model.double()
+    mask = StepGradientMask(model) if zeros == "step_mask" else None
+    if mask is not None:
+        assert len(mask.layers) == 2
+        assert all(
+            layer.lora_B["default"].weight is layer.lora_B["default"].blocks for layer in lora_layers(model).values()
+        )
     x, y = X.double(), Y
     layers = lora_layers(model)
     # reference: the same math with compact leaves, written out per Eq. 10
@@ -216,6 +225,8 @@ def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(opt
         for opt, fwd, params in ((opts[0], model, ours), (opts[1], ref_forward, theirs)):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(fwd(x), y).backward()
+            if mask is not None and fwd is model:
+                mask()
             torch.nn.utils.clip_grad_norm_(params, 0.05)  # active: the structural zeros add nothing to the norm
             opt.step()
     for k, layer in layers.items():
@@ -225,6 +236,92 @@ def test_training_equals_separately_stored_blocks_and_keeps_structural_zeros(opt
         torch.testing.assert_close(layer.lora_A["default"].weight, ref[k]["A"].detach(), rtol=1e-12, atol=1e-13)
         assert torch.count_nonzero(B.blocks * (B.pattern == 0)) == 0  # structural zeros exactly zero
         assert torch.count_nonzero(B.dominant) > 0
+
+
+def test_a_step_mask_that_is_never_called_is_caught_when_saving(tmp_path):
+    """Under a StepGradientMask the structural zeros get gradients in the backward; a loop that skips
+    ``mask()`` moves them, and saving the layer (whose compact blocks would hide it) raises, naming
+    the fix. ``remove()`` returns the layer to the product, which needs no call."""
+    _, model = _pilora()
+    mask = StepGradientMask(model)
+    train_steps(model, X, Y, steps=1)
+    B = lora_layers(model)["up"].lora_B["default"]
+    assert B.structural_zeros_moved()
+    with pytest.raises(RuntimeError, match=r"structural zeros of B are non-zero.*StepGradientMask.*mask\(\)"):
+        save_adapter(model, str(tmp_path / "a"))
+    mask.remove()
+    assert not mask and not B.masked_per_step and B.weight is not B.blocks
+    with torch.no_grad():
+        B.blocks.mul_(B.pattern)  # back on Eq. 10's set; from here the product keeps it there
+    train_steps(model, X, Y, steps=2)
+    assert not B.structural_zeros_moved()
+    save_adapter(model, str(tmp_path / "b"))
+
+
+def _trainer_run(tmp_path, trainer_cls, name):
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.0, target_modules=["up", "down"], supplementary_r=2)
+    model = prepare_model(_WithLoss(), cfg, masks=MASKS)
+    with torch.no_grad():  # non-zero B, so A's gradient and the clipping norm see every block
+        for layer in lora_layers(model).values():
+            B = layer.lora_B["default"]
+            B.set_blocks(0.1 * torch.randn_like(B.dominant), 0.1 * torch.randn_like(B.supplementary))
+    start = lora_layers(model)["up"].lora_B["default"].dominant.clone()
+    data = [{"x": X[i], "labels": Y[i]} for i in range(len(X))]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / name),
+        max_steps=3,
+        per_device_train_batch_size=5,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.01,  # active: the zeros' gradients would change the norm if they reached it
+        learning_rate=0.05,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    seen = []
+
+    from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            B = lora_layers(model)["up"].lora_B["default"]
+            seen.append((B.masked_per_step, torch.count_nonzero(B.blocks.grad * (B.pattern == 0)).item()))
+            assert not torch.equal(B.dominant, start) or state.global_step == 0
+
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, callbacks=[Watch()])
+    trainer.train()
+    return model, trainer, seen
+
+
+def test_pilora_trainer_holds_the_zeros_once_per_step_and_trains_as_the_product(tmp_path):
+    """PiLoRATrainer (what train.py uses) runs the layers without their product and masks after each
+    backward, before clipping: with gradient accumulation and active clipping it gives the weights
+    and the logged gradient norms of the stock Trainer with the per-forward product."""
+    from transformers import Trainer
+
+    from pilora.trainer import PiLoRATrainer
+
+    stock, stock_trainer, stock_seen = _trainer_run(tmp_path, Trainer, "stock")
+    ours, our_trainer, our_seen = _trainer_run(tmp_path, PiLoRATrainer, "ours")
+    assert stock_seen == [(False, 0)] * 3  # the product: zero gradients, no mask
+    assert our_seen == [(True, 0)] * 3  # the mask: on during train(), gradients masked before clipping
+    norms = [[e["grad_norm"] for e in t.state.log_history if "grad_norm" in e] for t in (stock_trainer, our_trainer)]
+    assert len(norms[0]) == 3 and min(norms[0]) > 0.01  # clipping was active at every step
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-5, atol=0)
+    for (k, a), b in zip(lora_layers(stock).items(), lora_layers(ours).values()):
+        Ba, Bb = a.lora_B["default"], b.lora_B["default"]
+        assert not Bb.masked_per_step  # removed after train(): evaluation and later use need no call
+        assert not Bb.structural_zeros_moved()
+        torch.testing.assert_close(Bb.dominant, Ba.dominant, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(Bb.supplementary, Ba.supplementary, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.lora_A["default"].weight, a.lora_A["default"].weight, rtol=1e-5, atol=1e-7)
 
 
 def _without_variant(model):
@@ -309,7 +406,8 @@ def test_fused_forward_flag_picks_the_forward_for_lora_and_pilora_without_changi
 # ----------------------------------------------------------------------------- torch.compile
 
 
-def _build(name, stage2):
+def _build(name, stage2, step_mask=False):
+    """``step_mask``: the stage-2 layers as PiLoRATrainer trains them (c = 1, no product)."""
     torch.manual_seed(0)
     cfg = MethodConfig(
         name=name,
@@ -318,26 +416,32 @@ def _build(name, stage2):
         dropout=0.0,
         target_modules=["up", "down"],
         supplementary_r=1,
-        supplementary_alpha=4.0 if name == "pilora" else None,
+        supplementary_alpha=4.0 if name == "pilora" and not step_mask else None,
     )
-    return prepare_model(TinyMLP(), cfg, masks=MASKS if stage2 else None)
+    model = prepare_model(TinyMLP(), cfg, masks=MASKS if stage2 else None)
+    if step_mask:
+        assert len(StepGradientMask(model).layers) == 2
+    return model
 
 
-@pytest.mark.parametrize("name,stage2", [("lora", False), ("pilora", False), ("pilora", True)])
-def test_no_graph_break_in_the_adapter_layers_or_the_model(name, stage2):
-    model = _build(name, stage2)
+COMPILED = [("lora", False, False), ("pilora", False, False), ("pilora", True, False), ("pilora", True, True)]
+
+
+@pytest.mark.parametrize("name,stage2,step_mask", COMPILED)
+def test_no_graph_break_in_the_adapter_layers_or_the_model(name, stage2, step_mask):
+    model = _build(name, stage2, step_mask)
     for target in (lora_layers(model)["up"], model):
         explained = torch._dynamo.explain(target)(X)
         assert explained.graph_break_count == 0, explained.break_reasons
 
 
-@pytest.mark.parametrize("name,stage2", [("lora", False), ("pilora", True)])
-def test_compiled_training_step_equals_eager_and_feeds_the_importance_check(name, stage2):
+@pytest.mark.parametrize("name,stage2,step_mask", [c for c in COMPILED if c != ("pilora", False, False)])
+def test_compiled_training_step_equals_eager_and_feeds_the_importance_check(name, stage2, step_mask):
     """fullgraph torch.compile (aot_eager: dynamo + AOT autograd, no C++ toolchain needed) gives the
     eager outputs and gradients; the stage-1 check reads the compiled backward's gradients."""
     from pilora import ImportanceAccumulator
 
-    eager = _build(name, stage2).double()
+    eager = _build(name, stage2, step_mask).double()
     if stage2:
         with torch.no_grad():  # non-zero B blocks so every gradient path is exercised
             for layer in lora_layers(eager).values():
@@ -378,13 +482,14 @@ class _WithLoss(TinyMLP):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage2", [False, True])
 def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
-    """``trainer.torch_compile=true`` as train.py passes it: Trainer compiles the PEFT model; stage 1
-    with the importance callback, stage 2 with the PiLoRA layers (aot_eager backend here: no C++
-    toolchain; a GPU run uses inductor)."""
-    from transformers import Trainer, TrainingArguments
+    """``trainer.torch_compile=true`` as train.py passes it: the Trainer compiles the PEFT model; stage 1
+    with the importance callback, stage 2 with the PiLoRA layers under PiLoRATrainer's step mask
+    (aot_eager backend here: no C++ toolchain; a GPU run uses inductor)."""
+    from transformers import TrainingArguments
 
     from pilora import ImportanceAccumulator
     from pilora.callbacks import ImportanceCallback
+    from pilora.trainer import PiLoRATrainer
 
     torch.manual_seed(0)
     cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.1, target_modules=["up", "down"], supplementary_r=1)
@@ -407,9 +512,10 @@ def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
     if not stage2:
         acc = ImportanceAccumulator(model, interval=2)
         callbacks.append(ImportanceCallback(acc))
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer = PiLoRATrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.train()
+    assert not any(layer.lora_B["default"].structural_zeros_moved() for layer in lora_layers(model).values() if stage2)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
