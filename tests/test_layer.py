@@ -324,6 +324,15 @@ def test_pilora_trainer_holds_the_zeros_once_per_step_and_trains_as_the_product(
         torch.testing.assert_close(b.lora_A["default"].weight, a.lora_A["default"].weight, rtol=1e-5, atol=1e-7)
 
 
+def test_pilora_trainer_keeps_the_product_where_deepspeed_or_fsdp_own_the_gradients(tmp_path, monkeypatch):
+    """Flattened or sharded gradients have no per-layer ``.grad`` to mask: the layers keep their product."""
+    from pilora import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_sharded", lambda trainer: True)
+    model, trainer, seen = _trainer_run(tmp_path, trainer_module.PiLoRATrainer, "sharded")
+    assert seen == [(False, 0)] * 3 and trainer.grad_mask is None
+
+
 def _without_variant(model):
     """The same model with PEFT's vanilla adapter forward ``result + B(A(dropout(x))) * s``."""
     plain = copy.deepcopy(model)
