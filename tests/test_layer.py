@@ -258,9 +258,23 @@ def test_a_step_mask_that_is_never_called_is_caught_when_saving(tmp_path):
     save_adapter(model, str(tmp_path / "b"))
 
 
-def _trainer_run(tmp_path, trainer_cls, name):
+def _tiny_args(output_dir, **overrides):
+    """TrainingArguments for the Trainer tests on the tiny MLP: CPU, batch 5, log every step, no saving."""
     from transformers import TrainingArguments
 
+    kw = dict(
+        per_device_train_batch_size=5,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(output_dir=str(output_dir), **{**kw, **overrides})
+
+
+def _trainer_run(tmp_path, trainer_cls, name):
     torch.manual_seed(0)
     cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.0, target_modules=["up", "down"], supplementary_r=2)
     model = prepare_model(_WithLoss(), cfg, masks=MASKS)
@@ -270,19 +284,12 @@ def _trainer_run(tmp_path, trainer_cls, name):
             B.set_blocks(0.1 * torch.randn_like(B.dominant), 0.1 * torch.randn_like(B.supplementary))
     start = lora_layers(model)["up"].lora_B["default"].dominant.clone()
     data = [{"x": X[i], "labels": Y[i]} for i in range(len(X))]
-    args = TrainingArguments(
-        output_dir=str(tmp_path / name),
+    args = _tiny_args(
+        tmp_path / name,
         max_steps=3,
-        per_device_train_batch_size=5,
         gradient_accumulation_steps=2,
         max_grad_norm=0.01,  # active: the zeros' gradients would change the norm if they reached it
         learning_rate=0.05,
-        report_to="none",
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
         seed=0,
     )
     seen = []
@@ -494,7 +501,6 @@ def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
     """``trainer.torch_compile=true`` as train.py passes it: the Trainer compiles the PEFT model; stage 1
     with the importance callback, stage 2 with the PiLoRA layers under PiLoRATrainer's step mask
     (aot_eager backend here: no C++ toolchain; a GPU run uses inductor)."""
-    from transformers import TrainingArguments
 
     from pilora import ImportanceAccumulator
     from pilora.callbacks import ImportanceCallback
@@ -504,19 +510,7 @@ def test_trainer_torch_compile_runs_both_stages(tmp_path, stage2):
     cfg = MethodConfig(name="pilora", r=4, alpha=8, dropout=0.1, target_modules=["up", "down"], supplementary_r=1)
     model = prepare_model(_WithLoss(), cfg, masks=MASKS if stage2 else None)
     data = [{"x": X[i], "labels": Y[i]} for i in range(len(X))]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=5,
-        report_to="none",
-        torch_compile=True,
-        torch_compile_backend="aot_eager",
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-    )
+    args = _tiny_args(tmp_path, max_steps=4, torch_compile=True, torch_compile_backend="aot_eager")
     callbacks = []
     if not stage2:
         acc = ImportanceAccumulator(model, interval=2)
