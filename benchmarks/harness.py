@@ -97,6 +97,9 @@ def tensor_bytes(tensors) -> int:
 
 def static_tensors(v: Variant) -> list[torch.Tensor]:
     out = list(v.model.parameters()) + list(v.model.buffers()) + list(v.workload.inputs)
+    for module in v.model.modules():  # PiLoRA's pattern P and row indices: plain attributes, not buffers
+        if hasattr(module, "derived_tensors"):
+            out += module.derived_tensors()
     for state in v.optimizer.state.values():
         out += [t for t in state.values() if isinstance(t, torch.Tensor)]
     if v.accumulator is not None:

@@ -151,11 +151,16 @@ class RowPartitionedB(nn.Module):
 
     _DERIVED = ("pattern", "dominant_rows", "supplementary_rows")
 
+    def derived_tensors(self) -> list[torch.Tensor]:
+        """The tensors derived from the mask and kept off the buffers (``P`` is as large as
+        ``blocks``): memory the layer holds that ``parameters()`` and ``buffers()`` do not list."""
+        return [getattr(self, name) for name in self._DERIVED]
+
     def _apply(self, fn, recurse=True):
         # .to / .cuda / .half / ... reach the derived tensors as they reach the buffers
         super()._apply(fn, recurse)
-        for name in self._DERIVED:
-            setattr(self, name, fn(getattr(self, name)))
+        for name, t in zip(self._DERIVED, self.derived_tensors()):
+            setattr(self, name, fn(t))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -346,6 +346,44 @@ def test_lora_wide_is_lora_at_pilora_width_and_the_optimizer_choice_reaches_adam
         workloads.make_optimizer(wide.model, "adam8bit")
 
 
+def test_memory_counts_what_pilora_holds_beside_parameters_and_buffers():
+    """PiLoRA's pattern P (as large as B) and row indices are plain attributes (so DDP does not
+    broadcast them), and the static memory must still count them: beside LoRA at the same width, a
+    PiLoRA variant holds exactly P, the two index tensors and the int8 mask buffer more."""
+    from pilora.peft_layers import lora_layers
+
+    wl = workloads.layer_workload("layer_q", 16, 24, 8, torch.float32, "cpu")
+    pil, wide = workloads.build_variant("pilora", wl), workloads.build_variant("lora_wide", wl)
+    for v in (pil, wide):
+        v.step()  # AdamW state exists
+    (layer,) = lora_layers(pil.model).values()
+    B = layer.lora_B["default"]
+    derived = B.derived_tensors()
+    assert derived[0] is B.pattern and B.pattern.shape == B.blocks.shape
+    extra = sum(t.numel() * t.element_size() for t in derived) + B.dominant_mask.numel()
+    assert extra == 24 * 34 * 4 + 24 * 8 + 24
+    static = {name: harness.tensor_bytes(harness.static_tensors(v)) for name, v in (("pil", pil), ("wide", wide))}
+    assert static["pil"] - static["wide"] == extra
+
+
+def test_memory_proxy_measures_each_method_in_the_gpu_precision(tmp_path):
+    from benchmarks import memory_proxy
+
+    memory_proxy.main(["--quick", "--batch", "1", "--seq", "8", "--out", str(tmp_path / "m.json")])
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["workload"]["hidden_size"] == workloads.LLAMA_QUICK["hidden_size"] and "environment" in res
+    mem = res["memory"]
+    assert res["workload"]["dtype"] == "bfloat16" and set(mem) == set(memory_proxy.METHODS)
+    assert mem["lora"]["ratio"] == 1.0 and all(
+        m["peak_bytes"] == m["static_bytes"] + m["step_peak_bytes"] for m in mem.values()
+    )
+    # the same layers either way; the mask holds no weight temporary for the backward, the product
+    # does (whether that temporary is alive at the step's peak depends on where the peak falls)
+    assert mem["pilora"]["static_bytes"] == mem["pilora_product"]["static_bytes"] > mem["lora_wide"]["static_bytes"]
+    assert mem["pilora"]["step_peak_bytes"] <= mem["pilora_product"]["step_peak_bytes"]
+    assert "pilora_product" in memory_proxy.format_table(res)
+
+
 def test_stage2_options_compute_the_same_matrix_and_count_host_work():
     from benchmarks import stage2_options as so
 
@@ -366,6 +404,11 @@ def test_stage2_options_compute_the_same_matrix_and_count_host_work():
     assert opt["foreach"]["autograd_nodes"] == opt["lora_fused"]["autograd_nodes"] + 1
     assert opt["stored"]["autograd_nodes"] == opt["lora_fused"]["autograd_nodes"] + 5
     assert opt["foreach"]["ops"] == opt["stored"]["ops"] + 1
+    # step (the trainer's): LoRA's graph at width r + r', node for node; one _foreach_mul_ per step
+    # (on a CPU it runs the 5 modules' multiplies inside it, which the profiler counts)
+    assert opt["step"]["autograd_nodes"] == opt["lora_wide"]["autograd_nodes"]
+    assert opt["step"]["ops"] == opt["lora_wide"]["ops"] + 1 + 5 < opt["stored"]["ops"]
+    assert opt["step"]["trainable"] == opt["stored"]["trainable"] and opt["step"]["stored"] == opt["stored"]["stored"]
     assert opt["stored"]["trainable"] == opt["function"]["trainable"] < opt["stored"]["stored"]
     assert "stored" in so.format_table(res)
 
