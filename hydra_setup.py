@@ -4,7 +4,8 @@
   key; Hydra rejects any other), stored as ``schema/method`` and included by ``conf/method/_base.yaml``;
 * ``${job_dirname:...}``: a job's folder name from its overrides, without the ``method.*`` keys
   its method does not use, so ``-m method=lora,pilora method.supplementary_r=1,2`` makes one LoRA
-  folder (and one LoRA job: the second finds the first's record);
+  folder (and one LoRA job: the second finds the first's record, or, run in parallel with it, is a
+  duplicate; see :func:`pilora.jobdir.open_job`);
 * ``${row_name:${method.label},${method.name}}``: the method's name in records and folders;
 * :class:`PrintSummary`, the table printed after every multirun;
 * tab completion of nested choices (``task=glue/<TAB>`` -> ``task=glue/mrpc``, ...), which Hydra's

@@ -16,10 +16,13 @@ import hydra_setup  # registers the method schema and the resolvers conf/ uses)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from pilora.train import objective, train
 
     # a validation value, never a test metric: a sweeper (Optuna, Ax) tunes on what it is given
-    return objective(train(cfg))
+    return objective(train(cfg, sweep=HydraConfig.get().mode == RunMode.MULTIRUN))
 
 
 if __name__ == "__main__":

@@ -267,6 +267,28 @@ def _differences(old, new, key="") -> list[str]:
     return [] if old == new else [f"{key} (was {old!r}, now {new!r})"]
 
 
+def _manifest_differences(theirs: dict, mine: dict) -> list[str]:
+    old_cfg = theirs.get("config")
+    if isinstance(old_cfg, dict) and isinstance(old_cfg.get("method"), dict):
+        # a folder made before the method section held only the keys its method uses
+        from .methods import recorded_section
+
+        old_cfg = {**old_cfg, "method": recorded_section(old_cfg["method"])}
+    return _differences(old_cfg, mine["config"], "config") + _differences(theirs.get("inputs"), mine["inputs"], "input")
+
+
+def is_twin(cfg: dict, out: str, wait_s: float = 10.0) -> bool:
+    """Whether the job that holds ``out`` was made with this very config and these input files (its
+    ``job.json`` equals this job's manifest). A holder writes its manifest right after taking the
+    lock, so a missing one is waited for up to ``wait_s`` seconds."""
+    path = os.path.join(out, MANIFEST)
+    deadline = time.time() + wait_s
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.2)
+    theirs = _read_json(path)
+    return isinstance(theirs, dict) and not _manifest_differences(theirs, _normalise(manifest(cfg, out)))
+
+
 def check_reusable(cfg: dict, out: str) -> None:
     """Raise :class:`StaleJob` when ``out`` holds a job (record, checkpoints or statistics) that was
     not made with this config and these input files; write the manifest for a new job."""
@@ -290,15 +312,7 @@ def check_reusable(cfg: dict, out: str) -> None:
             else:
                 theirs = {"config": f"<no {MANIFEST}; holds {', '.join(existing)}>"}
     if theirs is not None:
-        old_cfg = theirs.get("config")
-        if isinstance(old_cfg, dict) and isinstance(old_cfg.get("method"), dict):
-            # a folder made before the method section held only the keys its method uses
-            from .methods import recorded_section
-
-            old_cfg = {**old_cfg, "method": recorded_section(old_cfg["method"])}
-        diff = _differences(old_cfg, mine["config"], "config") + _differences(
-            theirs.get("inputs"), mine["inputs"], "input"
-        )
+        diff = _manifest_differences(theirs, mine)
         if diff:
             shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} differences)" if len(diff) > 6 else "")
             raise StaleJob(
@@ -343,19 +357,38 @@ class _NoLock:
         pass
 
 
-def open_job(cfg: dict):
+class Twin(_NoLock):
+    """What :func:`open_job` returns, with ``twins=True``, when a live job of this very config holds
+    the folder: a sweep point that repeats another (e.g. ``-m method=lora,pilora
+    method.supplementary_r=1,2`` makes two identical LoRA jobs, one folder) run by a parallel
+    launcher. The other job writes the folder and its record; this one has nothing to do."""
+
+    def __init__(self, folder: str, holder: str):
+        self.folder, self.holder = folder, holder
+
+
+def open_job(cfg: dict, twins: bool = False):
     """Take the job folder for this process: the lock (rank 0 only: the other ranks of a DDP job
     never remove or write job files), a clean start for ``resume=false``, and the manifest check.
-    Returns an object whose ``release()`` frees the folder."""
+    Returns an object whose ``release()`` frees the folder.
+
+    A live holder stops this job with :class:`JobLocked`, unless ``twins`` (a sweep: ``run.py -m``)
+    and the holder runs this very config in one process: then a :class:`Twin` is returned and
+    this job has nothing to do (under DDP the ranks could not agree on that, so it stays an error)."""
     from .checks import check_values
-    from .distributed import is_main
+    from .distributed import is_main, world_size
 
     check_values(cfg)  # before the folder exists: a bad value leaves nothing behind
     out = os.path.abspath(cfg["output_dir"])
     os.makedirs(out, exist_ok=True)
     if not is_main():
         return _NoLock()
-    lock = JobLock(out).acquire()
+    try:
+        lock = JobLock(out).acquire()
+    except JobLocked as err:
+        if twins and world_size() == 1 and is_twin(cfg, out):
+            return Twin(out, JobLock.describe(JobLock(out)._read_holder()))
+        raise err
     try:
         if not cfg.get("resume", True):
             start_clean(out)

@@ -45,7 +45,7 @@ from .distributed import (  # noqa: F401
 from .export import INITIAL_ADAPTER_DIR, save_initial_adapter, write_adapters
 from .full import check_full_finetune_fsdp
 from .importance import ImportanceAccumulator, ImportanceStats
-from .jobdir import JobLocked, StaleJob, open_job  # noqa: F401 (re-exported)
+from .jobdir import JobLocked, StaleJob, Twin, open_job  # noqa: F401 (re-exported)
 from .lora_dash import DIRECTIONS_FILE, DashLaunchCallback
 from .methods import METHODS, MethodConfig, prepare_model, recorded_section
 from .params import count_parameters
@@ -373,7 +373,10 @@ def _selection(trainer) -> dict:
 
 def objective(record: dict) -> float:
     """The validation value of the reported model, for Hydra sweepers (never a test metric):
-    the selected checkpoint's value, else the last evaluation's ``eval_<metric>``."""
+    the selected checkpoint's value, else the last evaluation's ``eval_<metric>``; NaN for a
+    duplicate sweep point (its twin reports the value)."""
+    if record.get("status") == "duplicate":
+        return float("nan")
     sel = (record.get("evaluation") or {}).get("selection") or {}
     if sel.get("value") is not None and str(sel.get("metric", "")).removeprefix("eval_") == record["metric"]:
         return float(sel["value"])
@@ -389,15 +392,25 @@ def _epoch_history(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def train(cfg: Any) -> dict:
+def train(cfg: Any, sweep: bool = False) -> dict:
     """Run one job (see module docstring) and return its record.
 
     The job folder is locked for the whole job (a second copy stops with ``JobLocked``), and an
     earlier run in it is reused only if it was made with this same config (``StaleJob`` otherwise);
-    see :mod:`pilora.jobdir`."""
+    see :mod:`pilora.jobdir`. In a sweep (``sweep=True``, as ``run.py -m`` passes) a point that
+    repeats one running in parallel (same config, one folder) does not stop: it returns a record
+    with ``status: "duplicate"`` naming the folder whose record is its result."""
     cfg = _plain(cfg)
     method, cfg, ignored = _method_settings(cfg)  # the one typed method object from here on
-    job = open_job(cfg)
+    job = open_job(cfg, twins=sweep)
+    if isinstance(job, Twin):
+        log.warning(
+            "%s is being written by %s, a job of this same config (a sweep point repeated, e.g. by a key "
+            "its method does not use); its record there is this job's result",
+            job.folder,
+            job.holder,
+        )
+        return {"status": "duplicate", "output_dir": job.folder, "holder": job.holder}
     try:
         return _train(cfg, method, ignored)
     finally:

@@ -77,6 +77,72 @@ def test_lock_is_released_and_the_same_command_then_reuses_the_record(tmp_path):
     assert time.time() - t0 < first["timing"]["total_s"] + 5
 
 
+class _LiveHolder:
+    """Another process holding the job folder's lock (as a running job does), after this test wrote
+    the folder's manifest for ``cfg`` (as that job would have)."""
+
+    def __init__(self, cfg, out):
+        from pilora.train import _method_settings, _plain
+
+        _, job_cfg, _ = _method_settings(_plain(cfg))
+        os.makedirs(out, exist_ok=True)
+        jobdir.check_reusable(job_cfg, str(out))
+        code = "import sys, time; from pilora.jobdir import JobLock; JobLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def __enter__(self):
+        return self.proc
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_a_sweep_point_repeating_a_running_one_is_a_duplicate_not_an_error(tmp_path):
+    """A parallel launcher can run two identical sweep points (one folder) at once: the second returns a
+    ``duplicate`` record naming the folder and writes nothing. Outside a sweep, or with another config,
+    the holder still stops it (``JobLocked``)."""
+    from pilora.train import objective
+
+    out = tmp_path / "run"
+    cfg = compose_cfg(_vision(tmp_path / "img"), out)
+    with _LiveHolder(cfg, out) as holder:
+        before = sorted(os.listdir(out))
+        rec = train(cfg, sweep=True)
+        assert rec["status"] == "duplicate" and rec["output_dir"] == str(out)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in rec["holder"]
+        assert objective(rec) != objective(rec)  # NaN: the twin reports the value
+        assert sorted(os.listdir(out)) == before  # nothing written or removed
+        with pytest.raises(JobLocked, match=f"pid {holder.pid}"):
+            train(cfg)  # not a sweep: a second copy of a running job
+        other = compose_cfg(_vision(tmp_path / "img", "trainer.learning_rate=0.001"), out)
+        with pytest.raises(JobLocked, match=f"pid {holder.pid}"):
+            train(other, sweep=True)  # a different config in the same folder is no twin
+
+
+@pytest.mark.slow
+def test_run_py_sweep_reports_a_repeated_point_and_exits_cleanly(tmp_path):
+    """``run.py -m``: the point whose twin holds its folder exits 0 and says where the result is."""
+    sweep = tmp_path / "sweep"
+    args = _vision(tmp_path / "img")
+    with _LiveHolder(compose_cfg(args, sweep / "job"), sweep / "job") as holder:
+        run = subprocess.run(
+            [sys.executable, "run.py", "-m", *args, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = run.stdout + run.stderr
+    assert f"is being written by pid {holder.pid}" in said and "this job's result" in said
+    assert not (sweep / "job" / "results.json").exists()
+
+
 def _holder(folder, **kw):
     (folder / jobdir.LOCK_FILE).write_text(
         json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(), **kw})
