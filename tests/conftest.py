@@ -23,6 +23,26 @@ class TinyMLP(nn.Module):
         return self.head(torch.tanh(self.down(torch.tanh(self.up(x)))))
 
 
+# LlamaConfig keywords of the small LLaMAs several tests build from a config (exact parameter counts
+# in those tests are written for these shapes)
+TINY_LLAMA = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    vocab_size=32,
+)
+SMALL_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+)
+
+
 @pytest.fixture
 def tiny_mlp():
     torch.manual_seed(0)

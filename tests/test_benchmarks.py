@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA  # a one-layer LLaMA for the GPU scripts' code paths on the CPU
 
 from benchmarks import gpu_llama, harness, importance_probe, report, runner, stats, step_time, workloads
 from pilora import importance
@@ -18,17 +19,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# a one-layer LLaMA for the GPU scripts' code paths on the CPU
-TINY_LLAMA = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    vocab_size=32,
-)
 
 
 def _fake_workload(times: dict[str, float], peaks: dict[str, int], kind="layer", name="layer_q", check=None):

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyMLP, train_steps
+from conftest import TINY_LLAMA, TinyMLP, train_steps
 from peft import PeftModel
 from torch import nn
 
@@ -588,16 +588,7 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=32,
-        max_position_embeddings=16,
-        use_cache=False,
-    )
+    cfg = LlamaConfig(**TINY_LLAMA, max_position_embeddings=16, use_cache=False)
     return LlamaForCausalLM(cfg).eval(), ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 

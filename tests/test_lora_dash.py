@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TinyMLP, train_steps
+from conftest import SMALL_LLAMA, TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -185,14 +185,7 @@ def test_dash_gradients_dropped_before_launch_and_kept_after():
 
 
 def test_exact_counts_tiny_llama_and_paper_settings():
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
+    cfg = LlamaConfig(**SMALL_LLAMA)
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     model = prepare_model(
         LlamaForCausalLM(cfg), MethodConfig(name="lora_dash", r=4, target_modules=targets, directions=3)

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyMLP, train_steps
+from conftest import SMALL_LLAMA, TinyMLP, train_steps
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pilora import METHODS, MethodConfig, count_parameters, prepare_model
@@ -44,14 +44,7 @@ def test_unknown_target_module_lists_linear_layers():
 
 def test_methods_registry_and_exact_llama_counts():
     assert set(METHODS) >= {"lora", "rslora", "dora", "pissa", "milora", "pilora"}
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
+    cfg = LlamaConfig(**SMALL_LLAMA)
     model = prepare_model(
         LlamaForCausalLM(cfg), MethodConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     )
