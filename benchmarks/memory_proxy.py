@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from benchmarks.harness import measure_memory, require_device
-from benchmarks.report import environment, write_json
+from benchmarks.report import publish
 from benchmarks.workloads import LLAMA_QUICK, LLAMA_SMALL, build_variant, llama_workload, random_masks
 
 METHODS = ("lora", "lora_wide", "pilora", "pilora_product")
@@ -71,11 +71,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     require_device(args.device)
     res = run(args.batch, args.seq, args.dtype, args.device, LLAMA_QUICK if args.quick else None)
-    res["environment"] = environment(args.device, args, script="benchmarks.memory_proxy")
-    print(format_table(res))
-    if args.out:
-        write_json(args.out, res)
-    return res
+    return publish(res, args, "benchmarks.memory_proxy", format_table(res))
 
 
 if __name__ == "__main__":

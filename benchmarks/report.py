@@ -193,6 +193,15 @@ def build_record(workloads: dict, importance: dict | None, env: dict, config: di
     return record
 
 
+def publish(res: dict, args, script: str, table: str) -> dict:
+    """A side script's ending: the environment into ``res``, ``table`` printed, ``args.out`` written."""
+    res["environment"] = environment(args.device, args, script=script)
+    print(table)
+    if args.out:
+        write_json(args.out, res)
+    return res
+
+
 def write_json(path: str, record: dict) -> None:
     """Write ``record`` to ``path`` (its folder is created), one space of indent, non-JSON values as text."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

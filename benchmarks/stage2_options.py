@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.harness import operator_profile, require_device, time_interleaved
-from benchmarks.report import environment, write_json
+from benchmarks.report import publish
 from benchmarks.stats import ratio_summary
 from benchmarks.workloads import (
     DEFAULT_OPTIM,
@@ -352,11 +352,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     require_device(args.device)
     res = run(args.quick, args.repeats, args.warmup, args.device, optim=args.optim, workload=args.workload)
-    res["environment"] = environment(args.device, args, script="benchmarks.stage2_options")
-    print(format_table(res))
-    if args.out:
-        write_json(args.out, res)
-    return res
+    return publish(res, args, "benchmarks.stage2_options", format_table(res))
 
 
 if __name__ == "__main__":
