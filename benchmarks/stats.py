@@ -18,6 +18,13 @@ def quantiles(xs: list[float]) -> dict:
     return {"q25": q[0], "median": statistics.median(xs), "q75": q[2]}
 
 
+def paired_quantiles(xs: list[float], ys: list[float]) -> dict:
+    """Quartiles of the same-round ratios ``xs[i] / ys[i]`` ({} unless both have the same rounds)."""
+    if not xs or len(xs) != len(ys):
+        return {}
+    return quantiles([x / y for x, y in zip(xs, ys)])
+
+
 def robust_step_time(windows: list[list[tuple[float, bool]]]) -> float:
     """A spike-robust per-step time from individually timed steps: the median of the ordinary
     steps plus the share of check steps times their median extra cost. For a method without a
@@ -46,8 +53,12 @@ def ratio_summary(
     out = {}
     for name, xs in samples.items():
         med = statistics.median(xs)
-        paired = [a / b for a, b in zip(xs, base)] if len(xs) == len(base) else []
-        out[name] = {"median_s": med, "ratio": med / base_med, "samples_s": list(xs), "paired_ratio": quantiles(paired)}
+        out[name] = {
+            "median_s": med,
+            "ratio": med / base_med,
+            "samples_s": list(xs),
+            "paired_ratio": paired_quantiles(xs, base),
+        }
         if robust and name in robust and baseline in robust:
             out[name]["robust_s"] = robust[name]
             out[name]["robust_ratio"] = robust[name] / robust[baseline]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.stats import quantiles
+from benchmarks.stats import paired_quantiles
 from benchmarks.workloads import BASELINE, LIKE_FOR_LIKE
 
 TARGETS = {  # name: (threshold, description); PASS means value <= threshold
@@ -22,12 +22,10 @@ def paired_time_ratio(time: dict, method: str, baseline: str = BASELINE) -> tupl
     between rounds, which the ratio of the two medians does not), else the ratio of the medians.
     Returns the value and how to show it."""
     a, b = time[method], time[baseline]
-    xs, ys = a.get("samples_s") or [], b.get("samples_s") or []
     medians = a["median_s"] / b["median_s"]
-    if not xs or len(xs) != len(ys):
+    q = paired_quantiles(a.get("samples_s") or [], b.get("samples_s") or [])
+    if not q:
         return medians, f"{medians:.3f}×"
-    paired = sorted(x / y for x, y in zip(xs, ys))
-    q = quantiles(paired)
     return q["median"], f"{q['median']:.3f}× paired (q25–q75 {q['q25']:.3f}–{q['q75']:.3f}; medians {medians:.3f}×)"
 
 

@@ -55,7 +55,11 @@ _held: dict[str, "JobLock"] = {}
 
 
 class JobLocked(RuntimeError):
-    """Another live process writes this job folder."""
+    """Another live process writes this job folder; ``holder`` describes it."""
+
+    def __init__(self, message: str, holder: str = "another process"):
+        super().__init__(message)
+        self.holder = holder
 
 
 class StaleJob(RuntimeError):
@@ -122,11 +126,13 @@ class JobLock:
     def _refuse(self, holder: dict | None):
         os.close(self._fd)
         self._fd = None
+        who = self.describe(holder)
         raise JobLocked(
-            f"job folder {self.folder} is being written by {self.describe(holder)}: two copies of one job "
+            f"job folder {self.folder} is being written by {who}: two copies of one job "
             f"would overwrite each other's checkpoints and record. Wait for it to finish (rerunning the same "
             f"command then returns its record), or stop it. If that process is gone (e.g. a crashed node), "
-            f"delete {self.path} and rerun."
+            f"delete {self.path} and rerun.",
+            who,
         )
 
     # -- acquire / release ------------------------------------------------------------------
@@ -387,7 +393,7 @@ def open_job(cfg: dict, twins: bool = False):
         lock = JobLock(out).acquire()
     except JobLocked as err:
         if twins and world_size() == 1 and is_twin(cfg, out):
-            return Twin(out, JobLock.describe(JobLock(out)._read_holder()))
+            return Twin(out, err.holder)
         raise err
     try:
         if not cfg.get("resume", True):
