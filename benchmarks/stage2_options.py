@@ -69,6 +69,11 @@ class _StoredLeaf(nn.Module):
         super().__init__()
         self.blocks = nn.Parameter(stored.blocks.detach().clone())
         self.dominant_rows, self.supplementary_rows, self.r = stored.dominant_rows, stored.supplementary_rows, stored.r
+        self._effective = stored.effective_numel()
+
+    def effective_numel(self) -> int:
+        """The layer's Eq. 10 count, so pilora.params.count_parameters reports the paper's number."""
+        return self._effective
 
     @property
     def dominant(self):
