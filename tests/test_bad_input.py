@@ -258,9 +258,9 @@ def test_tokenizer_without_pad_token_trains(tmp_path):
     """LLaMA tokenizers ship without a pad token: the commonsense path pads with unk (or eos)."""
     from transformers import AutoTokenizer
 
-    from pilora.config import _minilm_path
+    from pilora.config import asset_path
 
-    tok = AutoTokenizer.from_pretrained(_minilm_path())
+    tok = AutoTokenizer.from_pretrained(asset_path("tiny-wordpiece"))
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "tok")
     assert AutoTokenizer.from_pretrained(tmp_path / "tok").pad_token is None

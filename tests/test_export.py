@@ -17,11 +17,12 @@ TEXTS = [("the cat sat on the", " mat"), ("alpha beta gamma", " delta omega"), (
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """A random tiny LLaMA saved with save_pretrained, with the MiniLM tokenizer (no download)."""
+    """A random tiny LLaMA saved with save_pretrained, with the tiny models' tokenizer (no download)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pilora.config import _minilm_path
+    from pilora.config import asset_path
 
+    tok = AutoTokenizer.from_pretrained(asset_path("tiny-wordpiece"), eos_token="[SEP]")
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=32,
@@ -29,15 +30,15 @@ def tiny_llama(tmp_path_factory):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=30522,
+        vocab_size=len(tok),
         max_position_embeddings=128,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     LlamaForCausalLM(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(_minilm_path(), eos_token="[SEP]").save_pretrained(path)
+    tok.save_pretrained(path)
     return path
 
 
