@@ -10,6 +10,7 @@ TARGETS = {  # name: (threshold, description); PASS means value <= threshold
     "stage2_time_fused": (1.00, "(like for like) PiLoRA ≤ 1.00× LoRA, both fused forward"),
     "stage2_memory": (1.00, "PiLoRA stage-2 peak memory ≤ LoRA's"),
     "stage1_overhead": (0.05, "stage-1 overhead ≤ 5 % at the default K"),
+    "importance_check": (0.10, "one importance check ≤ 0.10× a LoRA step (≤ 1 % of stage 1 at K = 10)"),
     "importance_one_chunk": (1, "importance pass never holds more than one chunk of G̃"),
     "stage2_ops": (1.10, "PiLoRA operators per step ≤ 1.1× LoRA's (host work)"),
     "stage2_time_model": (1.03, "PiLoRA ≤ 1.03× LoRA on the LLaMA workload"),
@@ -73,6 +74,8 @@ def evaluate_targets(record: dict) -> list[dict]:
         s1 = w.get("stage1", {})
         if s1.get("default_k") is not None:
             add("stage1_overhead", where, s1["default_k"], f"{100 * s1['default_k']:+.2f} % ({s1['default_k_source']})")
+        if s1.get("k1_amortised") is not None:  # one timed check ÷ one LoRA step
+            add("importance_check", where, s1["k1_amortised"], f"{s1['k1_amortised']:.3f}× a LoRA step")
     imp = record.get("importance_memory")
     if imp:
         add(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_LLAMA  # a one-layer LLaMA for the GPU scripts' code paths on the CPU
 
-from benchmarks import gpu_llama, harness, importance_probe, report, runner, stats, step_time, workloads
+from benchmarks import gpu_llama, harness, importance_probe, report, runner, stats, step_time, targets, workloads
 from pilora import importance
 
 
@@ -157,6 +157,12 @@ def test_targets_pass_and_miss_from_fake_measurements():
     assert verdict[("stage2_memory", "layer_q")] and not verdict[("stage2_memory", "layer_up")]
     assert verdict[("stage1_overhead", "layer_q")]  # 0.3 / (10 · 1.0) = 3 %
     assert not verdict[("stage1_overhead", "layer_up")]  # 1.2 / (10 · 2.0) = 6 %
+    # one check ÷ one LoRA step: 0.3 / 1.0 and 1.2 / 2.0 miss 0.10, and so does the layer set's 1.5 / 3.0 ...
+    assert not verdict[("importance_check", "layer_q")] and not verdict[("importance_check", "layer_up")]
+    assert verdict[("importance_check", "layer set")] is False
+    # ... while 0.08 of a step passes, and the row says what it divided
+    (row,) = [r for r in targets.evaluate_targets({"workloads": {"w": {"stage1": {"k1_amortised": 0.08}}}})]
+    assert row["target"] == "importance_check" and row["pass"] and row["shown"] == "0.080× a LoRA step"
     assert not verdict[("importance_one_chunk", "7B layer set")]
     # the layer set sums the medians of the layers
     ls = rec["layer_set"]
@@ -215,6 +221,7 @@ def test_tiny_layer_workload_produces_a_consistent_record(tmp_path):
         "stage2_time_fused",
         "stage2_memory",
         "stage1_overhead",
+        "importance_check",
         "importance_one_chunk",
         "stage2_ops",
     }
