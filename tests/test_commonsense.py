@@ -69,7 +69,7 @@ def test_format_prompt_alpaca_strings():
 
 
 # The reference scripts' templates, written here the way their sources write them: f-strings
-# indented inside a function body (finetune.py's first line even carries "  # noqa: E501").
+# indented inside a function body (finetune.py's first line even carries a stray linter comment).
 def _reference_train_prompt(instruction, input, output):
     if input:
         return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.  # noqa: E501
