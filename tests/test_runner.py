@@ -88,6 +88,30 @@ def test_commonsense_generation_end_to_end(tmp_path, method, monkeypatch):
     assert all(round(test[f"test_{s}_accuracy"] * 8) == test[f"test_{s}_accuracy"] * 8 for s in ("boolq", "piqa"))
 
 
+@pytest.mark.slow
+def test_commonsense_in_the_papers_precision_bf16_base_and_autocast(tmp_path):
+    """The LLaMA runs' setting (model.dtype=bfloat16, trainer.bf16=true; here on the CPU's autocast):
+    both stages train and the adapters stay fp32 on the bf16 base. The structural zeros held by the
+    trainer's step mask are checked at every epoch's checkpoint (saving raises if one moved)."""
+    from safetensors.torch import load_file
+
+    overrides = [o for o in write_commonsense(str(tmp_path / "cs")) if o != "trainer.bf16=false"]
+    out = tmp_path / "run"
+    rec = _train_and_check(
+        FAST
+        + overrides
+        + _method("pilora", 4, r=4)
+        + ["trainer.num_train_epochs=2", "model.dtype=bfloat16", "trainer.bf16=true", "+trainer.use_cpu=true"],
+        out,
+        "pilora",
+    )
+    assert rec["epochs"][-1]["eval_loss"] < rec["epochs"][0]["eval_loss"]
+    saved = load_file(os.path.join(out, "adapter_pilora", "adapter_model.safetensors"))
+    blocks = [k[: -len(".dominant")] for k in saved if k.endswith("lora_B.dominant")]
+    assert blocks and all(saved[f"{k}.dominant"].dtype == torch.float32 for k in blocks)
+    assert all(saved[f"{k}.dominant"].abs().sum() > 0 for k in blocks)  # stage 2 moved B
+
+
 # the LoRA runs of these families are slow-marked: the fast suite keeps the two-stage path
 @pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "pilora"])
 def test_vision_end_to_end(tmp_path, method):
