@@ -8,7 +8,9 @@ Same measurements and code as :mod:`benchmarks.step_time` (interleaved per-step 
 stage-1 overhead at K = 1 and K = 10; merged-PiLoRA inference vs the base model; the memory of one
 importance pass over the LLaMA-7B layer set), on ``LlamaForCausalLM`` with hidden 2048, 16
 layers, intermediate 5504, 16 heads, vocabulary 32000 (≈ 0.94 B parameters), targets q, k, v, up,
-down, 4 × 512 = 2048 tokens. PEFT keeps the adapters in fp32 on the bf16 base (its default
+down, 4 × 512 = 2048 tokens. Beside LoRA, fused LoRA, PiLoRA, DoRA and stage 1, ``lora_wide`` (LoRA with
+the fused forward at rank ``r + r'``) is the control that splits PiLoRA's time and peak memory into
+what the width costs and what the partition costs. PEFT keeps the adapters in fp32 on the bf16 base (its default
 ``autocast_adapter_dtype``), for every method alike. Built to finish in well under 5 minutes on
 one H100/H200-class GPU. Exits with code 2 when no CUDA device is present.
 """
@@ -25,7 +27,17 @@ import torch
 from benchmarks.importance_probe import importance_memory
 from benchmarks.report import build_record, environment, format_report, write_json
 from benchmarks.runner import run_workload
-from benchmarks.workloads import DEFAULT_OPTIM, K_DEFAULT, LAYERS_7B, OPTIMIZERS, llama_workload
+from benchmarks.workloads import (
+    DEFAULT_OPTIM,
+    K_DEFAULT,
+    LAYERS_7B,
+    OPTIMIZERS,
+    TRAIN_METHODS,
+    llama_workload,
+)
+
+# every training method, and LoRA at PiLoRA's width r + r' as the control
+METHODS = (*TRAIN_METHODS, "lora_wide")
 
 LLAMA_1B = dict(
     hidden_size=2048,
@@ -110,7 +122,7 @@ def run(
 
     results = {}
     if not (args.compile and args.compile_only):
-        results[wl.name] = run_workload(wl, args.repeats, args.warmup, device, optim=optim)
+        results[wl.name] = run_workload(wl, args.repeats, args.warmup, device, methods=METHODS, optim=optim)
         partial = save(results)
         if args.compile:
             print(format_report(partial), flush=True)  # the eager table, before the (long) compiled part

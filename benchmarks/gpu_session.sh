@@ -9,7 +9,8 @@
 # temporary folder put first on PYTHONPATH, leaving the machine's environment as it is.
 #
 # PARTS picks the parts (default: all four, in this order):
-#     llama     the ~1 B LLaMA, 2048 tokens, eager: LoRA vs PiLoRA stage 2 vs DoRA, stage 1, memory  (limit 150 s)
+#     llama     the ~1 B LLaMA, 2048 tokens, eager: LoRA vs PiLoRA stage 2 vs DoRA vs LoRA at r + r',
+#               stage 1, memory (limit 150 s; an H200 took 97 s for it before lora_wide was added)
 #     layers    7B-shaped layers, llama_small and host_stack, with LoRA at width r + r' as a control (120 s)
 #     options   the ways of holding stage 2's B, on llama_small and on host_stack                (120 s)
 #     compiled  the ~1 B LLaMA under torch.compile (inductor): LoRA, fused LoRA, PiLoRA, stage 1  (300 s)

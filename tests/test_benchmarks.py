@@ -293,7 +293,12 @@ def _tiny_gpu_run(tmp_path, *extra):
 def test_gpu_script_runs_tiny_on_cpu_and_writes_json(tmp_path):
     rec = _tiny_gpu_run(tmp_path)
     w = rec["workloads"]["llama_tiny"]
-    assert {"lora", "lora_fused", "pilora", "dora", "stage1_k10", "stage1_k1", "importance_check"} == set(w["time"])
+    assert {"lora", "lora_fused", "pilora", "dora", "lora_wide", "stage1_k10", "stage1_k1", "importance_check"} == set(
+        w["time"]
+    )
+    # the control at PiLoRA's width: the same stored numbers as PiLoRA's adapters, the plain LoRA graph
+    assert w["stored_params"]["lora_wide"] == w["stored_params"]["pilora"] > w["stored_params"]["lora"]
+    assert "lora_wide" in w["memory"] and w["ops"]["lora_wide"]["ops"] < w["ops"]["lora"]["ops"]
     assert w["stage1"]["default_k_source"] == "direct, robust"
     assert {"stage1_k10_direct", "stage1_k10_robust", "k10_amortised"} <= set(w["stage1"])
     assert w["merged_inference"]["max_abs_diff_vs_unmerged"] < 1e-4
