@@ -329,3 +329,10 @@ def test_tiny_models_tokenizer_ships_with_the_library_and_matches_their_configs(
         assert tok.unk_token_id not in ids
         assert "".join(tok.decode(ids, skip_special_tokens=True).split()) == "".join(text.lower().split())
     assert len(tok("the correct answer is true")["input_ids"]) == 7  # [CLS] 5 words [SEP]
+
+
+def test_unknown_asset_names_the_shipped_ones():
+    from pilora.config import asset_path
+
+    with pytest.raises(FileNotFoundError, match=r"no asset 'tiny-sentencepiece' .* the assets are: tiny-wordpiece"):
+        asset_path("tiny-sentencepiece")
