@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_llama_and_tokenizer
 
 from pilora.tasks import llm_adapters as cs
 
@@ -30,22 +31,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=tok.vocab_size,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.sep_token_id,
-        bos_token_id=tok.cls_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model, tok = tiny_llama_and_tokenizer()
+    model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.sep_token_id
     return model

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama_and_tokenizer
 
 from pilora import MethodConfig, load_adapter, pilora_masks, prepare_model, save_adapter
 from pilora.export import ADAPTER_DIR, PILORA_ADAPTER_DIR, ExportError, export_run, write_adapters
@@ -17,27 +18,11 @@ TEXTS = [("the cat sat on the", " mat"), ("alpha beta gamma", " delta omega"), (
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """A random tiny LLaMA saved with save_pretrained, with the tiny models' tokenizer (no download)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from pilora.config import asset_path
-
-    tok = AutoTokenizer.from_pretrained(asset_path("tiny-wordpiece"), eos_token="[SEP]")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=128,
-        bos_token_id=tok.cls_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    """The configured tiny LLaMA (conf/model/tiny-llama.yaml) saved with save_pretrained, with its
+    tokenizer (no download)."""
+    model, tok = tiny_llama_and_tokenizer()
     path = str(tmp_path_factory.mktemp("tiny_llama"))
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
