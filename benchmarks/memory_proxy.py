@@ -33,9 +33,8 @@ def run(batch: int = 8, seq: int = 256, dtype: str = "bf16", device: str = "cpu"
     for m in METHODS:
         pilora = m.startswith("pilora")
         v = build_variant("pilora" if pilora else m, wl, masks=masks if pilora else None)
-        if m == "pilora_product":  # the layers on their own: blocks ⊙ P in every forward, no mask
-            v.grad_mask.remove()
-            v.grad_mask = None
+        if m == "pilora_product":
+            v.use_layer_product()
         v.step()  # AdamW state exists, as in every later step
         out["memory"][m] = measure_memory(v, device)
         del v

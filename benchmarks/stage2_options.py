@@ -231,8 +231,7 @@ def build_option(option: str, wl: Workload, masks: dict, optim: str = DEFAULT_OP
 
     v = build_variant("pilora", wl, masks=masks, optim=optim)
     if option != "step":  # every other option forms the zeros itself (stored: the layer's own product)
-        v.grad_mask.remove()
-        v.grad_mask = None
+        v.use_layer_product()
     if option == "stored":
         return v
     mods = []

@@ -312,6 +312,12 @@ class Variant:
             self.grad_mask()
         self.optimizer.step()
 
+    def use_layer_product(self) -> None:
+        """PiLoRA's layers on their own (``blocks ⊙ P`` in every forward, no mask to call), as
+        outside pilora's Trainer."""
+        self.grad_mask.remove()
+        self.grad_mask = None
+
     def adapter_params(self) -> int:
         """Trainable parameters as the paper counts them (PiLoRA: Eq. 10, without structural zeros)."""
         from pilora.params import count_parameters
