@@ -8,12 +8,14 @@ YAML file in ``conf/method/``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .peft_layers import lora_layers
+
+# torch is imported where it is used: run.py imports this module (the config schema, the method
+# registry) to compose and check a config, which should not wait seconds for torch to load
+if TYPE_CHECKING:
+    from torch import nn
 
 # -------------------------------------------------------------------------------- method config
 # Field types are the ones OmegaConf checks (``typing`` generics, no ``X | Y`` unions): the same
@@ -256,6 +258,8 @@ def milora_init(layer, adapter, cfg=None):
     ``W0 = U Σ Vᵀ``; with the last r triplets ``(U_r, Σ_r, V_r)``: ``A = √(Σ_r/s) V_rᵀ``,
     ``B = U_r √(Σ_r/s)`` and ``W_res = W0 − s·B A``, so the output is unchanged at init.
     """
+    import torch
+
     base = layer.get_base_layer()
     W = base.weight
     r, s = int(layer.r[adapter]), float(layer.scaling[adapter])
@@ -302,6 +306,8 @@ def full_finetune(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the ``nn.Linear`` layers in ``model`` (candidates for targets)."""
+    from torch import nn
+
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
 
 
@@ -309,6 +315,8 @@ def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
     """Raise, listing the linear layers that exist, when a target name matches nothing."""
     if isinstance(targets, str):
         return  # a regex or "all-linear": PEFT validates it
+    from torch import nn
+
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+# torch is imported where it is used: ``pilora`` imports this module eagerly (its ``partition``
+# function shares the module's name), and ``pilora`` must load without torch (see __init__.py)
+if TYPE_CHECKING:
+    import torch
 
-from .importance import ImportanceStats, ModuleStats
+    from .importance import ImportanceStats, ModuleStats
 
 PARTITIONS: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -40,6 +43,8 @@ def _unit_interval(label: str, value: float) -> float:
 
 
 def _top_k(order_keys: torch.Tensor, k: int) -> torch.Tensor:
+    import torch
+
     mask = torch.zeros(order_keys.numel(), dtype=torch.bool)
     mask[torch.argsort(order_keys, descending=True, stable=True)[:k]] = True
     return mask
@@ -60,6 +65,8 @@ def hit_frequency(stats: ModuleStats, *, tau: float = 0.5, **_) -> torch.Tensor:
 @register_partition("cumulative")
 def cumulative(stats: ModuleStats, *, threshold: float = 0.7, **_) -> torch.Tensor:
     """Smallest group of rows (by ``H``, ties by ``ΣS``) holding ``threshold`` of ``ΣH``."""
+    import torch
+
     threshold = _unit_interval("threshold", threshold)
     hits = stats.hits.double()
     # rank by H, break ties by ΣS: ΣS is scaled into [0, 1) so it never outranks a whole hit
@@ -87,6 +94,8 @@ def top_fraction(stats: ModuleStats, *, fraction: float = 0.5, **_) -> torch.Ten
 def random(stats: ModuleStats, *, fraction: float = 0.5, seed: int = 0, name: str = "", **_) -> torch.Tensor:
     """A uniformly random ``round(fraction·m)`` rows; the seed is mixed with the module name so
     layers of the same shape get different (but reproducible) rows."""
+    import torch
+
     fraction = _unit_interval("fraction", fraction)
     m = stats.hits.numel()
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
@@ -100,7 +109,7 @@ def partition(stats: ImportanceStats, strategy: str = "hit_frequency", **params)
     if strategy not in PARTITIONS:
         raise ValueError(f"unknown partition strategy {strategy!r}; choose one of {sorted(PARTITIONS)}")
     fn = PARTITIONS[strategy]
-    return {name: fn(s, name=name, **params).to(torch.bool) for name, s in stats.modules.items()}
+    return {name: fn(s, name=name, **params).bool() for name, s in stats.modules.items()}
 
 
 def dominant_fractions(masks: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -99,6 +99,26 @@ def test_unknown_choices_and_keys_list_the_options(override, needle):
     assert "_base" not in proc.stderr.split("choose one of")[-1] and "partition/" not in proc.stderr
 
 
+def test_composing_a_config_loads_no_torch_and_the_package_names_load_on_use():
+    """run.py composes and checks a config before any heavy import, so a mistyped override, --help
+    and tab completion answer without loading torch, transformers or PEFT; ``pilora``'s names load
+    on first use and are the submodules' own objects."""
+    probe = (
+        "import sys, hydra_setup, pilora, pilora.config, pilora.methods\n"
+        "from pilora.methods import METHODS, MethodConfig, applicable_keys\n"
+        "assert METHODS['pilora'].two_stage and 'supplementary_r' in applicable_keys('pilora')\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
+        "import pilora.layer, pilora.importance, pilora.partition\n"
+        "assert callable(pilora.partition) and pilora.partition is pilora.partition.__globals__['partition']\n"
+        "assert pilora.to_pilora is pilora.layer.to_pilora and pilora.ImportanceStats is pilora.importance.ImportanceStats\n"
+        "assert set(pilora.__all__) <= set(dir(pilora)) and all(getattr(pilora, n) is not None for n in pilora.__all__)\n"
+        "try:\n    pilora.nope\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["[]", "module 'pilora' has no attribute 'nope'"]
+
+
 def test_method_config_is_strict_and_typed():
     with pytest.raises(ValueError, match=r"method\.rank.*valid keys of method: name, label, r, alpha"):
         MethodConfig.from_dict({"name": "lora", "rank": 4})
