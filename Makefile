@@ -19,11 +19,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), one test file per process at a time, so a
+# file's module fixtures (a reference run, a results tree) are built once. Most of the suite is
+# single-threaded Python (imports, subprocess jobs): two workers use both cores of a small machine.
+TEST_WORKERS ?= 2
+PYTEST  := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+	$(PYTEST) -m "not slow and not gpu" tests
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
