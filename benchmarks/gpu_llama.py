@@ -27,17 +27,7 @@ import torch
 from benchmarks.importance_probe import importance_memory
 from benchmarks.report import build_record, environment, format_report, write_json
 from benchmarks.runner import run_workload
-from benchmarks.workloads import (
-    DEFAULT_OPTIM,
-    K_DEFAULT,
-    LAYERS_7B,
-    OPTIMIZERS,
-    TRAIN_METHODS,
-    llama_workload,
-)
-
-# every training method, and LoRA at PiLoRA's width r + r' as the control
-METHODS = (*TRAIN_METHODS, "lora_wide")
+from benchmarks.workloads import ALL_METHODS, DEFAULT_OPTIM, K_DEFAULT, LAYERS_7B, OPTIMIZERS, llama_workload
 
 LLAMA_1B = dict(
     hidden_size=2048,
@@ -122,7 +112,9 @@ def run(
 
     results = {}
     if not (args.compile and args.compile_only):
-        results[wl.name] = run_workload(wl, args.repeats, args.warmup, device, methods=METHODS, optim=optim)
+        results[wl.name] = run_workload(
+            wl, args.repeats, args.warmup, device, methods=ALL_METHODS, optim=optim
+        )  # lora_wide: the width control
         partial = save(results)
         if args.compile:
             print(format_report(partial), flush=True)  # the eager table, before the (long) compiled part

@@ -47,6 +47,7 @@ def tiny_llama_and_tokenizer():
     """The model of ``conf/model/tiny-llama.yaml`` (randomly initialised with seed 0) and its
     tokenizer, as the runner builds them: tests that need the tiny LLaMA outside a Hydra job use the
     configured one rather than a copy of its shapes."""
+    from helpers import CONF
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
@@ -54,8 +55,7 @@ def tiny_llama_and_tokenizer():
     from pilora.tasks.base import load_pretrained, load_tokenizer
 
     register_resolvers()
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "model", "tiny-llama.yaml")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, "model", "tiny-llama.yaml")), resolve=True)
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
     return load_pretrained(cfg, AutoModelForCausalLM), tok
