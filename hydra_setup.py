@@ -5,7 +5,7 @@
 * ``${job_dirname:...}``: a job's folder name from its overrides, without the ``method.*`` keys
   its method does not use, so ``-m method=lora,pilora method.supplementary_r=1,2`` makes one LoRA
   folder (and one LoRA job: the second finds the first's record, or, run in parallel with it, is a
-  duplicate; see :func:`pilora.jobdir.open_job`);
+  duplicate; see :func:`pilora.runner.jobdir.open_job`);
 * ``${row_name:${method.label},${method.name}}``: the method's name in records and folders;
 * :class:`PrintSummary`, the table printed after every multirun;
 * tab completion of nested choices (``task=glue/<TAB>`` -> ``task=glue/mrpc``, ...), which Hydra's
@@ -29,15 +29,15 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.completion_plugin import CompletionPlugin
 from omegaconf import OmegaConf
 
-from pilora.config import register_resolvers, safe_dirname
 from pilora.methods import METHODS, MethodConfig, PartitionConfig, Stage1Config, applicable_keys
-from pilora.summary import format_table, summary_rows
+from pilora.runner.config import register_resolvers, safe_dirname
+from pilora.runner.summary import format_table, summary_rows
 
 
 def job_dirname(overrides, exclude_keys, method: str, match_budget: bool = False) -> str:
     """Hydra's ``override_dirname`` (sorted ``key=value`` overrides joined by ``,``, without
     ``exclude_keys``) minus the ``method.<key>`` overrides that ``method`` does not use, as one
-    safe folder name (:func:`pilora.config.safe_dirname`)."""
+    safe folder name (:func:`pilora.runner.config.safe_dirname`)."""
     used = set(applicable_keys(method, bool(match_budget))) if method in METHODS else None
     lines = []
     for override in OverridesParser.create().parse_overrides(list(overrides or [])):

@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from pilora.train import objective, train
+    from pilora.runner.train import objective, train
 
     # a validation value, never a test metric: a sweeper (Optuna, Ax) tunes on what it is given
     return objective(train(cfg, sweep=HydraConfig.get().mode == RunMode.MULTIRUN))

@@ -1,6 +1,6 @@
 """Run records -> one pandas DataFrame (one row per job).
 
-Every job writes ``<output_dir>/results.json`` (schema 1, :mod:`pilora.records`). ``load_records``
+Every job writes ``<output_dir>/results.json`` (schema 1, :mod:`pilora.runner.records`). ``load_records``
 walks one or more results trees (Hydra's ``outputs/`` and ``multirun/`` by default) and flattens
 each record into a row; ``load_wandb`` builds the same frame from a W&B project, pulled once into
 a local JSON cache that it falls back to when the API cannot be reached.
@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from pilora.records import RECORD, SCHEMA, atomic_write_json, find_records
+from pilora.runner.records import RECORD, SCHEMA, atomic_write_json, find_records
 
 DEFAULT_ROOTS = ("outputs", "multirun")
 
@@ -598,7 +598,7 @@ def wandb_record(item: dict) -> dict:
     if item.get("record"):
         return _with_artifacts(item["record"], item)
     cfg, summ = _hydra_config(item.get("config") or {}), item.get("summary") or {}
-    if "schema" in summ and "metrics" in summ:  # the summary is the record (pilora.logging_wandb)
+    if "schema" in summ and "metrics" in summ:  # the summary is the record (pilora.runner.wandb)
         rec = {k: v for k, v in summ.items() if not k.startswith("_") and k not in ("label", "T")}
         rec.update(config=cfg, status="complete" if item.get("state") in (None, "finished") else item.get("state"))
         return _with_artifacts(rec, item)

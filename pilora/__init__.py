@@ -5,7 +5,7 @@ importance from the LoRA gradients; a partition (:mod:`pilora.partition`) turns 
 dominant-row masks; stage 2 (:mod:`pilora.layer`) trains rank-r adapters on dominant rows and
 rank-r' adapters on the rest. :func:`prepare_model` builds any method's model to train.
 
-The names below load on first use (PEP 562), so that ``import pilora.config`` or
+The names below load on first use (PEP 562), so that ``import pilora.runner.config`` or
 ``pilora.methods`` (all that ``run.py`` needs to compose and check a config) does not import
 torch, transformers and PEFT: a mistyped override, ``--help`` and tab completion answer at once.
 """

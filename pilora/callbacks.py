@@ -1,13 +1,10 @@
-"""``transformers.Trainer`` callbacks: the stage-1 importance pass and a NaN-loss guard."""
+"""``transformers.Trainer`` callbacks of the method: the stage-1 importance pass (Alg. 1 lines 7-12)."""
 
 from __future__ import annotations
 
-import math
 import os
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .importance import ImportanceAccumulator, ImportanceStats
 
@@ -78,73 +75,3 @@ def check_full_lora_gradients(accumulator: ImportanceAccumulator) -> None:
                     "LoRA gradients. Run stage 1 with DDP (no trainer.fsdp) and pass its importance.pt to "
                     "an FSDP stage 2 with method.importance_from=..."
                 )
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-class NanLossGuard(TrainerCallback):
-    """Stop at the first logged non-finite loss, naming the step and the last good checkpoint."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-            raise TrainingDiverged(
-                f"loss became {loss} at step {state.global_step}; last good checkpoint: {last or 'none'}. "
-                "Lower trainer.learning_rate or enable gradient clipping (trainer.max_grad_norm), then rerun "
-                "(the run resumes from that checkpoint)."
-            )
-
-
-class FirstStep(TrainerCallback):
-    """Marks the first optimizer step of ``Trainer.train``: an error raised before it comes from
-    loading the checkpoint being resumed, not from training."""
-
-    started = False
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.started = True
-
-
-STAGE_NAMES = {"stage1": "stage 1 (importance)", "stage2": "stage 2", "train": "train"}
-
-
-def stage_label(output_dir: str) -> str:
-    """A stage's Trainer output folder (``stage1``, ``stage2`` or ``train``) -> its console name."""
-    base = os.path.basename(os.path.normpath(output_dir))
-    return STAGE_NAMES.get(base, base)
-
-
-class StageProgress(ProgressCallback):
-    """Trainer's progress bars, named after the stage they count (two-stage jobs show two bars)."""
-
-    def __init__(self, stage: str):
-        super().__init__()
-        self.stage = stage
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.training_bar is not None:
-            self.training_bar.set_description(self.stage)
-
-    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        new = self.prediction_bar is None
-        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
-        if new and self.prediction_bar is not None:
-            self.prediction_bar.set_description(f"{self.stage} eval")
-
-
-class MetricsToLog(TrainerCallback):
-    """Every metric line Trainer logs goes to the ``pilora`` logger too, so ``run.log`` holds the
-    losses and evaluations and not only the job's milestones."""
-
-    def __init__(self, stage: str):
-        self.stage = stage
-        self.log = __import__("logging").getLogger("pilora")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-            self.log.info("%s step %d: %s", self.stage, state.global_step, shown)

@@ -31,24 +31,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def per_rank_log_file(out: str) -> None:
-    """Under a launcher every rank runs Hydra with the same run dir; rank k > 0 logs to
-    ``run.rank<k>.log`` instead of also writing (and clobbering) rank 0's ``run.log``."""
-    me = rank()
-    if me == 0:
-        return
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and os.path.dirname(os.path.abspath(h.baseFilename)) == out:
-            stem, ext = os.path.splitext(h.baseFilename)
-            new = logging.FileHandler(f"{stem}.rank{me}{ext}", mode="w")
-            new.setFormatter(h.formatter)
-            new.setLevel(h.level)
-            root.removeHandler(h)
-            h.close()
-            root.addHandler(new)
-
-
 def refuse_sharded_stage1(args) -> None:
     """Stage 1 reads the full LoRA gradients ``∂A``, ``∂B`` of every layer (Eq. 7): FSDP shards them
     across ranks, so each rank would score its own shard only. Refuse it with the way out."""

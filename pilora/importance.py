@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .io import atomic_write
 from .peft_layers import lora_layers
-from .records import atomic_write
 
 STATS_FORMAT = 1
 

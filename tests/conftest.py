@@ -51,7 +51,7 @@ def tiny_llama_and_tokenizer():
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from pilora.config import register_resolvers
+    from pilora.runner.config import register_resolvers
     from pilora.tasks.base import load_pretrained, load_tokenizer
 
     register_resolvers()

@@ -27,16 +27,16 @@ def _slow_step(self, *args, **kwargs):
 transformers.Trainer.training_step = _slow_step
 
 if os.environ.get("PILORA_SLOW_SAVE"):
-    import pilora.train
+    import pilora.runner.train
 
-    _save = pilora.train.write_adapters
+    _save = pilora.runner.train.write_adapters
 
     def _slow_save(*args, **kwargs):
         open(os.environ["PILORA_SLOW_SAVE"], "w").close()
         time.sleep(600)
         return _save(*args, **kwargs)
 
-    pilora.train.write_adapters = _slow_save
+    pilora.runner.train.write_adapters = _slow_save
 
 if __name__ == "__main__":
     sys.argv = [os.path.join(ROOT, "run.py"), *sys.argv[1:]]

@@ -70,7 +70,7 @@ def tree(tmp_path_factory):
     """A results tree laid out like Hydra's multirun/ folders, made by the real trainer."""
     import torch
 
-    from pilora.train import train
+    from pilora.runner.train import train
 
     base = tmp_path_factory.mktemp("analysis")
     img, root = str(base / "img"), base / "results"

@@ -11,10 +11,10 @@ import sys
 import pytest
 from helpers import FAST, compose_cfg, write_commonsense, write_images, write_sst2
 
-from pilora import records
-from pilora.records import RecordWriteError
+from pilora.runner import records
+from pilora.runner.records import RecordWriteError
+from pilora.runner.train import train
 from pilora.tasks import DataError
-from pilora.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -258,7 +258,7 @@ def test_tokenizer_without_pad_token_trains(tmp_path):
     """LLaMA tokenizers ship without a pad token: the commonsense path pads with unk (or eos)."""
     from transformers import AutoTokenizer
 
-    from pilora.config import asset_path
+    from pilora.runner.config import asset_path
 
     tok = AutoTokenizer.from_pretrained(asset_path("tiny-wordpiece"))
     tok.pad_token = None

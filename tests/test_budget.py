@@ -1,8 +1,8 @@
 import torch
 from helpers import FAST, compose_cfg, write_images
 
-from pilora.budget import matched_rank_pattern, pilora_module_count
-from pilora.train import train
+from pilora.methods.budget import matched_rank_pattern, pilora_module_count
+from pilora.runner.train import train
 
 
 def test_matched_ranks_against_hand_computed_counts():

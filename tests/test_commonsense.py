@@ -18,7 +18,7 @@ from pilora.tasks import llm_adapters as cs
 def _load_tokenizer():
     from transformers import AutoTokenizer
 
-    from pilora.config import asset_path
+    from pilora.runner.config import asset_path
 
     return AutoTokenizer.from_pretrained(asset_path("tiny-wordpiece"))
 

@@ -11,8 +11,8 @@ from helpers import CONF, FAST, compose_cfg, write_images
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from pilora.methods import MethodConfig
+from pilora.runner.train import method_config, train
 from pilora.tasks import FAMILIES, DataError
-from pilora.train import method_config, train
 
 ROOT = os.path.dirname(CONF)
 
@@ -104,7 +104,7 @@ def test_composing_a_config_loads_no_torch_and_the_package_names_load_on_use():
     and tab completion answer without loading torch, transformers or PEFT; ``pilora``'s names load
     on first use and are the submodules' own objects."""
     probe = (
-        "import sys, hydra_setup, pilora, pilora.config, pilora.methods\n"
+        "import sys, hydra_setup, pilora, pilora.runner.config, pilora.methods\n"
         "from pilora.methods import METHODS, MethodConfig, applicable_keys\n"
         "assert METHODS['pilora'].two_stage and 'supplementary_r' in applicable_keys('pilora')\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
@@ -138,7 +138,7 @@ def test_keys_a_method_does_not_use_compose_and_are_ignored(method, used):
     from omegaconf import OmegaConf
 
     from pilora.methods import recorded_section
-    from pilora.train import _method_settings
+    from pilora.runner.train import _method_settings
 
     cfg = OmegaConf.to_container(
         compose_cfg(
@@ -352,7 +352,7 @@ def test_tiny_models_tokenizer_ships_with_the_library_and_matches_their_configs(
 
 
 def test_unknown_asset_names_the_shipped_ones():
-    from pilora.config import asset_path
+    from pilora.runner.config import asset_path
 
     with pytest.raises(FileNotFoundError, match=r"no asset 'tiny-sentencepiece' .* the assets are: tiny-wordpiece"):
         asset_path("tiny-sentencepiece")

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 
 def test_progress_bars_name_their_stage():
-    from pilora.callbacks import StageProgress, stage_label
+    from pilora.runner.console import StageProgress, stage_label
 
     assert [stage_label(f"/x/{d}") for d in ("stage1", "stage2", "train")] == [
         "stage 1 (importance)",
@@ -25,7 +25,7 @@ def test_progress_bars_name_their_stage():
 
 
 def test_run_log_holds_each_stages_metrics(tmp_path, caplog):
-    from pilora.train import train
+    from pilora.runner.train import train
 
     cfg = compose_cfg(
         FAST
@@ -51,7 +51,7 @@ def test_run_log_holds_each_stages_metrics(tmp_path, caplog):
 
 
 def test_every_multirun_ends_with_the_summary_table():
-    from pilora.summary import format_table
+    from pilora.runner.summary import format_table
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["method=lora"], return_hydra_config=True)

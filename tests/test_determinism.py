@@ -9,7 +9,7 @@ from helpers import FAST, compose_cfg, write_images
 from safetensors.torch import load_file
 
 from pilora import ImportanceStats
-from pilora.train import train
+from pilora.runner.train import train
 
 
 def _scores(rec):

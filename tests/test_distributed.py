@@ -21,7 +21,7 @@ from helpers import FAST, compose_cfg, write_images
 
 from pilora import ImportanceStats
 from pilora.partition import partition
-from pilora.train import DistributedMismatch, check_ranks_agree, train
+from pilora.runner.train import DistributedMismatch, check_ranks_agree, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = 1e-4

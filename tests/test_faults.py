@@ -16,8 +16,8 @@ from helpers import FAST, compose_cfg, write_images
 from pilora import ImportanceStats, records
 from pilora.importance import ModuleStats
 from pilora.partition import partition
-from pilora.records import RecordWriteError, atomic_write_json
-from pilora.train import CorruptCheckpoint, train
+from pilora.runner.records import RecordWriteError, atomic_write_json
+from pilora.runner.train import CorruptCheckpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -339,7 +339,7 @@ def test_nan_weights_in_a_checkpoint_are_refused_on_resume(finished_job):
 def test_nan_weights_make_a_failed_record(finished_job, monkeypatch):
     """Weights that are NaN at the end (here: a poisoned last checkpoint let through) give a record
     marked failed, never 'complete' with NaN metrics; a rerun does not return it as finished."""
-    from pilora import checkpoints
+    from pilora.runner import checkpoints
 
     overrides, out, _ = finished_job
     _poison(out / "stage2" / "checkpoint-6" / "adapter_model.safetensors")

@@ -10,9 +10,9 @@ from conftest import TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides, table_rows
 
 from pilora import MethodConfig, count_parameters, prepare_model
-from pilora.full import check_full_finetune_fsdp
+from pilora.methods.full import check_full_finetune_fsdp
 from pilora.paper_params import meta_count
-from pilora.train import train
+from pilora.runner.train import train
 
 
 def test_full_trains_every_weight_and_counts_100_percent():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import FAST, compose_cfg, write_images
 
-from pilora.train import train
+from pilora.runner.train import train
 
 BASE = FAST + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1", "trainer.max_steps=1"]
 

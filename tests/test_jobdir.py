@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers import FAST, compose_cfg, write_images
 
-from pilora import jobdir
-from pilora.checkpoints import resume_point
-from pilora.jobdir import JobLock, JobLocked, StaleJob
-from pilora.train import train
+from pilora.runner import jobdir
+from pilora.runner.checkpoints import resume_point
+from pilora.runner.jobdir import JobLock, JobLocked, StaleJob
+from pilora.runner.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -82,12 +82,12 @@ class _LiveHolder:
     the folder's manifest for ``cfg`` (as that job would have)."""
 
     def __init__(self, cfg, out):
-        from pilora.train import _method_settings, _plain
+        from pilora.runner.train import _method_settings, _plain
 
         _, job_cfg, _ = _method_settings(_plain(cfg))
         os.makedirs(out, exist_ok=True)
         jobdir.check_reusable(job_cfg, str(out))
-        code = "import sys, time; from pilora.jobdir import JobLock; JobLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)"
+        code = "import sys, time; from pilora.runner.jobdir import JobLock; JobLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True
         )
@@ -105,7 +105,7 @@ def test_a_sweep_point_repeating_a_running_one_is_a_duplicate_not_an_error(tmp_p
     """A parallel launcher can run two identical sweep points (one folder) at once: the second returns a
     ``duplicate`` record naming the folder and writes nothing. Outside a sweep, or with another config,
     the holder still stops it (``JobLocked``)."""
-    from pilora.train import objective
+    from pilora.runner.train import objective
 
     out = tmp_path / "run"
     cfg = compose_cfg(_vision(tmp_path / "img"), out)
@@ -377,7 +377,7 @@ def test_bad_numbers_are_named_before_a_folder_is_made(tmp_path, override, messa
 
 def test_records_and_statistics_follow_the_umask(tmp_path):
     from pilora import ImportanceStats
-    from pilora.records import atomic_write_json
+    from pilora.runner.records import atomic_write_json
 
     old = os.umask(0o022)
     try:

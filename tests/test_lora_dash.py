@@ -12,7 +12,7 @@ from helpers import FAST, compose_cfg, glue_overrides
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pilora import MethodConfig, count_parameters, prepare_model
-from pilora.lora_dash import (
+from pilora.methods.lora_dash import (
     DashLaunchCallback,
     change_rates,
     dash_layers,
@@ -23,7 +23,7 @@ from pilora.lora_dash import (
     select_directions,
 )
 from pilora.paper_params import meta_count
-from pilora.train import train
+from pilora.runner.train import train
 
 X = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
 Y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])

@@ -113,7 +113,7 @@ def test_openclip_and_transformers_towers_count_the_same_parameters():
 def test_pilora_trains_on_the_openclip_tower_and_its_adapter_loads_in_stock_peft(tmp_path):
     from peft import PeftModel
 
-    from pilora.train import train
+    from pilora.runner.train import train
 
     cfg = _cfg(
         tmp_path,

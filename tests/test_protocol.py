@@ -13,7 +13,7 @@ from torch import nn
 
 from pilora.paper_params import model_targets
 from pilora.peft_layers import lora_layers
-from pilora.train import objective, train
+from pilora.runner.train import objective, train
 
 LLAMA_TARGETS = model_targets("tiny-llama")
 

@@ -6,7 +6,7 @@ import re
 import pytest
 from helpers import compose_cfg
 
-from pilora.train import train
+from pilora.runner.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_demo_code_path_learns_at_reduced_size(tmp_path):
         assert rec["model"] == "minilm-l6" and rec["task"] == "reviews"
     # 100 balanced test examples: 0.6 is 2 standard errors above the 50 % majority baseline
     assert accs["lora"] > 0.6 and accs["pilora"] > 0.6, accs
-    from pilora.summary import format_table, summary_rows
+    from pilora.runner.summary import format_table, summary_rows
 
     table = format_table(summary_rows(str(tmp_path)))
     assert "lora" in table and "pilora" in table and f"{accs['lora']:.4f}" in table

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from pilora.train import _method_settings
+from pilora.runner.train import _method_settings
 
 ROOT = os.path.dirname(CONF)
 DOCS = ("README.md", os.path.join("experiments", "README.md"))

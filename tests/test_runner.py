@@ -9,7 +9,7 @@ import torch
 from helpers import FAST, compose_cfg, glue_overrides, write_commonsense, write_images
 
 from pilora import ImportanceStats
-from pilora.train import train
+from pilora.runner.train import train
 
 
 def _method(name, stage1_steps=4, **extra):

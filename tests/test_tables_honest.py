@@ -53,7 +53,7 @@ def write(
     lr=1e-4,
     extra=None,
 ):
-    """One schema-1 record, as pilora.train writes it (only the fields the loader reads)."""
+    """One schema-1 record, as pilora.runner.train writes it (only the fields the loader reads)."""
     m = dict(cfg, importance_from=importance_from) if importance_from else dict(cfg)
     rec = {
         "schema": 1,

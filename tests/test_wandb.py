@@ -28,7 +28,7 @@ def sweep(tmp_path_factory):
     import torch
     from helpers import write_images
 
-    from pilora.train import train
+    from pilora.runner.train import train
 
     base = tmp_path_factory.mktemp("wandb_sweep")
     img = str(base / "img")
@@ -219,8 +219,8 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
 
     from helpers import write_images
 
-    from pilora import logging_wandb
-    from pilora.train import train
+    from pilora.runner import wandb as logging_wandb
+    from pilora.runner.train import train
 
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)

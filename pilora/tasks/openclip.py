@@ -101,11 +101,7 @@ def create_visual(model_cfg: dict) -> nn.Module:
     """
     import open_clip
 
-    oc = model_cfg.get("openclip") or {}
-    if not isinstance(oc, dict):  # an OmegaConf node (configs composed by Hydra)
-        from omegaconf import OmegaConf
-
-        oc = OmegaConf.to_container(oc, resolve=True)
+    oc = dict(model_cfg.get("openclip") or {})  # the runner passes plain containers (no OmegaConf here)
     name = oc.get("name") or "ViT-B-32"
     if oc.get("model_cfg"):
         with tempfile.TemporaryDirectory() as tmp:  # open_clip reads model configs from json files

@@ -4,7 +4,7 @@
 needed) and runs, all with ``transformers.Trainer``:
 
 * single-stage methods (LoRA, rsLoRA, DoRA, PiSSA, MiLoRA): train, evaluate every epoch;
-* LoRA-Dash: one run; :class:`~pilora.lora_dash.DashLaunchCallback` picks the directions after
+* LoRA-Dash: one run; :class:`~pilora.methods.lora_dash.DashLaunchCallback` picks the directions after
   ``method.prelaunch_steps`` steps (``dash_directions.pt``); full fine-tuning (``method=full``):
   every weight trains, the model is saved to ``model/``;
 * PiLoRA: stage 1 (plain LoRA + :class:`ImportanceCallback`, 1 epoch or ``N`` steps) ->
@@ -28,31 +28,32 @@ from typing import Any
 
 import torch
 
-from . import logging_wandb
-from .budget import matched_rank_pattern
-from .callbacks import STATS_IN_CHECKPOINT, ImportanceCallback, MetricsToLog, NanLossGuard, StageProgress, stage_label
-from .checkpoints import CorruptCheckpoint, fit, non_finite_weights_failure, resume_point, verify_checkpoint  # noqa: F401
-from .checks import check_values
-from .cost import JobClock
-from .distributed import (  # noqa: F401
+from ..callbacks import STATS_IN_CHECKPOINT, ImportanceCallback
+from ..distributed import (  # noqa: F401
     DistributedMismatch,
     check_ranks_agree,
     is_main,
-    per_rank_log_file,
     refuse_sharded_stage1,
     world_size,
 )
-from .export import INITIAL_ADAPTER_DIR, save_initial_adapter, write_adapters
-from .full import check_full_finetune_fsdp
-from .importance import ImportanceAccumulator, ImportanceStats
+from ..export import INITIAL_ADAPTER_DIR, save_initial_adapter, write_adapters
+from ..importance import ImportanceAccumulator, ImportanceStats
+from ..methods import METHODS, MethodConfig, prepare_model, recorded_section
+from ..methods.budget import matched_rank_pattern
+from ..methods.full import check_full_finetune_fsdp
+from ..methods.lora_dash import DIRECTIONS_FILE, DashLaunchCallback
+from ..params import count_parameters
+from ..partition import dominant_fractions, partition
+from ..tasks import make_task
+from . import wandb as wandb_run
+from .callbacks import NanLossGuard
+from .checkpoints import CorruptCheckpoint, fit, non_finite_weights_failure, resume_point, verify_checkpoint  # noqa: F401
+from .checks import check_values
+from .console import MetricsToLog, StageProgress, per_rank_log_file, stage_label
+from .cost import JobClock
 from .jobdir import JobLocked, StaleJob, Twin, open_job  # noqa: F401 (re-exported)
-from .lora_dash import DIRECTIONS_FILE, DashLaunchCallback
-from .methods import METHODS, MethodConfig, prepare_model, recorded_section
-from .params import count_parameters
-from .partition import dominant_fractions, partition
 from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
 from .stats_check import check_statistics
-from .tasks import make_task
 
 log = logging.getLogger("pilora")
 IMPORTANCE_FILE = "importance.pt"
@@ -175,7 +176,7 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
         # accelerate only sets up CPU DDP (gloo) when told use_cpu; otherwise every rank would
         # silently train on the whole data set on its own
         kwargs.setdefault("use_cpu", True)
-    # never Trainer's own W&B callback: pilora.logging_wandb logs each stage under its own prefix
+    # never Trainer's own W&B callback: pilora.runner.wandb logs each stage under its own prefix
     # and keeps the run's config to the resolved Hydra config
     report = "none"
     try:
@@ -201,7 +202,7 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
 def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     from transformers.trainer_callback import ProgressCallback
 
-    from .trainer import PiLoRATrainer
+    from ..trainer import PiLoRATrainer
 
     trainer = PiLoRATrainer(
         model=model,
@@ -210,7 +211,7 @@ def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
         eval_dataset=data["validation"] if evaluate else None,
         data_collator=task.collator(),
         compute_metrics=task.compute_metrics if evaluate else None,
-        callbacks=[NanLossGuard(), *callbacks, *logging_wandb.trainer_callbacks(args.output_dir)],
+        callbacks=[NanLossGuard(), *callbacks, *wandb_run.trainer_callbacks(args.output_dir)],
     )
     if task.accepts_loss_kwargs is not None:
         trainer.model_accepts_loss_kwargs = task.accepts_loss_kwargs
@@ -397,7 +398,7 @@ def train(cfg: Any, sweep: bool = False) -> dict:
 
     The job folder is locked for the whole job (a second copy stops with ``JobLocked``), and an
     earlier run in it is reused only if it was made with this same config (``StaleJob`` otherwise);
-    see :mod:`pilora.jobdir`. In a sweep (``sweep=True``, as ``run.py -m`` passes) a point that
+    see :mod:`pilora.runner.jobdir`. In a sweep (``sweep=True``, as ``run.py -m`` passes) a point that
     repeats one running in parallel (same config, one folder) does not stop: it returns a record
     with ``status: "duplicate"`` naming the folder whose record is its result."""
     cfg = _plain(cfg)
@@ -432,17 +433,17 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
     if method.modules_to_save is None and task.head_modules:
         method.modules_to_save = list(task.head_modules)
     data = task.datasets()
-    run = logging_wandb.start_run(cfg, out) if is_main() else None
+    run = wandb_run.start_run(cfg, out) if is_main() else None
     try:
         record = _run(cfg, task, method, data, out)
         record["ignored"] = ignored
         if run is not None:
-            record["wandb"] = logging_wandb.record_entry(run)
+            record["wandb"] = wandb_run.record_entry(run)
         if is_main():
             atomic_write_json(os.path.join(out, RECORD), record)
             log.info("record written: %s", os.path.join(out, RECORD))
         if run is not None:  # summary = the record; artifacts = record, stage-1 statistics, adapter
-            logging_wandb.finish_run(
+            wandb_run.finish_run(
                 run,
                 record,
                 cfg,
@@ -457,7 +458,7 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
         return record
     finally:
         if run is not None:
-            logging_wandb.abort(run)  # a failed job: its run ends marked as failed
+            wandb_run.abort(run)  # a failed job: its run ends marked as failed
 
 
 def _run(cfg, task, method, data, out) -> dict:
@@ -511,7 +512,7 @@ def _run(cfg, task, method, data, out) -> dict:
         params.trainable,
         100 * params.share,
     )
-    # --- LoRA-Dash / full fine-tuning (pilora.lora_dash, pilora.full) --------------------------
+    # --- LoRA-Dash / full fine-tuning (pilora.methods.lora_dash, pilora.methods.full) --------------------------
     dash = (
         DashLaunchCallback(model, method.prelaunch_steps, os.path.join(out, DIRECTIONS_FILE))
         if method.name == "lora_dash"

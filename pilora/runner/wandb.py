@@ -48,7 +48,7 @@ def run_name(cfg: dict) -> str:
 
 
 def two_stage(cfg: dict) -> bool:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     return bool(cfg["method"].get("match_budget")) or METHODS[cfg["method"]["name"]].two_stage
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from .peft_layers import lora_layers
+from ..peft_layers import lora_layers
 
 # torch is imported where it is used: run.py imports this module (the config schema, the method
 # registry) to compose and check a config, which should not wait seconds for torch to load
@@ -96,7 +96,7 @@ class MethodConfig:
                     f"supplementary rank r' must satisfy 0 ≤ r' ≤ r = {self.r}, got {self.supplementary_r}"
                 )
         if self.name == "pilora" or self.match_budget:
-            from .partition import PARTITIONS
+            from ..partition import PARTITIONS
 
             if self.partition.name not in PARTITIONS:
                 raise ValueError(f"unknown partition {self.partition.name!r}; choose one of {sorted(PARTITIONS)}")
@@ -288,7 +288,7 @@ register_method("full", Method({}, adapter=False))  # r, α, dropout, targets: k
 @register_init("lora_dash")
 def _lora_dash_init(layer, adapter, cfg=None):
     """LoRA-Dash: PEFT's LoRA init plus ``cfg.directions`` zero coefficients; the directions are
-    chosen at the launch (:mod:`pilora.lora_dash`), so the output equals the base model's."""
+    chosen at the launch (:mod:`pilora.methods.lora_dash`), so the output equals the base model's."""
     from .lora_dash import attach_dash
 
     attach_dash(layer, int(cfg.directions if cfg is not None else MethodConfig.directions), adapter)
@@ -362,7 +362,7 @@ def prepare_model(
     """
     from peft import get_peft_model
 
-    from .layer import FusedLoraForward, to_pilora
+    from ..layer import FusedLoraForward, to_pilora
 
     if isinstance(cfg, dict):
         cfg = MethodConfig.from_dict(cfg)

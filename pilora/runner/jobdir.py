@@ -277,7 +277,7 @@ def _manifest_differences(theirs: dict, mine: dict) -> list[str]:
     old_cfg = theirs.get("config")
     if isinstance(old_cfg, dict) and isinstance(old_cfg.get("method"), dict):
         # a folder made before the method section held only the keys its method uses
-        from .methods import recorded_section
+        from ..methods import recorded_section
 
         old_cfg = {**old_cfg, "method": recorded_section(old_cfg["method"])}
     return _differences(old_cfg, mine["config"], "config") + _differences(theirs.get("inputs"), mine["inputs"], "input")
@@ -381,8 +381,8 @@ def open_job(cfg: dict, twins: bool = False):
     A live holder stops this job with :class:`JobLocked`, unless ``twins`` (a sweep: ``run.py -m``)
     and the holder runs this very config in one process: then a :class:`Twin` is returned and
     this job has nothing to do (under DDP the ranks could not agree on that, so it stays an error)."""
+    from ..distributed import is_main, world_size
     from .checks import check_values
-    from .distributed import is_main, world_size
 
     check_values(cfg)  # before the folder exists: a bad value leaves nothing behind
     out = os.path.abspath(cfg["output_dir"])

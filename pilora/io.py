@@ -1,17 +1,14 @@
-"""Run records: one ``results.json`` per job, written atomically."""
+"""Atomic file writes: readers see the old file or the complete new one, never a partial one.
+
+Used by the method's own artifacts (``importance.pt``) and by the runner's records alike."""
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
-import subprocess
 import tempfile
 from typing import IO, Callable
-
-SCHEMA = 1
-RECORD = "results.json"
 
 
 class RecordWriteError(OSError):
@@ -73,62 +70,3 @@ def _jsonable(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     return str(x)
-
-
-# folders inside a job directory that never hold records (walking checkpoints would be slow)
-_PRUNE = {".hydra", "wandb", "adapter", "adapter_pilora", "adapter_init", "model"}
-
-
-def find_records(roots: list[str]) -> list[str]:
-    """Every ``results.json`` under the folders ``roots`` (a ``results.json`` path counts as itself),
-    sorted; checkpoints and adapter folders are not entered."""
-    found = []
-    for root in roots:
-        if os.path.isfile(root) and os.path.basename(root) == RECORD:
-            found.append(os.path.abspath(root))
-            continue
-        for here, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in _PRUNE and not d.startswith("checkpoint-"))
-            if RECORD in files:
-                found.append(os.path.abspath(os.path.join(here, RECORD)))
-    return sorted(set(found))
-
-
-def read_record(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def git_revision(cwd: str | None = None) -> dict:
-    here = cwd or os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        )
-        return {"revision": rev or None, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"revision": None, "dirty": None}
-
-
-def best_and_final(epochs: list[dict], metric: str, mode: str = "max") -> tuple[dict, dict]:
-    """Final = the last evaluation; best = the evaluation with the best ``metric`` (``mode``)."""
-    if not epochs:
-        return {}, {}
-    final = epochs[-1]
-    key = f"eval_{metric}"
-    scored = [e for e in epochs if isinstance(e.get(key), (int, float)) and not math.isnan(e[key])]
-    pick = max if mode == "max" else min
-    best = pick(scored, key=lambda e: e[key]) if scored else final
-    return final, best

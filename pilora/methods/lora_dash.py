@@ -30,7 +30,7 @@ from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 from transformers import TrainerCallback
 
-from .peft_layers import PEFT_PREFIX, canonical_name, lora_layers
+from ..peft_layers import PEFT_PREFIX, canonical_name, lora_layers
 
 log = logging.getLogger("pilora")
 DASH_KEY = "lora_dash"  # PEFT saves every state key containing "lora_"
@@ -219,7 +219,7 @@ class DashLaunchCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.launch_step is None and state.global_step >= self.t:
-            from .distributed import check_ranks_agree, is_main
+            from ..distributed import check_ranks_agree, is_main
 
             self.chosen = launch(self.model, self.adapter)
             self.launch_step = state.global_step

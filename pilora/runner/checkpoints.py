@@ -7,8 +7,8 @@ import json
 import logging
 import os
 
+from ..distributed import is_main
 from .callbacks import FirstStep
-from .distributed import is_main
 from .jobdir import holds_lock
 
 log = logging.getLogger("pilora")
@@ -174,7 +174,7 @@ def load_finished(trainer, ckpt: str) -> None:
 def fit(trainer, resume: str | None, clock=None) -> None:
     """``trainer.train``, resuming from ``resume``; a failure while that checkpoint loads is named as such.
 
-    With a :class:`pilora.cost.JobClock`, its state is saved in every checkpoint and restored from
+    With a :class:`pilora.runner.cost.JobClock`, its state is saved in every checkpoint and restored from
     ``resume``. A ``resume`` checkpoint saved after the last step is only loaded, not trained on."""
     if clock is not None:
         from .cost import CostCallback

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .importance import ImportanceStats
-from .methods import MethodConfig, lora_config
+from ..importance import ImportanceStats
+from ..methods import MethodConfig, lora_config
 
 
 def target_shapes(model: nn.Module, method: MethodConfig) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,98 @@
+"""The package layout: the method (``pilora``) does not depend on the runner, and a job folder
+stores no module path, so moving a module never breaks loading an old run."""
+
+import ast
+import os
+import re
+import zipfile
+
+from helpers import FAST, compose_cfg, glue_overrides
+from omegaconf import OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "pilora")
+
+
+def _imports(path):
+    """The ``pilora`` submodules one file imports (absolute names), relative imports resolved."""
+    rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+    package = rel[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = base + (node.module.split(".") if node.module else [])
+            else:
+                mod = (node.module or "").split(".")
+            if mod[:1] == ["pilora"]:
+                found.add(".".join(mod))
+                found.update(".".join(mod + [a.name]) for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pilora"))
+    return found
+
+
+def test_the_method_never_imports_the_runner():
+    """``pilora/`` outside ``pilora/runner`` (the method, its tasks and methods) imports neither the
+    runner nor Hydra/OmegaConf: a user applies PiLoRA to a model without the job machinery."""
+    offenders = []
+    for dirpath, _, files in os.walk(PKG):
+        if os.path.relpath(dirpath, PKG).split(os.sep)[0] == "runner":
+            continue
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                text = open(path).read()
+                bad = sorted(m for m in _imports(path) if m.startswith("pilora.runner"))
+                if bad or re.search(r"^\s*(import|from) (hydra|omegaconf)\b", text, re.M):
+                    offenders.append((os.path.relpath(path, ROOT), bad))
+    assert not offenders, offenders
+
+
+def _strings_in(path):
+    """The text of a job file: JSON/YAML/log as is, a torch zip (``.pt``/``.bin``) by its pickles."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return "".join(z.read(n).decode("latin-1") for n in z.namelist() if n.endswith(".pkl"))
+    with open(path, "rb") as f:
+        head = f.read()
+    if path.endswith(".safetensors"):  # only its JSON header is text
+        n = int.from_bytes(head[:8], "little")
+        return head[8 : 8 + n].decode()
+    return head.decode("latin-1")
+
+
+def test_a_job_folder_stores_no_module_path_and_reloads(tmp_path):
+    """A PiLoRA job's files (record, manifest, statistics, checkpoints, adapters, Hydra-free
+    configs) name no ``pilora.<module>``: loading an old run never depends on where a module
+    lives. The statistics and the adapter then load through the public API."""
+    from pilora import ImportanceStats, count_parameters, load_adapter
+    from pilora.runner.train import train
+    from pilora.tasks import make_task
+
+    out = tmp_path / "run"
+    cfg = compose_cfg(
+        glue_overrides(tmp_path / "d", n_train=32, n_val=16)
+        + FAST
+        + ["method=pilora", "method.stage1.max_steps=2", "method.importance_interval=1", "trainer.max_steps=2"],
+        out,
+    )
+    rec = train(cfg)
+    assert rec["status"] == "complete"
+    pattern = re.compile(r"pilora\.(?!json\b)[a-z_]+")
+    seen = 0
+    for dirpath, _, files in os.walk(out):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            if f.endswith((".log",)) or "wandb" in path.split(os.sep):
+                continue
+            seen += 1
+            hits = set(pattern.findall(_strings_in(path)))
+            assert not hits, (os.path.relpath(path, out), hits)
+    assert seen > 10  # record, job.json, importance.pt, checkpoints, both adapters
+    stats = ImportanceStats.load(str(out / "importance.pt"))
+    assert stats.modules and all(m.checks == 2 for m in stats.modules.values())
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    model = load_adapter(make_task(plain["task"], plain["model"]).build_model(), str(out / "adapter_pilora"))
+    assert count_parameters(model).adapter == rec["params"]["adapter"] > 0  # the trained partition, rebuilt
