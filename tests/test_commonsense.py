@@ -4,6 +4,7 @@ WordPiece tokenizer from pilora/assets, tiny random LLaMA)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -55,48 +56,26 @@ def test_format_prompt_alpaca_strings():
     assert cs.format_prompt("Q?", "", "x", style="alpaca") == cs.format_prompt("Q?", style="alpaca") + "x"
 
 
-# The reference scripts' templates, written here the way their sources write them: f-strings
-# indented inside a function body (finetune.py's first line even carries a stray linter comment).
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _reference_function(filename):
+    """``generate_prompt`` as the cited file defines it: tests/data keeps the function verbatim
+    (repository, commit and path in its header) and it is run here, so the comparison is with the
+    strings the reference builds, not with a copy of ours."""
+    namespace: dict = {}
+    with open(os.path.join(DATA, filename), encoding="utf-8") as f:
+        exec(compile(f.read(), filename, "exec"), namespace)
+    return namespace["generate_prompt"]
+
+
 def _reference_train_prompt(instruction, input, output):
-    if input:
-        return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.  # noqa: E501
-
-                ### Instruction:
-                {instruction}
-                
-                ### Input:
-                {input}
-                
-                ### Response:
-                {output}"""  # noqa: E501, W293
-    return f"""Below is an instruction that describes a task. Write a response that appropriately completes the request.  # noqa: E501
-
-                ### Instruction:
-                {instruction}
-                
-                ### Response:
-                {output}"""  # noqa: E501, W293
+    build = _reference_function("dora_finetune_generate_prompt.txt")
+    return build({"instruction": instruction, "input": input, "output": output})
 
 
 def _reference_eval_prompt(instruction, input=None):
-    if input:
-        return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
-
-                ### Instruction:
-                {instruction}
-
-                ### Input:
-                {input}
-
-                ### Response:
-                """  # noqa: E501
-    return f"""Below is an instruction that describes a task. Write a response that appropriately completes the request. 
-
-                ### Instruction:
-                {instruction}
-
-                ### Response:
-                """  # noqa: E501, W291
+    return _reference_function("dora_commonsense_evaluate_generate_prompt.txt")(instruction, input)
 
 
 def test_default_prompts_are_the_reference_scripts():
@@ -104,6 +83,10 @@ def test_default_prompts_are_the_reference_scripts():
     assert cs.format_prompt("Q?", "ctx") == _reference_eval_prompt("Q?", "ctx")
     assert cs.format_prompt("Q?", "", "the answer") == _reference_train_prompt("Q?", "", "the answer")
     assert cs.format_prompt("Q?", "ctx", "the answer") == _reference_train_prompt("Q?", "ctx", "the answer")
+    # character for character, for an LLM-Adapters record (input "") and one with an input
+    record = {"instruction": "Please answer true or false.\nQ?", "input": "", "output": "the correct answer is true"}
+    assert cs.format_prompt(**record) == _reference_train_prompt(**record)
+    assert "noqa" not in cs.format_prompt(**record) and "noqa" not in cs.format_prompt("Q?", "ctx", "a")
     # the reference evaluates with a prompt that differs from its training prompt
     assert not cs.format_prompt("Q?", "", "x").startswith(cs.format_prompt("Q?"))
     with pytest.raises(ValueError, match="alpaca"):

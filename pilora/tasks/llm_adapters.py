@@ -116,21 +116,23 @@ LM_EVAL_PROTOCOL = "lm-eval log-likelihood (not comparable with the paper's gene
 _RESPONSE_MARKER = "### Response:"
 
 # Prompt templates: (training with input, training without, evaluation with input, without).
-# "llm_adapters" copies the strings of the reference scripts character for character: their
-# f-strings are indented inside the function body, so every line after the first starts with 16
-# spaces, finetune.py's first line even carries a stray linter comment (_STRAY), and the evaluation
-# strings differ from the training ones. Models trained by the reference saw exactly these.
+# "llm_adapters" has the strings of the reference scripts character for character: DoRA's
+# commonsense_reasoning/finetune.py (training, generate_prompt(data_point)) and
+# commonsense_evaluate.py (evaluation, generate_prompt(instruction, input)), the files Tab. 5
+# cites. Their f-strings are indented inside the function body, so every line after the first
+# starts with 16 spaces; finetune.py's first line ends in one space (with input) or two (without),
+# and the evaluation strings differ from the training ones. Models trained by the reference saw
+# exactly these. tests/data/ keeps the two functions verbatim and the tests run them.
 _INDENT = " " * 16
-_STRAY = "  #" + " noqa: E501"  # spelled apart so that linters do not read it as a directive
 PROMPT_STYLES: dict[str, tuple[str, str, str, str]] = {
     "llm_adapters": (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
-        f"Write a response that appropriately completes the request.{_STRAY}\n\n"
+        "Write a response that appropriately completes the request. \n\n"
         f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
         f"{_INDENT}### Input:\n{_INDENT}{{input}}\n{_INDENT}\n"
         f"{_INDENT}### Response:\n{_INDENT}{{output}}",
         "Below is an instruction that describes a task. "
-        f"Write a response that appropriately completes the request.{_STRAY}\n\n"
+        "Write a response that appropriately completes the request.  \n\n"
         f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
         f"{_INDENT}### Response:\n{_INDENT}{{output}}",
         "Below is an instruction that describes a task, paired with an input that provides further context. "
