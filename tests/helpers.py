@@ -82,6 +82,7 @@ def write_commonsense(d, n_train=60, n_test=8, seed=0):
         "task.val_set_size=8",
         "task.cutoff_len=48",
         "trainer.bf16=false",
+        "trainer.fp16=false",
         "task.generation.max_new_tokens=8",
         "trainer.learning_rate=5e-3",
         "trainer.per_device_train_batch_size=8",

@@ -141,23 +141,44 @@ def test_extract_cases_cover_every_dataset():
 def test_extract_answer_uses_text_after_response_marker():
     prompt = cs.format_prompt("Is it true or false? answer false if unsure")
     assert cs.extract_answer("boolq", prompt + "the correct answer is true") == "true"
-    # Only up to a second turn, like the reference split(...)[1].
+    # After the last marker, like DoRA's split("### Response:")[-1] (LLM-Adapters' [1] gives None).
     text = prompt + "hmm\n\n### Instruction:\nmore\n\n### Response:\ntrue"
-    assert cs.extract_answer("boolq", text) is None
+    assert cs.extract_answer("boolq", text) == "true"
 
 
-def test_response_is_the_text_before_a_generated_marker():
-    """The reference decodes prompt + generation and keeps split("### Response:")[1]: a generation
-    "true ... ### Response: false" is scored "true" (scoring the text after the generated marker,
-    as decoding only the new tokens and then splitting does, gives "false")."""
+def test_response_is_the_text_after_the_last_marker():
+    """DoRA's evaluator decodes prompt + generation and keeps split("### Response:")[-1]: a
+    generation "true ... ### Response: false" is scored "false" (LLM-Adapters' [1] scores "true")."""
     prompt = cs.format_prompt("Is it true or false?")
     generation = "the correct answer is true\n\n### Response:\nthe correct answer is false"
     response = cs.response_text(prompt + generation, generation)
-    assert cs.extract_answer("boolq", response) == "true"
-    assert response == "the correct answer is true"
+    assert cs.extract_answer("boolq", response) == "false"
+    assert response == "the correct answer is false"
     # a tokenizer that loses the marker when decoding (uncased): the same span from the new tokens
-    assert cs.response_text(prompt.lower() + generation.lower(), generation) == "the correct answer is true"
-    assert cs.response_text("no marker at all", "answer2 ### Response: answer1") == "answer2"
+    assert cs.response_text(prompt.lower() + generation.lower(), generation) == "the correct answer is false"
+    assert cs.response_text("no marker at all", "answer2 ### Response: answer1") == "answer1"
+    assert cs.response_text("no marker at all", " answer2 ") == "answer2"
+
+
+def test_reference_decoding_never_stops_at_eos(monkeypatch, tiny_llama, tokenizer):
+    """DoRA's bare GenerationConfig has no eos_token_id: under its transformers (v4.36) the beams
+    run all 32 new tokens even when EOS is the best token. With EOS made the only choice
+    (sequence_bias +100), the reference's settings generate 32 tokens, stopping at EOS generates 1."""
+    lengths = []
+    real = tiny_llama.generate
+
+    def spy(**kwargs):
+        out = real(**kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(tiny_llama, "generate", spy)
+    eos = tiny_llama.generation_config.eos_token_id
+    bias = {(eos,): 100.0}
+    cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:1], sequence_bias=bias)
+    cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:1], sequence_bias=bias, eos_token_id=eos)
+    assert lengths == [32, 1]
+    assert cs.REFERENCE_GENERATION["eos_token_id"] is None
 
 
 def test_generation_defaults_are_the_reference_decoding(monkeypatch, tiny_llama, tokenizer):
@@ -169,8 +190,12 @@ def test_generation_defaults_are_the_reference_decoding(monkeypatch, tiny_llama,
         return real(**kwargs)
 
     monkeypatch.setattr(tiny_llama, "generate", spy)
+    cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:2])
+    # DoRA's *_eval.sh run commonsense_evaluate.py with --batch_size 1: one prompt per call
+    assert seen["input_ids"].shape[0] == 1 and cs.REFERENCE_EVAL_BATCH_SIZE == 1
     cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:2], batch_size=2)
     assert seen["num_beams"] == 4 and seen["max_new_tokens"] == 32 and seen["do_sample"] is False
+    assert "eos_token_id" in seen and seen["eos_token_id"] is None
     assert "attention_mask" in seen and tokenizer.padding_side == "right"  # left only inside the call
     cs.generate_answers(tiny_llama, tokenizer, PROMPTS[:2], batch_size=2, num_beams=1, max_new_tokens=3)
     assert seen["num_beams"] == 1 and seen["max_new_tokens"] == 3

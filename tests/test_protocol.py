@@ -80,16 +80,126 @@ def test_bf16_merge_changes_predictions_and_the_default_evaluation_does_not():
     assert (merged != trained).sum().item() > 0
 
 
+def _commonsense_task(tmp_path, **model_overrides):
+    from pilora.tasks import make_task
+
+    cfg = OmegaConf.to_container(
+        compose_cfg(FAST + write_commonsense(str(tmp_path / "cs")), tmp_path / "o"), resolve=True
+    )
+    return make_task(cfg["task"], {**cfg["model"], **model_overrides}, int(cfg["seed"]))
+
+
+def _lora_on(base, delta_std=1e-3):
+    """A stock-PEFT LoRA (fp32 adapters) on ``base`` whose update has std ``delta_std``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LLAMA_TARGETS))
+    for layer in lora_layers(model).values():
+        B = layer.lora_B["default"].weight
+        with torch.no_grad():
+            B.normal_()
+            B.mul_(delta_std / (layer.scaling["default"] * B @ layer.lora_A["default"].weight).std())
+    return model
+
+
+def test_merged_fp16_is_the_fp16_checkpoint_plus_the_saved_adapter_merged_in_fp16(tmp_path):
+    """DoRA's evaluator: the checkpoint loaded in fp16, the saved fp32 adapter added in place
+    (``weight.data += B @ A * scaling``, one rounding to fp16). Checked against that arithmetic on
+    the checkpoint's own tensors, for a run trained on a bf16-loaded base; the old path (the bf16
+    model cast to fp16) differs from it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pilora.export import save_peft_adapter
+    from pilora.tasks.base import load_pretrained
+    from pilora.tasks.commonsense import EVAL_WEIGHTS
+
+    probe = _commonsense_task(tmp_path)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "fp16-checkpoint"  # a hub-like checkpoint stored in fp16, as LLaMA-2's
+    load_pretrained(probe.model_cfg, AutoModelForCausalLM).to(torch.float16).save_pretrained(ckpt)
+    stored = load_file(ckpt / "model.safetensors")
+    assert all(v.dtype == torch.float16 for v in stored.values())
+
+    task = _commonsense_task(tmp_path, from_config=None, path=str(ckpt), dtype="bfloat16")
+    trained = _lora_on(task.build_model())  # the bf16 option: base loaded as bf16
+    with EVAL_WEIGHTS["merged_fp16"](task, trained) as scored:
+        got = {k: v.clone() for k, v in scored.state_dict().items()}
+    assert not any(".lora_" in k or "base_layer" in k for k in got)  # merged: a plain LLaMA again
+
+    merged_layers = 0
+    for name, layer in lora_layers(trained).items():
+        key = name.split("base_model.model.", 1)[-1] + ".weight"
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        delta = (B @ A * layer.scaling["default"]).detach()  # fp32, as the reference's fp32 lora_A/B
+        assert A.dtype == torch.float32
+        expected = (stored[key].float() + delta).to(torch.float16)  # fp16 += fp32: one rounding
+        assert got[key].dtype == torch.float16 and torch.equal(got[key], expected), key
+        merged_layers += 1
+    assert merged_layers == 2 * len(LLAMA_TARGETS)
+    targets = {n.split("base_model.model.", 1)[-1] + ".weight" for n in lora_layers(trained)}
+    for key, value in stored.items():  # everything else is the checkpoint's fp16, bit for bit
+        if key not in targets and key in got:
+            assert torch.equal(got[key], value), key
+
+    # the old path: the bf16-loaded base cast to fp16, adapter cast to fp16, merged
+    d = tmp_path / "adapter"
+    save_peft_adapter(trained, str(d))
+    old = PeftModel.from_pretrained(task.build_model().to(torch.float16), str(d)).to(torch.float16)
+    old = old.merge_and_unload().state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    differ = (old[q] != got[q]).float().mean().item()
+    assert differ > 0.5  # bf16 keeps 8 significant bits, fp16 11: most entries are not the checkpoint's
+
+
+def test_merged_fp16_of_a_random_init_model_rebuilds_its_seeded_base(tmp_path):
+    """A from_config model has no stored weights: the fp16 base is the runner's seeded
+    initialisation (torch.manual_seed(seed) before build_model), so the merge reproduces the
+    trained model's base where no adapter sits."""
+    from pilora.tasks.commonsense import EVAL_WEIGHTS
+
+    task = _commonsense_task(tmp_path)
+    torch.manual_seed(task.seed)
+    trained = _lora_on(task.build_model())
+    torch.manual_seed(123)  # an unrelated RNG state at evaluation time
+    with EVAL_WEIGHTS["merged_fp16"](task, trained) as scored:
+        got = scored.state_dict()
+    base = trained.get_base_model().state_dict()
+    assert torch.equal(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"].half())
+    assert torch.equal(got["model.layers.1.mlp.gate_proj.weight"], base["model.layers.1.mlp.gate_proj.weight"].half())
+
+
+def test_commonsense_default_precision_is_the_cited_codes():
+    """DoRA's finetune.py loads the base in torch.float16 and trains with fp16=True; its evaluator
+    merges the adapter into a fresh fp16 load. bf16 and unmerged are options."""
+    for overlay in ("table1_llama2", "table1_llama3"):
+        cfg = compose_cfg([f"experiment={overlay}"])
+        assert cfg.model.dtype == "float16", overlay
+        assert cfg.trainer.fp16 is True and cfg.trainer.bf16 is False
+        assert cfg.task.eval_weights == "merged_fp16" and cfg.task.eval_batch_size == 1
+        assert cfg.task.generation.eos_token_id is None
+    bf16 = compose_cfg(["experiment=table1_llama2", "model.dtype=bfloat16", "trainer.fp16=false", "trainer.bf16=true"])
+    assert bf16.trainer.bf16 is True
+
+
 @pytest.mark.slow
 def test_merged_fp16_evaluation_reloads_the_saved_adapter(tmp_path):
     """task.eval_weights=merged_fp16 scores a fresh fp16 model with the saved adapter merged, as the
     reference evaluator does; the record says which weights were scored."""
     over = FAST + write_commonsense(str(tmp_path / "cs")) + ["method=lora", "method.r=4", "trainer.num_train_epochs=1"]
-    ref = train(compose_cfg(over + ["task.eval_weights=merged_fp16"], tmp_path / "fp16"))
-    default = train(compose_cfg(over, tmp_path / "default"))
+    ref = train(compose_cfg(over, tmp_path / "fp16"))  # the default: the reference's evaluation
+    default = train(compose_cfg(over + ["task.eval_weights=unmerged"], tmp_path / "default"))
     assert ref["evaluation"]["eval_weights"] == "merged_fp16"
     assert default["evaluation"]["eval_weights"] == "unmerged"
-    assert default["evaluation"]["generation"] == {"num_beams": 4, "max_new_tokens": 8, "do_sample": False}
+    assert ref["evaluation"]["base_dtype"] == "float32"  # tiny-llama's configured dtype
+    assert default["evaluation"]["generation"] == {
+        "num_beams": 4,
+        "max_new_tokens": 8,
+        "do_sample": False,
+        "eos_token_id": None,
+    }
     assert default["evaluation"]["prompt_style"] == "llm_adapters"
     for rec in (ref, default):
         assert 0 <= rec["metrics"]["test"]["test_avg_accuracy"] <= 1

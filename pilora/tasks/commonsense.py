@@ -100,7 +100,7 @@ class CommonsenseTask(Task):
 
     @property
     def eval_weights(self) -> str:
-        mode = self.cfg.get("eval_weights", "unmerged")
+        mode = self.cfg.get("eval_weights", "merged_fp16")
         if mode not in EVAL_WEIGHTS:
             raise ValueError(
                 f"task.eval_weights={mode!r} is not an evaluation mode; choose one of {sorted(EVAL_WEIGHTS)}"
@@ -114,6 +114,7 @@ class CommonsenseTask(Task):
             "prompt_style": self.prompt_style,
             "generation": self.generation,
             "eval_weights": self.eval_weights,
+            "base_dtype": self.model_cfg.get("dtype") or "float32",  # the trained base's precision
             "best_epoch_on": "validation (held-out training examples)",
         }
 
@@ -134,7 +135,7 @@ class CommonsenseTask(Task):
                     examples,
                     name,
                     style=style,
-                    batch_size=int(self.cfg.get("eval_batch_size", 8)),
+                    batch_size=int(self.cfg.get("eval_batch_size", cs.REFERENCE_EVAL_BATCH_SIZE)),
                     **generation,
                 )
                 out[f"test_{name}_accuracy"] = res["accuracy"]
@@ -162,17 +163,48 @@ def _eval_weights(name):
 
 @_eval_weights("unmerged")
 def _unmerged(task, model):
-    """The trained model as it is: frozen base + adapter, each in its own precision. Merging into a
-    bf16 base would round small updates away (bf16 keeps 8 significant bits)."""
+    """The trained model as it is: frozen base + adapter, each in its own precision (an option,
+    not the reference's protocol). Merging into a bf16 base would round small updates away (bf16
+    keeps 8 significant bits), so a bf16 run is best scored this way."""
     yield model
+
+
+def pretrained_fp16(task):
+    """The pretrained weights in fp16, loaded afresh, as DoRA's commonsense_evaluate.py load_model()
+    does (``AutoModelForCausalLM.from_pretrained(base_model, torch_dtype=torch.float16)``).
+
+    From a checkpoint this is the stored values converted once to fp16 (LLaMA-2's hub files are
+    fp16, so exactly the stored weights), never the trained model cast: a base loaded in bf16 and
+    then cast to fp16 keeps bf16's rounding. A ``from_config`` model (tiny test variants) has no
+    stored weights; its pretrained weights are the seeded initialisation the runner builds
+    (``torch.manual_seed(seed)`` before ``build_model()``), rebuilt here the same way and cast.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if task.model_cfg.get("from_config"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(task.seed))
+            base = task.build_model()
+        return base.to(torch.float16)
+    base = load_pretrained({**task.model_cfg, "dtype": "float16"}, AutoModelForCausalLM)
+    base.config.pad_token_id = task.tokenizer.pad_token_id
+    return base
 
 
 @_eval_weights("merged_fp16")
 def _merged_fp16(task, model):
-    """The reference's evaluator: the pretrained weights loaded in fp16, the saved adapter loaded on
-    top and merged in fp16 (LLM-Adapters' PEFT fork merges on ``model.eval()``). Built from a fresh
-    pretrained model and the stock-PEFT adapter (:func:`pilora.export.save_peft_adapter`), so it
-    also checks that the saved adapter reproduces the trained model."""
+    """The cited evaluator, DoRA's commonsense_evaluate.py: the pretrained weights loaded in fp16
+    (:func:`pretrained_fp16`), the saved adapter loaded on top, and merged in fp16. Its main() sets
+    ``module.merge_weights = True; module.train(mode=False)`` on every target module, and its PEFT
+    fork's ``Linear.train`` then runs ``self.weight.data += B @ A * scaling``: lora_A/B are fp32
+    (the fork builds them in fp32 and ignores the torch_dtype given to PeftModel.from_pretrained),
+    so the fp32 update is added to the fp16 weight and rounded once. Stock PEFT's merge_and_unload
+    with the adapter kept in fp32 (``autocast_adapter_dtype``) does the same ``data += delta``.
+    (LLM-Adapters' own evaluator does not merge at all.) The adapter is the stock-PEFT one the run
+    saves (:func:`pilora.export.save_peft_adapter`), so this also checks that it reproduces the
+    trained model."""
+    import copy
     import tempfile
 
     import torch
@@ -181,10 +213,17 @@ def _merged_fp16(task, model):
     from ..export import save_peft_adapter
 
     device = next(model.parameters()).device
+    if not isinstance(model, PeftModel):  # full fine-tuning: no adapter, the trained weights in fp16
+        scored = copy.deepcopy(model).to(torch.float16)
+        try:
+            yield scored.eval()
+        finally:
+            del scored
+        return
     with tempfile.TemporaryDirectory() as d:
         save_peft_adapter(model, d)
-        base = task.build_model().to(device=device, dtype=torch.float16)
-        merged = PeftModel.from_pretrained(base, d).to(dtype=torch.float16).merge_and_unload()
+        base = pretrained_fp16(task).to(device)
+        merged = PeftModel.from_pretrained(base, d).merge_and_unload()
     try:
         yield merged.eval()
     finally:

@@ -14,20 +14,26 @@ protocol:
 * :func:`evaluate_with_lm_eval` - the *different* log-likelihood protocol of
   lm-evaluation-harness, kept only as a sanity check.
 
-What follows the reference scripts exactly (``finetune.py`` and ``commonsense_evaluate.py``
-of LLM-Adapters, also used by DoRA):
+What follows the reference scripts exactly (``commonsense_reasoning/finetune.py`` and
+``commonsense_evaluate.py`` of DoRA, github.com/NVlabs/DoRA at 7e2f10a, the code Tab. 5 cites;
+LLM-Adapters' files of the same names differ where noted):
 
 * the prompts, whitespace quirks included (:data:`PROMPT_STYLES` ``"llm_adapters"``: training
   and evaluation use two slightly different strings there, and so do we); ``"alpaca"`` is the
   clean Alpaca template, for other uses;
-* decoding: 4-beam search, at most 32 new tokens, no sampling (:data:`REFERENCE_GENERATION`);
-* answer extraction: the *whole* sequence (prompt + generation) is decoded, the text between the
-  first and the second ``### Response:`` is kept, and the first answer-shaped match in it wins
-  (:func:`response_text`, :func:`extract_answer`).
+* decoding (:data:`REFERENCE_GENERATION`): 4-beam search, 32 new tokens, no sampling, and no
+  stop at EOS: the evaluator's bare ``GenerationConfig`` has no ``eos_token_id``, so under the
+  transformers it pins (v4.36.0, ``requirements.txt``) every answer runs the full 32 tokens;
+* answer extraction: the *whole* sequence (prompt + generation) is decoded without special
+  tokens, the text after the *last* ``### Response:`` is kept (DoRA's
+  ``o.split("### Response:")[-1]``; LLM-Adapters keeps ``[1]``), and the first answer-shaped
+  match in it wins (:func:`response_text`, :func:`extract_answer`);
+* batch size 1 (``--batch_size 1`` in DoRA's ``llama*_DoRA_eval.sh``), so no prompt is padded.
 
-One difference, on purpose: generation uses left padding *with attention masks*, so batch size
-does not change the answers (the reference passes no attention mask, so pad tokens leak into
-the continuation of every prompt shorter than the longest in its batch).
+Batches larger than 1 use left padding *with attention masks* (the reference passes none, so at
+its batch size > 1 pad tokens would leak into the continuation of every shorter prompt); that the
+answers then do not depend on the batch size is tested on the tiny model only, which is why the
+default stays the reference's 1.
 
 Heavy libraries (torch, datasets, lm_eval) are imported inside the functions
 that need them so that importing this module, e.g. for the constants, is cheap.
@@ -47,6 +53,7 @@ __all__ = [
     "LM_EVAL_PROTOCOL",
     "PROMPT_STYLES",
     "REFERENCE_GENERATION",
+    "REFERENCE_EVAL_BATCH_SIZE",
     "format_prompt",
     "response_text",
     "tokenize_for_training",
@@ -162,9 +169,15 @@ PROMPT_STYLES: dict[str, tuple[str, str, str, str]] = {
 }
 DEFAULT_PROMPT_STYLE = "llm_adapters"
 
-# commonsense_evaluate.py: GenerationConfig(num_beams=4, temperature=0.1, top_p=0.75, top_k=40)
-# with sampling off (so the last three have no effect) and max_new_tokens=32.
-REFERENCE_GENERATION: dict[str, Any] = {"num_beams": 4, "max_new_tokens": 32, "do_sample": False}
+# DoRA commonsense_evaluate.py, evaluate(): GenerationConfig(temperature=0.1, top_p=0.75, top_k=40,
+# num_beams=4) with sampling off (so the first three have no effect) and max_new_tokens=32. That
+# GenerationConfig is built bare, without the model's eos_token_id, and transformers v4.36 (DoRA's
+# requirements.txt) uses a passed config as is: the beams never finish at EOS and every
+# generation is 32 tokens long. eos_token_id=None reproduces that (transformers 5 would otherwise
+# fill it from model.generation_config); decoding skips the EOS tokens, the text after them stays.
+REFERENCE_GENERATION: dict[str, Any] = {"num_beams": 4, "max_new_tokens": 32, "do_sample": False, "eos_token_id": None}
+# DoRA's llama2_7B_DoRA_eval.sh / llama3_8B_DoRA_eval.sh: --batch_size 1.
+REFERENCE_EVAL_BATCH_SIZE = 1
 
 _DOWNLOAD_HINT = (
     "Get the files from the LLM-Adapters repository "
@@ -295,9 +308,8 @@ def tokenize_for_training(
 def extract_answer(dataset: str, text: str | None) -> str | None:
     """Return the first answer-shaped string in a generation, or None.
 
-    If ``text`` still contains the prompt, only the part after the first
-    ``### Response:`` (up to a second one, if the model produced another
-    turn) is searched, as in the reference evaluator.
+    If ``text`` still contains ``### Response:``, only the part after the last one is searched,
+    as in the reference evaluator (DoRA's ``split("### Response:")[-1]``).
 
     Args:
         dataset: one of :data:`EVAL_SETS` (case and ``-``/``_`` are ignored;
@@ -315,36 +327,38 @@ def extract_answer(dataset: str, text: str | None) -> str | None:
     if text is None:
         return None
     if _RESPONSE_MARKER in text:
-        text = text.split(_RESPONSE_MARKER)[1]
+        text = text.split(_RESPONSE_MARKER)[-1]
     match = pattern.search(text.strip())
     return match.group(0) if match else None
 
 
 def response_text(full_text: str, new_text: str) -> str:
-    """The response the reference scores: ``full_text.split("### Response:")[1].strip()``.
+    """The response the reference scores: ``full_text.split("### Response:")[-1].strip()``.
 
-    ``full_text`` is the decoded prompt + generation, so the kept text runs from the prompt's
-    marker up to a second ``### Response:`` the model may have generated: in a generation
-    ``"true ... ### Response: false"`` it is ``"true ..."``. A tokenizer that does not
-    reproduce the marker when decoding (e.g. an uncased one) falls back to the same span taken
-    from the decoded new tokens alone: everything before their first marker.
+    DoRA's commonsense_evaluate.py, evaluate(): ``[o.split("### Response:")[-1].strip() for o in
+    outputs]``, where ``outputs`` are the decoded prompt + generation. The kept text is the one
+    after the *last* marker: when the model generates another turn, ``"true ... ### Response:
+    false"``, it is ``"false"`` (LLM-Adapters' own evaluator keeps ``[1]``, i.e. ``"true ..."``).
+    A tokenizer that does not reproduce the marker when decoding (e.g. an uncased one) falls back
+    to the same span taken from the decoded new tokens alone: everything after their last marker.
     """
     if _RESPONSE_MARKER in full_text:
-        return full_text.split(_RESPONSE_MARKER)[1].strip()
-    return new_text.split(_RESPONSE_MARKER)[0].strip()
+        return full_text.split(_RESPONSE_MARKER)[-1].strip()
+    return new_text.split(_RESPONSE_MARKER)[-1].strip()
 
 
 def generate_answers(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
-    batch_size: int = 8,
+    batch_size: int = REFERENCE_EVAL_BATCH_SIZE,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Decode a continuation for each prompt, in batches, and return the reference's responses.
 
     Decoding defaults to the reference's (:data:`REFERENCE_GENERATION`: 4 beams, 32 new
-    tokens, no sampling); ``generate_kwargs`` override it (e.g. ``num_beams=1`` for greedy).
+    tokens, no sampling, no stop at EOS); ``generate_kwargs`` override it (e.g. ``num_beams=1``
+    for greedy, ``eos_token_id=...`` to stop at EOS).
     Prompts are padded on the LEFT with an attention mask so that every prompt's last token
     sits at the end of the batch and the new tokens of a short prompt are not conditioned on
     pad tokens; the result therefore does not depend on ``batch_size``. The tokenizer's
@@ -355,7 +369,7 @@ def generate_answers(
         model: a causal LM with ``generate``.
         tokenizer: its tokenizer.
         prompts: prompt strings (e.g. from :func:`format_prompt`).
-        batch_size: prompts per ``generate`` call.
+        batch_size: prompts per ``generate`` call (the reference's 1 by default).
         **generate_kwargs: forwarded to ``model.generate`` over the reference's settings.
 
     Returns:
@@ -411,7 +425,7 @@ def evaluate_dataset(
     tokenizer: Any,
     examples: Iterable[Mapping[str, Any]],
     dataset: str,
-    batch_size: int = 8,
+    batch_size: int = REFERENCE_EVAL_BATCH_SIZE,
     return_predictions: bool = False,
     style: str = DEFAULT_PROMPT_STYLE,
     **generate_kwargs: Any,
