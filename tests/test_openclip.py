@@ -142,3 +142,168 @@ def test_pilora_trains_on_the_openclip_tower_and_its_adapter_loads_in_stock_peft
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(stock(pixel_values=x).logits, compact(pixel_values=x).logits, atol=1e-5)
     assert not torch.allclose(base.eval()(pixel_values=x).logits, compact(pixel_values=x).logits, atol=1e-4)
+
+
+TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8}}
+TINY["text_cfg"] = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+
+
+def _hf_tower_from(visual):
+    """transformers' CLIPVisionModel (hidden_act quick_gelu, CLIP's own) holding ``visual``'s weights."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    blocks = visual.transformer.resblocks
+    d = visual.transformer.width
+    hf = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=d,
+            intermediate_size=blocks[0].mlp.c_fc.out_features,
+            num_hidden_layers=len(blocks),
+            num_attention_heads=blocks[0].attn.num_heads,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    sd = {
+        "embeddings.patch_embedding.weight": visual.conv1.weight,
+        "embeddings.class_embedding": visual.class_embedding,
+        "embeddings.position_embedding.weight": visual.positional_embedding,
+        "pre_layrnorm.weight": visual.ln_pre.weight,
+        "pre_layrnorm.bias": visual.ln_pre.bias,
+        "post_layernorm.weight": visual.ln_post.weight,
+        "post_layernorm.bias": visual.ln_post.bias,
+    }
+    for i, b in enumerate(blocks):
+        p = f"encoder.layers.{i}."
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            sd[p + f"self_attn.{name}.weight"] = b.attn.in_proj_weight[j * d : (j + 1) * d]
+            sd[p + f"self_attn.{name}.bias"] = b.attn.in_proj_bias[j * d : (j + 1) * d]
+        for ours, theirs in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            mod = b.get_submodule(ours)
+            sd[p + theirs + ".weight"], sd[p + theirs + ".bias"] = mod.weight, mod.bias
+    missing, unexpected = hf.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=False)
+    assert not unexpected and not missing
+    return hf
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_openclip_tower_computes_what_transformers_clip_computes_only_with_quick_gelu(quick):
+    """OpenAI CLIP (and transformers' CLIP tower) is QuickGELU; with nn.GELU the same weights give
+    other hidden states (the error the ``openai`` tag needs ``quick_gelu`` against)."""
+    from pilora.tasks.openclip import create_visual
+
+    torch.manual_seed(0)
+    visual = create_visual({"openclip": {"name": f"cmp-vit-{quick}", "model_cfg": {**TINY, "quick_gelu": quick}}})
+    visual.eval()
+    with torch.no_grad():  # non-trivial LayerNorm / bias values, so a mapping mistake would show
+        for name, p in visual.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    hf = _hf_tower_from(visual)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        theirs = hf(pixel_values=x).last_hidden_state
+        ours = visual.transformer(visual._embeds(x))
+    diff = (ours - theirs).abs().max().item()
+    if quick:
+        assert diff < 1e-5
+    else:
+        assert diff > 1e-3
+
+
+def test_quick_gelu_is_decided_as_open_clips_registry_decides(tmp_path, monkeypatch):
+    """The ``openai`` tag is QuickGELU and LAION's is not (open_clip's registry, read, not copied); a
+    tag is followed through open_clip.create_model itself (a registered tag whose file is local)."""
+    import open_clip
+    from open_clip import pretrained as registry
+
+    from pilora.tasks.openclip import OpenCLIPImageClassifier, create_visual, quick_gelu
+
+    assert quick_gelu({"openclip": {"name": "ViT-B-32", "pretrained": "openai"}})[0] is True
+    assert quick_gelu({"openclip": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}})[0] is False
+    assert quick_gelu({"openclip": {"name": "ViT-B-32-quickgelu", "pretrained": None}})[0] is True
+    assert quick_gelu({"openclip": {"name": "ViT-B-32", "pretrained": "openai", "quick_gelu": False}})[0] is False
+    with pytest.raises(ValueError, match="model.openclip.quick_gelu=true.*openai"):
+        quick_gelu({"openclip": {"name": "ViT-B-32", "pretrained": str(tmp_path / "ViT-B-32.pt")}})
+
+    # a tiny architecture registered with open_clip, and a tag for it marked as the OpenAI tags are
+    create_visual({"openclip": {"name": "tag-vit", "model_cfg": TINY}})  # registers the config (GELU)
+    ckpt = tmp_path / "tag-vit.pt"
+    torch.manual_seed(1)
+    torch.save(open_clip.create_model("tag-vit").state_dict(), ckpt)
+    entries = {**registry._PRETRAINED, "tag-vit": {"openai": {"file": str(ckpt), "quick_gelu": True}}}
+    monkeypatch.setattr(registry, "_PRETRAINED", entries)
+    visual = create_visual({"openclip": {"name": "tag-vit", "pretrained": "openai"}})
+    assert OpenCLIPImageClassifier(visual, 3).activation == "quick_gelu"
+    weights = torch.load(ckpt)
+    assert torch.equal(visual.conv1.weight, weights["visual.conv1.weight"])  # the tag's weights were loaded
+    with pytest.raises(ValueError, match="checkpoint file"):  # the same weights as a file: say which
+        create_visual({"openclip": {"name": "tag-vit", "pretrained": str(ckpt)}})
+    plain = create_visual({"openclip": {"name": "tag-vit", "pretrained": str(ckpt), "quick_gelu": False}})
+    assert OpenCLIPImageClassifier(plain, 3).activation == "gelu"
+
+
+def test_the_record_names_the_activation(tmp_path):
+    cfg = _cfg(tmp_path)
+    task = make_task(cfg.task, cfg.model, 0)
+    assert task.build_model().activation == "quick_gelu"
+    assert task.protocol()["activation"] == "quick_gelu"
+    assert task.protocol()["activation_decided_by"] == "model.openclip.model_cfg"
+
+
+@pytest.mark.parametrize("method", ["lora", "pilora"])
+def test_merged_export_loads_into_a_stock_open_clip_tower_and_gives_the_adapted_outputs(tmp_path, method):
+    """q, k, v merged and packed back into in_proj_weight: a stock (unsplit) open_clip tower loads
+    the export strictly and computes the adapted model's hidden states and head features."""
+    import open_clip
+
+    from pilora.tasks.clip import POOLING
+    from pilora.tasks.openclip import OpenCLIPImageClassifier, create_visual, save_merged_visual
+
+    oc = {"openclip": {"name": "export-vit", "model_cfg": {**TINY, "quick_gelu": True}}}
+    torch.manual_seed(0)
+    model = OpenCLIPImageClassifier(create_visual(oc), 4)
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]
+    masks = None
+    if method == "pilora":
+        g = torch.Generator().manual_seed(0)
+        masks = {
+            n: torch.rand(m.out_features, generator=g) < 0.5
+            for n, m in model.named_modules()
+            if n.split(".")[-1] in targets
+        }
+    cfg = MethodConfig(name=method, r=2, alpha=4, dropout=0.0, target_modules=targets, modules_to_save=["classifier"])
+    if method == "pilora":
+        cfg.supplementary_r = 1
+    adapted = prepare_model(model, cfg, masks=masks).eval()
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = adapted.get_base_model().tokens(x)
+        logits = adapted(pixel_values=x).logits
+    path = save_merged_visual(adapted, str(tmp_path / "visual.safetensors"))
+
+    from safetensors.torch import load_file
+
+    stock = open_clip.create_model("export-vit", force_quick_gelu=True).visual.eval()
+    assert not torch.equal(stock.proj, adapted.get_base_model().image_projection)  # everything comes from the file
+    stock.load_state_dict(load_file(path), strict=True)
+    assert any(isinstance(m, nn.MultiheadAttention) for m in stock.modules())
+    with torch.no_grad():
+        theirs = stock.transformer(stock._embeds(x))
+        head = adapted.get_base_model().classifier
+        assert torch.allclose(theirs, tokens, atol=1e-5)
+        assert torch.allclose(head(POOLING["mean_patch"](theirs, stock.ln_post)), logits, atol=1e-5)
+        assert torch.equal(stock.proj, adapted.get_base_model().image_projection)
+        assert torch.equal(adapted.get_base_model().tokens(x), tokens)  # the export left the model as it was
+        with adapted.disable_adapter():
+            assert not torch.allclose(adapted.get_base_model().tokens(x), tokens, atol=1e-3)  # the update mattered

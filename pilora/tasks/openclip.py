@@ -13,6 +13,17 @@ replaces every such module by :class:`SplitAttention`: separate ``q_proj`` / ``k
 (tested to float precision), so a block has the same six adapted maps as the transformers
 tower: ``q_proj, k_proj, v_proj, out_proj`` and the MLP's ``c_fc`` / ``c_proj`` (fc1 / fc2), and
 the same parameter count.
+
+Activation. OpenAI's CLIP was trained with QuickGELU (``x·σ(1.702x)``); open_clip's built-in
+``ViT-B-32`` config uses ``nn.GELU`` and relies on the pretrained registry to say which tags need
+QuickGELU (``openai`` does; ``laion2b_s34b_b79k`` does not). :func:`quick_gelu` decides as open_clip's
+registry does and :func:`create_visual` passes ``force_quick_gelu``, so the OpenAI weights compute what
+they were trained to (transformers' CLIP tower with the same weights gives the same hidden states;
+``tests/test_openclip.py``). The record says which (``evaluation.activation``).
+
+Export. :func:`merged_visual_state_dict` merges a trained adapter into the weights and packs
+``q_proj``/``k_proj``/``v_proj`` back into ``in_proj_weight``: the state dict of a stock open_clip
+``model.visual``, for task-arithmetic code that loads fine-tuned image encoders.
 """
 
 from __future__ import annotations
@@ -91,34 +102,124 @@ def split_attention(module: nn.Module) -> int:
     return n
 
 
+ACTIVATION_KEY = "model.openclip.quick_gelu"
+
+
+def _plain(x):
+    """Nested mappings / sequences (an OmegaConf node from a test, a dict from the runner) as plain
+    dicts and lists: open_clip reads its model configs from json files."""
+    from collections.abc import Mapping, Sequence
+
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, Sequence) and not isinstance(x, str):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _schema(name: str) -> tuple[str | None, str]:
+    for schema in ("local-dir", "hf-hub"):
+        if name.startswith(schema + ":"):
+            return schema, name[len(schema) + 1 :]
+    return None, name
+
+
+def quick_gelu(model_cfg: dict) -> tuple[bool, str]:
+    """Whether the tower of ``model.openclip`` uses QuickGELU, and what decided it.
+
+    In order: ``model.openclip.quick_gelu`` when set; an inline ``model_cfg``'s ``quick_gelu``; for
+    ``local-dir:`` / ``hf-hub:`` the folder's ``open_clip_config.json`` (open_clip reads it there); a
+    model config that sets it (``ViT-B-32-quickgelu``); the pretrained tag's entry in open_clip's
+    registry (``openai``: True); random init: the model config (False). A checkpoint *file* does not
+    say how it was trained, so it needs ``model.openclip.quick_gelu`` (a ValueError says so)."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    oc = _plain(model_cfg.get("openclip") or {})
+    name = oc.get("name") or "ViT-B-32"
+    if oc.get("quick_gelu") is not None:
+        return bool(oc["quick_gelu"]), ACTIVATION_KEY
+    if oc.get("model_cfg"):
+        return bool(oc["model_cfg"].get("quick_gelu", False)), "model.openclip.model_cfg"
+    schema, ident = _schema(name)
+    if schema is not None:
+        if schema == "local-dir":
+            file = os.path.join(ident, "open_clip_config.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(ident, "open_clip_config.json")
+        with open(file) as f:
+            return bool(json.load(f).get("model_cfg", {}).get("quick_gelu", False)), file
+    clean = name.replace("/", "-")
+    arch = open_clip.get_model_config(clean) or {}
+    if arch.get("quick_gelu"):
+        return True, f"open_clip model config {clean}"
+    pretrained = oc.get("pretrained")
+    if not pretrained:
+        return False, f"open_clip model config {clean} (random init)"
+    tag = get_pretrained_cfg(clean, pretrained)
+    if tag:
+        return bool(tag.get("quick_gelu", False)), f"open_clip pretrained registry {clean}:{pretrained}"
+    quick = [t for t in list_pretrained_tags_by_model(clean) if get_pretrained_cfg(clean, t).get("quick_gelu")]
+    raise ValueError(
+        f"model.openclip.pretrained={pretrained!r} is a checkpoint file, which does not say which activation "
+        f"it was trained with: set {ACTIVATION_KEY}=true for weights trained with QuickGELU (open_clip's "
+        f"registry marks these tags of {clean}: {quick or 'none'}) or false for nn.GELU (the other tags)"
+    )
+
+
+def activation(visual: nn.Module) -> str:
+    """``"quick_gelu"`` or ``"gelu"``: the MLP activation of a built open_clip ViT tower."""
+    from open_clip.transformer import QuickGELU
+
+    acts = {type(block.mlp.gelu) for block in visual.transformer.resblocks}
+    if acts == {QuickGELU}:
+        return "quick_gelu"
+    if acts == {nn.GELU}:
+        return "gelu"
+    raise ValueError(f"the tower's blocks use activations {sorted(a.__name__ for a in acts)}; expected one of them")
+
+
 def create_visual(model_cfg: dict) -> nn.Module:
     """The image tower of ``open_clip.create_model`` for ``model.openclip``:
 
     * ``name``: an open_clip model name (``ViT-B-32``) or ``local-dir:/path`` / ``hf-hub:org/repo``;
     * ``pretrained``: a tag (``openai``, ``laion2b_s34b_b79k``) or a checkpoint file; null = random init;
     * ``model_cfg``: an inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``)
-      registered under ``name`` (tiny test towers; nothing is downloaded).
+      registered under ``name`` (tiny test towers; nothing is downloaded);
+    * ``quick_gelu``: null = decided as open_clip's registry decides (:func:`quick_gelu`), or true/false.
     """
     import open_clip
 
-    oc = dict(model_cfg.get("openclip") or {})  # the runner passes plain containers (no OmegaConf here)
+    oc = _plain(model_cfg.get("openclip") or {})
     name = oc.get("name") or "ViT-B-32"
     if oc.get("model_cfg"):
         with tempfile.TemporaryDirectory() as tmp:  # open_clip reads model configs from json files
             with open(os.path.join(tmp, f"{name}.json"), "w") as f:
                 json.dump(oc["model_cfg"], f)
             open_clip.add_model_config(tmp)
-            model = open_clip.create_model(name, pretrained=None)
-    else:
-        pretrained = oc.get("pretrained")
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=bool(pretrained))
-        except (RuntimeError, OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"open_clip could not build {name!r} with pretrained={pretrained!r} ({err}); without network "
-                "access, download the checkpoint once and set model.openclip.pretrained=/path/to/file.bin "
-                "(or model.openclip.name=local-dir:/path)"
-            ) from err
+    quick, decided_by = quick_gelu(model_cfg)
+    pretrained = oc.get("pretrained")
+    try:
+        # quick_gelu as a keyword is open_clip's last override of the model config, so false also holds
+        # against a config that sets it; force_quick_gelu is what open_clip's tag check reads
+        model = open_clip.create_model(
+            name,
+            pretrained=pretrained,
+            require_pretrained=bool(pretrained),
+            force_quick_gelu=quick,
+            quick_gelu=quick,
+        )
+    except (RuntimeError, OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"open_clip could not build {name!r} with pretrained={pretrained!r} ({err}); without network "
+            "access, download the checkpoint once and set model.openclip.pretrained=/path/to/file.bin "
+            f"and {ACTIVATION_KEY} (or model.openclip.name=local-dir:/path)"
+        ) from err
+    built = activation(model.visual)
+    if built != ("quick_gelu" if quick else "gelu"):  # open_clip ignored the request (a timm tower)
+        raise ValueError(f"{name}: asked open_clip for quick_gelu={quick} ({decided_by}), it built {built}")
     return model.visual
 
 
@@ -141,8 +242,12 @@ class OpenCLIPImageClassifier(nn.Module):
             raise ValueError(f"{type(visual).__name__} is not an open_clip VisionTransformer (ViT models only)")
         split_attention(visual)
         # the image->text projection is not used by the head; dropping it keeps the parameter
-        # count equal to transformers' CLIPVisionModel (same tower, same accounting)
+        # count equal to transformers' CLIPVisionModel (same tower, same accounting). A copy stays
+        # as a non-persistent buffer (not trained, not counted, not in checkpoints) so that
+        # merged_visual_state_dict returns a complete stock ``model.visual``
+        proj = visual.proj
         visual.proj = None
+        self.register_buffer("image_projection", None if proj is None else proj.detach().clone(), persistent=False)
         self.visual, self.pool, self.num_labels = visual, pool, num_labels
         self.classifier = nn.Linear(visual.transformer.width, num_labels)
         g = torch.Generator().manual_seed(torch.initial_seed())  # head = f(seed), as CLIPImageClassifier
@@ -150,6 +255,11 @@ class OpenCLIPImageClassifier(nn.Module):
         with torch.no_grad():
             self.classifier.weight.uniform_(-bound, bound, generator=g)
             self.classifier.bias.uniform_(-bound, bound, generator=g)
+
+    @property
+    def activation(self) -> str:
+        """The tower's MLP activation (``"quick_gelu"`` or ``"gelu"``), read from the built modules."""
+        return activation(self.visual)
 
     def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The last block's output ``[B, 1 + P, D]`` (before ``ln_post``)."""
@@ -166,3 +276,64 @@ class OpenCLIPImageClassifier(nn.Module):
 
 def build_classifier(model_cfg: dict, num_labels: int, pool: str | None = None) -> OpenCLIPImageClassifier:
     return OpenCLIPImageClassifier(create_visual(model_cfg), num_labels, pool or model_cfg.get("pool") or "mean_patch")
+
+
+def _classifier(model: nn.Module) -> OpenCLIPImageClassifier:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, OpenCLIPImageClassifier):
+        raise TypeError(
+            f"{type(base).__name__} is not an OpenCLIPImageClassifier (model=*-openclip); "
+            "only open_clip towers have a packed in_proj_weight to export to"
+        )
+    return base
+
+
+@torch.no_grad()
+def merged_visual_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a stock open_clip ``model.visual`` with the trained update merged in.
+
+    ``model``: an :class:`OpenCLIPImageClassifier`, bare or wrapped by PEFT (LoRA, PiLoRA, PiSSA,
+    ...). The adapter is merged into a copy (PEFT's ``merge_and_unload``: ``W0 + ΔW`` for every
+    method; the model itself is left as it is), each ``SplitAttention`` is packed back into
+    ``in_proj_weight`` / ``in_proj_bias`` (q, k, v stacked, as ``nn.MultiheadAttention`` stores them)
+    and the image projection ``proj`` is put back, so
+    ``open_clip.create_model(name).visual.load_state_dict(sd)`` loads it strictly and computes the
+    adapted tower. Tensors are on the cpu. The linear head is not part of it (``model.classifier``)."""
+    import copy
+
+    classifier = _classifier(model)
+    merged = copy.deepcopy(model)
+    if hasattr(merged, "merge_and_unload"):
+        merged = merged.merge_and_unload()
+    visual = _classifier(merged).visual
+    out = {}
+    for key, value in visual.state_dict().items():
+        out[key] = value.detach().cpu().clone()
+    for name, module in visual.named_modules():
+        if not isinstance(module, SplitAttention):
+            continue
+        prefix = f"{name}." if name else ""
+        parts = [getattr(module, p) for p in ("q_proj", "k_proj", "v_proj")]
+        for p in ("q_proj", "k_proj", "v_proj"):
+            out.pop(f"{prefix}{p}.weight")
+            out.pop(f"{prefix}{p}.bias", None)
+        out[f"{prefix}in_proj_weight"] = torch.cat([lin.weight.detach().cpu() for lin in parts])
+        if parts[0].bias is not None:
+            out[f"{prefix}in_proj_bias"] = torch.cat([lin.bias.detach().cpu() for lin in parts])
+    if classifier.image_projection is not None:
+        out["proj"] = classifier.image_projection.detach().cpu().clone()
+    return out
+
+
+def save_merged_visual(model: nn.Module, path: str) -> str:
+    """Write :func:`merged_visual_state_dict` to ``path`` (safetensors); returns ``path``.
+
+    Load it into a stock model with ``clip.visual.load_state_dict(safetensors.torch.load_file(path))``."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in merged_visual_state_dict(model).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return path

@@ -100,4 +100,14 @@ class VisionTask(Task):
             "best_epoch_on": "validation (holdout of the train split)",
             "reference": "GOAT train_vit.py: a fixed schedule, no checkpoint selection; test on the final model",
             "pool": self.pool,
+            **self._activation(),
         }
+
+    def _activation(self) -> dict:
+        """open_clip towers: the MLP activation and what decided it (OpenAI's weights need QuickGELU)."""
+        if self.model_cfg.get("backend") != "open_clip":
+            return {}
+        from .openclip import quick_gelu
+
+        quick, decided_by = quick_gelu(self.model_cfg)
+        return {"activation": "quick_gelu" if quick else "gelu", "activation_decided_by": decided_by}
