@@ -36,6 +36,39 @@ def test_paper_settings_full_counts():
     assert c.trainable == c.adapter == 6_738_415_616 and round(100 * c.adapter_share, 2) == 100.0
 
 
+@pytest.mark.parametrize(
+    "family,task,model,lr,per_device,accumulation,epochs",
+    [
+        # GOAT vit.sh (lora=ft): totalbz 512 (64 per device), lr 1e-4, the eps table
+        ("vision", "vision/cars", "clip-vit-b32", 1e-4, 64, 8, 35),
+        ("vision", "vision/svhn", "clip-vit-b32", 1e-4, 64, 8, 4),
+        # GOAT glue.sh (lora=ft): totalbz 256 (32 per device), lr 1e-5, 10 epochs (RTE 50)
+        ("glue", "glue/rte", "roberta-large", 1e-5, 32, 8, 50),
+        ("glue", "glue/sst2", "roberta-large", 1e-5, 32, 8, 10),
+    ],
+)
+def test_full_finetuning_gets_goats_own_settings_per_family(family, task, model, lr, per_device, accumulation, epochs):
+    """method=full composes tuned/<family>/full.yaml on top of the task's tuned file: GOAT's
+    vit.sh / glue.sh with train_*.py's TrainingArguments (warmup_ratio 0.03 with warmup_steps 0,
+    bf16, no weight decay, cosine). The adapter methods keep the paper's Tab. 6/7 settings."""
+    from transformers import TrainingArguments
+
+    full = compose_cfg([f"task={task}", "method=full", f"model={model}"]).trainer
+    assert (full.learning_rate, full.per_device_train_batch_size, full.gradient_accumulation_steps) == (
+        lr,
+        per_device,
+        accumulation,
+    )
+    assert full.num_train_epochs == epochs and full.bf16 is True and full.weight_decay == 0.0
+    assert full.lr_scheduler_type == "cosine"
+    args = TrainingArguments("/tmp/unused", warmup_steps=full.warmup_steps, report_to=[])
+    assert args.get_warmup_steps(1000) == 30 and args.get_warmup_steps(101) == 4  # ceil(3 %), as GOAT's 4.x
+    for method in ("lora", "pilora", "lora_matched", "dora"):
+        other = compose_cfg([f"task={task}", f"method={method}", f"model={model}"]).trainer
+        assert other.gradient_accumulation_steps == 1 and other.warmup_steps == 100 and other.bf16 is False
+        assert other.learning_rate != 1e-5 and other.per_device_train_batch_size == 64
+
+
 def test_fsdp_keys_full_finetuning_cannot_use_are_refused():
     model = TinyMLP()
     with pytest.raises(ValueError, match=r"transformer_layer_cls_to_wrp.*did you mean transformer_layer_cls_to_wrap"):
@@ -69,6 +102,8 @@ def test_glue_full_finetune_end_to_end(tmp_path):
         FAST
         + glue_overrides(tmp_path / "data")
         + ["method=full", "trainer.learning_rate=2e-4", "trainer.num_train_epochs=3"]
+        # tuned/glue/full.yaml's GOAT batch (32 x 8 accumulation) and bf16 do not fit 96 CPU examples
+        + ["trainer.gradient_accumulation_steps=1", "trainer.bf16=false"]
     )
     cfg = compose_cfg(overrides, tmp_path / "run")
     rec = train(cfg)
