@@ -410,3 +410,59 @@ def test_tables_disclose_selection_parameter_basis_and_stage1_training(tmp_path)
     assert "Training length: PiLoRA first trains a plain LoRA" in best and "(our records: 3 steps)" in best
     t3 = render(frame([]), ["3"])
     assert "Training length" in t3 and "same data the columns report" not in t3
+
+
+# ------------------------------------------------------------- 6. selection off the reported set
+
+
+def _glue_task(tmp_path, *extra):
+    from pilora.tasks import make_task
+
+    cfg = OmegaConf.to_container(
+        compose_cfg(FAST + glue_overrides(tmp_path / "data") + list(extra), tmp_path / "o"), resolve=True
+    )
+    return make_task(cfg["task"], cfg["model"], int(cfg["seed"]))
+
+
+def _texts(ds):
+    return [tuple(ids) for ids in ds["input_ids"]]
+
+
+def test_glue_selection_split_holds_out_a_slice_of_train_and_scores_dev_once(tmp_path):
+    """task.selection_split=train_holdout: the runner's per-epoch split (best epoch, objective) is
+    a seeded slice of train, never the dev set the table reports; dev becomes the test split."""
+    default = _glue_task(tmp_path)
+    plain = default.datasets()
+    assert plain["test"] is None and len(plain["train"]) == 96 and len(plain["validation"]) == 32
+    assert default.protocol()["selection_split"] == "validation"
+
+    task = _glue_task(tmp_path, "task.selection_split=train_holdout")
+    data = task.datasets()
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (86, 10, 32)  # round(0.1 x 96)
+    assert _texts(data["test"]) == _texts(plain["validation"])  # the dev set, whole, in order
+    train_rows = set(_texts(plain["train"]))
+    assert set(_texts(data["validation"])) <= train_rows and set(_texts(data["train"])) <= train_rows
+    assert sorted(_texts(data["train"]) + _texts(data["validation"])) == sorted(_texts(plain["train"]))
+    assert _texts(_glue_task(tmp_path, "task.selection_split=train_holdout").datasets()["validation"]) == _texts(
+        data["validation"]
+    )  # seeded: every run of a seed holds out the same rows
+    ev = task.protocol()
+    assert ev["selection_split"] == "train_holdout" and "holdout of the train split" in ev["best_epoch_on"]
+
+    with pytest.raises(ValueError, match="train_holdout"):
+        _glue_task(tmp_path, "task.selection_split=dev").datasets()
+
+
+@pytest.mark.slow
+def test_glue_sweep_objective_reads_the_train_holdout_not_the_reported_dev_set(tmp_path):
+    rec = train(
+        compose_cfg(
+            FAST
+            + glue_overrides(tmp_path / "data")
+            + ["method=lora", "trainer.num_train_epochs=2", "task.selection_split=train_holdout"],
+            tmp_path / "run",
+        )
+    )
+    assert rec["evaluation"]["selection_split"] == "train_holdout"
+    assert objective(rec) == rec["metrics"]["final"]["eval_accuracy"]  # the holdout's accuracy
+    assert set(rec["metrics"]["test"]) >= {"test_accuracy"}  # the dev set, scored once

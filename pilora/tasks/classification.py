@@ -37,6 +37,48 @@ def _f1(preds, labels):
     return float(f1_score(labels, preds))
 
 
+# What a run selects on (its per-epoch "validation" split: the best epoch and a sweep's objective)
+# and what it reports, for ``task.selection_split``. Each entry maps the raw train/validation/test
+# splits (and the task) to the splits the runner uses.
+SELECTION_SPLITS = {}
+
+
+def selection_split(name):
+    def deco(fn):
+        SELECTION_SPLITS[name] = fn
+        return fn
+
+    return deco
+
+
+@selection_split("validation")
+def _select_on_validation(task, train, validation, test):
+    """GOAT's protocol: the dev set is evaluated after every epoch, and it is also what Table 2
+    reports (GLUE's test labels are hidden), so anything chosen on it is chosen on the column."""
+    return {"train": train, "validation": validation, "test": test}
+
+
+@selection_split("train_holdout")
+def _select_on_train_holdout(task, train, validation, test):
+    """For sweeps: a seeded slice of train (``task.holdout_fraction``, at most ``task.holdout_max``)
+    is held out and is what the runner evaluates per epoch, picks the best epoch on and hands a
+    sweeper; the dev set is scored once at the end, as the test split (``test_<metric>``)."""
+    from .clip import holdout_split
+
+    if test is not None:
+        raise DataError(
+            f"task {task.name!r} has a labelled test split, which task.selection_split=train_holdout "
+            "would replace with the dev set; use it only for tasks whose reported split is validation"
+        )
+    kept, held = holdout_split(
+        train,
+        fraction=float(task.cfg.get("holdout_fraction", 0.1)),
+        max_size=int(task.cfg.get("holdout_max", 2000)),
+        seed=task.seed,
+    )
+    return {"train": kept, "validation": held, "test": validation}
+
+
 @register_family("classification")
 class ClassificationTask(Task):
     """``template.format(**row)`` -> tokenizer (max_length) -> ``AutoModelForSequenceClassification``."""
@@ -69,7 +111,17 @@ class ClassificationTask(Task):
             "task.text_columns / task.label_column to the file's names",
         )
 
+    @property
+    def selection(self) -> str:
+        name = self.cfg.get("selection_split") or "validation"
+        if name not in SELECTION_SPLITS:
+            raise ValueError(
+                f"task.selection_split={name!r} is not a selection split; choose one of {sorted(SELECTION_SPLITS)}"
+            )
+        return name
+
     def datasets(self):
+        select = SELECTION_SPLITS[self.selection]  # a bad name fails before loading any data
         raw = self.load_raw()
         splits = self.cfg.get("splits", {})
         out = {
@@ -123,7 +175,7 @@ class ClassificationTask(Task):
             )
         if out["test"] is not None and min(out["test"]["labels"]) < 0:
             out["test"] = None  # unlabelled test split (GLUE): evaluate on validation only
-        return out
+        return select(self, out["train"], out["validation"], out["test"])
 
     def collator(self):
         from transformers import DataCollatorWithPadding
@@ -137,7 +189,11 @@ class ClassificationTask(Task):
 
     def protocol(self):
         out = super().protocol()
-        if out["reported_split"] == "validation":
+        out["selection_split"] = self.selection
+        if self.selection == "train_holdout":
+            out["reported_split"] = "validation, scored once as the test split (test_<metric>)"
+            out["best_epoch_on"] = "a seeded holdout of the train split (task.selection_split=train_holdout)"
+        elif out["reported_split"] == "validation":
             # GOAT (train_nlu.py) evaluates the dev set after every epoch and trains a fixed schedule;
             # GLUE's test labels are hidden, so the "best epoch" is picked on the very data it reports.
             out["best_epoch_on"] = "validation (the reported split: the best epoch is an optimistic choice)"
