@@ -75,10 +75,19 @@ def test_more_directions_than_min_shape_is_refused():
 # ------------------------------------------------------------------------------- layer properties
 
 
-def _dash_model(base, s=3):
+def _dash_model(base, s=3, counts="optimizer_steps", t=100, dropout=0.0):
     return prepare_model(
         copy.deepcopy(base),
-        MethodConfig(name="lora_dash", r=2, alpha=4, dropout=0.0, target_modules=["up", "down"], directions=s),
+        MethodConfig(
+            name="lora_dash",
+            r=2,
+            alpha=4,
+            dropout=dropout,
+            target_modules=["up", "down"],
+            directions=s,
+            prelaunch_steps=t,
+            prelaunch_counts=counts,
+        ),
     )
 
 
@@ -165,7 +174,7 @@ def test_reload_and_export_equal_trained_model(tmp_path):
 def test_dash_gradients_dropped_before_launch_and_kept_after():
     torch.manual_seed(0)
     model = _dash_model(TinyMLP())
-    cb = DashLaunchCallback(model, prelaunch_steps=1)
+    cb = DashLaunchCallback(model, prelaunch_steps=1)  # _dash_model counts optimizer steps
     torch.nn.functional.cross_entropy(model(X), Y).backward()
     cb.on_pre_optimizer_step(None, None, None)
     assert all(l.lora_dash["default"].coefficients.grad is None for l in dash_layers(model).values())
@@ -179,6 +188,91 @@ def test_dash_gradients_dropped_before_launch_and_kept_after():
     torch.nn.functional.cross_entropy(model(X), Y).backward()
     cb.on_pre_optimizer_step(None, None, None)
     assert all(l.lora_dash["default"].coefficients.grad.abs().sum() > 0 for l in dash_layers(model).values())
+
+
+class _Step:
+    def __init__(self, step, max_steps=10):
+        self.global_step, self.max_steps = step, max_steps
+
+
+class _Args:
+    gradient_accumulation_steps, gradient_checkpointing = 1, True
+
+
+def _checkpointed_step(model, cb, opt, step):
+    """One optimizer step with gradient checkpointing (non-reentrant): every layer runs its forward
+    twice, once more in the backward's recomputation, as under the authors' --use_gradient_checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.nn.functional.cross_entropy(checkpoint(model, X, use_reentrant=False), Y).backward()
+    cb.on_pre_optimizer_step(None, None, None)
+    grads = [l.lora_dash["default"].coefficients.grad for l in dash_layers(model).values()]
+    opt.step()
+    opt.zero_grad()
+    cb.on_step_end(None, _Step(step), None)
+    return grads
+
+
+def test_layer_calls_launch_where_the_authors_flag_does():
+    """The authors' t counts a layer's forward calls (FLAG): with gradient checkpointing two per
+    optimizer step, so t = 4 launches in the first forward of step 3, from the update after 2 steps,
+    and the coefficients get a gradient in that same step 3. Eval forwards count too."""
+    torch.manual_seed(0)
+    model = _dash_model(TinyMLP(), counts="layer_calls", t=4)
+    cb = DashLaunchCallback(model, prelaunch_steps=4)
+    cb.on_train_begin(_Args(), _Step(0), None)  # 10 steps x 2 calls: t = 4 fits
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in (1, 2):
+        grads = _checkpointed_step(model, cb, opt, step)
+        assert all(g is None for g in grads) and not is_launched(model) and cb.launch_step is None
+    assert all(int(l.lora_dash["default"].calls) == 4 for l in dash_layers(model).values())
+    expected = {
+        n: select_directions(l.get_base_layer().weight, l.get_delta_weight("default"), 3)[0].tolist()
+        for n, l in dash_layers(model).items()
+    }
+    grads = _checkpointed_step(model, cb, opt, 3)
+    assert is_launched(model) and cb.launch_step == 3
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)  # trained on the launch step itself
+    assert cb.summary()["directions"] == expected and cb.summary()["prelaunch_counts"] == "layer_calls"
+
+    # an evaluation forward is a call too: 1 step (2 calls) + 2 eval calls = 4, step 2 launches
+    torch.manual_seed(0)
+    model = _dash_model(TinyMLP(), counts="layer_calls", t=4)
+    cb = DashLaunchCallback(model, prelaunch_steps=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _checkpointed_step(model, cb, opt, 1)
+    model.eval()
+    with torch.no_grad():
+        model(X)
+        model(X)
+    model.train()
+    assert not is_launched(model)
+    _checkpointed_step(model, cb, opt, 2)
+    assert cb.launch_step == 2
+
+
+def test_dash_branch_draws_its_own_dropout_mask():
+    """The authors' forward calls self.lora_dropout(x) once for the LoRA branch and again for the
+    dash branch: two independent masks."""
+    torch.manual_seed(0)
+    model = _dash_model(TinyMLP(), dropout=0.5)
+    train_steps(model, X, Y, steps=2)
+    launch(model)
+    layer = next(iter(dash_layers(model).values()))
+    dash = layer.lora_dash["default"]
+    with torch.no_grad():
+        dash.coefficients.fill_(1.0)
+    model.train()
+    x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(7)
+    got = layer(x)
+    torch.manual_seed(7)
+    drop = layer.lora_dropout["default"]
+    x1, x2 = drop(x), drop(x)
+    lora = lambda z: layer.lora_B["default"](layer.lora_A["default"](z)) * layer.scaling["default"]  # noqa: E731
+    base = layer.get_base_layer()(x)
+    assert torch.allclose(got, base + lora(x1) + dash(x2), atol=1e-6)
+    assert not torch.allclose(got, base + lora(x1) + dash(x1), atol=1e-3)  # not one shared mask
 
 
 # ------------------------------------------------------------------------------ parameter accounting
@@ -217,10 +311,12 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
     rec = train(compose_cfg(overrides, tmp_path / "run"))
     assert rec["status"] == "complete" and rec["method"] == "lora_dash"
     info = rec["lora_dash"]
-    assert info["prelaunch_steps"] == 4 and info["launch_step"] == 4
+    # the authors' count: 4 calls of each layer (96 / 16 = 6 steps an epoch, one call each, the
+    # evaluation only after step 6), so the 5th call, in step 5, launches
+    assert info["prelaunch_steps"] == 4 and info["launch_step"] == 5 and info["prelaunch_counts"] == "layer_calls"
     assert info["directions"] and all(len(v) == 4 for v in info["directions"].values())
     saved = torch.load(info["directions_file"])
-    assert saved["step"] == 4 and {k: v["index"] for k, v in saved["modules"].items()} == info["directions"]
+    assert saved["step"] == 5 and {k: v["index"] for k, v in saved["modules"].items()} == info["directions"]
     losses = rec["train_loss"]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert rec["metrics"]["best"]["eval_accuracy"] > 0.75
@@ -248,5 +344,11 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
 
 
 def test_prelaunch_longer_than_run_is_refused(tmp_path):
+    steps = ["method.prelaunch_steps=50", "trainer.max_steps=2", "method.prelaunch_counts=optimizer_steps"]
     with pytest.raises(ValueError, match=r"method.prelaunch_steps=50.*\(2 optimizer steps\)"):
-        train(compose_cfg(_dash_run(tmp_path, "method.prelaunch_steps=50", "trainer.max_steps=2"), tmp_path / "run"))
+        train(compose_cfg(_dash_run(tmp_path, *steps), tmp_path / "run"))
+    calls = ["method.prelaunch_steps=50", "trainer.max_steps=2"]
+    with pytest.raises(ValueError, match=r"method.prelaunch_steps=50.*\(2 forward calls of each layer"):
+        train(compose_cfg(_dash_run(tmp_path, *calls), tmp_path / "run2"))
+    with pytest.raises(ValueError, match="layer_calls"):
+        MethodConfig(name="lora_dash", prelaunch_counts="epochs")

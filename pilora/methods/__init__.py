@@ -40,6 +40,10 @@ class PartitionConfig:
     args: Dict[str, Any] = field(default_factory=dict)  # the strategy's keywords (tau, threshold, fraction, seed)
 
 
+# What LoRA-Dash's t (method.prelaunch_steps) counts; pilora.methods.lora_dash explains both.
+PRELAUNCH_COUNTS = ("layer_calls", "optimizer_steps")
+
+
 @dataclass
 class MethodConfig:
     """One adapter method. Field names are the keys of ``conf/method/*.yaml``; every method accepts
@@ -71,8 +75,11 @@ class MethodConfig:
     # budget-matched LoRA: per-module ranks from PiLoRA's partition, as many adapter parameters as PiLoRA
     match_budget: bool = False
     rank_pattern: Optional[Dict[str, Any]] = None  # per-module ranks (set by the budget match)
-    # LoRA-Dash only (defaults: the authors' code, t = 100 steps, s = 8 directions) -----------------
-    prelaunch_steps: int = 100  # t: optimizer steps of plain LoRA before the launch
+    # LoRA-Dash only (defaults: the authors' code, t = 100 forward calls, s = 8 directions) ---------
+    prelaunch_steps: int = 100  # t: plain-LoRA calls of each layer (or optimizer steps) before the launch
+    # what t counts: layer_calls (the authors' FLAG: every forward call, eval and gradient-checkpoint
+    # recomputation included) or optimizer_steps (see pilora.methods.lora_dash)
+    prelaunch_counts: str = "layer_calls"
     directions: int = 8  # s: task-specific directions (learned coefficients) per layer
 
     def __post_init__(self):
@@ -114,7 +121,11 @@ class MethodConfig:
             if int(self.directions) <= 0:
                 raise ValueError(f"LoRA-Dash needs method.directions ≥ 1, got {self.directions}")
             if int(self.prelaunch_steps) < 0:
-                raise ValueError(f"method.prelaunch_steps must be ≥ 0 optimizer steps, got {self.prelaunch_steps}")
+                raise ValueError(f"method.prelaunch_steps must be ≥ 0, got {self.prelaunch_steps}")
+            if self.prelaunch_counts not in PRELAUNCH_COUNTS:
+                raise ValueError(
+                    f"method.prelaunch_counts={self.prelaunch_counts!r}; choose one of {list(PRELAUNCH_COUNTS)}"
+                )
             if self.fused_forward:
                 raise ValueError(
                     "fused_forward applies to plain LoRA layers; LoRA-Dash has its own forward "
@@ -281,7 +292,9 @@ register_method("dora", Method({"use_dora": True}, optional_keys=_FUSED))  # fus
 register_method("pissa", Method({}, init="pissa", mutates_base=True, keys=_FUSED))
 register_method("milora", Method({}, init="milora", mutates_base=True, keys=_FUSED))
 register_method("pilora", Method({}, two_stage=True, keys=_FUSED + ("supplementary_alpha",) + STAGE1_KEYS))
-register_method("lora_dash", Method({}, init="lora_dash", keys=_FUSED + ("prelaunch_steps", "directions")))
+register_method(
+    "lora_dash", Method({}, init="lora_dash", keys=_FUSED + ("prelaunch_steps", "prelaunch_counts", "directions"))
+)
 register_method("full", Method({}, adapter=False))  # r, α, dropout, targets: kept, unused
 
 
@@ -291,7 +304,10 @@ def _lora_dash_init(layer, adapter, cfg=None):
     chosen at the launch (:mod:`pilora.methods.lora_dash`), so the output equals the base model's."""
     from .lora_dash import attach_dash
 
-    attach_dash(layer, int(cfg.directions if cfg is not None else MethodConfig.directions), adapter)
+    cfg = cfg if cfg is not None else MethodConfig(name="lora_dash")
+    # layer_calls: each layer counts its own forward calls and launches itself (the authors' FLAG)
+    calls = int(cfg.prelaunch_steps) if cfg.prelaunch_counts == "layer_calls" else None
+    attach_dash(layer, int(cfg.directions), adapter, prelaunch_calls=calls)
 
 
 def full_finetune(model: nn.Module, cfg: MethodConfig) -> nn.Module:

@@ -2,8 +2,8 @@
 
 One training run in two phases, on top of a PEFT LoRA ``ΔW = s·B A``:
 
-* **pre-launch** (the first ``t`` optimizer steps): plain LoRA;
-* **launch** (after step ``t``): for every target layer, ``W0 = U Σ Vᵀ`` (frozen weight, fp32) and
+* **pre-launch** (``t`` forward calls of each layer, or ``t`` optimizer steps): plain LoRA;
+* **launch**: for every target layer, ``W0 = U Σ Vᵀ`` (frozen weight, fp32) and
   the LoRA update projected on each singular pair, ``δ_i = u_iᵀ ΔW v_i``. The change rate
   ``|δ_i| / σ_i`` ranks W0's directions by how strongly the task moves them; the top ``s`` are the
   *task-specific directions* ``(U_s, V_s)``;
@@ -11,6 +11,23 @@ One training run in two phases, on top of a PEFT LoRA ``ΔW = s·B A``:
   (zero at launch) that amplify those directions::
 
       h = W0 x + s·B A x + U_s diag(c) V_sᵀ x
+
+What counts towards ``t`` (``method.prelaunch_counts``), as the authors' code does it
+(github.com/Chongjie-Si/Subspace-Tuning @ 2c63d06, CR_MR/peft/src/peft/tuners/lora-dash.py,
+``Linear.forward``):
+
+* ``layer_calls`` (default, theirs): ``self.FLAG`` counts the layer's forward calls, eval forwards
+  and the recomputation of gradient checkpointing included; the call that finds ``FLAG == warmup``
+  (``warmup = 100``) selects the directions and already adds the dash term, so the coefficients get
+  a gradient on that very step. Their scripts (CR_MR/scripts_for_CR/llama*.sh: batch = micro batch
+  16, ``--use_gradient_checkpointing``) run two calls per optimizer step, so t = 100 calls launch
+  after 50 optimizer steps, at the start of step 51.
+* ``optimizer_steps``: the launch after optimizer step ``t`` (the paper's description), the
+  coefficients training from step ``t + 1``: a count that does not move with gradient
+  checkpointing or the evaluation schedule.
+
+The dash branch draws its own dropout mask (theirs calls ``self.lora_dropout(x)`` again for it),
+independent of the LoRA branch's.
 
 The coefficients are the only new trainable parameters (``s`` per layer); ``U_s``, ``V_s`` are
 frozen buffers saved with the adapter. PEFT's layer keeps its structure: the dash term is a PEFT
@@ -81,8 +98,13 @@ class DashDirections(nn.Module):
     after the launch continues with the same directions, and a reloaded model equals the trained one.
     """
 
-    def __init__(self, m: int, n: int, s: int, device=None, dtype=None):
+    def __init__(self, m: int, n: int, s: int, device=None, dtype=None, prelaunch_calls: int | None = None):
         super().__init__()
+        # None: the launch comes from DashLaunchCallback after optimizer steps; an int t: this
+        # layer launches itself on its forward call t + 1 (the authors' FLAG, see the module doc)
+        self.prelaunch_calls = prelaunch_calls
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long, device=device))  # FLAG; saved for resume
+        self.rate: list | None = None  # change rates of the chosen directions, once launched
         self.coefficients = nn.Parameter(torch.zeros(s, device=device, dtype=dtype))
         # zero until the launch: the dash term is then exactly 0 and c's gradient is 0
         self.register_buffer("directions_u", torch.zeros(m, s, device=device, dtype=dtype))
@@ -106,8 +128,10 @@ class DashDirections(nn.Module):
 
 
 class DashForward(LoraVariant):
-    """PEFT ``LoraVariant``: ``result + s·B A x̃ + U_s diag(c) V_sᵀ x̃`` with ``x̃ = dropout(x)``
-    (one dropout draw for both branches); merge adds the full update ``s·B A + U_s diag(c) V_sᵀ``."""
+    """PEFT ``LoraVariant``: ``result + s·B A x̃₁ + U_s diag(c) V_sᵀ x̃₂`` with ``x̃₁``, ``x̃₂`` two
+    independent dropout draws of ``x`` (the authors' forward calls ``self.lora_dropout(x)`` once per
+    branch); merge adds the full update ``s·B A + U_s diag(c) V_sᵀ``. A layer that counts its calls
+    (``prelaunch_counts=layer_calls``) launches itself here, as the authors' ``FLAG`` does."""
 
     @staticmethod
     def init(module, adapter_name: str, **kwargs) -> None:  # attached by attach_dash
@@ -131,13 +155,24 @@ class DashForward(LoraVariant):
 
     @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
-        x = module.lora_dropout[active_adapter](x)
-        lora = module.lora_B[active_adapter](module.lora_A[active_adapter](x)) * module.scaling[active_adapter]
-        return result + lora + module.lora_dash[active_adapter](x)
+        dash = module.lora_dash[active_adapter]
+        if dash.prelaunch_calls is not None and not dash.launched:
+            if int(dash.calls) < dash.prelaunch_calls:
+                dash.calls += 1  # FLAG += 1: a plain-LoRA call (training, eval or recomputation)
+            else:  # FLAG == warmup: select now; this call already adds the dash term
+                launch_layer(module, active_adapter)
+                dash.calls += 1
+        dropout = module.lora_dropout[active_adapter]
+        lora = module.lora_B[active_adapter](module.lora_A[active_adapter](dropout(x))) * module.scaling[active_adapter]
+        return result + lora + dash(dropout(x))
 
 
-def attach_dash(layer: nn.Module, s: int, adapter_name: str = "default", name: str = "") -> None:
-    """Give one PEFT ``lora.Linear`` its dash term (``s`` coefficients, directions set at launch)."""
+def attach_dash(
+    layer: nn.Module, s: int, adapter_name: str = "default", name: str = "", prelaunch_calls: int | None = None
+) -> None:
+    """Give one PEFT ``lora.Linear`` its dash term (``s`` coefficients, directions set at launch).
+    ``prelaunch_calls=t``: the layer launches itself on its forward call ``t + 1``; None: the
+    launch is :func:`launch`'s (:class:`DashLaunchCallback` after optimizer steps)."""
     W = layer.get_base_layer().weight
     m, n = W.shape
     if not 0 < s <= min(m, n):
@@ -151,7 +186,9 @@ def attach_dash(layer: nn.Module, s: int, adapter_name: str = "default", name: s
         # PEFT's adapter bookkeeping (set_adapter, trainable flags, delete_adapter) then covers it too
         layer.adapter_layer_names = tuple(layer.adapter_layer_names) + (DASH_KEY,)
     A = layer.lora_A[adapter_name].weight
-    layer.lora_dash[adapter_name] = DashDirections(m, n, s, device=A.device, dtype=A.dtype)
+    layer.lora_dash[adapter_name] = DashDirections(
+        m, n, s, device=A.device, dtype=A.dtype, prelaunch_calls=prelaunch_calls
+    )
     layer.lora_variant[adapter_name] = DashForward()
 
 
@@ -167,32 +204,37 @@ def is_launched(model: nn.Module, adapter_name: str = "default") -> bool:
 
 
 @torch.no_grad()
+def launch_layer(layer: nn.Module, adapter_name: str = "default", name: str = "") -> dict:
+    """Select one layer's task-specific directions from its current LoRA update and write them into
+    the layer (in place, so DDP and the optimizer keep their references)."""
+    dash = layer.lora_dash[adapter_name]
+    if layer.merged:
+        raise RuntimeError(f"{name or 'layer'}: adapter is merged into the weight; unmerge before the launch")
+    W = layer.get_base_layer().weight
+    index, U_s, Vh_s, rate = select_directions(W, layer.get_delta_weight(adapter_name), dash.coefficients.numel())
+    dash.directions_u.copy_(U_s)
+    dash.directions_vh.copy_(Vh_s)
+    dash.direction_index.copy_(index)
+    dash.coefficients.zero_()  # the dash starts from the pre-launch model's output
+    dash.rate = rate[index].tolist()
+    return {"index": index.tolist(), "rate": dash.rate}
+
+
 def launch(model: nn.Module, adapter_name: str = "default") -> dict[str, dict]:
-    """End the pre-launch phase: select every layer's task-specific directions from its current
-    LoRA update and write them into the layer (in place, so DDP and the optimizer keep their
-    references). Returns ``{module: {"index": [...], "rate": [...]}}`` (rates of the chosen ones)."""
-    chosen = {}
-    for name, layer in dash_layers(model, adapter_name).items():
-        dash = layer.lora_dash[adapter_name]
-        W = layer.get_base_layer().weight
-        if layer.merged:
-            raise RuntimeError(f"{name}: adapter is merged into the weight; unmerge before the launch")
-        index, U_s, Vh_s, rate = select_directions(W, layer.get_delta_weight(adapter_name), dash.coefficients.numel())
-        dash.directions_u.copy_(U_s)
-        dash.directions_vh.copy_(Vh_s)
-        dash.direction_index.copy_(index)
-        dash.coefficients.zero_()  # the dash starts from the pre-launch model's output
-        chosen[name] = {"index": index.tolist(), "rate": rate[index].tolist()}
-    return chosen
+    """End the pre-launch phase in every layer. Returns ``{module: {"index": [...], "rate": [...]}}``
+    (rates of the chosen ones)."""
+    return {name: launch_layer(layer, adapter_name, name) for name, layer in dash_layers(model, adapter_name).items()}
 
 
 # ------------------------------------------------------------------------------ the runner
 
 
 class DashLaunchCallback(TrainerCallback):
-    """Runs the launch inside one Trainer run, after optimizer step ``prelaunch_steps``.
+    """Runs the launch inside one Trainer run, after optimizer step ``prelaunch_steps``; when the
+    layers count their own calls (``prelaunch_counts=layer_calls``) it records the step in which they
+    launched instead.
 
-    Before the launch the coefficients' gradients (exactly 0: the directions are still zero) are
+    Before a layer's launch its coefficients' gradients (exactly 0: the directions are still zero) are
     dropped before ``optimizer.step``, so AdamW neither decays nor counts steps for them and they
     start the dash phase with fresh moments, as parameters that joined the run at the launch would.
     The dash term stays in the graph throughout, so DDP sees the same parameters used every step.
@@ -205,8 +247,19 @@ class DashLaunchCallback(TrainerCallback):
         self.launch_step = None
         self.chosen: dict | None = None
 
+    @property
+    def counts_calls(self) -> bool:
+        return any(
+            l.lora_dash[self.adapter].prelaunch_calls is not None
+            for l in dash_layers(self.model, self.adapter).values()
+        )
+
     def on_train_begin(self, args, state, control, **kwargs):
-        check_prelaunch(self.t, state.max_steps)
+        if self.counts_calls:  # calls per optimizer step: micro-batches, twice under gradient checkpointing
+            per_step = int(args.gradient_accumulation_steps) * (2 if args.gradient_checkpointing else 1)
+            check_prelaunch(self.t, state.max_steps * per_step, unit="forward calls of each layer in training")
+        else:
+            check_prelaunch(self.t, state.max_steps)
         refuse_sharded_launch(args)
         if is_launched(self.model, self.adapter):  # resumed from a checkpoint written after the launch
             self.launch_step = self.t
@@ -215,24 +268,37 @@ class DashLaunchCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.launch_step is None:
             for layer in dash_layers(self.model, self.adapter).values():
-                layer.lora_dash[self.adapter].coefficients.grad = None
+                dash = layer.lora_dash[self.adapter]
+                if not dash.launched:  # a layer launched in this step's forward keeps its gradient
+                    dash.coefficients.grad = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.launch_step is None and state.global_step >= self.t:
-            from ..distributed import check_ranks_agree, is_main
-
+        if self.launch_step is not None:
+            return
+        if self.counts_calls:
+            if not is_launched(self.model, self.adapter):
+                return
+            self.chosen = {
+                k: {"index": l.lora_dash[self.adapter].direction_index.tolist(), "rate": l.lora_dash[self.adapter].rate}
+                for k, l in dash_layers(self.model, self.adapter).items()
+            }
+        elif state.global_step >= self.t:
             self.chosen = launch(self.model, self.adapter)
-            self.launch_step = state.global_step
-            # every rank selects from identical (all-reduced) LoRA weights; verify it
-            check_ranks_agree({k: torch.tensor(v["index"]) for k, v in self.chosen.items()})
-            log.info(
-                "LoRA-Dash launch at step %d: %d directions in each of %d layers",
-                state.global_step,
-                len(next(iter(self.chosen.values()))["index"]) if self.chosen else 0,
-                len(self.chosen),
-            )
-            if self.file and is_main():
-                torch.save({"step": state.global_step, "modules": self.chosen}, self.file)
+        else:
+            return
+        from ..distributed import check_ranks_agree, is_main
+
+        self.launch_step = state.global_step
+        # every rank selects from identical (all-reduced) LoRA weights; verify it
+        check_ranks_agree({k: torch.tensor(v["index"]) for k, v in self.chosen.items()})
+        log.info(
+            "LoRA-Dash launch at step %d: %d directions in each of %d layers",
+            state.global_step,
+            len(next(iter(self.chosen.values()))["index"]) if self.chosen else 0,
+            len(self.chosen),
+        )
+        if self.file and is_main():
+            torch.save({"step": state.global_step, "modules": self.chosen}, self.file)
 
     def _from_layers(self) -> dict:
         return {
@@ -244,18 +310,19 @@ class DashLaunchCallback(TrainerCallback):
         """The record's ``lora_dash`` entry."""
         return {
             "prelaunch_steps": self.t,
+            "prelaunch_counts": "layer_calls" if self.counts_calls else "optimizer_steps",
             "launch_step": self.launch_step,
             "directions": {k: v["index"] for k, v in (self.chosen or {}).items()},
             "directions_file": self.file if self.file and os.path.exists(self.file) else None,
         }
 
 
-def check_prelaunch(prelaunch_steps: int, total_steps: int) -> None:
+def check_prelaunch(prelaunch_steps: int, total_steps: int, unit: str = "optimizer steps") -> None:
     """The pre-launch phase must end before the run does, or there is no dash phase."""
     if prelaunch_steps >= total_steps:
         raise ValueError(
             f"LoRA-Dash pre-launch (method.prelaunch_steps={prelaunch_steps}) is not shorter than "
-            f"the training run ({total_steps} optimizer steps), so the dash phase would never run. "
+            f"the training run ({total_steps} {unit}), so the dash phase would never run. "
             "Lower method.prelaunch_steps or train longer (trainer.num_train_epochs / trainer.max_steps)."
         )
 
