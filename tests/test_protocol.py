@@ -466,3 +466,34 @@ def test_glue_sweep_objective_reads_the_train_holdout_not_the_reported_dev_set(t
     assert rec["evaluation"]["selection_split"] == "train_holdout"
     assert objective(rec) == rec["metrics"]["final"]["eval_accuracy"]  # the holdout's accuracy
     assert set(rec["metrics"]["test"]) >= {"test_accuracy"}  # the dev set, scored once
+
+
+def test_merged_fp16_keeps_the_lora_dash_term(tmp_path):
+    """LoRA-Dash's dash term is not a PEFT LoRA: the fp16 merge goes through its rank r + s export,
+    so the scored model still has U_s diag(c) V_sᵀ (stock PEFT would drop it)."""
+    from pilora import MethodConfig, prepare_model
+    from pilora.methods.lora_dash import dash_layers, launch
+    from pilora.tasks.commonsense import EVAL_WEIGHTS
+
+    task = _commonsense_task(tmp_path)
+    torch.manual_seed(task.seed)
+    mc = MethodConfig(name="lora_dash", r=4, alpha=8, dropout=0.0, target_modules=LLAMA_TARGETS, directions=2)
+    model = prepare_model(task.build_model(), mc, task_type="CAUSAL_LM")
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(std=0.02)
+    launch(model)
+    with torch.no_grad():
+        for layer in dash_layers(model).values():
+            layer.lora_dash["default"].coefficients.normal_(std=0.5)
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with EVAL_WEIGHTS["merged_fp16"](task, model) as scored:
+            got = scored(input_ids=ids).logits.float()
+        for layer in dash_layers(model).values():
+            layer.lora_dash["default"].coefficients.zero_()
+        without_dash = model(input_ids=ids).logits
+    err, dash_effect = (got - want).abs().max().item(), (want - without_dash).abs().max().item()
+    assert err < dash_effect / 10, (err, dash_effect)
