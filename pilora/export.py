@@ -1,18 +1,26 @@
 """Adapter folders that stock tools load.
 
-Every job writes ``<run>/adapter/``: a plain PEFT LoRA that ``peft.PeftModel.from_pretrained`` and
-``lm_eval --model hf --model_args pretrained=<base>,peft=<run>/adapter`` load with no PiLoRA code.
-For PiLoRA that is the exact rank ``r + r'`` export of the trained update (Sec. 3.3: the update
-``s_d·(M ⊗ B_d) A_d + s_s·(M̄ ⊗ B_s) A_s`` equals one LoRA with ``A = [A_d; A_s]`` and
-``B = s_d·[M ⊗ B_d, c·M̄ ⊗ B_s]``, scaling 1); the compact form (``B_d``, ``B_s``, masks) that
-:func:`pilora.load_adapter` rebuilds for further training lives beside it in
-``<run>/adapter_pilora/``.
+A PiLoRA model saves (``save_pretrained``, ``transformers.Trainer.save_model``, every checkpoint,
+:func:`pilora.save_adapter`) a folder that both stock PEFT and :func:`pilora.load_adapter` read,
+and in which no file claims a type it is not (:class:`pilora.layer.PiLoRASaving`):
 
-Runs written before this layout kept the compact PiLoRA form in ``adapter/``, which stock PEFT
-cannot load (its config says ``r`` but the weights hold ``r + r'`` rows and masks). Convert them
-in place, with no model and no download (the export is computed from the saved tensors)::
+* ``adapter_config.json`` + ``adapter_model.safetensors``: the exact rank ``r + r'`` LoRA export of
+  the update (Sec. 3.3: ``s_d·(M ⊗ B_d) A_d + s_s·(M̄ ⊗ B_s) A_s`` equals one LoRA with
+  ``A = [A_d; A_s]`` and ``B = s_d·[M ⊗ B_d, c·M̄ ⊗ B_s]``, scaling 1), for
+  ``peft.PeftModel.from_pretrained`` and ``lm_eval --model hf --model_args peft=...``;
+* ``pilora_config.json`` (``"peft_type": "PILORA"``, the rank ``r`` LoRA settings and ``r'``) and
+  ``pilora_model.safetensors`` (``B_d``, ``B_s``, masks): the compact form, rebuilt exactly.
+
+Every job writes ``<run>/adapter/`` (stock PEFT for every method; for PiLoRA the export alone) and,
+for PiLoRA, ``<run>/adapter_pilora/`` (the folder above, for further training).
+
+Older layouts are converted in place, with no model and no download (from the saved tensors)::
 
     python -m pilora.export multirun/table1_llama2/method=pilora     # one run, or a tree of runs
+
+They are: the compact form in ``adapter/`` (its config said LoRA of rank ``r`` over ``r + r'`` rows
+and masks, which stock PEFT fails to load), and ``adapter_pilora/`` holding that compact form beside
+a stock ``adapter/``. :func:`pilora.load_adapter` also reads the compact form as it is.
 
 PiSSA and MiLoRA move part of ``W0`` into the adapter at init (``W0 → W_res = W0 − s·B₀A₀``).
 Their trained ``(A, B)`` only reproduce the trained model on top of ``W_res``, which is not saved;
@@ -33,12 +41,14 @@ import sys
 
 import torch
 
-from .layer import PILORA_FILE, pilora_masks, save_adapter
+from .layer import PILORA_FILE, PILORA_WEIGHTS, pilora_masks, save_adapter
 
 ADAPTER_DIR = "adapter"  # stock PEFT LoRA (every method)
-PILORA_ADAPTER_DIR = "adapter_pilora"  # PiLoRA's compact form, for pilora.load_adapter
+PILORA_ADAPTER_DIR = "adapter_pilora"  # PiLoRA's folder: the stock export plus the compact form
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+PILORA_TYPE = "PILORA"  # the peft_type pilora_config.json declares
+PILORA_SETTINGS = ("supplementary_r", "supplementary_alpha", "supplementary_scale")
 _B_PARTS = (".lora_B.dominant", ".lora_B.supplementary", ".lora_B.dominant_mask")
 INITIAL_ADAPTER_DIR = "adapter_init"  # PiSSA / MiLoRA: the adapter as initialised, for the conversion
 _INITIAL_ATTR = "_pilora_initial_adapter"
@@ -48,8 +58,18 @@ class ExportError(ValueError):
     """An adapter folder that cannot be exported (the message says why and what to do)."""
 
 
+def layout(path: str) -> str | None:
+    """What an adapter folder holds: ``"pilora"`` (stock export + compact form), ``"compact"`` (the
+    older compact-only form), ``"lora"`` (a PEFT adapter with no PiLoRA files) or None."""
+    file = os.path.join(path, PILORA_FILE)
+    if os.path.isfile(file):
+        with open(file) as f:
+            return "pilora" if json.load(f).get("peft_type") == PILORA_TYPE else "compact"
+    return "lora" if os.path.isfile(os.path.join(path, CONFIG)) else None
+
+
 def is_pilora_adapter(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, PILORA_FILE))
+    return layout(path) in ("pilora", "compact")
 
 
 def dedupe_modules_to_save(path: str) -> None:
@@ -64,32 +84,73 @@ def dedupe_modules_to_save(path: str) -> None:
     mods = cfg.get("modules_to_save")
     if isinstance(mods, list) and len(set(mods)) != len(mods):
         cfg["modules_to_save"] = list(dict.fromkeys(mods))
-        with open(file, "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
+        _write_json(file, cfg)
 
 
-def export_compact(src: str, dst: str) -> dict:
-    """Compact PiLoRA folder ``src`` -> stock PEFT LoRA folder ``dst`` (rank ``r + r'``, scaling 1).
+def _write_json(file: str, data: dict) -> None:
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, file)
 
-    Computed from the saved tensors alone. Returns ``{"rank": r + r', "modules": n}``."""
+
+def _save_tensors(state: dict, file: str) -> None:
+    from safetensors.torch import save_file
+
+    tmp = file + ".tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def _lora_config(fields: dict, where: str):
+    """The rank ``r`` ``LoraConfig`` a PiLoRA adapter was built from (PEFT's forward-compatible
+    construction: keys a newer PEFT wrote and this one lacks are dropped with its warning)."""
     from peft import LoraConfig
-    from safetensors.torch import load_file, save_file
 
-    if not is_pilora_adapter(src):
-        raise ExportError(
-            f"{src!r} holds no {PILORA_FILE}: it is not a compact PiLoRA adapter "
-            "(a plain LoRA folder needs no export; peft.PeftModel.from_pretrained loads it)"
+    kwargs = {k: v for k, v in fields.items() if k not in (*PILORA_SETTINGS, "peft_type", "format", "files")}
+    try:
+        return LoraConfig.from_peft_type(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"{where}: not a PiLoRA config PEFT can read ({err})") from err
+
+
+def read_pilora_folder(path: str):
+    """``(rank-r LoraConfig, {supplementary_r, supplementary_alpha, supplementary_scale}, compact
+    state)`` of a PiLoRA folder in either layout; the state is what PEFT's state dict of the
+    compact model holds (``A``, ``B_d``, ``B_s``, masks, fully trained modules)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    kind = layout(path)
+    if kind not in ("pilora", "compact"):
+        raise FileNotFoundError(
+            f"{os.path.join(path, PILORA_FILE)} not found: {path!r} is not a PiLoRA adapter directory "
+            "(a plain LoRA loads with peft.PeftModel.from_pretrained)"
         )
-    with open(os.path.join(src, PILORA_FILE)) as f:
-        pcfg = json.load(f)
-    cfg = LoraConfig.from_pretrained(src)
+    with open(os.path.join(path, PILORA_FILE)) as f:
+        pfile = json.load(f)
+    missing = [k for k in ("supplementary_r", "supplementary_alpha") if k not in pfile]
+    if missing:
+        raise ExportError(f"{path}/{PILORA_FILE} lacks {missing}; it was not written by pilora")
+    pcfg = {k: pfile.get(k) for k in PILORA_SETTINGS}
+    pcfg["supplementary_scale"] = float(pcfg["supplementary_scale"] if pcfg["supplementary_scale"] is not None else 1.0)
+    state = load_file(os.path.join(path, WEIGHTS))
+    if kind == "compact":
+        return LoraConfig.from_pretrained(path), pcfg, state
+    extra = load_file(os.path.join(path, PILORA_WEIGHTS))
+    # A and the fully trained modules are stored as they are in the stock file; its B is the export
+    state = {k: v for k, v in state.items() if not k.endswith(".lora_B.weight")}
+    state.update(extra)
+    return _lora_config(pfile, path), pcfg, state
+
+
+def _export_state(state: dict, cfg, c: float, where: str) -> tuple[dict, int, int]:
+    """Compact PiLoRA tensors -> the tensors of a rank ``r + r'`` stock LoRA (scaling 1)."""
     if cfg.use_dora or cfg.alpha_pattern or cfg.rank_pattern:
         raise ExportError(
-            f"{src}: DoRA or per-module rank/alpha patterns are not part of a PiLoRA adapter; "
-            "this folder was not written by pilora.save_adapter"
+            f"{where}: DoRA or per-module rank/alpha patterns are not part of a PiLoRA adapter; "
+            "this folder was not written by pilora"
         )
-    state = load_file(os.path.join(src, WEIGHTS))
-    c = float(pcfg.get("supplementary_scale", 1.0))
     out, rank, n = {}, None, 0
     for key in sorted(state):
         if not key.endswith(".lora_B.dominant_mask"):
@@ -106,7 +167,7 @@ def export_compact(src: str, dst: str) -> dict:
         B[~mask, r:] = B_s.float() * c
         if rank is not None and A.shape[0] != rank:
             raise ExportError(
-                f"{src}: layers have different ranks r + r' ({rank} and {A.shape[0]}); "
+                f"{where}: layers have different ranks r + r' ({rank} and {A.shape[0]}); "
                 "one PEFT LoRA config cannot hold them"
             )
         rank = A.shape[0]
@@ -114,11 +175,17 @@ def export_compact(src: str, dst: str) -> dict:
         out[prefix + ".lora_B.weight"] = (B * s).to(A.dtype).contiguous()
         n += 1
     if not n:
-        raise ExportError(f"{src}/{WEIGHTS} holds no PiLoRA layers (no *.lora_B.dominant_mask tensors)")
+        raise ExportError(f"{where} holds no PiLoRA layers (no *.lora_B.dominant_mask tensors)")
     # everything else PEFT saved (heads trained in full, trained biases) travels as it is
     for key, value in state.items():
         if not (key.endswith(_B_PARTS) or key.endswith(".lora_A.weight")):
             out[key] = value.contiguous()
+    return out, rank, n
+
+
+def _write_stock(cfg, out: dict, rank: int, dst: str) -> None:
+    from peft import LoraConfig
+
     stock = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -128,13 +195,74 @@ def export_compact(src: str, dst: str) -> dict:
         modules_to_save=list(dict.fromkeys(cfg.modules_to_save or [])) or None,
         task_type=cfg.task_type,
         base_model_name_or_path=cfg.base_model_name_or_path,
+        revision=cfg.revision,
         layers_to_transform=cfg.layers_to_transform,
         layers_pattern=cfg.layers_pattern,
     )
     os.makedirs(dst, exist_ok=True)
+    # the config first: a folder cut short between the two still holds compact weights, which
+    # export_run recognises and finishes
     stock.save_pretrained(dst)
-    save_file(out, os.path.join(dst, WEIGHTS), metadata={"format": "pt"})
+    _save_tensors(out, os.path.join(dst, WEIGHTS))
+
+
+def export_compact(src: str, dst: str) -> dict:
+    """PiLoRA folder ``src`` (either layout) -> stock PEFT LoRA folder ``dst`` (rank ``r + r'``,
+    scaling 1), computed from the saved tensors alone. Returns ``{"rank": r + r', "modules": n}``."""
+    if not is_pilora_adapter(src):
+        raise ExportError(
+            f"{src!r} holds no {PILORA_FILE}: it is not a compact PiLoRA adapter "
+            "(a plain LoRA folder needs no export; peft.PeftModel.from_pretrained loads it)"
+        )
+    cfg, pcfg, state = read_pilora_folder(src)
+    out, rank, n = _export_state(state, cfg, pcfg["supplementary_scale"], src)
+    _write_stock(cfg, out, rank, dst)
     return {"rank": rank, "modules": n}
+
+
+def finish_pilora_folder(path: str, settings: dict | None = None) -> dict:
+    """Turn a folder holding the compact form (PEFT's save of a PiLoRA model: a rank ``r`` LoRA
+    config over compact tensors, ``settings`` = the model's ``pilora_config``; or an older compact
+    folder, whose ``pilora_config.json`` has them) into the two-part layout, in place.
+
+    Written in an order that an interruption cannot lose: the compact ``B`` parts, then
+    ``pilora_config.json`` (from then on the folder reads as the new layout, ``A`` still in the old
+    weights file), then the stock config and weights. Rerunning finishes a cut-short conversion."""
+    from safetensors.torch import load_file
+
+    if layout(path) == "pilora":  # a conversion cut short: pilora_config.json is already the record
+        with open(os.path.join(path, PILORA_FILE)) as f:
+            fields = json.load(f)
+        cfg, settings, state = read_pilora_folder(path)
+    else:
+        with open(os.path.join(path, CONFIG)) as f:
+            fields = json.load(f)
+        if settings is None:
+            with open(os.path.join(path, PILORA_FILE)) as f:
+                settings = json.load(f)
+        cfg, state = _lora_config(fields, path), load_file(os.path.join(path, WEIGHTS))
+    settings = {k: settings.get(k) for k in PILORA_SETTINGS}
+    settings["supplementary_scale"] = float(settings["supplementary_scale"] or 1.0)
+    out, rank, n = _export_state(state, cfg, settings["supplementary_scale"], path)
+    _save_tensors({k: v for k, v in state.items() if k.endswith(_B_PARTS)}, os.path.join(path, PILORA_WEIGHTS))
+    if isinstance(fields.get("modules_to_save"), list):
+        fields["modules_to_save"] = list(dict.fromkeys(fields["modules_to_save"]))
+    fields.update(settings, peft_type=PILORA_TYPE)
+    fields["files"] = {
+        "compact": f"{PILORA_WEIGHTS} (B_d, B_s, masks; A and trained modules as in {WEIGHTS})",
+        "stock_export": f"{CONFIG} + {WEIGHTS}: a LoRA of rank r + r' = {rank}, scaling 1",
+    }
+    _write_json(os.path.join(path, PILORA_FILE), fields)
+    _write_stock(cfg, out, rank, path)
+    return {"rank": rank, "modules": n}
+
+
+def _stock_is_compact(path: str) -> bool:
+    """Whether ``adapter_model.safetensors`` still holds compact tensors (a cut-short conversion)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, WEIGHTS), "pt") as f:
+        return any(k.endswith(".lora_B.dominant_mask") for k in f.keys())
 
 
 def export_lora(peft_model, path: str, adapter_name: str = "default") -> None:
@@ -192,15 +320,17 @@ def save_peft_adapter(peft_model, path: str) -> None:
 def write_adapters(peft_model, run_dir: str) -> str:
     """Save a trained model's adapter into ``run_dir``; returns the stock-loadable folder.
 
-    PiLoRA: the compact form to ``adapter_pilora/`` and its rank ``r + r'`` export to ``adapter/``.
-    Every other method: PEFT's own ``save_pretrained`` into ``adapter/`` (PiSSA / MiLoRA converted to
-    a LoRA on the pretrained weights, :func:`save_peft_adapter`)."""
+    PiLoRA: ``adapter_pilora/`` (the model's ``save_pretrained``: stock export + compact form) and
+    its stock export in ``adapter/``. Every other method: PEFT's own ``save_pretrained`` into
+    ``adapter/`` (PiSSA / MiLoRA converted to a LoRA on the pretrained weights, :func:`save_peft_adapter`)."""
     stock = os.path.join(run_dir, ADAPTER_DIR)
     if pilora_masks(peft_model):
         compact = os.path.join(run_dir, PILORA_ADAPTER_DIR)
-        save_adapter(peft_model, compact)
-        dedupe_modules_to_save(compact)
-        export_compact(compact, stock)
+        peft_model.save_pretrained(compact)
+        os.makedirs(stock, exist_ok=True)
+        for name in (WEIGHTS, CONFIG):  # the same export: copied, not computed twice
+            shutil.copyfile(os.path.join(compact, name), os.path.join(stock, name + ".tmp"))
+            os.replace(os.path.join(stock, name + ".tmp"), os.path.join(stock, name))
     else:
         save_peft_adapter(peft_model, stock)
         dedupe_modules_to_save(stock)
@@ -210,10 +340,14 @@ def write_adapters(peft_model, run_dir: str) -> str:
 def export_run(run_dir: str) -> str | None:
     """Bring one run folder to the current layout; returns what was done (None: nothing to do).
 
-    An ``adapter/`` holding the compact PiLoRA form is moved to ``adapter_pilora/`` and replaced by
-    its stock export. The export is written to a temporary folder first, so an interrupted
-    conversion leaves the compact adapter intact (rerun the command to finish it)."""
+    * ``adapter/`` holding the compact form (the first layout): moved to ``adapter_pilora/``; its
+      stock export is written to a temporary folder first and then becomes ``adapter/``;
+    * ``adapter_pilora/`` holding the compact form (the second): converted in place to the two-part
+      layout (:func:`finish_pilora_folder`); a missing ``adapter/`` is written from it.
+
+    Each step leaves a folder that loads; rerun the command to finish an interrupted conversion."""
     stock, compact = os.path.join(run_dir, ADAPTER_DIR), os.path.join(run_dir, PILORA_ADAPTER_DIR)
+    done = []
     if os.path.isdir(stock) and is_pilora_adapter(stock):
         if os.path.exists(compact):
             raise ExportError(
@@ -225,13 +359,16 @@ def export_run(run_dir: str) -> str | None:
         info = export_compact(stock, tmp)
         os.replace(stock, compact)
         os.replace(tmp, stock)
-        return f"exported rank {info['rank']} LoRA ({info['modules']} modules) to {stock}; compact form in {compact}"
+        done.append(f"exported rank {info['rank']} LoRA ({info['modules']} modules) to {stock}")
+    if os.path.isdir(compact) and (layout(compact) == "compact" or _stock_is_compact(compact)):
+        finish_pilora_folder(compact)
+        done.append(f"{compact} now holds the stock export beside the compact form ({PILORA_FILE}: PILORA)")
     if os.path.isdir(compact) and not os.path.isfile(os.path.join(stock, WEIGHTS)):
         info = export_compact(compact, stock)  # a conversion interrupted between its two renames
-        return f"exported rank {info['rank']} LoRA ({info['modules']} modules) to {stock}"
+        done.append(f"exported rank {info['rank']} LoRA ({info['modules']} modules) to {stock}")
     if os.path.isfile(os.path.join(stock, CONFIG)):
         dedupe_modules_to_save(stock)
-    return None
+    return "; ".join(done) or None
 
 
 def _run_dirs(root: str) -> list[str]:
@@ -249,8 +386,8 @@ def _run_dirs(root: str) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        description="Write the stock-PEFT adapter/ of older runs (PiLoRA: rank r + r' "
-        "export; the compact form moves to adapter_pilora/)."
+        description="Bring older runs to the current adapter layout: adapter/ a stock-PEFT LoRA (PiLoRA: "
+        "the rank r + r' export), adapter_pilora/ that export plus PiLoRA's compact form."
     )
     p.add_argument("run_dirs", nargs="+", help="run folders, or folders to search for runs")
     args = p.parse_args(argv)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_llama_and_tokenizer
 
-from pilora import MethodConfig, load_adapter, pilora_masks, prepare_model, save_adapter
-from pilora.export import ADAPTER_DIR, PILORA_ADAPTER_DIR, ExportError, export_run, write_adapters
+from pilora import MethodConfig, load_adapter, pilora_masks, prepare_model
+from pilora.export import ADAPTER_DIR, PILORA_ADAPTER_DIR, ExportError, export_run, layout, write_adapters
 from pilora.export import main as export_main
 from pilora.peft_layers import lora_layers
 
@@ -87,6 +87,13 @@ def test_run_adapter_loads_in_stock_peft_and_lm_eval_with_identical_loglikelihoo
     compact = load_adapter(_base(tiny_llama), str(run / PILORA_ADAPTER_DIR))
     assert _loglikelihoods(compact, tok) == pytest.approx(ours, abs=1e-5)
     assert all(torch.equal(pilora_masks(compact)[k], v) for k, v in pilora_masks(model).items())
+    # adapter_pilora/ is the model's own save: its LoRA config is the export beside it (rank 6),
+    # PiLoRA's config says PILORA with r = 4, r' = 2, and stock PEFT loads that folder too
+    pilora_saved = json.load(open(run / PILORA_ADAPTER_DIR / "pilora_config.json"))
+    assert (pilora_saved["peft_type"], pilora_saved["r"], pilora_saved["supplementary_r"]) == ("PILORA", 4, 2)
+    assert json.load(open(run / PILORA_ADAPTER_DIR / "adapter_config.json"))["r"] == 6
+    also = PeftModel.from_pretrained(_base(tiny_llama), str(run / PILORA_ADAPTER_DIR)).eval()
+    assert _loglikelihoods(also, tok) == pytest.approx(ours, abs=1e-4)
 
     # lm-eval's hf model with peft=<run>/adapter, scoring requests as an lm-eval task does
     # add_bos_token=False: the BERT tokenizer would otherwise wrap each text in [CLS] ... [SEP]
@@ -103,7 +110,18 @@ def test_run_adapter_loads_in_stock_peft_and_lm_eval_with_identical_loglikelihoo
     assert scored == pytest.approx(ours, abs=1e-4)
 
 
-def test_export_of_an_old_run_moves_the_compact_form_and_writes_a_stock_adapter(tiny_llama, tmp_path, capsys):
+def _save_old_compact(model, path):
+    """The compact layout runs wrote before: PEFT's own save (a rank-r LoRA config over compact
+    tensors) and a pilora_config.json with only r'."""
+    from peft import PeftModel
+
+    PeftModel.save_pretrained(model, str(path))
+    with open(path / "pilora_config.json", "w") as f:
+        json.dump(model.pilora_config, f)
+
+
+@pytest.mark.parametrize("old", ["compact_in_adapter", "compact_in_adapter_pilora"])
+def test_export_of_an_old_run_writes_the_current_layout(tiny_llama, tmp_path, capsys, old):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -111,18 +129,56 @@ def test_export_of_an_old_run_moves_the_compact_form_and_writes_a_stock_adapter(
     model = _trained_pilora(tiny_llama, seed=1)
     ours = _loglikelihoods(model, tok)
     run = tmp_path / "old"
-    save_adapter(model, str(run / ADAPTER_DIR))  # the old layout: compact PiLoRA in adapter/
-    with pytest.raises(Exception):  # what stock tools did with it: a size mismatch
-        PeftModel.from_pretrained(_base(tiny_llama), str(run / ADAPTER_DIR))
+    if old == "compact_in_adapter":  # the first layout: compact PiLoRA in adapter/
+        _save_old_compact(model, run / ADAPTER_DIR)
+        with pytest.raises(Exception):  # what stock tools did with it: a size mismatch
+            PeftModel.from_pretrained(_base(tiny_llama), str(run / ADAPTER_DIR))
+    else:  # the second: a stock adapter/ beside the compact form, whose config said LoRA of rank r
+        from pilora import export_lora
+
+        export_lora(model, str(run / ADAPTER_DIR))
+        _save_old_compact(model, run / PILORA_ADAPTER_DIR)
+    # the old compact folder loads as it is
+    old_dir = run / (ADAPTER_DIR if old == "compact_in_adapter" else PILORA_ADAPTER_DIR)
+    assert layout(str(old_dir)) == "compact"
+    assert _loglikelihoods(load_adapter(_base(tiny_llama), str(old_dir)), tok) == pytest.approx(ours, abs=1e-5)
 
     assert export_main([str(tmp_path)]) == 0
-    assert "exported rank 6 LoRA" in capsys.readouterr().out
-    stock = PeftModel.from_pretrained(_base(tiny_llama), str(run / ADAPTER_DIR)).eval()
-    assert _loglikelihoods(stock, tok) == pytest.approx(ours, abs=1e-4)
+    assert "PILORA" in capsys.readouterr().out
+    assert layout(str(run / ADAPTER_DIR)) == "lora" and layout(str(run / PILORA_ADAPTER_DIR)) == "pilora"
+    assert json.load(open(run / PILORA_ADAPTER_DIR / "adapter_config.json"))["r"] == 6
+    for folder in (ADAPTER_DIR, PILORA_ADAPTER_DIR):
+        stock = PeftModel.from_pretrained(_base(tiny_llama), str(run / folder)).eval()
+        assert _loglikelihoods(stock, tok) == pytest.approx(ours, abs=1e-4)
     assert _loglikelihoods(load_adapter(_base(tiny_llama), str(run / PILORA_ADAPTER_DIR)), tok) == pytest.approx(
         ours, abs=1e-5
     )
     assert export_run(str(run)) is None  # converting twice changes nothing
+
+
+def test_a_cut_short_conversion_is_finished_by_rerunning(tiny_llama, tmp_path):
+    """Interrupted after pilora_config.json was rewritten but before the stock files were: the folder
+    still loads, and the command finishes it."""
+    from safetensors.torch import load_file
+
+    from pilora.export import finish_pilora_folder
+
+    model = _trained_pilora(tiny_llama, seed=2)
+    run = tmp_path / "run"
+    _save_old_compact(model, run / PILORA_ADAPTER_DIR)
+    compact = load_file(str(run / PILORA_ADAPTER_DIR / "adapter_model.safetensors"))
+    finish_pilora_folder(str(run / PILORA_ADAPTER_DIR))
+    from safetensors.torch import save_file
+
+    save_file(compact, str(run / PILORA_ADAPTER_DIR / "adapter_model.safetensors"))  # the old weights file back
+    ref = load_adapter(_base(tiny_llama), str(run / PILORA_ADAPTER_DIR))
+    assert "rank" in (export_run(str(run)) or "")
+    again = load_adapter(_base(tiny_llama), str(run / PILORA_ADAPTER_DIR))
+    x = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(ref(input_ids=x).logits, again(input_ids=x).logits)
+    assert not any(
+        k.endswith("dominant_mask") for k in load_file(str(run / PILORA_ADAPTER_DIR / "adapter_model.safetensors"))
+    )
 
 
 def test_exported_config_lists_each_head_once_and_keeps_the_trained_head(tmp_path, tiny_mlp):

@@ -342,7 +342,9 @@ def test_nan_weights_make_a_failed_record(finished_job, monkeypatch):
     from pilora.runner import checkpoints
 
     overrides, out, _ = finished_job
-    _poison(out / "stage2" / "checkpoint-6" / "adapter_model.safetensors")
+    # PiLoRA's B is resumed from the compact pilora_model.safetensors (adapter_model.safetensors holds
+    # its rank r + r' export for stock PEFT; A and the head are read from there)
+    _poison(out / "stage2" / "checkpoint-6" / "pilora_model.safetensors")
     monkeypatch.setattr(checkpoints, "_non_finite", lambda path: None)
     rec = train(compose_cfg(overrides, out))
     assert rec["status"] == "failed" and "hold NaN/inf values" in rec["failure"]

@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -657,3 +658,83 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n in grads[0]:  # the recomputed forward forms the same products
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-8)
+
+
+def test_trainer_save_model_writes_a_folder_stock_peft_and_load_adapter_both_read(tmp_path):
+    """A PiLoRA model trained by a plain transformers.Trainer: ``save_model()`` (and every checkpoint)
+    holds a stock rank r + r' LoRA that ``peft.PeftModel.from_pretrained`` loads with the model's
+    outputs, and the compact form ``pilora.load_adapter`` rebuilds exactly (partition included).
+    Each config file describes the tensors it sits beside; a checkpoint resumes exactly."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    torch.manual_seed(0)
+    base = _WithLoss()
+    cfg = MethodConfig(
+        name="pilora",
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["up", "down"],
+        supplementary_r=2,
+        supplementary_alpha=2.0,
+        modules_to_save=["head"],
+    )
+    model = prepare_model(copy.deepcopy(base), cfg, masks=MASKS)
+    data = [{"x": X[i], "labels": Y[i]} for i in range(len(X))]
+    args = _tiny_args(tmp_path / "run", max_steps=3, learning_rate=0.05, seed=0, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    model.eval()
+    ours = model(X, Y)["logits"].detach()
+    assert not torch.allclose(ours, base(X, Y)["logits"], atol=1e-3)  # the adapter (and the head) matter
+
+    # what each file says is what the tensors beside it are
+    stock_cfg = json.load(open(out / "adapter_config.json"))
+    stock = load_file(str(out / "adapter_model.safetensors"))
+    assert stock_cfg["peft_type"] == "LORA" and stock_cfg["r"] == stock_cfg["lora_alpha"] == 6
+    assert {v.shape[0] for k, v in stock.items() if k.endswith("lora_A.weight")} == {6}
+    assert {v.shape[1] for k, v in stock.items() if k.endswith("lora_B.weight")} == {6}
+    pilora_cfg = json.load(open(out / "pilora_config.json"))
+    assert pilora_cfg["peft_type"] == "PILORA" and pilora_cfg["r"] == 4 and pilora_cfg["supplementary_r"] == 2
+    compact = load_file(str(out / "pilora_model.safetensors"))
+    assert {v.shape[1] for k, v in compact.items() if k.endswith("lora_B.dominant")} == {4}
+    assert {v.shape[1] for k, v in compact.items() if k.endswith("lora_B.supplementary")} == {2}
+    assert not [f for f in os.listdir(out) if f.startswith(".pilora-save")]  # the scratch folder is gone
+
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    assert type(reloaded).__name__ == "PeftModel" and reloaded.peft_config["default"].r == 6
+    assert torch.allclose(reloaded(X, Y)["logits"], ours, atol=1e-5)
+    rebuilt = load_adapter(copy.deepcopy(base), str(out))
+    assert torch.equal(rebuilt(X, Y)["logits"], ours)
+    assert all(torch.equal(pilora_masks(rebuilt)[k], MASKS[k]) for k in MASKS)
+
+    # the step-2 checkpoint was written the same way; the Trainer's own resume loads it exactly
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    saved = load_adapter(copy.deepcopy(base), str(ckpt))
+    fresh = prepare_model(copy.deepcopy(base), cfg, masks=MASKS)
+    resumed = Trainer(model=fresh, args=args, train_dataset=data)
+    resumed._load_from_checkpoint(str(ckpt))
+    for a, b in zip(lora_layers(saved).values(), lora_layers(fresh).values()):
+        assert torch.equal(a.lora_B["default"].blocks, b.lora_B["default"].blocks)
+        assert torch.equal(a.lora_A["default"].weight, b.lora_A["default"].weight)
+    assert not torch.equal(
+        lora_layers(saved)["up"].lora_B["default"].blocks, lora_layers(rebuilt)["up"].lora_B["default"].blocks
+    )
+
+
+def test_a_model_rebuilt_by_load_adapter_saves_the_same_folder_again(tmp_path):
+    """load_adapter -> save_pretrained -> load_adapter is exact (the class that writes both forms
+    survives a reload and a deepcopy)."""
+    base, model = _pilora(supplementary_alpha=3.0)
+    train_steps(model, X, Y, steps=2)
+    save_adapter(model, str(tmp_path / "a"))
+    again = copy.deepcopy(load_adapter(copy.deepcopy(base), str(tmp_path / "a")))
+    again.save_pretrained(str(tmp_path / "b"))
+    twice = load_adapter(copy.deepcopy(base), str(tmp_path / "b"))
+    assert torch.equal(twice(X), model.eval()(X))
+    assert PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).peft_config["default"].r == 5

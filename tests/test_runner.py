@@ -44,7 +44,7 @@ def _check_pilora(rec, out):
     masks = partition(stats, info["partition"], **info["partition_args"])
     from safetensors.torch import load_file
 
-    saved = load_file(os.path.join(out, "adapter_pilora", "adapter_model.safetensors"))
+    saved = load_file(os.path.join(out, "adapter_pilora", "pilora_model.safetensors"))
     for name, mask in masks.items():
         assert torch.equal(saved[f"base_model.model.{name}.lora_B.dominant_mask"].bool(), mask)
         assert info["dominant_fraction_per_module"][name] == pytest.approx(mask.float().mean().item())
@@ -106,7 +106,7 @@ def test_commonsense_in_the_papers_precision_bf16_base_and_autocast(tmp_path):
         "pilora",
     )
     assert rec["epochs"][-1]["eval_loss"] < rec["epochs"][0]["eval_loss"]
-    saved = load_file(os.path.join(out, "adapter_pilora", "adapter_model.safetensors"))
+    saved = load_file(os.path.join(out, "adapter_pilora", "pilora_model.safetensors"))
     blocks = [k[: -len(".dominant")] for k in saved if k.endswith("lora_B.dominant")]
     assert blocks and all(saved[f"{k}.dominant"].dtype == torch.float32 for k in blocks)
     assert all(saved[f"{k}.dominant"].abs().sum() > 0 for k in blocks)  # stage 2 moved B
