@@ -86,3 +86,85 @@ def check_ranks_agree(masks: dict[str, torch.Tensor], stats: ImportanceStats | N
                     "are all-reduced before the importance pass (DDP, not FSDP or per-rank training)."
                 )
     log.info("stage-1 partitions agree across %d ranks", len(gathered))
+
+
+def fsdp_requested(args) -> bool:
+    """Whether the job asked for FSDP: ``trainer.fsdp`` or an ``accelerate launch`` FSDP config."""
+    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def _refuse_dash(args) -> None:
+    from .methods.lora_dash import refuse_sharded_launch
+
+    refuse_sharded_launch(args)
+
+
+# Methods that read full (unsharded) weights or gradients inside training, beyond stage 1 (which
+# run_stage1 refuses through refuse_sharded_stage1): the check that says why, run before the
+# Trainer is built, so that the reason is the method and not the launcher.
+UNSHARDABLE = {"lora_dash": _refuse_dash}
+
+
+def refuse_unshardable_method(method_name: str, args) -> None:
+    """Raise the method's own ValueError when FSDP is asked for a method that cannot shard."""
+    if fsdp_requested(args) and method_name in UNSHARDABLE:
+        UNSHARDABLE[method_name](args)
+
+
+def refuse_unsharded_fsdp(args, distributed_type) -> None:
+    """Raise a ValueError when FSDP was asked for but accelerate prepared something else.
+
+    accelerate (1.x) turns the FSDP plugin into ``DistributedType.FSDP`` only on accelerator ranks
+    (GPU, XPU, NPU, ...); CPU ranks (gloo) become ``MULTI_CPU`` and the Trainer wraps the model in
+    DDP without a word (a single process without a launcher is refused by transformers itself). The
+    job would then train unsharded, and a 7B full fine-tune would fail later on memory, not here."""
+    if not fsdp_requested(args):
+        return
+    kind = getattr(distributed_type, "value", distributed_type)
+    if str(kind).upper() != "FSDP":
+        raise ValueError(
+            f"trainer.fsdp is set, but accelerate prepared this job as {kind!r}, not FSDP: it shards "
+            "only on GPU (or other accelerator) ranks started by torchrun / accelerate launch, and "
+            "CPU ranks or a single process without a launcher would silently train unsharded. Launch on "
+            "GPUs (e.g. torchrun --nproc_per_node 8 run.py ... +trainer.fsdp=true), or drop trainer.fsdp."
+        )
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any parameter of ``model`` is an FSDP2 shard (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def gather_full_model(model: torch.nn.Module, build) -> torch.nn.Module:
+    """An unsharded copy of an FSDP2-sharded ``model`` on every rank; ``model`` itself when it is
+    not sharded. ``build()`` makes a fresh model of the same structure (the runner's
+    ``prepare_model(task.build_model(), ...)``); its parameters receive the all-gathered full
+    tensors (``DTensor.full_tensor``, a collective every rank joins in the same order) and its
+    buffers the replicated ones. Parameters are copied directly rather than through the state
+    dict, so layers with their own state-dict format (PiLoRA's compact blocks) need no DTensor
+    support. The copy lives on the shards' device: the full model, once per rank."""
+    from torch.distributed.tensor import DTensor
+
+    if not is_sharded(model):
+        return model
+    with torch.random.fork_rng(devices=[]):  # building draws initial values; the job's stream goes on
+        fresh = build()
+    mine, theirs = dict(model.named_parameters()), dict(fresh.named_parameters())
+    if mine.keys() != theirs.keys():
+        raise RuntimeError(
+            "gathering the FSDP shards: the rebuilt model's parameters differ from the trained one's "
+            f"(only trained: {sorted(mine.keys() - theirs.keys())[:3]}, only rebuilt: "
+            f"{sorted(theirs.keys() - mine.keys())[:3]})"
+        )
+    device = next(p.to_local() if isinstance(p, DTensor) else p for p in mine.values()).device
+    fresh.to(device)
+    with torch.no_grad():
+        for name, p in mine.items():
+            theirs[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+        buffers = dict(fresh.named_buffers())
+        for name, b in model.named_buffers():
+            if name in buffers:
+                buffers[name].copy_(b.full_tensor() if isinstance(b, DTensor) else b)
+    return fresh.train(model.training)

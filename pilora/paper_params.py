@@ -189,6 +189,54 @@ def table_rows(pilora_fractions=(0.41,)) -> list[dict]:
     return rows
 
 
+def fsdp_units(model: torch.nn.Module, wrap: tuple[str, ...]) -> list[int]:
+    """Parameter counts of the FSDP units ``fully_shard`` makes with ``transformer_layer_cls_to_wrap =
+    wrap``: one per module of those classes, then the root (every parameter outside them: for a
+    LLaMA the embeddings, the final norm and ``lm_head``), last."""
+    units, inside = [], set()
+    for module in model.modules():
+        if type(module).__name__ in wrap:
+            params = [p for p in module.parameters() if id(p) not in inside]
+            inside.update(id(p) for p in params)
+            units.append(sum(p.numel() for p in params))
+    units.append(sum(p.numel() for p in model.parameters() if id(p) not in inside))
+    return units
+
+
+def fsdp_memory_per_gpu(
+    total: int,
+    trainable: int,
+    units: list[int],
+    gpus: int,
+    master_bytes: int = 4,
+    compute_bytes: int = 2,
+    optimizer_bytes: int = 8,
+) -> dict[str, int]:
+    """Bytes per GPU of a full-shard FSDP2 job, from parameter counts (no activations, no CUDA
+    context or allocator slack, which the counts do not give).
+
+    * ``sharded``: each GPU keeps ``1/gpus`` of the fp32 master weights (``master_bytes``), of their
+      gradients (same dtype) and of AdamW's two moments (``optimizer_bytes`` = 2 × fp32), i.e. the
+      familiar 16 bytes per trainable parameter, divided by the number of GPUs;
+    * ``gathered``: during the forward and backward FSDP2 holds full copies in the compute dtype
+      (``compute_bytes``, bf16/fp16 mixed precision) of the root unit (kept for the whole step) and
+      of two layer units (the one computing and the one prefetched).
+    """
+    sharded = (total * master_bytes + trainable * (master_bytes + optimizer_bytes) + gpus - 1) // gpus
+    *layers, root = units
+    gathered = (root + sum(sorted(layers)[-2:])) * compute_bytes
+    return {"sharded": sharded, "gathered": gathered, "total": sharded + gathered}
+
+
+def fsdp_estimate(setting: str = "LLaMA2-7B", gpus: int = 8) -> dict[str, int]:
+    """:func:`fsdp_memory_per_gpu` for full fine-tuning of a paper setting (LLaMA decoder layers wrapped)."""
+    build = SETTINGS[setting][0]
+    with torch.device("meta"):
+        model = build()
+    c = meta_count(setting, "full")
+    return fsdp_memory_per_gpu(c.total, c.trainable, fsdp_units(model, ("LlamaDecoderLayer",)), gpus)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -214,6 +262,14 @@ def main(argv=None) -> None:
         "including the structural zeros of PiLoRA's m × (r + r') B (always zero, zero gradient)."
     )
     print(f"Note: {GLUE_PARAMS_NOTE}")
+    gib = 2**30
+    for setting in ("LLaMA2-7B", "LLaMA3-8B"):
+        m = fsdp_estimate(setting, 8)
+        print(
+            f"Full FT of {setting} under FSDP on 8 GPUs (conf/trainer/fsdp.yaml): {m['total'] / gib:.2f} GiB per GPU "
+            f"= {m['sharded'] / gib:.2f} sharded (fp32 weights, gradients, AdamW moments: 16 B/param / 8) + "
+            f"{m['gathered'] / gib:.2f} gathered (bf16 root + 2 decoder layers), activations not included"
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def check_full_finetune_fsdp(args, model: nn.Module) -> None:
             for k in unknown
         ]
         raise ValueError(
-            f"full fine-tuning with FSDP: trainer.fsdp_config has key(s) {', '.join(hints)} that "
+            f"FSDP: trainer.fsdp_config has key(s) {', '.join(hints)} that "
             "transformers ignores; remove or rename them. Known keys: "
             f"{', '.join(sorted(FSDP_CONFIG_KEYS))}"
         )
@@ -64,7 +64,7 @@ def check_full_finetune_fsdp(args, model: nn.Module) -> None:
     if missing:
         blocks = sorted(c for c in classes if c.endswith(("Layer", "Block")))
         raise ValueError(
-            f"full fine-tuning with FSDP: trainer.fsdp_config.transformer_layer_cls_to_wrap names "
+            f"FSDP: trainer.fsdp_config.transformer_layer_cls_to_wrap names "
             f"{missing}, which {type(model).__name__} does not contain; its layer classes are "
             f"{blocks or sorted(classes)}"
         )

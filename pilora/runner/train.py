@@ -32,8 +32,12 @@ from ..callbacks import STATS_IN_CHECKPOINT, ImportanceCallback
 from ..distributed import (  # noqa: F401
     DistributedMismatch,
     check_ranks_agree,
+    gather_full_model,
     is_main,
+    is_sharded,
     refuse_sharded_stage1,
+    refuse_unshardable_method,
+    refuse_unsharded_fsdp,
     world_size,
 )
 from ..export import INITIAL_ADAPTER_DIR, save_initial_adapter, write_adapters
@@ -518,9 +522,10 @@ def _run(cfg, task, method, data, out) -> dict:
         if method.name == "lora_dash"
         else None
     )
-    if not METHODS[method.name].adapter:
-        check_full_finetune_fsdp(args, model)
+    refuse_unshardable_method(method.name, args)
+    check_full_finetune_fsdp(args, model)  # FSDP settings transformers would ignore (any method)
     trainer = _make_trainer(cfg, task, model, data, args, [dash] if dash else [])
+    refuse_unsharded_fsdp(args, trainer.accelerator.distributed_type)
     # ---------------------------------------------------------------------------------------
     resume = resume_point(stage_dir, cfg.get("resume", True))
     if resume:
@@ -530,15 +535,19 @@ def _run(cfg, task, method, data, out) -> dict:
     fit(trainer, resume, clock)
     timings[f"{stage}_s"] = clock.stop(stage)
     epochs = _epoch_history(trainer.state.log_history)
+    sharded = is_sharded(model)  # FSDP: evaluate, export and check an all-gathered copy (every rank)
+    model = gather_full_model(
+        model, lambda: prepare_model(task.build_model(), method, masks=masks, task_type=task.task_type)
+    )
     t0 = time.time()
     test = task.final_metrics(model, trainer, data)
     timings["final_eval_s"] = time.time() - t0
     timings["total_s"] = clock.elapsed()
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
-    if cfg.get("save_adapter", True) and is_main():
-        if not METHODS[method.name].adapter:  # full fine-tuning: the whole model (Trainer handles FSDP state)
-            trainer.save_model(os.path.join(out, "model"))
-        else:
+    if cfg.get("save_adapter", True) and (is_main() or sharded):
+        if not METHODS[method.name].adapter:  # full fine-tuning: the whole model (under FSDP every rank
+            trainer.save_model(os.path.join(out, "model"))  # joins Trainer's gather; rank 0 writes)
+        elif is_main():
             write_adapters(model, out)  # adapter/ loads in stock PEFT / lm-eval; PiLoRA also adapter_pilora/
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     failure = non_finite_weights_failure(model)  # NaN/inf weights make NaN metrics: never a "complete" record
