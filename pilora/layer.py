@@ -26,7 +26,6 @@ benchmarks/README.md, which also reports LoRA with the same fused forward).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -38,7 +37,8 @@ from torch import nn
 
 from .peft_layers import canonical_name, lora_layers
 
-PILORA_FILE = "pilora_config.json"
+PILORA_FILE = "pilora_config.json"  # PiLoRA's own config ("peft_type": "PILORA")
+PILORA_WEIGHTS = "pilora_model.safetensors"  # B_d, B_s and the masks (the rest is in the stock file)
 # PEFT flags 1-D tensors under lora_B as unsharded ZeRO/FSDP state; ours is the partition mask.
 warnings.filterwarnings(
     "ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape: \S*lora_B\.(dominant|supplementary)"
@@ -439,6 +439,8 @@ def to_pilora(
         "supplementary_alpha": supplementary_alpha,
         "supplementary_scale": scale,
     }
+    # saves of this model write folders stock PEFT and load_adapter both read (PiLoRASaving)
+    peft_model.__class__ = pilora_model_class(type(peft_model))
     return peft_model
 
 
@@ -452,30 +454,118 @@ def pilora_masks(peft_model: nn.Module, adapter_name: str = "default") -> dict[s
     }
 
 
+class PiLoRASaving:
+    """What a PiLoRA ``PeftModel`` adds to PEFT's own: folders that every loader can read.
+
+    :func:`to_pilora` makes the model an instance of a subclass of its PEFT class with this mixin
+    first, so everything that saves through PEFT (``save_pretrained``, ``transformers.Trainer``'s
+    ``save_model`` and checkpoints) writes, for each PiLoRA adapter:
+
+    * ``adapter_config.json`` + ``adapter_model.safetensors``: a plain LoRA of rank ``r + r'`` whose
+      update equals the PiLoRA update (Sec. 3.3), which stock ``peft.PeftModel.from_pretrained``
+      loads with no PiLoRA code;
+    * ``pilora_config.json`` (``"peft_type": "PILORA"``: the rank ``r`` LoRA it was built from plus
+      ``supplementary_r``, ``supplementary_alpha``, ``supplementary_scale``) and
+      ``pilora_model.safetensors`` (``B_d``, ``B_s`` and the partition masks), from which
+      :func:`load_adapter` and this class's ``load_adapter`` rebuild the compact model exactly
+      (``A`` and the fully trained modules are read from the stock file, where they are stored as
+      they are).
+
+    PEFT's method registry (``peft.utils.register_peft_method``) cannot take PiLoRA: it requires a
+    member of PEFT's closed ``PeftType`` enum and a prefix other than ``lora_``, which PiLoRA's
+    layers (PEFT LoRA layers with a partitioned ``B``) keep."""
+
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, selected_adapters=None, **kwargs):
+        """PEFT's ``save_pretrained``; PiLoRA adapters in the layout described in the class docstring
+        (always safetensors). Other adapters of the same model are saved as PEFT saves them."""
+        import shutil
+        import tempfile
+
+        from .export import finish_pilora_folder
+
+        names = list(selected_adapters or self.peft_config)
+        pilora = [n for n in names if pilora_masks(self, n)]
+        if not pilora:
+            return super().save_pretrained(save_directory, safe_serialization, names, **kwargs)
+        if kwargs.get("path_initial_model_for_weight_conversion"):
+            raise ValueError("PiLoRA adapters need no init conversion (W0 is not changed at init); drop the argument")
+        if not kwargs.get("is_main_process", True):
+            return None
+        if kwargs.get("state_dict") is not None:  # a gathered FSDP2 state dict holds the sharded leaf
+            kwargs["state_dict"] = compact_fsdp_state(self, kwargs["state_dict"])
+        os.makedirs(save_directory, exist_ok=True)
+        # PEFT writes the compact form (its config, weights, model card) to a scratch folder beside
+        # the target; it is converted there and then moved over, so the target never holds a half
+        tmp = tempfile.mkdtemp(prefix=".pilora-save-", dir=save_directory)
+        try:
+            super().save_pretrained(tmp, True, names, **kwargs)
+            for name in pilora:
+                finish_pilora_folder(tmp if name == "default" else os.path.join(tmp, name), self.pilora_config)
+            for entry in os.listdir(tmp):
+                src, dst = os.path.join(tmp, entry), os.path.join(save_directory, entry)
+                if os.path.isdir(src):
+                    shutil.copytree(src, dst, dirs_exist_ok=True)
+                else:
+                    os.replace(src, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **kwargs):
+        """PEFT's ``load_adapter``; into an existing PiLoRA adapter (a ``Trainer`` resuming or loading
+        its best checkpoint) the compact weights of a PiLoRA folder are loaded exactly."""
+        folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
+        if adapter_name not in self.peft_config or not pilora_masks(self, adapter_name):
+            return super().load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        from peft import set_peft_model_state_dict
+
+        from .export import read_pilora_folder
+
+        _, _, state = read_pilora_folder(folder)
+        result = set_peft_model_state_dict(self, state, adapter_name=adapter_name)
+        bad = [k for k in result.unexpected_keys if "lora_" in k]
+        if bad:
+            raise ValueError(f"{folder}: saved adapter has weights this model has no place for: {bad[:5]}")
+        missing = [k for k in result.missing_keys if "lora_" in k and adapter_name in k]
+        result.missing_keys.clear()
+        result.missing_keys.extend(missing)
+        if not is_trainable:  # as PEFT: an adapter loaded for inference runs without dropout
+            self.eval()
+        return result
+
+
+_PILORA_CLASSES: dict[type, type] = {}
+
+
+def pilora_model_class(cls: type) -> type:
+    """The subclass of PEFT model class ``cls`` with :class:`PiLoRASaving` first (one per class)."""
+    if issubclass(cls, PiLoRASaving):
+        return cls
+    if cls not in _PILORA_CLASSES:
+        sub = type(f"PiLoRA{cls.__name__}", (PiLoRASaving, cls), {"__module__": __name__, "__doc__": cls.__doc__})
+        _PILORA_CLASSES[cls] = sub
+        globals()[sub.__name__] = sub  # so pickle finds it by name
+    return _PILORA_CLASSES[cls]
+
+
 def save_adapter(peft_model: nn.Module, path: str, adapter_name: str = "default") -> None:
-    """Save a PiLoRA adapter: PEFT's files (config, weights incl. the masks) + ``pilora_config.json``."""
+    """Save a PiLoRA adapter (the layout of :class:`PiLoRASaving`: a stock rank ``r + r'`` LoRA plus
+    the compact form); the same as ``peft_model.save_pretrained(path)`` for one adapter."""
     peft_model.save_pretrained(path, selected_adapters=[adapter_name])
-    sub = path if adapter_name == "default" else os.path.join(path, adapter_name)
-    with open(os.path.join(sub, PILORA_FILE), "w") as f:
-        json.dump(peft_model.pilora_config, f, indent=2)
 
 
 def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -> nn.Module:
-    """Rebuild a saved PiLoRA model on ``base_model``: the masks come from the saved weights."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    """Rebuild a saved PiLoRA model on ``base_model``: the masks come from the saved weights.
 
-    cfg_file = os.path.join(path, PILORA_FILE)
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(
-            f"{cfg_file} not found: {path!r} is not a PiLoRA adapter directory "
-            "(a plain LoRA loads with peft.PeftModel.from_pretrained)"
-        )
-    with open(cfg_file) as f:
-        pcfg = json.load(f)
-    config = LoraConfig.from_pretrained(path)
+    ``path``: a folder written by :func:`save_adapter` / ``save_pretrained`` / ``Trainer.save_model``
+    of a PiLoRA model, or one in the older compact layout (``pilora_config.json`` beside a rank ``r``
+    LoRA config and the compact weights)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from .export import read_pilora_folder
+
+    config, pcfg, state = read_pilora_folder(path)
     config.inference_mode = not is_trainable
-    state = load_file(os.path.join(path, "adapter_model.safetensors"))
     suffix = ".lora_B.dominant_mask"
     masks = {canonical_name(k[: -len(suffix)]): v.bool() for k, v in state.items() if k.endswith(suffix)}
     model = get_peft_model(base_model, config)
