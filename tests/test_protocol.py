@@ -410,6 +410,22 @@ def test_tables_disclose_selection_parameter_basis_and_stage1_training(tmp_path)
     assert "Training length: PiLoRA first trains a plain LoRA" in best and "(our records: 3 steps)" in best
     t3 = render(frame([]), ["3"])
     assert "Training length" in t3 and "same data the columns report" not in t3
+    # Table 2's note: a sweep tuning on dev tunes on the column; train_holdout is the way out
+    assert "task.selection_split=train_holdout" in best
+    # the record states how this run reads what the paper leaves open
+    said = rec["pilora"]["interpretations"]
+    assert "alpha/r = 16/8" in said["supplementary_scale"] and "not alpha/r'" in said["supplementary_scale"]
+    assert "SigmaH" in said["cumulative_threshold"]
+    assert "clipping to norm 1.0" in said["score_gradients"]
+
+
+def test_interpretations_follow_the_configuration():
+    from pilora import MethodConfig
+    from pilora.methods import interpretations
+
+    own = interpretations(MethodConfig(name="pilora", r=8, alpha=16, supplementary_r=2, supplementary_alpha=4), 0.0)
+    assert "supplementary_alpha/r' = 4/2" in own["supplementary_scale"]
+    assert "without clipping" in own["score_gradients"]
 
 
 # ------------------------------------------------------------- 6. selection off the reported set

@@ -199,6 +199,36 @@ def applicable_keys(name: str, match_budget: bool = False) -> tuple[str, ...]:
     return keys
 
 
+def interpretations(cfg: MethodConfig, max_grad_norm: float | None) -> dict[str, str]:
+    """Readings of what the paper leaves open, as this run applies them (the record's
+    ``pilora.interpretations``; README "Evaluation protocols" lists the same three)."""
+    if cfg.supplementary_alpha is None:
+        scale = (
+            f"the supplementary adapter (rank r' = {cfg.supplementary_r}) is scaled by alpha/r = "
+            f"{cfg.alpha}/{cfg.r}, the dominant adapter's s, not alpha/r' (method.supplementary_alpha=null)"
+        )
+    else:
+        scale = (
+            f"the supplementary adapter is scaled by method.supplementary_alpha/r' = "
+            f"{cfg.supplementary_alpha}/{cfg.supplementary_r}"
+        )
+    clip = (
+        f"after gradient clipping to norm {max_grad_norm} (trainer.max_grad_norm), the gradients the optimizer uses"
+        if max_grad_norm and max_grad_norm > 0
+        else "without clipping (trainer.max_grad_norm is off)"
+    )
+    return {
+        "supplementary_scale": scale,
+        "cumulative_threshold": (
+            "Fig. 6's cumulative importance threshold is a share of the hit counts SigmaH: rows sorted by "
+            "H (ties by SigmaS), the shortest prefix whose H sums to threshold x SigmaH is dominant"
+        ),
+        "score_gradients": (
+            f"S and SigmaS come from the adapters' gradients {clip}, after accumulation and all-reduce"
+        ),
+    }
+
+
 def recorded_section(section: dict) -> dict:
     """The ``method`` section of a record and of a job's identity: the keys the method uses, as
     composed (``target_modules: null`` stays null). Optional keys appear only when set, so a record

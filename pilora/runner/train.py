@@ -42,7 +42,7 @@ from ..distributed import (  # noqa: F401
 )
 from ..export import INITIAL_ADAPTER_DIR, save_initial_adapter, write_adapters
 from ..importance import ImportanceAccumulator, ImportanceStats
-from ..methods import METHODS, MethodConfig, prepare_model, recorded_section
+from ..methods import METHODS, MethodConfig, interpretations, prepare_model, recorded_section
 from ..methods.budget import matched_rank_pattern
 from ..methods.full import check_full_finetune_fsdp
 from ..methods.lora_dash import DIRECTIONS_FILE, DashLaunchCallback
@@ -496,6 +496,8 @@ def _run(cfg, task, method, data, out) -> dict:
             "checks": {k: s.checks for k, s in stats.modules.items()},
             "dominant_fraction": fractions["overall"],
             "dominant_fraction_per_module": {k: v for k, v in fractions.items() if k != "overall"},
+            # the paper's open points as this run reads them (README "Evaluation protocols")
+            "interpretations": interpretations(method, cfg["trainer"].get("max_grad_norm", 1.0)),
         }
         log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition.name, fractions["overall"])
     # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
