@@ -143,6 +143,19 @@ def test_pilora_trains_on_the_openclip_tower_and_its_adapter_loads_in_stock_peft
     assert torch.allclose(stock(pixel_values=x).logits, compact(pixel_values=x).logits, atol=1e-5)
     assert not torch.allclose(base.eval()(pixel_values=x).logits, compact(pixel_values=x).logits, atol=1e-4)
 
+    # python -m pilora.tasks.openclip <run>: the merged tower a stock open_clip visual loads
+    import open_clip
+    from safetensors.torch import load_file
+
+    from pilora.tasks.openclip import main as export_main
+
+    assert export_main([cfg.output_dir]) == 0
+    tower = open_clip.create_model("tiny-vit-openclip", force_quick_gelu=True).visual.eval()
+    tower.load_state_dict(load_file(os.path.join(cfg.output_dir, "openclip_visual.safetensors")), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(tower.transformer(tower._embeds(x)), compact.get_base_model().tokens(x), atol=1e-5)
+    assert export_main([str(tmp_path / "nothing")]) == 1
+
 
 TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8}}
 TINY["text_cfg"] = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 
 import torch
@@ -337,3 +338,68 @@ def save_merged_visual(model: nn.Module, path: str) -> str:
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)  # atomic: a reader never sees half a file
     return path
+
+
+MERGED_FILE = "openclip_visual.safetensors"
+
+
+def export_run(run_dir: str, out: str | None = None) -> str:
+    """Write :func:`save_merged_visual` for a finished ``model=*-openclip`` run; returns the file.
+
+    The tower is rebuilt from the run's record (``results.json``: model and task config, seed; the
+    pretrained weights as the run loaded them), the trained weights loaded from ``adapter/`` (stock
+    PEFT, every adapter method) or ``model/`` (``method=full``), merged and packed."""
+    import glob
+
+    from peft import PeftModel
+
+    from .base import make_task
+
+    record = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(record):
+        raise FileNotFoundError(f"{record} not found: {run_dir!r} is not a finished run folder")
+    with open(record) as f:
+        cfg = json.load(f)["config"]
+    if cfg["model"].get("backend") != "open_clip":
+        raise ValueError(
+            f"{run_dir} trained model={cfg['model'].get('name')!r}, not an open_clip tower (model=*-openclip)"
+        )
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)  # the head and a randomly initialised tower as the run built them
+    model = make_task(cfg["task"], cfg["model"], seed).build_model()
+    adapter, full = os.path.join(run_dir, "adapter"), os.path.join(run_dir, "model")
+    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        model = PeftModel.from_pretrained(model, adapter)
+    elif glob.glob(os.path.join(full, "*.safetensors")):
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted(glob.glob(os.path.join(full, "*.safetensors"))):
+            state.update(load_file(file))
+        model.load_state_dict(state, strict=False)
+    else:
+        raise FileNotFoundError(f"{run_dir} holds neither adapter/ nor model/ (was it run with save_adapter=false?)")
+    return save_merged_visual(model, out or os.path.join(run_dir, MERGED_FILE))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description="Merge a model=*-openclip run's trained update into a stock open_clip image tower "
+        f"(q, k, v packed into in_proj_weight): <run>/{MERGED_FILE}, for clip.visual.load_state_dict"
+    )
+    p.add_argument("run_dirs", nargs="+")
+    args = p.parse_args(argv)
+    status = 0
+    for run in args.run_dirs:
+        try:
+            print(f"{run}: wrote {export_run(run)}")
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            print(f"error: {run}: {err}", file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
