@@ -684,12 +684,6 @@ def _items_frame(items: list[dict], where: str, dedupe: bool = True) -> pd.DataF
     for item in items:
         label = f"wandb:{item.get('path') or item.get('id')}"
         try:
-            if item.get("missing_files") and not item.get("record"):
-                raise RecordError(
-                    f"its artifact files are gone ({', '.join(item['missing_files'][:2])}); "
-                    "run `wandb sync` from the machine that ran it, or read the local records "
-                    "with --root"
-                )
             rows.append(record_row(wandb_record(item), label, source="wandb"))
         except RecordError as err:
             skipped.append((label, str(err)))
@@ -708,7 +702,7 @@ def load_wandb_dir(root: str, dedupe: bool = True) -> pd.DataFrame:
     """Offline W&B run folders under ``root`` (searched recursively) as the same frame as
     :func:`load_records`; see :mod:`analysis.wandb_runs`. Raises :class:`WandbSourceError` when
     ``root`` holds no run."""
-    from .wandb_runs import OfflineRunError, find_offline_runs, read_run
+    from .wandb_runs import OfflineRunError, find_offline_runs, read_run, read_runs
 
     if not os.path.isdir(root):
         raise WandbSourceError(f"--wandb-dir {root}: no such folder")
@@ -720,12 +714,33 @@ def load_wandb_dir(root: str, dedupe: bool = True) -> pd.DataFrame:
             "ran with logger=wandb"
         )
     items, broken = [], []
-    for path in paths:
+
+    def read(path):
         try:
-            items.append(read_run(path))
+            return read_run(path)
         except (OfflineRunError, OSError) as err:
-            broken.append((path, str(err)))
-            say(f"warning: skipping {path}: {err}")
+            return err
+
+    for path, item in zip(paths, read_runs(paths, read)):
+        if isinstance(item, Exception):
+            broken.append((path, str(item)))
+            say(f"warning: skipping {path}: {item}")
+        else:
+            items.append(item)
+    gone = [item for item in items if item.get("missing_files")]
+    if gone:
+        # an incomplete copy would give tables without a run, or figures without their heat maps
+        raise WandbSourceError(
+            "; ".join(
+                f"run {item.get('name')} ({item['path']}) lost its artifact files "
+                f"{', '.join(item['missing_files'])} (neither in W&B's staging folder "
+                f"{', '.join(sorted({os.path.dirname(f) for f in item.get('missing_staged') or []})) or '?'} "
+                "nor in the run's files/)"
+                for item in gone
+            )
+            + "; copy these run folders again from the machine that ran them (their files/ holds the copies "
+            "since this version), `wandb sync` them there, or read the local records with --root"
+        )
     df = _items_frame(items, root, dedupe)
     df.attrs["skipped"] = broken + df.attrs["skipped"]
     return df

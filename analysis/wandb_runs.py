@@ -1,83 +1,61 @@
 """Offline W&B run folders -> the run items :func:`analysis.records.load_wandb` builds records from.
 
 A job logged with ``WANDB_MODE=offline`` leaves ``<output_dir>/wandb/offline-run-<time>-<id>/``
-holding ``run-<id>.wandb``: W&B's transaction log, a sequence of ``wandb_internal_pb2.Record``
-protobuf messages (run, config, summary, history, artifact, exit ...). The installed wandb has
-no Python reader for it (``wandb sync`` reads it in its Go core), so :func:`read_records` undoes
-only the framing (LevelDB's log format: 32 KiB blocks of CRC-checked chunks, after a 7-byte
-``:W&B`` header) and lets wandb's own protobuf classes decode every record.
+holding ``run-<id>.wandb``, W&B's transaction log. It is read with W&B's own reader,
+``wandb leet inspect --json`` (wandb >= 0.31: one JSON object per record: run, config, summary,
+history, artifact, exit ...), which also reads the log of a job killed mid-write up to its torn
+tail; nothing here decodes the file format itself.
 
 :func:`read_run` returns, per run, what :func:`analysis.records._pull` returns for a run of
-the public API: id, name, state, config, summary, the job's ``results.json`` (from the run's
-``results`` artifact, else the copy in the run's ``files/``) and the local paths of its artifact
-files (``importance.pt`` for the figures).
+the public API: id, name, state, config, summary, the job's ``results.json`` and the local paths
+of its artifact files (``importance.pt`` for the figures). Artifact files of an offline run stay
+in W&B's staging folder (``$WANDB_DATA_DIR``), outside the run folder; the job also copies
+``results.json`` and ``importance.pt`` into the run's ``files/`` (:mod:`pilora.runner.wandb`), and
+those copies stand in for staged files that are not there (a run folder copied to another machine).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
-HEADER = b":W&B"
-_BLOCK, _CHUNK_HEADER = 32768, 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+_CACHE: dict[tuple, list[dict]] = {}  # (path, size, mtime) -> records: each log is read once per process
 
 
 class OfflineRunError(ValueError):
     """An offline W&B folder that cannot be read (the message says why and what to do)."""
 
 
-def read_records(path: str):
-    """Yield the decoded ``wandb_internal_pb2.Record`` messages of one ``run-<id>.wandb`` file.
-
-    A chunk whose checksum fails ends the file: a job killed while writing leaves a torn tail,
-    and everything before it is still a valid run."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != HEADER:
-        raise OfflineRunError(f"{path} is not a W&B transaction log (no {HEADER!r} header)")
-    pos, parts = _CHUNK_HEADER, []
-    while pos + _CHUNK_HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _CHUNK_HEADER:  # block trailer padding
-            pos += left
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
-        chunk = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
-        pos += _CHUNK_HEADER + length
-        if len(chunk) != length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            return
-        if kind == _FULL:
-            parts = [chunk]
-        elif kind == _FIRST:
-            parts = [chunk]
-            continue
-        elif kind == _MIDDLE:
-            parts.append(chunk)
-            continue
-        elif kind == _LAST:
-            parts.append(chunk)
-        else:
-            return
-        record = pb.Record()
-        record.ParseFromString(b"".join(parts))
-        yield record
+def _wandb_cli() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "wandb")
+    return [exe] if os.path.isfile(exe) else [shutil.which("wandb") or "wandb"]
 
 
-def _set(tree: dict, keys, value) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
-
-
-def _apply(target: dict, items) -> None:
-    for it in items:
-        keys = list(it.nested_key) or [it.key]
-        _set(target, keys, json.loads(it.value_json))
+def read_records(path: str) -> list[dict]:
+    """The records of one ``run-<id>.wandb`` file, as ``wandb leet inspect --json`` prints them
+    (``{"num": 2, "type": "run", "run": {...}}``). A job killed while writing leaves a torn tail:
+    the records before it are returned (W&B's reader stops there)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key in _CACHE:
+        return _CACHE[key]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    try:
+        proc = subprocess.run(
+            [*_wandb_cli(), "leet", "inspect", "--json", path], capture_output=True, text=True, env=env, timeout=300
+        )
+    except FileNotFoundError as err:
+        raise OfflineRunError(f"cannot read {path}: the `wandb` command is not installed ({err})") from err
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise OfflineRunError(f"{path} is not a readable W&B transaction log (wandb leet inspect: {why})")
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    _CACHE[key] = records
+    return records
 
 
 def find_offline_runs(root: str) -> list[str]:
@@ -92,62 +70,80 @@ def find_offline_runs(root: str) -> list[str]:
     return sorted(found)
 
 
+def _update(target: dict, update: dict | None) -> None:
+    for k, v in (update or {}).items():
+        if not k.startswith("_"):  # W&B's own keys (_wandb, _runtime, _step, _timestamp)
+            target[k] = v
+
+
 def read_run(path: str) -> dict:
     """One offline run file -> a run item (see module docstring)."""
     run_info, config, summary, artifacts, exit_code = {}, {}, {}, {}, None
     for rec in read_records(path):
-        kind = rec.WhichOneof("record_type")
+        kind = rec.get("type")
+        body = rec.get(kind) or {}
         if kind == "run":
-            r = rec.run
             run_info = {
-                "id": r.run_id,
-                "name": r.display_name,
-                "project": r.project,
-                "entity": r.entity,
-                "group": r.run_group,
-                "job_type": r.job_type,
-                "tags": list(r.tags),
-                "commit": r.git.commit or None,
+                "id": body.get("run_id"),
+                "name": body.get("display_name"),
+                "project": body.get("project"),
+                "entity": body.get("entity"),
+                "group": body.get("run_group"),
+                "job_type": body.get("job_type"),
+                "tags": list(body.get("tags") or []),
+                "commit": (body.get("git") or {}).get("commit") or None,
             }
-            _apply(config, r.config.update)
-            _apply(summary, r.summary.update)
+            _update(config, (body.get("config") or {}).get("update"))
+            _update(summary, (body.get("summary") or {}).get("update"))
         elif kind == "config":
-            _apply(config, rec.config.update)
+            _update(config, body.get("update"))
         elif kind == "summary":
-            _apply(summary, rec.summary.update)
+            _update(summary, body.get("update"))
         elif kind == "artifact":
-            a = rec.artifact
-            artifacts[a.type] = {e.path: e.local_path for e in a.manifest.contents}
+            meta = body.get("metadata")
+            artifacts[body.get("type")] = {
+                "name": body.get("name"),
+                "metadata": json.loads(meta) if isinstance(meta, str) and meta else meta or {},
+                "files": {e["path"]: e.get("local_path") for e in (body.get("manifest") or {}).get("contents") or []},
+            }
         elif kind == "exit":
-            exit_code = rec.exit.exit_code
+            exit_code = int(body.get("exit_code") or 0)
     if not run_info:
         raise OfflineRunError(f"{path} holds no run record (a job killed before W&B started); delete its folder")
-    config.pop("_wandb", None)
     state = "running" if exit_code is None else "finished" if exit_code == 0 else "failed"
-    files = {os.path.basename(p): lp for kind in artifacts.values() for p, lp in kind.items()}
-    record, missing = None, []
-    record_file = files.get("results.json")
-    if record_file and not os.path.isfile(record_file):
-        missing.append(record_file)
-        record_file = None
-    if record_file is None:  # the copy the run keeps in its own folder
-        copy = os.path.join(os.path.dirname(path), "files", "results.json")
-        record_file = copy if os.path.isfile(copy) else None
-    if record_file:
-        with open(record_file) as f:
+    folder = os.path.dirname(path)
+    files, missing = {}, []  # the files of the results artifact: what the analysis reads
+    for name, local in (artifacts.get("results") or {}).get("files", {}).items():
+        base = os.path.basename(name)
+        copy = os.path.join(folder, "files", base)
+        if local and os.path.isfile(local):
+            files[base] = local
+        elif os.path.isfile(copy):  # the run folder's own copy (a folder copied from elsewhere)
+            files[base] = copy
+        else:
+            missing.append((name, local))
+    if "results.json" not in files and os.path.isfile(os.path.join(folder, "files", "results.json")):
+        files["results.json"] = os.path.join(folder, "files", "results.json")  # runs logged without artifacts
+    record = None
+    if "results.json" in files:
+        with open(files["results.json"]) as f:
             record = json.load(f)
-    for name, local in list(files.items()):
-        if local and not os.path.exists(local):
-            missing.append(local)
-            files.pop(name)
     return {
         **run_info,
         "state": state,
-        "path": os.path.dirname(path),
+        "path": folder,
         "config": config,
         "summary": summary,
         "record": record,
         "artifact_files": files,
         "artifact_types": sorted(artifacts),
-        "missing_files": sorted(set(missing)),
+        "artifacts": artifacts,
+        "missing_files": sorted({name for name, _ in missing}),  # artifact paths (importance.pt)
+        "missing_staged": sorted({local for _, local in missing if local}),  # where W&B had staged them
     }
+
+
+def read_runs(paths: list[str], read=read_run, workers: int = 4) -> list:
+    """``read`` (:func:`read_run`) of each path, in order, a few at a time (each W&B reader is a process)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
+        return list(pool.map(read, paths))

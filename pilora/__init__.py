@@ -13,12 +13,32 @@ torch, transformers and PEFT: a mistyped override, ``--help`` and tab completion
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING
 
 # ``partition`` is also a submodule's name, and importing ``pilora.partition`` sets the package's
 # attribute of that name to the module: the function is bound here, eagerly, before that can
 # happen (the module loads without torch)
 from .partition import PARTITIONS, dominant_fractions, partition
+
+# PEFT 0.21's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`, which
+# warns for every model wrapped (each stage of each job: Python's "once"/"default" actions repeat
+# it whenever a library changes the warning filters). Nothing on our side can change it: ignored
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def _installed_version() -> str:
+    """The version pip installed (pyproject.toml's ``project.version``); ``0+unknown`` for a
+    source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pilora")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _installed_version()
 
 _EXPORTS = {
     "export": ("export_lora",),
@@ -28,7 +48,7 @@ _EXPORTS = {
     "params": ("ParamCount", "count_parameters"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [*_HOME, "PARTITIONS", "dominant_fractions", "partition"]
+__all__ = [*_HOME, "PARTITIONS", "__version__", "dominant_fractions", "partition"]
 
 
 def __getattr__(name: str):

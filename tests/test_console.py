@@ -3,6 +3,7 @@
 import logging
 import types
 
+import pytest
 from helpers import CONF, FAST, compose_cfg, write_images
 from hydra import compose, initialize_config_dir
 
@@ -73,3 +74,78 @@ def test_every_multirun_ends_with_the_summary_table():
     ]
     table = format_table(rows).splitlines()
     assert len({len(line) for line in table}) == 1  # columns stay aligned with long names
+
+
+def test_summary_rows_show_the_swept_values_and_the_folder(tmp_path):
+    """Six r' x seed records: every row names its r' and its folder, so no two rows read alike."""
+    import json
+
+    from pilora.runner.summary import format_table, summary_rows, swept_keys
+
+    swept = swept_keys(["method=pilora", "method.supplementary_r=0,2,8", "seed=0,1", "trainer.max_steps=3"])
+    assert swept == ["method.supplementary_r", "seed"]
+    for r in (0, 2, 8):
+        for seed in (0, 1):
+            folder = tmp_path / f"method.supplementary_r={r},method=pilora,seed={seed}"
+            folder.mkdir()
+            record = {
+                "schema": 1,
+                "status": "complete",
+                "method": "pilora",
+                "task": "sst2",
+                "seed": seed,
+                "metric": "accuracy",
+                "metrics": {"final": {"eval_accuracy": 0.5}, "test": {}},
+                "params": {"trainable": 10, "adapter": 8, "share": 0.01},
+                "pilora": {"dominant_fraction": 0.4},
+                "timing": {"total_s": 1.0},
+                "config": {"method": {"name": "pilora", "supplementary_r": r}, "seed": seed},
+            }
+            (folder / "results.json").write_text(json.dumps(record))
+    lines = format_table(summary_rows(str(tmp_path), swept)).splitlines()
+    rows = lines[2:]
+    assert len(rows) == 6 and len(set(rows)) == 6 and len({len(line) for line in lines}) == 1
+    for row in rows:
+        cells = row.split()
+        r, folder = cells[3], cells[-1]
+        assert (
+            r.startswith("supplementary_r=") and f"{r.replace('supplementary_r', 'method.supplementary_r')}," in folder
+        )
+        assert f"seed={cells[2]}" in folder and (tmp_path / folder / "results.json").is_file()
+    # an unswept multirun keeps the old columns, plus the folder
+    assert "point" not in format_table(summary_rows(str(tmp_path))).splitlines()[0]
+
+
+@pytest.mark.slow
+def test_peft_future_warning_is_not_repeated_per_model(tmp_path):
+    """Two PiLoRA jobs on a tiny RoBERTa wrap four models in PEFT; transformers' deprecation
+    warning that PEFT triggers for each is not printed (it was, once per model)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import glue_overrides
+
+    overrides = (
+        FAST
+        + glue_overrides(str(tmp_path / "data"))
+        + [
+            "model=tiny-roberta",
+            "trainer.max_steps=2",
+            "trainer.save_strategy=no",
+            "save_adapter=false",
+            "method=pilora",
+            "method.stage1.max_steps=2",
+            "method.importance_interval=1",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            "seed=0,1",
+        ]
+    )
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", *overrides], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("PiLoRA stage 2: training") + proc.stderr.count("PiLoRA stage 2: training") == 2
+    assert "is_gradient_checkpointing" not in proc.stdout + proc.stderr

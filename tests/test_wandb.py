@@ -87,21 +87,27 @@ def test_each_job_is_one_named_grouped_tagged_run_with_the_hydra_config_only(swe
 
 
 def test_stages_log_under_their_own_prefix_and_step_axis(sweep):
+    """PiLoRA logs ``stage1/`` and ``stage2/``; a single-stage method's one training is ``train/``
+    (the budget-matched LoRA: ``stage1/`` then ``train/``), each on its own step axis."""
     from analysis.wandb_runs import read_records
 
-    run = _runs(sweep)["pilora-eurosat-tiny-clip-s0"]
-    path = glob.glob(os.path.join(run["path"], "run-*.wandb"))[0]
-    steps = {"stage1": [], "stage2": []}
-    for rec in read_records(path):
-        if rec.WhichOneof("record_type") != "history":
-            continue
-        row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
-        stages = {k.split("/")[0] for k in row if not k.startswith("_")}
-        assert len(stages) == 1 and stages <= {"stage1", "stage2"}, row  # one stage per row, nothing unprefixed
-        stage = stages.pop()
-        steps[stage].append(row[f"{stage}/step"])
-    assert steps["stage1"] == sorted(steps["stage1"]) and max(steps["stage1"]) == 3  # stage 1: 3 steps
-    assert steps["stage2"] == sorted(steps["stage2"]) and min(steps["stage2"]) == 1  # its own axis, from 1
+    runs = _runs(sweep)
+    expected = {"pilora": ("stage1", "stage2"), "lora": ("train",), "lora_matched": ("stage1", "train")}
+    for method, stages_of_method in expected.items():
+        run = runs[f"{method}-eurosat-tiny-clip-s0"]
+        path = glob.glob(os.path.join(run["path"], "run-*.wandb"))[0]
+        steps = {}
+        for rec in read_records(path):
+            if rec["type"] != "history":
+                continue
+            row = rec["history"]["item"]
+            stages = {k.split("/")[0] for k in row if not k.startswith("_")}
+            assert len(stages) == 1, row  # one stage per row, nothing unprefixed
+            stage = stages.pop()
+            steps.setdefault(stage, []).append(row[f"{stage}/step"])
+        assert tuple(sorted(steps)) == stages_of_method, (method, sorted(steps))
+        for stage, seen in steps.items():
+            assert seen == sorted(seen) and min(seen) == 1 and max(seen) == 3, (method, stage, seen)  # 3 steps each
 
 
 def test_summary_holds_the_record_and_artifacts_hold_its_files(sweep):
@@ -112,8 +118,26 @@ def test_summary_holds_the_record_and_artifacts_hold_its_files(sweep):
         for key in ("timing", "peak_memory_mb", "device", "params", "metrics", "steps", "pilora", "budget_match"):
             assert summ[key] == json.loads(json.dumps(rec[key])), key
         assert summ["label"] == rec["method"]
-        assert set(run["artifact_types"]) == {"results", "adapter"}
+        assert set(run["artifact_types"]) == {"results", "model"}
         assert json.load(open(run["artifact_files"]["results.json"])) == json.loads(json.dumps(rec))
+        # the adapter: a model artifact that names its base model, method, ranks and targets
+        model = run["artifacts"]["model"]
+        adapter = os.path.join(rec["config"]["output_dir"], "adapter")
+        saved = json.load(open(os.path.join(adapter, "adapter_config.json")))
+        meta = model["metadata"]
+        assert model["name"] == f"{name}-adapter" and meta["base_model"] == "tiny-clip"
+        assert meta["method"] == rec["method"] and meta["r"] == rec["config"]["method"]["r"] == 8
+        assert meta["supplementary_r"] == (
+            None if rec["method"] == "lora" else rec["config"]["method"]["supplementary_r"]
+        )
+        assert meta["target_modules"] == sorted(saved["target_modules"]) and len(meta["target_modules"]) == 6
+        files = set(model["files"])
+        assert "adapter/adapter_model.safetensors" in files
+        assert ("adapter_pilora/pilora_config.json" in files) == (rec["method"] == "pilora")
+        # the run folder holds what the analysis reads, and the packages it ran with
+        kept = set(os.listdir(os.path.join(run["path"], "files")))
+        assert {"results.json", "requirements.txt"} <= kept
+        assert ("importance.pt" in kept) == (rec["method"] != "lora")
         if rec["method"] != "lora":
             assert summ["T"] == 3 if rec["method"] == "pilora" else True
             stats = open(run["artifact_files"]["importance.pt"], "rb").read()
@@ -188,19 +212,128 @@ def test_bad_wandb_sources_get_a_clear_error(sweep, tmp_path, capsys, monkeypatc
     assert "W&B project 'me/nope' not found" in capsys.readouterr().err
     assert tables.main(["--wandb", "a/b/c"]) == 2 and "ENTITY/PROJECT" in capsys.readouterr().err
 
-    # a run whose artifact files and record copy are gone is skipped, by name, and the rest are read
+    # a run whose artifact files are neither staged nor in its files/ is an error naming that run
     copy = tmp_path / "copy"
     shutil.copytree(sweep / "multirun", copy)
-    run = next(r for r in _runs(copy).values() if r["name"] == "lora-eurosat-tiny-clip-s0")
-    os.remove(os.path.join(run["path"], "files", "results.json"))
-    staged = run["artifact_files"]["results.json"]
+    run = next(r for r in _runs(copy).values() if r["name"] == "pilora-eurosat-tiny-clip-s0")
+    os.remove(os.path.join(run["path"], "files", "importance.pt"))
+    staged = run["artifact_files"]["importance.pt"]
     os.rename(staged, staged + ".gone")
     try:
-        df = records.load_wandb_dir(str(copy))
+        with pytest.raises(records.WandbSourceError, match="run pilora-eurosat-tiny-clip-s0 .* importance.pt"):
+            records.load_wandb_dir(str(copy))
+        assert tables.main(["--wandb-dir", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert "pilora-eurosat-tiny-clip-s0" in err and run["path"] in err and "Traceback" not in err
     finally:
         os.rename(staged + ".gone", staged)
-    err = capsys.readouterr().err
-    assert len(df) == 5 and "artifact files are gone" in err and run["path"] in err
+
+
+def test_a_copied_wandb_folder_is_enough_for_tables_and_figures(sweep, tmp_path):
+    """Only the jobs' ``wandb/`` folders, copied elsewhere, and W&B's staging folder gone: the
+    tables equal the local ones and the heat maps come from the runs' own ``files/`` copies."""
+    import shutil
+
+    from analysis import figures, records, tables
+
+    copy = tmp_path / "copied"
+    for folder in glob.glob(str(sweep / "multirun" / "tiny" / "*" / "wandb")):
+        shutil.copytree(folder, copy / os.path.basename(os.path.dirname(folder)) / "wandb", symlinks=False)
+    staging = sweep / "wandb_data_dir"
+    staging.rename(tmp_path / "staging_gone")
+    try:
+        df = records.load_wandb_dir(str(copy))
+        assert len(df) == 6
+        stats = set(df[df.method == "pilora"]["importance_file"])
+        assert len(stats) == 2 and all(p.startswith(str(copy)) and os.path.isfile(p) for p in stats)
+        local = records.load_records(str(sweep / "multirun"))
+        ours = tables.render(local, ["3"], "best", False, "adapter_share", False, cost=True)
+        assert tables.render(df, ["3"], "best", False, "adapter_share", False, cost=True) == ours
+        written, skipped = figures.make_all(df, str(tmp_path / "fig"), only=["2"])
+        assert [os.path.basename(p) for p in written if p.endswith(".png")] == ["fig2_gradients_tiny-clip_eurosat.png"]
+        assert not skipped
+    finally:
+        (tmp_path / "staging_gone").rename(staging)
+
+
+def test_run_names_groups_and_tags_follow_the_sweep_point():
+    """Pure functions of the config: a lone job's group is its name without the seed; a job
+    started from Python in a folder named by other overrides gets a hash of that folder name."""
+    from pilora.runner import wandb as w
+
+    cfg = {
+        "method": {"name": "pilora", "label": None, "r": 8, "supplementary_r": 2},
+        "task": {"name": "sst2"},
+        "model": {"name": "tiny-roberta"},
+        "seed": 1,
+        "sweep_name": "default",
+        "logger": {},
+    }
+    assert w.sweep_point(cfg, "/x/method=pilora,seed=1") == {}
+    p1, p2 = (w.sweep_point(cfg, f"/x/method.supplementary_r={r},method=pilora") for r in (1, 2))
+    assert p1 != p2 and set(p1) == {"job"} and len(p1["job"]) == 6
+    assert w.run_name(cfg, p1) == f"pilora-sst2-tiny-roberta-s1-{p1['job']}"
+    assert w.run_name(cfg, {"method.supplementary_r": "2"}) == "pilora-sst2-tiny-roberta-s1-supplementary_r=2"
+    assert w.run_group(cfg, {}) == "pilora-sst2-tiny-roberta"  # no sweep: the seeds of one setting
+    assert w.run_group({**cfg, "sweep_name": "fig4_rprime"}, {}) == "fig4_rprime"
+    assert w.run_group({**cfg, "logger": {"group": "mine"}}, {}) == "mine"
+    long = {f"method.key_{i}": "x" * 10 for i in range(4)}
+    assert len(w.run_name(cfg, long)) == len("pilora-sst2-tiny-roberta-s1-") + 6
+    assert (
+        w.artifact_name(w.run_name(cfg, {"method.supplementary_r": "2"}))
+        == "pilora-sst2-tiny-roberta-s1-supplementary_r_2"
+    )
+
+
+@pytest.mark.slow
+def test_each_point_of_a_run_py_sweep_is_a_run_and_artifact_of_its_own(tmp_path):
+    """``run.py -m method.supplementary_r=1,2 seed=0,1``: four runs with four names, tagged with
+    their r', whose adapters are four artifacts; the closing table tells the rows apart."""
+    import subprocess
+    import sys
+
+    from helpers import write_images
+
+    overrides = write_images(str(tmp_path / "img")) + [
+        "trainer.logging_steps=1",
+        "trainer.warmup_steps=0",
+        "trainer.save_strategy=no",
+        "trainer.disable_tqdm=true",
+        "trainer.max_steps=2",
+        "method=pilora",
+        "method.stage1.max_steps=2",
+        "method.importance_interval=1",
+        "logger=wandb",
+        "sweep_name=rsweep",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "method.supplementary_r=1,2",
+        "seed=0,1",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        env[k] = str(tmp_path / k.lower())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", *overrides], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _runs(tmp_path / "sweep")
+    names = {f"pilora-eurosat-tiny-clip-s{s}-supplementary_r={r}" for s in (0, 1) for r in (1, 2)}
+    assert set(runs) == names
+    adapters = set()
+    for name, run in runs.items():
+        r = name[-1]
+        assert run["group"] == "rsweep" and f"method.supplementary_r={r}" in run["tags"]
+        assert run["artifacts"]["model"]["metadata"]["supplementary_r"] == int(r)
+        adapters.add(run["artifacts"]["model"]["name"])
+    assert len(adapters) == 4
+    # the multirun's closing table: r' and the folder on every row
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("pilora ")]
+    assert len(lines) == 4 and len(set(lines)) == 4
+    assert sorted(ln.split()[3] for ln in lines) == ["supplementary_r=1"] * 2 + ["supplementary_r=2"] * 2
+    assert all(ln.split()[-1] in os.listdir(tmp_path / "sweep") for ln in lines)
+    # PEFT's FutureWarning about the partition masks: once per process at most
+    assert (proc.stdout + proc.stderr).count("FutureWarning") <= 1
 
 
 def _closed_port() -> int:

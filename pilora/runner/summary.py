@@ -1,5 +1,7 @@
 """A compact table of the records under a folder (the demo's closing table; printed after every
-multirun by ``hydra_setup.PrintSummary``)."""
+multirun by ``hydra_setup.PrintSummary``), one row per job: its method, task, seed, the values of
+the sweep's other swept keys (``point``: ``supplementary_r=2``) and its folder, so that the six
+rows of an r' x seed sweep can be told apart and found."""
 
 from __future__ import annotations
 
@@ -7,8 +9,44 @@ import os
 
 from .records import find_records, read_record
 
+_FIXED = ("method", "task", "seed", "trainable", "adapter", "share_%", "dominant", "time_s", "point", "folder", "path")
+# swept keys the table shows in columns of their own (method, task, seed) or not at all (model: one per table)
+_IN_COLUMNS = ("method", "task", "model", "seed")
 
-def summary_rows(root: str) -> list[dict]:
+
+def swept_keys(overrides, params=None) -> list[str]:
+    """The keys a multirun sweeps: the command-line overrides Hydra expands (``r=1,2``,
+    ``range(...)``, ``choice(...)``) and the keys of ``hydra.sweeper.params``, sorted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides or []))
+    return sorted({o.key_or_group for o in parsed if o.is_sweep_override()} | set(params or {}))
+
+
+def _value(config: dict, key: str):
+    """``method.supplementary_r`` / ``method/partition`` (a group: its ``name``) in a record's config;
+    None when the job's config lacks it (a key its method does not use)."""
+    node = config
+    for part in key.lstrip("+~").replace("/", ".").split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node.get("name") if isinstance(node, dict) else node
+
+
+def point_text(config: dict, swept) -> str:
+    """``supplementary_r=2 r=8``: the record's value of every swept key outside the table's columns."""
+    parts = []
+    for key in swept or ():
+        if key.lstrip("+~") in _IN_COLUMNS:
+            continue
+        value = _value(config, key)
+        parts.append(f"{key.lstrip('+~').replace('/', '.').split('.')[-1]}={'—' if value is None else value}")
+    return " ".join(parts)
+
+
+def summary_rows(root: str, swept=()) -> list[dict]:
+    """One row per complete record under ``root``; ``swept``: the sweep's swept keys (``point``)."""
     rows = []
     for path in find_records([root]):
         r = read_record(path)
@@ -17,6 +55,7 @@ def summary_rows(root: str) -> list[dict]:
         test, final = r["metrics"].get("test") or {}, r["metrics"].get("final") or {}
         metric = r.get("metric", "accuracy")
         acc = test.get(f"test_{metric}", final.get(f"eval_{metric}"))
+        folder = os.path.dirname(path)
         rows.append(
             {
                 "method": r["method"],
@@ -28,7 +67,9 @@ def summary_rows(root: str) -> list[dict]:
                 "share_%": 100 * r["params"]["share"],
                 "dominant": (r.get("pilora") or {}).get("dominant_fraction"),
                 "time_s": r["timing"]["total_s"],
-                "path": os.path.dirname(path),
+                "point": point_text(r.get("config") or {}, swept),
+                "folder": os.path.relpath(folder, root) if folder != os.path.abspath(root) else ".",
+                "path": folder,
             }
         )
     return rows
@@ -37,24 +78,26 @@ def summary_rows(root: str) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no complete records)"
-    metric = [
-        k
-        for k in rows[0]
-        if k not in {"method", "task", "seed", "trainable", "adapter", "share_%", "dominant", "time_s", "path"}
-    ][0]
+    metric = [k for k in rows[0] if k not in _FIXED][0]
     # columns as wide as their longest entry (lora_matched, commonsense170k ...)
     wm = max(8, *(len(str(r["method"])) for r in rows))
     wt = max(10, *(len(str(r["task"])) for r in rows))
+    points = [r.get("point") or "" for r in rows]
+    folders = [str(r.get("folder") or r.get("path") or "") for r in rows]
+    wp = max(len(p) for p in points) and max(5, *(len(p) for p in points))
+    wf = max(6, *(len(f) for f in folders))
+    point_head = f" {'point':{wp}s}" if wp else ""
     head = (
-        f"{'method':{wm}s} {'task':{wt}s} {'seed':>4s} {metric:>9s} {'trainable':>10s} {'adapter':>9s} "
-        f"{'share %':>8s} {'dominant':>8s} {'time s':>7s}"
+        f"{'method':{wm}s} {'task':{wt}s} {'seed':>4s}{point_head} {metric:>9s} {'trainable':>10s} {'adapter':>9s} "
+        f"{'share %':>8s} {'dominant':>8s} {'time s':>7s} {'folder':{wf}s}"
     )
     lines = [head, "-" * len(head)]
-    for r in rows:
+    for r, point, folder in zip(rows, points, folders):
         dom = f"{r['dominant']:.3f}" if r["dominant"] is not None else "—"
         acc = f"{r[metric]:.4f}" if isinstance(r[metric], (int, float)) else "—"
+        point_cell = f" {point:{wp}s}" if wp else ""
         lines.append(
-            f"{r['method']:{wm}s} {r['task']:{wt}s} {r['seed']:>4d} {acc:>9s} {r['trainable']:>10,d} "
-            f"{r['adapter']:>9,d} {r['share_%']:>8.3f} {dom:>8s} {r['time_s']:>7.0f}"
+            f"{r['method']:{wm}s} {r['task']:{wt}s} {r['seed']:>4d}{point_cell} {acc:>9s} {r['trainable']:>10,d} "
+            f"{r['adapter']:>9,d} {r['share_%']:>8.3f} {dom:>8s} {r['time_s']:>7.0f} {folder:{wf}s}"
         )
     return "\n".join(lines)

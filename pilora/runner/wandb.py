@@ -1,22 +1,33 @@
 """One W&B run per job, mirroring its ``results.json`` (``logger=wandb``; ``logger=none`` turns it off).
 
 * **Name, group, tags:** ``<method>-<task>-<model>-s<seed>`` (method = ``method.label`` when set,
-  e.g. ``lora_matched``), grouped by ``logger.group`` or else the sweep name, tagged
-  ``method:<m>``, ``task:<t>``, ``model:<x>`` and ``stages:<1+2|2>``; ``job_type`` is
+  e.g. ``lora_matched``) plus the job's sweep point: the swept overrides other than those four
+  (``-supplementary_r=2``; a 6-character hash of them when longer than
+  :data:`MAX_POINT`), so every point of a sweep is a run, and an artifact, of its own name
+  (:func:`sweep_point`). Grouped by ``logger.group``, else the sweep name (``sweep_name``, set by
+  every ``experiment=``, or any multirun), else, for a lone job, its name without the seed, so
+  the seeds of one setting share a group. Tagged ``method:<m>``, ``task:<t>``, ``model:<x>``,
+  ``stages:<1+2|2>`` and one ``<key>=<value>`` per swept override; ``job_type`` is
   ``two_stage`` (PiLoRA, budget-matched LoRA) or ``single_stage``.
 * **Config:** the resolved Hydra config and nothing else. Trainer's own W&B callback is not used
   (it would add ~150 TrainingArguments keys at the top level, and stage 2 would overwrite
   stage 1's); :class:`StageLogger` logs the Trainer's metrics instead.
-* **Metrics:** ``stage1/<key>`` for PiLoRA's importance pass, ``stage2/<key>`` for the training
-  of the final adapter (the only stage of single-stage methods, so the curves of every method
-  share their keys), each against its own step axis ``stage1/step`` / ``stage2/step``.
+* **Metrics:** under the name of the Trainer's output folder: ``stage1/<key>`` for the
+  importance pass, ``stage2/<key>`` for PiLoRA's second stage and ``train/<key>`` for the one
+  training of every other method (budget-matched LoRA included: its training is no PiLoRA
+  stage 2), each against its own step axis (``stage1/step``, ``stage2/step``, ``train/step``).
 * **Summary:** everything ``results.json`` holds except the config (the run's config) and the
   per-step loss list (the ``stage2/loss`` history), plus ``label`` and ``T`` (importance checks).
 * **Artifacts** (``logger.artifacts``, default on): ``<run>-record`` (type ``results``:
   ``results.json`` and, for two-stage methods, ``importance.pt``) and ``<run>-adapter`` (type
-  ``adapter``: the stock-PEFT ``adapter/``), each skipped with a log line when larger than
-  ``logger.artifact_max_mb``. ``results.json`` is also copied into the run's ``files/`` so an
-  offline run folder carries its record.
+  ``model``: the stock-PEFT ``adapter/`` and PiLoRA's compact ``adapter_pilora/``, with metadata
+  naming the base model, the method, r, r' and the target modules), each file skipped with a log
+  line when larger than ``logger.artifact_max_mb``.
+* **Self-contained run folder:** ``results.json`` and ``importance.pt`` are also copied into
+  the run's ``files/`` (W&B keeps offline artifact files in its staging folder, outside the run
+  folder), so a ``wandb/`` folder copied to another machine still gives the tables and figures
+  (``analysis.records.load_wandb_dir``); the installed packages are saved there too
+  (``requirements.txt``), quiet or not.
 * **No network:** with ``logger.mode=online``, a W&B server that cannot be reached (a TCP probe,
   at most 10 s) or a ``wandb.init`` that fails (``logger.init_timeout_s``, no API key) makes the
   run offline, with a warning and ``offline_fallback`` in the record's ``wandb`` entry; the
@@ -27,6 +38,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -34,17 +47,137 @@ import shutil
 
 log = logging.getLogger("pilora")
 _RUN = None  # the job's run while it trains; StageLogger callbacks log into it
+_NAME: str | None = None  # its name (the artifacts' names start with it)
 FALLBACK: str | None = None  # why the job's online run went offline (None: it did not)
 
 
-def _safe(text) -> str:
-    """W&B names and tags: letters, digits, ``-_.`` only (task names may hold a ``/``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
+def _safe(text, keep: str = "") -> str:
+    """W&B artifact names: letters, digits, ``-_.`` (and ``keep``) only (task names may hold a ``/``)."""
+    return re.sub(rf"[^A-Za-z0-9_.{re.escape(keep)}-]+", "_", str(text))
 
 
-def run_name(cfg: dict) -> str:
+NAME_KEYS = ("method", "task", "model", "seed")  # overrides the run name already spells out
+MAX_POINT = 40  # characters of swept overrides spelled out in a run name; longer ones are hashed
+MAX_TAG = 64  # W&B's limit on a tag
+
+
+def _base_name(cfg: dict) -> str:
     method = cfg["method"].get("label") or cfg["method"]["name"]
-    return _safe(f"{method}-{cfg['task']['name']}-{cfg['model']['name']}-s{cfg['seed']}")
+    return f"{method}-{cfg['task']['name']}-{cfg['model']['name']}"
+
+
+def _hydra_overrides(cfg: dict) -> dict[str, str] | None:
+    """``{key: value}`` of the job's swept overrides when Hydra launched it (None otherwise).
+
+    Swept: the keys of ``hydra.sweeper.params`` (experiment overlays, Optuna) and the command-line
+    overrides that the sweep expanded (``method.supplementary_r=1,2``), read from the sweep's
+    ``multirun.yaml`` (Hydra's basic sweeper writes it). A lone job (or a sweeper that writes no
+    ``multirun.yaml`` and has no params) counts all its overrides, less Hydra's
+    ``override_dirname.exclude_keys``. ``method.<key>`` overrides the job's method does not use are
+    dropped, as in its folder name (``hydra_setup.job_dirname``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        from .summary import swept_keys
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    parser = OverridesParser.create()
+    job = {o.key_or_group: o.get_value_element_as_str() for o in parser.parse_overrides(list(hc.overrides.task))}
+    swept = None
+    if hc.mode == RunMode.MULTIRUN:
+        params = OmegaConf.select(hc, "sweeper.params") or {}
+        saved = os.path.join(str(hc.sweep.dir), "multirun.yaml")
+        line = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") if os.path.isfile(saved) else None
+        swept = set(swept_keys(line or [], params)) if line is not None or params else None
+    if swept is None:
+        swept = set(job) - set(hc.job.config.override_dirname.exclude_keys or ())
+    from ..methods import METHODS, applicable_keys
+
+    name = cfg["method"]["name"]
+    used = set(applicable_keys(name, bool(cfg["method"].get("match_budget")))) if name in METHODS else None
+
+    def wanted(key: str) -> bool:
+        parts = key.replace("/", ".").split(".")
+        return not (used is not None and parts[0] == "method" and len(parts) > 1 and parts[1] not in used)
+
+    return {k: job[k] for k in sorted(swept) if k in job and wanted(k)}
+
+
+def sweep_point(cfg: dict, out: str) -> dict[str, str]:
+    """The overrides that set this job apart from the other points of its sweep, as ``{key: value}``
+    (the keys of :data:`NAME_KEYS` left out: the run name spells them out).
+
+    Under Hydra: the swept overrides (:func:`_hydra_overrides`). A job started from Python (tests,
+    notebooks) has only its folder: when that is named by overrides other than :data:`NAME_KEYS`
+    (``method=pilora,method.supplementary_r=2``), the point is ``{"job": <a 6-character hash of
+    the folder name>}``, so two such jobs never share a run name."""
+    found = _hydra_overrides(cfg)
+    if found is None:
+        folder = os.path.basename(os.path.normpath(out))
+        pairs = [p.partition("=") for p in folder.split(",")]
+        if all(eq and key in NAME_KEYS for key, eq, _ in pairs):
+            return {}
+        return {"job": hashlib.sha1(folder.encode()).hexdigest()[:6]}
+    return {k: v for k, v in found.items() if k.lstrip("+~") not in NAME_KEYS}
+
+
+def _point_text(point: dict[str, str]) -> str:
+    """``supplementary_r=2`` / ``r=8-supplementary_r=2``: the last part of each key, unless two keys
+    share it; a 6-character hash of the whole when longer than :data:`MAX_POINT`."""
+    if not point:
+        return ""
+    if set(point) == {"job"}:
+        return point["job"]
+    leaves = [k.replace("/", ".").split(".")[-1].lstrip("+~") for k in point]
+    keys = leaves if len(set(leaves)) == len(leaves) else [k.lstrip("+~") for k in point]
+    text = "-".join(f"{k}={v}" for k, v in zip(keys, point.values()))
+    if len(text) > MAX_POINT:
+        text = hashlib.sha1(",".join(f"{k}={v}" for k, v in point.items()).encode()).hexdigest()[:6]
+    return text
+
+
+def run_name(cfg: dict, point: dict[str, str] | None = None) -> str:
+    """``<method>-<task>-<model>-s<seed>`` plus the sweep point (:func:`sweep_point`)."""
+    text = _point_text(point or {})
+    return _safe(f"{_base_name(cfg)}-s{cfg['seed']}" + (f"-{text}" if text else ""), keep="=")
+
+
+def artifact_name(name: str) -> str:
+    """W&B artifact names: letters, digits, ``-_.`` only."""
+    return _safe(name)
+
+
+def run_group(cfg: dict, point: dict[str, str]) -> str:
+    """``logger.group``; else the sweep's name in a sweep; else the run name without its seed."""
+    lg = cfg.get("logger") or {}
+    if lg.get("group"):
+        return str(lg["group"])
+    sweep = cfg.get("sweep_name")
+    if sweep and (sweep != "default" or _in_multirun()):
+        return str(sweep)
+    text = _point_text(point)
+    return _safe(_base_name(cfg) + (f"-{text}" if text else ""), keep="=")
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
+
+
+def _tag(text: str) -> str:
+    return str(text).replace(",", "_")[:MAX_TAG]
 
 
 def two_stage(cfg: dict) -> bool:
@@ -61,21 +194,26 @@ def start_run(cfg: dict, out: str):
         return None
     import wandb
 
+    global _NAME
     method = cfg["method"].get("label") or cfg["method"]["name"]
     stages = "1+2" if two_stage(cfg) else "2"
+    point = sweep_point(cfg, out)
     tags = [f"method:{method}", f"task:{cfg['task']['name']}", f"model:{cfg['model']['name']}", f"stages:{stages}"]
+    tags += [f"{k.lstrip('+~')}={v}" for k, v in point.items()]
     verbose = bool(lg.get("verbose", False))
     timeout = float(lg.get("init_timeout_s") or 60)
+    # the package list is part of a run's provenance: saved whether W&B talks or not
     settings = dict(
-        silent=not verbose, quiet=not verbose, console="auto" if verbose else "off", x_save_requirements=verbose
+        silent=not verbose, quiet=not verbose, console="auto" if verbose else "off", x_save_requirements=True
     )
+    _NAME = lg.get("run_name") or run_name(cfg, point)
     kwargs = dict(
         project=lg.get("project", "pilora"),
         entity=lg.get("entity"),
         dir=out,
-        name=lg.get("run_name") or run_name(cfg),
-        group=lg.get("group") or cfg.get("sweep_name"),
-        tags=[str(t).replace(",", "_") for t in [*tags, *(lg.get("tags") or [])]],
+        name=_NAME,
+        group=run_group(cfg, point),
+        tags=list(dict.fromkeys(_tag(t) for t in [*tags, *(lg.get("tags") or [])])),
         job_type="two_stage" if stages == "1+2" else "single_stage",
         config=cfg,
         reinit="finish_previous",
@@ -105,7 +243,7 @@ def start_run(cfg: dict, out: str):
         )
     if mode != "online" or FALLBACK is not None:
         run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
-    for stage in ("stage1", "stage2"):
+    for stage in STAGES:
         run.define_metric(f"{stage}/step")
         run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
     _RUN = run
@@ -135,16 +273,21 @@ def unreachable(timeout: float) -> str | None:
 
 def record_entry(run) -> dict:
     """What the record says about the job's run; ``offline_fallback`` says why an online run went offline."""
-    out = {"id": run.id, "project": run.project, "dir": run.dir}
+    out = {"id": run.id, "name": run.name, "group": run.group, "project": run.project, "dir": run.dir}
     if FALLBACK is not None:
         out.update(mode="offline", offline_fallback=FALLBACK)
     return out
 
 
+STAGES = ("stage1", "stage2", "train")  # the Trainer output folders of pilora.runner.train
+
+
 def stage_of(output_dir: str) -> str:
-    """Trainer output folder -> metric prefix: PiLoRA's importance pass is ``stage1``; the training
-    of the final adapter (``stage2/`` or a single-stage method's ``train/``) is ``stage2``."""
-    return "stage1" if os.path.basename(os.path.normpath(output_dir)) == "stage1" else "stage2"
+    """Trainer output folder -> metric prefix: its name (``stage1``, ``stage2``, ``train``)."""
+    name = os.path.basename(os.path.normpath(output_dir))
+    if name not in STAGES:
+        raise ValueError(f"no W&B metric prefix for the Trainer output folder {output_dir!r}: expected one of {STAGES}")
+    return name
 
 
 def trainer_callbacks(output_dir: str) -> list:
@@ -201,26 +344,71 @@ def _add(art, path: str) -> None:
             art.add_file(full, name=os.path.relpath(full, top))
 
 
+def adapter_metadata(cfg: dict, record: dict, adapter_dir: str) -> dict:
+    """What the ``model`` artifact says about its adapter: the base model (config name and the
+    weights' path or hub id, as PEFT saved it), the method, its ranks r and r' (r' for the methods
+    that have one: PiLoRA and the budget-matched LoRA), the target modules and the run's task/seed."""
+    saved = {}
+    config_file = os.path.join(adapter_dir, "adapter_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            saved = json.load(f)
+    method = cfg["method"]
+    two = two_stage(cfg)
+    targets = saved.get("target_modules") or method.get("target_modules") or cfg["model"].get("target_modules")
+    return {
+        "base_model": cfg["model"]["name"],
+        "base_model_name_or_path": saved.get("base_model_name_or_path") or cfg["model"].get("path"),
+        "method": method.get("label") or method["name"],
+        "peft_type": saved.get("peft_type"),
+        "r": method.get("r"),
+        "supplementary_r": method.get("supplementary_r") if two else None,
+        "target_modules": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
+        "rank_pattern": saved.get("rank_pattern") or None,
+        "modules_to_save": saved.get("modules_to_save"),
+        "task": cfg["task"]["name"],
+        "seed": int(cfg["seed"]),
+        "status": record.get("status"),
+    }
+
+
+def _keep_in_run_folder(run, path: str, cap: float) -> None:
+    """A real copy of ``path`` in the run's ``files/`` (W&B would symlink it, and offline artifact
+    files stay in W&B's staging folder), so a copied run folder carries what the analysis reads."""
+    if not path or not os.path.isfile(path):
+        return
+    if _size_mb(path) > cap:
+        log.info(
+            "W&B: not copying %s into the run folder (%.0f MB > logger.artifact_max_mb=%g)", path, _size_mb(path), cap
+        )
+        return
+    copy = os.path.join(run.dir, os.path.basename(path))
+    shutil.copy(path, copy)
+    run.save(copy, base_path=run.dir, policy="now")
+
+
 def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) -> None:
-    """Write the summary and the artifacts; ``files`` maps ``results``/``importance``/``adapter`` to paths."""
+    """Write the summary and the artifacts; ``files`` maps ``results``/``importance``/``adapter`` to
+    paths (PiLoRA's compact ``adapter_pilora/`` is found next to ``adapter/``)."""
     import wandb
 
     global _RUN
     lg = cfg.get("logger") or {}
+    cap = float(lg.get("artifact_max_mb", 200))
     run.summary.update(summary_of(record, cfg))
-    record_file = files.get("results")
-    if record_file and os.path.isfile(record_file):
-        # a real copy (not W&B's symlink) so the offline run folder carries its record
-        shutil.copy(record_file, os.path.join(run.dir, os.path.basename(record_file)))
-        run.save(os.path.join(run.dir, os.path.basename(record_file)), base_path=run.dir, policy="now")
+    for key in ("results", "importance"):
+        _keep_in_run_folder(run, files.get(key), cap)
+    adapter = files.get("adapter")
+    if adapter:
+        files = {**files, "adapter_pilora": os.path.join(os.path.dirname(os.path.normpath(adapter)), "adapter_pilora")}
     if lg.get("artifacts", True):
-        cap = float(lg.get("artifact_max_mb", 200))
-        name = run_name(cfg)
+        name = artifact_name(_NAME or run_name(cfg, sweep_point(cfg, out)))
         for art_name, art_type, keys in (
             (f"{name}-record", "results", ("results", "importance")),
-            (f"{name}-adapter", "adapter", ("adapter",)),
+            (f"{name}-adapter", "model", ("adapter", "adapter_pilora")),
         ):
-            art, kept = wandb.Artifact(art_name, type=art_type), 0
+            meta = adapter_metadata(cfg, record, adapter) if art_type == "model" and adapter else None
+            art, kept = wandb.Artifact(art_name, type=art_type, metadata=meta), 0
             for key in keys:
                 path = files.get(key)
                 if not path or not os.path.exists(path):
@@ -234,10 +422,17 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
                 run.log_artifact(art)
     run.finish(exit_code=0 if record.get("status") == "complete" else 1)  # a failed record: a failed run
     _RUN = None
+    _forget_name()
+
+
+def _forget_name() -> None:
+    global _NAME
+    _NAME = None
 
 
 def abort(run) -> None:
     """End the run of a job that raised (marked failed in W&B)."""
     global _RUN
     _RUN = None
+    _forget_name()
     run.finish(exit_code=1)
