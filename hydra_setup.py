@@ -9,7 +9,9 @@
 * ``${row_name:${method.label},${method.name}}``: the method's name in records and folders;
 * :class:`PrintSummary`, the table printed after every multirun;
 * tab completion of nested choices (``task=glue/<TAB>`` -> ``task=glue/mrpc``, ...), which Hydra's
-  completion (``python run.py --shell-completion install=bash``) does not offer by itself;
+  completion (``python run.py --shell-completion install=bash``) does not offer by itself, and of
+  nothing ``run.py`` would refuse (no ``_`` bases, no ``method=partition/...``, no schema); the
+  same for ``--help``'s list of groups;
 * :func:`check_overrides`: the options of a nested group and the keys of ``method`` when an
   override names neither (Hydra lists the options of a top-level group itself).
 
@@ -22,6 +24,7 @@ import dataclasses
 import glob
 import os
 
+from hydra._internal.hydra import Hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -31,7 +34,7 @@ from omegaconf import OmegaConf
 
 from pilora.methods import METHODS, MethodConfig, PartitionConfig, Stage1Config, applicable_keys
 from pilora.runner.config import register_resolvers, safe_dirname
-from pilora.runner.summary import format_table, summary_rows
+from pilora.runner.summary import format_table, summary_rows, swept_keys
 
 
 def job_dirname(overrides, exclude_keys, method: str, match_budget: bool = False) -> str:
@@ -81,7 +84,48 @@ def _query_config_groups(self, word, config_name, words):
         ]
         matched = sorted(set(matched) | set(nested))
         exact = exact or bool(nested)
-    return matched, exact
+    return _choosable(matched), exact
+
+
+HIDDEN_GROUPS = ("schema",)  # the method schema: included by conf/method/_base.yaml, never chosen
+
+
+def _choosable(words: list[str]) -> list[str]:
+    """Completions less what ``run.py`` refuses: the ``_`` bases (``method=_base``, ``task=glue/_glue``),
+    a section's files offered as a group's choices (``method=partition/random``; the group is
+    ``method/partition``) and the schema group."""
+    out = []
+    for word in words:
+        bare = word.lstrip("+~")
+        group, eq, value = bare.partition("=")
+        if group.split("/")[0].split(".")[0] in HIDDEN_GROUPS:
+            continue
+        if eq and value and os.path.isdir(os.path.join(CONF, group)) and not group.startswith("hydra"):
+            if value not in group_options(group) and value != "null":
+                continue
+        out.append(word)
+    return out
+
+
+_hydra_format_groups = Hydra.format_config_groups
+
+
+def _format_config_groups(self, predicate, compact: bool = True) -> str:
+    """``--help``'s list of groups: what can be chosen (:func:`group_options`), without the
+    ``_`` bases and the schema group."""
+    text = _hydra_format_groups(self, lambda g: predicate(g) and g.split("/")[0] not in HIDDEN_GROUPS, compact)
+    if not compact:
+        return text
+    lines = []
+    for line in text.splitlines():
+        group, sep, items = line.partition(": ")
+        if sep and os.path.isdir(os.path.join(CONF, group)):
+            keep = [o for o in items.split(", ") if not o.startswith("_")]
+            if not keep:
+                continue
+            line = f"{group}: {', '.join(keep)}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
@@ -135,21 +179,40 @@ def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:
     return None
 
 
+DIRECTIONS = {"max": "maximize", "min": "minimize"}
+
+
+def direction_of(metric_mode: str) -> str:
+    """``${direction_of:${task.metric_mode}}``: a task's metric mode as an Optuna study direction
+    (conf/hparams_search/optuna.yaml)."""
+    if metric_mode not in DIRECTIONS:
+        raise ValueError(f"task.metric_mode must be one of {sorted(DIRECTIONS)}, got {metric_mode!r}")
+    return DIRECTIONS[metric_mode]
+
+
 def register() -> None:
     """Resolvers (the library's and ``job_dirname``) and the method schema; idempotent."""
     register_resolvers()
-    for name, fn in {"job_dirname": job_dirname, "row_name": lambda label, name: label or name}.items():
+    resolvers = {
+        "job_dirname": job_dirname,
+        "row_name": lambda label, name: label or name,
+        "direction_of": direction_of,
+    }
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     ConfigStore.instance().store(group="schema", name="method", node=MethodConfig)
     CompletionPlugin._query_config_groups = _query_config_groups
+    Hydra.format_config_groups = _format_config_groups
 
 
 class PrintSummary(Callback):
-    """After every multirun, print the table of its records (conf/config.yaml hydra.callbacks)."""
+    """After every multirun, print the table of its records (conf/config.yaml hydra.callbacks), with
+    the value of each swept key and each job's folder."""
 
     def on_multirun_end(self, config, **kwargs):
-        print("\n" + format_table(summary_rows(config.hydra.sweep.dir)), flush=True)
+        swept = swept_keys(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params"))
+        print("\n" + format_table(summary_rows(config.hydra.sweep.dir, swept)), flush=True)
 
 
 register()

@@ -10,6 +10,7 @@ import pytest
 from helpers import CONF, FAST, compose_cfg, write_images
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
+import hydra_setup
 from pilora.methods import MethodConfig
 from pilora.runner.train import method_config, train
 from pilora.tasks import FAMILIES, DataError
@@ -301,11 +302,99 @@ def test_tab_completion_offers_nested_choices():
     from hydra._internal.core_plugins.bash_completion import BashCompletion
     from hydra._internal.utils import create_config_search_path
 
+    import hydra_setup
+
     bash = BashCompletion(ConfigLoaderImpl(config_search_path=create_config_search_path(CONF)))
     assert bash._query("config", "task=glue/m") == ["task=glue/mnli", "task=glue/mrpc"]
     assert "task=vision/eurosat" in bash._query("config", "task=")
     assert bash._query("config", "method=pi") == ["method=pilora", "method=pissa"]
     assert bash._query("config", "method=lora method.stage1.") == ["method.stage1.epochs=", "method.stage1.max_steps="]
+    # only what run.py accepts: no partition files as methods, no _ bases, no schema group
+    assert bash._query("config", "method=p") == ["method=pilora", "method=pissa"]
+    assert bash._query("config", "method=_") == [] and bash._query("config", "sch") == []
+    assert "schema=" not in bash._query("config", "")
+    offered = [
+        w
+        for g in ("method", "task", "model", "logger", "experiment", "hparams_search", "local")
+        for w in bash._query("config", f"{g}=")
+    ]
+    assert "method=pilora" in offered and "hparams_search=optuna" in offered and "local=example" in offered
+    for word in offered + bash._query("config", "method/partition="):
+        assert hydra_setup.check_overrides([word]) is None, word
+
+
+def test_help_lists_only_what_can_be_chosen():
+    proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
+    assert "schema" not in listed and listed["method/partition"].split(", ")[0] == "cumulative"
+    assert "_base" not in listed["method"].split(", ") and "pilora" in listed["method"].split(", ")
+    assert "_glue" not in listed["task/glue"] and "sst2" in listed["task/glue"].split(", ")
+    assert listed["hparams_search"] == "optuna" and listed["local"] == "example"
+    for group, options in listed.items():
+        for option in options.split(", "):
+            assert hydra_setup.check_overrides([f"{group}={option}"]) is None, (group, option)
+
+
+def test_optuna_search_direction_follows_the_tasks_metric_mode():
+    """conf/hparams_search/optuna.yaml maximizes accuracy and minimizes commonsense170k's loss;
+    its sweeper is the ``optuna`` extra of pyproject.toml (composed only where it is installed)."""
+    import tomllib
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.load(os.path.join(CONF, "hparams_search", "optuna.yaml"))
+    assert "override /hydra/sweeper" in str(OmegaConf.to_container(spec)["defaults"])
+    assert [hydra_setup.direction_of(m) for m in ("max", "min")] == ["maximize", "minimize"]
+    with pytest.raises(ValueError, match="metric_mode must be one of"):
+        hydra_setup.direction_of("up")
+    extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
+    assert any(d.startswith("hydra-optuna-sweeper") for d in extras["optuna"])
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra import compose, initialize_config_dir
+
+    for task, direction in (("glue/sst2", "maximize"), ("commonsense/commonsense170k", "minimize")):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("config", overrides=["hparams_search=optuna", f"task={task}"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.direction == direction and cfg.hydra.mode.name == "MULTIRUN"
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.sweep_name == f"optuna_{cfg.task.name}"
+
+
+def test_local_config_is_git_ignored_and_applied_when_present(tmp_path):
+    """conf/local/default.yaml (this machine's paths) is ignored by git, except the tracked
+    example, and composes over the defaults and any experiment when it exists."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    assert ignored("conf/local/default.yaml") and ignored("conf/local/cluster.yaml")
+    assert not ignored("conf/local/example.yaml")
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "local" / "default.yaml").unlink(missing_ok=True)  # this machine's own, if any
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        plain = compose("config", overrides=["experiment=table2_glue"], return_hydra_config=True)
+    (conf / "local" / "default.yaml").write_text(
+        "# @package _global_\nlogger:\n  entity: my-team\nhydra:\n  sweep:\n    dir: /scratch/x/${sweep_name}\n"
+    )
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        local = compose("config", overrides=["experiment=table2_glue"], return_hydra_config=True)
+    assert plain.logger.entity is None and local.logger.entity == "my-team"
+    assert local.hydra.sweep.dir == "/scratch/x/table2_glue" != plain.hydra.sweep.dir
+    assert local.task == plain.task and local.method == plain.method  # nothing else changes
+
+
+def test_version_is_the_installed_metadata_of_pyproject():
+    import tomllib
+
+    import pilora
+
+    assert pilora.__version__ == tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["version"]
 
 
 def test_group_choices_are_checked_against_what_can_be_chosen():
