@@ -89,8 +89,9 @@ def test_commonsense_generation_end_to_end(tmp_path, method, monkeypatch):
 
 
 @pytest.mark.slow
-def test_commonsense_in_the_papers_precision_bf16_base_and_autocast(tmp_path):
-    """The LLaMA runs' setting (model.dtype=bfloat16, trainer.bf16=true; here on the CPU's autocast):
+def test_commonsense_in_the_bf16_option_bf16_base_and_autocast(tmp_path):
+    """The bf16 option of the LLaMA runs (model.dtype=bfloat16, trainer.bf16=true; the default is the
+    cited code's fp16; here on the CPU's autocast):
     both stages train and the adapters stay fp32 on the bf16 base. The structural zeros held by the
     trainer's step mask are checked at every epoch's checkpoint (saving raises if one moved)."""
     from safetensors.torch import load_file
