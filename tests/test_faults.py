@@ -13,9 +13,10 @@ import pytest
 import torch
 from helpers import FAST, compose_cfg, write_images
 
-from pilora import ImportanceStats, records
+from pilora import ImportanceStats
 from pilora.importance import ModuleStats
 from pilora.partition import partition
+from pilora.runner import records
 from pilora.runner.records import RecordWriteError, atomic_write_json
 from pilora.runner.train import CorruptCheckpoint, train
 
