@@ -96,3 +96,17 @@ def test_a_job_folder_stores_no_module_path_and_reloads(tmp_path):
     plain = OmegaConf.to_container(cfg, resolve=True)
     model = load_adapter(make_task(plain["task"], plain["model"]).build_model(), str(out / "adapter_pilora"))
     assert count_parameters(model).adapter == rec["params"]["adapter"] > 0  # the trained partition, rebuilt
+
+
+def test_only_the_library_installs_no_generic_top_level_names(tmp_path):
+    """``pip install -e .`` puts ``pilora`` on the path and nothing else: ``analysis`` and
+    ``benchmarks`` are the repository's tools, importable from its root only, so they never shadow
+    (or are shadowed by) another distribution's module of that name."""
+    import subprocess
+    import sys
+
+    code = "import importlib.util as u, pilora; print([n for n in ('analysis', 'benchmarks') if u.find_spec(n)])"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
