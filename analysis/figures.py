@@ -375,7 +375,9 @@ def accuracy_vs(
     if ax2 is not None:  # the dashed # Params lines are in the legend too
         h2, n2 = ax2.get_legend_handles_labels()
         handles, names = handles + h2, names + n2
-    ax.legend(handles, names, fontsize=7, loc="best")
+    # below the axes: inside them, loc="best" weighs only the accuracy axes' artists and can sit on
+    # the twin axes' dashed # Params line (save() keeps the legend in the file: bbox_inches="tight")
+    ax.legend(handles, names, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
     return fig
 

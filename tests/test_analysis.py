@@ -629,3 +629,41 @@ def test_fig6_legend_names_each_accuracy_line_and_its_params_line(tree):
     recs = sorted(_pick(tree, "fig6_group"), key=lambda r: r["config"]["method"]["partition"]["args"]["threshold"])
     assert list(p.get_ydata()) == pytest.approx([100 * r["params"]["adapter_share"] for r in recs])
     assert "# Params" in ax2.get_ylabel()
+
+
+def _covered(fig, ax, lines):
+    """Points of ``lines`` (sampled along each segment, in display coordinates) under the legend."""
+    import numpy as np
+
+    fig.canvas.draw()
+    box = ax.get_legend().get_window_extent()
+    hits = []
+    for line in lines:
+        xy = line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float))
+        for (x0, y0), (x1, y1) in zip(xy[:-1], xy[1:]):
+            for t in np.linspace(0, 1, 50):
+                x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+                if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1:
+                    hits.append((line.get_label(), x, y))
+    return hits
+
+
+@pytest.mark.parametrize("which", ["fig4", "fig6"])
+def test_fig4_and_fig6_legends_cover_no_line(tree, which):
+    """The legend sits where no accuracy line and no dashed # Params line runs (``loc="best"`` of
+    the accuracy axes alone ignores the twin axes' dashed line and could sit on it)."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures import fig_group_size, fig_rprime
+    from analysis.records import load_records
+
+    plt.switch_backend("Agg")
+    fig = (fig_rprime if which == "fig4" else fig_group_size)(load_records(tree, quiet=True))
+    ax, ax2 = fig.axes[0], fig.axes[1]
+    dashed = [line for line in ax2.get_lines() if line.get_linestyle() == "--"]
+    accuracy = [c.lines[0] for c in ax.containers]
+    assert dashed and accuracy
+    assert _covered(fig, ax, dashed + accuracy) == []
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [line.get_label() for line in dashed] == [t for t in labels if t.startswith("# Params")]
+    plt.close(fig)
