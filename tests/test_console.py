@@ -149,3 +149,18 @@ def test_peft_future_warning_is_not_repeated_per_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("PiLoRA stage 2: training") + proc.stderr.count("PiLoRA stage 2: training") == 2
     assert "is_gradient_checkpointing" not in proc.stdout + proc.stderr
+
+
+def test_each_metric_line_is_printed_once(capsys):
+    """The progress bar no longer writes Trainer's metric dict: MetricsToLog's log line is the only copy."""
+    from pilora.runner.console import StageProgress
+
+    bar = StageProgress("train")
+    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=5, global_step=1)
+    bar.on_train_begin(None, state, None)
+    try:
+        bar.on_log(None, state, None, logs={"loss": 1.25, "grad_norm": 0.5})
+    finally:
+        bar.training_bar.close()
+    captured = capsys.readouterr()
+    assert "1.25" not in captured.out + captured.err

@@ -57,6 +57,10 @@ class StageProgress(ProgressCallback):
         if new and self.prediction_bar is not None:
             self.prediction_bar.set_description(f"{self.stage} eval")
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Nothing: :class:`MetricsToLog` prints each metric line once, through the ``pilora``
+        logger (console and ``run.log``); ProgressCallback would write the same dict again."""
+
 
 class MetricsToLog(TrainerCallback):
     """Every metric line Trainer logs goes to the ``pilora`` logger too, so ``run.log`` holds the
