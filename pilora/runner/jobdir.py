@@ -6,10 +6,11 @@ written by the job that created it (``job.json``: the resolved config and the id
 input file the config names) equals the new job's. Anything else stops the job with
 :class:`StaleJob`, instead of silently returning or continuing a different experiment.
 
-The lock (``.lock`` in the job folder) holds the writer's host, pid and a heartbeat. On a local
-disk ``fcntl.flock`` decides (the kernel drops it with the process); on a shared filesystem
-where ``flock`` does not reach other hosts, a holder named in the file is live while its
-heartbeat is fresh (other host) or its pid runs (same host).
+The lock (``.lock`` in the job folder) holds the writer's host, pid and a heartbeat. Where
+``fcntl.flock`` works it decides (the kernel, or the NFS/GPFS lock manager, drops it with the
+process or node), so a job requeued on another node takes over at once. On a filesystem without
+flock, or whose flock stays on one node (``PILORA_LOCK_FLOCK=node-local``), a holder named in the
+file is live while its heartbeat is fresh (other host) or its pid runs (same host).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ NOT_RESULT_KEYS = ("resume", "output_dir", "logger")
 HEARTBEAT_S = float(os.environ.get("PILORA_LOCK_HEARTBEAT_S", "30"))
 # a holder on another host whose heartbeat is older than this is taken for dead (crashed node)
 STALE_S = float(os.environ.get("PILORA_LOCK_STALE_S", "300"))
+
+# PILORA_LOCK_FLOCK=node-local: a filesystem whose flock reaches only the local node (Lustre mounted
+# with localflock); there a holder on another host is judged by its heartbeat even when our flock
+# succeeded. Elsewhere an acquired flock proves the previous holder gone.
+FLOCK_NODE_LOCAL = os.environ.get("PILORA_LOCK_FLOCK", "") == "node-local"
 
 _held: dict[str, "JobLock"] = {}
 
@@ -108,6 +114,11 @@ class JobLock:
             pass
 
     def _holder_alive(self, holder: dict, flocked: bool) -> bool:
+        if flocked and not FLOCK_NODE_LOCAL:
+            # a live holder, on any host, would hold the flock we just got (local disks, NFS and
+            # GPFS carry flock between hosts): it is gone, e.g. a job requeued on another node
+            # after its first node died, whose heartbeat may still look fresh
+            return False
         if holder.get("host") == self.info["host"]:
             if flocked or holder.get("pid") == self.info["pid"]:
                 # a live holder on this host would hold the flock we just got: it is gone (its pid may
@@ -206,9 +217,95 @@ def holds_lock(path: str) -> bool:
 
 
 # -- manifest: what the folder was made for ----------------------------------------------------
-def _identity(path: str) -> dict:
-    """Size + modification time of a file; for a folder the same of its top-level entries (cheap on
-    data sets with many files, and it changes when a split or file is replaced)."""
+# Inputs are identified by content (SHA-256), so that a `touch`, a fresh copy to node-local scratch
+# or the same data under another task.dataset.root still resume, while an edit that keeps size and
+# mtime does not. Digests are cached by path + inode + size + mtime + ctime: the ctime changes with
+# every write (and cannot be set back by `touch -d` or `rsync -t`), so a cached digest is only
+# reused for an unchanged file; hashing happens once per file version, not once per job.
+HASH_CACHE = os.environ.get("PILORA_HASH_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pilora", "input-hashes.json"
+)
+_CHUNK = 1 << 20
+_digests: dict[str, list] = {}  # path -> [stat key, digest]; this process's view of HASH_CACHE
+_cache_loaded = False
+_cache_dirty = False
+
+
+def _stat_key(st: os.stat_result) -> list:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _load_cache() -> None:
+    global _cache_loaded
+    if not _cache_loaded:
+        _cache_loaded = True
+        cached = _read_json(HASH_CACHE)
+        if isinstance(cached, dict):
+            for path, entry in cached.items():
+                _digests.setdefault(path, entry)
+
+
+def _save_cache() -> None:
+    """Merge this process's digests into :data:`HASH_CACHE` (a cache: a failed write only costs a rehash)."""
+    global _cache_dirty
+    if not _cache_dirty:
+        return
+    _cache_dirty = False
+    merged = _read_json(HASH_CACHE)
+    merged = {**(merged if isinstance(merged, dict) else {}), **_digests}
+    try:
+        atomic_write_json(HASH_CACHE, merged, indent=0, fsync=False)
+    except OSError as err:
+        log.debug("could not write the input hash cache %s: %s", HASH_CACHE, err)
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes, from the cache while the file is unchanged (see :data:`HASH_CACHE`)."""
+    global _cache_dirty
+    import hashlib
+
+    path = os.path.abspath(path)
+    key = _stat_key(os.stat(path))
+    _load_cache()
+    hit = _digests.get(path)
+    if isinstance(hit, list) and len(hit) == 2 and hit[0] == key:
+        return hit[1]
+    if key[2] > 1 << 30:
+        log.info("hashing %s (%.1f GB) to identify this job's inputs; cached afterwards", path, key[2] / 2**30)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    _digests[path] = [key, h.hexdigest()]
+    _cache_dirty = True
+    return h.hexdigest()
+
+
+def _identity(path: str, out: str | None = None) -> dict:
+    """What a job's input is: the SHA-256 of a file's bytes; for a folder, of the sorted relative
+    paths and digests of every file under it (hidden files and folders, and the job folder
+    ``out``, left out). The path is kept for the reader, never compared."""
+    import hashlib
+
+    if not os.path.isdir(path):
+        return {"kind": "file", "sha256": file_digest(path)}
+    h, files = hashlib.sha256(), 0
+    for here, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(here, d) != out)
+        for name in sorted(n for n in names if not n.startswith(".")):
+            full = os.path.join(here, name)
+            try:
+                digest = file_digest(full)
+            except OSError:  # vanished or unreadable: the job fails on it, if it uses it
+                continue
+            h.update(f"{os.path.relpath(full, path)}\0{digest}\n".encode())
+            files += 1
+    return {"kind": "dir", "files": files, "sha256": h.hexdigest()}
+
+
+def _legacy_identity(path: str) -> dict:
+    """The identity job folders made before content digests recorded: size + mtime of a file, of the
+    top-level entries of a folder."""
     st = os.stat(path)
     if os.path.isdir(path):
         entries = {}
@@ -222,32 +319,77 @@ def _identity(path: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def input_files(cfg: dict, out: str) -> dict:
-    """Identity of every existing file / folder named by a path-like string of ``cfg`` (outside the
-    job folder itself), keyed by its dotted config key."""
-    out = os.path.abspath(out)
-    found = {}
+def _path_values(cfg: dict, out: str):
+    """``(dotted key, absolute path)`` of every path-like string of ``cfg`` naming an existing file or
+    folder outside the job folder ``out``."""
 
     def walk(node, key):
         if isinstance(node, dict):
             for k, v in node.items():
                 if key == "" and k in NOT_RESULT_KEYS:
                     continue
-                walk(v, f"{key}.{k}" if key else str(k))
+                yield from walk(v, f"{key}.{k}" if key else str(k))
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
-                walk(v, f"{key}[{i}]")
+                yield from walk(v, f"{key}[{i}]")
         elif isinstance(node, str) and os.sep in node:
             path = os.path.abspath(os.path.expanduser(node))
-            if path == out or path.startswith(out + os.sep) or not os.path.exists(path):
-                return
-            try:
-                found[key] = {"path": path, **_identity(path)}
-            except OSError:
-                pass
+            if path != out and not path.startswith(out + os.sep) and os.path.exists(path):
+                yield key, path
 
-    walk(cfg, "")
+    yield from walk(cfg, "")
+
+
+def input_files(cfg: dict, out: str) -> dict:
+    """Identity (:func:`_identity`) of every existing file / folder named by a path-like string of
+    ``cfg`` (outside the job folder itself), keyed by its dotted config key."""
+    out = os.path.abspath(out)
+    found = {}
+    for key, path in _path_values(cfg, out):
+        try:
+            found[key] = {"path": path, **_identity(path, out)}
+        except OSError:
+            pass
+    _save_cache()
     return found
+
+
+def _mask_inputs(cfg, keys: set[str]):
+    """``cfg`` with the values at the dotted ``keys`` replaced by a marker: inputs compared by content."""
+    if not keys:
+        return cfg
+
+    def walk(node, key):
+        if key in keys:
+            return "<input, compared by content>"
+        if isinstance(node, dict):
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    return walk(cfg, "")
+
+
+def _input_differences(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        was, now = old.get(key), new.get(key)
+        if was is None or now is None:
+            out.append(f"input.{key} (new: {now['path']!r})" if was is None else f"input.{key} (was {was}, now unset)")
+        elif isinstance(was, dict) and "sha256" in was:
+            if (was.get("kind"), was["sha256"]) != (now.get("kind"), now.get("sha256")):
+                out.append(
+                    f"input.{key} content (was {was.get('kind')} {was.get('path')!r} sha256 {str(was['sha256'])[:12]}, "
+                    f"now {now.get('kind')} {now.get('path')!r} sha256 {str(now.get('sha256'))[:12]})"
+                )
+        else:  # a manifest from before content digests: compared as it was made
+            try:
+                current = {"path": now["path"], **_legacy_identity(now["path"])}
+            except OSError:
+                current = {"path": now["path"]}
+            out += _differences(was, current, f"input.{key}")
+    return out
 
 
 def manifest(cfg: dict, out: str) -> dict:
@@ -280,7 +422,12 @@ def _manifest_differences(theirs: dict, mine: dict) -> list[str]:
         from ..methods import recorded_section
 
         old_cfg = {**old_cfg, "method": recorded_section(old_cfg["method"])}
-    return _differences(old_cfg, mine["config"], "config") + _differences(theirs.get("inputs"), mine["inputs"], "input")
+    old_inputs = theirs.get("inputs") if isinstance(theirs.get("inputs"), dict) else {}
+    # a path both manifests identified by content is compared by content, not by where it lies
+    by_content = {k for k in set(old_inputs) & set(mine["inputs"]) if "sha256" in (old_inputs[k] or {})}
+    return _differences(_mask_inputs(old_cfg, by_content), _mask_inputs(mine["config"], by_content), "config") + (
+        _input_differences(old_inputs, mine["inputs"])
+    )
 
 
 def is_twin(cfg: dict, out: str, wait_s: float = 10.0) -> bool:
