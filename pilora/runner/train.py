@@ -58,6 +58,7 @@ from .cost import JobClock
 from .jobdir import JobLocked, StaleJob, Twin, open_job  # noqa: F401 (re-exported)
 from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
 from .stats_check import check_statistics
+from .validate import validate
 
 log = logging.getLogger("pilora")
 IMPORTANCE_FILE = "importance.pt"
@@ -250,13 +251,7 @@ def run_stage1(
             clock.restore(stats.meta.get("cost"))
             return stats, path
     stage_dir = os.path.join(out, "stage1")
-    overrides = {
-        "num_train_epochs": float(method.stage1.epochs),
-        "max_steps": int(method.stage1.max_steps),
-        "eval_strategy": "no",
-        "load_best_model_at_end": False,
-    }
-    args = _training_args(cfg, task, stage_dir, **overrides)
+    args = _training_args(cfg, task, stage_dir, **stage1_overrides(method))
     refuse_sharded_stage1(args)
     torch.manual_seed(int(cfg["seed"]))
     model = prepare_model(task.build_model(), method, stage=1, task_type=task.task_type)
@@ -298,6 +293,16 @@ def run_stage1(
         stats.save(path)
     del trainer, model
     return stats, path
+
+
+def stage1_overrides(method: MethodConfig) -> dict:
+    """What stage 1 changes in the trainer settings: its own length, and no evaluation."""
+    return {
+        "num_train_epochs": float(method.stage1.epochs),
+        "max_steps": int(method.stage1.max_steps),
+        "eval_strategy": "no",
+        "load_best_model_at_end": False,
+    }
 
 
 def _set_aside(path: str, err: Exception) -> None:
@@ -407,6 +412,7 @@ def train(cfg: Any, sweep: bool = False) -> dict:
     with ``status: "duplicate"`` naming the folder whose record is its result."""
     cfg = _plain(cfg)
     method, cfg, ignored = _method_settings(cfg)  # the one typed method object from here on
+    validate(cfg, method)  # every stage's settings, before the folder is made or anything trains
     job = open_job(cfg, twins=sweep)
     if isinstance(job, Twin):
         log.warning(

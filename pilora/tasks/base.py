@@ -61,6 +61,12 @@ class Task:
         self.name = task_cfg["name"]
 
     # --- to be provided by families ---------------------------------------------------------
+    @classmethod
+    def check_config(cls, task_cfg: dict) -> None:
+        """Raise a ValueError (or :class:`DataError`) naming the key for a setting of ``task_cfg``
+        that could not run; called before the job's folder is made, so that an evaluation setting
+        fails before training rather than after it. Nothing is loaded but small files."""
+
     def build_model(self):
         """A fresh pretrained model with the task head (deterministic for ``self.seed``)."""
         raise NotImplementedError

@@ -107,6 +107,37 @@ class CommonsenseTask(Task):
             )
         return mode
 
+    @classmethod
+    def check_config(cls, task_cfg: dict) -> None:
+        """The evaluation's settings and test files, which are used only after training: a wrong
+        one fails here, before the job's folder is made."""
+        for key, low, optional in _INT_SETTINGS:
+            value = task_cfg.get(key)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"task.{key} must be an integer >= {low}{' or null' if optional else ''}, got {value!r}: "
+                    f"set task.{key}=<integer>"
+                )
+        for key in ("train_on_inputs", "lm_eval"):
+            if key in task_cfg and not isinstance(task_cfg[key], bool):
+                raise ValueError(f"task.{key} must be true or false, got {task_cfg[key]!r}")
+        probe = cls.__new__(cls)  # these properties read only the config
+        probe.cfg, probe.name = task_cfg, task_cfg.get("name")
+        settings = (probe.eval_weights, probe.prompt_style, probe.generation)
+        from transformers import GenerationConfig
+
+        try:
+            GenerationConfig(**settings[2]).validate(strict=True)
+        except ValueError as err:
+            raise ValueError(
+                f"task.generation {settings[2]} is refused by transformers.GenerationConfig: {err}"
+            ) from None
+        for name, path in (task_cfg.get("eval_sets") or {}).items():
+            if path:
+                check_test_file(name, path)
+
     def protocol(self) -> dict:
         return {
             "reported_split": "test",
@@ -147,6 +178,38 @@ class CommonsenseTask(Task):
                 res = cs.evaluate_with_lm_eval(scored, self.tokenizer, limit=limit)
                 out.update({f"lm_eval_{k}": v for k, v in res.items()})
         return out
+
+
+# integer task settings: (key, smallest value, whether null is allowed)
+_INT_SETTINGS = (
+    ("eval_limit", 1, True),
+    ("eval_batch_size", 1, True),
+    ("val_set_size", 1, False),
+    ("cutoff_len", 1, False),
+)
+
+
+def check_test_file(name: str, path: str) -> None:
+    """A test set named by ``task.eval_sets.<name>`` exists and is a complete JSON list of records
+    with ``instruction`` and ``answer``: a truncated download fails before training, not after it."""
+    import json
+
+    file = os.path.expanduser(str(path))
+    if os.path.isdir(file):
+        file = os.path.join(file, "test.json")
+    fix = f"fix or re-download it, or leave the set out with ~task.eval_sets.{name}"
+    if not os.path.isfile(file):
+        raise DataError(f"test set {name!r}: {file!r} does not exist; {fix}. {cs._DOWNLOAD_HINT}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"test set {name!r}: {file!r} is not valid JSON (truncated?): {err}; {fix}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"test set {name!r}: {file!r} is not a non-empty JSON list of records; {fix}")
+    missing = sorted({"instruction", "answer"} - set().union(*(r.keys() for r in rows)))
+    if missing:
+        raise DataError(f"test set {name!r}: {file!r} has no {', '.join(missing)} field; {fix}")
 
 
 # How the trained model is scored: each entry is a context manager giving the model to evaluate.
