@@ -380,3 +380,43 @@ def test_online_without_network_falls_back_to_offline(tmp_path, monkeypatch, cap
     (run,) = runs.values()
     assert run["summary"]["status"] == "complete" and run["config"]["logger"]["mode"] == "online"
     assert glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "results.json"))
+
+
+def test_notebooks_read_offline_wandb_runs_and_share_the_colour_scale(sweep, monkeypatch):
+    """``PILORA_WANDB_DIR``: the tables notebook shows the tables of the offline runs (the same
+    Markdown as ``analysis.tables`` from those runs) and the heat-map notebook draws their
+    ``importance.pt``; ``PILORA_SHARED_SCALE=1`` puts each figure's panels on one colour range."""
+    import nbformat
+    from nbclient import NotebookClient
+    from test_analysis import REPO, _kernel_name
+
+    from analysis import records, tables
+
+    monkeypatch.setenv("PILORA_WANDB_DIR", str(sweep))
+    monkeypatch.setenv("PILORA_RESULTS", str(sweep / "nothing_here"))  # the W&B source must win
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ranges = {}
+    for shared in ("1", "0"):
+        monkeypatch.setenv("PILORA_SHARED_SCALE", shared)
+        names = ("tables.ipynb", "gradient_heatmaps.ipynb") if shared == "1" else ("gradient_heatmaps.ipynb",)
+        for name in names:
+            nb = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
+            NotebookClient(
+                nb,
+                timeout=180,
+                kernel_name=_kernel_name(),
+                resources={"metadata": {"path": os.path.join(REPO, "notebooks")}},
+            ).execute()
+            outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+            assert not [o for o in outputs if o.output_type == "error"], name
+            if name == "tables.ipynb":
+                shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+                expected = tables.render(records.load_wandb_dir(str(sweep)), ["3"], which="best")
+                assert expected in shown and "tiny-clip" in expected
+            else:
+                assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2  # Fig. 2 and Fig. 7
+                text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+                ranges[shared] = [line[line.rindex("[(") :].count("(") for line in text.splitlines() if "[(" in line]
+    assert ranges["1"] == [1, 1]  # one colour range per figure
+    assert all(n > 1 for n in ranges["0"])  # each panel its own
