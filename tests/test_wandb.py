@@ -420,3 +420,32 @@ def test_notebooks_read_offline_wandb_runs_and_share_the_colour_scale(sweep, mon
                 ranges[shared] = [line[line.rindex("[(") :].count("(") for line in text.splitlines() if "[(" in line]
     assert ranges["1"] == [1, 1]  # one colour range per figure
     assert all(n > 1 for n in ranges["0"])  # each panel its own
+
+
+def test_sweep_point_of_an_experiment_comes_from_its_sweeper_params(tmp_path):
+    """``experiment=fig4_rprime`` sweeps through ``hydra.sweeper.params`` (method x r'): a job's
+    point is its r' (the method is in the name already), not the other overrides it was given."""
+    from helpers import CONF
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from pilora.runner import wandb as w
+
+    job = ["experiment=fig4_rprime", "method=lora_matched", "method.supplementary_r=4", "trainer.max_steps=3"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*job, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra")
+    before = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert w.sweep_point(plain, str(tmp_path / "job")) == {"method.supplementary_r": "4"}
+        # the sweep's own record of its command line (Hydra's basic sweeper writes multirun.yaml)
+        OmegaConf.save({"hydra": {"overrides": {"task": ["trainer.max_steps=3,5"]}}}, tmp_path / "multirun.yaml")
+        point = w.sweep_point(plain, str(tmp_path / "job"))
+        assert point == {"method.supplementary_r": "4", "trainer.max_steps": "3"}
+        assert w.run_name(plain, point) == "lora_matched-commonsense170k-llama2-7b-s0-supplementary_r=4-max_steps=3"
+        assert w.run_group(plain, point) == "fig4_rprime"
+    finally:
+        HydraConfig.instance().cfg = before
