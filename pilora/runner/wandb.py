@@ -17,7 +17,7 @@
   training of every other method (budget-matched LoRA included: its training is no PiLoRA
   stage 2), each against its own step axis (``stage1/step``, ``stage2/step``, ``train/step``).
 * **Summary:** everything ``results.json`` holds except the config (the run's config) and the
-  per-step loss list (the ``stage2/loss`` history), plus ``label`` and ``T`` (importance checks).
+  per-step loss list (the ``stage2/loss`` or ``train/loss`` history), plus ``label`` and ``T`` (importance checks).
 * **Artifacts** (``logger.artifacts``, default on): ``<run>-record`` (type ``results``:
   ``results.json`` and, for two-stage methods, ``importance.pt``) and ``<run>-adapter`` (type
   ``model``: the stock-PEFT ``adapter/`` and PiLoRA's compact ``adapter_pilora/``, with metadata
