@@ -44,6 +44,8 @@ JOB_ARTIFACTS = (
     "adapter_init",
     "model",
     "dash_directions.pt",
+    "training.json",
+    "predictions",
     MANIFEST,
 )
 # config keys that do not change what a job computes: a rerun differing only in them reuses the job
@@ -393,6 +395,12 @@ def _input_differences(old: dict, new: dict) -> list[str]:
 
 
 def manifest(cfg: dict, out: str) -> dict:
+    """What makes the folder this job's: the config and inputs that decide the trained weights. The
+    task's evaluation-only settings are left out (a change reruns only the evaluation, see
+    :mod:`pilora.runner.evaluate`); the record names them in ``evaluation.settings``."""
+    from .evaluate import without_evaluation
+
+    cfg = without_evaluation(cfg)
     return {"config": {k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}, "inputs": input_files(cfg, out)}
 
 
@@ -416,13 +424,18 @@ def _differences(old, new, key="") -> list[str]:
 
 
 def _manifest_differences(theirs: dict, mine: dict) -> list[str]:
+    from .evaluate import is_evaluation_key, without_evaluation
+
     old_cfg = theirs.get("config")
+    if isinstance(old_cfg, dict):  # a manifest written when evaluation settings were part of it
+        old_cfg = without_evaluation(old_cfg)
     if isinstance(old_cfg, dict) and isinstance(old_cfg.get("method"), dict):
         # a folder made before the method section held only the keys its method uses
         from ..methods import recorded_section
 
         old_cfg = {**old_cfg, "method": recorded_section(old_cfg["method"])}
     old_inputs = theirs.get("inputs") if isinstance(theirs.get("inputs"), dict) else {}
+    old_inputs = {k: v for k, v in old_inputs.items() if not is_evaluation_key(mine["config"], k)}
     # a path both manifests identified by content is compared by content, not by where it lies
     by_content = {k for k in set(old_inputs) & set(mine["inputs"]) if "sha256" in (old_inputs[k] or {})}
     return _differences(_mask_inputs(old_cfg, by_content), _mask_inputs(mine["config"], by_content), "config") + (

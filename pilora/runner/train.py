@@ -20,6 +20,7 @@ the adapter and ``results.json``. FSDP is refused for stage 1 (see :func:`pilora
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -49,6 +50,7 @@ from ..methods.lora_dash import DIRECTIONS_FILE, DashLaunchCallback
 from ..params import count_parameters
 from ..partition import dominant_fractions, partition
 from ..tasks import make_task
+from . import evaluate as evaluation
 from . import wandb as wandb_run
 from .callbacks import NanLossGuard
 from .checkpoints import CorruptCheckpoint, fit, non_finite_weights_failure, resume_point, verify_checkpoint  # noqa: F401
@@ -436,12 +438,16 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
     per_rank_log_file(out)
     done = read_record(os.path.join(out, RECORD))
     if done and done.get("status") == "complete" and cfg.get("resume", True):
-        log.info("job already complete: %s", os.path.join(out, RECORD))
-        return done
+        settings = (done.get("evaluation") or {}).get("settings")
+        if settings is None or settings == evaluation.evaluation_settings(cfg, out):
+            log.info("job already complete: %s", os.path.join(out, RECORD))
+            return done
+        log.info("evaluation settings changed since %s was written: evaluating again", os.path.join(out, RECORD))
     set_seed(int(cfg["seed"]))
     task = make_task(cfg["task"], cfg["model"], int(cfg["seed"]))
     if method.modules_to_save is None and task.head_modules:
         method.modules_to_save = list(task.head_modules)
+    evaluation.check_inputs(cfg, task, method)  # a missing file stops the job before any training
     data = task.datasets()
     run = wandb_run.start_run(cfg, out) if is_main() else None
     try:
@@ -472,6 +478,9 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
 
 
 def _run(cfg, task, method, data, out) -> dict:
+    training = read_record(os.path.join(out, evaluation.TRAINING_RECORD)) if cfg.get("resume", True) else None
+    if training and evaluation.saved_weights(out):
+        return _evaluate_only(cfg, task, method, data, out, training)
     timings, pilora_info = {}, None
     clock = JobClock()  # time and peak memory summed over the segments of a preempted job
     masks = budget = None
@@ -547,12 +556,11 @@ def _run(cfg, task, method, data, out) -> dict:
     model = gather_full_model(
         model, lambda: prepare_model(task.build_model(), method, masks=masks, task_type=task.task_type)
     )
-    t0 = time.time()
-    test = task.final_metrics(model, trainer, data)
-    timings["final_eval_s"] = time.time() - t0
-    timings["total_s"] = clock.elapsed()
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
-    if cfg.get("save_adapter", True) and (is_main() or sharded):
+    # the adapter and the record of training first: a failure or kill during the final evaluation
+    # then costs only the evaluation (the rerun reloads adapter/ and evaluates, pilora.runner.evaluate)
+    saved = cfg.get("save_adapter", True)
+    if saved and (is_main() or sharded):
         if not METHODS[method.name].adapter:  # full fine-tuning: the whole model (under FSDP every rank
             trainer.save_model(os.path.join(out, "model"))  # joins Trainer's gather; rank 0 writes)
         elif is_main():
@@ -561,7 +569,8 @@ def _run(cfg, task, method, data, out) -> dict:
     failure = non_finite_weights_failure(model)  # NaN/inf weights make NaN metrics: never a "complete" record
     if failure:
         log.error("%s", failure)
-    return {
+    timings["train_total_s"] = clock.elapsed()
+    training = {
         "schema": SCHEMA,
         "status": "failed" if failure else "complete",
         "failure": failure,
@@ -575,8 +584,8 @@ def _run(cfg, task, method, data, out) -> dict:
         "git": git_revision(),
         "epochs": epochs,
         "train_loss": train_losses,
-        "metrics": {"final": final, "best": best, "test": test},
-        "evaluation": {**task.protocol(), "selection": _selection(trainer)},
+        "metrics": {"final": final, "best": best, "test": None},
+        "evaluation": {"selection": _selection(trainer)},
         "params": params.to_dict(),
         "pilora": pilora_info,
         "budget_match": budget,
@@ -587,3 +596,44 @@ def _run(cfg, task, method, data, out) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "world_size": world_size(),
     }
+    if saved and is_main():
+        atomic_write_json(os.path.join(out, evaluation.TRAINING_RECORD), training)
+        log.info("adapter and training record written; final evaluation next")
+    return _final_evaluation(cfg, task, model, trainer, data, training, out)
+
+
+def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str) -> dict:
+    """The record: ``training`` (the record of training) + the test metrics of ``model``, with the
+    evaluation settings that produced them (``evaluation.settings``)."""
+    record = json.loads(json.dumps(training, default=str))
+    task.predictions_dir = os.path.join(out, evaluation.PREDICTIONS_DIR) if is_main() else None
+    t0 = time.time()
+    test = task.final_metrics(model, trainer, data)
+    record["metrics"]["test"] = test
+    record["config"] = cfg  # evaluation-only keys as this evaluation ran them
+    record["evaluation"] = {
+        **task.protocol(),
+        "selection": training["evaluation"]["selection"],
+        "settings": evaluation.evaluation_settings(cfg, out),
+    }
+    predictions = os.path.join(out, evaluation.PREDICTIONS_DIR)
+    if os.path.isdir(predictions):
+        record["predictions"] = sorted(
+            os.path.join(predictions, f) for f in os.listdir(predictions) if f.endswith(".jsonl")
+        )
+    timings = record["timing"]
+    timings["final_eval_s"] = time.time() - t0
+    timings["total_s"] = timings.pop("train_total_s") + timings["final_eval_s"]
+    return record
+
+
+def _evaluate_only(cfg, task, method, data, out, training: dict) -> dict:
+    """Rerun only the final evaluation of a trained job: its saved adapter (or model/) on a fresh
+    pretrained model, scored like an uninterrupted run's in-memory model."""
+    log.info("training already done (%s): reloading the trained weights and rerunning only the evaluation", out)
+    torch.manual_seed(int(cfg["seed"]))
+    model = evaluation.load_trained(cfg, task, out)
+    stage_dir = os.path.join(out, "stage2" if training.get("pilora") else "train")
+    args = _training_args(cfg, task, stage_dir)
+    trainer = _make_trainer(cfg, task, model, data, args)
+    return _final_evaluation(cfg, task, model, trainer, data, training, out)

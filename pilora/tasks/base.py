@@ -55,6 +55,11 @@ class Task:
     # scaling and multiplies by the DDP world size; for a plain per-batch mean loss (sequence
     # classification, the CLIP classifier) that inflates the gradients. None keeps Trainer's guess.
     accepts_loss_kwargs: bool | None = False
+    # task.* keys that change only the final evaluation (not the trained weights): a job differing
+    # from a finished one only in them reuses its adapter and reruns the evaluation
+    evaluation_keys: tuple[str, ...] = ()
+    # where final_metrics writes per-example predictions (<dir>/<set>.jsonl); None: not written
+    predictions_dir: str | None = None
 
     def __init__(self, task_cfg: dict, model_cfg: dict, seed: int = 0):
         self.cfg, self.model_cfg, self.seed = task_cfg, model_cfg, seed
@@ -87,6 +92,10 @@ class Task:
             return {}
         out = trainer.predict(data["test"], metric_key_prefix="test")
         return {k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+
+    def input_paths(self) -> dict[str, str]:
+        """``{config key: path}`` of the local files the job will read (checked before training)."""
+        return {}
 
     def protocol(self) -> dict:
         """How this task's numbers are produced, for the record (``results.json["evaluation"]``):

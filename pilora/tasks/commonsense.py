@@ -18,6 +18,16 @@ class CommonsenseTask(Task):
     example_model = "llama2-7b"
     task_type = "CAUSAL_LM"
     accepts_loss_kwargs = None  # HF causal LMs average the token loss over num_items_in_batch
+    # settings that change only the final evaluation: a rerun differing in them reuses the adapter
+    evaluation_keys = (
+        "eval_sets",
+        "eval_only",
+        "eval_limit",
+        "eval_batch_size",
+        "generation",
+        "eval_weights",
+        "lm_eval",
+    )
 
     def __init__(self, task_cfg, model_cfg, seed=0):
         super().__init__(task_cfg, model_cfg, seed)
@@ -149,9 +159,33 @@ class CommonsenseTask(Task):
             "best_epoch_on": "validation (held-out training examples)",
         }
 
-    def final_metrics(self, model, trainer, data):
-        """Accuracy on each configured test set by generation, and Avg."""
+    def test_sets(self) -> dict[str, str]:
+        """``{name: file}`` of the test sets scored: every set of ``task.eval_sets``, or only those
+        named in ``task.eval_only`` (a list, e.g. ``task.eval_only=[ARC-Easy,boolq]``)."""
         sets = {name: path for name, path in (self.cfg.get("eval_sets") or {}).items() if path}
+        only = self.cfg.get("eval_only")
+        if only is None:
+            return sets
+        if isinstance(only, str):
+            only = [only]
+        unknown = [n for n in only if n not in sets]
+        if unknown:
+            raise ValueError(
+                f"task.eval_only names {unknown}, not test sets of task {self.name!r}; "
+                f"choose from {sorted(sets)} (task.eval_sets)"
+            )
+        return {n: sets[n] for n in only}
+
+    def input_paths(self) -> dict[str, str]:
+        files = {"task.dataset.train_file": self.cfg["dataset"]["train_file"]}
+        files.update({f"task.eval_sets.{n}": p for n, p in self.test_sets().items()})
+        return files
+
+    def final_metrics(self, model, trainer, data):
+        """Accuracy on each configured test set by generation, and Avg. With ``predictions_dir``
+        set, every example's instruction, gold answer, response, extracted answer and whether it
+        is correct go to ``<predictions_dir>/<set>.jsonl`` (the reference evaluator's output)."""
+        sets = self.test_sets()
         limit = self.cfg.get("eval_limit")
         generation, style = self.generation, self.prompt_style  # bad settings fail before any work
         out = {}
@@ -167,8 +201,11 @@ class CommonsenseTask(Task):
                     name,
                     style=style,
                     batch_size=int(self.cfg.get("eval_batch_size", cs.REFERENCE_EVAL_BATCH_SIZE)),
+                    return_predictions=self.predictions_dir is not None,
                     **generation,
                 )
+                if self.predictions_dir is not None:
+                    write_predictions(os.path.join(self.predictions_dir, f"{name}.jsonl"), examples, res)
                 out[f"test_{name}_accuracy"] = res["accuracy"]
                 out[f"test_{name}_no_match"] = res["no_match"]
             accs = [v for k, v in out.items() if k.endswith("_accuracy")]
@@ -178,6 +215,22 @@ class CommonsenseTask(Task):
                 res = cs.evaluate_with_lm_eval(scored, self.tokenizer, limit=limit)
                 out.update({f"lm_eval_{k}": v for k, v in res.items()})
         return out
+
+
+def write_predictions(path: str, examples, result: dict) -> None:
+    """One json line per example: instruction, gold answer, response, extracted answer, correct
+    (written atomically: a folder never holds half a set)."""
+    import json
+
+    from ..io import atomic_write
+
+    rows = []
+    for ex, response, pred in zip(examples, result["responses"], result["predictions"]):
+        gold = str(ex["answer"]).strip()
+        row = {"instruction": ex["instruction"], "input": ex.get("input") or "", "answer": gold}
+        row.update({"response": response, "extracted": pred, "correct": pred is not None and pred == gold})
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(path, lambda f: f.writelines(rows), fsync=False)
 
 
 # integer task settings: (key, smallest value, whether null is allowed)

