@@ -176,7 +176,23 @@ def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:
             unknown = [v for v in values if v not in options and v != "null"]
             if unknown:
                 return f"unknown {key} {unknown[0]!r}; choose one of: {', '.join(options)}"
+            needs = [PLUGINS[key, v] for v in values if (key, v) in PLUGINS and not _installed(PLUGINS[key, v][0])]
+            if needs:
+                return f"{key}={values[0]} needs the Hydra plugin {needs[0][0]}: {needs[0][1]}"
     return None
+
+
+# choices whose configs name a Hydra plugin that is an extra, not a dependency: (module, how to install)
+PLUGINS = {("hparams_search", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", 'pip install -e ".[optuna]"')}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
