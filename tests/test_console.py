@@ -164,3 +164,29 @@ def test_each_metric_line_is_printed_once(capsys):
         bar.training_bar.close()
     captured = capsys.readouterr()
     assert "1.25" not in captured.out + captured.err
+
+
+def test_no_printer_callback_beside_the_metric_log(tmp_path):
+    """With disable_tqdm Trainer adds PrinterCallback, which prints each log dict: the runner drops it."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from pilora.runner.console import MetricsToLog
+    from pilora.runner.train import _make_trainer
+
+    class _Task:
+        remove_unused_columns, accepts_loss_kwargs = True, None
+
+        def collator(self):
+            return None
+
+        def compute_metrics(self, p):
+            return {}
+
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    args = TrainingArguments(output_dir=str(tmp_path / "train"), disable_tqdm=True, report_to="none")
+    trainer = _make_trainer({}, _Task(), model, {"train": [], "validation": None}, args, evaluate=False)
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert PrinterCallback not in kinds and MetricsToLog in kinds

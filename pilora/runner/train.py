@@ -207,7 +207,7 @@ def _training_args(cfg: dict, task, output_dir: str, **overrides):
 
 
 def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..trainer import PiLoRATrainer
 
@@ -225,6 +225,7 @@ def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     stage = stage_label(args.output_dir)  # console: bars named after their stage, metrics into run.log
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(StageProgress(stage))
+    trainer.pop_callback(PrinterCallback)  # without bars (disable_tqdm) it prints the line MetricsToLog logs
     trainer.add_callback(MetricsToLog(stage))
     return trainer
 
