@@ -52,6 +52,10 @@ def read_records(path: str) -> list[dict]:
         raise OfflineRunError(f"cannot read {path}: the `wandb` command is not installed ({err})") from err
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if "No such command" in proc.stderr:
+            raise OfflineRunError(
+                f"cannot read {path}: this wandb has no `wandb leet inspect` ({why}); install wandb>=0.31"
+            )
         raise OfflineRunError(f"{path} is not a readable W&B transaction log (wandb leet inspect: {why})")
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     _CACHE[key] = records

@@ -449,3 +449,30 @@ def test_sweep_point_of_an_experiment_comes_from_its_sweeper_params(tmp_path):
         assert w.run_group(plain, point) == "fig4_rprime"
     finally:
         HydraConfig.instance().cfg = before
+
+
+def test_a_torn_run_file_reads_up_to_its_tear_and_garbage_is_named(sweep, tmp_path, capsys):
+    """A job killed mid-write leaves a torn ``.wandb`` tail: W&B's reader gives the records before
+    it (run, config; no exit: state ``running``). A file that is no W&B log is skipped, by path."""
+    import shutil
+
+    from analysis import records
+    from analysis.wandb_runs import OfflineRunError, read_run
+
+    run = _runs(sweep)["pilora-eurosat-tiny-clip-s0"]
+    (path,) = glob.glob(os.path.join(run["path"], "run-*.wandb"))
+    torn = tmp_path / "torn" / "wandb" / "offline-run-x" / os.path.basename(path)
+    torn.parent.mkdir(parents=True)
+    data = open(path, "rb").read()
+    torn.write_bytes(data[: len(data) - 200])
+    item = read_run(str(torn))
+    assert item["name"] == run["name"] and item["config"] == run["config"] and item["state"] == "running"
+    assert run["state"] == "finished"
+    bad = tmp_path / "torn" / "wandb" / "offline-run-y" / "run-y.wandb"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a wandb log")
+    with pytest.raises(OfflineRunError, match="not a readable W&B transaction log"):
+        read_run(str(bad))
+    shutil.copytree(os.path.join(run["path"], "files"), torn.parent / "files")
+    df = records.load_wandb_dir(str(tmp_path / "torn"))
+    assert str(bad) in capsys.readouterr().err and len(df) == 1  # the torn run, from its record copy
