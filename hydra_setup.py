@@ -156,9 +156,15 @@ def check_overrides(args: list[str], conf_dir: str = CONF) -> str | None:
         overrides = OverridesParser.create().parse_overrides(get_args(list(args)).overrides)
     except (Exception, SystemExit):  # a malformed command line: Hydra reports it
         return None
+    known = top_level_keys(conf_dir)
     for o in overrides:
         key = o.key_or_group
         section, _, leaf = key.rpartition(".")
+        root = key.split(".")[0].split("/")[0]
+        if o.is_add() and root not in known and not root.startswith("hydra"):
+            # `+foo=bar` adds a key no part of the project reads: a typo, or a setting that belongs
+            # in a section (trainer.*, task.*, method.*)
+            return f"unknown top-level key {root!r} (from {o.input_line!r}); the config's keys are: {', '.join(known)}"
         if section in _SECTIONS and not o.is_delete():
             valid = [f.name for f in dataclasses.fields(_SECTIONS[section])]
             if leaf not in valid:
@@ -204,6 +210,36 @@ def direction_of(metric_mode: str) -> str:
     if metric_mode not in DIRECTIONS:
         raise ValueError(f"task.metric_mode must be one of {sorted(DIRECTIONS)}, got {metric_mode!r}")
     return DIRECTIONS[metric_mode]
+
+
+def job_config_saver(cfg):
+    """``on_open`` for :func:`pilora.runner.train.train`: what Hydra writes into ``<job>/.hydra``
+    (``config.yaml`` = ``cfg``, ``hydra.yaml``, ``overrides.yaml``), written by the job once the
+    folder is its own. ``conf/config.yaml`` sets ``hydra.output_subdir: null``, so a run that folder
+    refuses (StaleJob, JobLocked, a bad value) leaves the config of the job that made it in place."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+
+    def save(folder: str) -> None:
+        out = os.path.join(folder, ".hydra")
+        os.makedirs(out, exist_ok=True)
+        for name, node in (
+            ("config.yaml", cfg),
+            ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+            ("overrides.yaml", hydra_cfg.overrides.task),
+        ):
+            with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+                f.write(OmegaConf.to_yaml(node))
+
+    return save
+
+
+def top_level_keys(conf_dir: str = CONF) -> list[str]:
+    """Keys of the composed config's top level: ``conf/config.yaml``'s own and its groups."""
+    root = OmegaConf.load(os.path.join(conf_dir, "config.yaml"))
+    groups = [d for d in os.listdir(conf_dir) if os.path.isdir(os.path.join(conf_dir, d)) and d != "hydra"]
+    return sorted({*(k for k in root if k not in ("defaults", "hydra")), *groups})
 
 
 def register() -> None:

@@ -19,10 +19,16 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from pilora.runner.errors import exit_on_expected
     from pilora.runner.train import objective, train
 
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    # a fixable error ends with one message; a bug with its traceback
+    record = exit_on_expected(
+        train, cfg, sweep=sweep, on_open=hydra_setup.job_config_saver(cfg), output_dir=cfg.get("output_dir")
+    )
     # a validation value, never a test metric: a sweeper (Optuna, Ax) tunes on what it is given
-    return objective(train(cfg, sweep=HydraConfig.get().mode == RunMode.MULTIRUN))
+    return objective(record)
 
 
 if __name__ == "__main__":

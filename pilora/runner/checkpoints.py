@@ -18,6 +18,10 @@ class CorruptCheckpoint(RuntimeError):
     """A checkpoint whose files are all present but one of them cannot be read."""
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint that does not load into this run (damaged, tampered with, or another config)."""
+
+
 def checkpoints(stage_dir: str) -> list[str]:
     """The ``checkpoint-<step>`` folders of a stage, newest first."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -187,7 +191,7 @@ def fit(trainer, resume: str | None, clock=None) -> None:
         try:
             load_finished(trainer, resume)
         except (RuntimeError, ValueError, OSError, KeyError) as err:
-            raise RuntimeError(
+            raise ResumeError(
                 f"could not load the finished checkpoint {resume!r} ({type(err).__name__}: {err}); "
                 "it is damaged or does not fit this run: delete it to retrain its last steps"
             ) from err
@@ -198,7 +202,7 @@ def fit(trainer, resume: str | None, clock=None) -> None:
         trainer.train(resume_from_checkpoint=resume)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
         if resume and not marker.started:  # errors once training runs are the run's own, not the checkpoint's
-            raise RuntimeError(
+            raise ResumeError(
                 f"could not resume from checkpoint {resume!r} ({type(err).__name__}: {err}); "
                 "it does not fit this run (changed config?) or is damaged: delete it to resume "
                 "from the previous one"

@@ -405,14 +405,15 @@ def _epoch_history(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def train(cfg: Any, sweep: bool = False) -> dict:
+def train(cfg: Any, sweep: bool = False, on_open=None) -> dict:
     """Run one job (see module docstring) and return its record.
 
     The job folder is locked for the whole job (a second copy stops with ``JobLocked``), and an
     earlier run in it is reused only if it was made with this same config (``StaleJob`` otherwise);
     see :mod:`pilora.runner.jobdir`. In a sweep (``sweep=True``, as ``run.py -m`` passes) a point that
     repeats one running in parallel (same config, one folder) does not stop: it returns a record
-    with ``status: "duplicate"`` naming the folder whose record is its result."""
+    with ``status: "duplicate"`` naming the folder whose record is its result. ``on_open(folder)``
+    runs once the folder is this job's (locked and reusable), e.g. to save the Hydra config there."""
     cfg = _plain(cfg)
     method, cfg, ignored = _method_settings(cfg)  # the one typed method object from here on
     validate(cfg, method)  # every stage's settings, before the folder is made or anything trains
@@ -426,6 +427,8 @@ def train(cfg: Any, sweep: bool = False) -> dict:
         )
         return {"status": "duplicate", "output_dir": job.folder, "holder": job.holder}
     try:
+        if on_open is not None and is_main():
+            on_open(os.path.abspath(cfg["output_dir"]))
         return _train(cfg, method, ignored)
     finally:
         job.release()
