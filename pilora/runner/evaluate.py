@@ -69,7 +69,9 @@ def check_inputs(cfg: dict, task, method) -> None:
             f"input file(s) of this job not found: {shown}. Fix these keys (or task.dataset.root), "
             "or leave a test set out with task.eval_only=[<names>]; nothing was trained"
         )
-    model = cfg["model"]
+    from ..tasks.gguf import resolve
+
+    model = resolve(cfg["model"])  # model.gguf: the GGUF package installed, the folder converted
     if not model.get("from_config") and not (model.get("openclip") or {}).get("model_cfg"):
         check_model_path(model)
         if model.get("tokenizer"):

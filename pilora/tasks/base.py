@@ -258,6 +258,9 @@ def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
     import torch
     from transformers import AutoConfig
 
+    from .gguf import resolve
+
+    model_cfg = resolve(model_cfg)  # model.gguf: the package's GGUF file, converted once
     dtype = getattr(torch, model_cfg.get("dtype") or "float32")
     if model_cfg.get("from_config"):
         spec = dict(model_cfg["from_config"])
@@ -322,6 +325,9 @@ _TOKENIZER_FILES = (
 def load_tokenizer(model_cfg: dict):
     from transformers import AutoTokenizer
 
+    from .gguf import resolve
+
+    model_cfg = resolve(model_cfg)
     key = "tokenizer" if model_cfg.get("tokenizer") else "path"
     check_model_path(model_cfg, key)
     path = model_cfg[key]
