@@ -71,9 +71,25 @@ def _other_targets(p):
     return p
 
 
+def _hits_above_t(p):
+    name = sorted(p["modules"])[0]
+    p["modules"][name]["hits"] = p["modules"][name]["hits"] + p["modules"][name]["checks"] + 1
+    return p
+
+
+def _nan_scores(p):
+    name = sorted(p["modules"])[1]
+    p["modules"][name]["score_sum"] = p["modules"][name]["score_sum"].clone()
+    p["modules"][name]["score_sum"][0] = float("nan")
+    return p
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
+        # `method.importance_from=edited.pt` whose hit counts exceed T, or whose scores are NaN
+        (_hits_above_t, r"cannot come from stage 1: clip\.\S+: hit counts \d+\.\.\d+ outside 0\.\.T = \d+"),
+        (_nan_scores, r"cannot come from stage 1: clip\.\S+: 1 NaN/inf score sum"),
         (_extra, r"statistics for modules the model lacks: \['vision_model\.extra\.fc9'\]"),
         (_missing, r"modules without statistics: \['clip\.encoder\.layers\.0\."),
         (_resized, r"shape mismatches: clip\.encoder\.layers\.0\.\S+: stats \(\d+, \d+\) vs model"),

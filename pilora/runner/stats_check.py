@@ -47,3 +47,30 @@ def check_statistics(
         stats.check_matches(target_shapes(model, method))
     except ValueError as err:
         raise ValueError(f"importance statistics {path!r}: {err}") from None
+    impossible = impossible_counts(stats)
+    if impossible:
+        raise ValueError(
+            f"importance statistics {path!r} cannot come from stage 1: {'; '.join(impossible[:3])}"
+            + (f"; ... ({len(impossible)} modules)" if len(impossible) > 3 else "")
+            + f". The file is damaged or was edited. {fix}"
+        )
+
+
+def impossible_counts(stats: ImportanceStats) -> list[str]:
+    """Per module, what no stage 1 can produce: a hit count outside ``0..T`` (a row is dominant at
+    most once per check), a negative T, or a non-finite score sum. Such statistics would still
+    partition (the ranking only compares H), silently."""
+    import torch
+
+    out = []
+    for name, s in sorted(stats.modules.items()):
+        t = int(s.checks)
+        hits = s.hits.to(torch.int64)
+        if t < 0:
+            out.append(f"{name}: T = {t} checks")
+        elif hits.numel() and (int(hits.max()) > t or int(hits.min()) < 0):
+            out.append(f"{name}: hit counts {int(hits.min())}..{int(hits.max())} outside 0..T = {t}")
+        elif s.score_sum.is_floating_point() and not bool(torch.isfinite(s.score_sum).all()):
+            bad = int((~torch.isfinite(s.score_sum)).sum())
+            out.append(f"{name}: {bad} NaN/inf score sum(s)")
+    return out
