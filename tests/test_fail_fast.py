@@ -172,3 +172,24 @@ def test_write_failures_are_expected_errors_naming_the_file(tmp_path):
 
     assert expected_message(ConfigError("seed=-1 is outside")) == "seed=-1 is outside"
     assert expected_message(ZeroDivisionError("x")) is None
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([], r"training file '.*commonsense_170k\.json' holds no records \(an empty list\)"),
+        ("null_output", r"record 3 \(1 in all\) has 'output' = None, not text"),
+    ],
+)
+def test_training_file_without_usable_records(tmp_path, commonsense, rows, match):
+    """`run.py task=commonsense/...` on a training file `[]`, or with `"output": null` in a record
+    (which would train on the bare prompt)."""
+    base, root = commonsense
+    train_file = root / "ft-training_set" / "commonsense_170k.json"
+    if rows == "null_output":
+        rows = json.loads(train_file.read_text())
+        rows[3]["output"] = None
+    train_file.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=match):
+        train(compose_cfg(base, tmp_path / "run"))
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -55,8 +55,16 @@ class CommonsenseTask(Task):
                 f"training file {train_file!r} not found; download LLM-Adapters' "
                 "ft-training_set/commonsense_170k.json and set task.dataset.train_file"
             )
-        ds = cs.load_commonsense_split(train_file)
+        ds = _training_records(train_file)
         require_columns(ds, ["instruction", "output"], self.name)
+        for column in ("instruction", "output"):
+            # a null output would train on the bare prompt (format_prompt's evaluation form)
+            bad = [i for i, v in enumerate(ds[column]) if not isinstance(v, str)]
+            if bad:
+                raise DataError(
+                    f"training file {train_file!r}: record {bad[0]} ({len(bad)} in all) has {column!r} = "
+                    f"{ds[bad[0]][column]!r}, not text; fix or drop those records"
+                )
         n_val = int(self.cfg.get("val_set_size", 120))
         if len(ds) <= n_val:
             raise DataError(f"{train_file!r} has {len(ds)} examples, not more than val_set_size={n_val}")
@@ -231,6 +239,19 @@ def write_predictions(path: str, examples, result: dict) -> None:
         row.update({"response": response, "extracted": pred, "correct": pred is not None and pred == gold})
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write(path, lambda f: f.writelines(rows), fsync=False)
+
+
+def _training_records(train_file: str):
+    """The training file as a Dataset; an empty list is named (``datasets`` says only that
+    'Instruction "train" corresponds to no data')."""
+    try:
+        return cs.load_commonsense_split(train_file)
+    except ValueError as err:
+        if "corresponds to no data" in str(err):
+            raise DataError(
+                f"training file {train_file!r} holds no records (an empty list); regenerate or re-download it"
+            ) from None
+        raise DataError(f"could not read the training file {train_file!r}: {err}") from None
 
 
 # integer task settings: (key, smallest value, whether null is allowed)
