@@ -41,6 +41,7 @@ import sys
 
 import torch
 
+from .io import follow_umask
 from .layer import PILORA_FILE, PILORA_WEIGHTS, pilora_masks, save_adapter
 
 ADAPTER_DIR = "adapter"  # stock PEFT LoRA (every method)
@@ -334,6 +335,9 @@ def write_adapters(peft_model, run_dir: str) -> str:
     else:
         save_peft_adapter(peft_model, stock)
         dedupe_modules_to_save(stock)
+    for folder in (stock, os.path.join(run_dir, PILORA_ADAPTER_DIR)):
+        if os.path.isdir(folder):
+            follow_umask(folder)  # safetensors writes 0600 whatever the umask
     return stock
 
 

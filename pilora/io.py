@@ -64,6 +64,16 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~mask
 
 
+def follow_umask(folder) -> None:
+    """Give the files directly in ``folder`` the mode the umask leaves (:func:`umask_mode`).
+    safetensors writes its files 0600 whatever the umask, so an adapter or checkpoint saved
+    through PEFT would be unreadable to the rest of a group sharing the disk."""
+    mode = umask_mode()
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and entry.stat().st_mode & 0o777 != mode:
+            os.chmod(entry.path, mode)
+
+
 def _jsonable(x):
     if hasattr(x, "item"):
         return x.item()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from transformers import Trainer
 
+from .io import follow_umask
 from .layer import StepGradientMask
 
 
@@ -35,6 +36,11 @@ class PiLoRATrainer(Trainer):
             if self.grad_mask is not None:
                 self.grad_mask.remove()
                 self.grad_mask = None
+
+    def _save(self, output_dir=None, state_dict=None):
+        # checkpoints and save_model: safetensors writes 0600, the rest of the folder follows the umask
+        super()._save(output_dir, state_dict)
+        follow_umask(output_dir or self.args.output_dir)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # after this micro-batch's backward (and, on a sync step, DDP's all-reduce): the gradients the

@@ -127,3 +127,34 @@ def test_requeue_on_another_node_takes_the_lock_at_once(tmp_path, monkeypatch, c
         JobLock(str(tmp_path)).acquire()
     _other_host_holder(tmp_path, age_s=10 * jobdir.STALE_S)
     JobLock(str(tmp_path)).acquire().release()
+
+
+def test_adapter_and_checkpoint_weights_follow_the_umask(tmp_path):
+    """`umask 022; run.py method=pilora ...`: safetensors writes 0600 by itself, so the group of a
+    shared disk could read the record but not adapter/, adapter_pilora/ or the checkpoints."""
+    old = os.umask(0o022)
+    try:
+        base = (
+            FAST
+            + write_images(str(tmp_path / "img"))
+            + [
+                "method=pilora",
+                "method.stage1.max_steps=2",
+                "method.importance_interval=1",
+                "trainer.max_steps=2",
+                "trainer.save_strategy=steps",
+                "+trainer.save_steps=1",
+            ]
+        )
+        train(compose_cfg(base, tmp_path / "run"))
+    finally:
+        os.umask(old)
+    modes = {
+        os.path.relpath(os.path.join(here, n), tmp_path / "run"): os.stat(os.path.join(here, n)).st_mode & 0o777
+        for here, _, names in os.walk(tmp_path / "run")
+        for n in names
+        if n.endswith((".safetensors", ".pt", ".pth", ".json"))
+    }
+    assert {"adapter/adapter_model.safetensors", "adapter_pilora/pilora_model.safetensors"} <= set(modes)
+    assert any(k.startswith("stage2/checkpoint-") and k.endswith(".safetensors") for k in modes)
+    assert {k: m for k, m in modes.items() if m != 0o644} == {}
