@@ -116,3 +116,41 @@ def test_missing_test_file_fails_before_step_1(tmp_path, monkeypatch):
     missing = str(tmp_path / "nowhere" / "test.json")
     with pytest.raises(ValueError, match=r"ARC-Easy.*nowhere/test.json"):
         train(_cfg(tmp_path, "o", f"+task.eval_sets.ARC-Easy={missing}"))
+
+
+def test_evaluate_command_gives_the_training_jobs_scores(tmp_path, monkeypatch):
+    """`python -m pilora.runner.evaluate RUN_DIR task.eval_only=[piqa]` and the same on the run's
+    stock PEFT adapter/ (`--adapter RUN_DIR/adapter model=tiny-llama task=...`) score as training did."""
+    from helpers import CONF
+
+    from pilora.runner import evaluate as ev
+
+    rec = train(_cfg(tmp_path, "o"))
+    run = tmp_path / "o"
+    scored = ev.evaluate(str(run), ["task.eval_only=[piqa]"])
+    out = run / "eval" / "task.eval_only=_piqa_"
+    assert scored["config"]["output_dir"] == str(out) and (out / "predictions" / "piqa.jsonl").exists()
+    assert scored["metrics"]["test"]["test_piqa_accuracy"] == rec["metrics"]["test"]["test_piqa_accuracy"]
+    assert (out / "predictions" / "piqa.jsonl").read_text() == (run / "predictions" / "piqa.jsonl").read_text()
+    with pytest.raises(ValueError, match="trainer.learning_rate is not an evaluation setting"):
+        ev.evaluate(str(run), ["trainer.learning_rate=1"])
+    monkeypatch.chdir(os.path.dirname(CONF))
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4) + ["task.eval_only=[boolq]"]
+    stock = ev.evaluate(str(run / "adapter"), over, adapter=True, out=str(tmp_path / "stock"))
+    assert stock["metrics"]["test"]["test_boolq_accuracy"] == rec["metrics"]["test"]["test_boolq_accuracy"]
+    assert (tmp_path / "stock" / "predictions" / "boolq.jsonl").read_text() == (
+        run / "predictions" / "boolq.jsonl"
+    ).read_text()
+
+
+def test_evaluate_command_refuses_an_adapter_that_does_not_fit(tmp_path, monkeypatch):
+    from helpers import CONF
+
+    from pilora.runner import evaluate as ev
+
+    train(_cfg(tmp_path, "o"))
+    monkeypatch.chdir(os.path.dirname(CONF))
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4)
+    over += ["task.eval_only=[boolq]", "model.from_config.hidden_size=64", "model.from_config.intermediate_size=96"]
+    with pytest.raises(ValueError, match="does not fit model 'tiny-llama'"):
+        ev.evaluate(str(tmp_path / "o" / "adapter"), over, adapter=True, out=str(tmp_path / "stock"))

@@ -104,3 +104,134 @@ def load_trained(cfg: dict, task, out: str, adapter: str | None = None):
 
 def saved_weights(out: str) -> bool:
     return os.path.isdir(os.path.join(out, "adapter")) or os.path.isdir(os.path.join(out, "model"))
+
+
+# -- python -m pilora.runner.evaluate ----------------------------------------------------------
+EVAL_DIR = "eval"
+# the scoring Trainer never trains, evaluates per epoch or saves (it only predicts test splits)
+_NO_TRAINING = {
+    "eval_strategy": "no",
+    "load_best_model_at_end": False,
+    "save_strategy": "no",
+}  # <run>/eval/<settings>/: one folder per evaluation (a sweep job per test set)
+
+
+def _apply(cfg: dict, overrides: list[str], only_evaluation: bool) -> dict:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(cfg)
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+")
+        if only_evaluation and not is_evaluation_key(cfg, key + ".x"):
+            raise ValueError(
+                f"{key} is not an evaluation setting of task {cfg['task']['name']!r}: a trained run is scored "
+                f"with its own training config; evaluation settings are task.{{{', '.join(evaluation_keys(cfg))}}}"
+            )
+    node.merge_with(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _compose(overrides: list[str]) -> dict:
+    """A config composed like ``run.py`` would (run from the repository root, where conf/ lies)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import hydra_setup  # noqa: F401 (the method schema and the resolvers of conf/)
+
+    with initialize_config_dir(config_dir=os.path.abspath("conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    cfg.output_dir = ""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out: str | None = None) -> dict:
+    """Score a finished run folder ``target`` (its training config, with evaluation-only
+    ``overrides``) or, with ``adapter=True``, a stock PEFT adapter folder on the model and task that
+    ``overrides`` compose. Writes ``results.json`` and ``predictions/<set>.jsonl`` into ``out``
+    (default ``<target>/eval/<overrides>``) and returns the record."""
+    from ..io import atomic_write_json
+    from ..tasks import make_task
+    from .config import safe_dirname
+    from .jobdir import JobLock, StaleJob
+    from .records import RECORD, read_record
+    from .train import _make_trainer, _plain, _training_args
+
+    target = os.path.abspath(target)
+    if adapter:
+        cfg = _compose(list(overrides))
+        training = {"status": "complete", "failure": None, "adapter": target, "metrics": {}, "timing": {}}
+        training["evaluation"] = {"selection": None}
+    else:
+        training = read_record(os.path.join(target, TRAINING_RECORD))
+        if training is None or not saved_weights(target):
+            raise FileNotFoundError(
+                f"{target} holds no finished training ({TRAINING_RECORD} and adapter/ or model/); "
+                "pass a job folder whose training finished, or --adapter <PEFT folder> with model=... task=..."
+            )
+        cfg = _apply(_plain(training["config"]), list(overrides), only_evaluation=True)
+    out = os.path.abspath(out or os.path.join(target, EVAL_DIR, safe_dirname(",".join(overrides) or "default")))
+    cfg["output_dir"] = out
+    settings = evaluation_settings(cfg, out)
+    with JobLock(out):
+        done = read_record(os.path.join(out, RECORD))
+        if done is not None:
+            if (done.get("evaluation") or {}).get("settings") != settings or done.get("source") != target:
+                raise StaleJob(
+                    f"{out} holds an evaluation of other settings or another run; pass another --out, or delete it"
+                )
+            return done
+        task = make_task(cfg["task"], cfg["model"], int(cfg.get("seed", 0)))
+        for key, path in task.input_paths().items():
+            if key.startswith("task.eval_sets") and not os.path.exists(os.path.expanduser(path)):
+                raise FileNotFoundError(f"{key}={path!r} not found; fix it or choose sets with task.eval_only=[...]")
+        model = load_trained(cfg, task, target, adapter=target if adapter else None)
+        data = task.datasets()  # the test split of classification tasks; the tokenizer's checks
+        trainer = _make_trainer(
+            cfg,
+            task,
+            model,
+            data,
+            _training_args(cfg, task, os.path.join(out, "trainer"), **_NO_TRAINING),
+            evaluate=False,
+        )
+        from .train import _final_evaluation
+
+        record = _final_evaluation(cfg, task, model, trainer, data, {"config": cfg, **training}, out)
+        record["source"] = target
+        atomic_write_json(os.path.join(out, RECORD), record)
+        log.info("evaluation written: %s", os.path.join(out, RECORD))
+        return record
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m pilora.runner.evaluate",
+        description="Score a finished run folder (or a stock PEFT adapter) on its task's test sets.",
+    )
+    p.add_argument(
+        "target", help="a job folder (its training config is used) or, with --adapter, a PEFT adapter folder"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value: evaluation settings, e.g. task.eval_only=[boolq]; "
+        "with --adapter also model=... task=... task.dataset.root=...",
+    )
+    p.add_argument("--adapter", action="store_true", help="target is a stock PEFT adapter folder")
+    p.add_argument("--out", help="where results.json and predictions/ go (default <target>/eval/<overrides>)")
+    args = p.parse_args(argv)
+    try:
+        rec = evaluate(args.target, args.overrides, adapter=args.adapter, out=args.out)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as err:
+        print(f"error: {err}")
+        return 1
+    for k, v in sorted((rec["metrics"].get("test") or {}).items()):
+        print(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
+    print(f"record: {os.path.join(rec['config']['output_dir'], 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

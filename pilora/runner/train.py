@@ -617,7 +617,7 @@ def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str)
     record["config"] = cfg  # evaluation-only keys as this evaluation ran them
     record["evaluation"] = {
         **task.protocol(),
-        "selection": training["evaluation"]["selection"],
+        "selection": (training.get("evaluation") or {}).get("selection"),
         "settings": evaluation.evaluation_settings(cfg, out),
     }
     predictions = os.path.join(out, evaluation.PREDICTIONS_DIR)
@@ -627,7 +627,7 @@ def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str)
         )
     timings = record["timing"]
     timings["final_eval_s"] = time.time() - t0
-    timings["total_s"] = timings.pop("train_total_s") + timings["final_eval_s"]
+    timings["total_s"] = timings.pop("train_total_s", 0.0) + timings["final_eval_s"]
     return record
 
 
