@@ -154,3 +154,16 @@ def test_evaluate_command_refuses_an_adapter_that_does_not_fit(tmp_path, monkeyp
     over += ["task.eval_only=[boolq]", "model.from_config.hidden_size=64", "model.from_config.intermediate_size=96"]
     with pytest.raises(ValueError, match="does not fit model 'tiny-llama'"):
         ev.evaluate(str(tmp_path / "o" / "adapter"), over, adapter=True, out=str(tmp_path / "stock"))
+
+
+def test_wandb_record_artifact_holds_the_predictions(tmp_path, monkeypatch):
+    """logger=wandb (offline): the record artifact carries predictions/ next to results.json."""
+    import pilora.runner.wandb as wb
+
+    added = []
+    real = wb._add
+    monkeypatch.setattr(wb, "_add", lambda art, path: (added.append((art.type, path)), real(art, path)))
+    cfg = _cfg(tmp_path, "o", "task.eval_only=[boolq]", "logger=wandb", "logger.mode=offline")
+    rec = train(cfg)
+    assert ("results", str(tmp_path / "o" / "predictions")) in added
+    assert rec["predictions"] == [str(tmp_path / "o" / "predictions" / "boolq.jsonl")]

@@ -471,6 +471,7 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
                 {
                     "results": os.path.join(out, RECORD),
                     "adapter": os.path.join(out, "adapter"),
+                    "predictions": os.path.join(out, evaluation.PREDICTIONS_DIR),
                     "importance": (record.get("pilora") or record.get("budget_match") or {}).get("importance_file"),
                 },
             )

@@ -404,7 +404,7 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
     if lg.get("artifacts", True):
         name = artifact_name(_NAME or run_name(cfg, sweep_point(cfg, out)))
         for art_name, art_type, keys in (
-            (f"{name}-record", "results", ("results", "importance")),
+            (f"{name}-record", "results", ("results", "importance", "predictions")),  # predictions/<set>.jsonl
             (f"{name}-adapter", "model", ("adapter", "adapter_pilora")),
         ):
             meta = adapter_metadata(cfg, record, adapter) if art_type == "model" and adapter else None
