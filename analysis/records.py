@@ -215,6 +215,32 @@ def _check_numbers(rec: dict) -> None:
             raise RecordError(f"{dotted} is {cur!r} ({type(cur).__name__}), not a number")
 
 
+# the range of a metric, by how its name ends (eval_accuracy, test_boolq_accuracy, eval_f1, ...)
+METRIC_RANGES = (
+    (("accuracy", "f1", "precision", "recall"), (0.0, 1.0)),
+    (("matthews_correlation", "pearson", "spearmanr", "combined_score"), (-1.0, 1.0)),
+    (("loss", "no_match"), (0.0, math.inf)),
+)
+
+
+def _check_metrics(rec: dict) -> None:
+    """Every value of ``metrics.final`` / ``best`` / ``test`` is a finite number inside its metric's
+    range: a string, NaN or 7.5 for an accuracy (750 %) makes the record unusable (skipped with a
+    warning naming the file) rather than silently dropped from, or averaged into, a table."""
+    for which in ("final", "best", "test"):
+        for key, value in (rec["metrics"].get(which) or {}).items():
+            where = f"metrics.{which}.{key}"
+            if value is None:  # not measured: no column, nothing averaged
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecordError(f"{where} is {value!r} ({type(value).__name__}), not a number")
+            if not math.isfinite(value):
+                raise RecordError(f"{where} is {value!r}, not a finite number")
+            for suffixes, (low, high) in METRIC_RANGES:
+                if key.endswith(suffixes) and not low <= value <= high:
+                    raise RecordError(f"{where} is {value!r}, outside the metric's range [{low:g}, {high:g}]")
+
+
 def _used_method_keys(section: dict) -> dict:
     """``config.method`` without the keys its method does not use. Records hold only those
     (``pilora.methods.recorded_section``); older records, and W&B configs, also held keys such as
@@ -251,6 +277,7 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), dict):
         raise RecordError("missing key 'config.method'")
     _check_numbers(rec)
+    _check_metrics(rec)
     cfg = {**cfg, "method": _used_method_keys(cfg["method"])}
     m, tr = cfg["method"], cfg.get("trainer") or {}
     pil = rec.get("pilora") or {}

@@ -233,6 +233,32 @@ def test_a_mistyped_record_is_skipped_not_every_table(tree, tmp_path, capsys):
     assert table_rows(out, "tiny-roberta", "LoRA")  # and Table 2 is built
 
 
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("0.93", "metrics.best.eval_accuracy is '0.93' (str), not a number"),
+        (float("nan"), "metrics.best.eval_accuracy is nan, not a finite number"),
+        (7.5, "metrics.best.eval_accuracy is 7.5, outside the metric's range [0, 1]"),
+    ],
+)
+def test_impossible_metrics_are_skipped_by_file_never_averaged(tree, tmp_path, capsys, value, reason):
+    """A record whose best accuracy is a string, NaN or 7.5 (750 %): one warning naming the file,
+    and the configuration's mean is that of the other seed alone."""
+    from analysis.records import load_records
+
+    def damage(i, rec):
+        if i == 0:
+            rec["metrics"]["best"]["eval_accuracy"] = value
+
+    paths = _copy_records(tree, tmp_path, "vision", damage, task="eurosat", method="lora")
+    assert len(paths) == 2
+    df = load_records(tmp_path)
+    err = capsys.readouterr().err
+    assert f"warning: skipping {paths[0]}: {reason}" in err and "Traceback" not in err
+    assert list(df["path"]) == [paths[1]]
+    assert df["best_eval_accuracy"].mean() == json.load(open(paths[1]))["metrics"]["best"]["eval_accuracy"]
+
+
 def test_records_of_different_revisions_warn_and_revision_filters(tree, tmp_path, capsys):
     from analysis.tables import main
 
