@@ -167,3 +167,44 @@ def test_wandb_record_artifact_holds_the_predictions(tmp_path, monkeypatch):
     rec = train(cfg)
     assert ("results", str(tmp_path / "o" / "predictions")) in added
     assert rec["predictions"] == [str(tmp_path / "o" / "predictions" / "boolq.jsonl")]
+
+
+@pytest.mark.parametrize("switch", ["smoke=true", "debug=default"])
+def test_smoke_run(tmp_path, switch, capsys):
+    """`python run.py ... smoke=true` (or debug=default): 2 steps a stage, 2 batches a test set, the
+    save and reload, in a throwaway folder; prints the full run's cost."""
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4)
+    over += ["method=pilora", "method.r=4", "trainer.num_train_epochs=3", "task.eval_batch_size=1", switch]
+    cfg = compose_cfg(over, tmp_path / "job")
+    rec = train(cfg)
+    assert not (tmp_path / "job" / "results.json").exists()  # the job's own folder is left alone
+    folder = rec["smoke"]["folder"]
+    assert os.path.exists(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+    assert rec["steps"] == 2 and len(rec["train_loss"]) == 2
+    rows = open(os.path.join(folder, "predictions", "boolq.jsonl")).read().splitlines()
+    assert len(rows) == 2  # 2 batches of 1
+    assert rec["metrics"]["test"] == rec["smoke"]["trained_test"]  # the reloaded adapter scores the same
+    cost = rec["smoke"]["full_run"]
+    # 32 training examples (40 - val_set_size 8) at batch 8: 4 updates an epoch
+    assert cost["optimizer_steps"] == {"stage1": 4, "stage2": 12}
+    assert cost["test_examples"] == {"boolq": 4, "piqa": 4}
+    assert "stage2: 12 optimizer steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["classification", "vision"])
+def test_smoke_run_of_the_other_families(tmp_path, family):
+    """`smoke=true` on GLUE (tiny RoBERTa) and a vision task (tiny CLIP): 2 steps a stage, then
+    the reload; the full run's steps come from the real training-set size."""
+    from helpers import glue_overrides, write_images
+
+    data = (
+        glue_overrides(str(tmp_path / "d")) + ["model=tiny-roberta"]
+        if family == "classification"
+        else write_images(str(tmp_path / "d"))
+    )
+    over = FAST + data + ["method=pilora", "method.r=4", "trainer.num_train_epochs=2", "smoke=true"]
+    rec = train(compose_cfg(over, tmp_path / "job"))
+    assert rec["status"] == "complete" and rec["steps"] == 2 and not (tmp_path / "job" / "results.json").exists()
+    assert rec["metrics"]["test"] == rec["smoke"]["trained_test"]
+    steps = rec["smoke"]["full_run"]["optimizer_steps"]
+    assert steps["stage2"] == 2 * steps["stage1"] > 2

@@ -415,6 +415,10 @@ def train(cfg: Any, sweep: bool = False, on_open=None) -> dict:
     with ``status: "duplicate"`` naming the folder whose record is its result. ``on_open(folder)``
     runs once the folder is this job's (locked and reusable), e.g. to save the Hydra config there."""
     cfg = _plain(cfg)
+    if cfg.get("smoke"):  # a dry run at toy length in a throwaway folder (pilora.runner.smoke)
+        from . import smoke
+
+        return smoke.run(cfg, train)
     method, cfg, ignored = _method_settings(cfg)  # the one typed method object from here on
     validate(cfg, method)  # every stage's settings, before the folder is made or anything trains
     job = open_job(cfg, twins=sweep)

@@ -91,7 +91,7 @@ class Task:
         if data.get("test") is None:
             return {}
         out = trainer.predict(data["test"], metric_key_prefix="test")
-        return {k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+        return {k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
 
     def input_paths(self) -> dict[str, str]:
         """``{config key: path}`` of the local files the job will read (checked before training)."""
