@@ -242,6 +242,35 @@ def top_level_keys(conf_dir: str = CONF) -> list[str]:
     return sorted({*(k for k in root if k not in ("defaults", "hydra")), *groups})
 
 
+def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
+    """The one-line error of a single run (not ``-m``) whose settings cannot run
+    (:func:`pilora.runner.validate.check_config`), found before Hydra makes the job's folder;
+    None when they can, or when Hydra itself will report the command line."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args
+
+    try:
+        parsed = get_args(list(args))
+    except (Exception, SystemExit):
+        return None
+    if parsed.multirun or parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion:
+        return None  # a sweep's points are checked as each starts
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            cfg = compose(config_name=parsed.config_name or "config", overrides=parsed.overrides)
+        cfg.output_dir = ""  # ${hydra:runtime.output_dir}: not known before Hydra runs
+    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
+        return None
+    from pilora.runner.errors import expected_message
+    from pilora.runner.validate import check_config
+
+    try:
+        check_config(cfg)
+    except Exception as err:  # noqa: BLE001 - a bug is left to raise inside the job, with its traceback
+        return expected_message(err)
+    return None
+
+
 def register() -> None:
     """Resolvers (the library's and ``job_dirname``) and the method schema; idempotent."""
     register_resolvers()

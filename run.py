@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 1:  # no arguments: the README's offline demo
         sys.argv.append("experiment=demo")
-    error = hydra_setup.check_overrides(sys.argv[1:])
+    # typos before composing; then every setting of a single run, before Hydra makes its folder
+    error = hydra_setup.check_overrides(sys.argv[1:]) or hydra_setup.check_job(sys.argv[1:])
     if error:
         sys.exit(f"error: {error}")
     main()

@@ -123,7 +123,9 @@ def test_run_py_errors_are_one_message_and_a_refused_run_keeps_the_folders_confi
         f"hydra.run.dir={out}",
     ]
     _one_message(_run_py(base + ["seed=-1"]), "seed=-1 is outside 0..4294967295")
-    assert not (out / ".hydra").exists()
+    stage2 = ["method=pilora", "trainer.eval_strategy=epoch", "+trainer.load_best_model_at_end=true"]
+    _one_message(_run_py(base + stage2 + ["trainer.save_strategy=steps"]), "stage 2: invalid trainer settings")
+    assert not out.exists()  # checked before Hydra makes the folder
     assert _run_py(base).returncode == 0
     saved = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
     assert b"learning_rate: 0.005" in saved["config.yaml"]

@@ -56,7 +56,7 @@ def check_trainer(cfg: dict, method) -> None:
         try:
             _training_args(cfg, task, "/nonexistent/pilora-validate", **overrides)
         except ValueError as err:
-            raise ConfigError(f"{stage}: {err}") from None
+            raise ConfigError(f"{stage}: {' '.join(str(err).split())}") from None  # one line
 
 
 def check_task(cfg: dict) -> None:
@@ -78,3 +78,19 @@ def validate(cfg: dict, method) -> None:
     check_top_level(cfg)
     check_trainer(cfg, method)
     check_task(cfg)
+
+
+def check_config(cfg) -> None:
+    """:func:`validate` for a composed config (an OmegaConf node or a dict), as ``run.py`` runs it
+    before Hydra makes the job's folder."""
+    import logging
+
+    from .train import _method_settings, _plain
+
+    quiet = logging.getLogger("pilora")
+    was, quiet.disabled = quiet.disabled, True  # the job itself logs what is ignored, once
+    try:
+        method, plain, _ = _method_settings(_plain(cfg))
+    finally:
+        quiet.disabled = was
+    validate(plain, method)
