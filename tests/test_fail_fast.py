@@ -195,3 +195,30 @@ def test_training_file_without_usable_records(tmp_path, commonsense, rows, match
     with pytest.raises(DataError, match=match):
         train(compose_cfg(base, tmp_path / "run"))
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_disk_full_while_checkpointing_ends_with_one_message(tmp_path, monkeypatch):
+    """`run.py ...` when the disk fills while the Trainer saves a checkpoint (torch.save raises
+    its RuntimeError, not an OSError): one message naming the job folder and the fix; a bug
+    (here a ZeroDivisionError) still raises with its traceback."""
+    import torch
+
+    from pilora.runner.errors import exit_on_expected
+
+    out = tmp_path / "run"
+    cfg = compose_cfg(FAST + write_images(str(tmp_path / "img")) + ["method=lora", "trainer.max_steps=1"], out)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as info:
+        exit_on_expected(train, cfg, output_dir=str(out))
+    assert str(info.value).startswith(f"error: no space left on the device writing '{out}'")
+    assert not (out / "results.json").exists()
+
+    def bug():
+        return 1 / 0
+
+    with pytest.raises(ZeroDivisionError):
+        exit_on_expected(bug)
