@@ -208,3 +208,33 @@ def test_smoke_run_of_the_other_families(tmp_path, family):
     assert rec["metrics"]["test"] == rec["smoke"]["trained_test"]
     steps = rec["smoke"]["full_run"]["optimizer_steps"]
     assert steps["stage2"] == 2 * steps["stage1"] > 2
+
+
+def test_evaluate_command_refuses_a_folder_of_another_evaluation(tmp_path):
+    """`python -m pilora.runner.evaluate RUN --out D task.eval_only=[piqa]` into a D that holds the
+    boolq evaluation: refused (the job folder's rule), D unchanged; the same command again returns it."""
+    from pilora.runner import evaluate as ev
+    from pilora.runner.jobdir import StaleJob
+
+    train(_cfg(tmp_path, "o"))
+    d = str(tmp_path / "scores")
+    first = ev.evaluate(str(tmp_path / "o"), ["task.eval_only=[boolq]"], out=d)
+    with pytest.raises(StaleJob, match="holds an evaluation of other settings"):
+        ev.evaluate(str(tmp_path / "o"), ["task.eval_only=[piqa]"], out=d)
+    assert sorted(os.listdir(os.path.join(d, "predictions"))) == ["boolq.jsonl"]
+    assert ev.evaluate(str(tmp_path / "o"), ["task.eval_only=[boolq]"], out=d)["metrics"] == first["metrics"]
+
+
+def test_evaluate_command_line(tmp_path, capsys):
+    """`python -m pilora.runner.evaluate EMPTY_DIR`: one error line and exit status 1; on a run it
+    prints the test metrics and where the record went."""
+    from pilora.runner.evaluate import main
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 1
+    assert "holds no finished training" in capsys.readouterr().out
+    rec = train(_cfg(tmp_path, "o"))
+    assert main([str(tmp_path / "o"), "task.eval_only=[boolq]"]) == 0
+    out = capsys.readouterr().out
+    assert f"test_boolq_accuracy = {rec['metrics']['test']['test_boolq_accuracy']:.4g}" in out
+    assert "eval/task.eval_only=_boolq_/results.json" in out
