@@ -132,3 +132,12 @@ def table_rows(text, model, method_prefix):
         if len(cells) > 3 and cells[0] == model and cells[1].startswith(method_prefix):
             rows.append(cells)
     return rows
+
+
+def interrupt_during_training(out):
+    """Make the finished job folder ``out`` look killed during training: no record, and no
+    training.json (written only once training is over; with it a rerun only evaluates)."""
+    for name in ("results.json", "training.json"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import FAST, compose_cfg, write_images
+from helpers import FAST, compose_cfg, interrupt_during_training, write_images
 
 from pilora import ImportanceStats
 from pilora.importance import ModuleStats
@@ -254,7 +254,7 @@ def finished_job(tmp_path):
     overrides = _job(str(tmp_path / "img"))
     out = tmp_path / "run"
     rec = train(compose_cfg(overrides, out))
-    os.remove(out / "results.json")
+    interrupt_during_training(out)
     return overrides, out, rec
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import FAST, compose_cfg, write_images
+from helpers import FAST, compose_cfg, interrupt_during_training, write_images
 
 from pilora.runner import jobdir
 from pilora.runner.checkpoints import resume_point
@@ -249,7 +249,7 @@ def test_interrupted_folder_with_another_config_is_not_resumed(tmp_path):
     out = tmp_path / "run"
     base = _vision(tmp_path / "img")
     train(compose_cfg(base, out))
-    os.remove(out / "results.json")  # killed before the record: checkpoints remain
+    interrupt_during_training(out)  # killed before the record: checkpoints remain
     with pytest.raises(StaleJob, match="trainer.per_device_train_batch_size"):
         train(compose_cfg(base + ["trainer.per_device_train_batch_size=4"], out))
 

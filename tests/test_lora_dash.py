@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import SMALL_LLAMA, TinyMLP, train_steps
-from helpers import FAST, compose_cfg, glue_overrides
+from helpers import FAST, compose_cfg, glue_overrides, interrupt_during_training
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pilora import MethodConfig, count_parameters, prepare_model
@@ -337,7 +337,7 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
     out = tmp_path / "run"
     ckpts = sorted(os.listdir(out / "train"), key=lambda s: int(s.split("-")[-1]))
     shutil.rmtree(out / "train" / ckpts[-1])
-    os.remove(out / "results.json")
+    interrupt_during_training(out)
     resumed = train(compose_cfg(overrides, out))
     assert resumed["lora_dash"]["directions"] == info["directions"]
     assert resumed["metrics"]["final"]["eval_loss"] == pytest.approx(rec["metrics"]["final"]["eval_loss"], rel=1e-5)

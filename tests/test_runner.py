@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import FAST, compose_cfg, glue_overrides, write_commonsense, write_images
+from helpers import FAST, compose_cfg, glue_overrides, interrupt_during_training, write_commonsense, write_images
 
 from pilora import ImportanceStats
 from pilora.runner.train import train
@@ -151,7 +151,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
     import shutil
 
     shutil.rmtree(out / "stage2" / ckpts[-1])
-    os.remove(out / "results.json")
+    interrupt_during_training(out)
     resumed = train(compose_cfg(base, out))
     assert resumed["metrics"]["final"]["eval_accuracy"] == full["metrics"]["final"]["eval_accuracy"]
     assert resumed["metrics"]["final"]["eval_loss"] == pytest.approx(full["metrics"]["final"]["eval_loss"], rel=1e-5)

@@ -488,7 +488,7 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
 
 def _run(cfg, task, method, data, out) -> dict:
     training = read_record(os.path.join(out, evaluation.TRAINING_RECORD)) if cfg.get("resume", True) else None
-    if training and evaluation.saved_weights(out):
+    if training and training.get("status") == "complete" and evaluation.saved_weights(out):  # never a failed one
         return _evaluate_only(cfg, task, method, data, out, training)
     timings, pilora_info = {}, None
     clock = JobClock()  # time and peak memory summed over the segments of a preempted job
