@@ -242,10 +242,24 @@ def top_level_keys(conf_dir: str = CONF) -> list[str]:
     return sorted({*(k for k in root if k not in ("defaults", "hydra")), *groups})
 
 
+def sweep_points(overrides: list[str], hydra_cfg) -> list[list[str]] | None:
+    """The override list of every point of a basic-sweeper multirun (the command line's sweeps and
+    an experiment's ``hydra.sweeper.params``), as Hydra's BasicSweeper expands them; None for other
+    sweepers (Optuna picks its points as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    if not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(overrides))
+    return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
+
+
 def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
-    """The one-line error of a single run (not ``-m``) whose settings cannot run
-    (:func:`pilora.runner.validate.check_config`), found before Hydra makes the job's folder;
-    None when they can, or when Hydra itself will report the command line."""
+    """The one-line error of a run whose settings cannot run (:func:`pilora.runner.validate.check_config`),
+    found before Hydra makes any folder: of the single job, or of every point of a basic sweep (so
+    that a bad value in point 37 stops the sweep before point 1 trains). None when all can run,
+    or when Hydra itself will report the command line."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args
 
@@ -253,21 +267,30 @@ def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
         parsed = get_args(list(args))
     except (Exception, SystemExit):
         return None
-    if parsed.multirun or parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion:
-        return None  # a sweep's points are checked as each starts
-    try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            cfg = compose(config_name=parsed.config_name or "config", overrides=parsed.overrides)
-        cfg.output_dir = ""  # ${hydra:runtime.output_dir}: not known before Hydra runs
-    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
+    if parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion:
         return None
     from pilora.runner.errors import expected_message
     from pilora.runner.validate import check_config
 
+    name = parsed.config_name or "config"
     try:
-        check_config(cfg)
-    except Exception as err:  # noqa: BLE001 - a bug is left to raise inside the job, with its traceback
-        return expected_message(err)
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            plain = [o for o in parsed.overrides if "," not in o.partition("=")[2] and "(" not in o]
+            base = compose(config_name=name, overrides=plain, return_hydra_config=True)
+            sweep = parsed.multirun or str(base.hydra.mode) == "RunMode.MULTIRUN"
+            points = sweep_points(parsed.overrides, base.hydra) if sweep else [parsed.overrides]
+            for point in points or []:
+                cfg = compose(config_name=name, overrides=point)
+                cfg.output_dir = ""  # ${hydra:runtime.output_dir}: not known before Hydra runs
+                try:
+                    check_config(cfg)
+                except Exception as err:  # noqa: BLE001 - a bug is left to raise in the job, with its traceback
+                    message = expected_message(err)
+                    if message is None:
+                        return None
+                    return f"{message} (sweep point: {' '.join(point)})" if sweep else message
+    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
+        return None
     return None
 
 

@@ -222,3 +222,15 @@ def test_disk_full_while_checkpointing_ends_with_one_message(tmp_path, monkeypat
 
     with pytest.raises(ZeroDivisionError):
         exit_on_expected(bug)
+
+
+def test_every_sweep_point_is_checked_before_the_first_trains():
+    """`run.py -m method=lora,pilora seed=0,-1`: the last point's seed stops the sweep before any
+    point runs (Hydra would have trained the first three); an experiment's own sweep is expanded too."""
+    import hydra_setup
+
+    error = hydra_setup.check_job(["-m", "method=lora,pilora", "seed=0,-1"])
+    assert error.startswith("seed=-1 is outside 0..4294967295") and error.endswith("(sweep point: method=lora seed=-1)")
+    assert hydra_setup.check_job(["-m", "method=lora,pilora", "seed=0,1"]) is None
+    error = hydra_setup.check_job(["experiment=fig4_rprime", "trainer.per_device_train_batch_size=0"])
+    assert "trainer.per_device_train_batch_size=0 must be at least 1" in error and "(sweep point: " in error
