@@ -287,7 +287,8 @@ def test_disk_full_on_record_write(tmp_path, images, monkeypatch):
         FAST + images + ["trainer.max_steps=2", "method.r=2"],
         out,
         RecordWriteError,
-        r"could not write the record '.*results\.json': No space left on device.*no record was written.*"
+        # training.json (the record of training, written before the final evaluation) is the first
+        r"could not write the record '.*training\.json': No space left on device.*no record was written.*"
         r"Free some disk space",
     )
     assert not [f for f in os.listdir(out) if f.endswith(".json") and f != "job.json"]  # no temp file either
