@@ -238,3 +238,27 @@ def test_evaluate_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"test_boolq_accuracy = {rec['metrics']['test']['test_boolq_accuracy']:.4g}" in out
     assert "eval/task.eval_only=_boolq_/results.json" in out
+
+
+def test_full_finetune_rerun_after_failed_evaluation_scores_model_folder(tmp_path, monkeypatch):
+    """method=full: the rerun after a failure during evaluation loads model/ (no adapter) and
+    scores as the uninterrupted run."""
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4) + ["method=full"]
+    over += ["trainer.max_steps=2", "trainer.save_strategy=no", "trainer.eval_strategy=no"]
+    over += ["trainer.load_best_model_at_end=false", "trainer.learning_rate=1e-3"]
+    whole = train(compose_cfg(over, tmp_path / "whole"))
+    real = CommonsenseTask.final_metrics
+    monkeypatch.setattr(CommonsenseTask, "final_metrics", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        train(compose_cfg(over, tmp_path / "cut"))
+    assert (tmp_path / "cut" / "model" / "config.json").exists() and not (tmp_path / "cut" / "adapter").exists()
+    monkeypatch.setattr(CommonsenseTask, "final_metrics", real)
+    import pilora.runner.train as runner
+
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("trained again"))
+    again = train(compose_cfg(over, tmp_path / "cut"))
+    assert again["metrics"]["test"] == whole["metrics"]["test"] and again["train_loss"] == whole["train_loss"]
+    for name in ("boolq", "piqa"):  # the same responses, word for word
+        assert (tmp_path / "cut" / "predictions" / f"{name}.jsonl").read_text() == (
+            tmp_path / "whole" / "predictions" / f"{name}.jsonl"
+        ).read_text()
