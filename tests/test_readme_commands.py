@@ -73,6 +73,24 @@ def _compose(overrides):
         return compose("config", overrides, return_hydra_config=True)
 
 
+def _sweep_values(key, spec) -> list[str]:
+    """``key=value`` for each value a sweeper's search space names: a basic sweeper's comma list,
+    an Optuna ``choice(...)`` each option, an ``interval(...)`` (``tag(log, ...)`` included) its two ends."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    value = OverridesParser.create().parse_override(f"{key}={spec}").value()
+    if isinstance(value, ChoiceSweep):
+        values = value.list
+    elif isinstance(value, IntervalSweep):
+        values = [value.start, value.end]
+    elif isinstance(value, RangeSweep):
+        values = [value.start]
+    else:
+        values = str(spec).split(",")
+    return [f"{key}={v}" for v in values]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("doc,args", COMMANDS, ids=[f"{d}:{c[:70]}" for d, c in COMMANDS])
 def test_readme_command_composes(doc, args):
@@ -81,9 +99,7 @@ def test_readme_command_composes(doc, args):
         sweep = OmegaConf.to_container(cfg.hydra.sweeper).get("params") or {}
         # an experiment overlay's own sweep: each of its values once
         extra = [
-            [f"{k}={v}" for v in str(vals).split(",")]
-            for k, vals in sweep.items()
-            if not any(o.split("=")[0] == k for o in overrides)
+            _sweep_values(k, vals) for k, vals in sweep.items() if not any(o.split("=")[0] == k for o in overrides)
         ]
         jobs = [overrides + [a[0] for a in extra]] + [
             overrides + [a[0] for a in extra[:i]] + [v] + [a[0] for a in extra[i + 1 :]]
