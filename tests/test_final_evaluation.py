@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+import transformers
 from helpers import FAST, compose_cfg, write_commonsense
 
 from pilora.runner.train import train
@@ -192,7 +193,7 @@ def test_smoke_run(tmp_path, switch, capsys):
 
 
 @pytest.mark.parametrize("family", ["classification", "vision"])
-def test_smoke_run_of_the_other_families(tmp_path, family):
+def test_smoke_run_of_the_other_families(tmp_path, family, monkeypatch):
     """`smoke=true` on GLUE (tiny RoBERTa) and a vision task (tiny CLIP): 2 steps a stage, then
     the reload; the full run's steps come from the real training-set size."""
     from helpers import glue_overrides, write_images
@@ -203,11 +204,23 @@ def test_smoke_run_of_the_other_families(tmp_path, family):
         else write_images(str(tmp_path / "d"))
     )
     over = FAST + data + ["method=pilora", "method.r=4", "trainer.num_train_epochs=2", "smoke=true"]
+    over += ["trainer.per_device_eval_batch_size=2"]  # 2 batches = 4 of the 8 test images
+    scored = []
+    real_predict = transformers.Trainer.predict
+
+    def predict(self, dataset, *a, metric_key_prefix="test", **kw):
+        if metric_key_prefix == "test":
+            scored.append(len(dataset))
+        return real_predict(self, dataset, *a, metric_key_prefix=metric_key_prefix, **kw)
+
+    monkeypatch.setattr(transformers.Trainer, "predict", predict)
     rec = train(compose_cfg(over, tmp_path / "job"))
     assert rec["status"] == "complete" and rec["steps"] == 2 and not (tmp_path / "job" / "results.json").exists()
     assert rec["metrics"]["test"] == rec["smoke"]["trained_test"]
     steps = rec["smoke"]["full_run"]["optimizer_steps"]
     assert steps["stage2"] == 2 * steps["stage1"] > 2
+    if family == "vision":  # the labelled test split: 2 batches scored (trained, then reloaded), 8 counted
+        assert scored == [4, 4] and rec["smoke"]["full_run"]["test_examples"] == {"test": 8}
 
 
 def test_evaluate_command_refuses_a_folder_of_another_evaluation(tmp_path):

@@ -37,16 +37,10 @@ def smoke_config(cfg: dict) -> dict:
     task = dict(small["task"])
     if "eval_limit" in task:  # generation tasks: 2 batches of each test set
         task["eval_limit"] = BATCHES * int(task.get("eval_batch_size") or 1)
+    else:  # classification / vision: 2 batches of the labelled test split (Task.final_metrics)
+        task["test_limit"] = BATCHES * int(small["trainer"].get("per_device_eval_batch_size") or 8)
     small["task"] = task
     return small
-
-
-def shrink_test_split(data: dict, cfg: dict) -> None:
-    """Classification tasks: the labelled test split cut to :data:`BATCHES` batches."""
-    test = data.get("test")
-    if test is not None and hasattr(test, "select"):
-        n = BATCHES * int(cfg["trainer"].get("per_device_eval_batch_size") or 8)
-        data["test"] = test.select(range(min(n, len(test))))
 
 
 def _updates(n_examples: int, trainer: dict, epochs: float) -> int:

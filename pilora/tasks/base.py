@@ -88,10 +88,16 @@ class Task:
 
     def final_metrics(self, model, trainer, data: dict) -> dict:
         """Metrics computed once after training: by default the labelled test split, if any."""
-        if data.get("test") is None:
+        test = data.get("test")
+        if test is None:
             return {}
-        out = trainer.predict(data["test"], metric_key_prefix="test")
-        return {k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second", "_preparation_time"))}
+        limit = self.cfg.get("test_limit")  # a smoke run's first examples only (pilora.runner.smoke)
+        if limit:
+            test = test.select(range(min(int(limit), len(test))))
+        out = trainer.predict(test, metric_key_prefix="test")
+        return {
+            k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second", "_preparation_time"))
+        }
 
     def input_paths(self) -> dict[str, str]:
         """``{config key: path}`` of the local files the job will read (checked before training)."""
