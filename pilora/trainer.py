@@ -40,7 +40,8 @@ class PiLoRATrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         # checkpoints and save_model: safetensors writes 0600, the rest of the folder follows the umask
         super()._save(output_dir, state_dict)
-        follow_umask(output_dir or self.args.output_dir)
+        if self.args.should_save:  # the process that wrote the files (under FSDP every rank passes here)
+            follow_umask(output_dir or self.args.output_dir)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # after this micro-batch's backward (and, on a sync step, DDP's all-reduce): the gradients the
