@@ -18,7 +18,9 @@ def _int_or_raise(key: str, value, low: int) -> None:
 def check_values(cfg: dict) -> None:
     """Raise a ValueError naming the key for a non-integer seed or method rank, a budget-matched
     LoRA whose r' exceeds r, or a ``model.path`` that the model would ignore."""
-    _int_or_raise("seed", cfg.get("seed", 0), -(2**63))
+    from .config import checked_int
+
+    checked_int("seed", cfg.get("seed", 0))  # the folder name's rule; its range: pilora.runner.validate
     method = cfg.get("method") or {}
     for key, low in _METHOD_INTS:
         if method.get(key) is not None:
