@@ -43,6 +43,7 @@ IGNORED = (
     "seed",
     "output_dir",
     "resume",
+    "smoke",  # a dry run's switch (its records live in a throwaway folder), not a setting of the experiment
     "save_adapter",
     "sweep_name",
     "logger",
