@@ -256,10 +256,15 @@ def test_a_copied_wandb_folder_is_enough_for_tables_and_figures(sweep, tmp_path)
         (tmp_path / "staging_gone").rename(staging)
 
 
-def test_run_names_groups_and_tags_follow_the_sweep_point():
+def test_run_names_groups_and_tags_follow_the_sweep_point(monkeypatch):
     """Pure functions of the config: a lone job's group is its name without the seed; a job
     started from Python in a folder named by other overrides gets a hash of that folder name."""
+    from hydra.core.hydra_config import HydraConfig
+
     from pilora.runner import wandb as w
+
+    # started from Python: no Hydra config, whatever an earlier test in this process left set
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
 
     cfg = {
         "method": {"name": "pilora", "label": None, "r": 8, "supplementary_r": 2},
