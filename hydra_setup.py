@@ -37,18 +37,25 @@ from pilora.runner.config import register_resolvers, safe_dirname
 from pilora.runner.summary import format_table, summary_rows, swept_keys
 
 
-def job_dirname(overrides, exclude_keys, method: str, match_budget: bool = False) -> str:
+def job_dirname(overrides, exclude_keys, method: str, match_budget: bool = False, family: str | None = None) -> str:
     """Hydra's ``override_dirname`` (sorted ``key=value`` overrides joined by ``,``, without
-    ``exclude_keys``) minus the ``method.<key>`` overrides that ``method`` does not use, as one
-    safe folder name (:func:`pilora.runner.config.safe_dirname`)."""
+    ``exclude_keys``) minus the ``method.<key>`` overrides that ``method`` does not use and the
+    ``task.<key>`` overrides of the task ``family``'s evaluation-only keys (they leave the trained
+    weights as they are: those jobs share one folder, and each scores its test sets into its record,
+    :func:`pilora.runner.evaluate.plan`), as one safe folder name (:func:`pilora.runner.config.safe_dirname`)."""
+    from pilora.tasks import FAMILIES
+
     used = set(applicable_keys(method, bool(match_budget))) if method in METHODS else None
+    scoring = set(FAMILIES[family].evaluation_keys) if family in FAMILIES else set()
     lines = []
     for override in OverridesParser.create().parse_overrides(list(overrides or [])):
         key = override.key_or_group
         if key in set(exclude_keys or ()):
             continue
-        parts = key.replace("/", ".").split(".")  # method.<key>=... and method/partition=...
+        parts = key.lstrip("+~").replace("/", ".").split(".")  # method.<key>=... and method/partition=...
         if used is not None and parts[0] == "method" and len(parts) > 1 and parts[1] not in used:
+            continue
+        if parts[0] == "task" and len(parts) > 1 and parts[1] in scoring:
             continue
         lines.append(override.input_line)
     return safe_dirname(",".join(sorted(lines)))

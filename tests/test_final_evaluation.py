@@ -72,21 +72,115 @@ def test_a_failure_during_evaluation_reruns_only_the_evaluation(tmp_path, monkey
 
 
 def test_a_changed_evaluation_setting_reuses_the_adapter(tmp_path, monkeypatch):
-    """`python run.py ... task.eval_only=[boolq]` in a finished job folder: not StaleJob, no
-    training, only boolq scored; the record names the settings that produced it."""
+    """`python run.py ... task.generation.max_new_tokens=4` in a finished job folder: not StaleJob,
+    no training, the test sets scored again; the record names the settings that produced it."""
     first = train(_cfg(tmp_path, "o"))
-    assert {"test_boolq_accuracy", "test_piqa_accuracy"} <= set(first["metrics"]["test"])
     import pilora.runner.train as runner
 
     monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("trained again"))
-    again = train(_cfg(tmp_path, "o", "task.eval_only=[boolq]"))
-    assert set(again["metrics"]["test"]) == {"test_boolq_accuracy", "test_boolq_no_match", "test_avg_accuracy"}
-    assert again["metrics"]["test"]["test_boolq_accuracy"] == first["metrics"]["test"]["test_boolq_accuracy"]
-    assert again["evaluation"]["settings"]["task"]["eval_only"] == ["boolq"]
-    assert first["evaluation"]["settings"]["task"]["eval_only"] is None
+    again = train(_cfg(tmp_path, "o", "task.generation.max_new_tokens=4"))
+    assert set(again["metrics"]["test"]) == set(first["metrics"]["test"])
+    assert again["evaluation"]["settings"]["task"]["generation"]["max_new_tokens"] == 4
+    assert first["evaluation"]["settings"]["task"]["generation"]["max_new_tokens"] == 8
+    assert again["evaluation"]["sets"]["boolq"] != first["evaluation"]["sets"]["boolq"]
     assert again["train_loss"] == first["train_loss"]
     # the same command once more returns the finished record
-    assert train(_cfg(tmp_path, "o", "task.eval_only=[boolq]"))["metrics"] == again["metrics"]
+    assert train(_cfg(tmp_path, "o", "task.generation.max_new_tokens=4"))["metrics"] == again["metrics"]
+
+
+def _scored_sets(monkeypatch) -> list:
+    """Record which test sets every final evaluation scores."""
+    real, seen = CommonsenseTask.final_metrics, []
+
+    def spy(self, *a, **k):
+        seen.append(sorted(self.test_sets()))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CommonsenseTask, "final_metrics", spy)
+    return seen
+
+
+def test_a_test_set_already_scored_is_not_scored_again(tmp_path, monkeypatch):
+    """`task.eval_only=[boolq]` after a job that scored every set: nothing to do, the record stays."""
+    first = train(_cfg(tmp_path, "o"))
+    seen = _scored_sets(monkeypatch)
+    again = train(_cfg(tmp_path, "o", "task.eval_only=[boolq]"))
+    assert seen == [] and again["metrics"] == first["metrics"]
+
+
+def test_test_sets_scored_by_separate_jobs_add_up_to_one_record(tmp_path, monkeypatch):
+    """`-m task.eval_only=[boolq],[piqa]` (one folder, one training): the second job scores piqa
+    alone, and the record equals that of one job scoring both sets. A set scored under other
+    settings (here: another generation length) is not kept."""
+    whole = train(_cfg(tmp_path, "whole"))
+    seen = _scored_sets(monkeypatch)
+    part = train(_cfg(tmp_path, "parts", "task.eval_only=[boolq]"))
+    assert set(part["metrics"]["test"]) == {"test_boolq_accuracy", "test_boolq_no_match", "test_avg_accuracy"}
+    import pilora.runner.train as runner
+
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("trained again"))
+    both = train(_cfg(tmp_path, "parts", "task.eval_only=[piqa]"))
+    assert seen == [["boolq"], ["piqa"]]
+    assert both["metrics"]["test"] == whole["metrics"]["test"]
+    assert list(both["metrics"]["test"]) == list(whole["metrics"]["test"])
+    assert both["evaluation"]["sets"] == whole["evaluation"]["sets"]
+    assert [os.path.basename(p) for p in both["predictions"]] == ["boolq.jsonl", "piqa.jsonl"]
+    assert both["train_loss"] == whole["train_loss"]
+    # every set is in the record now: the full command has nothing left to do
+    assert train(_cfg(tmp_path, "parts"))["metrics"] == both["metrics"] and len(seen) == 2
+    # another generation length: boolq's old score does not count for it
+    short = train(_cfg(tmp_path, "parts", "task.eval_only=[piqa]", "task.generation.max_new_tokens=4"))
+    assert seen[-1] == ["piqa"]
+    assert set(short["metrics"]["test"]) == {"test_piqa_accuracy", "test_piqa_no_match", "test_avg_accuracy"}
+    assert set(short["evaluation"]["sets"]) == {"piqa"}
+    assert [os.path.basename(p) for p in short["predictions"]] == ["piqa.jsonl"]
+
+
+def test_evaluation_only_overrides_do_not_name_the_folder():
+    """The folder name leaves out the task's evaluation-only keys (the jobs share the trained
+    weights), and nothing else."""
+    import hydra_setup
+
+    over = ["task.eval_only=[boolq]", "seed=1", "+task.eval_sets.x=/a", "task.cutoff_len=64"]
+    assert hydra_setup.job_dirname(over, [], "lora", False, "generation") == "seed=1,task.cutoff_len=64"
+    # a family without evaluation-only keys keeps every task override
+    assert hydra_setup.job_dirname(["task.eval_only=[x]"], [], "lora", False, "vision") == "task.eval_only=_x_"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_a_test_set_sweep_trains_once(tmp_path, launcher):
+    """`python run.py -m task.eval_only=[boolq],[piqa]`: one folder, one training, one record
+    holding both sets. With a parallel launcher the second point waits for the first one's
+    training, then scores its set."""
+    import glob
+    import subprocess
+
+    from helpers import CONF
+
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4)
+    over += ["method=lora", "method.r=4", "trainer.max_steps=3", "trainer.save_strategy=no"]
+    over += ["trainer.eval_strategy=no", "trainer.load_best_model_at_end=false"]
+    over += [f"hydra.sweep.dir={tmp_path}/sweep", "task.eval_only=[boolq],[piqa]"]
+    if launcher != "basic":
+        over.append(f"hydra/launcher={launcher}")
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PILORA_TWIN_POLL_S": "1"}
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", *over],
+        cwd=os.path.dirname(CONF),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = glob.glob(f"{tmp_path}/sweep/**/results.json", recursive=True)
+    assert len(records) == 1, records
+    rec = json.load(open(records[0]))
+    assert set(rec["evaluation"]["sets"]) == {"boolq", "piqa"}
+    assert {"test_boolq_accuracy", "test_piqa_accuracy", "test_avg_accuracy"} <= set(rec["metrics"]["test"])
+    log = open(os.path.join(os.path.dirname(records[0]), "run.log")).read()
+    assert log.count("reloading the trained weights and rerunning only the evaluation") == 1, log[-3000:]
 
 
 def test_predictions_are_written_per_example(tmp_path):

@@ -12,6 +12,7 @@ the folder stale. The record's ``evaluation.settings`` says which settings produ
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 
@@ -52,6 +53,91 @@ def evaluation_settings(cfg: dict, out: str) -> dict:
     task = cfg.get("task") or {}
     settings = {k: task.get(k) for k in evaluation_keys(cfg)}
     return _normalise({"task": settings, "inputs": input_files({"task": settings}, out)})
+
+
+# -- test sets scored by separate jobs into one record -------------------------------------------
+# A task whose evaluation keys include ``eval_sets`` ({name: file}) scores each named set on its own
+# (``eval_only`` selects them). A record then lists under ``evaluation.sets`` the settings of every
+# set it holds, each as if that set alone had been asked for; a later job of the same training
+# (``-m task.eval_only=[boolq],[piqa]`` shares one folder) scores only the sets the record lacks
+# under the current settings, and adds them.
+SETS_KEY, SELECT_KEY = "eval_sets", "eval_only"
+
+
+def selected_sets(cfg: dict) -> dict[str, str] | None:
+    """``{name: file}`` of the test sets ``cfg`` asks for, or None when its task has no named sets."""
+    if SETS_KEY not in evaluation_keys(cfg):
+        return None
+    task = cfg.get("task") or {}
+    sets = {name: path for name, path in (task.get(SETS_KEY) or {}).items() if path}
+    only = task.get(SELECT_KEY)
+    if only is None:
+        return sets
+    only = [only] if isinstance(only, str) else list(only)
+    unknown = [n for n in only if n not in sets]
+    if unknown:
+        raise ValueError(
+            f"task.{SELECT_KEY} names {unknown}, not test sets of task {task.get('name')!r}; "
+            f"choose from {sorted(sets)} (task.{SETS_KEY})"
+        )
+    return {n: sets[n] for n in only}
+
+
+def set_settings(cfg: dict, name: str, out: str) -> dict | None:
+    """The evaluation settings of test set ``name`` alone (its file's identity included); None when
+    ``cfg`` names no file for it."""
+    path = ((cfg.get("task") or {}).get(SETS_KEY) or {}).get(name)
+    if not path:
+        return None
+    alone = {**cfg, "task": {**cfg["task"], SETS_KEY: {name: path}, SELECT_KEY: [name]}}
+    return evaluation_settings(alone, out)
+
+
+def all_set_settings(cfg: dict, names, out: str) -> dict[str, dict]:
+    return {n: set_settings(cfg, n, out) for n in names}
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a rerun of a finished job still has to score: ``sets`` (None: everything ``cfg`` asks
+    for), and ``keep``, the sets of the old record that stay as they are (same settings, same file)."""
+
+    sets: list[str] | None = None
+    keep: list[str] = dataclasses.field(default_factory=list)
+    old: dict | None = None
+
+
+def plan(done: dict, cfg: dict, out: str) -> Plan | None:
+    """None when the finished record ``done`` already holds what ``cfg`` asks to score; else what
+    remains (:class:`Plan`)."""
+    recorded = (done.get("evaluation") or {}).get("settings")
+    if recorded is None or recorded == evaluation_settings(cfg, out):
+        return None
+    wanted, have = selected_sets(cfg), (done.get("evaluation") or {}).get("sets")
+    if wanted is None or have is None:  # no named sets (or a record from before evaluation.sets)
+        return Plan()
+    current = all_set_settings(cfg, set(wanted) | set(have), out)
+    missing = [n for n in wanted if have.get(n) != current[n]]
+    if not missing:
+        return None
+    keep = [n for n in have if n not in missing and current.get(n) is not None and have[n] == current[n]]
+    return Plan(sets=missing, keep=keep, old=done)
+
+
+def merge_set_metrics(old: dict, new: dict, keep: list[str], order: list[str]) -> dict:
+    """The test metrics of the kept sets of ``old`` (``test_<set>_*``) plus ``new``, set by set in
+    ``order`` (the task's ``eval_sets``); ``test_avg_accuracy`` is the mean over every set the result
+    holds, summed in that order: the numbers of one job that scored all of them."""
+    old = {k: v for k, v in (old or {}).items() if any(k.startswith(f"test_{n}_") for n in keep)}
+    pool = {**old, **{k: v for k, v in new.items() if k != "test_avg_accuracy"}}
+    merged = {}
+    for name in order:
+        merged.update({k: v for k, v in pool.items() if k.startswith(f"test_{name}_")})
+    accs = [merged[f"test_{n}_accuracy"] for n in order if f"test_{n}_accuracy" in merged]
+    if accs:
+        merged["test_avg_accuracy"] = sum(accs) / len(accs)
+    merged.update({k: v for k, v in pool.items() if k not in merged})  # lm_eval_*: this job's
+    return merged
 
 
 def check_inputs(cfg: dict, task, method) -> None:

@@ -64,6 +64,7 @@ from .validate import validate
 
 log = logging.getLogger("pilora")
 IMPORTANCE_FILE = "importance.pt"
+TWIN_POLL_S = float(os.environ.get("PILORA_TWIN_POLL_S", "10"))  # how often a waiting sweep point looks again
 MIN_CHECKS = 10  # fewer importance checks than this make hit counts coarse (T = 4 gives H/T in fifths)
 # TrainingArguments we set ourselves; a user value for them would be silently ignored
 _OWNED = {"output_dir", "report_to", "remove_unused_columns", "logging_nan_inf_filter", "seed"}
@@ -422,6 +423,13 @@ def train(cfg: Any, sweep: bool = False, on_open=None) -> dict:
     method, cfg, ignored = _method_settings(cfg)  # the one typed method object from here on
     validate(cfg, method)  # every stage's settings, before the folder is made or anything trains
     job = open_job(cfg, twins=sweep)
+    if isinstance(job, Twin) and (cfg["task"].get(evaluation.SELECT_KEY) is not None):
+        # a point of `-m task.eval_only=[boolq],[piqa]` run in parallel with the one that trains:
+        # its sets still need scoring, after that training (which it then reuses)
+        log.info("%s is held by %s (this job's training): waiting to score its test sets", job.folder, job.holder)
+        while isinstance(job, Twin):
+            time.sleep(TWIN_POLL_S)
+            job = open_job(cfg, twins=sweep)
     if isinstance(job, Twin):
         log.warning(
             "%s is being written by %s, a job of this same config (a sweep point repeated, e.g. by a key "
@@ -445,12 +453,18 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
     os.makedirs(out, exist_ok=True)
     per_rank_log_file(out)
     done = read_record(os.path.join(out, RECORD))
+    todo = None
     if done and done.get("status") == "complete" and cfg.get("resume", True):
-        settings = (done.get("evaluation") or {}).get("settings")
-        if settings is None or settings == evaluation.evaluation_settings(cfg, out):
+        todo = evaluation.plan(done, cfg, out)
+        if todo is None:
             log.info("job already complete: %s", os.path.join(out, RECORD))
             return done
-        log.info("evaluation settings changed since %s was written: evaluating again", os.path.join(out, RECORD))
+        log.info(
+            "%s holds no scores of %s under these evaluation settings: evaluating %s",
+            os.path.join(out, RECORD),
+            "these test sets" if todo.sets else "this job",
+            ", ".join(todo.sets) if todo.sets else "again",
+        )
     set_seed(int(cfg["seed"]))
     task = make_task(cfg["task"], cfg["model"], int(cfg["seed"]))
     if method.modules_to_save is None and task.head_modules:
@@ -459,7 +473,7 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
     data = task.datasets()
     run = wandb_run.start_run(cfg, out) if is_main() else None
     try:
-        record = _run(cfg, task, method, data, out)
+        record = _run(cfg, task, method, data, out, todo)
         record["ignored"] = ignored
         if run is not None:
             record["wandb"] = wandb_run.record_entry(run)
@@ -486,10 +500,10 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
             wandb_run.abort(run)  # a failed job: its run ends marked as failed
 
 
-def _run(cfg, task, method, data, out) -> dict:
+def _run(cfg, task, method, data, out, todo=None) -> dict:
     training = read_record(os.path.join(out, evaluation.TRAINING_RECORD)) if cfg.get("resume", True) else None
     if training and training.get("status") == "complete" and evaluation.saved_weights(out):  # never a failed one
-        return _evaluate_only(cfg, task, method, data, out, training)
+        return _evaluate_only(cfg, task, method, data, out, training, todo)
     timings, pilora_info = {}, None
     clock = JobClock()  # time and peak memory summed over the segments of a preempted job
     masks = budget = None
@@ -611,24 +625,39 @@ def _run(cfg, task, method, data, out) -> dict:
     return _final_evaluation(cfg, task, model, trainer, data, training, out)
 
 
-def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str) -> dict:
+def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str, todo=None) -> dict:
     """The record: ``training`` (the record of training) + the test metrics of ``model``, with the
-    evaluation settings that produced them (``evaluation.settings``)."""
+    evaluation settings that produced them (``evaluation.settings``; per test set ``evaluation.sets``).
+    ``todo`` (:func:`pilora.runner.evaluate.plan`) scores only the sets a finished record lacks, and
+    keeps the others' scores."""
     record = json.loads(json.dumps(training, default=str))
-    task.predictions_dir = os.path.join(out, evaluation.PREDICTIONS_DIR) if is_main() else None
+    scorer, wanted = task, evaluation.selected_sets(cfg)
+    if todo is not None and todo.sets is not None:  # the missing sets only, on a task object of their own
+        scorer = make_task({**cfg["task"], evaluation.SELECT_KEY: list(todo.sets)}, cfg["model"], int(cfg["seed"]))
+    scorer.predictions_dir = os.path.join(out, evaluation.PREDICTIONS_DIR) if is_main() else None
     t0 = time.time()
-    test = task.final_metrics(model, trainer, data)
-    record["metrics"]["test"] = test
+    test = scorer.final_metrics(model, trainer, data)
     record["config"] = cfg  # evaluation-only keys as this evaluation ran them
     record["evaluation"] = {
         **task.protocol(),
         "selection": (training.get("evaluation") or {}).get("selection"),
         "settings": evaluation.evaluation_settings(cfg, out),
     }
+    if wanted is not None:
+        scored = list(wanted)
+        if todo is not None and todo.sets is not None:
+            order = list((cfg["task"].get(evaluation.SETS_KEY) or {}))
+            test = evaluation.merge_set_metrics(todo.old["metrics"]["test"], test, todo.keep, order)
+            scored = [n for n in order if n in set(todo.keep) | set(todo.sets)]
+        record["evaluation"]["sets"] = evaluation.all_set_settings(cfg, scored, out)
+    record["metrics"]["test"] = test
     predictions = os.path.join(out, evaluation.PREDICTIONS_DIR)
     if os.path.isdir(predictions):
+        names = None if wanted is None else {f"{n}.jsonl" for n in record["evaluation"]["sets"]}
         record["predictions"] = sorted(
-            os.path.join(predictions, f) for f in os.listdir(predictions) if f.endswith(".jsonl")
+            os.path.join(predictions, f)
+            for f in os.listdir(predictions)
+            if f.endswith(".jsonl") and (names is None or f in names)
         )
     timings = record["timing"]
     timings["final_eval_s"] = time.time() - t0
@@ -636,7 +665,7 @@ def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str)
     return record
 
 
-def _evaluate_only(cfg, task, method, data, out, training: dict) -> dict:
+def _evaluate_only(cfg, task, method, data, out, training: dict, todo=None) -> dict:
     """Rerun only the final evaluation of a trained job: its saved adapter (or model/) on a fresh
     pretrained model, scored like an uninterrupted run's in-memory model."""
     log.info("training already done (%s): reloading the trained weights and rerunning only the evaluation", out)
@@ -645,4 +674,4 @@ def _evaluate_only(cfg, task, method, data, out, training: dict) -> dict:
     stage_dir = os.path.join(out, "stage2" if training.get("pilora") else "train")
     args = _training_args(cfg, task, stage_dir)
     trainer = _make_trainer(cfg, task, model, data, args)
-    return _final_evaluation(cfg, task, model, trainer, data, training, out)
+    return _final_evaluation(cfg, task, model, trainer, data, training, out, todo)
