@@ -17,7 +17,7 @@ Fig. 6                     accuracy vs cumulative threshold (``partition=cumulat
 Every function returns a matplotlib Figure. When its input is missing (no records, no sweep, no
 statistics file, no such module) it prints one line saying what is missing and returns a figure
 that shows the same message, with ``fig.missing_input`` set to it; :func:`save` and the command
-line skip such figures. Accuracy is the records' headline score (:func:`analysis.records.score`),
+line skip such figures. Accuracy is the records' headline score (:func:`analysis.scores.score`),
 mean ± sample std over seeds, one line per (task, model, configuration of everything else).
 Figs. 4-6 also draw the budget-matched LoRA (``method=lora_matched``, run by the same sweeps) as a
 dotted line with square markers: at each point, LoRA with that point's PiLoRA parameter budget.
@@ -34,7 +34,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .records import WandbSourceError, add_source_args, load_records, load_source, say, score  # noqa: F401
+from .records import add_source_args, load_records, load_source  # noqa: F401
+from .rows import say
+from .scores import score
+from .wandb_source import WandbSourceError
 
 _LAYER = re.compile(r"\.(\d+)\.")
 

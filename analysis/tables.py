@@ -25,7 +25,9 @@ import pandas as pd
 
 from .best_cells import clear_winner, mark_best  # noqa: F401
 from .cost_table import build_cost, cost_latex, cost_markdown  # noqa: F401
-from .records import WandbSourceError, add_source_args, load_records, load_source, load_wandb, partition_label, say  # noqa: F401
+from .keys import partition_label
+from .records import add_source_args, load_records, load_source  # noqa: F401
+from .rows import say
 from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     DASH,
     KEY_NAMES,
@@ -40,6 +42,7 @@ from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     load_paper,
 )
 from .table_text import cell_texts, notes, to_latex, to_markdown  # noqa: F401
+from .wandb_source import WandbSourceError, load_wandb  # noqa: F401
 
 
 def _eq(a, b) -> bool:

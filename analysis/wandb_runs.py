@@ -1,4 +1,4 @@
-"""Offline W&B run folders -> the run items :func:`analysis.records.load_wandb` builds records from.
+"""Offline W&B run folders -> the run items :func:`analysis.wandb_source.load_wandb` builds records from.
 
 A job logged with ``WANDB_MODE=offline`` leaves ``<output_dir>/wandb/offline-run-<time>-<id>/``
 holding ``run-<id>.wandb``, W&B's transaction log. It is read with W&B's own reader,
@@ -6,7 +6,7 @@ holding ``run-<id>.wandb``, W&B's transaction log. It is read with W&B's own rea
 history, artifact, exit ...), which also reads the log of a job killed mid-write up to its torn
 tail; nothing here decodes the file format itself.
 
-:func:`read_run` returns, per run, what :func:`analysis.records._pull` returns for a run of
+:func:`read_run` returns, per run, what :func:`analysis.wandb_source._pull` returns for a run of
 the public API: id, name, state, config, summary, the job's ``results.json`` and the local paths
 of its artifact files (``importance.pt`` for the figures). Artifact files of an offline run stay
 in W&B's staging folder (``$WANDB_DATA_DIR``), outside the run folder; the job also copies

@@ -291,7 +291,8 @@ def test_records_of_different_revisions_warn_and_revision_filters(tree, tmp_path
 def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys, monkeypatch):
     import wandb
 
-    from analysis.records import load_records, load_wandb
+    from analysis.records import load_records
+    from analysis.wandb_source import load_wandb
 
     local = load_records(tree)
     recs = [r for _, r in _raw(tree) if r["task"] == "eurosat" and r["method"] == "lora"]

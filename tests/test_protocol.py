@@ -389,7 +389,7 @@ def test_importance_checks_sets_k_from_stage1_length(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_tables_disclose_selection_parameter_basis_and_stage1_training(tmp_path):
-    from analysis.records import frame, record_row
+    from analysis.rows import frame, record_row
     from analysis.tables import render
 
     rec = train(

@@ -149,14 +149,16 @@ def test_summary_holds_the_record_and_artifacts_hold_its_files(sweep):
 
 @pytest.mark.parametrize("via", ["artifacts", "summary"])
 def test_tables_from_offline_run_files_are_byte_identical_to_local_records(sweep, via, monkeypatch):
-    from analysis import records, tables
+    from analysis import records, tables, wandb_source
 
     before = {p: open(p, "rb").read() for p in _records(sweep)}
     local = records.load_records(str(sweep))
     if via == "summary":  # a run whose record file is not available: the summary alone must do
-        real = records.wandb_record
-        monkeypatch.setattr(records, "wandb_record", lambda item: real({**item, "record": None, "artifact_files": {}}))
-    remote = records.load_wandb_dir(str(sweep))
+        real = wandb_source.wandb_record
+        monkeypatch.setattr(
+            wandb_source, "wandb_record", lambda item: real({**item, "record": None, "artifact_files": {}})
+        )
+    remote = wandb_source.load_wandb_dir(str(sweep))
     assert len(local) == len(remote) == 6
     ours = tables.render(local, ["3"], "best", False, "adapter_share", False, cost=True)
     theirs = tables.render(remote, ["3"], "best", False, "adapter_share", False, cost=True)
@@ -168,13 +170,13 @@ def test_tables_from_offline_run_files_are_byte_identical_to_local_records(sweep
 
 
 def test_tables_cli_reads_wandb_dir_and_figures_come_from_the_artifacts(sweep, tmp_path, capsys):
-    from analysis import figures, records, tables
+    from analysis import figures, tables, wandb_source
 
     assert tables.main(["--root", str(sweep), "--table", "3", "--out", str(tmp_path / "local.md")]) == 0
     assert tables.main(["--wandb-dir", str(sweep), "--table", "3", "--out", str(tmp_path / "wandb.md")]) == 0
     assert (tmp_path / "local.md").read_bytes() == (tmp_path / "wandb.md").read_bytes()
 
-    df = records.load_wandb_dir(str(sweep))
+    df = wandb_source.load_wandb_dir(str(sweep))
     stats = set(df[df.method == "pilora"]["importance_file"])
     assert all(str(sweep / "wandb_data_dir") in p for p in stats)  # W&B's copies, not the jobs' files
     written, _ = figures.make_all(df, str(tmp_path / "fig"), only=["2"])
@@ -193,7 +195,7 @@ def test_bad_wandb_sources_get_a_clear_error(sweep, tmp_path, capsys, monkeypatc
 
     import wandb
 
-    from analysis import records, tables
+    from analysis import tables, wandb_source
 
     (tmp_path / "empty").mkdir()
     assert tables.main(["--wandb-dir", str(tmp_path / "empty")]) == 2
@@ -220,8 +222,8 @@ def test_bad_wandb_sources_get_a_clear_error(sweep, tmp_path, capsys, monkeypatc
     staged = run["artifact_files"]["importance.pt"]
     os.rename(staged, staged + ".gone")
     try:
-        with pytest.raises(records.WandbSourceError, match="run pilora-eurosat-tiny-clip-s0 .* importance.pt"):
-            records.load_wandb_dir(str(copy))
+        with pytest.raises(wandb_source.WandbSourceError, match="run pilora-eurosat-tiny-clip-s0 .* importance.pt"):
+            wandb_source.load_wandb_dir(str(copy))
         assert tables.main(["--wandb-dir", str(copy)]) == 2
         err = capsys.readouterr().err
         assert "pilora-eurosat-tiny-clip-s0" in err and run["path"] in err and "Traceback" not in err
@@ -234,7 +236,7 @@ def test_a_copied_wandb_folder_is_enough_for_tables_and_figures(sweep, tmp_path)
     tables equal the local ones and the heat maps come from the runs' own ``files/`` copies."""
     import shutil
 
-    from analysis import figures, records, tables
+    from analysis import figures, records, tables, wandb_source
 
     copy = tmp_path / "copied"
     for folder in glob.glob(str(sweep / "multirun" / "tiny" / "*" / "wandb")):
@@ -242,7 +244,7 @@ def test_a_copied_wandb_folder_is_enough_for_tables_and_figures(sweep, tmp_path)
     staging = sweep / "wandb_data_dir"
     staging.rename(tmp_path / "staging_gone")
     try:
-        df = records.load_wandb_dir(str(copy))
+        df = wandb_source.load_wandb_dir(str(copy))
         assert len(df) == 6
         stats = set(df[df.method == "pilora"]["importance_file"])
         assert len(stats) == 2 and all(p.startswith(str(copy)) and os.path.isfile(p) for p in stats)
@@ -395,7 +397,7 @@ def test_notebooks_read_offline_wandb_runs_and_share_the_colour_scale(sweep, mon
     from nbclient import NotebookClient
     from test_analysis import REPO, _kernel_name
 
-    from analysis import records, tables
+    from analysis import tables, wandb_source
 
     monkeypatch.setenv("PILORA_WANDB_DIR", str(sweep))
     monkeypatch.setenv("PILORA_RESULTS", str(sweep / "nothing_here"))  # the W&B source must win
@@ -417,7 +419,7 @@ def test_notebooks_read_offline_wandb_runs_and_share_the_colour_scale(sweep, mon
             assert not [o for o in outputs if o.output_type == "error"], name
             if name == "tables.ipynb":
                 shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
-                expected = tables.render(records.load_wandb_dir(str(sweep)), ["3"], which="best")
+                expected = tables.render(wandb_source.load_wandb_dir(str(sweep)), ["3"], which="best")
                 assert expected in shown and "tiny-clip" in expected
             else:
                 assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2  # Fig. 2 and Fig. 7
@@ -461,7 +463,7 @@ def test_a_torn_run_file_reads_up_to_its_tear_and_garbage_is_named(sweep, tmp_pa
     it (run, config; no exit: state ``running``). A file that is no W&B log is skipped, by path."""
     import shutil
 
-    from analysis import records
+    from analysis import wandb_source
     from analysis.wandb_runs import OfflineRunError, read_run
 
     run = _runs(sweep)["pilora-eurosat-tiny-clip-s0"]
@@ -479,5 +481,5 @@ def test_a_torn_run_file_reads_up_to_its_tear_and_garbage_is_named(sweep, tmp_pa
     with pytest.raises(OfflineRunError, match="not a readable W&B transaction log"):
         read_run(str(bad))
     shutil.copytree(os.path.join(run["path"], "files"), torn.parent / "files")
-    df = records.load_wandb_dir(str(tmp_path / "torn"))
+    df = wandb_source.load_wandb_dir(str(tmp_path / "torn"))
     assert str(bad) in capsys.readouterr().err and len(df) == 1  # the torn run, from its record copy
