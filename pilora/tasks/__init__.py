@@ -6,7 +6,7 @@ into datasets ready for ``transformers.Trainer``, a fresh pretrained model, and 
 
 from __future__ import annotations
 
-from . import classification, commonsense, vision  # noqa: F401  (register the families)
+from . import classification, commonsense, generation, vision  # noqa: F401  (register the families)
 from .base import FAMILIES, DataError, Task, make_task, register_family
 
 __all__ = ["FAMILIES", "DataError", "Task", "make_task", "register_family"]

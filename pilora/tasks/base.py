@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import datasets
 
+from .schema import TaskSettings
+
 FAMILIES: dict[str, type["Task"]] = {}
 # datasets the project generates itself (task.dataset.path: <key>), e.g. the offline demo
 BUILDERS: dict[str, Callable[..., datasets.DatasetDict]] = {}
@@ -60,17 +62,42 @@ class Task:
     evaluation_keys: tuple[str, ...] = ()
     # where final_metrics writes per-example predictions (<dir>/<set>.jsonl); None: not written
     predictions_dir: str | None = None
+    # the family's task.* keys: types, defaults and help, declared once (pilora.tasks.schema)
+    settings_cls: type[TaskSettings] = TaskSettings
 
     def __init__(self, task_cfg: dict, model_cfg: dict, seed: int = 0):
-        self.cfg, self.model_cfg, self.seed = task_cfg, model_cfg, seed
-        self.name = task_cfg["name"]
+        self.settings = self.settings_cls.from_dict(task_cfg)
+        # every key, set or defaulted, as a plain dict (for code that reads the section by name)
+        self.cfg = self.settings.as_dict()
+        self.model_cfg, self.seed = model_cfg, seed
+        self.name = self.settings.name
+
+    @classmethod
+    def probe(cls, task_cfg: dict) -> "Task":
+        """A task holding only its settings (no tokenizer, no data): for what reads the config alone."""
+        task = cls.__new__(cls)
+        task.settings = cls.settings_cls.from_dict(task_cfg)
+        task.cfg, task.name, task.model_cfg, task.seed = task.settings.as_dict(), task.settings.name, {}, 0
+        return task
 
     # --- to be provided by families ---------------------------------------------------------
     @classmethod
     def check_config(cls, task_cfg: dict) -> None:
         """Raise a ValueError (or :class:`DataError`) naming the key for a setting of ``task_cfg``
         that could not run; called before the job's folder is made, so that an evaluation setting
-        fails before training rather than after it. Nothing is loaded but small files."""
+        fails before training rather than after it. Nothing is loaded but small files. Here: the
+        keys and types of the family's schema, and that the family names its headline metric."""
+        cls.probe(task_cfg).headline()
+
+    def headline(self) -> dict:
+        """The one number a table reports for this task, as the record names it
+        (``results.json["evaluation"]["headline"]``): ``{"metric": key, "split": what it scores,
+        "from": "test" | "epoch"}``. ``from: test``: ``metric`` is a key of ``metrics.test``;
+        ``from: epoch``: of the per-epoch evaluations (``metrics.best`` / ``metrics.final``)."""
+        raise NotImplementedError(
+            f"task family {self.family!r} ({type(self).__name__}) names no headline metric: define "
+            "headline() so that records say which number the tables report"
+        )
 
     def build_model(self):
         """A fresh pretrained model with the task head (deterministic for ``self.seed``)."""
@@ -91,9 +118,9 @@ class Task:
         test = data.get("test")
         if test is None:
             return {}
-        limit = self.cfg.get("test_limit")  # a smoke run's first examples only (pilora.runner.smoke)
+        limit = self.settings.test_limit  # a smoke run's first examples only (pilora.runner.smoke)
         if limit:
-            test = test.select(range(min(int(limit), len(test))))
+            test = test.select(range(min(limit, len(test))))
         out = trainer.predict(test, metric_key_prefix="test")
         return {
             k: v for k, v in out.metrics.items() if not k.endswith(("_runtime", "_per_second", "_preparation_time"))
@@ -105,8 +132,12 @@ class Task:
 
     def protocol(self) -> dict:
         """How this task's numbers are produced, for the record (``results.json["evaluation"]``):
-        which split is reported, what picks the model, and the reference it follows."""
-        return {"reported_split": "test" if self.cfg.get("splits", {}).get("test") else "validation"}
+        which split is reported, what picks the model, the reference it follows, and the headline
+        metric (:meth:`headline`)."""
+        return {
+            "reported_split": "test" if self.settings.splits.get("test") else "validation",
+            "headline": self.headline(),
+        }
 
     @property
     def head_modules(self) -> list[str] | None:
@@ -114,12 +145,12 @@ class Task:
 
     @property
     def metric(self) -> str:
-        return self.cfg.get("metric", "accuracy")
+        return self.settings.metric
 
     # --- shared data loading -------------------------------------------------------------------
     def load_raw(self) -> datasets.DatasetDict:
         """``datasets.load_dataset(path, name, data_files=...)`` with errors that say what to do."""
-        return load_raw(self.cfg.get("dataset", {}), self.name, self.required_columns())
+        return load_raw(self.settings.dataset, self.name, self.required_columns())
 
     def required_columns(self) -> tuple[list[str], str] | None:
         """Columns every local data file must have, and which keys name them (None: no check)."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import demo  # noqa: F401  (registers the demo builder)
 from .base import DataError, Task, load_pretrained, load_tokenizer, register_family, require_columns, require_split
+from .schema import TaskSettings, setting
 
 METRICS = {}
 
@@ -72,11 +75,28 @@ def _select_on_train_holdout(task, train, validation, test):
         )
     kept, held = holdout_split(
         train,
-        fraction=float(task.cfg.get("holdout_fraction", 0.1)),
-        max_size=int(task.cfg.get("holdout_max", 2000)),
+        fraction=task.settings.holdout_fraction,
+        max_size=task.settings.holdout_max,
         seed=task.seed,
     )
     return {"train": kept, "validation": held, "test": validation}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClassificationSettings(TaskSettings):
+    """``task.*`` of a sequence-classification task (GLUE, the demo)."""
+
+    text_columns: list = setting(help="the columns the template reads, e.g. [sentence1, sentence2]")
+    template: str = setting(help="the model's input: template.format(**row), e.g. 'rte: {sentence1}...'")
+    label_column: str = setting("label", help="the column of integer class ids 0..num_labels-1")
+    num_labels: int = setting(2, low=1, help="classes of the head")
+    max_length: int = setting(128, low=1, help="tokens; longer inputs are truncated")
+    metrics: list = setting(factory=lambda: ["accuracy"], help="what each evaluation reports (METRICS)")
+    selection_split: str = setting(
+        "validation", help="what the per-epoch evaluation scores: validation | train_holdout (SELECTION_SPLITS)"
+    )
+    holdout_fraction: float = setting(0.1, low=0, help="train_holdout only: seeded share of train held out")
+    holdout_max: int = setting(2000, low=1, help="train_holdout only: cap on the holdout (examples)")
 
 
 @register_family("classification")
@@ -86,11 +106,12 @@ class ClassificationTask(Task):
     model_families = ("encoder",)
     example_model = "roberta-large"
     task_type = "SEQ_CLS"
+    settings_cls = ClassificationSettings
 
     def __init__(self, task_cfg, model_cfg, seed=0):
         super().__init__(task_cfg, model_cfg, seed)
         self.tokenizer = load_tokenizer(model_cfg)
-        unknown = [m for m in task_cfg.get("metrics", ["accuracy"]) if m not in METRICS]
+        unknown = [m for m in self.settings.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown} for task {self.name!r}; known: {sorted(METRICS)}")
 
@@ -101,19 +122,17 @@ class ClassificationTask(Task):
     def build_model(self):
         from transformers import AutoModelForSequenceClassification
 
-        return load_pretrained(
-            self.model_cfg, AutoModelForSequenceClassification, num_labels=int(self.cfg["num_labels"])
-        )
+        return load_pretrained(self.model_cfg, AutoModelForSequenceClassification, num_labels=self.settings.num_labels)
 
     def required_columns(self):
         return (
-            list(self.cfg["text_columns"]) + [self.cfg.get("label_column", "label")],
+            list(self.settings.text_columns) + [self.settings.label_column],
             "task.text_columns / task.label_column to the file's names",
         )
 
     @property
     def selection(self) -> str:
-        name = self.cfg.get("selection_split") or "validation"
+        name = self.settings.selection_split or "validation"
         if name not in SELECTION_SPLITS:
             raise ValueError(
                 f"task.selection_split={name!r} is not a selection split; choose one of {sorted(SELECTION_SPLITS)}"
@@ -123,24 +142,23 @@ class ClassificationTask(Task):
     def datasets(self):
         select = SELECTION_SPLITS[self.selection]  # a bad name fails before loading any data
         raw = self.load_raw()
-        splits = self.cfg.get("splits", {})
+        s = self.settings
+        splits = s.splits
         out = {
             k: require_split(raw, splits.get(k, k), self.name, required=(k != "test"))
             for k in ("train", "validation", "test")
         }
-        template, label = self.cfg["template"], self.cfg.get("label_column", "label")
-        columns = self.cfg["text_columns"] + [label]
-        n = int(self.cfg["num_labels"])
+        template, label = s.template, s.label_column
+        columns = list(s.text_columns) + [label]
+        n = s.num_labels
         hint = (
             "GLUE columns are listed in conf/task/glue/*.yaml (task.text_columns, task.label_column); "
             "local files must use the same column names"
         )
 
         def encode(batch):
-            texts = [
-                template.format(**{c: batch[c][i] for c in self.cfg["text_columns"]}) for i in range(len(batch[label]))
-            ]
-            enc = self.tokenizer(texts, truncation=True, max_length=int(self.cfg.get("max_length", 128)))
+            texts = [template.format(**{c: batch[c][i] for c in s.text_columns}) for i in range(len(batch[label]))]
+            enc = self.tokenizer(texts, truncation=True, max_length=s.max_length)
             enc["labels"] = batch[label]
             return enc
 
@@ -185,7 +203,18 @@ class ClassificationTask(Task):
     def compute_metrics(self, eval_pred):
         logits, labels = eval_pred
         preds = np.asarray(logits).argmax(-1)
-        return {m: METRICS[m](preds, np.asarray(labels)) for m in self.cfg.get("metrics", ["accuracy"])}
+        return {m: METRICS[m](preds, np.asarray(labels)) for m in self.settings.metrics}
+
+    def headline(self):
+        """GLUE (GOAT's protocol): the dev set's ``eval_<metric>`` at the best (or final) epoch. With
+        ``selection_split=train_holdout`` the dev set is scored once at the end: ``test_<metric>``."""
+        if self.selection == "train_holdout":
+            return {
+                "metric": f"test_{self.metric}",
+                "split": "validation (scored once as the test split)",
+                "from": "test",
+            }
+        return {"metric": f"eval_{self.metric}", "split": "validation", "from": "epoch"}
 
     def protocol(self):
         out = super().protocol()

@@ -305,7 +305,7 @@ def tokenize_for_training(
 # --------------------------------------------------------------------------- answers
 
 
-def extract_answer(dataset: str, text: str | None) -> str | None:
+def extract_answer(dataset: str, text: str | None, pattern: "str | re.Pattern | None" = None) -> str | None:
     """Return the first answer-shaped string in a generation, or None.
 
     If ``text`` still contains ``### Response:``, only the part after the last one is searched,
@@ -316,20 +316,27 @@ def extract_answer(dataset: str, text: str | None) -> str | None:
             the lm-eval names ``social_iqa``/``arc_easy``/``arc_challenge``
             are also accepted).
         text: the generated text.
+        pattern: a regex to use instead of ``ANSWER_PATTERNS[dataset]`` (any ``dataset`` name then;
+            a pattern with a group gives its first group, e.g. ``answer is (-?[0-9]+)``).
 
     Returns:
-        The first match of ``ANSWER_PATTERNS[dataset]``, or None if nothing matches.
+        The first match of ``ANSWER_PATTERNS[dataset]`` (or of ``pattern``), or None if nothing matches.
 
     Raises:
-        ValueError: for an unknown dataset name.
+        ValueError: for an unknown dataset name without a ``pattern``.
     """
-    pattern = _COMPILED[_canonical_dataset(dataset)]
+    if pattern is None:
+        pattern = _COMPILED[_canonical_dataset(dataset)]
+    elif isinstance(pattern, str):
+        pattern = re.compile(pattern)
     if text is None:
         return None
     if _RESPONSE_MARKER in text:
         text = text.split(_RESPONSE_MARKER)[-1]
     match = pattern.search(text.strip())
-    return match.group(0) if match else None
+    if not match:
+        return None
+    return match.group(1) if pattern.groups else match.group(0)
 
 
 def response_text(full_text: str, new_text: str) -> str:
@@ -428,6 +435,7 @@ def evaluate_dataset(
     batch_size: int = REFERENCE_EVAL_BATCH_SIZE,
     return_predictions: bool = False,
     style: str = DEFAULT_PROMPT_STYLE,
+    pattern: "str | re.Pattern | None" = None,
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
     """Generation-based accuracy on one commonsense test set.
@@ -445,12 +453,15 @@ def evaluate_dataset(
         return_predictions: also return the per-example ``predictions``
             (extracted answers) and the ``responses`` they came from.
         style: prompt template, a key of :data:`PROMPT_STYLES`.
+        pattern: the answer regex (see :func:`extract_answer`); None: the set's own, by name.
 
     Returns:
         ``{"accuracy", "correct", "total", "no_match"}`` (plus
         ``predictions``/``responses`` when requested).
     """
-    name = _canonical_dataset(dataset)  # fail before spending time generating
+    name = _canonical_dataset(dataset) if pattern is None else dataset  # fail before spending time generating
+    if isinstance(pattern, str):
+        pattern = re.compile(pattern)
     rows = [dict(ex) for ex in examples]
     if not rows:
         raise ValueError(f"no examples to evaluate for {name}")
@@ -461,7 +472,7 @@ def evaluate_dataset(
 
     prompts = [format_prompt(r["instruction"], r.get("input"), style=style) for r in rows]
     responses = generate_answers(model, tokenizer, prompts, batch_size=batch_size, **generate_kwargs)
-    predictions = [extract_answer(name, g) for g in responses]
+    predictions = [extract_answer(name, g, pattern) for g in responses]
     correct = sum(p is not None and p == str(r["answer"]).strip() for p, r in zip(predictions, rows))
     result: dict[str, Any] = {
         "accuracy": correct / len(rows),

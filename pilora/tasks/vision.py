@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import clip as v
 from .base import DataError, Task, check_model_path, register_family
+from .schema import TaskSettings, setting
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VisionSettings(TaskSettings):
+    """``task.*`` of an image-classification task. ``dataset`` holds path, name, data_files,
+    data_dir, image_column (default image) and label_column (default label)."""
+
+    num_labels: int = setting(low=1, help="classes of the head (the data's labels are 0..num_labels-1)")
+    holdout_fraction: float = setting(0.1, low=0, help="seeded share of train held out for validation")
+    holdout_max: int = setting(5000, low=1, help="cap on the validation holdout (examples)")
 
 
 @register_family("vision")
@@ -15,11 +28,12 @@ class VisionTask(Task):
     model_families = ("clip_vision",)
     example_model = "clip-vit-b32"
     remove_unused_columns = False  # the image transform needs the raw columns
+    settings_cls = VisionSettings
 
     def build_model(self):
         from transformers import CLIPVisionConfig
 
-        n = int(self.cfg["num_labels"])
+        n = self.settings.num_labels
         if self.model_cfg.get("backend") == "open_clip":  # model=clip-vit-b32-openclip (pilora.tasks.openclip)
             from .openclip import build_classifier
 
@@ -46,7 +60,8 @@ class VisionTask(Task):
         return self.model_cfg.get("head_modules") or ["classifier"]
 
     def datasets(self):
-        d = self.cfg["dataset"]
+        s = self.settings
+        d = s.dataset
         raw = v.load_vision_dataset(
             d["path"],
             d.get("name"),
@@ -55,11 +70,11 @@ class VisionTask(Task):
             label_column=d.get("label_column", "label"),
             data_dir=d.get("data_dir"),
         )
-        splits = self.cfg.get("splits", {})
+        splits = s.splits
         train_name, test_name = splits.get("train", "train"), splits.get("test", "test")
         if train_name not in raw:
             raise DataError(f"task {self.name!r} needs split {train_name!r}; the data has {list(raw)}")
-        n = int(self.cfg["num_labels"])
+        n = s.num_labels
         try:
             v.check_labels(raw, n)
         except ValueError as err:
@@ -69,8 +84,8 @@ class VisionTask(Task):
             ) from err
         train, val = v.holdout_split(
             raw[train_name],
-            fraction=float(self.cfg.get("holdout_fraction", 0.1)),
-            max_size=int(self.cfg.get("holdout_max", 5000)),
+            fraction=s.holdout_fraction,
+            max_size=s.holdout_max,
             seed=self.seed,
         )
         size = int(self.model_cfg.get("image_size", 224))
@@ -91,6 +106,10 @@ class VisionTask(Task):
     def compute_metrics(self, eval_pred):
         logits, labels = eval_pred
         return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+    def headline(self):
+        """GOAT's vision protocol: top-1 accuracy on the test split, scored once on the final model."""
+        return {"metric": "test_accuracy", "split": "test", "from": "test"}
 
     def protocol(self):
         # GOAT (train_vit.py) trains a fixed schedule and selects no checkpoint; the per-epoch
