@@ -234,6 +234,9 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
         "dir": os.path.dirname(path) if source == "file" else None,
         "mtime": os.path.getmtime(path) if source == "file" and os.path.exists(path) else None,
         "wandb_id": (rec.get("wandb") or {}).get("id"),
+        # the number the task names as its headline (pilora.tasks.base.Task.headline); None in old records
+        "headline_metric": ((rec.get("evaluation") or {}).get("headline") or {}).get("metric"),
+        "headline_from": ((rec.get("evaluation") or {}).get("headline") or {}).get("from"),
     }
     for k, v in pargs.items():
         if k != "seed":

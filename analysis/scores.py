@@ -6,23 +6,42 @@ from typing import Iterable
 
 import pandas as pd
 
+# the rule records from before ``evaluation.headline`` follow (their tasks named no headline)
+_FAMILY_HEADLINES = {
+    "generation": ("test_avg_accuracy", "test"),
+    "vision": ("test_accuracy", "test"),
+    "classification": (None, "epoch"),  # eval_<metric>
+}
+
+
+def headline_column(row, which: str = "best") -> str:
+    """The column holding a record row's headline number: the task's own choice
+    (``evaluation.headline``: a ``metrics.test`` key, or an epoch metric read at the ``which`` epoch),
+    else its family's rule. A row naming neither raises: a score of NaN would pass for a result."""
+    metric, source = row.get("headline_metric"), row.get("headline_from")
+    if not isinstance(metric, str) or pd.isna(metric):
+        family = row.get("family")
+        if family not in _FAMILY_HEADLINES:
+            raise ValueError(
+                f"record {row.get('path') or row.get('task')!r} (task family {family!r}) names no headline "
+                "metric (evaluation.headline) and its family has no known rule; rerun it with a task "
+                "that defines Task.headline()"
+            )
+        metric, source = _FAMILY_HEADLINES[family]
+        metric = metric or f"eval_{row.get('metric') or 'accuracy'}"
+    return metric if source == "test" else f"{which}_{metric}"
+
 
 def score(df: pd.DataFrame, which: str = "best") -> pd.Series:
-    """The headline number of each record (a fraction): commonsense -> ``test_avg_accuracy``,
-    vision -> ``test_accuracy`` (test split), classification/GLUE -> validation
-    ``<which>_eval_<metric>`` (``which`` = best | final epoch)."""
+    """The headline number of each record (a fraction), in the column :func:`headline_column` names:
+    commonsense -> ``test_avg_accuracy``, vision -> ``test_accuracy`` (test split), GLUE ->
+    validation ``<which>_eval_<metric>`` (``which`` = best | final epoch), or ``test_<metric>`` when
+    the dev set is scored once (``task.selection_split=train_holdout``)."""
     if which not in ("best", "final"):
         raise ValueError(f"which must be 'best' or 'final', not {which!r}")
     out = pd.Series(float("nan"), index=df.index, dtype=float)
     for idx, row in df.iterrows():
-        fam = row.get("family")
-        if fam == "generation":
-            col = "test_avg_accuracy"
-        elif fam == "vision":
-            col = "test_accuracy"
-        else:
-            col = f"{which}_eval_{row.get('metric') or 'accuracy'}"
-        v = row.get(col)
+        v = row.get(headline_column(row, which))
         out[idx] = float(v) if v is not None and not pd.isna(v) else float("nan")
     return out
 
