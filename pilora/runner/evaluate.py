@@ -68,19 +68,10 @@ def selected_sets(cfg: dict) -> dict[str, str] | None:
     """``{name: file}`` of the test sets ``cfg`` asks for, or None when its task has no named sets."""
     if SETS_KEY not in evaluation_keys(cfg):
         return None
+    from ..tasks.generation import select_test_sets
+
     task = cfg.get("task") or {}
-    sets = {name: path for name, path in (task.get(SETS_KEY) or {}).items() if path}
-    only = task.get(SELECT_KEY)
-    if only is None:
-        return sets
-    only = [only] if isinstance(only, str) else list(only)
-    unknown = [n for n in only if n not in sets]
-    if unknown:
-        raise ValueError(
-            f"task.{SELECT_KEY} names {unknown}, not test sets of task {task.get('name')!r}; "
-            f"choose from {sorted(sets)} (task.{SETS_KEY})"
-        )
-    return {n: sets[n] for n in only}
+    return select_test_sets(task.get(SETS_KEY), task.get(SELECT_KEY), task.get("name"))
 
 
 def set_settings(cfg: dict, name: str, out: str) -> dict | None:

@@ -54,6 +54,22 @@ class GenerationSettings(TaskSettings):
     metric_mode: str = setting("min", help="max or min: which end of `metric` is best")
 
 
+def select_test_sets(eval_sets: dict, eval_only, task_name: str) -> dict[str, str]:
+    """``{name: file}`` of the sets of ``eval_sets`` (those with a file) that ``eval_only`` names, in
+    its order (all of them for None); an unknown name raises, listing the valid ones."""
+    sets = {name: path for name, path in (eval_sets or {}).items() if path}
+    if eval_only is None:
+        return sets
+    only = [eval_only] if isinstance(eval_only, str) else list(eval_only)
+    unknown = [n for n in only if n not in sets]
+    if unknown:
+        raise ValueError(
+            f"task.eval_only names {unknown}, not test sets of task {task_name!r}; "
+            f"choose from {sorted(sets)} (task.eval_sets)"
+        )
+    return {n: sets[n] for n in only}
+
+
 @register_family("generation")
 class GenerationTask(Task):
     """Train on instruction json, validate on a held-out slice (loss), and score each test set by
@@ -237,19 +253,7 @@ class GenerationTask(Task):
     def test_sets(self) -> dict[str, str]:
         """``{name: file}`` of the test sets scored: every set of ``task.eval_sets``, or only those
         named in ``task.eval_only`` (a list, e.g. ``task.eval_only=[ARC-Easy,boolq]``)."""
-        sets = {name: path for name, path in self.settings.eval_sets.items() if path}
-        only = self.settings.eval_only
-        if only is None:
-            return sets
-        if isinstance(only, str):
-            only = [only]
-        unknown = [n for n in only if n not in sets]
-        if unknown:
-            raise ValueError(
-                f"task.eval_only names {unknown}, not test sets of task {self.name!r}; "
-                f"choose from {sorted(sets)} (task.eval_sets)"
-            )
-        return {n: sets[n] for n in only}
+        return select_test_sets(self.settings.eval_sets, self.settings.eval_only, self.name)
 
     def input_paths(self) -> dict[str, str]:
         files = {"task.dataset.train_file": self.settings.dataset["train_file"]}
