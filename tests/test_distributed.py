@@ -67,13 +67,18 @@ def _torchrun(overrides, out, nproc=2):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _ddp_record(overrides, out, per_rank: int) -> dict:
+    """The record of a 2-rank torchrun job with ``per_rank`` training examples per rank and step."""
+    proc = _torchrun(overrides + [f"trainer.per_device_train_batch_size={per_rank}"], out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.load(open(out / "results.json"))
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     base = _common(str(tmp_path / "img"))
     ddp_out = tmp_path / "ddp"
-    proc = _torchrun(base + ["trainer.per_device_train_batch_size=3"], ddp_out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ddp = json.load(open(ddp_out / "results.json"))
+    ddp = _ddp_record(base, ddp_out, per_rank=3)
     assert ddp["world_size"] == 2 and ddp["steps"] == 3  # 18 train images / (2 ranks x 3)
     # the ranks compared their masks (all_gather of hashes) and only rank 0 wrote the outputs
     rank0_log, rank1_log = (ddp_out / "run.log").read_text(), (ddp_out / "run.rank1.log").read_text()
@@ -163,9 +168,7 @@ def test_lora_dash_two_process_ddp_picks_the_same_directions_as_one_process(tmp_
         ]
     )
     ddp_out = tmp_path / "ddp"
-    proc = _torchrun(base + ["trainer.per_device_train_batch_size=3"], ddp_out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ddp = json.load(open(ddp_out / "results.json"))
+    ddp = _ddp_record(base, ddp_out, per_rank=3)
     one = train(compose_cfg(base + ["trainer.per_device_train_batch_size=6"], tmp_path / "one"))
     assert ddp["world_size"] == 2 and ddp["steps"] == one["steps"] == 6
     assert ddp["lora_dash"]["launch_step"] == one["lora_dash"]["launch_step"]
@@ -206,9 +209,7 @@ def test_causal_lm_two_process_ddp_trains_the_same_adapter_as_one_process(tmp_pa
         "+trainer.ddp_find_unused_parameters=false",
     ]
     ddp_out = tmp_path / "ddp"
-    proc = _torchrun(base + ["trainer.per_device_train_batch_size=4"], ddp_out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ddp = json.load(open(ddp_out / "results.json"))
+    ddp = _ddp_record(base, ddp_out, per_rank=4)
     one = train(compose_cfg(base + ["trainer.per_device_train_batch_size=8"], tmp_path / "one"))
     assert ddp["world_size"] == 2 and one["world_size"] == 1 and ddp["steps"] == one["steps"] == 3
     assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)  # the logged per-step losses
