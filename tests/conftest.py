@@ -10,6 +10,18 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(autouse=True)
+def _no_hydra_config_left_behind():
+    """Tests that resolve ``${hydra:...}`` set Hydra's process-wide config; a job started from
+    Python later in the same worker would then read those overrides as its sweep point (its W&B run
+    name). Each test leaves the singleton as it found it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    before = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = before
+
+
 class TinyMLP(nn.Module):
     """Two target linears with different shapes, a head that is not a target."""
 
