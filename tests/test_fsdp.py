@@ -6,9 +6,8 @@ match one process with the same global batch.
 accelerate 1.15 turns the FSDP plugin into FSDP only on accelerator ranks: on CPU ranks it prepares
 DDP without a word, which the runner now refuses (tested below). The multi-process tests therefore
 launch ``tests/fsdp_cpu_run.py``, which adds MULTI_CPU to accelerate's FSDP branch and changes
-nothing else. Measured here (Adam eps 1e-6, see _base): losses agree to ~1e-7 relative, weights to
-~5e-7 absolute, the
-exported adapters bit for bit.
+nothing else. Measured here (Adam eps 1e-6, see _base): losses agree to ~1e-7 relative, weights
+and exported adapters to ~5e-7 absolute.
 """
 
 import json
