@@ -286,23 +286,9 @@ def _default_init(layer, adapter, cfg=None):
     """PEFT's LoRA init (A Kaiming-uniform, B = 0), already applied at injection."""
 
 
-def check_svd_rank(layer, adapter, method: str) -> None:
-    """An ``m × n`` weight has ``min(m, n)`` singular triplets: a larger rank cannot be taken from it
-    (PEFT's PiSSA would build a short adapter that fails only when it is saved and converted)."""
-    out_features, in_features = layer.get_base_layer().weight.shape
-    r = int(layer.r[adapter])
-    if r > min(out_features, in_features):
-        raise ValueError(
-            f"{method} takes r = {r} singular triplets of each target weight, but a {out_features}×{in_features} "
-            f"target has only {min(out_features, in_features)}; lower method.r or leave that module out of "
-            "method.target_modules"
-        )
-
-
 @register_init("pissa")
 def _pissa_init(layer, adapter, cfg=None):
     """PiSSA: principal r singular triplets in the adapter, the rest in W_res (PEFT's code)."""
-    check_svd_rank(layer, adapter, "PiSSA")
     layer.pissa_init(adapter, "pissa")
 
 
@@ -315,7 +301,6 @@ def milora_init(layer, adapter, cfg=None):
     """
     import torch
 
-    check_svd_rank(layer, adapter, "MiLoRA")
     base = layer.get_base_layer()
     W = base.weight
     r, s = int(layer.r[adapter]), float(layer.scaling[adapter])
