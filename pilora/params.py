@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dash")  # lora_dash: LoRA-Dash's coefficients
+# parameter-name parts of adapter tensors: plain LoRA's, and each registered method's own
+# (``Method.adapter_keys``: DoRA's magnitude vector, LoRA-Dash's coefficients, ...)
+ADAPTER_KEYS = ("lora_A", "lora_B")
 
 
 @dataclass
@@ -72,19 +74,20 @@ def count_parameters(model: nn.Module) -> ParamCount:
         if callable(getattr(m, "effective_numel", None)) and isinstance(getattr(m, "blocks", None), nn.Parameter)
     }
     trainable = total = adapter = stored = 0
+    keys = adapter_keys()
     for name, p in _unique_parameters(model):
         n = effective.get(id(p), p.numel())
         total += n
         trainable += n if p.requires_grad else 0
         stored += p.numel() if p.requires_grad else 0
-        adapter += n if _is_adapter(name) else 0
+        adapter += n if _is_adapter(name, keys) else 0
     # The backbone is the HF "base model" (e.g. RobertaModel inside ...ForSequenceClassification):
     # no task head, no adapters. GOAT's "4.00 %" divides by this.
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = sum(
         p.numel()
         for name, p in _unique_parameters(getattr(hf, "base_model", hf))
-        if not _is_adapter(name) and ".modules_to_save." not in f".{name}"
+        if not _is_adapter(name, keys) and ".modules_to_save." not in f".{name}"
     )
     full = not hasattr(model, "peft_config")
     if full:  # full fine-tuning (no adapter): the method's own trained weights are all of them (100 %)
@@ -92,8 +95,15 @@ def count_parameters(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total, adapter, backbone, full, stored)
 
 
-def _is_adapter(name: str) -> bool:
-    return any(f".{k}." in f".{name}" for k in ADAPTER_KEYS)
+def adapter_keys() -> tuple[str, ...]:
+    """:data:`ADAPTER_KEYS` and every registered method's :attr:`~pilora.methods.Method.adapter_keys`."""
+    from .methods import adapter_keys as registered
+
+    return tuple(dict.fromkeys(ADAPTER_KEYS + registered()))
+
+
+def _is_adapter(name: str, keys: tuple[str, ...] | None = None) -> bool:
+    return any(f".{k}." in f".{name}" for k in (keys if keys is not None else adapter_keys()))
 
 
 def _unique_parameters(module: nn.Module):

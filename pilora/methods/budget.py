@@ -6,14 +6,24 @@ same budget, not only LoRA at the full rank. For each module with dominant mask 
     PiLoRA count  = (r + r')·n + |M|·r + (m − |M|)·r'
     LoRA rank k   = round(PiLoRA count / (m + n)), at least 1
 
-passed to PEFT as ``rank_pattern``; the residual difference is reported, never hidden.
+passed to PEFT as ``rank_pattern``; the residual difference is reported, never hidden. A
+matchable method (``Method.matchable``, LoRA) with ``match_budget=true`` runs PiLoRA's stage 1 (or
+reuses its statistics, ``importance_from``) and trains with these ranks (:func:`match`).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+    from .base import JobContext, Plan
+
+log = logging.getLogger("pilora")
 
 
 def pilora_module_count(m: int, n: int, dominant: int, r: int, r_s: int) -> int:
@@ -38,3 +48,24 @@ def matched_rank_pattern(
         "residual": achieved - target,
         "residual_share": (achieved - target) / max(target, 1),
     }
+
+
+def match(cfg, job: JobContext) -> Plan:
+    """The plan of a budget-matched job: PiLoRA's stage 1 and partition, and the ranks (in a copy
+    of ``cfg``) whose count is nearest PiLoRA's; the record's ``budget_match`` section."""
+    from .base import Plan
+    from .pilora import stage1_partition
+
+    stats, path, masks = stage1_partition(cfg, job)
+    shapes = {k: tuple(s.shape) for k, s in stats.modules.items()}
+    pattern, budget = matched_rank_pattern(masks, shapes, cfg.r, cfg.supplementary_r)
+    budget.update({"importance_file": path, "ranks": pattern})
+    log.info(
+        "budget-matched LoRA: %d adapter parameters vs PiLoRA's %d (residual %+d)",
+        budget["lora_adapter_params"],
+        budget["pilora_adapter_params"],
+        budget["residual"],
+    )
+    return Plan(
+        replace(cfg, rank_pattern=pattern), None, stats, path, title=cfg.name, sections={"budget_match": budget}
+    )

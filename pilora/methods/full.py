@@ -1,6 +1,6 @@
 """Full fine-tuning (``method=full``): every weight trains, through the same runner as the adapters.
 
-The model is not wrapped by PEFT (:func:`pilora.methods.full_finetune`); the runner saves it with
+The model is not wrapped by PEFT (:func:`full_finetune`); :meth:`FullFineTuning.save` saves it with
 ``Trainer.save_model`` (which gathers FSDP shards) into ``<output_dir>/model``. FSDP is where full
 fine-tuning of a 7B model fits, so its settings are checked before the run: transformers ignores
 ``fsdp_config`` keys it does not know, which would silently train unsharded or wrapped differently.
@@ -9,8 +9,14 @@ fine-tuning of a 7B model fits, so its settings are checked before the run: tran
 from __future__ import annotations
 
 import difflib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+from .base import Method, register_method
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # The fsdp_config keys transformers.TrainingArguments reads (transformers 5.x, after it strips the
 # "fsdp_" prefix); any other key is ignored by it without a word.
@@ -68,3 +74,26 @@ def check_full_finetune_fsdp(args, model: nn.Module) -> None:
             f"{missing}, which {type(model).__name__} does not contain; its layer classes are "
             f"{blocks or sorted(classes)}"
         )
+
+
+def full_finetune(model: nn.Module, cfg=None) -> nn.Module:
+    """Full fine-tuning: every weight of the model trains (backbone and task head alike)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@dataclass(frozen=True)
+class FullFineTuning(Method):
+    """No adapter: r, α, dropout and targets are kept in the config (shared with the adapter
+    methods' sweeps) and unused."""
+
+    def build(self, model, cfg, *, masks=None, stage=None, task_type=None):
+        return full_finetune(model, cfg)
+
+    def save(self, trainer, model, out: str, *, main: bool, sharded: bool) -> None:
+        if main or sharded:  # under FSDP every rank joins Trainer's gather; rank 0 writes
+            trainer.save_model(os.path.join(out, "model"))
+
+
+register_method("full", FullFineTuning(adapter=False, adapter_keys=(), rows=(("full", "Full FT"),)))

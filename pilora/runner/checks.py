@@ -3,8 +3,10 @@ be silently changed (PEFT truncates ``r=2.5`` to 2 while the record would say 2.
 
 from __future__ import annotations
 
-# integer keys of ``method``: (name, smallest allowed value)
-_METHOD_INTS = (("r", 1), ("supplementary_r", 0), ("stage1_r", 1), ("importance_interval", 1))
+from ..methods import integer_bounds
+
+# integer keys of ``method``: (name, smallest allowed value), from their declarations (pilora.methods.config)
+_METHOD_INTS = integer_bounds()
 
 
 def _int_or_raise(key: str, value, low: int) -> None:

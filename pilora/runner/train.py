@@ -41,14 +41,10 @@ from ..distributed import (  # noqa: F401
     refuse_unsharded_fsdp,
     world_size,
 )
-from ..export import INITIAL_ADAPTER_DIR, save_initial_adapter, write_adapters
 from ..importance import ImportanceAccumulator, ImportanceStats
-from ..methods import METHODS, MethodConfig, interpretations, prepare_model, recorded_section
-from ..methods.budget import matched_rank_pattern
+from ..methods import METHODS, JobContext, MethodConfig, prepare_model, recorded_section
 from ..methods.full import check_full_finetune_fsdp
-from ..methods.lora_dash import DIRECTIONS_FILE, DashLaunchCallback
 from ..params import count_parameters
-from ..partition import dominant_fractions, partition
 from ..tasks import make_task
 from . import evaluate as evaluation
 from . import wandb as wandb_run
@@ -504,90 +500,58 @@ def _run(cfg, task, method, data, out, todo=None) -> dict:
     training = read_record(os.path.join(out, evaluation.TRAINING_RECORD)) if cfg.get("resume", True) else None
     if training and training.get("status") == "complete" and evaluation.saved_weights(out):  # never a failed one
         return _evaluate_only(cfg, task, method, data, out, training, todo)
-    timings, pilora_info = {}, None
+    timings = {}
     clock = JobClock()  # time and peak memory summed over the segments of a preempted job
-    masks = budget = None
-    matched = method.match_budget
-    if matched or METHODS[method.name].two_stage:
-        # stage 1 and its partition: PiLoRA's dominant rows, or the budget a matched LoRA copies
-        stats, stats_path = run_stage1(cfg, task, method, data, out, clock)
+    plugin = METHODS[method.name]  # the method answers what this job does (pilora.methods.base.Method)
+
+    def stage1(config: MethodConfig):  # PiLoRA's stage 1, for the method that needs it
+        stats_and_path = run_stage1(cfg, task, config, data, out, clock)
         timings["stage1_s"] = clock.stages["stage1"]
-        stage1_masks = partition(stats, method.partition.name, **method.partition.args)
-        check_ranks_agree(stage1_masks, stats)
-    if matched:
-        shapes = {k: tuple(s.shape) for k, s in stats.modules.items()}
-        method.rank_pattern, budget = matched_rank_pattern(stage1_masks, shapes, method.r, method.supplementary_r)
-        budget.update({"importance_file": stats_path, "ranks": method.rank_pattern})
-        log.info(
-            "budget-matched LoRA: %d adapter parameters vs PiLoRA's %d (residual %+d)",
-            budget["lora_adapter_params"],
-            budget["pilora_adapter_params"],
-            budget["residual"],
-        )
-    elif METHODS[method.name].two_stage:
-        masks = stage1_masks
-        fractions = dominant_fractions(masks)
-        pilora_info = {
-            "importance_file": stats_path,
-            "partition": method.partition.name,
-            "partition_args": dict(method.partition.args),
-            "checks": {k: s.checks for k, s in stats.modules.items()},
-            "dominant_fraction": fractions["overall"],
-            "dominant_fraction_per_module": {k: v for k, v in fractions.items() if k != "overall"},
-            # the paper's open points as this run reads them (README "Evaluation protocols")
-            "interpretations": interpretations(method, cfg["trainer"].get("max_grad_norm", 1.0)),
-        }
-        log.info("PiLoRA partition %s: dominant fraction %.3f", method.partition.name, fractions["overall"])
+        return stats_and_path
+
+    job = JobContext(out=out, task=task, trainer=cfg["trainer"], main=is_main(), stage1=stage1)
+    # the job's own config (its head modules, a budget match's ranks): a copy, the typed config stays
+    plan = plugin.before_training(plugin.job_config(method, task), job)
+    mc = plan.config
     # The head of stage 2 is initialised exactly like a single-stage run's: same seed, fresh model
     torch.manual_seed(int(cfg["seed"]))
     base = task.build_model()
-    if matched or METHODS[method.name].two_stage:
-        check_statistics(stats, stats_path, base, method, cfg["model"]["name"])
-    model = prepare_model(base, method, masks=masks, task_type=task.task_type)
-    if METHODS[method.name].mutates_base and is_main():  # PiSSA / MiLoRA: kept to save a loadable adapter
-        save_initial_adapter(model, os.path.join(out, INITIAL_ADAPTER_DIR))
+    if plan.stats is not None:
+        check_statistics(plan.stats, plan.stats_path, base, mc, cfg["model"]["name"])
+    model = plugin.build(base, mc, masks=plan.masks, task_type=task.task_type)
+    plugin.on_built(model, plan, job)  # PiSSA / MiLoRA: the initial adapter, to save a loadable one
     params = count_parameters(model)
-    stage_dir = os.path.join(out, "stage2" if masks is not None else "train")
+    stage_dir = os.path.join(out, plan.stage)
     args = _training_args(cfg, task, stage_dir)
     log.info(
         "%s: training %s (%d trainable parameters, %.2f%%)",
-        "PiLoRA stage 2" if masks is not None else method.name,
+        plan.title or mc.name,
         task.name,
         params.trainable,
         100 * params.share,
     )
-    # --- LoRA-Dash / full fine-tuning (pilora.methods.lora_dash, pilora.methods.full) --------------------------
-    dash = (
-        DashLaunchCallback(model, method.prelaunch_steps, os.path.join(out, DIRECTIONS_FILE))
-        if method.name == "lora_dash"
-        else None
-    )
-    refuse_unshardable_method(method.name, args)
+    callbacks = plugin.callbacks(model, plan, job)  # e.g. LoRA-Dash's launch
+    plugin.check_training(args, model)  # what the method cannot train with (LoRA-Dash: FSDP)
     check_full_finetune_fsdp(args, model)  # FSDP settings transformers would ignore (any method)
-    trainer = _make_trainer(cfg, task, model, data, args, [dash] if dash else [])
+    trainer = _make_trainer(cfg, task, model, data, args, callbacks)
     refuse_unsharded_fsdp(args, trainer.accelerator.distributed_type)
-    # ---------------------------------------------------------------------------------------
     resume = resume_point(stage_dir, cfg.get("resume", True))
     if resume:
         log.info("resuming from %s", resume)
-    stage = "stage2" if masks is not None else "train"
-    clock.start(stage)
+    clock.start(plan.stage)
     fit(trainer, resume, clock)
-    timings[f"{stage}_s"] = clock.stop(stage)
+    timings[f"{plan.stage}_s"] = clock.stop(plan.stage)
     epochs = _epoch_history(trainer.state.log_history)
     sharded = is_sharded(model)  # FSDP: evaluate, export and check an all-gathered copy (every rank)
     model = gather_full_model(
-        model, lambda: prepare_model(task.build_model(), method, masks=masks, task_type=task.task_type)
+        model, lambda: plugin.build(task.build_model(), mc, masks=plan.masks, task_type=task.task_type)
     )
     final, best = best_and_final(epochs, task.metric, task.cfg.get("metric_mode", "max"))
     # the adapter and the record of training first: a failure or kill during the final evaluation
     # then costs only the evaluation (the rerun reloads adapter/ and evaluates, pilora.runner.evaluate)
     saved = cfg.get("save_adapter", True)
-    if saved and (is_main() or sharded):
-        if not METHODS[method.name].adapter:  # full fine-tuning: the whole model (under FSDP every rank
-            trainer.save_model(os.path.join(out, "model"))  # joins Trainer's gather; rank 0 writes)
-        elif is_main():
-            write_adapters(model, out)  # adapter/ loads in stock PEFT / lm-eval; PiLoRA also adapter_pilora/
+    if saved:  # adapter/ (stock PEFT / lm-eval; PiLoRA also adapter_pilora/), or model/ for full fine-tuning
+        plugin.save(trainer, model, out, main=is_main(), sharded=sharded)
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     failure = non_finite_weights_failure(model)  # NaN/inf weights make NaN metrics: never a "complete" record
     if failure:
@@ -610,9 +574,8 @@ def _run(cfg, task, method, data, out, todo=None) -> dict:
         "metrics": {"final": final, "best": best, "test": None},
         "evaluation": {"selection": _selection(trainer)},
         "params": params.to_dict(),
-        "pilora": pilora_info,
-        "budget_match": budget,
-        "lora_dash": dash.summary() if dash else None,
+        # each method's record section ("pilora", "budget_match", "lora_dash"): None unless it is this job's
+        **plugin.record(plan),
         "timing": timings,
         "steps": trainer.state.global_step,
         "peak_memory_mb": clock.peak(),

@@ -1,0 +1,243 @@
+"""What a method is, as the runner sees it: :class:`Method`, the registries, and plain-LoRA building.
+
+A method answers every question the runner asks about it (``pilora.runner.train``): its PEFT
+config, what it does before training (:meth:`Method.before_training`: PiLoRA's stage 1, a budget
+match), how its model is built, its trainer callbacks, how it is saved and what its record holds.
+The defaults here are a PEFT LoRA with a named init; a method module overrides what differs and
+registers an instance (:func:`register_method`). Nothing here imports the runner, Hydra or, at
+import time, torch: ``run.py`` loads the registry to compose and check a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..peft_layers import lora_layers
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import MethodConfig
+
+INITS: dict[str, Callable] = {}
+METHODS: dict[str, "Method"] = {}
+
+
+def register_init(name: str):
+    """Decorator: ``fn(layer, adapter_name, cfg)`` initialises one PEFT LoRA layer after injection."""
+
+    def deco(fn):
+        INITS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_method(name: str, method: "Method") -> "Method":
+    """Make ``method`` the method ``name`` (``method.name`` in configs); returns the registered object."""
+    METHODS[name] = registered = replace(method, name=name)
+    return registered
+
+
+@dataclass
+class JobContext:
+    """What the runner lends a method's hooks for one job."""
+
+    out: str  # the job's folder
+    task: Any  # the pilora.tasks.Task
+    trainer: dict  # the job's trainer section (TrainingArguments keys)
+    main: bool = True  # this process writes files (rank 0)
+    # runs (or reuses) PiLoRA's stage 1 for a config: (ImportanceStats, the file they are in)
+    stage1: Callable[["MethodConfig"], tuple] | None = None
+
+
+@dataclass
+class Plan:
+    """What a method settled before training, for one job."""
+
+    config: "MethodConfig"  # the job's own config (derived by ``dataclasses.replace``, never mutated)
+    masks: dict | None = None  # PiLoRA's dominant rows: the model of stage 2
+    stats: Any = None  # stage 1's ImportanceStats (checked against the model before use)
+    stats_path: str | None = None
+    stage: str = "train"  # the folder and clock name of the training run
+    title: str = ""  # how the log names the training run
+    sections: dict = field(default_factory=dict)  # record sections known before training
+    callbacks: list = field(default_factory=list)  # trainer callbacks (set by Method.callbacks)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method: a PEFT LoRA plus extra ``LoraConfig`` fields and a per-layer init, unless a
+    subclass changes a hook. The fields are the traits the runner and the generic tests read."""
+
+    lora_kwargs: dict[str, Any] = field(default_factory=dict)
+    init: str = "default"  # key of INITS
+    two_stage: bool = False  # PiLoRA's stage 1 before training
+    # the init moves part of W0 into the adapter (W0 -> W_res): a saved adapter must be converted
+    # against the initial one to load onto the pretrained model (pilora.export)
+    mutates_base: bool = False
+    adapter: bool = True  # False: full fine-tuning, no PEFT wrapper, every backbone weight trains
+    matchable: bool = False  # match_budget=true trains it at a PiLoRA run's adapter budget
+    own_forward: str | None = None  # the layer has its own forward (DoRA): fused_forward=true is refused
+    # parameter-name parts of its trainable adapter tensors: pilora.params counts them as the
+    # paper's "# Params" (a method whose tensors are not named here would count 0)
+    adapter_keys: tuple[str, ...] = ("lora_A", "lora_B")
+    rows: tuple[tuple[str, str], ...] = ()  # (row name, table name) of its rows in records and tables
+    record_key: str | None = None  # the record section it fills (None in other methods' records)
+    name: str = ""  # set by register_method
+
+    # ------------------------------------------------------------------------------ config
+    def runs_stage1(self, cfg: "MethodConfig") -> bool:
+        """Whether a job of ``cfg`` runs PiLoRA's stage 1 (its own, or a budget match's)."""
+        return self.two_stage or (self.matchable and bool(cfg.match_budget))
+
+    def check(self, cfg: "MethodConfig") -> None:
+        """Raise a ValueError for a combination of values this method cannot run."""
+        if cfg.fused_forward and self.own_forward:
+            raise ValueError(
+                f"fused_forward applies to plain LoRA layers; {self.own_forward} has its own forward "
+                "(set method.fused_forward=null)"
+            )
+        if self.runs_stage1(cfg):
+            from .pilora import check_partition
+
+            check_partition(cfg)
+
+    def job_config(self, cfg: "MethodConfig", task) -> "MethodConfig":
+        """The config of one job on ``task``: the task's head trains in full unless the config names
+        ``modules_to_save``."""
+        if cfg.modules_to_save is None and getattr(task, "head_modules", None):
+            return replace(cfg, modules_to_save=list(task.head_modules))
+        return cfg
+
+    # ------------------------------------------------------------------------- before training
+    def before_training(self, cfg: "MethodConfig", job: JobContext) -> Plan:
+        """Everything before the training run; a matchable method with ``match_budget`` copies a
+        PiLoRA run's budget (:func:`pilora.methods.budget.match`)."""
+        if self.matchable and cfg.match_budget:
+            from .budget import match
+
+            return match(cfg, job)
+        return Plan(cfg, title=cfg.name)
+
+    # --------------------------------------------------------------------------------- model
+    def peft_config(self, cfg: "MethodConfig", task_type: str | None = None, r: int | None = None):
+        """The PEFT ``LoraConfig`` of ``cfg`` (for PiLoRA: of its plain-LoRA stages)."""
+        from peft import LoraConfig
+
+        kwargs = dict(
+            r=int(r or cfg.r),
+            lora_alpha=float(cfg.alpha),
+            lora_dropout=float(cfg.dropout),
+            target_modules=list(cfg.target_modules) if not isinstance(cfg.target_modules, str) else cfg.target_modules,
+            modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+            task_type=task_type,
+            rank_pattern=dict(cfg.rank_pattern or {}),
+        )
+        kwargs.update(self.lora_kwargs)
+        return LoraConfig(**kwargs)
+
+    def rank(self, cfg: "MethodConfig", masks: dict | None, stage: int | None) -> int:
+        """The rank PEFT injects."""
+        return int(cfg.r)
+
+    def build(self, model: "nn.Module", cfg: "MethodConfig", *, masks=None, stage=None, task_type=None):
+        """Wrap ``model`` (pretrained, frozen) with this method's adapters."""
+        from peft import get_peft_model
+
+        from ..layer import FusedLoraForward
+
+        check_target_modules(model, cfg.target_modules)
+        peft_model = get_peft_model(model, self.peft_config(cfg, task_type, r=self.rank(cfg, masks, stage)))
+        init = INITS[self.init]
+        for layer in lora_layers(peft_model).values():
+            init(layer, "default", cfg)
+        self.after_injection(peft_model, cfg, masks, stage)
+        if cfg.fused_forward is not None:  # None keeps each layer's default: PiLoRA fused, PEFT's layers stock
+            for layer in lora_layers(peft_model).values():
+                if cfg.fused_forward:
+                    layer.lora_variant["default"] = FusedLoraForward()
+                elif isinstance(layer.lora_variant.get("default"), FusedLoraForward):
+                    del layer.lora_variant["default"]  # PEFT's own forward, e.g. to time PiLoRA unfused
+        return peft_model
+
+    def after_injection(self, peft_model, cfg: "MethodConfig", masks: dict | None, stage: int | None) -> None:
+        """Change the injected, initialised PEFT model (PiLoRA: its stage-2 layers)."""
+
+    def on_built(self, model, plan: Plan, job: JobContext) -> None:
+        """After the model of the training run is built: a method whose init changes W0 keeps the
+        initial adapter, to save a loadable one later (pilora.export)."""
+        if self.mutates_base and job.main:
+            import os
+
+            from ..export import INITIAL_ADAPTER_DIR, save_initial_adapter
+
+            save_initial_adapter(model, os.path.join(job.out, INITIAL_ADAPTER_DIR))
+
+    # ------------------------------------------------------------------------------ training
+    def callbacks(self, model, plan: Plan, job: JobContext) -> list:
+        """The trainer callbacks of the training run (kept in ``plan.callbacks`` for the record)."""
+        return []
+
+    def check_training(self, args, model) -> None:
+        """Raise before the Trainer is built for ``TrainingArguments`` this method cannot train with."""
+
+    def save(self, trainer, model, out: str, *, main: bool, sharded: bool) -> None:
+        """Save the trained weights into ``out``: ``adapter/`` (stock PEFT; PiLoRA also ``adapter_pilora/``)."""
+        if main:
+            from ..export import write_adapters
+
+            write_adapters(model, out)
+
+    def record(self, plan: Plan) -> dict:
+        """The record sections: every method's section (:func:`record_sections`), None unless filled."""
+        return {**{k: None for k in record_sections()}, **plan.sections}
+
+
+def record_sections() -> tuple[str, ...]:
+    """The record sections of all registered methods (every record holds all of them)."""
+    out: list[str] = []
+    for method in METHODS.values():
+        for section in (("budget_match",) if method.matchable else ()) + (
+            (method.record_key,) if method.record_key else ()
+        ):
+            if section not in out:
+                out.append(section)
+    return tuple(out)
+
+
+def table_rows() -> dict[str, str]:
+    """``{row name: table name}`` of every registered method's rows (``lora_matched`` included):
+    what analysis tables name each row."""
+    return {row: title for method in METHODS.values() for row, title in method.rows}
+
+
+def adapter_keys() -> tuple[str, ...]:
+    """Parameter-name parts of every registered method's adapter tensors (:mod:`pilora.params`)."""
+    return tuple(dict.fromkeys(k for method in METHODS.values() for k in method.adapter_keys))
+
+
+# ----------------------------------------------------------------------------- target modules
+
+
+def linear_module_names(model: "nn.Module") -> list[str]:
+    """Distinct leaf names of the ``nn.Linear`` layers in ``model`` (candidates for targets)."""
+    from torch import nn
+
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
+    """Raise, listing the linear layers that exist, when a target name matches nothing."""
+    if isinstance(targets, str):
+        return  # a regex or "all-linear": PEFT validates it
+    from torch import nn
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(
+            f"target modules {missing} match no linear layer of {type(model).__name__}; "
+            f"its linear layers are named {linear_module_names(model)}"
+        )
