@@ -11,7 +11,7 @@ from pilora.peft_layers import lora_layers
 X = torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("name", ["lora", "rslora", "dora", "pissa", "milora", "pilora", "lora_dash", "full"])
+@pytest.mark.parametrize("name", sorted(METHODS))  # every registered method
 def test_every_method_preserves_output_at_init_and_trains(name):
     torch.manual_seed(0)
     base = TinyMLP()
