@@ -52,3 +52,13 @@ def test_methods_registry_and_exact_llama_counts():
     c = count_parameters(model)
     assert c.adapter == c.trainable == 2 * per_layer
     assert c.total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["pissa", "milora"])
+def test_svd_init_refuses_a_rank_above_the_weights_singular_triplets(name):
+    """TinyMLP's ``up`` is 16×10: 10 singular triplets. r = 10 builds; r = 11 is named before any
+    training (PEFT's PiSSA would build a short adapter that fails only when saved)."""
+    up = TinyMLP().up.weight.shape
+    prepare_model(TinyMLP(), MethodConfig(name=name, r=min(up), target_modules=["up"]))
+    with pytest.raises(ValueError, match=rf"r = {min(up) + 1} .* {up[0]}×{up[1]} target has only {min(up)}"):
+        prepare_model(TinyMLP(), MethodConfig(name=name, r=min(up) + 1, target_modules=["up"]))

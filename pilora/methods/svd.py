@@ -8,9 +8,23 @@ from __future__ import annotations
 from .base import Method, register_init, register_method
 
 
+def check_rank(layer, adapter, method: str) -> None:
+    """An ``m × n`` weight has ``min(m, n)`` singular triplets: a larger rank cannot be taken from it
+    (PEFT would build a short adapter that only fails when it is saved and converted)."""
+    out_features, in_features = layer.get_base_layer().weight.shape
+    r = int(layer.r[adapter])
+    if r > min(out_features, in_features):
+        raise ValueError(
+            f"{method} takes r = {r} singular triplets of each target weight, but a {out_features}×{in_features} "
+            f"target has only {min(out_features, in_features)}; lower method.r or leave that module out of "
+            "method.target_modules"
+        )
+
+
 @register_init("pissa")
 def pissa_init(layer, adapter, cfg=None):
     """PiSSA: principal r singular triplets in the adapter, the rest in W_res (PEFT's code)."""
+    check_rank(layer, adapter, "PiSSA")
     layer.pissa_init(adapter, "pissa")
 
 
@@ -23,6 +37,7 @@ def milora_init(layer, adapter, cfg=None):
     """
     import torch
 
+    check_rank(layer, adapter, "MiLoRA")
     base = layer.get_base_layer()
     W = base.weight
     r, s = int(layer.r[adapter]), float(layer.scaling[adapter])
