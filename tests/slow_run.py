@@ -1,7 +1,7 @@
 """``python tests/slow_run.py <run.py arguments>``: run.py, with every training step of the stage
 folder named by ``PILORA_SLOW_STAGE`` (``stage1`` / ``stage2`` / ``train``) delayed by
 ``PILORA_STEP_DELAY`` seconds, so that a fault test can SIGKILL the job in the middle of that stage.
-With ``PILORA_SLOW_SAVE=<marker file>`` the final adapter save (after the last checkpoint and the
+With ``PILORA_SLOW_SAVE=<marker file>`` the final adapter save (after the last checkpoint, before the
 final evaluation) first creates that file, then waits, so that the job can be killed there.
 Nothing else changes: the restarted job is plain ``python run.py`` with the same arguments."""
 
@@ -27,16 +27,16 @@ def _slow_step(self, *args, **kwargs):
 transformers.Trainer.training_step = _slow_step
 
 if os.environ.get("PILORA_SLOW_SAVE"):
-    import pilora.runner.train
+    import pilora.export  # each method's save() imports write_adapters from here when it runs
 
-    _save = pilora.runner.train.write_adapters
+    _save = pilora.export.write_adapters
 
     def _slow_save(*args, **kwargs):
         open(os.environ["PILORA_SLOW_SAVE"], "w").close()
         time.sleep(600)
         return _save(*args, **kwargs)
 
-    pilora.runner.train.write_adapters = _slow_save
+    pilora.export.write_adapters = _slow_save
 
 if __name__ == "__main__":
     sys.argv = [os.path.join(ROOT, "run.py"), *sys.argv[1:]]
