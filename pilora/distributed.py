@@ -93,24 +93,6 @@ def fsdp_requested(args) -> bool:
     return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
-def _refuse_dash(args) -> None:
-    from .methods.lora_dash import refuse_sharded_launch
-
-    refuse_sharded_launch(args)
-
-
-# Methods that read full (unsharded) weights or gradients inside training, beyond stage 1 (which
-# run_stage1 refuses through refuse_sharded_stage1): the check that says why, run before the
-# Trainer is built, so that the reason is the method and not the launcher.
-UNSHARDABLE = {"lora_dash": _refuse_dash}
-
-
-def refuse_unshardable_method(method_name: str, args) -> None:
-    """Raise the method's own ValueError when FSDP is asked for a method that cannot shard."""
-    if fsdp_requested(args) and method_name in UNSHARDABLE:
-        UNSHARDABLE[method_name](args)
-
-
 def refuse_unsharded_fsdp(args, distributed_type) -> None:
     """Raise a ValueError when FSDP was asked for but accelerate prepared something else.
 

@@ -73,7 +73,22 @@ def toy():
     METHODS.pop("toy"), INITS.pop("toy_orth")
 
 
-def test_toy_method_passes_generic_checks_and_trains_a_job(toy, tmp_path):
+def test_toy_method_passes_generic_checks_and_trains_a_job(toy, tmp_path, monkeypatch):
+    import dataclasses
+
+    import pilora.runner.train as runner
+
+    seen = []  # the job's typed config before and after training: derived values go to a copy
+    inner = runner._train
+
+    def spy(cfg, method, ignored):
+        before = dataclasses.asdict(method)
+        try:
+            return inner(cfg, method, ignored)
+        finally:
+            seen.append((before, dataclasses.asdict(method)))
+
+    monkeypatch.setattr(runner, "_train", spy)
     check_method(toy)
     with pytest.raises(AssertionError, match="missing from analysis.table_model"):
         check_tables(toy)  # the tables would miss it: caught here, not an unnamed row
@@ -90,6 +105,8 @@ def test_toy_method_passes_generic_checks_and_trains_a_job(toy, tmp_path):
         ("pilora", "budget_match", "lora_dash")
     )
     assert 0 < rec["params"]["adapter"] < rec["params"]["trainable"]  # the task's head trains in full too
+    ((before, after),) = seen
+    assert after == before and before["modules_to_save"] is None  # the head was added to a copy
     assert os.path.isfile(tmp_path / "o" / "adapter" / "adapter_config.json")
 
 
