@@ -9,20 +9,21 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from pilora.methods import table_rows
+
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_numbers.json")
 TABLE_IDS = ("1", "2", "3", "4")
-METHOD_NAMES = {
-    "lora": "LoRA",
-    "lora_matched": "LoRA (budget-matched)",
-    "rslora": "rsLoRA",
-    "dora": "DoRA",
-    "pissa": "PiSSA",
-    "milora": "MiLoRA",
-    "lora_dash": "LoRA-Dash",
-    "full": "Full FT",
-    "pilora": "PiLoRA",
-}
+# Row names come from the methods themselves (each registered Method's ``rows``), so a new method's
+# rows are named in every table without an entry here. The order is the paper's; rows it does not
+# list (methods added later) follow, by id.
 METHOD_ORDER = ["full", "lora", "lora_matched", "rslora", "dora", "pissa", "milora", "lora_dash", "pilora"]
+
+
+def method_name(row: str) -> str:
+    """A row's name in the tables: its method's ``rows`` entry (the id when no method declares it)."""
+    return table_rows().get(row, row)
+
+
 MODEL_NAMES = {
     "llama2-7b": "LLaMA2-7B",
     "llama3-8b": "LLaMA3-8B",

@@ -31,7 +31,6 @@ from .rows import say
 from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     DASH,
     KEY_NAMES,
-    METHOD_NAMES,
     METHOD_ORDER,
     MODEL_NAMES,
     PAPER_FILE,
@@ -40,6 +39,7 @@ from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     Stat,
     Table,
     load_paper,
+    method_name,
 )
 from .table_text import cell_texts, notes, to_latex, to_markdown  # noqa: F401
 from .wandb_source import WandbSourceError, load_wandb  # noqa: F401
@@ -221,7 +221,7 @@ def build_table(
                     first = recs.iloc[0]
                     name = partition_label(first["partition"], first["partition_args"]) or "?"
                 else:
-                    name = METHOD_NAMES.get(rid, rid)
+                    name = method_name(rid)
                 row = Row(
                     model=MODEL_NAMES.get(model, model),
                     method=name + (f" ({lab})" if lab else ""),
