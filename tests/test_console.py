@@ -172,7 +172,7 @@ def test_no_printer_callback_beside_the_metric_log(tmp_path):
     from transformers.trainer_callback import PrinterCallback
 
     from pilora.runner.console import MetricsToLog
-    from pilora.runner.train import _make_trainer
+    from pilora.runner.trainer_args import make_trainer
 
     class _Task:
         remove_unused_columns, accepts_loss_kwargs = True, None
@@ -187,6 +187,6 @@ def test_no_printer_callback_beside_the_metric_log(tmp_path):
 
     model = torch.nn.Linear(2, 2)
     args = TrainingArguments(output_dir=str(tmp_path / "train"), disable_tqdm=True, report_to="none")
-    trainer = _make_trainer({}, _Task(), model, {"train": [], "validation": None}, args, evaluate=False)
+    trainer = make_trainer({}, _Task(), model, {"train": [], "validation": None}, args, evaluate=False)
     kinds = [type(c) for c in trainer.callback_handler.callbacks]
     assert PrinterCallback not in kinds and MetricsToLog in kinds

@@ -199,13 +199,14 @@ def test_fsdp_units_and_memory_estimate_from_exact_counts():
 
 
 def test_fsdp_trainer_config_composes_to_valid_training_arguments(tmp_path):
-    from pilora.runner.train import _plain, _training_args
+    from pilora.runner.train import _plain
+    from pilora.runner.trainer_args import training_args
     from pilora.tasks import make_task
 
     cfg = _plain(compose_cfg(_base(tmp_path / "data") + ["trainer=fsdp", "method=full"], tmp_path / "o"))
     assert cfg["trainer"]["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     task = make_task(cfg["task"], cfg["model"], 0)
-    args = _training_args(cfg, task, str(tmp_path / "o"))
+    args = training_args(cfg, task, str(tmp_path / "o"))
     assert args.fsdp and args.fsdp_plugin_args["fsdp_version"] == 2
     assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
     assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"

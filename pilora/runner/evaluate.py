@@ -231,7 +231,8 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
     from .config import safe_dirname
     from .jobdir import JobLock, StaleJob
     from .records import RECORD, read_record
-    from .train import _make_trainer, _plain, _training_args
+    from .train import _plain
+    from .trainer_args import make_trainer, training_args
 
     target = os.path.abspath(target)
     if adapter:
@@ -263,12 +264,12 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
                 raise FileNotFoundError(f"{key}={path!r} not found; fix it or choose sets with task.eval_only=[...]")
         model = load_trained(cfg, task, target, adapter=target if adapter else None)
         data = task.datasets()  # the test split of classification tasks; the tokenizer's checks
-        trainer = _make_trainer(
+        trainer = make_trainer(
             cfg,
             task,
             model,
             data,
-            _training_args(cfg, task, os.path.join(out, "trainer"), **_NO_TRAINING),
+            training_args(cfg, task, os.path.join(out, "trainer"), **_NO_TRAINING),
             evaluate=False,
         )
         from .train import _final_evaluation

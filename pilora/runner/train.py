@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import time
-import typing
 from typing import Any
 
 import torch
@@ -48,22 +47,20 @@ from ..params import count_parameters
 from ..tasks import make_task
 from . import evaluate as evaluation
 from . import wandb as wandb_run
-from .callbacks import NanLossGuard
 from .checkpoints import CorruptCheckpoint, fit, non_finite_weights_failure, resume_point, verify_checkpoint  # noqa: F401
 from .checks import check_values
-from .console import MetricsToLog, StageProgress, per_rank_log_file, stage_label
+from .console import per_rank_log_file
 from .cost import JobClock
 from .jobdir import JobLocked, StaleJob, Twin, open_job  # noqa: F401 (re-exported)
 from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
 from .stats_check import check_statistics
+from .trainer_args import make_trainer, training_args
 from .validate import validate
 
 log = logging.getLogger("pilora")
 IMPORTANCE_FILE = "importance.pt"
 TWIN_POLL_S = float(os.environ.get("PILORA_TWIN_POLL_S", "10"))  # how often a waiting sweep point looks again
 MIN_CHECKS = 10  # fewer importance checks than this make hit counts coarse (T = 4 gives H/T in fifths)
-# TrainingArguments we set ourselves; a user value for them would be silently ignored
-_OWNED = {"output_dir", "report_to", "remove_unused_columns", "logging_nan_inf_filter", "seed"}
 
 
 def _plain(cfg) -> dict:
@@ -99,134 +96,6 @@ def _method_settings(cfg: dict) -> tuple[MethodConfig, dict, dict]:
     return method, {**cfg, "method": recorded_section(cfg["method"])}, ignored
 
 
-def _scalar_type(hint):
-    """``float`` / ``int`` / ``bool`` when a TrainingArguments field is one of them (or Optional of
-    one); None for anything richer (enums, str unions, dicts), which TrainingArguments checks itself."""
-    if hint in (float, int, bool):
-        return hint, False
-    args = typing.get_args(hint)
-    if len(args) == 2 and type(None) in args:
-        inner = next(a for a in args if a is not type(None))
-        if inner in (float, int, bool):
-            return inner, True
-    return None, False
-
-
-def _check_trainer_keys(trainer_cfg: dict) -> dict:
-    """Every ``trainer.<key>`` must be a TrainingArguments field of the right scalar type.
-
-    Strings that parse as the expected number are converted (YAML reads ``1e-4`` as a string);
-    anything else raises a ValueError naming the key, the value and the expected type.
-    """
-    import difflib
-    import math
-
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    out = {}
-    for key, value in trainer_cfg.items():
-        if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=3)
-            raise ValueError(
-                f"trainer.{key} is not a transformers.TrainingArguments field"
-                + (f" (did you mean {', '.join('trainer.' + c for c in close)}?)" if close else "")
-                + "; every key under trainer: is passed to TrainingArguments"
-            )
-        kind, optional = _scalar_type(hints[key])
-        if kind is None or (value is None and optional):
-            out[key] = value
-            continue
-        bad = ValueError(
-            f"trainer.{key} must be {'an' if kind is int else 'a'} {kind.__name__}"
-            f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})"
-        )
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise bad
-        elif isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-            raise bad
-        elif kind is float:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise bad from None
-            if math.isnan(value):
-                raise bad
-        else:  # int
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise bad from None
-            if not number.is_integer():
-                raise bad
-            value = int(number)
-        out[key] = value
-    return out
-
-
-def _training_args(cfg: dict, task, output_dir: str, **overrides):
-    from transformers import TrainingArguments
-
-    clash = _OWNED & set(cfg["trainer"])
-    if clash:
-        raise ValueError(
-            f"trainer.{sorted(clash)[0]} is set by the runner; use "
-            "output_dir / logger / seed at the top level of the config instead"
-        )
-    kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **_check_trainer_keys(cfg["trainer"]), **overrides}
-    launched = world_size()
-    if launched > 1 and not torch.cuda.is_available():
-        # accelerate only sets up CPU DDP (gloo) when told use_cpu; otherwise every rank would
-        # silently train on the whole data set on its own
-        kwargs.setdefault("use_cpu", True)
-    # never Trainer's own W&B callback: pilora.runner.wandb logs each stage under its own prefix
-    # and keeps the run's config to the resolved Hydra config
-    report = "none"
-    try:
-        args = TrainingArguments(
-            output_dir=output_dir,
-            report_to=report,
-            seed=int(cfg["seed"]),
-            remove_unused_columns=task.remove_unused_columns,
-            logging_nan_inf_filter=False,
-            **kwargs,
-        )
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"invalid trainer settings ({err}); fix the trainer.* keys named above") from err
-    if launched > 1 and args.world_size != launched:
-        raise RuntimeError(
-            f"launched with WORLD_SIZE={launched} but the Trainer runs {args.world_size} "
-            f"process(es) in parallel mode {args.parallel_mode.value!r}: the ranks would train "
-            "independently. Check the launcher (torchrun / accelerate launch) and trainer.use_cpu."
-        )
-    return args
-
-
-def _make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from ..trainer import PiLoRATrainer
-
-    trainer = PiLoRATrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"] if evaluate else None,
-        data_collator=task.collator(),
-        compute_metrics=task.compute_metrics if evaluate else None,
-        callbacks=[NanLossGuard(), *callbacks, *wandb_run.trainer_callbacks(args.output_dir)],
-    )
-    if task.accepts_loss_kwargs is not None:
-        trainer.model_accepts_loss_kwargs = task.accepts_loss_kwargs
-    stage = stage_label(args.output_dir)  # console: bars named after their stage, metrics into run.log
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(StageProgress(stage))
-    trainer.pop_callback(PrinterCallback)  # without bars (disable_tqdm) it prints the line MetricsToLog logs
-    trainer.add_callback(MetricsToLog(stage))
-    return trainer
-
-
 def run_stage1(
     cfg: dict, task, method: MethodConfig, data: dict, out: str, clock: JobClock | None = None
 ) -> tuple[ImportanceStats, str]:
@@ -251,7 +120,7 @@ def run_stage1(
             clock.restore(stats.meta.get("cost"))
             return stats, path
     stage_dir = os.path.join(out, "stage1")
-    args = _training_args(cfg, task, stage_dir, **stage1_overrides(method))
+    args = training_args(cfg, task, stage_dir, **stage1_overrides(method))
     refuse_sharded_stage1(args)
     torch.manual_seed(int(cfg["seed"]))
     model = prepare_model(task.build_model(), method, stage=1, task_type=task.task_type)
@@ -277,7 +146,7 @@ def run_stage1(
         method.importance_interval,
         f", resuming {resume}" if resume else "",
     )
-    trainer = _make_trainer(cfg, task, model, data, args, [ImportanceCallback(acc)], evaluate=False)
+    trainer = make_trainer(cfg, task, model, data, args, [ImportanceCallback(acc)], evaluate=False)
     if method.importance_checks:
         acc.interval = acc.stats.meta["interval"] = interval_for_checks(trainer, int(method.importance_checks))
         log.info("PiLoRA stage 1: K=%d for %d checks", acc.interval, method.importance_checks)
@@ -522,7 +391,7 @@ def _run(cfg, task, method, data, out, todo=None) -> dict:
     plugin.on_built(model, plan, job)  # PiSSA / MiLoRA: the initial adapter, to save a loadable one
     params = count_parameters(model)
     stage_dir = os.path.join(out, plan.stage)
-    args = _training_args(cfg, task, stage_dir)
+    args = training_args(cfg, task, stage_dir)
     log.info(
         "%s: training %s (%d trainable parameters, %.2f%%)",
         plan.title or mc.name,
@@ -533,7 +402,7 @@ def _run(cfg, task, method, data, out, todo=None) -> dict:
     callbacks = plugin.callbacks(model, plan, job)  # e.g. LoRA-Dash's launch
     plugin.check_training(args, model)  # what the method cannot train with (LoRA-Dash: FSDP)
     check_full_finetune_fsdp(args, model)  # FSDP settings transformers would ignore (any method)
-    trainer = _make_trainer(cfg, task, model, data, args, callbacks)
+    trainer = make_trainer(cfg, task, model, data, args, callbacks)
     refuse_unsharded_fsdp(args, trainer.accelerator.distributed_type)
     resume = resume_point(stage_dir, cfg.get("resume", True))
     if resume:
@@ -635,6 +504,6 @@ def _evaluate_only(cfg, task, method, data, out, training: dict, todo=None) -> d
     torch.manual_seed(int(cfg["seed"]))
     model = evaluation.load_trained(cfg, task, out)
     stage_dir = os.path.join(out, "stage2" if training.get("pilora") else "train")
-    args = _training_args(cfg, task, stage_dir)
-    trainer = _make_trainer(cfg, task, model, data, args)
+    args = training_args(cfg, task, stage_dir)
+    trainer = make_trainer(cfg, task, model, data, args)
     return _final_evaluation(cfg, task, model, trainer, data, training, out, todo)

@@ -41,7 +41,8 @@ def check_trainer(cfg: dict, method) -> None:
     """Build the ``TrainingArguments`` of every stage this job runs, so that a combination that
     ``TrainingArguments`` refuses (``eval_strategy=epoch`` + ``load_best_model_at_end`` + step
     saving) fails before stage 1 instead of after it."""
-    from .train import _training_args, stage1_overrides
+    from .train import stage1_overrides
+    from .trainer_args import training_args
 
     for key in POSITIVE_TRAINER_KEYS:
         value = cfg["trainer"].get(key)
@@ -54,7 +55,7 @@ def check_trainer(cfg: dict, method) -> None:
         stages = {"stage 1": stage1_overrides(method), "stage 2": {}}
     for stage, overrides in stages.items():
         try:
-            _training_args(cfg, task, "/nonexistent/pilora-validate", **overrides)
+            training_args(cfg, task, "/nonexistent/pilora-validate", **overrides)
         except ValueError as err:
             raise ConfigError(f"{stage}: {' '.join(str(err).split())}") from None  # one line
 

@@ -1,0 +1,147 @@
+"""The ``TrainingArguments`` and ``Trainer`` of every stage, built from the ``trainer:`` config.
+
+Each ``trainer.<key>`` is a ``TrainingArguments`` field, checked here (name, scalar type) so that a
+typo or a YAML string stops the job naming the key; the few fields the runner sets itself are
+refused. :func:`make_trainer` adds the runner's callbacks and console to ``PiLoRATrainer``."""
+
+from __future__ import annotations
+
+import typing
+
+import torch
+
+from ..distributed import world_size
+from . import wandb as wandb_run
+from .callbacks import NanLossGuard
+from .console import MetricsToLog, StageProgress, stage_label
+
+# TrainingArguments we set ourselves; a user value for them would be silently ignored
+_OWNED = {"output_dir", "report_to", "remove_unused_columns", "logging_nan_inf_filter", "seed"}
+
+
+def _scalar_type(hint):
+    """``float`` / ``int`` / ``bool`` when a TrainingArguments field is one of them (or Optional of
+    one); None for anything richer (enums, str unions, dicts), which TrainingArguments checks itself."""
+    if hint in (float, int, bool):
+        return hint, False
+    args = typing.get_args(hint)
+    if len(args) == 2 and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        if inner in (float, int, bool):
+            return inner, True
+    return None, False
+
+
+def check_trainer_keys(trainer_cfg: dict) -> dict:
+    """Every ``trainer.<key>`` must be a TrainingArguments field of the right scalar type.
+
+    Strings that parse as the expected number are converted (YAML reads ``1e-4`` as a string);
+    anything else raises a ValueError naming the key, the value and the expected type.
+    """
+    import difflib
+    import math
+
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    out = {}
+    for key, value in trainer_cfg.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=3)
+            raise ValueError(
+                f"trainer.{key} is not a transformers.TrainingArguments field"
+                + (f" (did you mean {', '.join('trainer.' + c for c in close)}?)" if close else "")
+                + "; every key under trainer: is passed to TrainingArguments"
+            )
+        kind, optional = _scalar_type(hints[key])
+        if kind is None or (value is None and optional):
+            out[key] = value
+            continue
+        bad = ValueError(
+            f"trainer.{key} must be {'an' if kind is int else 'a'} {kind.__name__}"
+            f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})"
+        )
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise bad
+        elif isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            raise bad
+        elif kind is float:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise bad from None
+            if math.isnan(value):
+                raise bad
+        else:  # int
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise bad from None
+            if not number.is_integer():
+                raise bad
+            value = int(number)
+        out[key] = value
+    return out
+
+
+def training_args(cfg: dict, task, output_dir: str, **overrides):
+    from transformers import TrainingArguments
+
+    clash = _OWNED & set(cfg["trainer"])
+    if clash:
+        raise ValueError(
+            f"trainer.{sorted(clash)[0]} is set by the runner; use "
+            "output_dir / logger / seed at the top level of the config instead"
+        )
+    kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **check_trainer_keys(cfg["trainer"]), **overrides}
+    launched = world_size()
+    if launched > 1 and not torch.cuda.is_available():
+        # accelerate only sets up CPU DDP (gloo) when told use_cpu; otherwise every rank would
+        # silently train on the whole data set on its own
+        kwargs.setdefault("use_cpu", True)
+    # never Trainer's own W&B callback: pilora.runner.wandb logs each stage under its own prefix
+    # and keeps the run's config to the resolved Hydra config
+    report = "none"
+    try:
+        args = TrainingArguments(
+            output_dir=output_dir,
+            report_to=report,
+            seed=int(cfg["seed"]),
+            remove_unused_columns=task.remove_unused_columns,
+            logging_nan_inf_filter=False,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid trainer settings ({err}); fix the trainer.* keys named above") from err
+    if launched > 1 and args.world_size != launched:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={launched} but the Trainer runs {args.world_size} "
+            f"process(es) in parallel mode {args.parallel_mode.value!r}: the ranks would train "
+            "independently. Check the launcher (torchrun / accelerate launch) and trainer.use_cpu."
+        )
+    return args
+
+
+def make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..trainer import PiLoRATrainer
+
+    trainer = PiLoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"] if evaluate else None,
+        data_collator=task.collator(),
+        compute_metrics=task.compute_metrics if evaluate else None,
+        callbacks=[NanLossGuard(), *callbacks, *wandb_run.trainer_callbacks(args.output_dir)],
+    )
+    if task.accepts_loss_kwargs is not None:
+        trainer.model_accepts_loss_kwargs = task.accepts_loss_kwargs
+    stage = stage_label(args.output_dir)  # console: bars named after their stage, metrics into run.log
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(StageProgress(stage))
+    trainer.pop_callback(PrinterCallback)  # without bars (disable_tqdm) it prints the line MetricsToLog logs
+    trainer.add_callback(MetricsToLog(stage))
+    return trainer
