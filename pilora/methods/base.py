@@ -10,6 +10,7 @@ import time, torch: ``run.py`` loads the registry to compose and check a config.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -88,9 +89,11 @@ class Method:
     name: str = ""  # set by register_method
 
     # ------------------------------------------------------------------------------ config
-    def runs_stage1(self, cfg: "MethodConfig") -> bool:
-        """Whether a job of ``cfg`` runs PiLoRA's stage 1 (its own, or a budget match's)."""
-        return self.two_stage or (self.matchable and bool(cfg.match_budget))
+    def runs_stage1(self, cfg: "MethodConfig | dict") -> bool:
+        """Whether a job of ``cfg`` (typed, or the config's ``method`` section) runs PiLoRA's stage 1
+        (its own, or a budget match's)."""
+        match = cfg.get("match_budget") if isinstance(cfg, Mapping) else cfg.match_budget
+        return self.two_stage or (self.matchable and bool(match))
 
     def check(self, cfg: "MethodConfig") -> None:
         """Raise a ValueError for a combination of values this method cannot run."""

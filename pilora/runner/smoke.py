@@ -57,7 +57,7 @@ def full_cost(cfg: dict, n_train: int, test_sizes: dict, record: dict) -> dict:
 
     trainer, method = cfg["trainer"], cfg["method"]
     steps = {}
-    if method.get("match_budget") or METHODS[method["name"]].two_stage:
+    if METHODS[method["name"]].runs_stage1(method):
         s1 = (method.get("stage1") or {}).get("max_steps") or -1
         steps["stage1"] = (
             int(s1) if int(s1) > 0 else _updates(n_train, trainer, (method.get("stage1") or {}).get("epochs", 1))

@@ -51,7 +51,7 @@ def check_trainer(cfg: dict, method) -> None:
     family = FAMILIES.get((cfg.get("task") or {}).get("family"))
     task = types.SimpleNamespace(remove_unused_columns=getattr(family, "remove_unused_columns", True))
     stages = {"training": {}}
-    if method.match_budget or METHODS[method.name].two_stage:
+    if METHODS[method.name].runs_stage1(method):
         stages = {"stage 1": stage1_overrides(method), "stage 2": {}}
     for stage, overrides in stages.items():
         try:

@@ -183,7 +183,7 @@ def _tag(text: str) -> str:
 def two_stage(cfg: dict) -> bool:
     from ..methods import METHODS
 
-    return bool(cfg["method"].get("match_budget")) or METHODS[cfg["method"]["name"]].two_stage
+    return METHODS[cfg["method"]["name"]].runs_stage1(cfg["method"])
 
 
 def start_run(cfg: dict, out: str):
