@@ -50,6 +50,56 @@ def test_the_method_never_imports_the_runner():
     assert not offenders, offenders
 
 
+def _module_level_imports():
+    """``{module: pilora modules it imports when it is imported}``: top-level statements only (a
+    function's own imports and ``if TYPE_CHECKING:`` blocks run later or never); ``from . import x``
+    of a submodule counts the submodule, not the package that is already being initialised."""
+    mods = {}
+    for dirpath, _, files in os.walk(PKG):
+        for f in files:
+            if f.endswith(".py"):
+                parts = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].split(os.sep)
+                mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = os.path.join(dirpath, f)
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        found = set()
+        for stmt in ast.parse(open(path).read()).body:
+            if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
+                continue
+            for node in ast.walk(stmt) if isinstance(stmt, (ast.If, ast.Try)) else [stmt]:
+                if isinstance(node, ast.Import):
+                    found.update(a.name for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                    target = ".".join(base + (node.module.split(".") if node.module else []))
+                    subs = {f"{target}.{a.name}" for a in node.names} & set(mods)
+                    found |= subs | ({target} if len(subs) < len(node.names) else set())
+        graph[name] = {m for m in found if m in mods and m != name}
+    return graph
+
+
+def test_no_module_imports_itself_back_when_loaded():
+    """The import graph of ``pilora`` at import time has no cycle (a cycle would make a module's
+    names depend on which module a user imports first)."""
+    graph, state, cycles = _module_level_imports(), {}, []
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert len(graph) > 40 and graph["pilora.runner.train"] >= {"pilora.methods", "pilora.tasks"}
+    assert not cycles, cycles
+
+
 def _strings_in(path):
     """The text of a job file: JSON/YAML/log as is, a torch zip (``.pt``/``.bin``) by its pickles."""
     if zipfile.is_zipfile(path):
