@@ -71,6 +71,7 @@ def test_a_failure_during_evaluation_reruns_only_the_evaluation(tmp_path, monkey
     assert rerun["metrics"]["test"]["test_boolq_accuracy"] == whole["metrics"]["test"]["test_boolq_accuracy"]
 
 
+@pytest.mark.slow  # trains a job, then reruns it (make test keeps the one-rerun case above)
 def test_a_changed_evaluation_setting_reuses_the_adapter(tmp_path, monkeypatch):
     """`python run.py ... task.generation.max_new_tokens=4` in a finished job folder: not StaleJob,
     no training, the test sets scored again; the record names the settings that produced it."""
@@ -100,6 +101,7 @@ def _scored_sets(monkeypatch) -> list:
     return seen
 
 
+@pytest.mark.slow  # trains a job, then reruns it (make test keeps the one-rerun case above)
 def test_a_test_set_already_scored_is_not_scored_again(tmp_path, monkeypatch):
     """`task.eval_only=[boolq]` after a job that scored every set: nothing to do, the record stays."""
     first = train(_cfg(tmp_path, "o"))
@@ -108,6 +110,7 @@ def test_a_test_set_already_scored_is_not_scored_again(tmp_path, monkeypatch):
     assert seen == [] and again["metrics"] == first["metrics"]
 
 
+@pytest.mark.slow  # trains a job, then reruns it (make test keeps the one-rerun case above)
 def test_test_sets_scored_by_separate_jobs_add_up_to_one_record(tmp_path, monkeypatch):
     """`-m task.eval_only=[boolq],[piqa]` (one folder, one training): the second job scores piqa
     alone, and the record equals that of one job scoring both sets. A set scored under other
@@ -347,6 +350,7 @@ def test_evaluate_command_line(tmp_path, capsys):
     assert "eval/task.eval_only=_boolq_/results.json" in out
 
 
+@pytest.mark.slow  # trains a job, then reruns it (make test keeps the one-rerun case above)
 def test_full_finetune_rerun_after_failed_evaluation_scores_model_folder(tmp_path, monkeypatch):
     """method=full: the rerun after a failure during evaluation loads model/ (no adapter) and
     scores as the uninterrupted run."""
