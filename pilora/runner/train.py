@@ -20,7 +20,6 @@ the adapter and ``results.json``. FSDP is refused for stage 1 (see :func:`pilora
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -332,8 +331,6 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
         )
     set_seed(int(cfg["seed"]))
     task = make_task(cfg["task"], cfg["model"], int(cfg["seed"]))
-    if method.modules_to_save is None and task.head_modules:  # the task's new head trains in full
-        method = dataclasses.replace(method, modules_to_save=list(task.head_modules))
     evaluation.check_inputs(cfg, task, method)  # a missing file stops the job before any training
     data = task.datasets()
     run = wandb_run.start_run(cfg, out) if is_main() else None
