@@ -13,21 +13,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "pilora")
 
 
+def _from_module(node, package):
+    """The absolute module a ``from ... import`` in a module of ``package`` (its parts) reads."""
+    if not node.level:
+        return node.module or ""
+    return ".".join(package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else []))
+
+
 def _imports(path):
     """The ``pilora`` submodules one file imports (absolute names), relative imports resolved."""
-    rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
-    package = rel[:-1]
+    package = os.path.relpath(path, ROOT)[:-3].split(os.sep)[:-1]
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                mod = base + (node.module.split(".") if node.module else [])
-            else:
-                mod = (node.module or "").split(".")
-            if mod[:1] == ["pilora"]:
-                found.add(".".join(mod))
-                found.update(".".join(mod + [a.name]) for a in node.names)
+            mod = _from_module(node, package)
+            if mod.split(".")[0] == "pilora":
+                found.add(mod)
+                found.update(f"{mod}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("pilora"))
     return found
@@ -71,8 +73,7 @@ def _module_level_imports():
                 if isinstance(node, ast.Import):
                     found.update(a.name for a in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-                    target = ".".join(base + (node.module.split(".") if node.module else []))
+                    target = _from_module(node, package.split("."))
                     subs = {f"{target}.{a.name}" for a in node.names} & set(mods)
                     found |= subs | ({target} if len(subs) < len(node.names) else set())
         graph[name] = {m for m in found if m in mods and m != name}
