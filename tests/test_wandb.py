@@ -444,18 +444,14 @@ def test_sweep_point_of_an_experiment_comes_from_its_sweeper_params(tmp_path):
         cfg = compose("config", overrides=[*job, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra")
-    before = HydraConfig.instance().cfg
-    HydraConfig.instance().set_config(cfg)
-    try:
-        assert w.sweep_point(plain, str(tmp_path / "job")) == {"method.supplementary_r": "4"}
-        # the sweep's own record of its command line (Hydra's basic sweeper writes multirun.yaml)
-        OmegaConf.save({"hydra": {"overrides": {"task": ["trainer.max_steps=3,5"]}}}, tmp_path / "multirun.yaml")
-        point = w.sweep_point(plain, str(tmp_path / "job"))
-        assert point == {"method.supplementary_r": "4", "trainer.max_steps": "3"}
-        assert w.run_name(plain, point) == "lora_matched-commonsense170k-llama2-7b-s0-supplementary_r=4-max_steps=3"
-        assert w.run_group(plain, point) == "fig4_rprime"
-    finally:
-        HydraConfig.instance().cfg = before
+    HydraConfig.instance().set_config(cfg)  # conftest puts the previous one back after the test
+    assert w.sweep_point(plain, str(tmp_path / "job")) == {"method.supplementary_r": "4"}
+    # the sweep's own record of its command line (Hydra's basic sweeper writes multirun.yaml)
+    OmegaConf.save({"hydra": {"overrides": {"task": ["trainer.max_steps=3,5"]}}}, tmp_path / "multirun.yaml")
+    point = w.sweep_point(plain, str(tmp_path / "job"))
+    assert point == {"method.supplementary_r": "4", "trainer.max_steps": "3"}
+    assert w.run_name(plain, point) == "lora_matched-commonsense170k-llama2-7b-s0-supplementary_r=4-max_steps=3"
+    assert w.run_group(plain, point) == "fig4_rprime"
 
 
 def test_a_torn_run_file_reads_up_to_its_tear_and_garbage_is_named(sweep, tmp_path, capsys):
