@@ -20,6 +20,13 @@ FAST = [
     "trainer.disable_tqdm=true",
 ]
 
+# For tests that compare two runs of one job across processes (sharded vs one process, killed and
+# resumed). Adam divides each gradient entry by its own size, so an entry near 0 (B = 0 at step 1,
+# then cancellations) moves by up to lr whatever its rounding: with the default eps 1e-8 a
+# reduction-order difference of ~1e-12 became a 2.8e-4 difference in one FSDP-trained weight
+# (measured). eps = 1e-6 bounds that gain at lr / eps and still moves the weights by ~lr.
+ROUNDING_STABLE_ADAM = "+trainer.adam_epsilon=1e-6"
+
 
 def compose_cfg(overrides, output_dir=None):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

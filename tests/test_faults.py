@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import FAST, compose_cfg, interrupt_during_training, write_images
+from helpers import FAST, ROUNDING_STABLE_ADAM, compose_cfg, interrupt_during_training, write_images
 
 from pilora import ImportanceStats
 from pilora.importance import ModuleStats
@@ -36,10 +36,7 @@ def _job(img):
             "trainer.num_train_epochs=2",
             "trainer.save_strategy=steps",
             "+trainer.save_steps=1",
-            # Adam moves a weight whose gradient is ~0 by up to lr whatever the gradient's rounding
-            # (gain lr / eps); eps = 1e-6 keeps a 1-ulp difference (a machine whose kernels are not
-            # bit-reproducible across processes) from growing past the 1e-4 the checks allow
-            "+trainer.adam_epsilon=1e-6",
+            ROUNDING_STABLE_ADAM,
         ]
     )
 

@@ -6,8 +6,8 @@ match one process with the same global batch.
 accelerate 1.15 turns the FSDP plugin into FSDP only on accelerator ranks: on CPU ranks it prepares
 DDP without a word, which the runner now refuses (tested below). The multi-process tests therefore
 launch ``tests/fsdp_cpu_run.py``, which adds MULTI_CPU to accelerate's FSDP branch and changes
-nothing else. Measured here (Adam eps 1e-6, see _base): losses agree to ~1e-7 relative, weights
-and exported adapters to ~5e-7 absolute.
+nothing else. Measured here (Adam eps 1e-6: helpers.ROUNDING_STABLE_ADAM): losses agree to ~1e-7
+relative, weights and exported adapters to ~5e-7 absolute.
 """
 
 import json
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from helpers import FAST, compose_cfg, write_commonsense
+from helpers import FAST, ROUNDING_STABLE_ADAM, compose_cfg, write_commonsense
 from safetensors.torch import load_file
 
 from pilora.paper_params import SETTINGS, fsdp_estimate, fsdp_memory_per_gpu, fsdp_units, meta_count
@@ -38,11 +38,7 @@ def _base(data):
             "trainer.max_steps=3",
             "trainer.per_device_eval_batch_size=4",
             "method.dropout=0",
-            # Adam divides each gradient by its own size: an entry near 0 (B = 0 at step 1, then
-            # cancellations) moves by up to lr whatever its rounding, so with eps = 1e-8 a 1e-12
-            # difference in reduction order became a 3e-4 difference in one weight (measured). eps =
-            # 1e-6 bounds that gain at lr / eps = 2e3 and still moves weights by ~lr.
-            "+trainer.adam_epsilon=1e-6",
+            ROUNDING_STABLE_ADAM,
         ]
     )
 
