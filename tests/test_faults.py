@@ -59,8 +59,10 @@ def reference(tmp_path_factory):
 
 
 def _kill_when(cmd, ready, env, timeout=300):
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """Start ``cmd``, SIGKILL it once ``ready()``; returns the seconds it lived (a bound on any
+    time it recorded)."""
     t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while not ready():
             if proc.poll() is not None:
@@ -76,6 +78,26 @@ def _kill_when(cmd, ready, env, timeout=300):
             proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    return time.time() - t0
+
+
+def _rerun(args):
+    """The same command again, uninterrupted; returns the seconds it took."""
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return time.time() - t0
+
+
+def _assert_cost_within(rec, killed_s, rerun_s):
+    """The cost adds the killed segment's time to the rerun's, and each is bounded by the wall time
+    the process lived. (Bounds from this job's own clocks: a ratio to the reference run's times
+    failed when the two ran under different load on a 2-core machine.)"""
+    t = rec["timing"]
+    assert t["total_s"] >= t["stage1_s"] + t["stage2_s"]
+    assert t["total_s"] <= killed_s + rerun_s
 
 
 def _tie_flips(a: ImportanceStats, b: ImportanceStats) -> dict[str, int]:
@@ -134,17 +156,17 @@ def test_sigkill_mid_stage_then_rerun_resumes(tmp_path, reference, stage):
         ckpt = out / stage / "checkpoint-2"
         return (ckpt / "trainer_state.json").exists() and (stage != "stage1" or (ckpt / "importance_stats.pt").exists())
 
-    _kill_when(
+    killed_s = _kill_when(
         [sys.executable, "tests/slow_run.py", *args],
         ready,
         {**ENV, "PILORA_SLOW_STAGE": stage, "PILORA_STEP_DELAY": "0.5"},
     )
     assert not (out / "results.json").exists()
     assert (out / "importance.pt").exists() == (stage == "stage2")  # killed inside the stage
-    proc = subprocess.run(
-        [sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if stage == "stage2":  # stage 1 ended before the kill: its time is the one the last checkpoint saved
+        last = max((out / "stage2").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        stage1_saved = json.load(open(last / "pilora_cost.json"))["stages"]["stage1"]
+    rerun_s = _rerun(args)
     log = (out / "run.log").read_text()
     if stage == "stage1":
         assert "importance accumulation (K=1), resuming" in log
@@ -152,9 +174,12 @@ def test_sigkill_mid_stage_then_rerun_resumes(tmp_path, reference, stage):
         assert "stage 1: already done" in log and f"resuming from {out}/stage2/checkpoint-" in log
     rec = json.load(open(out / "results.json"))
     _assert_same_result(rec, out, ref_rec, ref_out)
-    # the cost covers both segments: stage 1 was timed before the kill (its steps were slowed by 0.5 s)
-    assert rec["timing"]["stage1_s"] >= (1.0 if stage == "stage1" else 0.5 * ref_rec["timing"]["stage1_s"])
-    assert rec["timing"]["total_s"] >= rec["timing"]["stage1_s"] + rec["timing"]["stage2_s"]
+    # the cost covers both segments
+    if stage == "stage1":  # two steps slowed by 0.5 s each were timed before the kill
+        assert rec["timing"]["stage1_s"] >= 1.0
+    else:
+        assert rec["timing"]["stage1_s"] == pytest.approx(stage1_saved)
+    _assert_cost_within(rec, killed_s, rerun_s)
 
 
 def _adapter(out):
@@ -171,14 +196,13 @@ def test_sigkill_after_the_final_checkpoint_only_evaluates_and_saves(tmp_path, r
     out = tmp_path / "run"
     args = [*overrides, f"hydra.run.dir={out}"]
     marker = tmp_path / "saving"
-    _kill_when([sys.executable, "tests/slow_run.py", *args], marker.exists, {**ENV, "PILORA_SLOW_SAVE": str(marker)})
+    killed_s = _kill_when(
+        [sys.executable, "tests/slow_run.py", *args], marker.exists, {**ENV, "PILORA_SLOW_SAVE": str(marker)}
+    )
     final = out / "stage2" / f"checkpoint-{ref_rec['steps']}"
     saved = json.load(open(final / "pilora_cost.json"))
     assert not (out / "results.json").exists()
-    proc = subprocess.run(
-        [sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rerun_s = _rerun(args)
     assert "saved after the last training step: loading it, no further training" in (out / "run.log").read_text()
     rec = json.load(open(out / "results.json"))
     _assert_same_result(rec, out, ref_rec, ref_out)
@@ -195,8 +219,7 @@ def test_sigkill_after_the_final_checkpoint_only_evaluates_and_saves(tmp_path, r
     )
     assert rec["timing"]["total_s"] >= saved["job_s"] + rec["timing"]["final_eval_s"] - 0.01
     assert rec["peak_memory_mb"] >= saved["peak_memory_mb"]
-    for key in ("stage1_s", "stage2_s", "total_s"):  # same order as the uninterrupted run's cost
-        assert 0.3 * ref_rec["timing"][key] < rec["timing"][key] < 3 * ref_rec["timing"][key] + 5, key
+    _assert_cost_within(rec, killed_s, rerun_s)
 
 
 def test_tie_flips_tell_a_rounding_tie_from_a_lost_check():

@@ -71,10 +71,9 @@ def test_lock_is_released_and_the_same_command_then_reuses_the_record(tmp_path):
     cfg = compose_cfg(_vision(tmp_path / "img"), out)
     first = train(cfg)
     assert os.path.getsize(out / jobdir.LOCK_FILE) == 0  # no holder named after the job
-    t0 = time.time()
     again = train(cfg)
+    # the same timing proves nothing was retrained: a rerun would have timed itself anew
     assert again["timing"] == first["timing"] and again["metrics"] == json.loads(json.dumps(first["metrics"]))
-    assert time.time() - t0 < first["timing"]["total_s"] + 5
 
 
 class _LiveHolder:
