@@ -651,8 +651,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
                 B = layer.lora_B["default"]
                 B.set_blocks(*(0.1 * torch.randn(t.shape, generator=g) for t in (B.dominant, B.supplementary)))
         if checkpointing:
-            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            assert model.base_model.model.is_gradient_checkpointing
+            model.base_model.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+            assert model.base_model.model.is_activation_checkpointing
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0

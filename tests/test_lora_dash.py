@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SMALL_LLAMA, TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides, interrupt_during_training
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from pilora import MethodConfig, count_parameters, prepare_model
 from pilora.methods.lora_dash import (
@@ -195,10 +195,6 @@ class _Step:
         self.global_step, self.max_steps = step, max_steps
 
 
-class _Args:
-    gradient_accumulation_steps, gradient_checkpointing = 1, True
-
-
 def _checkpointed_step(model, cb, opt, step):
     """One optimizer step with gradient checkpointing (non-reentrant): every layer runs its forward
     twice, once more in the backward's recomputation, as under the authors' --use_gradient_checkpointing."""
@@ -213,14 +209,15 @@ def _checkpointed_step(model, cb, opt, step):
     return grads
 
 
-def test_layer_calls_launch_where_the_authors_flag_does():
+def test_layer_calls_launch_where_the_authors_flag_does(tmp_path):
     """The authors' t counts a layer's forward calls (FLAG): with gradient checkpointing two per
     optimizer step, so t = 4 launches in the first forward of step 3, from the update after 2 steps,
     and the coefficients get a gradient in that same step 3. Eval forwards count too."""
     torch.manual_seed(0)
     model = _dash_model(TinyMLP(), counts="layer_calls", t=4)
     cb = DashLaunchCallback(model, prelaunch_steps=4)
-    cb.on_train_begin(_Args(), _Step(0), None)  # 10 steps x 2 calls: t = 4 fits
+    args = TrainingArguments(output_dir=str(tmp_path), activation_checkpointing=True, use_cpu=True, report_to=[])
+    cb.on_train_begin(args, _Step(0), None)  # 10 steps x 2 calls: t = 4 fits
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in (1, 2):
         grads = _checkpointed_step(model, cb, opt, step)

@@ -257,8 +257,8 @@ class DashLaunchCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.counts_calls:  # calls per optimizer step: micro-batches, twice under gradient checkpointing
-            per_step = int(args.gradient_accumulation_steps) * (2 if args.gradient_checkpointing else 1)
+        if self.counts_calls:  # calls per optimizer step: micro-batches, twice under activation checkpointing
+            per_step = int(args.gradient_accumulation_steps) * (2 if args.activation_checkpointing else 1)
             check_prelaunch(self.t, state.max_steps * per_step, unit="forward calls of each layer in training")
         else:
             check_prelaunch(self.t, state.max_steps)
