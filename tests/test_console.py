@@ -1,11 +1,11 @@
 """What a user sees: stage-named progress bars, metrics in run.log, a summary after every multirun."""
 
 import logging
-import types
 
 import pytest
 from helpers import CONF, FAST, compose_cfg, write_images
 from hydra import compose, initialize_config_dir
+from transformers import TrainerState
 
 
 def test_progress_bars_name_their_stage():
@@ -17,7 +17,7 @@ def test_progress_bars_name_their_stage():
         "train",
     ]
     bar = StageProgress("stage 1 (importance)")
-    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=5)
+    state = TrainerState(is_world_process_zero=True, max_steps=5)
     bar.on_train_begin(None, state, None)
     try:
         assert bar.training_bar.desc.startswith("stage 1 (importance)")
@@ -156,7 +156,7 @@ def test_each_metric_line_is_printed_once(capsys):
     from pilora.runner.console import StageProgress
 
     bar = StageProgress("train")
-    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=5, global_step=1)
+    state = TrainerState(is_world_process_zero=True, max_steps=5, global_step=1)
     bar.on_train_begin(None, state, None)
     try:
         bar.on_log(None, state, None, logs={"loss": 1.25, "grad_norm": 0.5})

@@ -2,12 +2,12 @@
 
 import copy
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides, table_rows
+from transformers import TrainingArguments
 
 from pilora import MethodConfig, count_parameters, prepare_model
 from pilora.methods.full import check_full_finetune_fsdp
@@ -51,8 +51,6 @@ def test_full_finetuning_gets_goats_own_settings_per_family(family, task, model,
     """method=full composes tuned/<family>/full.yaml on top of the task's tuned file: GOAT's
     vit.sh / glue.sh with train_*.py's TrainingArguments (warmup_ratio 0.03 with warmup_steps 0,
     bf16, no weight decay, cosine). The adapter methods keep the paper's Tab. 6/7 settings."""
-    from transformers import TrainingArguments
-
     full = compose_cfg([f"task={task}", "method=full", f"model={model}"]).trainer
     assert (full.learning_rate, full.per_device_train_batch_size, full.gradient_accumulation_steps) == (
         lr,
@@ -69,28 +67,26 @@ def test_full_finetuning_gets_goats_own_settings_per_family(family, task, model,
         assert other.learning_rate != 1e-5 and other.per_device_train_batch_size == 64
 
 
-def test_fsdp_keys_full_finetuning_cannot_use_are_refused():
+def test_fsdp_keys_full_finetuning_cannot_use_are_refused(tmp_path):
+    """Checked on the TrainingArguments transformers builds from the keys (it adds its own defaults
+    to fsdp_config, which must pass)."""
     model = TinyMLP()
+
+    def args(**kw):
+        return TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], **kw)
+
     with pytest.raises(ValueError, match=r"transformer_layer_cls_to_wrp.*did you mean transformer_layer_cls_to_wrap"):
-        check_full_finetune_fsdp(
-            SimpleNamespace(fsdp=["full_shard"], fsdp_config={"transformer_layer_cls_to_wrp": ["X"]}), model
-        )
+        check_full_finetune_fsdp(args(fsdp=True, fsdp_config={"transformer_layer_cls_to_wrp": ["X"]}), model)
     with pytest.raises(ValueError, match=r"\['LlamaDecoderLayer'\].*TinyMLP does not contain"):
         check_full_finetune_fsdp(
-            SimpleNamespace(
-                fsdp=["full_shard"], fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
-            ),
-            model,
+            args(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}), model
         )
     # a usable config, and no FSDP at all, pass
     check_full_finetune_fsdp(
-        SimpleNamespace(
-            fsdp=["full_shard"],
-            fsdp_config={"version": 2, "min_num_params": 0, "transformer_layer_cls_to_wrap": ["Linear"]},
-        ),
+        args(fsdp=True, fsdp_config={"version": 2, "min_num_params": 0, "transformer_layer_cls_to_wrap": ["Linear"]}),
         model,
     )
-    check_full_finetune_fsdp(SimpleNamespace(fsdp=[], fsdp_config={"nonsense": 1}), model)
+    check_full_finetune_fsdp(args(fsdp_config={"nonsense": 1}), model)
 
 
 @pytest.mark.slow

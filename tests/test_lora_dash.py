@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SMALL_LLAMA, TinyMLP, train_steps
 from helpers import FAST, compose_cfg, glue_overrides, interrupt_during_training
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerState, TrainingArguments
 
 from pilora import MethodConfig, count_parameters, prepare_model
 from pilora.methods.lora_dash import (
@@ -190,11 +190,6 @@ def test_dash_gradients_dropped_before_launch_and_kept_after():
     assert all(l.lora_dash["default"].coefficients.grad.abs().sum() > 0 for l in dash_layers(model).values())
 
 
-class _Step:
-    def __init__(self, step, max_steps=10):
-        self.global_step, self.max_steps = step, max_steps
-
-
 def _checkpointed_step(model, cb, opt, step):
     """One optimizer step with gradient checkpointing (non-reentrant): every layer runs its forward
     twice, once more in the backward's recomputation, as under the authors' --use_gradient_checkpointing."""
@@ -205,7 +200,7 @@ def _checkpointed_step(model, cb, opt, step):
     grads = [l.lora_dash["default"].coefficients.grad for l in dash_layers(model).values()]
     opt.step()
     opt.zero_grad()
-    cb.on_step_end(None, _Step(step), None)
+    cb.on_step_end(None, TrainerState(global_step=step, max_steps=10), None)
     return grads
 
 
@@ -217,7 +212,7 @@ def test_layer_calls_launch_where_the_authors_flag_does(tmp_path):
     model = _dash_model(TinyMLP(), counts="layer_calls", t=4)
     cb = DashLaunchCallback(model, prelaunch_steps=4)
     args = TrainingArguments(output_dir=str(tmp_path), activation_checkpointing=True, use_cpu=True, report_to=[])
-    cb.on_train_begin(args, _Step(0), None)  # 10 steps x 2 calls: t = 4 fits
+    cb.on_train_begin(args, TrainerState(global_step=0, max_steps=10), None)  # 10 steps x 2 calls: t = 4 fits
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in (1, 2):
         grads = _checkpointed_step(model, cb, opt, step)
