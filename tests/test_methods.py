@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,3 +63,29 @@ def test_svd_init_refuses_a_rank_above_the_weights_singular_triplets(name):
     prepare_model(TinyMLP(), MethodConfig(name=name, r=min(up), target_modules=["up"]))
     with pytest.raises(ValueError, match=rf"r = {min(up) + 1} .* {up[0]}×{up[1]} target has only {min(up)}"):
         prepare_model(TinyMLP(), MethodConfig(name=name, r=min(up) + 1, target_modules=["up"]))
+
+
+@pytest.mark.parametrize("method", ["pilora", "lora_matched"])
+@pytest.mark.parametrize("r", [24, 28, 30, 32])
+def test_fig5_stage1_is_the_rank_32_alpha_64_lora_at_every_dominant_rank(method, r):
+    """Fig. 5 sweeps the dominant rank with stage 1 at "the rank of 32 used in the initial
+    adaptation phase" (Tab. 5: α = 64): every point, PiLoRA's or the budget match's, must build that
+    same stage-1 LoRA (scale 2), and stage 2 its own rank at α = 2r."""
+    from helpers import compose_cfg
+
+    from pilora.runner.train import method_config
+
+    cfg = method_config(compose_cfg(["experiment=fig5_rank", f"method={method}", f"method.r={r}", "model=tiny-llama"]))
+    assert (cfg.r, cfg.alpha, cfg.stage1_r) == (r, 2 * r, 32)
+    base = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA))
+    cfg = replace(cfg, target_modules=["q_proj", "v_proj"])
+    stages = [(1, 32, 64.0)] + ([(None, r, 2.0 * r)] if method == "lora_matched" else [])  # PiLoRA's stage 2: masks
+    for stage, want_r, want_alpha in stages:
+        layers = lora_layers(prepare_model(copy.deepcopy(base), cfg, stage=stage))
+        assert len(layers) == 2 * SMALL_LLAMA["num_hidden_layers"]
+        for layer in layers.values():
+            assert (layer.r["default"], layer.lora_alpha["default"], layer.scaling["default"]) == (
+                want_r,
+                want_alpha,
+                2.0,
+            )

@@ -125,13 +125,15 @@ class Method:
         return Plan(cfg, title=cfg.name)
 
     # --------------------------------------------------------------------------------- model
-    def peft_config(self, cfg: "MethodConfig", task_type: str | None = None, r: int | None = None):
+    def peft_config(
+        self, cfg: "MethodConfig", task_type: str | None = None, r: int | None = None, alpha: float | None = None
+    ):
         """The PEFT ``LoraConfig`` of ``cfg`` (for PiLoRA: of its plain-LoRA stages)."""
         from peft import LoraConfig
 
         kwargs = dict(
             r=int(r or cfg.r),
-            lora_alpha=float(cfg.alpha),
+            lora_alpha=float(cfg.alpha if alpha is None else alpha),
             lora_dropout=float(cfg.dropout),
             target_modules=list(cfg.target_modules) if not isinstance(cfg.target_modules, str) else cfg.target_modules,
             modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
@@ -142,8 +144,14 @@ class Method:
         return LoraConfig(**kwargs)
 
     def rank(self, cfg: "MethodConfig", masks: dict | None, stage: int | None) -> int:
-        """The rank PEFT injects."""
-        return int(cfg.r)
+        """The rank PEFT injects: ``stage1_r`` for PiLoRA's stage 1 (also a budget match's), else ``r``."""
+        return int(cfg.stage1_r) if stage == 1 and cfg.stage1_r else int(cfg.r)
+
+    def alpha(self, cfg: "MethodConfig", masks: dict | None, stage: int | None) -> float:
+        """α of the injected LoRA. A stage 1 at its own rank keeps the job's scale s = α/r, so Fig. 5's
+        stage 1 (stage1_r = 32 for every dominant r) is Tab. 5's r = 32, α = 64 LoRA at each point,
+        and every point gets the same partition."""
+        return float(cfg.alpha) * self.rank(cfg, masks, stage) / int(cfg.r)
 
     def build(self, model: "nn.Module", cfg: "MethodConfig", *, masks=None, stage=None, task_type=None):
         """Wrap ``model`` (pretrained, frozen) with this method's adapters."""
@@ -152,7 +160,10 @@ class Method:
         from ..layer import FusedLoraForward
 
         check_target_modules(model, cfg.target_modules)
-        peft_model = get_peft_model(model, self.peft_config(cfg, task_type, r=self.rank(cfg, masks, stage)))
+        peft_config = self.peft_config(
+            cfg, task_type, r=self.rank(cfg, masks, stage), alpha=self.alpha(cfg, masks, stage)
+        )
+        peft_model = get_peft_model(model, peft_config)
         init = INITS[self.init]
         for layer in lora_layers(peft_model).values():
             init(layer, "default", cfg)

@@ -157,7 +157,11 @@ class MethodConfig:
         symbol="α'",
     )
     stage1_r: Optional[int] = key(
-        None, help="rank of the stage-1 LoRA (null: r)", methods=(STAGE1,), integer=True, low=1
+        None,
+        help="rank of the stage-1 LoRA (null: r); its α is α·stage1_r/r, the job's scale s = α/r",
+        methods=(STAGE1,),
+        integer=True,
+        low=1,
     )
     importance_interval: int = key(
         10,

@@ -76,7 +76,7 @@ class PiLoRA(Method):
         super().check(cfg)
 
     def rank(self, cfg, masks, stage) -> int:
-        return int(cfg.stage1_r) if masks is None and cfg.stage1_r else int(cfg.r)  # stage 1: stage1_r
+        return super().rank(cfg, masks, 1 if masks is None else stage)  # without masks it is stage 1
 
     def after_injection(self, peft_model, cfg, masks, stage) -> None:
         if masks is not None and stage != 1:

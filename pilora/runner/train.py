@@ -137,7 +137,8 @@ def run_stage1(
         "model": cfg["model"]["name"],
         "seed": cfg["seed"],
         "target_modules": method.target_modules,
-        "r": method.stage1_r or method.r,
+        "r": METHODS[method.name].rank(method, None, 1),
+        "alpha": METHODS[method.name].alpha(method, None, 1),
         "interval": method.importance_interval,
     }
     log.info(
