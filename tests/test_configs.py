@@ -75,6 +75,11 @@ def test_paper_hyperparameters_come_from_tuned_configs():
     )
     cs = compose_cfg(["experiment=table1_llama3"])
     assert cs.trainer.learning_rate == 1e-4 and cs.method.r == 32 and cs.method.alpha == 64
+    # Tab. 5's learning rate is the model's, with or without the experiment overlay
+    for model, lr in (("llama2-7b", 2e-4), ("llama3-8b", 1e-4), ("smollm2-135m", 2e-4)):
+        for method in ("pilora", "lora", "dora"):
+            cfg = compose_cfg([f"model={model}", "task=commonsense/commonsense170k", f"method={method}"])
+            assert cfg.trainer.learning_rate == lr and cfg.trainer.fp16 is True, (model, method)
     # Tab. 5-7 give α = 2r for every method, MiLoRA included (its own code's α = r is an override away)
     assert compose_cfg(["method=milora", "model=roberta-large", "task=glue/sst2"]).method.alpha == 16
 
