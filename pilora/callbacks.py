@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from transformers import TrainerCallback
@@ -10,13 +11,16 @@ from .importance import ImportanceAccumulator, ImportanceStats
 
 STATS_IN_CHECKPOINT = "importance_stats.pt"
 
+log = logging.getLogger("pilora")
+
 
 class ImportanceCallback(TrainerCallback):
     """Runs :class:`ImportanceAccumulator` at Trainer's pre-optimizer-step point, i.e. after
     gradient accumulation, DDP all-reduce and clipping, before ``optimizer.step`` (Alg. 1 line 7).
 
     The statistics are part of every checkpoint (``importance_stats.pt``), so a resumed stage 1
-    continues the same ``H``, ``ΣS`` and ``T``.
+    continues the same ``H``, ``ΣS`` and ``T``. Under a loss scaler (fp16 on a GPU) a check whose
+    gradients overflowed is skipped with the update the scaler skips.
     """
 
     def __init__(self, accumulator: ImportanceAccumulator):
@@ -27,7 +31,17 @@ class ImportanceCallback(TrainerCallback):
         if not self._checked:
             check_full_lora_gradients(self.accumulator)
             self._checked = True
-        self.accumulator.step(state.global_step)
+        # accelerate's optimizer holds the GradScaler when one runs (fp16 on a GPU; None otherwise)
+        scaled = getattr(kwargs.get("optimizer"), "scaler", None) is not None
+        before = len(self.accumulator.skipped_checks)
+        self.accumulator.step(state.global_step, skip_nonfinite=scaled)
+        if len(self.accumulator.skipped_checks) > before:
+            log.warning(
+                "PiLoRA stage 1: the importance check of step %d is skipped: the fp16 gradients "
+                "overflowed and the loss scaler skips this update (%d checks skipped so far)",
+                state.global_step,
+                before + 1,
+            )
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -490,14 +490,38 @@ class ImportanceAccumulator:
                 if take:
                     g.snapshots[i] += 1
 
-    def step(self, global_step: int | None = None) -> bool:
-        """Run a check if this optimizer step is a multiple of ``K``; return whether it ran."""
+    def step(self, global_step: int | None = None, *, skip_nonfinite: bool = False) -> bool:
+        """Run a check if this optimizer step is a multiple of ``K``; return whether it ran.
+
+        ``skip_nonfinite``: a loss scaler (fp16 ``GradScaler``) drops an update whose gradients
+        overflowed; the check of that step is dropped too (Alg. 1 pairs each check with an update),
+        instead of adding inf/NaN scores. Its step goes into ``stats.meta["skipped_checks"]``. This
+        tests the gradients, so it costs one host sync per check.
+        """
         t = self.steps_seen if global_step is None else global_step
         self.steps_seen = t + 1
-        if t % self.interval == 0:
-            self.update()
-            return True
-        return False
+        if t % self.interval:
+            return False
+        if skip_nonfinite and not self.gradients_finite():
+            self._stats.meta.setdefault("skipped_checks", []).append(int(t))
+            return False
+        self.update()
+        return True
+
+    @property
+    def skipped_checks(self) -> list[int]:
+        """The optimizer steps whose check :meth:`step` skipped (``skip_nonfinite``)."""
+        return self._stats.meta.get("skipped_checks", [])
+
+    def gradients_finite(self) -> bool:
+        """Whether every LoRA ``A``/``B`` gradient is finite (one fused reduction, one host sync)."""
+        grads = [
+            w.grad
+            for layer in self.layers.values()
+            for part in ("lora_A", "lora_B")
+            if (w := _adapter_weight(layer, part, self.adapter_name)).grad is not None
+        ]
+        return not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads, norm_type=float("inf"))))
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Check before every ``optimizer.step`` of a hand-written loop; returns the hook handle."""

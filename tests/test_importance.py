@@ -328,3 +328,78 @@ def test_check_has_no_graph_break():
     )
     explained = torch._dynamo.explain(score_group)(*args)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def _scaled_stage1(skip_nonfinite, steps=6, interval=2):
+    """A hand-written stage 1 under a real GradScaler whose first scale overflows the gradients
+    (2^127 on inputs of size ~100): the scaler skips step 0's update, then backs off to 2^27."""
+    torch.manual_seed(0)
+    model = prepare_model(
+        nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)), {**CFG, "target_modules": ["0", "2"]}, stage=1
+    )
+    with torch.no_grad():  # B off zero, so both terms of Eq. 7 (and their overflow) count
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 0.3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    acc = ImportanceAccumulator(model, interval=interval)
+    g = torch.Generator().manual_seed(1)
+    finite = []
+    for _ in range(steps):
+        x, y = 100 * torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
+        opt.zero_grad()
+        scaler.scale(_loss(model, x, y)).backward()
+        scaler.unscale_(opt)  # as Trainer does (clip_grad_norm_) before its pre-optimizer-step point
+        finite.append(acc.gradients_finite())
+        acc.step(skip_nonfinite=skip_nonfinite)
+        scaler.step(opt)
+        scaler.update()
+    return acc.finalize(), acc.skipped_checks, finite
+
+
+def test_check_of_an_update_the_loss_scaler_skips_is_skipped():
+    """fp16 with a loss scaler: a step whose gradients overflow is not an update (the scaler skips
+    it), so its check is not taken either. Taking it would add NaN to ΣS (0 · inf in B·Gᴬ at
+    B = 0, inf elsewhere) and count a check with no hits."""
+    from pilora.runner.stats_check import impossible_counts
+
+    stats, skipped, finite = _scaled_stage1(skip_nonfinite=True)
+    assert finite == [False] + [True] * 5  # the case is what it claims: only step 0 overflowed
+    assert skipped == [0] and stats.meta["skipped_checks"] == [0]
+    assert all(s.checks == 2 for s in stats.modules.values())  # checks at steps 2 and 4, not 0
+    assert impossible_counts(stats) == [] and all(int(s.hits.sum()) > 0 for s in stats.modules.values())
+    taken, skipped, _ = _scaled_stage1(skip_nonfinite=False)  # without it: the statistics are unusable
+    assert skipped == [] and all(s.checks == 3 for s in taken.modules.values())
+    assert impossible_counts(taken) and all("NaN/inf score sum" in p for p in impossible_counts(taken))
+
+
+def test_callback_skips_only_under_a_loss_scaler(tmp_path, caplog):
+    """ImportanceCallback reads the scaler off accelerate's optimizer (Trainer passes it): with a
+    GradScaler an overflowed check is skipped and logged; without one (bf16, fp32, CPU) every check
+    runs, since the optimizer applies that update too."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from pilora.callbacks import ImportanceCallback
+
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    Accelerator(cpu=True)  # the state AcceleratedOptimizer reads (after the args, which reset it)
+    for scaler, want_checks in ((torch.amp.GradScaler("cpu"), 0), (None, 1)):
+        model = prepare_model(
+            nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)),
+            {**CFG, "target_modules": ["0", "2"]},
+            stage=1,
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = AcceleratedOptimizer(torch.optim.AdamW(params), device_placement=False, scaler=scaler)
+        for p in params:
+            p.grad = torch.full_like(p, float("inf"))
+        cb = ImportanceCallback(ImportanceAccumulator(model, interval=1))
+        with caplog.at_level("WARNING", logger="pilora"):
+            cb.on_pre_optimizer_step(args, TrainerState(global_step=0), TrainerControl(), model=model, optimizer=opt)
+        stats = cb.accumulator.finalize()
+        assert all(s.checks == want_checks for s in stats.modules.values())
+        assert cb.accumulator.skipped_checks == ([0] if scaler else [])
+        assert ("importance check of step 0 is skipped" in caplog.text) == (scaler is not None)
+        caplog.clear()

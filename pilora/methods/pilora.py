@@ -95,6 +95,8 @@ class PiLoRA(Method):
             "partition": cfg.partition.name,
             "partition_args": dict(cfg.partition.args),
             "checks": {k: s.checks for k, s in stats.modules.items()},
+            # steps whose check was dropped with the update an fp16 loss scaler skipped
+            "skipped_checks": list(stats.meta.get("skipped_checks", [])),
             "dominant_fraction": fractions["overall"],
             "dominant_fraction_per_module": {k: v for k, v in fractions.items() if k != "overall"},
             # the paper's open points as this run reads them (README "Evaluation protocols")

@@ -132,15 +132,17 @@ def run_stage1(
         snapshot_interval=method.snapshot_interval,
         stats=stats,
     )
-    acc.stats.meta = {
-        "task": task.name,
-        "model": cfg["model"]["name"],
-        "seed": cfg["seed"],
-        "target_modules": method.target_modules,
-        "r": METHODS[method.name].rank(method, None, 1),
-        "alpha": METHODS[method.name].alpha(method, None, 1),
-        "interval": method.importance_interval,
-    }
+    acc.stats.meta.update(  # a resumed stage 1 keeps what its checkpoint's meta holds (skipped_checks)
+        {
+            "task": task.name,
+            "model": cfg["model"]["name"],
+            "seed": cfg["seed"],
+            "target_modules": method.target_modules,
+            "r": METHODS[method.name].rank(method, None, 1),
+            "alpha": METHODS[method.name].alpha(method, None, 1),
+            "interval": method.importance_interval,
+        }
+    )
     log.info(
         "PiLoRA stage 1: importance accumulation (K=%d)%s",
         method.importance_interval,
