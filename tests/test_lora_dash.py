@@ -1,6 +1,7 @@
 """LoRA-Dash: direction selection against hand computation, layer properties, runner end to end."""
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -313,10 +314,10 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert rec["metrics"]["best"]["eval_accuracy"] > 0.75
     assert 0 < rec["params"]["share"] < 1
-    # the saved adapter holds the launched directions and learned coefficients
+    # the native adapter holds the launched directions and learned coefficients
     from safetensors.torch import load_file
 
-    state = load_file(os.path.join(tmp_path / "run", "adapter", "adapter_model.safetensors"))
+    state = load_file(os.path.join(tmp_path / "run", "adapter_lora_dash", "adapter_model.safetensors"))
     coef = [v for k, v in state.items() if k.endswith("lora_dash.coefficients")]
     assert coef and all(c.abs().sum() > 0 for c in coef)
     index = {
@@ -325,6 +326,27 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
         if k.endswith("lora_dash.direction_index")
     }
     assert index == info["directions"]
+    # adapter/ is the stock export: PEFT's own loader (a rerun's evaluation, lm-eval) gives the
+    # trained model, dash term included; PEFT's loader on the native form would drop that term
+    from peft import PeftModel
+
+    from pilora.tasks import make_task
+
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    task = make_task(cfg.task, cfg.model, cfg.seed)
+    batch = task.datasets()["validation"][:16]
+    inputs = {k: torch.tensor(batch[k]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        want = load_lora_dash(task.build_model(), str(tmp_path / "run" / "adapter_lora_dash"))(**inputs).logits
+        got = PeftModel.from_pretrained(task.build_model(), str(tmp_path / "run" / "adapter"))(**inputs).logits
+        plain = PeftModel.from_pretrained(task.build_model(), str(tmp_path / "run" / "adapter_lora_dash"))(
+            **inputs
+        ).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # (a few dash steps move the logits little here, but far more than the export's rounding)
+    assert (plain - want).abs().max() > 20 * (got - want).abs().max()
+    stock = json.load(open(tmp_path / "run" / "adapter" / "adapter_config.json"))
+    assert stock["r"] == cfg.method.r + cfg.method.directions  # A = [A; V_sᵀ], B = [s·B, U_s diag(c)]
     # interrupted after the launch (epoch 2's checkpoint dropped): the rerun resumes past the launch
     out = tmp_path / "run"
     ckpts = sorted(os.listdir(out / "train"), key=lambda s: int(s.split("-")[-1]))

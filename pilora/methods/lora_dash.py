@@ -13,6 +13,7 @@ from .base import Method, Plan, register_init, register_method
 
 DASH_KEY = "lora_dash"  # PEFT saves every state key containing "lora_"
 DIRECTIONS_FILE = "dash_directions.pt"  # the launch's selection, per module (an artifact, like importance.pt)
+DASH_ADAPTER_DIR = "adapter_lora_dash"  # the native form (load_lora_dash); adapter/ holds its stock export
 
 
 @register_init("lora_dash")
@@ -44,6 +45,16 @@ class LoraDash(Method):
 
         if fsdp_requested(args):
             refuse_sharded_launch(args)
+
+    def save(self, trainer, model, out: str, *, main: bool, sharded: bool) -> None:
+        """``adapter/``: the rank r + s stock LoRA with the same update (:func:`export_as_lora`), so
+        ``PeftModel.from_pretrained``, a rerun's evaluation and lm-eval score the trained model (PEFT's
+        own save would reload without the dash term: it keeps A and B only); ``adapter_lora_dash/``:
+        the native form, with coefficients and directions (:func:`load_lora_dash`)."""
+        if main:
+            from ._lora_dash import write_dash_adapters
+
+            write_dash_adapters(model, out)
 
     def record(self, plan: Plan) -> dict:
         summary = next((c.summary() for c in plan.callbacks if hasattr(c, "summary")), None)

@@ -41,6 +41,7 @@ JOB_ARTIFACTS = (
     "train",
     "adapter",
     "adapter_pilora",
+    "adapter_lora_dash",
     "adapter_init",
     "model",
     "dash_directions.pt",

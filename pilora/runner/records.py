@@ -14,7 +14,7 @@ RECORD = "results.json"
 
 
 # folders inside a job directory that never hold records (walking checkpoints would be slow)
-_PRUNE = {".hydra", "wandb", "adapter", "adapter_pilora", "adapter_init", "model"}
+_PRUNE = {".hydra", "wandb", "adapter", "adapter_pilora", "adapter_lora_dash", "adapter_init", "model"}
 
 
 def find_records(roots: list[str]) -> list[str]:
