@@ -1,3 +1,5 @@
+import json
+
 import torch
 from helpers import FAST, compose_cfg, write_images
 
@@ -41,6 +43,17 @@ def test_matched_lora_run_records_its_budget(tmp_path):
     # rounding each module's rank moves it by at most half a rank step, (m + n) / 2 parameters
     assert abs(b["residual"]) <= sum((m + n) / 2 for m, n in shapes)
     assert len(b["ranks"]) == len(shapes) and all(k >= 1 for k in b["ranks"].values())
+    # every module keeps the job's scale s = α/r = 2 at its own rank k (α = 2k), as PiLoRA's adapters do
+    saved = json.load(open(tmp_path / "run" / "adapter" / "adapter_config.json"))
+    assert saved["rank_pattern"] == b["ranks"] and saved["alpha_pattern"] == {k: 2.0 * v for k, v in b["ranks"].items()}
+    from peft import PeftModel
+
+    from pilora.peft_layers import lora_layers
+    from pilora.tasks import make_task
+
+    task = make_task(cfg.task, cfg.model, cfg.seed)
+    layers = lora_layers(PeftModel.from_pretrained(task.build_model(), str(tmp_path / "run" / "adapter")))
+    assert len(layers) == len(shapes) and {layer.scaling["default"] for layer in layers.values()} == {2.0}
 
 
 def _lora_ranks(model):

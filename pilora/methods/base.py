@@ -139,6 +139,7 @@ class Method:
             modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
             task_type=task_type,
             rank_pattern=dict(cfg.rank_pattern or {}),
+            alpha_pattern=dict(cfg.alpha_pattern or {}),
         )
         kwargs.update(self.lora_kwargs)
         return LoraConfig(**kwargs)

@@ -66,6 +66,14 @@ def match(cfg, job: JobContext) -> Plan:
         budget["pilora_adapter_params"],
         budget["residual"],
     )
+    # each module's α follows its rank k (α·k/r), so the scale stays the job's s = α/r (α = 2r, Tab. 5-7),
+    # PiLoRA's own: the budget is what differs, not the update's scale
+    alphas = {name: float(cfg.alpha) * k / int(cfg.r) for name, k in pattern.items()}
     return Plan(
-        replace(cfg, rank_pattern=pattern), None, stats, path, title=cfg.name, sections={"budget_match": budget}
+        replace(cfg, rank_pattern=pattern, alpha_pattern=alphas),
+        None,
+        stats,
+        path,
+        title=cfg.name,
+        sections={"budget_match": budget},
     )

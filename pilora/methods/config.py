@@ -215,6 +215,11 @@ class MethodConfig:
     rank_pattern: Optional[Dict[str, Any]] = key(
         None, help="per-module ranks (PEFT rank_pattern; a budget-matched job derives its own)", when_set=True
     )
+    alpha_pattern: Optional[Dict[str, Any]] = key(
+        None,
+        help="per-module α (PEFT alpha_pattern; a budget-matched job sets α·k/r: each rank k keeps s = α/r)",
+        when_set=True,
+    )
     # LoRA-Dash (defaults: the authors' code, t = 100 forward calls, s = 8 directions) -----------
     prelaunch_steps: int = key(
         100,
