@@ -126,14 +126,25 @@ def _label(config: dict, keys) -> str:
     return ", ".join(f"{_key_name(k)}={_fmt_value(config[k])}" for k in sorted(keys, key=order) if k in config)
 
 
+def _dev_field(rec: pd.Series, field_name: str) -> str:
+    """The column holding a record's number for a table field. A GLUE column reads the dev set after
+    an epoch (``<which>_eval_<metric>``); a run that selected on a train holdout
+    (``task.selection_split=train_holdout``) holds the holdout in ``eval_*`` and scored the dev set
+    once, as ``test_<metric>`` (its headline says so)."""
+    if rec.get("headline_from") == "test" and field_name.startswith(("best_eval_", "final_eval_")):
+        return "test_" + field_name.split("_eval_", 1)[1]
+    return field_name
+
+
 def _cell_stat(recs: pd.DataFrame, field_name: str) -> Stat | None:
-    if field_name not in recs.columns:
+    values = []
+    for _, rec in recs.sort_values("seed").iterrows() if not recs.empty else []:
+        v = rec.get(_dev_field(rec, field_name))
+        if v is not None and not pd.isna(v):
+            values.append((100.0 * float(v), rec["seed"]))
+    if not values:
         return None
-    ok = recs[recs[field_name].notna()]
-    if ok.empty:
-        return None
-    ok = ok.sort_values("seed")
-    return Stat([100.0 * float(v) for v in ok[field_name]], list(ok["seed"]))
+    return Stat([v for v, _ in values], [s for _, s in values])
 
 
 def _avg_stat(cells: dict) -> Stat | None:

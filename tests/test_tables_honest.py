@@ -405,3 +405,32 @@ def test_random_partition_row_of_table2_is_its_own_row(tmp_path):
         "PiLoRA": "90.50 ± 0.71 (n=2) / 96.44",
         "PiLoRA (partition=random, fraction=0.5)": "89.50 ± 0.71 (n=2) / —",
     }
+
+
+def test_table2_shows_a_holdout_selected_run_by_its_dev_score_on_its_own_row(tmp_path):
+    """A GLUE run with task.selection_split=train_holdout holds the train holdout in eval_accuracy and
+    the dev set, Table 2's column, once in test_accuracy: its row reads the dev score, and it is not
+    the paper's row (whose protocol selects on dev)."""
+    root = tmp_path / "glue"
+    for seed, (dev, holdout) in enumerate([(0.93, 0.99), (0.94, 0.98)]):
+        write(str(root / "goat"), "lora", "sst2", seed, acc=0.95 + seed / 100)  # dev after every epoch
+        rec = write(
+            str(root / "holdout"),
+            "lora",
+            "sst2",
+            seed,
+            acc=holdout,
+            test={"accuracy": dev},
+            extra={"evaluation": {"headline": {"metric": "test_accuracy", "from": "test"}}},
+        )
+        rec["config"]["task"]["selection_split"] = "train_holdout"
+        with open(root / "holdout" / f"lora-sst2-{seed}-none" / "results.json", "w") as f:
+            json.dump(rec, f)
+    text = render(load_records(str(root), quiet=True), ["2"], cost=False)
+    rows = {r[1]: r[_col(text, "SST-2")] for r in _rows(text, "LoRA")}
+    assert "95.50 ± 0.71 (n=2)" in rows["LoRA †"], text
+    assert rows["LoRA (task.selection_split=train_holdout)"].startswith("93.50 ± 0.71 (n=2)"), text
+    # alone, the holdout-selected runs still do not fill the paper's row
+    text = render(load_records(str(root / "holdout"), quiet=True), ["2"], cost=False)
+    rows = {r[1]: r[_col(text, "SST-2")] for r in _rows(text, "LoRA")}
+    assert rows["LoRA †"].startswith("— /") and rows["LoRA (task.selection_split=train_holdout)"].startswith("93.50")
