@@ -444,7 +444,7 @@ def make_all(
 ) -> tuple[list[str], list[str]]:
     """Write every figure that has input; returns (written paths, skip messages). Each skipped
     figure prints its reason once, as it is made."""
-    only = set(only or ["2", "3", "4", "5", "6", "7"])
+    only = set(only or ["2", "3", "4", "5", "6", "7", "8"])
     written, skipped = [], []
 
     def keep(fig, name):
@@ -452,22 +452,28 @@ def make_all(
         (written.extend(paths) if paths else skipped.append(f"{name}: {fig.missing_input}"))
         plt.close(fig)
 
-    if only & {"2", "7"}:
+    if only & {"2", "7", "8"}:
         if stats_files:
             sources = [(os.path.basename(os.path.dirname(os.path.abspath(p))) or "stats", p) for p in stats_files]
         else:
             sources = heatmap_sources(df)
         if not sources:
-            skipped.append("fig2/fig7: no importance.pt (no PiLoRA record and no --stats)")
+            skipped.append("fig2/fig7/fig8: no importance.pt (no PiLoRA record and no --stats)")
             say(f"gradient heat maps: {skipped[-1]}")
         for tag, path in sources:
+            loaded = load_stats(path)  # once, for both figures (a missing file: the figure says so)
+            path = loaded if loaded is not None else path
+            model = loaded.meta.get("model", tag) if loaded is not None else tag
             if "2" in only:
                 keep(
                     gradient_heatmaps(path, layers or "last", shared_scale=shared_scale), f"fig2_gradients_{_slug(tag)}"
                 )
-            if "7" in only and not layers:
+            # the paper's Fig. 7 spreads LLaMA2-7B's layers, Fig. 8 LLaMA3-8B's: the number follows the model
+            number = "8" if "llama3" in str(model).lower() else "7"
+            if number in only and not layers:
                 keep(
-                    gradient_heatmaps(path, "spread", shared_scale=shared_scale), f"fig7_gradients_layers_{_slug(tag)}"
+                    gradient_heatmaps(path, "spread", shared_scale=shared_scale),
+                    f"fig{number}_gradients_layers_{_slug(tag)}",
                 )
     if "3" in only:
         keep(partition_patterns(df, module), "fig3_partition_patterns")
@@ -489,7 +495,7 @@ def main(argv=None) -> int:
     p.add_argument("--module", help="Fig. 3: module name substring (default: the last layer's first target)")
     p.add_argument("--layers", nargs="+", type=int, help="Fig. 2: layer indices (default: the last layer)")
     p.add_argument("--shared-scale", action="store_true", help="Fig. 2/7: one colour scale for all panels")
-    p.add_argument("--only", nargs="+", choices=["2", "3", "4", "5", "6", "7"], help="just these figures")
+    p.add_argument("--only", nargs="+", choices=["2", "3", "4", "5", "6", "7", "8"], help="just these figures")
     args = p.parse_args(argv)
     plt.switch_backend("Agg")  # files only; notebooks keep their inline backend
     try:

@@ -97,6 +97,7 @@ class Row:
     cells: dict = field(default_factory=dict)  # column key -> Stat | None
     avg: Stat | None = None
     params: list = field(default_factory=list)  # ours, percent, one per record
+    params_other: list = field(default_factory=list)  # the same on the other basis (all vs backbone parameters)
     groups: list = field(default_factory=list)  # (task, config_key, seeds, paths)
     residual: list = field(default_factory=list)  # budget-matched LoRA: residual share (%), one per record
     records: pd.DataFrame | None = None  # the row's records (cost table)

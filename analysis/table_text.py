@@ -9,13 +9,21 @@ import statistics
 from .table_model import DASH, Row, Table
 
 
+def _pcts_text(values: list) -> str:
+    lo, hi = min(values), max(values)
+    if round(lo, 2) == round(hi, 2):
+        return f"{statistics.fmean(values):.2f}"
+    return f"{lo:.2f}–{hi:.2f}"
+
+
 def _params_text(row: Row) -> str:
+    """Ours on the table's basis, and in parentheses on the other one where it reads differently."""
     if not row.params:
         return DASH
-    lo, hi = min(row.params), max(row.params)
-    if round(lo, 2) == round(hi, 2):
-        return f"{statistics.fmean(row.params):.2f}"
-    return f"{lo:.2f}–{hi:.2f}"
+    text = _pcts_text(row.params)
+    if row.params_other and _pcts_text(row.params_other) != text:
+        text += f" ({_pcts_text(row.params_other)})"
+    return text
 
 
 def _paper_text(v, d: int) -> str:
@@ -81,7 +89,11 @@ def notes(table: Table, verbose: bool = False) -> list[str]:
         "adapter_share": "100 × adapter / all parameters",
         "adapter_share_of_backbone": "100 × adapter / backbone parameters",
     }.get(table.params_basis, table.params_basis)
-    lines.append(f"# Params (%): ours = {basis} from the records; paper as printed.")
+    other = {
+        "adapter_share": "of the backbone",
+        "adapter_share_of_backbone": "of all parameters",
+    }.get(table.params_basis, "on the other basis")
+    lines.append(f"# Params (%): ours = {basis} from the records (in parentheses: {other}); paper as printed.")
     lines += list(spec.get("notes") or [])
     if table.which == "best" and "{which}" in json.dumps(spec["columns"]):
         lines.append(

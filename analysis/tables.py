@@ -126,6 +126,9 @@ def _label(config: dict, keys) -> str:
     return ", ".join(f"{_key_name(k)}={_fmt_value(config[k])}" for k in sorted(keys, key=order) if k in config)
 
 
+OTHER_BASIS = {"adapter_share": "adapter_share_of_backbone", "adapter_share_of_backbone": "adapter_share"}
+
+
 def _dev_field(rec: pd.Series, field_name: str) -> str:
     """The column holding a record's number for a table field. A GLUE column reads the dev set after
     an epoch (``<which>_eval_<metric>``); a run that selected on a train holdout
@@ -244,6 +247,8 @@ def build_table(
             row.cells = {c["key"]: _cell_stat(recs[recs["task"] == c["task"]], fields[c["key"]]) for c in cols}
             row.avg = _avg_stat(row.cells)
             row.params = [100.0 * float(v) for v in recs[params_basis].dropna()]
+            other = OTHER_BASIS[params_basis]  # both printed: the paper mixes them (Tab. 2 backbone, Tab. 3 all)
+            row.params_other = [100.0 * float(v) for v in recs[other].dropna()] if other in recs.columns else []
             if "budget_residual_share" in recs.columns:
                 row.residual = [100.0 * float(v) for v in recs["budget_residual_share"].dropna()]
             row.records = recs.drop(columns=["_row_id"])

@@ -355,8 +355,10 @@ def test_table3_cells_are_the_records_mean_and_std(tree):
     assert len(vals) == 2 and len(set(vals)) == 2  # two seeds that really differ
     assert lora[col["EuroSAT"]] == f"{_cell(vals)} / —"
     assert lora[col["DTD"]] == "— / —" and lora[col["Average"]] == "— / —"  # missing runs, no invented average
-    shares = [100 * r["params"]["adapter_share"] for r in _pick(tree, "vision", method="lora")]
-    assert lora[col["# Params (%)"]] == f"{statistics.mean(shares):.2f} / —"
+    runs = _pick(tree, "vision", method="lora")
+    shares = [100 * r["params"]["adapter_share"] for r in runs]
+    of_backbone = [100 * r["params"]["adapter_share_of_backbone"] for r in runs]  # both bases, as the paper mixes them
+    assert lora[col["# Params (%)"]] == f"{statistics.mean(shares):.2f} ({statistics.mean(of_backbone):.2f}) / —"
     # PiLoRA: one row per configuration, never averaged together
     pil = table_rows(text, "tiny-clip", "PiLoRA")
     assert len(pil) == 5 and len({r[1] for r in pil}) == 5
@@ -467,6 +469,20 @@ def test_figures_write_png_and_pdf_with_the_records_values(tree, tmp_path):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     assert any(n.startswith("fig2_gradients_tiny-clip") and n.endswith(".pdf") for n in names)
     assert any(n.startswith("fig7_gradients_layers_tiny-clip") and n.endswith(".png") for n in names)
+    assert not any(n.startswith("fig8") for n in names)
+    # Fig. 8 is Fig. 7 for LLaMA3-8B: statistics made on that model are drawn under its number
+    from pilora import ImportanceStats
+
+    stats = ImportanceStats.load(next(iter(df["importance_file"].dropna())))
+    stats.meta["model"] = "llama3-8b"
+    stats.save(tmp_path / "llama3" / "importance.pt")
+    more, _ = make_all(
+        df, str(tmp_path / "figs8"), stats_files=[str(tmp_path / "llama3" / "importance.pt")], only=["8"]
+    )
+    assert {os.path.basename(p) for p in more} == {
+        "fig8_gradients_layers_llama3.png",
+        "fig8_gradients_layers_llama3.pdf",
+    }
     for p in written:
         assert os.path.getsize(p) > 1000
         with open(p, "rb") as f:
