@@ -89,7 +89,7 @@ def _nan_scores(p):
     [
         # `method.importance_from=edited.pt` whose hit counts exceed T, or whose scores are NaN
         (_hits_above_t, r"cannot come from stage 1: clip\.\S+: hit counts \d+\.\.\d+ outside 0\.\.T = \d+"),
-        (_nan_scores, r"cannot come from stage 1: clip\.\S+: 1 NaN/inf score sum"),
+        (_nan_scores, r"cannot come from stage 1: clip\.\S+: 1 NaN/inf score sum.*or its stage 1 diverged"),
         (_extra, r"statistics for modules the model lacks: \['vision_model\.extra\.fc9'\]"),
         (_missing, r"modules without statistics: \['clip\.encoder\.layers\.0\."),
         (_resized, r"shape mismatches: clip\.encoder\.layers\.0\.\S+: stats \(\d+, \d+\) vs model"),

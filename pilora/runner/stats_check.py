@@ -52,8 +52,19 @@ def check_statistics(
         raise ValueError(
             f"importance statistics {path!r} cannot come from stage 1: {'; '.join(impossible[:3])}"
             + (f"; ... ({len(impossible)} modules)" if len(impossible) > 3 else "")
-            + f". The file is damaged or was edited. {fix}"
+            + f". The file is damaged or was edited{_diverged(impossible)}. {fix}"
         )
+
+
+def _diverged(problems: list[str]) -> str:
+    """A non-finite score sum also comes from a stage 1 whose gradients became NaN/inf in bf16/fp32
+    (under an fp16 loss scaler such checks are skipped): say so, with the fix."""
+    if not any("NaN/inf score sum" in p for p in problems):
+        return ""
+    return (
+        ", or its stage 1 diverged (NaN/inf LoRA gradients: lower trainer.learning_rate, keep "
+        "trainer.max_grad_norm > 0, or check model.dtype)"
+    )
 
 
 def impossible_counts(stats: ImportanceStats) -> list[str]:
