@@ -108,6 +108,15 @@ class Row:
         return any(v is not None for v in self.cells.values())
 
 
+# the two bases of "# Params (%)", each printed beside the other (the paper mixes them: Tab. 2 counts
+# against the backbone, Tab. 3 against all parameters)
+PARAMS_BASES = {
+    "adapter_share": "100 × adapter / all parameters",
+    "adapter_share_of_backbone": "100 × adapter / backbone parameters",
+}
+OTHER_BASIS = {"adapter_share": "adapter_share_of_backbone", "adapter_share_of_backbone": "adapter_share"}
+
+
 @dataclass
 class Table:
     id: str

@@ -6,7 +6,7 @@ import json
 import os
 import statistics
 
-from .table_model import DASH, Row, Table
+from .table_model import DASH, OTHER_BASIS, PARAMS_BASES, Row, Table
 
 
 def _pcts_text(values: list) -> str:
@@ -85,14 +85,8 @@ def notes(table: Table, verbose: bool = False) -> list[str]:
         "runner-up by more than the sum of their standard deviations (both with n ≥ 2); "
         "differences within the spread are not wins."
     )
-    basis = {
-        "adapter_share": "100 × adapter / all parameters",
-        "adapter_share_of_backbone": "100 × adapter / backbone parameters",
-    }.get(table.params_basis, table.params_basis)
-    other = {
-        "adapter_share": "of the backbone",
-        "adapter_share_of_backbone": "of all parameters",
-    }.get(table.params_basis, "on the other basis")
+    basis = PARAMS_BASES.get(table.params_basis, table.params_basis)
+    other = PARAMS_BASES.get(OTHER_BASIS.get(table.params_basis), "the other basis")
     lines.append(f"# Params (%): ours = {basis} from the records (in parentheses: {other}); paper as printed.")
     lines += list(spec.get("notes") or [])
     if table.which == "best" and "{which}" in json.dumps(spec["columns"]):

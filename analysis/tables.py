@@ -33,7 +33,9 @@ from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     KEY_NAMES,
     METHOD_ORDER,
     MODEL_NAMES,
+    OTHER_BASIS,
     PAPER_FILE,
+    PARAMS_BASES,
     TABLE_IDS,
     Row,
     Stat,
@@ -124,9 +126,6 @@ def _label(config: dict, keys) -> str:
         return (len(_LABEL_ORDER) + (0 if k.startswith("method.partition.args.") else 1), k)
 
     return ", ".join(f"{_key_name(k)}={_fmt_value(config[k])}" for k in sorted(keys, key=order) if k in config)
-
-
-OTHER_BASIS = {"adapter_share": "adapter_share_of_backbone", "adapter_share_of_backbone": "adapter_share"}
 
 
 def _dev_field(rec: pd.Series, field_name: str) -> str:
@@ -247,7 +246,7 @@ def build_table(
             row.cells = {c["key"]: _cell_stat(recs[recs["task"] == c["task"]], fields[c["key"]]) for c in cols}
             row.avg = _avg_stat(row.cells)
             row.params = [100.0 * float(v) for v in recs[params_basis].dropna()]
-            other = OTHER_BASIS[params_basis]  # both printed: the paper mixes them (Tab. 2 backbone, Tab. 3 all)
+            other = OTHER_BASIS[params_basis]  # both bases printed
             row.params_other = [100.0 * float(v) for v in recs[other].dropna()] if other in recs.columns else []
             if "budget_residual_share" in recs.columns:
                 row.residual = [100.0 * float(v) for v in recs["budget_residual_share"].dropna()]
@@ -339,7 +338,7 @@ def main(argv=None) -> int:
         help="GLUE: validation accuracy of the best or the last epoch (default best)",
     )
     p.add_argument("--latex", action="store_true", help="LaTeX instead of Markdown")
-    p.add_argument("--params-basis", choices=["adapter_share", "adapter_share_of_backbone"], default="adapter_share")
+    p.add_argument("--params-basis", choices=sorted(PARAMS_BASES), default="adapter_share")
     p.add_argument("--verbose", action="store_true", help="list the configurations and folders behind each row")
     p.add_argument("--no-cost", action="store_true", help="leave out the cost table (wall time, GPU-hours, memory)")
     p.add_argument("--out", help="also write the output to this file")

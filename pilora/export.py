@@ -289,9 +289,16 @@ def save_initial_adapter(peft_model, path: str) -> str:
 
 def save_peft_adapter(peft_model, path: str) -> None:
     """Write ``path`` so that ``PeftModel.from_pretrained(<pretrained model>, path)`` reproduces
-    ``peft_model``'s outputs: the PiLoRA export, the PiSSA/MiLoRA conversion, or PEFT's own save."""
+    ``peft_model``'s outputs: the PiLoRA export, LoRA-Dash's rank-(r + s) export (PEFT's own save
+    would reload without the dash term: it keeps A and B only), the PiSSA/MiLoRA conversion, or
+    PEFT's own save."""
+    from .methods.lora_dash import dash_layers, export_as_lora
+
     if pilora_masks(peft_model):
         export_lora(peft_model, path)
+        return
+    if dash_layers(peft_model):
+        export_as_lora(peft_model, path)
         return
     initial = getattr(peft_model, _INITIAL_ATTR, None)
     if initial is not None:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import TinyMLP
 from torch import nn
 
 from pilora import ImportanceAccumulator, ImportanceStats, approx_full_grad, prepare_model, row_scores
@@ -336,7 +337,7 @@ def _scaled_stage1(skip_nonfinite, steps=6, interval=2):
     torch.manual_seed(0)
     model = prepare_model(
         nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)), {**CFG, "target_modules": ["0", "2"]}, stage=1
-    )
+    )  # a model whose step-0 gradients overflow at this scale (`finite` below checks it)
     with torch.no_grad():  # B off zero, so both terms of Eq. 7 (and their overflow) count
         for layer in lora_layers(model).values():
             layer.lora_B["default"].weight.normal_(0, 0.3)
@@ -386,11 +387,7 @@ def test_callback_skips_only_under_a_loss_scaler(tmp_path, caplog):
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
     Accelerator(cpu=True)  # the state AcceleratedOptimizer reads (after the args, which reset it)
     for scaler, want_checks in ((torch.amp.GradScaler("cpu"), 0), (None, 1)):
-        model = prepare_model(
-            nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)),
-            {**CFG, "target_modules": ["0", "2"]},
-            stage=1,
-        )
+        model = prepare_model(TinyMLP(), CFG, stage=1)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = AcceleratedOptimizer(torch.optim.AdamW(params), device_placement=False, scaler=scaler)
         for p in params:

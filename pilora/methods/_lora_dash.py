@@ -374,21 +374,6 @@ def load_lora_dash(base_model: nn.Module, path: str, is_trainable: bool = False)
     return model
 
 
-def write_dash_adapters(peft_model: nn.Module, run_dir: str) -> str:
-    """A trained model's ``adapter_lora_dash/`` (native) and ``adapter/`` (stock export); returns the latter."""
-    from ..export import ADAPTER_DIR, dedupe_modules_to_save
-    from ..io import follow_umask
-    from .lora_dash import DASH_ADAPTER_DIR
-
-    native, stock = os.path.join(run_dir, DASH_ADAPTER_DIR), os.path.join(run_dir, ADAPTER_DIR)
-    peft_model.save_pretrained(native)
-    export_as_lora(peft_model, stock)
-    dedupe_modules_to_save(stock)
-    for folder in (native, stock):
-        follow_umask(folder)
-    return stock
-
-
 def export_as_lora(peft_model: nn.Module, path: str, adapter_name: str = "default") -> None:
     """Write a stock PEFT LoRA of rank ``r + s`` with the same update:
     ``A = [A; V_sᵀ]``, ``B = [s·B, U_s diag(c)]``, ``lora_alpha = r + s`` (scaling 1)."""

@@ -47,14 +47,16 @@ class LoraDash(Method):
             refuse_sharded_launch(args)
 
     def save(self, trainer, model, out: str, *, main: bool, sharded: bool) -> None:
-        """``adapter/``: the rank r + s stock LoRA with the same update (:func:`export_as_lora`), so
-        ``PeftModel.from_pretrained``, a rerun's evaluation and lm-eval score the trained model (PEFT's
-        own save would reload without the dash term: it keeps A and B only); ``adapter_lora_dash/``:
-        the native form, with coefficients and directions (:func:`load_lora_dash`)."""
+        """``adapter/`` as every method's (here the rank r + s stock LoRA with the same update,
+        :func:`pilora.export.save_peft_adapter`), and ``adapter_lora_dash/``: the native form, with
+        coefficients and directions (:func:`load_lora_dash`)."""
+        super().save(trainer, model, out, main=main, sharded=sharded)
         if main:
-            from ._lora_dash import write_dash_adapters
+            from ..io import follow_umask
 
-            write_dash_adapters(model, out)
+            native = os.path.join(out, DASH_ADAPTER_DIR)
+            model.save_pretrained(native)
+            follow_umask(native)
 
     def record(self, plan: Plan) -> dict:
         summary = next((c.summary() for c in plan.callbacks if hasattr(c, "summary")), None)

@@ -413,7 +413,6 @@ def _merged_fp16(task, model):
     from peft import PeftModel
 
     from ..export import save_peft_adapter
-    from ..methods.lora_dash import dash_layers, export_as_lora
 
     device = next(model.parameters()).device
     if not isinstance(model, PeftModel):  # full fine-tuning: no adapter, the trained weights in fp16
@@ -424,10 +423,7 @@ def _merged_fp16(task, model):
             del scored
         return
     with tempfile.TemporaryDirectory() as d:
-        if dash_layers(model):  # LoRA-Dash: stock PEFT would drop the dash term; its rank r + s LoRA export
-            export_as_lora(model, d)
-        else:
-            save_peft_adapter(model, d)
+        save_peft_adapter(model, d)  # LoRA-Dash included: its rank r + s export keeps the dash term
         base = pretrained_fp16(task).to(device)
         merged = PeftModel.from_pretrained(base, d).merge_and_unload()
     try:
