@@ -8,11 +8,13 @@ import os
 import sys
 
 import pytest
+import torch
 import transformers
-from helpers import FAST, compose_cfg, write_commonsense
+from helpers import FAST, compose_cfg, write_commonsense, write_images
 
 from pilora.runner.train import train
 from pilora.tasks.commonsense import CommonsenseTask
+from pilora.tasks.vision import VisionTask
 
 # timings and W&B entries differ between two runs of one job; everything else must not
 _VOLATILE = ("timing", "git", "peak_memory_mb", "wandb")
@@ -225,6 +227,7 @@ def test_evaluate_command_gives_the_training_jobs_scores(tmp_path, monkeypatch):
 
     rec = train(_cfg(tmp_path, "o"))
     run = tmp_path / "o"
+    os.remove(rec["config"]["task"]["dataset"]["train_file"])  # scoring needs the test sets only
     scored = ev.evaluate(str(run), ["task.eval_only=[piqa]"])
     out = run / "eval" / "task.eval_only=_piqa_"
     assert scored["config"]["output_dir"] == str(out) and (out / "predictions" / "piqa.jsonl").exists()
@@ -373,3 +376,49 @@ def test_full_finetune_rerun_after_failed_evaluation_scores_model_folder(tmp_pat
         assert (tmp_path / "cut" / "predictions" / f"{name}.jsonl").read_text() == (
             tmp_path / "whole" / "predictions" / f"{name}.jsonl"
         ).read_text()
+
+
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-clip-openclip"])
+def test_full_finetune_of_a_vision_model_reruns_its_evaluation_on_the_trained_weights(tmp_path, monkeypatch, model):
+    """The CLIP classifiers are not transformers models: Trainer saves model/ as bare weights
+    (no config.json). A rerun after a failed evaluation must score those weights, not fail to
+    reload them (transformers' CLIP) or score the pretrained tower (open_clip)."""
+    over = FAST + write_images(str(tmp_path / "img")) + [f"model={model}", "method=full"]
+    over += ["trainer.max_steps=3", "trainer.gradient_accumulation_steps=1", "trainer.bf16=false"]
+    over += ["trainer.save_strategy=no", "trainer.eval_strategy=no"]
+    whole = train(compose_cfg(over, tmp_path / "whole"))
+    real = VisionTask.final_metrics
+    monkeypatch.setattr(VisionTask, "final_metrics", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        train(compose_cfg(over, tmp_path / "cut"))
+    assert not (tmp_path / "cut" / "model" / "config.json").exists()
+    monkeypatch.setattr(VisionTask, "final_metrics", real)
+    import pilora.runner.train as runner
+
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("trained again"))
+    again = train(compose_cfg(over, tmp_path / "cut"))
+    assert again["metrics"]["test"] == whole["metrics"]["test"]
+    # the reloaded weights are the trained ones, tensor for tensor
+    from pilora.runner.evaluate import load_finetuned
+
+    task = VisionTask(whole["config"]["task"], whole["config"]["model"], seed=0)
+    reloaded = load_finetuned(task, str(tmp_path / "cut" / "model"))
+    fresh = task.build_model()
+    changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
+    assert any("classifier" in k for k in changed) and len(changed) > 2
+
+
+def test_a_model_folder_without_weights_is_named(tmp_path):
+    from pilora.runner.evaluate import load_finetuned
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "training_args.bin").write_bytes(b"")
+
+    class Task:
+        model_cfg = {}
+
+        def build_model(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(FileNotFoundError, match="neither config.json nor model.safetensors.*training_args.bin"):
+        load_finetuned(Task(), str(tmp_path / "model"))

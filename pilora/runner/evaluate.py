@@ -162,12 +162,7 @@ def load_trained(cfg: dict, task, out: str, adapter: str | None = None):
 
     full = os.path.join(out, "model")
     if adapter is None and os.path.isdir(full) and not os.path.isdir(os.path.join(out, "adapter")):
-        saved = copy.copy(task.model_cfg)
-        task.model_cfg = {**saved, "path": full, "from_config": None}
-        try:
-            return task.build_model()
-        finally:
-            task.model_cfg = saved
+        return load_finetuned(task, full)
     folder = adapter or os.path.join(out, "adapter")
     base = task.build_model()
     try:
@@ -177,6 +172,31 @@ def load_trained(cfg: dict, task, out: str, adapter: str | None = None):
             f"the adapter {folder} does not fit model {cfg['model'].get('name')!r}: {err}. "
             "Evaluate it on the model it was trained on (model=...)"
         ) from err
+
+
+def load_finetuned(task, folder: str):
+    """``method=full``'s ``model/``. A transformers model saved its config there and reloads from
+    it; a model that is not one (the CLIP image classifier, the open_clip tower) has only its
+    weights, which Trainer writes as a state dict: build the task's model, then load them strictly,
+    so a missing or extra tensor is an error rather than a pretrained weight scored as trained."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        saved = copy.copy(task.model_cfg)
+        task.model_cfg = {**saved, "path": folder, "from_config": None}
+        try:
+            return task.build_model()
+        finally:
+            task.model_cfg = saved
+    single = os.path.join(folder, "model.safetensors")  # what Trainer._save writes for such a model
+    if not os.path.exists(single):
+        raise FileNotFoundError(
+            f"{folder} holds neither config.json nor model.safetensors: not a saved model of "
+            f"method=full; it has {sorted(os.listdir(folder))}"
+        )
+    from safetensors.torch import load_file
+
+    model = task.build_model()
+    model.load_state_dict(load_file(single), strict=True)
+    return model
 
 
 def saved_weights(out: str) -> bool:
@@ -262,8 +282,8 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
         for key, path in task.input_paths().items():
             if key.startswith("task.eval_sets") and not os.path.exists(os.path.expanduser(path)):
                 raise FileNotFoundError(f"{key}={path!r} not found; fix it or choose sets with task.eval_only=[...]")
+        data = task.evaluation_datasets()  # bad data fails before the model loads
         model = load_trained(cfg, task, target, adapter=target if adapter else None)
-        data = task.datasets()  # the test split of classification tasks; the tokenizer's checks
         trainer = make_trainer(
             cfg,
             task,

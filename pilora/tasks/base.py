@@ -107,6 +107,11 @@ class Task:
         """``{"train": ..., "validation": ..., "test": ... or None}`` ready for Trainer."""
         raise NotImplementedError
 
+    def evaluation_datasets(self) -> dict[str, Any]:
+        """What scoring a trained model alone needs (``python -m pilora.runner.evaluate``): by
+        default :meth:`datasets`, whose ``test`` split :meth:`final_metrics` predicts."""
+        return self.datasets()
+
     def collator(self) -> Callable | None:
         return None
 

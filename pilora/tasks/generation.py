@@ -49,7 +49,9 @@ class GenerationSettings(TaskSettings):
     cutoff_len: int = setting(256, low=1, help="tokens of a training example")
     train_on_inputs: bool = setting(True, help="loss on the whole prompt (false: on the response only)")
     lm_eval: bool = setting(False, help="also run lm-eval's log-likelihood protocol (labelled, not comparable)")
-    reference: str = setting("LLM-Adapters commonsense_evaluate.py", help="the protocol the numbers follow")
+    reference: str = setting(
+        "DoRA commonsense_evaluate.py (NVlabs/DoRA 7e2f10a, on LLM-Adapters)", help="the protocol the numbers follow"
+    )
     metric: str = setting("loss", help="the per-epoch metric the best epoch is chosen on")
     metric_mode: str = setting("min", help="max or min: which end of `metric` is best")
 
@@ -254,6 +256,11 @@ class GenerationTask(Task):
         """``{name: file}`` of the test sets scored: every set of ``task.eval_sets``, or only those
         named in ``task.eval_only`` (a list, e.g. ``task.eval_only=[ARC-Easy,boolq]``)."""
         return select_test_sets(self.settings.eval_sets, self.settings.eval_only, self.name)
+
+    def evaluation_datasets(self):
+        """Nothing: :meth:`final_metrics` reads the test sets itself, so scoring a trained model
+        needs neither the training file nor its tokenisation (170k examples for Table 1)."""
+        return {"train": None, "validation": None, "test": None}
 
     def input_paths(self) -> dict[str, str]:
         files = {"task.dataset.train_file": self.settings.dataset["train_file"]}
