@@ -72,7 +72,9 @@ def test_openclip_and_transformers_towers_count_the_same_parameters():
             },
         }
     }
+    torch.manual_seed(3)
     ours = OpenCLIPImageClassifier(create_visual(oc), 5)
+    torch.manual_seed(3)
     hf = CLIPImageClassifier.from_config(
         CLIPVisionConfig(
             hidden_size=32,
@@ -84,6 +86,8 @@ def test_openclip_and_transformers_towers_count_the_same_parameters():
         ),
         5,
     )
+    # one head for one seed, whichever backbone is built (GOAT's init: N(0, width^-0.5), bias 0)
+    assert torch.equal(ours.classifier.weight, hf.classifier.weight) and not ours.classifier.bias.any()
     a = count_parameters(
         prepare_model(
             ours,

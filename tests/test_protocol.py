@@ -461,7 +461,11 @@ def test_glue_selection_split_holds_out_a_slice_of_train_and_scores_dev_once(tmp
     assert sorted(_texts(data["train"]) + _texts(data["validation"])) == sorted(_texts(plain["train"]))
     assert _texts(_glue_task(tmp_path, "task.selection_split=train_holdout").datasets()["validation"]) == _texts(
         data["validation"]
-    )  # seeded: every run of a seed holds out the same rows
+    )  # seeded: every run holds out the same rows
+    other_seed = _glue_task(tmp_path, "task.selection_split=train_holdout", "seed=1").datasets()["validation"]
+    assert _texts(other_seed) == _texts(data["validation"])  # task.holdout_seed, not the run's seed
+    moved = _glue_task(tmp_path, "task.selection_split=train_holdout", "task.holdout_seed=1").datasets()
+    assert _texts(moved["validation"]) != _texts(data["validation"])
     ev = task.protocol()
     assert ev["selection_split"] == "train_holdout" and "holdout of the train split" in ev["best_epoch_on"]
 

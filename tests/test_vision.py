@@ -17,8 +17,8 @@ TINY = dict(
 )
 
 
-def tiny_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(**TINY)
+def tiny_config(**changes) -> CLIPVisionConfig:
+    return CLIPVisionConfig(**{**TINY, **changes})
 
 
 def write_imagefolder(root, n_per_class=6, size=40):
@@ -75,6 +75,21 @@ def test_loss_matches_cross_entropy_and_head_is_seed_deterministic():
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
     out = a(x, labels=y)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, y))
+
+
+def test_head_starts_as_goats_clip_for_image_classification():
+    """GOAT's head is transformers' CLIPForImageClassification: weight ~ N(0, hidden^-0.5), bias 0."""
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    hidden = 768
+    torch.manual_seed(0)
+    ours = V.CLIPImageClassifier.from_config(tiny_config(hidden_size=hidden), 400)
+    cfg = CLIPConfig(vision_config=tiny_config(hidden_size=hidden).to_dict(), num_labels=400)
+    ref = CLIPForImageClassification(cfg).classifier
+    assert torch.equal(ours.classifier.bias, torch.zeros(400)) and torch.equal(ref.bias, torch.zeros(400))
+    for head in (ours.classifier, ref):
+        assert abs(head.weight.std().item() / hidden**-0.5 - 1) < 0.02
+        assert abs(head.weight.mean().item()) < 1e-3
 
 
 def test_from_pretrained_loads_vision_tower_of_full_clip_checkpoint(tmp_path):
@@ -279,3 +294,22 @@ def test_vision_dataset_defaults():
     assert set(V.VISION_DATASETS) == {"cars", "dtd", "eurosat", "gtsrb", "resisc45", "sun397", "svhn"}
     assert V.VISION_DATASETS["svhn"] == ("ufldl-stanford/svhn", "cropped_digits")
     assert all(hub.startswith("tanganke/") for k, (hub, n) in V.VISION_DATASETS.items() if k != "svhn")
+
+
+def test_the_holdout_is_the_same_for_every_run_seed(tmp_path):
+    """The seeds of a Table 3 cell differ in training randomness, not in the images they train on;
+    task.holdout_seed moves the holdout."""
+    from helpers import compose_cfg, write_images
+    from omegaconf import OmegaConf
+
+    from pilora.tasks.base import make_task
+
+    over = write_images(str(tmp_path / "img"), n=40)
+
+    def held(seed, holdout_seed=0):
+        cfg = OmegaConf.to_container(compose_cfg(over + [f"seed={seed}", f"task.holdout_seed={holdout_seed}"]))
+        task = make_task(cfg["task"], cfg["model"], seed=seed)
+        return sorted(float(np.asarray(ex["pixel_values"]).sum()) for ex in task.datasets()["validation"])
+
+    assert len(held(0)) == 10 and held(0) == held(1)
+    assert held(0) != held(0, holdout_seed=1)

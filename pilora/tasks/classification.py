@@ -77,7 +77,7 @@ def _select_on_train_holdout(task, train, validation, test):
         train,
         fraction=task.settings.holdout_fraction,
         max_size=task.settings.holdout_max,
-        seed=task.seed,
+        seed=task.settings.holdout_seed,
     )
     return {"train": kept, "validation": held, "test": validation}
 
@@ -97,6 +97,7 @@ class ClassificationSettings(TaskSettings):
     )
     holdout_fraction: float = setting(0.1, low=0, help="train_holdout only: seeded share of train held out")
     holdout_max: int = setting(2000, low=1, help="train_holdout only: cap on the holdout (examples)")
+    holdout_seed: int = setting(0, low=0, help="train_holdout only: seed of the holdout (not the run's seed)")
 
 
 @register_family("classification")

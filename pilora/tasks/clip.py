@@ -21,7 +21,6 @@ which the Trainer would otherwise drop because ``forward`` takes ``pixel_values`
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -56,6 +55,17 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # --------------------------------------------------------------------------- model
 
 
+def init_head(classifier: torch.nn.Linear) -> None:
+    """The head as GOAT's ``CLIPForImageClassification`` starts it (transformers' CLIP init):
+    weight ~ N(0, hidden^-0.5), bias 0. A private generator seeded from the torch seed makes the
+    head a function of the seed alone, not of how much of the global RNG stream building the
+    backbone (random init vs. checkpoint load, transformers vs. open_clip) happened to consume."""
+    g = torch.Generator().manual_seed(torch.initial_seed())
+    with torch.no_grad():
+        classifier.weight.normal_(0.0, classifier.in_features**-0.5, generator=g)
+        classifier.bias.zero_()
+
+
 class CLIPImageClassifier(torch.nn.Module):
     """CLIP image encoder plus a linear head on the mean-pooled patch tokens.
 
@@ -85,17 +95,7 @@ class CLIPImageClassifier(torch.nn.Module):
         self.pool = pool
         hidden = clip.config.hidden_size
         self.classifier = torch.nn.Linear(hidden, num_labels)
-        self._init_head()
-
-    def _init_head(self) -> None:
-        # A private generator seeded from the torch seed makes the head a function of the
-        # seed alone: it does not depend on how much of the global RNG stream the backbone
-        # construction (random init vs. checkpoint load) happened to consume.
-        g = torch.Generator().manual_seed(torch.initial_seed())
-        bound = 1.0 / math.sqrt(self.classifier.in_features)  # torch's default Linear init range
-        with torch.no_grad():
-            self.classifier.weight.uniform_(-bound, bound, generator=g)
-            self.classifier.bias.uniform_(-bound, bound, generator=g)
+        init_head(self.classifier)
 
     @classmethod
     def from_pretrained(

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .clip import POOLING
+from .clip import POOLING, init_head
 
 
 class SplitAttention(nn.Module):
@@ -251,11 +251,7 @@ class OpenCLIPImageClassifier(nn.Module):
         self.register_buffer("image_projection", None if proj is None else proj.detach().clone(), persistent=False)
         self.visual, self.pool, self.num_labels = visual, pool, num_labels
         self.classifier = nn.Linear(visual.transformer.width, num_labels)
-        g = torch.Generator().manual_seed(torch.initial_seed())  # head = f(seed), as CLIPImageClassifier
-        bound = 1.0 / self.classifier.in_features**0.5
-        with torch.no_grad():
-            self.classifier.weight.uniform_(-bound, bound, generator=g)
-            self.classifier.bias.uniform_(-bound, bound, generator=g)
+        init_head(self.classifier)  # as CLIPImageClassifier's: the same head for the same seed
 
     @property
     def activation(self) -> str:

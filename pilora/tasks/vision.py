@@ -19,6 +19,9 @@ class VisionSettings(TaskSettings):
     num_labels: int = setting(low=1, help="classes of the head (the data's labels are 0..num_labels-1)")
     holdout_fraction: float = setting(0.1, low=0, help="seeded share of train held out for validation")
     holdout_max: int = setting(5000, low=1, help="cap on the validation holdout (examples)")
+    holdout_seed: int = setting(
+        0, low=0, help="seed of the holdout, not the run's seed: every seed trains on the same images"
+    )
 
 
 @register_family("vision")
@@ -86,7 +89,7 @@ class VisionTask(Task):
             raw[train_name],
             fraction=s.holdout_fraction,
             max_size=s.holdout_max,
-            seed=self.seed,
+            seed=s.holdout_seed,
         )
         size = int(self.model_cfg.get("image_size", 224))
         tr, ev = v.train_transform(size), v.eval_transform(size)
