@@ -6,7 +6,7 @@
 =========================  ==============================================================  ===================
 figure                     drawn from                                                      function
 =========================  ==============================================================  ===================
-Fig. 2 / 7 / 8             the G̃ snapshot (mean |G̃| pooled to ≤ 64×64) in an importance.pt  ``gradient_heatmaps``
+Fig. 2 / 7 / 8             the G̃ snapshot (mean |G̃|, a ≤ 256×256 crop) in an importance.pt  ``gradient_heatmaps``
                            (Fig. 2: last layer; Fig. 7 (LLaMA2) / 8 (LLaMA3): more layers)
 Fig. 3                     dominant / supplementary rows of one layer, one row per dataset  ``partition_patterns``
 Fig. 4                     accuracy vs r' (``method.supplementary_r``)                      ``fig_rprime``
@@ -37,6 +37,7 @@ import pandas as pd
 from .records import add_source_args, load_records, load_source  # noqa: F401
 from .rows import say
 from .scores import score
+from .table_model import load_paper, off_paper_setting
 from .wandb_source import WandbSourceError
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -112,8 +113,10 @@ def _importance_path(rec: pd.Series) -> str | None:
 
 
 def pick_pilora_records(df: pd.DataFrame, partition: str | None = "hit_frequency") -> pd.DataFrame:
-    """One PiLoRA record per (model, task) with readable statistics: the lowest seed, preferring
-    runs that made their own stage 1 and the given partition strategy."""
+    """One PiLoRA record per (model, task) with readable statistics: of the given partition
+    strategy, in the paper's setting of its table (paper_numbers.json's ``reference``: e.g. r = 8,
+    r' = 1 for RoBERTa-large, not a table2_glue_r32 run beside it), the lowest seed, preferring
+    runs that made their own stage 1."""
     if df is None or df.empty:
         return pd.DataFrame()
     sub = df[df["method"] == "pilora"].copy()
@@ -123,7 +126,10 @@ def pick_pilora_records(df: pd.DataFrame, partition: str | None = "hit_frequency
         return sub
     sub["_stats"] = [_importance_path(r) for _, r in sub.iterrows()]
     sub = sub[sub["_stats"].notna()]
-    sub = sub.assign(_reused=sub["importance_from"].notna()).sort_values(["model", "task", "seed", "_reused", "path"])
+    paper = load_paper()
+    off = [off_paper_setting(r["model"], r.get("config") or {}, paper) for _, r in sub.iterrows()]
+    sub = sub.assign(_reused=sub["importance_from"].notna(), _off_paper=off)
+    sub = sub.sort_values(["model", "task", "_off_paper", "seed", "_reused", "path"])
     return sub.groupby(["model", "task"], sort=True).head(1)
 
 
@@ -138,6 +144,14 @@ def heatmap_sources(df: pd.DataFrame) -> list[tuple[str, str]]:
     return [(f"{r['model']}_{r['task']}", r["_stats"]) for _, r in picked.groupby("model").head(1).iterrows()]
 
 
+def _coverage(s, grid) -> str:
+    """What a snapshot panel shows: a crop of the matrix, or all of it pooled onto the grid."""
+    (m, n), (wm, wn) = s.shape, s.window
+    if (wm, wn) != (m, n):
+        return f"rows 0-{wm - 1}, cols 0-{wn - 1} of {m}×{n}"
+    return f"{m}×{n}" + ("" if tuple(grid) == (m, n) else f" pooled to {grid[0]}×{grid[1]}")
+
+
 def gradient_heatmaps(
     stats, layers=None, targets=None, title: str | None = None, shared_scale: bool = False
 ) -> plt.Figure:
@@ -146,8 +160,10 @@ def gradient_heatmaps(
     ``stats``: an ``ImportanceStats`` or a path to ``importance.pt``. ``layers``: layer indices,
     ``"last"`` (default, Fig. 2), ``"spread"`` (first / middle / last, Fig. 7/8) or ``"all"``.
     ``targets``: substrings selecting the module types (default: every target of the layer).
-    Each panel shows the mean |G̃| per check on the stored ≤ 64×64 grid (output neurons down,
-    input features across), with its own colour scale.
+    Each panel shows the mean |G̃| per check on the stored grid (output neurons down, input features
+    across), with its own colour scale: by default the first ≤ 256 rows × 256 columns, one neuron
+    per row, as the paper draws "a subset of the weights" (``method.snapshot_window=pool``: the
+    whole matrix averaged onto the grid). The panel's title says which.
     """
     label = stats if isinstance(stats, (str, os.PathLike)) else None
     try:
@@ -209,8 +225,7 @@ def gradient_heatmaps(
             grid = s.grad_snapshot.float().numpy() / max(int(s.checks), 1)
             im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-            m, n = s.shape
-            ax.set_title(f"L{layer} {target}\n{m}×{n} (grid {grid.shape[0]}×{grid.shape[1]})", fontsize=8)
+            ax.set_title(f"L{layer} {target}\n{_coverage(s, grid.shape)}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -51,6 +52,24 @@ DASH = "—"
 def load_paper(path: str = PAPER_FILE) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def same_value(a, b) -> bool:
+    """Config values compared as the tables compare them (numbers to float precision)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def off_paper_setting(model: str, config: dict, paper: dict | None = None) -> int:
+    """How many keys of the paper's setting for ``model`` (a table's ``reference`` in
+    paper_numbers.json; the fewest over the tables that name it) ``config`` contradicts."""
+    refs = [
+        spec["reference"][model]
+        for spec in (paper or load_paper())["tables"].values()
+        if model in (spec.get("reference") or {})
+    ]
+    return min((sum(k in config and not same_value(config[k], v) for k, v in ref.items()) for ref in refs), default=0)
 
 
 # ----------------------------------------------------------------------------- data

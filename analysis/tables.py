@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 
@@ -42,15 +41,10 @@ from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     Table,
     load_paper,
     method_name,
+    same_value,
 )
 from .table_text import cell_texts, notes, to_latex, to_markdown  # noqa: F401
 from .wandb_source import WandbSourceError, load_wandb  # noqa: F401
-
-
-def _eq(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
 
 
 def _fmt_value(v) -> str:
@@ -96,7 +90,7 @@ def _varying_keys(configs: dict[str, dict], cells: dict[str, set]) -> list[str]:
         keys = set().union(*(configs[c].keys() for c in cks))
         for k in keys:
             vals = [configs[c].get(k, "<absent>") for c in cks]
-            if any(not _eq(v, vals[0]) for v in vals[1:]):
+            if any(not same_value(v, vals[0]) for v in vals[1:]):
                 varying.add(k)
     # α follows r (α = 2r, or α = r): not a separate difference when the ratio is constant
     if "method.alpha" in varying and "method.r" in varying:
@@ -201,7 +195,7 @@ def build_table(
         target = next((r for r in paper_rows if r.model_config == model and r.row_id == rid), None)
         labels, on_paper = {}, set()
         for ck, conf in configs.items():
-            mismatch = [k for k in ref if k in conf and not _eq(conf[k], ref[k])]
+            mismatch = [k for k in ref if k in conf and not same_value(conf[k], ref[k])]
             # Table 4: a budget-matched LoRA always names the partition its ranks came from
             own = (
                 {k for k in conf if k.startswith("method.partition.")}

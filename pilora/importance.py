@@ -7,8 +7,9 @@ Every target layer carries a plain LoRA ``ΔW = s·B A``. After the gradients of
 * ``S_i = Σ_j |G̃_ij|``                         (Eq. 8 / Alg. 1 line 9),
 * ``H_i += 1`` where ``S_i > mean(S)``         (Alg. 1 line 11),
 
-and the running ``ΣS``, the number of checks ``T`` and a down-sampled ``Σ|G̃|`` (for the heat-map
-figures) are kept.
+and the running ``ΣS``, the number of checks ``T`` and a small ``Σ|G̃|`` grid (the heat-map
+snapshot of the figures: a full-resolution crop, or the whole matrix pooled; :data:`SNAPSHOT_WINDOWS`)
+are kept.
 
 :class:`ImportanceAccumulator` keeps the statistics on the model's device and never waits for it
 during a check: modules of equal shape are scored together (one batched GEMM forms ``G̃`` for
@@ -35,6 +36,34 @@ from .io import atomic_write
 from .peft_layers import lora_layers
 
 STATS_FORMAT = 1
+
+# What the heat-map snapshot covers (``method.snapshot_window``): given a module's ``m × n`` and the
+# grid's ``gm × gn`` (``method.snapshot_size``, at most ``m × n``), the window of ``|G̃|`` (its
+# first rows and columns) that is average-pooled onto the grid.
+SNAPSHOT_WINDOWS = {
+    # the first gm rows and gn columns at full resolution, one output neuron per grid row: the
+    # paper's "subset of the weights" (captions of Fig. 2/7/8), where a single hot neuron is a band
+    "crop": lambda m, n, gm, gn: (gm, gn),
+    # the whole matrix, each cell the mean over m/gm rows and n/gc columns: an overview in which
+    # neighbouring neurons are averaged together (a band narrower than m/gm rows fades)
+    "pool": lambda m, n, gm, gn: (m, n),
+}
+
+
+def covered_window(mode: str, m: int, n: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """The rows × columns of ``|G̃|`` that a ``grid`` snapshot of ``mode`` covers."""
+    if mode not in SNAPSHOT_WINDOWS:
+        raise ValueError(
+            f"unknown snapshot window {mode!r} (method.snapshot_window); choose one of {sorted(SNAPSHOT_WINDOWS)}"
+        )
+    return SNAPSHOT_WINDOWS[mode](m, n, *grid)
+
+
+def _window_bins(window_rows: int, grid_rows: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid row of each window row, and 1 / (window rows in that grid row)."""
+    bins = torch.arange(window_rows) * grid_rows // window_rows
+    per_bin = torch.zeros(grid_rows).index_add_(0, bins, torch.ones(window_rows))
+    return bins.to(device, non_blocking=True), (1.0 / per_bin)[bins].to(device, non_blocking=True)
 
 
 def approx_full_grad(
@@ -63,27 +92,35 @@ def _grad_chunks(A, B, grad_A, grad_B, scaling, chunk_rows) -> Iterator[tuple[sl
 
 
 def row_scores(
-    A, B, grad_A, grad_B, scaling: float = 1.0, chunk_rows: int = 1024, snapshot: torch.Tensor | None = None
+    A,
+    B,
+    grad_A,
+    grad_B,
+    scaling: float = 1.0,
+    chunk_rows: int = 1024,
+    snapshot: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Row importance ``S_i = Σ_j |G̃_ij|`` (Eq. 8), computed in row chunks.
 
-    If ``snapshot`` (a ``gm × gn`` fp32 tensor) is given, ``|G̃|`` average-pooled onto that grid is
-    added into it, so the heat maps of Fig. 2/7/8 can be drawn without keeping ``G̃``.
+    If ``snapshot`` (a ``gm × gn`` fp32 tensor) is given, the first ``window`` rows × columns of
+    ``|G̃|`` (default: all of it), average-pooled onto that grid, are added into it, so the heat maps
+    of Fig. 2/7/8 can be drawn without keeping ``G̃``.
     """
-    m = B.shape[0]
+    m, n = B.shape[0], A.shape[1]
     scores = torch.empty(m, dtype=torch.float32, device=B.device)
     if snapshot is not None:
-        gm, gn = snapshot.shape
-        row_bin = torch.arange(m, device=B.device) * gm // m
-        rows_per_bin = torch.bincount(row_bin, minlength=gm).float()
+        gn = snapshot.shape[1]
+        wm, wn = window or (m, n)
+        row_bin, row_weight = _window_bins(wm, snapshot.shape[0], B.device)
     for rows, block in _grad_chunks(A, B, grad_A, grad_B, scaling, chunk_rows):
         block.abs_()
         scores[rows] = block.sum(dim=1)
-        if snapshot is not None:
-            pooled = F.adaptive_avg_pool1d(block.unsqueeze(0), gn).squeeze(0)  # rows × gn
-            bins = row_bin[rows]
-            # each grid cell holds the mean |G̃| over its rows and columns
-            snapshot.index_add_(0, bins, pooled / rows_per_bin[bins, None])
+        if snapshot is not None and rows.start < wm:
+            stop = min(rows.stop, wm)
+            pooled = F.adaptive_avg_pool1d(block[None, : stop - rows.start, :wn], gn)[0]  # rows × gn
+            # each grid cell holds the mean |G̃| over its rows and columns of the window
+            snapshot.index_add_(0, row_bin[rows.start : stop], pooled * row_weight[rows.start : stop, None])
     return scores
 
 
@@ -100,13 +137,26 @@ class ModuleStats:
     # is the mean pooled |G̃| either way.
     grad_snapshot: torch.Tensor | None = None
     snapshots: int | None = None  # checks actually pooled into grad_snapshot (None: all T)
+    # the first rows × columns of |G̃| that grad_snapshot covers (None: all m × n, the pooled overview)
+    snapshot_window: tuple[int, int] | None = None
 
     @classmethod
-    def empty(cls, m: int, n: int, snapshot_shape: tuple[int, int] | None = (64, 64)) -> "ModuleStats":
-        snap = None
+    def empty(
+        cls, m: int, n: int, snapshot_shape: tuple[int, int] | None = (256, 256), window: str = "crop"
+    ) -> "ModuleStats":
+        snap = covered = None
         if snapshot_shape is not None:
-            snap = torch.zeros(min(m, snapshot_shape[0]), min(n, snapshot_shape[1]))
-        return cls((m, n), torch.zeros(m, dtype=torch.int64), torch.zeros(m, dtype=torch.float64), 0, snap)
+            grid = (min(m, int(snapshot_shape[0])), min(n, int(snapshot_shape[1])))
+            snap = torch.zeros(grid)
+            covered = covered_window(window, m, n, grid)
+        return cls(
+            (m, n), torch.zeros(m, dtype=torch.int64), torch.zeros(m, dtype=torch.float64), 0, snap, None, covered
+        )
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The rows × columns of ``|G̃|`` the snapshot covers."""
+        return tuple(self.snapshot_window) if self.snapshot_window is not None else tuple(self.shape)
 
     def update(self, scores: torch.Tensor) -> None:
         """Alg. 1 lines 10-12: one check with row scores ``S`` (on the statistics' device)."""
@@ -141,6 +191,7 @@ class ImportanceStats:
                     "checks": int(s.checks),
                     "grad_snapshot": _on_cpu(s.grad_snapshot),
                     "snapshots": s.snapshots,
+                    "snapshot_window": None if s.snapshot_window is None else list(s.snapshot_window),
                 }
                 for name, s in self.modules.items()
             },
@@ -182,6 +233,7 @@ class ImportanceStats:
                     int(d["checks"]),
                     d.get("grad_snapshot"),
                     d.get("snapshots"),
+                    None if d.get("snapshot_window") is None else tuple(d["snapshot_window"]),  # older: pooled
                 )
                 for name, d in payload["modules"].items()
             }
@@ -266,20 +318,28 @@ def score_group(
     snapshot: torch.Tensor | None = None,
     row_bin: torch.Tensor | None = None,
     row_weight: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> None:
     """One check of a group of ``g`` equal-shape modules, on their device, with no host sync.
 
     Adds Alg. 1 lines 9-12 into ``hits`` (int64 ``g × m``) and ``score_sum`` (float64 ``g × m``) and,
-    if ``snapshot`` (``g × gm × gn``) is given, the grid-pooled mean ``|G̃|`` (``row_bin``: grid row of
-    each of the ``m`` rows; ``row_weight``: 1 / rows in that grid row).
+    if ``snapshot`` (``g × gm × gn``) is given, the grid-pooled mean ``|G̃|`` of the first ``window``
+    rows × columns (default all; ``row_bin``: grid row of each window row; ``row_weight``: 1 / window
+    rows in that grid row).
     """
     g, m, _ = L.shape
+    wm, wn = window or (m, R.shape[2])
     scores = torch.empty(g, m, dtype=buf.dtype, device=L.device)
     for mods, rows, block in _group_blocks(L, R, buf):
         torch.linalg.vector_norm(block, ord=1, dim=-1, out=scores[mods, rows])  # S_i = Σ_j |G̃_ij|
-        if snapshot is not None:
-            # (modules, rows, gn): |G̃| averaged over column bins (in place: the block is consumed)
-            pooled = F.adaptive_avg_pool1d(block.abs_(), snapshot.shape[-1])
+        if snapshot is not None and rows.start < wm:
+            stop = min(rows.stop, wm)
+            rows = slice(rows.start, stop)
+            # (modules, rows, gn): |G̃| of the window averaged over column bins (in place: the
+            # block is consumed; a crop's columns are the grid's, so the pooling is the identity)
+            part = block[:, : stop - rows.start, :wn].abs_()
+            gn = snapshot.shape[-1]
+            pooled = part if wn == gn else F.adaptive_avg_pool1d(part, gn)
             pooled.mul_(row_weight[rows, None])
             if pooled.dtype != snapshot.dtype:  # float64 adapters: the snapshot stays float32
                 pooled = pooled.to(snapshot.dtype)
@@ -303,6 +363,7 @@ class _Group:
     snapshots: list[int] | None = None  # pooled checks per module
     row_bin: torch.Tensor | None = None
     row_weight: torch.Tensor | None = None
+    window: tuple[int, int] | None = None  # rows × columns of |G̃| the snapshot covers
 
 
 class ImportanceAccumulator:
@@ -314,7 +375,8 @@ class ImportanceAccumulator:
 
     The statistics live on the device of the LoRA weights (moved there at the first check) and a
     check never synchronises with the host; :attr:`stats` (and :meth:`finalize`, and saving)
-    copies them to the CPU. ``snapshot_interval`` pools the heat-map snapshot on every k-th check.
+    copies them to the CPU. ``snapshot_interval`` pools the heat-map snapshot on every k-th check;
+    ``snapshot_shape`` is its grid and ``snapshot_window`` what it covers (:data:`SNAPSHOT_WINDOWS`).
     """
 
     def __init__(
@@ -323,9 +385,10 @@ class ImportanceAccumulator:
         interval: int = 10,
         chunk_rows: int = 1024,
         adapter_name: str = "default",
-        snapshot_shape: tuple[int, int] | None = (64, 64),
+        snapshot_shape: tuple[int, int] | None = (256, 256),
         stats: ImportanceStats | None = None,
         snapshot_interval: int = 1,
+        snapshot_window: str = "crop",
     ):
         if interval < 1:
             raise ValueError(f"importance interval K must be ≥ 1, got {interval}")
@@ -336,6 +399,14 @@ class ImportanceAccumulator:
             )
         if int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
+        if snapshot_shape is not None and (
+            len(snapshot_shape) != 2 or any(not isinstance(v, int) or v < 1 for v in snapshot_shape)
+        ):
+            raise ValueError(
+                f"snapshot size must be two positive integers [rows, columns] (method.snapshot_size), "
+                f"got {list(snapshot_shape)}"
+            )
+        covered_window(snapshot_window, 1, 1, (1, 1))  # an unknown name fails here, naming the choices
         self.layers = lora_layers(model, adapter_name)
         if not self.layers:
             raise ValueError(
@@ -347,7 +418,10 @@ class ImportanceAccumulator:
         shapes = {k: tuple(l.get_base_layer().weight.shape) for k, l in self.layers.items()}
         if stats is None:
             stats = ImportanceStats(
-                {k: ModuleStats.empty(*s, snapshot_shape=snapshot_shape) for k, s in shapes.items()}
+                {
+                    k: ModuleStats.empty(*s, snapshot_shape=snapshot_shape, window=snapshot_window)
+                    for k, s in shapes.items()
+                }
             )
         else:
             stats.check_matches(shapes)
@@ -369,8 +443,7 @@ class ImportanceAccumulator:
         groups = []
         for (bshape, n, scaling, _, _, device), names in by_key.items():
             mods = [self._stats.modules[k] for k in names]
-            m = bshape[0]
-            snap = snapshots = row_bin = row_weight = None
+            snap = snapshots = row_bin = row_weight = window = None
             if all(s.grad_snapshot is not None for s in mods):
                 raw = []
                 for s in mods:  # back from "Σ over checks" to the sum over the pooled checks
@@ -380,11 +453,8 @@ class ImportanceAccumulator:
                     )
                 snap = torch.stack(raw).to(device, non_blocking=True)
                 snapshots = [s.checks if s.snapshots is None else s.snapshots for s in mods]
-                gm = snap.shape[1]
-                bins = torch.arange(m) * gm // m
-                per_bin = torch.zeros(gm).index_add_(0, bins, torch.ones(m))
-                row_bin = bins.to(device, non_blocking=True)
-                row_weight = (1.0 / per_bin)[bins].to(device, non_blocking=True)
+                window = mods[0].window  # equal shapes, one configuration: one window
+                row_bin, row_weight = _window_bins(window[0], snap.shape[1], device)
             groups.append(
                 _Group(
                     names,
@@ -397,6 +467,7 @@ class ImportanceAccumulator:
                     snapshots,
                     row_bin,
                     row_weight,
+                    window,
                 )
             )
         self._groups = groups
@@ -478,7 +549,7 @@ class ImportanceAccumulator:
                 snap = g.snapshot if full else torch.zeros((k,) + tuple(g.snapshot.shape[1:]), device=g.snapshot.device)
             if (L.device, dt) not in bufs:
                 bufs[L.device, dt] = torch.empty(self._buffer_elems, dtype=dt, device=L.device)
-            score_group(L, R, bufs[L.device, dt], hits, ssum, snap, g.row_bin, g.row_weight)
+            score_group(L, R, bufs[L.device, dt], hits, ssum, snap, g.row_bin, g.row_weight, g.window)
             if not full:  # a few layers lacked gradients: add the others' rows one by one
                 for j, i in enumerate(idx):
                     g.hits[i].add_(hits[j])

@@ -710,3 +710,23 @@ def test_fig4_and_fig6_legends_cover_no_line(tree, which):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert [line.get_label() for line in dashed] == [t for t in labels if t.startswith("# Params")]
     plt.close(fig)
+
+
+def test_fig3_takes_the_stage_1_of_the_tables_setting_not_a_sweep_beside_it(tmp_path):
+    """Two seed-0 RTE statistics: Table 2's r = 8 and table2_glue_r32's r = 32 (whose path sorts
+    first). Fig. 3 shows the partition of the paper's setting (paper_numbers.json's reference)."""
+    import pandas as pd
+
+    from analysis.figures import pick_pilora_records
+
+    rows = []
+    for r, path in ((32, "multirun/table2_glue_r32/a"), (8, "outputs/b")):
+        stats = tmp_path / f"r{r}.pt"
+        stats.write_bytes(b"")
+        config = {"method.r": r, "method.supplementary_r": 1, "method.partition.name": "hit_frequency"}
+        rows.append(
+            dict(method="pilora", partition="hit_frequency", model="roberta-large", task="rte", seed=0, path=path)
+            | dict(importance_from=None, importance_file=str(stats), dir=None, config=config)
+        )
+    picked = pick_pilora_records(pd.DataFrame(rows))
+    assert picked["importance_file"].tolist() == [str(tmp_path / "r8.pt")]

@@ -79,6 +79,32 @@ def test_snapshot_is_pooled_mean_of_abs_grad():
     dense = approx_full_grad(A, B, gA, gB).abs()
     expected = dense.reshape(3, 2, 4, 2).mean(dim=(1, 3))
     assert torch.allclose(snap, expected, atol=1e-6)
+    crop = torch.zeros(3, 4)  # a crop: the first 3 rows and 4 columns as they are
+    row_scores(A, B, gA, gB, 1.0, chunk_rows=2, snapshot=crop, window=(3, 4))
+    assert torch.allclose(crop, dense[:3, :4], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "window, contrast",
+    [(None, (9.9, 10.1)), ("pool", (0.99, 1.01))],  # None: the default (crop 256 × 256)
+)
+def test_the_default_snapshot_keeps_single_neuron_bands_that_pooling_averages_away(window, contrast):
+    """Fig. 2/7/8 show horizontal bands, one output neuron per row. Hot neurons every other row
+    (|G̃| 10x): the default crop shows them as they are, a 64-row pool of 512 rows shows none."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 512)), LoraConfig(r=4, target_modules=["0"]))
+    pool = {"snapshot_window": "pool", "snapshot_shape": (64, 16)}
+    acc = ImportanceAccumulator(model, interval=1, **(pool if window else {}))
+    weight = torch.tensor([1.0, 0.1]).repeat(256)
+    (model(torch.randn(8, 16)) * weight).sum().backward()
+    acc.update()
+    (stats,) = acc.finalize().modules.values()
+    assert stats.hits.view(-1, 2)[:, 0].all() and not stats.hits.view(-1, 2)[:, 1].any()  # H sees the bands
+    rows = stats.grad_snapshot.sum(dim=1)
+    assert contrast[0] < (rows.max() / rows.min()).item() < contrast[1]
+    assert stats.window == ((512, 16) if window else (256, 16))
 
 
 def test_accumulator_every_K_steps_matches_hand_computation(tiny_mlp):
@@ -199,12 +225,16 @@ HOST_SYNCS = {
 }
 
 
+@pytest.mark.parametrize("window", ["crop", "pool"])
 @pytest.mark.parametrize("chunk_rows", [1024, 5])  # whole modules per block / row chunks of one module
-def test_batched_device_check_equals_per_module_reference(chunk_rows):
+def test_batched_device_check_equals_per_module_reference(chunk_rows, window):
     model = _same_model()
     layers = lora_layers(model)
-    acc = ImportanceAccumulator(model, interval=1, chunk_rows=chunk_rows, snapshot_shape=(4, 5))
-    manual = {k: ModuleStats.empty(*l.get_base_layer().weight.shape, snapshot_shape=(4, 5)) for k, l in layers.items()}
+    acc = ImportanceAccumulator(model, interval=1, chunk_rows=chunk_rows, snapshot_shape=(4, 5), snapshot_window=window)
+    manual = {
+        k: ModuleStats.empty(*l.get_base_layer().weight.shape, snapshot_shape=(4, 5), window=window)
+        for k, l in layers.items()
+    }
     for step in range(4):
         _backward(model, step)
         with _Calls() as calls:
@@ -216,7 +246,15 @@ def test_batched_device_check_equals_per_module_reference(chunk_rows):
         with torch.no_grad():
             for k, l in layers.items():
                 A, B = l.lora_A["default"].weight, l.lora_B["default"].weight
-                S = row_scores(A, B, A.grad, B.grad, l.scaling["default"], snapshot=manual[k].grad_snapshot)
+                S = row_scores(
+                    A,
+                    B,
+                    A.grad,
+                    B.grad,
+                    l.scaling["default"],
+                    snapshot=manual[k].grad_snapshot,
+                    window=manual[k].window,
+                )
                 manual[k].update(S)
     stats = acc.finalize()
     for k in layers:
@@ -255,8 +293,9 @@ def test_snapshot_interval_pools_every_kth_check_and_keeps_the_per_check_scale(t
         for k, l in lora_layers(ref).items():  # this check's pooled |G̃|
             A, B = l.lora_A["default"].weight, l.lora_B["default"].weight
             snap = torch.zeros(4, 5)
+            window = ModuleStats.empty(*B.shape[:1], A.shape[1], snapshot_shape=(4, 5)).window  # the default crop
             with torch.no_grad():
-                row_scores(A, B, A.grad, B.grad, l.scaling["default"], snapshot=snap)
+                row_scores(A, B, A.grad, B.grad, l.scaling["default"], snapshot=snap, window=window)
             pooled[k].append(snap)
     s_ref, s = acc_ref.finalize(), acc.finalize()
     for k in pooled:

@@ -193,6 +193,17 @@ class MethodConfig:
         integer=True,
         low=1,
     )
+    snapshot_window: str = key(
+        "crop",
+        help="what the heat-map snapshot covers (pilora.importance.SNAPSHOT_WINDOWS): crop, the first "
+        "rows x columns, one neuron per row, as the paper's figures | pool, the whole matrix averaged",
+        methods=(STAGE1,),
+    )
+    snapshot_size: Any = key(
+        default_factory=lambda: [256, 256],
+        help="rows and columns of the heat-map snapshot grid (at most the module's own)",
+        methods=(STAGE1,),
+    )
     partition: PartitionConfig = key(
         default_factory=PartitionConfig,
         help="how stage 1's statistics split each module's rows (conf/method/partition/)",

@@ -130,6 +130,8 @@ def run_stage1(
         interval=method.importance_interval,
         chunk_rows=method.chunk_rows,
         snapshot_interval=method.snapshot_interval,
+        snapshot_shape=tuple(method.snapshot_size),
+        snapshot_window=method.snapshot_window,
         stats=stats,
     )
     acc.stats.meta.update(  # a resumed stage 1 keeps what its checkpoint's meta holds (skipped_checks)
