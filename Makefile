@@ -1,4 +1,4 @@
-# Every target creates or reuses .venv, so a fresh clone needs nothing but python3.11 and make.
+# Every target creates or reuses .venv, so a fresh clone needs nothing but python3 (3.10 or newer) and make.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -57,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.step_time $(ARGS)
 
 clean:
-	rm -rf outputs multirun wandb .pytest_cache
+	rm -rf outputs multirun wandb figures .pytest_cache

@@ -91,12 +91,17 @@ def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.
     ``outputs/`` and ``multirun/``) as one DataFrame; unusable files are skipped with one warning
     line each (also listed in ``df.attrs["skipped"]``)."""
     roots = _as_list(roots)
-    rows, skipped = [], []
+    rows, skipped, rescored = [], [], []
     missing = [r for r in roots if not os.path.exists(r)]
     for path in find_record_files([r for r in roots if os.path.exists(r)]):
         try:
             with open(path) as f:
                 rec = json.load(f)
+            if isinstance(rec, dict) and rec.get("source"):
+                # python -m pilora.runner.evaluate's re-scoring of the run in rec["source"] (often of
+                # some test sets only): the run's own record is what the tables average
+                rescored.append(path)
+                continue
             rows.append(record_row(rec, path))
         except (OSError, json.JSONDecodeError) as err:
             skipped.append((path, f"unreadable ({type(err).__name__}: {err})"))
@@ -107,6 +112,11 @@ def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.
     if not quiet:
         for path, why in skipped:
             say(f"warning: skipping {path}: {why}")
+        if rescored:
+            say(
+                f"note: {len(rescored)} re-scoring record(s) of python -m pilora.runner.evaluate left out "
+                f"(e.g. {rescored[0]}); the tables read each run's own results.json"
+            )
     df = frame(rows)
     if dedupe:
         df = drop_duplicates(df, quiet=quiet)
@@ -117,7 +127,7 @@ def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.
             f"no usable results.json records under {where}{extra}; run the experiments first "
             "(experiments/README.md) or point --root at a results tree"
         )
-    df.attrs.update(roots=roots, skipped=skipped, missing_roots=missing)
+    df.attrs.update(roots=roots, skipped=skipped, missing_roots=missing, rescored=rescored)
     return df
 
 

@@ -730,3 +730,22 @@ def test_fig3_takes_the_stage_1_of_the_tables_setting_not_a_sweep_beside_it(tmp_
         )
     picked = pick_pilora_records(pd.DataFrame(rows))
     assert picked["importance_file"].tolist() == [str(tmp_path / "r8.pt")]
+
+
+def test_a_rescoring_by_the_evaluate_command_does_not_replace_the_runs_record(tmp_path, capsys):
+    """`python -m pilora.runner.evaluate RUN` writes RUN/eval/<overrides>/results.json with the
+    run's configuration and seed; the tables keep reading the run's own record."""
+    from helpers import write_images
+
+    from analysis.records import load_records
+    from pilora.runner import evaluate as ev
+    from pilora.runner.train import train
+
+    run = tmp_path / "multirun" / "vision" / "method=lora"
+    own = train(compose_cfg(FAST + write_images(str(tmp_path / "img")) + ["trainer.max_steps=2"], run))
+    rescored = ev.evaluate(str(run))
+    assert rescored["source"] == str(run) and rescored["metrics"]["test"]["test_accuracy"] is not None
+    df = load_records(str(tmp_path / "multirun"))
+    assert df["path"].tolist() == [str(run / "results.json")]
+    assert df["test_accuracy"].tolist() == [own["metrics"]["test"]["test_accuracy"]]
+    assert "1 re-scoring record(s) of python -m pilora.runner.evaluate left out" in capsys.readouterr().err

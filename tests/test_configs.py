@@ -461,3 +461,15 @@ def test_unknown_asset_names_the_shipped_ones():
 
     with pytest.raises(FileNotFoundError, match=r"no asset 'tiny-sentencepiece' .* the assets are: tiny-wordpiece"):
         asset_path("tiny-sentencepiece")
+
+
+def test_the_key_listing_says_which_keys_plain_lora_ignores():
+    """`python -m pilora.methods`: r' is read by PiLoRA and by a budget-matched LoRA, not by the plain
+    LoRA the runner warns about (`lora does not use method.supplementary_r: ignored`)."""
+    from pilora.methods.config import applicable_keys, describe_keys
+
+    line = next(l for l in describe_keys().splitlines() if l.startswith("method.supplementary_r "))
+    assert "used by lora with method.match_budget=true, pilora)" in line
+    assert "supplementary_r" not in applicable_keys("lora")
+    r_line = next(l for l in describe_keys().splitlines() if l.startswith("method.r "))
+    assert "lora," in r_line and "lora with" not in r_line

@@ -270,12 +270,12 @@ def test_wandb_record_artifact_holds_the_predictions(tmp_path, monkeypatch):
     assert rec["predictions"] == [str(tmp_path / "o" / "predictions" / "boolq.jsonl")]
 
 
-@pytest.mark.parametrize("switch", ["smoke=true", "debug=default"])
+@pytest.mark.parametrize("switch", ["smoke=keep", "debug=default smoke=keep"])
 def test_smoke_run(tmp_path, switch, capsys):
-    """`python run.py ... smoke=true` (or debug=default): 2 steps a stage, 2 batches a test set, the
-    save and reload, in a throwaway folder; prints the full run's cost."""
+    """`python run.py ... smoke=keep` (or debug=default): 2 steps a stage, 2 batches a test set, the
+    save and reload, in a throwaway folder (kept); prints the full run's cost once."""
     over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4)
-    over += ["method=pilora", "method.r=4", "trainer.num_train_epochs=3", "task.eval_batch_size=1", switch]
+    over += ["method=pilora", "method.r=4", "trainer.num_train_epochs=3", "task.eval_batch_size=1", *switch.split()]
     cfg = compose_cfg(over, tmp_path / "job")
     rec = train(cfg)
     assert not (tmp_path / "job" / "results.json").exists()  # the job's own folder is left alone
@@ -289,7 +289,8 @@ def test_smoke_run(tmp_path, switch, capsys):
     # 32 training examples (40 - val_set_size 8) at batch 8: 4 updates an epoch
     assert cost["optimizer_steps"] == {"stage1": 4, "stage2": 12}
     assert cost["test_examples"] == {"boolq": 4, "piqa": 4}
-    assert "stage2: 12 optimizer steps" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("stage2: 12 optimizer steps") == 1 and f"kept in {folder}" in out.out
 
 
 @pytest.mark.parametrize("family", ["classification", "vision"])
@@ -316,6 +317,7 @@ def test_smoke_run_of_the_other_families(tmp_path, family, monkeypatch):
     monkeypatch.setattr(transformers.Trainer, "predict", predict)
     rec = train(compose_cfg(over, tmp_path / "job"))
     assert rec["status"] == "complete" and rec["steps"] == 2 and not (tmp_path / "job" / "results.json").exists()
+    assert not os.path.exists(rec["smoke"]["folder"])  # smoke=true: the throwaway folder is gone
     assert rec["metrics"]["test"] == rec["smoke"]["trained_test"]
     steps = rec["smoke"]["full_run"]["optimizer_steps"]
     assert steps["stage2"] == 2 * steps["stage1"] > 2
@@ -338,7 +340,7 @@ def test_evaluate_command_refuses_a_folder_of_another_evaluation(tmp_path):
     assert ev.evaluate(str(tmp_path / "o"), ["task.eval_only=[boolq]"], out=d)["metrics"] == first["metrics"]
 
 
-def test_evaluate_command_line(tmp_path, capsys):
+def test_evaluate_command_line(tmp_path, capsys, monkeypatch):
     """`python -m pilora.runner.evaluate EMPTY_DIR`: one error line and exit status 1; on a run it
     prints the test metrics and where the record went."""
     from pilora.runner.evaluate import main
@@ -351,6 +353,13 @@ def test_evaluate_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"test_boolq_accuracy = {rec['metrics']['test']['test_boolq_accuracy']:.4g}" in out
     assert "eval/task.eval_only=_boolq_/results.json" in out
+    # the README's form: the flag after the target, the overrides after the flag
+    from helpers import CONF
+
+    monkeypatch.chdir(os.path.dirname(CONF))
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4) + ["task.eval_only=[boolq]"]
+    assert main([str(tmp_path / "o" / "adapter"), "--adapter", *over, "--out", str(tmp_path / "stock")]) == 0
+    assert f"test_boolq_accuracy = {rec['metrics']['test']['test_boolq_accuracy']:.4g}" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trains a job, then reruns it (make test keeps the one-rerun case above)
@@ -398,6 +407,11 @@ def test_full_finetune_of_a_vision_model_reruns_its_evaluation_on_the_trained_we
     monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("trained again"))
     again = train(compose_cfg(over, tmp_path / "cut"))
     assert again["metrics"]["test"] == whole["metrics"]["test"]
+    # python -m pilora.runner.evaluate reports the task's metrics too, not only the loss
+    from pilora.runner import evaluate as ev
+
+    scored = ev.evaluate(str(tmp_path / "whole"))["metrics"]["test"]
+    assert scored["test_accuracy"] == whole["metrics"]["test"]["test_accuracy"]
     # the reloaded weights are the trained ones, tensor for tensor
     from pilora.runner.evaluate import load_finetuned
 
@@ -422,3 +436,18 @@ def test_a_model_folder_without_weights_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="neither config.json nor model.safetensors.*training_args.bin"):
         load_finetuned(Task(), str(tmp_path / "model"))
+
+
+def test_a_left_out_test_set_need_not_exist(tmp_path):
+    """task.eval_only=[boolq, piqa] with ARC-Easy's file missing: the job runs; only the sets it
+    scores are checked."""
+    missing = str(tmp_path / "nowhere" / "test.json")
+    rec = train(_cfg(tmp_path, "o", f"+task.eval_sets.ARC-Easy={missing}", "task.eval_only=[boolq,piqa]"))
+    assert set(rec["metrics"]["test"]) >= {"test_boolq_accuracy", "test_piqa_accuracy"}
+    assert not any("ARC" in k for k in rec["metrics"]["test"])
+
+
+def test_a_wrong_dataset_root_is_named_as_such(tmp_path):
+    with pytest.raises(ValueError, match=r"task.dataset.root='.*no-such-root' does not exist.*ft-training_set"):
+        train(_cfg(tmp_path, "o", f"task.dataset.root={tmp_path / 'no-such-root'}"))
+    assert not (tmp_path / "o").exists()

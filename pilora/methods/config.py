@@ -357,7 +357,12 @@ def describe_keys(name: str | None = None) -> str:
         if name is not None and n not in applicable_keys(name, match_budget=METHODS[name].matchable):
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
-        users = ", ".join(sorted(m for m in METHODS if n in applicable_keys(m, match_budget=True)))
+        # a key only a budget-matched run reads (conf/method/lora_matched.yaml) is not one plain LoRA uses
+        users = ", ".join(
+            m if n in applicable_keys(m) else f"{m} with method.match_budget=true"
+            for m in sorted(METHODS)
+            if n in applicable_keys(m, match_budget=True)
+        )
         bounds = f"; {k.bounds()}" if k.bounds() else ""
         lines.append(f"method.{n} (default {default!r}{bounds}; used by {users})\n    {k.help}")
     return "\n".join(lines)

@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--adapter", action="store_true", help="target is a stock PEFT adapter folder")
     p.add_argument("--out", help="where results.json and predictions/ go (default <target>/eval/<overrides>)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # `TARGET --adapter model=...` as the README writes it
     try:
         rec = evaluate(args.target, args.overrides, adapter=args.adapter, out=args.out)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as err:

@@ -5,7 +5,8 @@ are checked, each stage takes :data:`STEPS` optimizer steps, each test set :data
 batches, the adapter is saved, reloaded and scored again (the path a rerun after a failure during
 evaluation takes), and the record is written. Then it prints what the full run would cost:
 optimizer steps per stage, importance checks, test examples, and a time estimate from the
-measured seconds per step. Nothing is written into the job's own folder.
+measured seconds per step. Nothing is written into the job's own folder, and the throwaway folder
+is removed when the run passes (``smoke=keep`` keeps it, to look at what the job wrote).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import tempfile
 
 log = logging.getLogger("pilora")
@@ -79,8 +81,9 @@ def full_cost(cfg: dict, n_train: int, test_sizes: dict, record: dict) -> dict:
     return cost
 
 
-def report(cost: dict, folder: str) -> str:
-    lines = [f"smoke run passed (throwaway folder {folder}); the full run would take:"]
+def report(cost: dict, folder: str, kept: bool) -> str:
+    where = f"kept in {folder}" if kept else f"throwaway folder {folder} removed; smoke=keep keeps it"
+    lines = [f"smoke run passed ({where}); the full run would take:"]
     lines += [f"  {stage}: {n} optimizer steps" for stage, n in cost["optimizer_steps"].items()]
     if "importance_checks" in cost:
         lines.append(f"  importance checks (T): {cost['importance_checks']}")
@@ -122,6 +125,11 @@ def run(cfg: dict, train) -> dict:
     elif data.get("test") is not None:
         sizes = {"test": len(data["test"])}
     cost = full_cost(cfg, n_train, sizes, record)
-    print(report(cost, folder))
-    log.info("%s", report(cost, folder))
-    return {**again, "smoke": {"folder": folder, "full_run": cost, "trained_test": record["metrics"]["test"]}}
+    kept = str(cfg.get("smoke")).lower() == "keep"
+    if not kept:  # a 7B job's dry run leaves adapters, checkpoints and statistics behind otherwise
+        shutil.rmtree(folder, ignore_errors=True)
+    print(report(cost, folder, kept))  # once: run.log belongs to the removed folder
+    return {
+        **again,
+        "smoke": {"folder": folder, "kept": kept, "full_run": cost, "trained_test": record["metrics"]["test"]},
+    }

@@ -134,7 +134,7 @@ def make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
         train_dataset=data["train"],
         eval_dataset=data["validation"] if evaluate else None,
         data_collator=task.collator(),
-        compute_metrics=task.compute_metrics if evaluate else None,
+        compute_metrics=task.compute_metrics,  # also what predict() reports on a test split
         callbacks=[NanLossGuard(), *callbacks, *wandb_run.trainer_callbacks(args.output_dir)],
     )
     if task.accepts_loss_kwargs is not None:

@@ -230,10 +230,19 @@ class GenerationTask(Task):
             raise ValueError(
                 f"task.generation {settings[2]} is refused by transformers.GenerationConfig: {err}"
             ) from None
-        for name, path in probe.settings.eval_sets.items():
-            if path:
-                probe.answer_pattern(name)
-                check_test_file(name, path)
+        sets = {name: path for name, path in probe.test_sets().items() if path}  # task.eval_only's, if set
+        root = probe.settings.dataset.get("root")
+        under = [p for p in [probe.settings.dataset["train_file"], *sets.values()] if str(p).startswith(str(root))]
+        if root and under and not os.path.isdir(os.path.expanduser(str(root))):
+            # one line about the folder, not a missing-file error about whichever set comes first
+            raise DataError(
+                f"task.dataset.root={root!r} does not exist; it should hold LLM-Adapters' "
+                "ft-training_set/ and dataset/<name>/test.json: set task.dataset.root to where they "
+                f"are. {cs._DOWNLOAD_HINT}"
+            )
+        for name, path in sets.items():
+            probe.answer_pattern(name)
+            check_test_file(name, path)
 
     def headline(self):
         """The mean of the test sets' accuracies (the papers' Avg. column)."""
@@ -343,7 +352,7 @@ def check_test_file(name: str, path: str) -> None:
     file = os.path.expanduser(str(path))
     if os.path.isdir(file):
         file = os.path.join(file, "test.json")
-    fix = f"fix or re-download it, or leave the set out with ~task.eval_sets.{name}"
+    fix = f"fix or re-download it, or leave the set out (task.eval_only=[<the others>] or ~task.eval_sets.{name})"
     if not os.path.isfile(file):
         raise DataError(f"test set {name!r}: {file!r} does not exist; {fix}. {cs._DOWNLOAD_HINT}")
     try:
