@@ -353,6 +353,11 @@ def test_evaluate_command_line(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert f"test_boolq_accuracy = {rec['metrics']['test']['test_boolq_accuracy']:.4g}" in out
     assert "eval/task.eval_only=_boolq_/results.json" in out
+    from pilora.runner.summary import format_table, summary_rows  # the multirun's closing table
+
+    (row,) = summary_rows(str(tmp_path / "o"))
+    assert row["avg_accuracy"] == rec["metrics"]["test"]["test_avg_accuracy"]  # the headline, not the loss
+    assert format_table([row]).split()[3] == "avg_accuracy"
     # the README's form: the flag after the target, the overrides after the flag
     from helpers import CONF
 

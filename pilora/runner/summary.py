@@ -50,11 +50,14 @@ def summary_rows(root: str, swept=()) -> list[dict]:
     rows = []
     for path in find_records([root]):
         r = read_record(path)
-        if not r or r.get("status") != "complete":
+        if not r or r.get("status") != "complete" or r.get("source"):  # source: a re-scoring of a run
             continue
         test, final = r["metrics"].get("test") or {}, r["metrics"].get("final") or {}
         metric = r.get("metric", "accuracy")
         acc = test.get(f"test_{metric}", final.get(f"eval_{metric}"))
+        headline = ((r.get("evaluation") or {}).get("headline") or {}).get("metric")
+        if headline in test:  # the number the tables report (commonsense: test_avg_accuracy, not the loss)
+            metric, acc = headline.removeprefix("test_"), test[headline]
         folder = os.path.dirname(path)
         rows.append(
             {
