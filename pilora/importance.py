@@ -44,7 +44,7 @@ SNAPSHOT_WINDOWS = {
     # the first gm rows and gn columns at full resolution, one output neuron per grid row: the
     # paper's "subset of the weights" (captions of Fig. 2/7/8), where a single hot neuron is a band
     "crop": lambda m, n, gm, gn: (gm, gn),
-    # the whole matrix, each cell the mean over m/gm rows and n/gc columns: an overview in which
+    # the whole matrix, each cell the mean over m/gm rows and n/gn columns: an overview in which
     # neighbouring neurons are averaged together (a band narrower than m/gm rows fades)
     "pool": lambda m, n, gm, gn: (m, n),
 }
