@@ -13,9 +13,14 @@
   nothing ``run.py`` would refuse (no ``_`` bases, no ``method=partition/...``, no schema); the
   same for ``--help``'s list of groups;
 * :func:`check_overrides`: the options of a nested group and the keys of ``method`` when an
-  override names neither (Hydra lists the options of a top-level group itself).
+  override names neither (Hydra lists the options of a top-level group itself);
+* ``trainer.<key>=...``, ``task.<key>=...`` and ``task.generation.<key>=...`` for a key the composed
+  config does not spell out (a ``TrainingArguments`` field the YAML leaves at its default, a task
+  key at its schema default): taken as ``+trainer.<key>=...`` (:func:`_apply_overrides_to_config`),
+  so that the job's checks (:func:`check_job`) accept a real setting and name a typo with the
+  valid keys, instead of Hydra's "Could not override ... Key '<key>' is not in struct".
 
-Importing this module registers all three (``run.py`` and the tests do).
+Importing this module registers all of these (``run.py`` and the tests do).
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import dataclasses
 import glob
 import os
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.hydra import Hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from hydra.experimental.callback import Callback
 from hydra.plugins.completion_plugin import CompletionPlugin
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pilora.methods import METHODS, MethodConfig, PartitionConfig, Stage1Config, applicable_keys
 from pilora.runner.config import register_resolvers, safe_dirname
@@ -133,6 +140,35 @@ def _format_config_groups(self, predicate, compact: bool = True) -> str:
             line = f"{group}: {', '.join(keep)}"
         lines.append(line)
     return "\n".join(lines)
+
+
+# sections whose every key the job checks (pilora.runner.trainer_args.check_trainer_keys,
+# pilora.tasks.schema.TaskSettings, the generation family's GenerationConfig check), so that a key
+# one of them does not spell out can be set without `+`: a real setting is accepted, a typo refused
+ADDABLE_SECTIONS = ("trainer", "task", "task.generation")
+
+_hydra_apply_overrides = ConfigLoaderImpl._apply_overrides_to_config
+
+
+def _apply_overrides_to_config(overrides, cfg) -> None:
+    """Hydra's, with ``trainer.<key>=v`` (and ``task.<key>``, ``task.generation.<key>``) taken as
+    ``+trainer.<key>=v`` when the composed config has no ``<key>`` there: the README's "trainer keys
+    are TrainingArguments fields" holds for the fields ``conf/trainer/default.yaml`` leaves out
+    (``trainer.torch_compile=true``), and a typo (``trainer.learning_rat``) reaches the job's checks,
+    which name it with the valid keys, instead of Hydra's "Key 'learning_rat' is not in struct"."""
+    _hydra_apply_overrides([_as_add(o, cfg) for o in overrides], cfg)
+
+
+def _as_add(override, cfg):
+    if override.type is not OverrideType.CHANGE or override.package is not None:
+        return override
+    section, _, leaf = override.key_or_group.rpartition(".")
+    if section not in ADDABLE_SECTIONS:
+        return override
+    node = OmegaConf.select(cfg, section, throw_on_missing=False, throw_on_resolution_failure=False)
+    if isinstance(node, DictConfig) and leaf in node:
+        return override
+    return dataclasses.replace(override, type=OverrideType.ADD)
 
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
@@ -302,7 +338,8 @@ def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
 
 
 def register() -> None:
-    """Resolvers (the library's and ``job_dirname``) and the method schema; idempotent."""
+    """Resolvers (the library's and ``job_dirname``), the method schema and the patches of Hydra
+    above (completion, ``--help``, overrides of keys a section leaves out); idempotent."""
     register_resolvers()
     resolvers = {
         "job_dirname": job_dirname,
@@ -315,6 +352,7 @@ def register() -> None:
     ConfigStore.instance().store(group="schema", name="method", node=MethodConfig)
     CompletionPlugin._query_config_groups = _query_config_groups
     Hydra.format_config_groups = _format_config_groups
+    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(_apply_overrides_to_config)
 
 
 class PrintSummary(Callback):

@@ -149,6 +149,58 @@ def test_unknown_top_level_key_is_refused_and_section_keys_are_not():
     assert hydra_setup.check_overrides(["+task.dataset.data_files.train=x.csv", "+trainer.save_steps=1"]) is None
 
 
+def test_section_keys_the_yaml_leaves_out_are_set_without_plus():
+    """`run.py trainer.torch_compile=true` (docs/benchmarks-history.md), `trainer.full_determinism=true`,
+    `task.test_limit=3`: a TrainingArguments field or task key that conf/ does not spell out is set
+    like any other (Hydra alone wants `+`), in a single run and in a sweep."""
+    import hydra_setup
+
+    setting = ["trainer.torch_compile=true", "trainer.full_determinism=true", "task.test_limit=3"]
+    cfg = compose_cfg(setting)
+    assert cfg.trainer.torch_compile is True and cfg.trainer.full_determinism is True and cfg.task.test_limit == 3
+    assert cfg.trainer == compose_cfg(["+" + o for o in setting]).trainer
+    assert hydra_setup.check_job(setting) is None
+    assert hydra_setup.check_job(["-m", "trainer.torch_compile=true,false"]) is None
+    cfg = compose_cfg(["task=commonsense/commonsense170k", "task.generation.do_sample=true", "task.generation.top_k=5"])
+    assert cfg.task.generation.do_sample is True and cfg.task.generation.top_k == 5
+    assert compose_cfg(["trainer.learning_rate=1e-3"]).trainer.learning_rate == 1e-3  # a listed key: as before
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["trainer.learning_rat=1e-3"],
+            "training: trainer.learning_rat is not a transformers.TrainingArguments field "
+            "(did you mean trainer.learning_rate?)",
+        ),
+        (["task.foo=bar"], "unknown key(s) task.foo for task 'reviews'; valid keys of task (classification): name,"),
+        (
+            ["task=commonsense/commonsense170k", "task.generation.num_beems=2"],
+            "task.generation.num_beems is not a transformers.GenerationConfig setting (did you mean num_beams",
+        ),
+        (["task.generation.num_beems=2"], "unknown key(s) task.generation for task 'reviews'; valid keys of task"),
+        (["-m", "trainer.learning_rat=1e-3,1e-4"], "(did you mean trainer.learning_rate?)"),
+    ],
+)
+def test_section_key_typos_without_plus_are_named_with_the_valid_keys(overrides, message):
+    """`run.py trainer.learning_rat=1e-3` (and under task., task.generation.): the job's checks name
+    the typo and what it may have meant, not Hydra's "Key 'learning_rat' is not in struct"."""
+    import hydra_setup
+
+    error = hydra_setup.check_job(overrides)
+    assert error is not None and message in error, error
+
+
+@pytest.mark.slow
+def test_section_key_typos_through_run_py_are_one_message():
+    _one_message(_run_py(["trainer.learning_rat=1e-3"]), "(did you mean trainer.learning_rate?)")
+    _one_message(
+        _run_py(["task=commonsense/commonsense170k", "task.generation.num_beems=2"]),
+        "task.generation.num_beems is not a transformers.GenerationConfig setting (did you mean num_beams",
+    )
+
+
 def test_write_failures_are_expected_errors_naming_the_file(tmp_path):
     """Disk full (as an OSError, and as torch.save's RuntimeError) and a read-only folder name the
     file and the fix; an error raised inside a library (a bug of ours, most likely) is not expected."""
