@@ -1,7 +1,9 @@
 """Partition strategies: stage-1 statistics of one layer -> dominant-row mask ``M ∈ {0,1}^m``.
 
 Each strategy is a function ``f(stats: ModuleStats, *, name: str, **params) -> BoolTensor``
-registered under a name:
+registered under a name. Its arguments are the keyword parameters its signature names (``name``,
+the module's name, is passed by :func:`partition` itself; ``**_`` only takes that): any other
+argument is refused, so that a misspelled ``tua=0.5`` cannot split with the default τ.
 
 =================  ===========================================================  ==================
 ``hit_frequency``  ``M_i = 1`` where ``H_i ≥ τ·T`` (τ = 0.5 by default)          "Ours", Tab. 1-4
@@ -14,6 +16,8 @@ registered under a name:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import zlib
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +38,38 @@ def register_partition(name: str):
         return fn
 
     return deco
+
+
+def _strategy(strategy: str) -> Callable[..., torch.Tensor]:
+    if strategy not in PARTITIONS:
+        raise ValueError(f"unknown partition strategy {strategy!r}; choose one of {sorted(PARTITIONS)}")
+    return PARTITIONS[strategy]
+
+
+def strategy_args(strategy: str) -> list[str]:
+    """The arguments ``strategy`` takes: the keyword parameters of its function after ``stats``,
+    but ``name`` (which :func:`partition` sets per module)."""
+    params = list(inspect.signature(_strategy(strategy)).parameters.values())[1:]
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in keyword and p.name != "name"]
+
+
+def check_args(strategy: str, params, prefix: str = "") -> None:
+    """Raise a ValueError naming each key of ``params`` that ``strategy`` does not take (with the
+    closest argument it does take), and the ones it takes; ``prefix`` is how the caller's config
+    spells the keys (``"method.partition.args."``)."""
+    accepted = strategy_args(strategy)
+    unknown = [k for k in params if k not in accepted]
+    if not unknown:
+        return
+    named = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), accepted, n=1)
+        named.append(f"{prefix + str(k)!r}" + (f" (did you mean {prefix + close[0]!r}?)" if close else ""))
+    raise ValueError(
+        f"partition strategy {strategy!r} takes no argument{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+        + (f"its arguments are {accepted}" if accepted else "it takes no arguments")
+    )
 
 
 def _unit_interval(label: str, value: float) -> float:
@@ -106,9 +142,8 @@ def random(stats: ModuleStats, *, fraction: float = 0.5, seed: int = 0, name: st
 
 def partition(stats: ImportanceStats, strategy: str = "hit_frequency", **params) -> dict[str, torch.Tensor]:
     """Dominant-row masks for every layer in ``stats`` under the named strategy."""
-    if strategy not in PARTITIONS:
-        raise ValueError(f"unknown partition strategy {strategy!r}; choose one of {sorted(PARTITIONS)}")
-    fn = PARTITIONS[strategy]
+    fn = _strategy(strategy)
+    check_args(strategy, params)
     return {name: fn(s, name=name, **params).bool() for name, s in stats.modules.items()}
 
 

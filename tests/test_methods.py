@@ -43,6 +43,48 @@ def test_unknown_target_module_lists_linear_layers():
         prepare_model(TinyMLP(), MethodConfig(target_modules=["q_proj"]))
 
 
+class _Nested(torch.nn.Module):
+    """TinyMLP one level down: its linears' whole names are block.up, block.down, block.head."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = TinyMLP()
+
+
+@pytest.mark.parametrize(
+    "model, targets, match",
+    [
+        # `method.target_modules=qury`: a string, which PEFT reads as a regex of whole module names
+        (TinyMLP, "qury", r"target modules 'qury' match no linear layer of TinyMLP; .* named \['down', 'head', 'up'\]"),
+        # a layer's leaf name as a string matches no whole name one level down: say how to match by name
+        (_Nested, "up", r"'up' match no linear layer of _Nested.*'block\.up'.*method\.target_modules=\[up\]"),
+        (_Nested, "up|down", r"'up\|down' match no linear layer.*\['down', 'head', 'up'\]"),
+        (TinyMLP, "up[", r"'up\[' is not a valid regular expression.*\['down', 'head', 'up'\]"),
+        (TinyMLP, [], r"target modules is an empty list: no layer would be adapted.*\['down', 'head', 'up'\]"),
+        (TinyMLP, "", r"target modules is an empty string.*\['down', 'head', 'up'\]"),
+    ],
+)
+def test_string_or_empty_target_modules_list_linear_layers(model, targets, match):
+    """A string or empty target_modules used to end in PEFT's NoMatchingPeftModuleError (or re.error),
+    which names neither the model's layers nor the fix."""
+    with pytest.raises(ValueError, match=match):
+        prepare_model(model(), MethodConfig(target_modules=targets))
+
+
+@pytest.mark.parametrize(
+    "model, targets, adapted",
+    [
+        (TinyMLP, "up", ["up"]),
+        (TinyMLP, "up|down", ["down", "up"]),
+        (_Nested, ".*\\.(up|down)", ["block.down", "block.up"]),
+        (_Nested, "all-linear", ["block.down", "block.head", "block.up"]),
+        (_Nested, ["up"], ["block.up"]),
+    ],
+)
+def test_valid_target_module_strings_adapt_what_peft_matches(model, targets, adapted):
+    assert sorted(lora_layers(prepare_model(model(), MethodConfig(target_modules=targets)))) == adapted
+
+
 def test_methods_registry_and_exact_llama_counts():
     assert set(METHODS) >= {"lora", "rslora", "dora", "pissa", "milora", "pilora"}
     cfg = LlamaConfig(**SMALL_LLAMA)

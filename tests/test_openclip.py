@@ -324,3 +324,37 @@ def test_merged_export_loads_into_a_stock_open_clip_tower_and_gives_the_adapted_
         assert torch.equal(adapted.get_base_model().tokens(x), tokens)  # the export left the model as it was
         with adapted.disable_adapter():
             assert not torch.allclose(adapted.get_base_model().tokens(x), tokens, atol=1e-3)  # the update mattered
+
+
+def test_export_command_runs_as_a_module(tmp_path):
+    """`python -m pilora.tasks.openclip <run>` itself: run as __main__, the module is loaded a second
+    time as pilora.tasks.openclip (by the task that rebuilds the tower), and the two module objects
+    hold two different OpenCLIPImageClassifier classes; calling main() in-process never sees that."""
+    import subprocess
+    import sys
+
+    from pilora.runner.train import train
+
+    cfg = _cfg(
+        tmp_path,
+        extra=[
+            "method=lora",
+            "trainer.max_steps=2",
+            "trainer.save_strategy=no",
+            "trainer.per_device_train_batch_size=6",
+        ],
+    )
+    assert train(cfg)["status"] == "complete"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pilora.tasks.openclip", cfg.output_dir],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(os.path.join(cfg.output_dir, "openclip_visual.safetensors")), proc.stdout
+    assert "wrote" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -102,3 +102,40 @@ def test_dominant_fractions():
 def test_method_config_rejects_bad_input(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         MethodConfig(**{"name": "pilora", **kwargs})
+
+
+@pytest.mark.parametrize(
+    "strategy,params,match",
+    [
+        ("hit_frequency", {"tua": 0.5}, r"'hit_frequency' takes no argument 'tua' \(did you mean 'tau'\?\).*\['tau'\]"),
+        ("cumulative", {"tau": 0.5}, r"'cumulative' takes no argument 'tau'.*\['threshold'\]"),
+        ("random", {"fraction": 0.5, "sed": 1}, r"'random' takes no argument 'sed' \(did you mean 'seed'\?\)"),
+        ("top_fraction", {"name": "x"}, r"'top_fraction' takes no argument 'name'.*\['fraction'\]"),
+    ],
+)
+def test_misspelled_strategy_argument_is_refused(strategy, params, match):
+    """`partition(stats, "hit_frequency", tua=0.5)` used to split with the default τ; an argument the
+    strategy's signature does not name is refused, with the names it takes."""
+    with pytest.raises(ValueError, match=match):
+        partition(STATS, strategy, **params)
+
+
+def test_misspelled_partition_argument_fails_before_training():
+    """`run.py method=pilora +method.partition.args.tua=0.5` used to train with the default τ: the
+    method config refuses it, and run.py's check reports it as one message before any folder."""
+    from helpers import compose_cfg
+
+    import hydra_setup
+    from pilora.runner.validate import check_config
+
+    bad = ["method=pilora", "+method.partition.args.tua=0.5"]
+    with pytest.raises(
+        ValueError, match=r"'method\.partition\.args\.tua' \(did you mean 'method\.partition\.args\.tau'\?\)"
+    ):
+        check_config(compose_cfg(bad, ""))
+    message = hydra_setup.check_job(bad)
+    assert message is not None and "'hit_frequency' takes no argument" in message and "'tau'" in message
+    # MethodConfig itself (the library's entry), and a correctly spelled argument still passes
+    with pytest.raises(ValueError, match=r"takes no argument 'method\.partition\.args\.tua'"):
+        MethodConfig(name="pilora", partition={"name": "hit_frequency", "args": {"tua": 0.5}})
+    assert hydra_setup.check_job(["method=pilora", "method.partition.args.tau=0.7"]) is None

@@ -244,15 +244,54 @@ def linear_module_names(model: "nn.Module") -> list[str]:
 
 
 def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
-    """Raise, listing the linear layers that exist, when a target name matches nothing."""
-    if isinstance(targets, str):
-        return  # a regex or "all-linear": PEFT validates it
+    """Raise, listing the linear layers that exist, when the targets match nothing: a name of the
+    list that no linear layer ends with, a string (PEFT's regex) that matches no module, or no
+    targets at all. PEFT's own errors for these name neither the model's layers nor the fix."""
+    import re
+
     from torch import nn
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    layers = linear_module_names(model)
+    example = f"method.target_modules=[{','.join(layers[:2])}]"
+    if isinstance(targets, str):
+        if targets.strip().lower() == "all-linear":
+            return  # PEFT's shorthand: it finds the linear layers itself
+        if not targets.strip():
+            raise ValueError(
+                f"target modules is an empty string: name the layers to adapt, e.g. {example} (of {layers}), "
+                "or set method.target_modules=null for the model's own"
+            )
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(
+                f"target modules {targets!r} is not a valid regular expression ({err}); give names as a list "
+                f"instead, e.g. {example} (of {layers})"
+            ) from None
+        # PEFT matches a string against each module's whole dotted name (re.fullmatch), whatever its type
+        if not any(pattern.fullmatch(n) for n, _ in model.named_modules() if n):
+            by_name = any(n == targets or n.endswith("." + targets) for n in names)
+            fix = (
+                f"to match it by name, give it as a list: method.target_modules=[{targets}]"
+                if by_name
+                else f"name layers that exist as a list ({example}) or write a regex of whole names "
+                f"('.*\\.({'|'.join(layers[:2])})')"
+            )
+            raise ValueError(
+                f"target modules {targets!r} match no linear layer of {type(model).__name__}; its linear layers "
+                f"are named {layers}. A string is a regex that must match a module's whole name (such as "
+                f"{names[0] if names else ''!r}): {fix}"
+            )
+        return
+    if len(targets) == 0:
+        raise ValueError(
+            f"target modules is an empty list: no layer would be adapted. Name the layers to adapt, e.g. "
+            f"{example} (of {layers}), or set method.target_modules=null for the model's own"
+        )
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ValueError(
             f"target modules {missing} match no linear layer of {type(model).__name__}; "
-            f"its linear layers are named {linear_module_names(model)}"
+            f"its linear layers are named {layers}"
         )

@@ -14,11 +14,13 @@ log = logging.getLogger("pilora")
 
 
 def check_partition(cfg) -> None:
-    """The partition a stage-1 user splits rows with: a known strategy, shares in (0, 1]."""
-    from ..partition import PARTITIONS
+    """The partition a stage-1 user splits rows with: a known strategy, only arguments it takes
+    (a misspelled one would split with the default), shares in (0, 1]."""
+    from ..partition import PARTITIONS, check_args
 
     if cfg.partition.name not in PARTITIONS:
         raise ValueError(f"unknown partition {cfg.partition.name!r}; choose one of {sorted(PARTITIONS)}")
+    check_args(cfg.partition.name, cfg.partition.args or {}, prefix="method.partition.args.")
     for name in ("tau", "threshold", "fraction"):
         if name in (cfg.partition.args or {}):
             v = float(cfg.partition.args[name])

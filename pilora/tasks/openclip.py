@@ -398,4 +398,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs this file as __main__, and rebuilding the run's tower imports it again as
+    # pilora.tasks.openclip: two modules, two OpenCLIPImageClassifier classes, and the tower (the
+    # package module's class) would fail _classifier's isinstance check here. The package module's
+    # main keeps every name in one module.
+    from pilora.tasks.openclip import main as _main
+
+    sys.exit(_main())
