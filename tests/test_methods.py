@@ -43,6 +43,16 @@ def test_unknown_target_module_lists_linear_layers():
         prepare_model(TinyMLP(), MethodConfig(target_modules=["q_proj"]))
 
 
+def test_a_misspelled_module_to_save_is_named_not_left_frozen():
+    """PEFT ignores a modules_to_save name that matches nothing: the head would not train."""
+    cfg = dict(name="lora", r=2, target_modules=["up"])
+    with pytest.raises(ValueError, match=r"modules_to_save names \['haed'\].*\['down', 'head', 'up'\]"):
+        prepare_model(TinyMLP(), MethodConfig(**cfg, modules_to_save=["haed"]))
+    model = prepare_model(TinyMLP(), MethodConfig(**cfg, modules_to_save=["head"]))
+    head = [p for n, p in model.named_parameters() if "modules_to_save" in n and "head" in n]
+    assert head and all(p.requires_grad for p in head)  # spelled right, the head trains
+
+
 class _Nested(torch.nn.Module):
     """TinyMLP one level down: its linears' whole names are block.up, block.down, block.head."""
 

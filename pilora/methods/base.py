@@ -161,6 +161,7 @@ class Method:
         from ..layer import FusedLoraForward
 
         check_target_modules(model, cfg.target_modules)
+        check_modules_to_save(model, cfg.modules_to_save)
         peft_config = self.peft_config(
             cfg, task_type, r=self.rank(cfg, masks, stage), alpha=self.alpha(cfg, masks, stage)
         )
@@ -241,6 +242,21 @@ def linear_module_names(model: "nn.Module") -> list[str]:
     from torch import nn
 
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def check_modules_to_save(model: "nn.Module", names) -> None:
+    """Raise when a name of ``method.modules_to_save`` is no module of ``model``: PEFT skips it
+    without a word, and the head (``[clasifier]``) would stay frozen at its random init."""
+    if not names:
+        return
+    modules = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+        raise ValueError(
+            f"method.modules_to_save names {missing}, which {type(model).__name__} does not contain; "
+            f"its modules are named {leaves} (the task's head: method.modules_to_save=null)"
+        )
 
 
 def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
