@@ -30,7 +30,7 @@ import sys
 
 import pandas as pd
 
-from pilora.runner.records import find_records
+from pilora.runner.records import find_records, is_rescoring
 
 from .dedupe import check_revisions, drop_duplicates
 from .keys import IGNORED, config_items, config_key, flatten, partition_label
@@ -97,9 +97,7 @@ def load_records(roots=None, *, dedupe: bool = True, quiet: bool = False) -> pd.
         try:
             with open(path) as f:
                 rec = json.load(f)
-            if isinstance(rec, dict) and rec.get("source"):
-                # python -m pilora.runner.evaluate's re-scoring of the run in rec["source"] (often of
-                # some test sets only): the run's own record is what the tables average
+            if is_rescoring(rec):  # the run's own record is what the tables average
                 rescored.append(path)
                 continue
             rows.append(record_row(rec, path))

@@ -61,6 +61,12 @@ def same_value(a, b) -> bool:
     return a == b
 
 
+def mismatched_keys(reference: dict, config: dict) -> list[str]:
+    """The keys of a paper setting (a table's ``reference`` for one model) that ``config`` sets
+    to another value; a key ``config`` lacks does not count."""
+    return [k for k in reference if k in config and not same_value(config[k], reference[k])]
+
+
 def off_paper_setting(model: str, config: dict, paper: dict | None = None) -> int:
     """How many keys of the paper's setting for ``model`` (a table's ``reference`` in
     paper_numbers.json; the fewest over the tables that name it) ``config`` contradicts."""
@@ -69,7 +75,7 @@ def off_paper_setting(model: str, config: dict, paper: dict | None = None) -> in
         for spec in (paper or load_paper())["tables"].values()
         if model in (spec.get("reference") or {})
     ]
-    return min((sum(k in config and not same_value(config[k], v) for k, v in ref.items()) for ref in refs), default=0)
+    return min((len(mismatched_keys(ref, config)) for ref in refs), default=0)
 
 
 # ----------------------------------------------------------------------------- data

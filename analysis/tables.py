@@ -41,6 +41,7 @@ from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     Table,
     load_paper,
     method_name,
+    mismatched_keys,
     same_value,
 )
 from .table_text import cell_texts, notes, to_latex, to_markdown  # noqa: F401
@@ -195,7 +196,7 @@ def build_table(
         target = next((r for r in paper_rows if r.model_config == model and r.row_id == rid), None)
         labels, on_paper = {}, set()
         for ck, conf in configs.items():
-            mismatch = [k for k in ref if k in conf and not same_value(conf[k], ref[k])]
+            mismatch = mismatched_keys(ref, conf)
             # Table 4: a budget-matched LoRA always names the partition its ranks came from
             own = (
                 {k for k in conf if k.startswith("method.partition.")}

@@ -244,13 +244,18 @@ def linear_module_names(model: "nn.Module") -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
 
 
+def _has_module(names: list[str], target: str) -> bool:
+    """PEFT's rule for a listed name: a module's whole dotted name, or the end of one."""
+    return any(n == target or n.endswith("." + target) for n in names)
+
+
 def check_modules_to_save(model: "nn.Module", names) -> None:
     """Raise when a name of ``method.modules_to_save`` is no module of ``model``: PEFT skips it
     without a word, and the head (``[clasifier]``) would stay frozen at its random init."""
     if not names:
         return
     modules = [n for n, _ in model.named_modules() if n]
-    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
+    missing = [t for t in names if not _has_module(modules, t)]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
         raise ValueError(
@@ -270,14 +275,15 @@ def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     layers = linear_module_names(model)
     example = f"method.target_modules=[{','.join(layers[:2])}]"
+    if not (targets.strip() if isinstance(targets, str) else targets):
+        raise ValueError(
+            f"target modules is an empty {'string' if isinstance(targets, str) else 'list'}: no layer would be "
+            f"adapted. Name the layers to adapt, e.g. {example} (of {layers}), or set "
+            "method.target_modules=null for the model's own"
+        )
     if isinstance(targets, str):
         if targets.strip().lower() == "all-linear":
             return  # PEFT's shorthand: it finds the linear layers itself
-        if not targets.strip():
-            raise ValueError(
-                f"target modules is an empty string: name the layers to adapt, e.g. {example} (of {layers}), "
-                "or set method.target_modules=null for the model's own"
-            )
         try:
             pattern = re.compile(targets)
         except re.error as err:
@@ -287,10 +293,9 @@ def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
             ) from None
         # PEFT matches a string against each module's whole dotted name (re.fullmatch), whatever its type
         if not any(pattern.fullmatch(n) for n, _ in model.named_modules() if n):
-            by_name = any(n == targets or n.endswith("." + targets) for n in names)
             fix = (
                 f"to match it by name, give it as a list: method.target_modules=[{targets}]"
-                if by_name
+                if _has_module(names, targets)
                 else f"name layers that exist as a list ({example}) or write a regex of whole names "
                 f"('.*\\.({'|'.join(layers[:2])})')"
             )
@@ -300,12 +305,7 @@ def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
                 f"{names[0] if names else ''!r}): {fix}"
             )
         return
-    if len(targets) == 0:
-        raise ValueError(
-            f"target modules is an empty list: no layer would be adapted. Name the layers to adapt, e.g. "
-            f"{example} (of {layers}), or set method.target_modules=null for the model's own"
-        )
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if not _has_module(names, t)]
     if missing:
         raise ValueError(
             f"target modules {missing} match no linear layer of {type(model).__name__}; "

@@ -295,7 +295,7 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
         from .train import _final_evaluation
 
         record = _final_evaluation(cfg, task, model, trainer, data, {"config": cfg, **training}, out)
-        record["source"] = target
+        record["source"] = target  # what makes it a re-scoring (records.is_rescoring)
         atomic_write_json(os.path.join(out, RECORD), record)
         log.info("evaluation written: %s", os.path.join(out, RECORD))
         return record

@@ -32,6 +32,12 @@ def find_records(roots: list[str]) -> list[str]:
     return sorted(set(found))
 
 
+def is_rescoring(record) -> bool:
+    """A record ``python -m pilora.runner.evaluate`` wrote (its ``source`` is the run it scored
+    again, often on some test sets only): not a job of its own, so tables and summaries skip it."""
+    return isinstance(record, dict) and bool(record.get("source"))
+
+
 def read_record(path: str) -> dict | None:
     try:
         with open(path) as f:

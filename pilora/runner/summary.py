@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .records import find_records, read_record
+from .records import find_records, is_rescoring, read_record
 
 _FIXED = ("method", "task", "seed", "trainable", "adapter", "share_%", "dominant", "time_s", "point", "folder", "path")
 # swept keys the table shows in columns of their own (method, task, seed) or not at all (model: one per table)
@@ -50,7 +50,7 @@ def summary_rows(root: str, swept=()) -> list[dict]:
     rows = []
     for path in find_records([root]):
         r = read_record(path)
-        if not r or r.get("status") != "complete" or r.get("source"):  # source: a re-scoring of a run
+        if not r or r.get("status") != "complete" or is_rescoring(r):
             continue
         test, final = r["metrics"].get("test") or {}, r["metrics"].get("final") or {}
         metric = r.get("metric", "accuracy")
