@@ -114,7 +114,7 @@ def _check_numbers(rec: dict) -> None:
 # the range of a metric, by how its name ends (eval_accuracy, test_boolq_accuracy, eval_f1, ...)
 METRIC_RANGES = (
     (("accuracy", "f1", "precision", "recall"), (0.0, 1.0)),
-    (("matthews_correlation", "pearson", "spearmanr", "combined_score"), (-1.0, 1.0)),
+    (("matthews_correlation", "mcc", "pearson", "spearmanr", "combined_score"), (-1.0, 1.0)),
     (("loss", "no_match"), (0.0, math.inf)),
 )
 
@@ -146,7 +146,7 @@ def _used_method_keys(section: dict) -> dict:
     return recorded_section(section)
 
 
-def record_row(rec: Any, path: str, source: str = "file") -> dict:
+def record_row(rec: Any, path: str, source: str = "file", mtime: float | None = None) -> dict:
     """Flatten one record; raise :class:`RecordError` (with a one-line reason) if unusable."""
     if not isinstance(rec, dict):
         raise RecordError("not a JSON object")
@@ -232,7 +232,8 @@ def record_row(rec: Any, path: str, source: str = "file") -> dict:
         "source": source,
         "path": path,
         "dir": os.path.dirname(path) if source == "file" else None,
-        "mtime": os.path.getmtime(path) if source == "file" and os.path.exists(path) else None,
+        # which of two records of one configuration and seed is newer (a W&B row: its run's start time)
+        "mtime": os.path.getmtime(path) if source == "file" and os.path.exists(path) else mtime,
         "wandb_id": (rec.get("wandb") or {}).get("id"),
         # the number the task names as its headline (pilora.tasks.base.Task.headline); None in old records
         "headline_metric": ((rec.get("evaluation") or {}).get("headline") or {}).get("metric"),

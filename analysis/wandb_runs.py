@@ -96,6 +96,7 @@ def read_run(path: str) -> dict:
                 "job_type": body.get("job_type"),
                 "tags": list(body.get("tags") or []),
                 "commit": (body.get("git") or {}).get("commit") or None,
+                "created_at": body.get("start_time"),  # a rerun's run folder is the newer one
             }
             _update(config, (body.get("config") or {}).get("update"))
             _update(summary, (body.get("summary") or {}).get("update"))
@@ -118,12 +119,11 @@ def read_run(path: str) -> dict:
     folder = os.path.dirname(path)
     files, missing = {}, []  # the files of the results artifact: what the analysis reads
     for name, local in (artifacts.get("results") or {}).get("files", {}).items():
-        base = os.path.basename(name)
-        copy = os.path.join(folder, "files", base)
+        copy = os.path.join(folder, "files", name)
         if local and os.path.isfile(local):
-            files[base] = local
+            files[name] = local
         elif os.path.isfile(copy):  # the run folder's own copy (a folder copied from elsewhere)
-            files[base] = copy
+            files[name] = copy
         else:
             missing.append((name, local))
     if "results.json" not in files and os.path.isfile(os.path.join(folder, "files", "results.json")):

@@ -5,6 +5,7 @@ as the same frame as :func:`analysis.records.load_records`.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -62,6 +63,7 @@ def _pull(project: str, entity: str | None, filters: dict | None, api, artifact_
             "state": getattr(run, "state", None),
             "path": "/".join(getattr(run, "path", []) or [project, run.id]),
             "commit": getattr(run, "commit", None),
+            "created_at": getattr(run, "created_at", None),
             "config": _plain(dict(run.config or {})),
             "summary": _plain(dict(summary)),
             "record": None,
@@ -197,12 +199,23 @@ def _with_artifacts(rec: dict, item: dict) -> dict:
     return rec
 
 
+def _timestamp(text) -> float | None:
+    """W&B's ISO start time (``2026-12-06T20:40:30.911994Z``) in seconds: of two runs of one
+    configuration and seed, the newer one is kept, as the newer ``results.json`` is locally."""
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def _items_frame(items: list[dict], where: str, dedupe: bool = True) -> pd.DataFrame:
     rows, skipped = [], []
     for item in items:
         label = f"wandb:{item.get('path') or item.get('id')}"
         try:
-            rows.append(record_row(wandb_record(item), label, source="wandb"))
+            rows.append(record_row(wandb_record(item), label, source="wandb", mtime=_timestamp(item.get("created_at"))))
         except RecordError as err:
             skipped.append((label, str(err)))
         except Exception as err:
@@ -310,14 +323,12 @@ def load_wandb(
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
             if os.path.exists(path):
                 say(f"W&B API not reachable for {where} ({reason}); using the local cache {path}")
-            else:
-                say(
+            else:  # nothing to show: tables of the paper's numbers alone would look like an empty project
+                raise WandbSourceError(
                     f"W&B API not reachable for {where} ({reason}) and there is no local cache at {path}; "
-                    "no records (log in with `wandb login`, or set WANDB_MODE/WANDB_BASE_URL)"
-                )
-                df = frame([])
-                df.attrs.update(roots=[f"wandb:{where}"], skipped=[], missing_roots=[], wandb_cache=None)
-                return df
+                    "log in with `wandb login` (or set WANDB_BASE_URL), pull once where the API is reachable "
+                    "and copy the cache folder here (--wandb-cache), or read offline run folders with --wandb-dir"
+                ) from err
     if payload is None:
         with open(path) as f:
             payload = json.load(f)

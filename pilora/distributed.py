@@ -149,4 +149,7 @@ def gather_full_model(model: torch.nn.Module, build) -> torch.nn.Module:
         for name, b in model.named_buffers():
             if name in buffers:
                 buffers[name].copy_(b.full_tensor() if isinstance(b, DTensor) else b)
+    from .export import carry_initial_adapter
+
+    carry_initial_adapter(model, fresh)  # PiSSA / MiLoRA: the copy saves converted, as the trained model would
     return fresh.train(model.training)

@@ -287,6 +287,14 @@ def save_initial_adapter(peft_model, path: str) -> str:
     return path
 
 
+def carry_initial_adapter(source, copy) -> None:
+    """Let ``copy`` (e.g. the all-gathered copy of an FSDP-trained model) save as ``source`` does:
+    converted against ``source``'s initial adapter, when it has one."""
+    initial = getattr(source, _INITIAL_ATTR, None)
+    if initial is not None:
+        setattr(copy, _INITIAL_ATTR, initial)
+
+
 def save_peft_adapter(peft_model, path: str) -> None:
     """Write ``path`` so that ``PeftModel.from_pretrained(<pretrained model>, path)`` reproduces
     ``peft_model``'s outputs: the PiLoRA export, LoRA-Dash's rank-(r + s) export (PEFT's own save

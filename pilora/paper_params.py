@@ -21,11 +21,20 @@ MODEL_CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 @functools.cache
+def _model_conf(model: str) -> dict:
+    with open(os.path.join(MODEL_CONF, f"{model}.yaml")) as f:
+        return yaml.safe_load(f)
+
+
 def model_targets(model: str) -> list[str]:
     """The adapted linear layers of ``conf/model/<model>.yaml``: the one list the runs, these counts
     and the benchmarks share (plain YAML: no Hydra needed)."""
-    with open(os.path.join(MODEL_CONF, f"{model}.yaml")) as f:
-        return list(yaml.safe_load(f)["target_modules"])
+    return list(_model_conf(model)["target_modules"])
+
+
+def model_heads(model: str) -> list[str]:
+    """The task heads ``conf/model/<model>.yaml`` trains in full (``head_modules``; none for LLaMA)."""
+    return list(_model_conf(model).get("head_modules") or [])
 
 
 def _llama2_7b():
@@ -141,12 +150,14 @@ def meta_count(
     build, model_name, r0, rs0 = SETTINGS[setting]
     with torch.device("meta"):
         base = build()
+        heads = [h for h in model_heads(model_name) if hasattr(base, h)]  # RoBERTa's classifier, as the runs train it
         cfg = MethodConfig(
             name=method,
             r=r or r0,
             alpha=2 * (r or r0),
             target_modules=model_targets(model_name),
             supplementary_r=rs0 if supplementary_r is None else supplementary_r,
+            modules_to_save=heads or None,
         )
         model = prepare_model(base, cfg, stage=1)
         if method == "pilora":

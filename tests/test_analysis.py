@@ -234,21 +234,22 @@ def test_a_mistyped_record_is_skipped_not_every_table(tree, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "value, reason",
+    "key, value, reason",
     [
-        ("0.93", "metrics.best.eval_accuracy is '0.93' (str), not a number"),
-        (float("nan"), "metrics.best.eval_accuracy is nan, not a finite number"),
-        (7.5, "metrics.best.eval_accuracy is 7.5, outside the metric's range [0, 1]"),
+        ("eval_accuracy", "0.93", "metrics.best.eval_accuracy is '0.93' (str), not a number"),
+        ("eval_accuracy", float("nan"), "metrics.best.eval_accuracy is nan, not a finite number"),
+        ("eval_accuracy", 7.5, "metrics.best.eval_accuracy is 7.5, outside the metric's range [0, 1]"),
+        ("eval_mcc", 1.5, "metrics.best.eval_mcc is 1.5, outside the metric's range [-1, 1]"),  # CoLA's MCC
     ],
 )
-def test_impossible_metrics_are_skipped_by_file_never_averaged(tree, tmp_path, capsys, value, reason):
-    """A record whose best accuracy is a string, NaN or 7.5 (750 %): one warning naming the file,
-    and the configuration's mean is that of the other seed alone."""
+def test_impossible_metrics_are_skipped_by_file_never_averaged(tree, tmp_path, capsys, key, value, reason):
+    """A record whose best accuracy is a string, NaN or 7.5 (750 %), or whose MCC is 1.5: one
+    warning naming the file, and the configuration's mean is that of the other seed alone."""
     from analysis.records import load_records
 
     def damage(i, rec):
         if i == 0:
-            rec["metrics"]["best"]["eval_accuracy"] = value
+            rec["metrics"]["best"][key] = value
 
     paths = _copy_records(tree, tmp_path, "vision", damage, task="eurosat", method="lora")
     assert len(paths) == 2
@@ -292,21 +293,19 @@ def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys
     import wandb
 
     from analysis.records import load_records
-    from analysis.wandb_source import load_wandb
+    from analysis.wandb_source import WandbSourceError, load_wandb
+    from pilora.runner.wandb import summary_of
 
     local = load_records(tree)
     recs = [r for _, r in _raw(tree) if r["task"] == "eurosat" and r["method"] == "lora"]
 
-    class Run:  # what wandb.Api().runs() yields, as train.py logs it (config + summary)
+    class Run:  # what wandb.Api().runs() yields, as train.py logs it (config + summary, no files)
         def __init__(self, rec):
             self.id, self.name, self.state = f"run{rec['seed']}", "x", "finished"
             self.path = ["me", "proj", self.id]
             self.config, self.commit = rec["config"], rec["git"]["revision"]
-            self.summary = {
-                **{f"final/{k}": v for k, v in rec["metrics"]["final"].items()},
-                **{f"params/{k}": v for k, v in rec["params"].items()},
-                **{f"test/{k[5:]}": v for k, v in rec["metrics"]["test"].items()},
-            }
+            self.summary = summary_of(rec, rec["config"])  # the runner's own summary
+            self.created_at = f"2026-01-0{rec['seed'] + 1}T00:00:00Z"
 
         def files(self):
             return []
@@ -336,8 +335,13 @@ def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys
     err = capsys.readouterr().err
     assert "not reachable" in err and "cache" in err and "Traceback" not in err
     assert list(again["test_accuracy"]) == list(first["test_accuracy"])
-    none = load_wandb("proj", "me", cache_dir=str(tmp_path / "nocache"))
-    assert none.empty and "no local cache" in capsys.readouterr().err
+    with pytest.raises(WandbSourceError, match="not reachable for me/proj .* no local cache"):
+        load_wandb("proj", "me", cache_dir=str(tmp_path / "nocache"))
+    from analysis.tables import main
+
+    assert main(["--wandb", "me/proj", "--wandb-cache", str(tmp_path / "nocache")]) == 2  # not a table without runs
+    err = capsys.readouterr().err
+    assert "no local cache" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- tables

@@ -244,6 +244,19 @@ def test_missing_local_file_names_path_and_hub_id(tmp_path):
         _run(cfg)
 
 
+def test_missing_relative_dataset_folder_is_named_not_blamed_on_the_hub(tmp_path, monkeypatch):
+    """``task.dataset.path=data/glue_local`` (relative, no such folder): datasets asks the hub for a
+    repo of that name; the error names the path the user gave, and the hub id to load instead."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = compose_cfg(FAST + ["task=glue/sst2", "model=minilm-l6", "task.dataset.path=data/glue_local"], tmp_path / "o")
+    with pytest.raises(
+        DataError, match=r"task\.dataset\.path='data/glue_local' \(no such folder; the hub dataset 'nyu-mll/glue'\)"
+    ):
+        _run(cfg)
+
+
 def test_wrong_columns_and_empty_split(tmp_path):
     d = tmp_path / "d"
     d.mkdir()

@@ -132,6 +132,23 @@ def test_pilora_stage2_under_fsdp_matches_one_process_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_pissa_under_fsdp_saves_the_converted_adapter(tmp_path):
+    """PiSSA moves part of W0 into its adapter: the adapter saved from the gathered FSDP copy is the
+    conversion against the initial adapter (rank 2r, loadable onto the pretrained model), equal to
+    one process's, not the raw rank-r adapter that would reload onto W0 wrong."""
+    base = _base(tmp_path / "data") + ["method=pissa", "method.r=4", "method.alpha=8"]
+    sharded = _fsdp_torchrun(base + ["trainer.per_device_train_batch_size=4"], tmp_path / "fsdp")
+    one = train(compose_cfg(base + ["trainer.per_device_train_batch_size=8"], tmp_path / "one"))
+    _same_record(sharded, one)
+    weights = _close_files(tmp_path / "fsdp" / "adapter", tmp_path / "one" / "adapter", "adapter_model.safetensors")
+    r = one["config"]["method"]["r"]
+    assert {v.shape[0] for k, v in weights.items() if ".lora_A." in k} == {2 * r}  # converted: rank 2r
+    for folder in ("fsdp", "one"):
+        saved = json.load(open(tmp_path / folder / "adapter" / "adapter_config.json"))
+        assert saved["r"] == 2 * r
+
+
+@pytest.mark.slow
 def test_fsdp_on_cpu_ranks_is_refused_not_run_as_ddp(tmp_path):
     """Plain run.py on 2 CPU ranks with trainer.fsdp: accelerate prepares DDP (MULTI_CPU) instead,
     which would train unsharded without a word (a single unlaunched process is refused by

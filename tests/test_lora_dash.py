@@ -354,6 +354,7 @@ def test_glue_end_to_end_launches_learns_and_resumes(tmp_path):
     interrupt_during_training(out)
     resumed = train(compose_cfg(overrides, out))
     assert resumed["lora_dash"]["directions"] == info["directions"]
+    assert resumed["lora_dash"]["launch_step"] == info["launch_step"] == 5  # the step, not t = 4 layer calls
     assert resumed["metrics"]["final"]["eval_loss"] == pytest.approx(rec["metrics"]["final"]["eval_loss"], rel=1e-5)
 
 

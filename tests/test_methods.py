@@ -31,11 +31,51 @@ def test_milora_uses_smallest_singular_triplets_and_pissa_the_largest():
     W = base.up.weight.detach().clone()
     S = torch.linalg.svdvals(W)
     for name, expected in (("milora", S[-2:]), ("pissa", S[:2])):
-        model = prepare_model(copy.deepcopy(base), MethodConfig(name=name, r=2, alpha=2, target_modules=["up"]))
+        # alpha = 4, r = 2: scaling s = 2, so an init that forgot to divide Σ by s would be off by 2x
+        model = prepare_model(copy.deepcopy(base), MethodConfig(name=name, r=2, alpha=4, target_modules=["up"]))
         layer = lora_layers(model)["up"]
-        delta = layer.get_delta_weight("default")
+        delta = layer.get_delta_weight("default")  # s·B·A
         assert torch.allclose(torch.linalg.svdvals(delta)[:2], expected, atol=1e-4)
         assert torch.allclose(layer.get_base_layer().weight + delta, W, atol=1e-5)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert torch.allclose(A.norm(), B.norm(), rtol=1e-4)  # √(Σ/s) in both factors, as PEFT's PiSSA
+
+
+@pytest.mark.parametrize("target", [r".*\.attn\.c_proj", r".*\.mlp\.c_proj"])  # square, and 4d × d
+def test_milora_on_conv1d_layers_reads_the_weight_transposed(target):
+    """GPT-2's Conv1D stores W0 as n × m (PEFT's fan_in_fan_out): MiLoRA must take the triplets of
+    W0, not of its transpose (the output at init would change, or the shapes would not fit)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    want = base(ids).logits
+    for name in ("milora", "pissa"):
+        model = prepare_model(
+            copy.deepcopy(base), MethodConfig(name=name, r=2, alpha=4, dropout=0.0, target_modules=target)
+        ).eval()
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+
+
+def test_milora_warns_when_a_half_precision_residual_loses_the_minor_component(caplog):
+    """bfloat16 W_res = W0 − s·B·A cannot hold W0's smallest triplets: said once, with the fix."""
+    import pilora.methods.svd as svd
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 256)).to(torch.bfloat16)
+    svd._warned = False
+    with caplog.at_level("WARNING", logger="pilora"):
+        prepare_model(layer, MethodConfig(name="milora", r=8, alpha=16, target_modules=["0"]))
+    assert "MiLoRA: rounding W_res = W0 - s·B·A to bfloat16 loses" in caplog.text
+    assert "model.dtype=float32" in caplog.text
+    caplog.clear()
+    svd._warned = False
+    with caplog.at_level("WARNING", logger="pilora"):
+        prepare_model(
+            torch.nn.Sequential(torch.nn.Linear(256, 256)), MethodConfig(name="milora", r=8, target_modules=["0"])
+        )
+    assert "MiLoRA" not in caplog.text  # float32: exact to float error, nothing to say
 
 
 def test_unknown_target_module_lists_linear_layers():

@@ -25,6 +25,11 @@ def test_roberta_large_both_conventions():
     assert round(100 * c.adapter_share_of_backbone, 2) == 4.00  # GOAT: of the 354.3 M backbone
     assert round(100 * c.adapter_share, 2) == 3.83  # PEFT-style, head included
     assert round(c.backbone / 1e6, 1) == 354.3
+    # the classifier head trains in full, as in the runs (modules_to_save), and counts once: PEFT's
+    # frozen copy of it (original_module) is no parameter of the model that runs (3.82 % with it)
+    head = 1024 * 1024 + 1024 + 1024 * 2 + 2
+    assert c.trainable == c.adapter + head
+    assert c.total == c.backbone + head + c.adapter
 
 
 def test_pilora_top_half_share():

@@ -479,3 +479,108 @@ def test_a_torn_run_file_reads_up_to_its_tear_and_garbage_is_named(sweep, tmp_pa
     shutil.copytree(os.path.join(run["path"], "files"), torn.parent / "files")
     df = wandb_source.load_wandb_dir(str(tmp_path / "torn"))
     assert str(bad) in capsys.readouterr().err and len(df) == 1  # the torn run, from its record copy
+
+
+def _isolated_wandb(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for k in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):  # W&B's staging, inside the test
+        monkeypatch.setenv(k, str(tmp_path / k.lower()))
+
+
+def test_a_rerun_continues_the_jobs_run_and_the_newest_record_wins(tmp_path, monkeypatch):
+    """A job interrupted at step 2 and rerun logs into the same W&B run (one id, the rerun's folder
+    finishing it), not a second run of the same name; a rerun with ``resume=false`` opens a new run,
+    and reading the W&B folders keeps its record, the newer one, as the local reader does."""
+    import torch
+    from helpers import write_images
+
+    from analysis import records, tables, wandb_source
+    from analysis.wandb_runs import find_offline_runs, read_run
+    from pilora.runner import wandb as logging_wandb
+    from pilora.runner.train import train
+
+    _isolated_wandb(monkeypatch, tmp_path)
+    img = str(tmp_path / "img")
+    write_images(img)
+    out = tmp_path / "multirun" / "tiny" / "method=lora,seed=0"
+    over = QUICK + _vision(img) + ["method=lora", "trainer.save_strategy=steps", "trainer.save_steps=1"]
+    real = logging_wandb.StageLogger.on_log
+
+    def preempted(self, args, state, control, logs=None, **kw):
+        real(self, args, state, control, logs=logs, **kw)
+        if state.global_step == 2:
+            raise RuntimeError("preempted")
+
+    monkeypatch.setattr(logging_wandb.StageLogger, "on_log", preempted)
+    torch.set_num_threads(1)
+    with pytest.raises(RuntimeError, match="preempted"):
+        train(compose_cfg(over, out))
+    first = logging_wandb.saved_run_id(str(out))
+    assert first
+    monkeypatch.setattr(logging_wandb.StageLogger, "on_log", real)
+    rec = train(compose_cfg(over, out))
+    assert rec["status"] == "complete" and rec["steps"] == 3 and rec["wandb"]["id"] == first
+    runs = [read_run(p) for p in find_offline_runs(str(out))]
+    assert {r["id"] for r in runs} == {first} and sorted(r["state"] for r in runs) == ["failed", "finished"]
+    (done,) = [r for r in runs if r["state"] == "finished"]
+    assert done["summary"]["steps"] == 3 and done["record"] == json.loads(json.dumps(rec))
+
+    again = train(compose_cfg(over + ["resume=false"], out))
+    assert again["wandb"]["id"] not in (None, first) and logging_wandb.saved_run_id(str(out)) == again["wandb"]["id"]
+    df = wandb_source.load_wandb_dir(str(tmp_path / "multirun"))
+    assert list(df["wandb_id"]) == [again["wandb"]["id"]]  # of the two complete runs, the newer
+    local = records.load_records(str(tmp_path / "multirun"))
+    ours = tables.render(local, ["3"], "best", False, "adapter_share", False, cost=True)
+    assert tables.render(df, ["3"], "best", False, "adapter_share", False, cost=True) == ours
+
+
+def test_wandb_mode_disabled_logs_no_run(tmp_path, monkeypatch):
+    """``WANDB_MODE=disabled`` (W&B's own switch, read by ``logger.mode``) turns logging off as
+    ``logger=none`` does; the job neither fails on W&B's dummy run nor records a run it did not log."""
+    from helpers import write_images
+
+    from pilora.runner.train import train
+
+    _isolated_wandb(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    write_images(str(tmp_path / "img"))
+    cfg = compose_cfg(
+        [x for x in QUICK if x != "logger.mode=offline"] + _vision(str(tmp_path / "img")), tmp_path / "run"
+    )
+    assert cfg["logger"]["mode"] == "disabled"
+    rec = train(cfg)
+    assert rec["status"] == "complete" and rec["steps"] == 3 and "wandb" not in rec
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_a_copied_run_folder_carries_the_predictions(tmp_path, monkeypatch):
+    """The record artifact's every file (``predictions/<set>.jsonl`` of a generation task too) is
+    also in the run's ``files/``: a ``wandb/`` folder copied without W&B's staging folder reads back."""
+    import shutil
+
+    from helpers import write_images
+
+    from analysis import wandb_source
+    from pilora.runner import wandb as logging_wandb
+    from pilora.runner.train import train
+
+    _isolated_wandb(monkeypatch, tmp_path)
+    write_images(str(tmp_path / "img"))
+    out = tmp_path / "job"
+    real = logging_wandb.finish_run
+
+    def with_predictions(run, record, cfg, where, files):  # what a generation task's evaluation writes
+        os.makedirs(os.path.join(where, "predictions"), exist_ok=True)
+        with open(os.path.join(where, "predictions", "boolq.jsonl"), "w") as f:
+            f.write('{"id": 0, "correct": true}\n')
+        return real(run, record, cfg, where, files)
+
+    monkeypatch.setattr(logging_wandb, "finish_run", with_predictions)
+    train(compose_cfg(QUICK + _vision(str(tmp_path / "img")) + ["method=lora"], out))
+    copy = tmp_path / "copied" / "job" / "wandb"
+    shutil.copytree(out / "wandb", copy, symlinks=False)
+    shutil.rmtree(tmp_path / "wandb_data_dir")  # W&B's staging folder: not on the machine the folder went to
+    (kept,) = glob.glob(str(copy / "offline-run-*" / "files" / "predictions" / "boolq.jsonl"))
+    assert open(kept).read() == open(out / "predictions" / "boolq.jsonl").read()
+    df = wandb_source.load_wandb_dir(str(tmp_path / "copied"))
+    assert len(df) == 1 and df["wandb_id"].tolist() == [json.load(open(out / "results.json"))["wandb"]["id"]]

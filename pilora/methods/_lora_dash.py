@@ -264,8 +264,10 @@ class DashLaunchCallback(TrainerCallback):
             check_prelaunch(self.t, state.max_steps)
         refuse_sharded_launch(args)
         if is_launched(self.model, self.adapter):  # resumed from a checkpoint written after the launch
-            self.launch_step = self.t
-            self.chosen = self._from_layers()
+            # the launch's own record: with layer_calls the step is not t (t counts forward calls)
+            saved = torch.load(self.file, weights_only=True) if self.file and os.path.isfile(self.file) else None
+            self.launch_step = saved["step"] if saved else self.t
+            self.chosen = saved["modules"] if saved else self._from_layers()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.launch_step is None:

@@ -23,11 +23,18 @@
   ``model``: the stock-PEFT ``adapter/`` and PiLoRA's compact ``adapter_pilora/``, with metadata
   naming the base model, the method, r, r' and the target modules), each file skipped with a log
   line when larger than ``logger.artifact_max_mb``.
-* **Self-contained run folder:** ``results.json`` and ``importance.pt`` are also copied into
-  the run's ``files/`` (W&B keeps offline artifact files in its staging folder, outside the run
-  folder), so a ``wandb/`` folder copied to another machine still gives the tables and figures
+* **Self-contained run folder:** the record artifact's files (``results.json``, ``importance.pt``,
+  a generation task's ``predictions/<set>.jsonl``) are also copied into the run's ``files/`` (W&B
+  keeps offline artifact files in its staging folder, outside the run folder), so a ``wandb/``
+  folder copied to another machine still gives the tables and figures
   (``analysis.records.load_wandb_dir``); the installed packages are saved there too
   (``requirements.txt``), quiet or not.
+* **One run per job, across reruns:** the run's id is kept in ``<output_dir>/wandb/run_id``; a
+  rerun (an interrupted job resuming, a finished one scoring new test sets) resumes that run
+  (``resume="allow"``; offline: a new ``offline-run-*`` folder with the same id), and
+  ``resume=false`` starts a new one. The run folders live in the job's folder
+  (``dir=<output_dir>``, whatever ``WANDB_DIR`` says), where the analysis finds them.
+* **Off:** ``logger=none``, or ``WANDB_MODE=disabled`` / ``logger.mode=disabled``.
 * **No network:** with ``logger.mode=online``, a W&B server that cannot be reached (a TCP probe,
   at most 10 s) or a ``wandb.init`` that fails (``logger.init_timeout_s``, no API key) makes the
   run offline, with a warning and ``offline_fallback`` in the record's ``wandb`` entry; the
@@ -44,6 +51,8 @@ import logging
 import os
 import re
 import shutil
+
+from ..io import atomic_write
 
 log = logging.getLogger("pilora")
 _RUN = None  # the job's run while it trains; StageLogger callbacks log into it
@@ -219,6 +228,13 @@ def start_run(cfg: dict, out: str):
         reinit="finish_previous",
     )
     mode = lg.get("mode", "offline")
+    if mode == "disabled":  # WANDB_MODE=disabled: W&B's dummy run has no folder to keep files in
+        log.info("W&B: logger.mode=disabled; this job logs no run (as logger=none)")
+        _NAME = None
+        return None
+    saved = saved_run_id(out) if cfg.get("resume", True) else None
+    if saved:  # a rerun of an interrupted (or re-evaluated) job continues its run: one run per job
+        kwargs.update(id=saved, resume="allow")
     global FALLBACK
     FALLBACK = None
     if mode == "online":
@@ -246,8 +262,23 @@ def start_run(cfg: dict, out: str):
     for stage in STAGES:
         run.define_metric(f"{stage}/step")
         run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+    if run.id != saved:
+        atomic_write(os.path.join(out, "wandb", RUN_ID_FILE), lambda f: f.write(run.id + "\n"))
     _RUN = run
     return run
+
+
+RUN_ID_FILE = "run_id"  # <output_dir>/wandb/run_id: the job's W&B run, which a rerun resumes
+
+
+def saved_run_id(out: str) -> str | None:
+    """The W&B run id an earlier attempt of the job in ``out`` opened (None: no attempt logged one)."""
+    path = os.path.join(out, "wandb", RUN_ID_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else None
 
 
 def base_url() -> str:
@@ -332,16 +363,24 @@ def _size_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2**20
 
 
-def _add(art, path: str) -> None:
-    """File by file: ``Artifact.add_dir`` prints a progress line for every folder."""
+def _files(path: str):
+    """``(file, name)`` of ``path`` (a file: its base name) or of every file under it (names
+    relative to its parent: ``predictions/boolq.jsonl``), in a stable order."""
     if os.path.isfile(path):
-        art.add_file(path)
+        yield path, os.path.basename(path)
         return
     top = os.path.dirname(os.path.normpath(path))
-    for here, _, names in os.walk(path):
+    for here, dirs, names in os.walk(path):
+        dirs.sort()
         for name in sorted(names):
             full = os.path.join(here, name)
-            art.add_file(full, name=os.path.relpath(full, top))
+            yield full, os.path.relpath(full, top)
+
+
+def _add(art, path: str) -> None:
+    """File by file: ``Artifact.add_dir`` prints a progress line for every folder."""
+    for full, name in _files(path):
+        art.add_file(full, name=name)
 
 
 def adapter_metadata(cfg: dict, record: dict, adapter_dir: str) -> dict:
@@ -373,18 +412,21 @@ def adapter_metadata(cfg: dict, record: dict, adapter_dir: str) -> dict:
 
 
 def _keep_in_run_folder(run, path: str, cap: float) -> None:
-    """A real copy of ``path`` in the run's ``files/`` (W&B would symlink it, and offline artifact
-    files stay in W&B's staging folder), so a copied run folder carries what the analysis reads."""
-    if not path or not os.path.isfile(path):
+    """Real copies of ``path`` (a file, or a folder's files) in the run's ``files/``, under their
+    artifact names (W&B would symlink them, and offline artifact files stay in W&B's staging
+    folder), so a copied run folder carries what the analysis reads."""
+    if not path or not os.path.exists(path):
         return
     if _size_mb(path) > cap:
         log.info(
             "W&B: not copying %s into the run folder (%.0f MB > logger.artifact_max_mb=%g)", path, _size_mb(path), cap
         )
         return
-    copy = os.path.join(run.dir, os.path.basename(path))
-    shutil.copy(path, copy)
-    run.save(copy, base_path=run.dir, policy="now")
+    for full, name in _files(path):
+        copy = os.path.join(run.dir, name)
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        shutil.copy(full, copy)
+        run.save(copy, base_path=run.dir, policy="now")
 
 
 def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) -> None:
@@ -396,7 +438,7 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
     lg = cfg.get("logger") or {}
     cap = float(lg.get("artifact_max_mb", 200))
     run.summary.update(summary_of(record, cfg))
-    for key in ("results", "importance"):
+    for key in ("results", "importance", "predictions"):  # what the record artifact holds
         _keep_in_run_folder(run, files.get(key), cap)
     adapter = files.get("adapter")
     if adapter:

@@ -205,6 +205,18 @@ def _check_table_file(f: str, task_name: str, columns: tuple[list[str], str] | N
         )
 
 
+_PACKAGED = (
+    "csv",
+    "json",
+    "parquet",
+    "text",
+    "arrow",
+    "imagefolder",
+    "audiofolder",
+    "webdataset",
+)  # datasets' own loaders
+
+
 def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] | None = None) -> datasets.DatasetDict:
     """``columns``: (the columns every local CSV/TSV file must have, the config keys that name them)."""
     path, name = ds_cfg.get("path"), ds_cfg.get("name")
@@ -246,8 +258,14 @@ def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] |
             "malformed files must be fixed or regenerated."
         ) from err
     except (ConnectionError, OSError) as err:
+        # a path that is neither a local folder nor a datasets builder went to the hub: name it first
+        what = (
+            hub_hint
+            if path == hub_id or path in _PACKAGED
+            else f"task.dataset.path={path!r} (no such folder; {hub_hint})"
+        )
         raise DataError(
-            f"could not load {hub_hint} for task {task_name!r} ({type(err).__name__}: {err}). "
+            f"could not load {what} for task {task_name!r} ({type(err).__name__}: {err}). "
             "Without network access, pre-download it and point task.dataset.path (and "
             "task.dataset.data_files) at the local copy."
         ) from err
