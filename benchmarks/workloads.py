@@ -279,13 +279,15 @@ def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
 def random_masks(
     base: nn.Module, targets: list[str], fraction: float = DOMINANT_FRACTION, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """A random dominant mask with exactly ``round(fraction · m)`` rows per target layer."""
+    """A random dominant mask with exactly ``fraction · m`` rows per target layer (as the partitions count)."""
+    from pilora.partition import rows_of
+
     g = torch.Generator().manual_seed(seed)
     masks = {}
     for name, lin in target_linears(base, targets).items():
         m = lin.out_features
         mask = torch.zeros(m, dtype=torch.bool)
-        mask[torch.randperm(m, generator=g)[: round(fraction * m)]] = True
+        mask[torch.randperm(m, generator=g)[: rows_of(fraction, m)]] = True
         masks[name] = mask
     return masks
 

@@ -32,9 +32,12 @@ class ImportanceCallback(TrainerCallback):
             check_full_lora_gradients(self.accumulator)
             self._checked = True
         # accelerate's optimizer holds the GradScaler when one runs (fp16 on a GPU; None otherwise)
-        scaled = getattr(kwargs.get("optimizer"), "scaler", None) is not None
+        optimizer = kwargs.get("optimizer")
+        scaled = getattr(optimizer, "scaler", None) is not None
+        # the scaler skips the update when any gradient it unscaled overflowed (a head's too)
+        params = [p for group in optimizer.param_groups for p in group["params"]] if scaled else None
         before = len(self.accumulator.skipped_checks)
-        self.accumulator.step(state.global_step, skip_nonfinite=scaled)
+        self.accumulator.step(state.global_step, skip_nonfinite=scaled, params=params)
         if len(self.accumulator.skipped_checks) > before:
             log.warning(
                 "PiLoRA stage 1: the importance check of step %d is skipped: the fp16 gradients "

@@ -561,19 +561,21 @@ class ImportanceAccumulator:
                 if take:
                     g.snapshots[i] += 1
 
-    def step(self, global_step: int | None = None, *, skip_nonfinite: bool = False) -> bool:
+    def step(self, global_step: int | None = None, *, skip_nonfinite: bool = False, params=None) -> bool:
         """Run a check if this optimizer step is a multiple of ``K``; return whether it ran.
 
         ``skip_nonfinite``: a loss scaler (fp16 ``GradScaler``) drops an update whose gradients
         overflowed; the check of that step is dropped too (Alg. 1 pairs each check with an update),
         instead of adding inf/NaN scores. Its step goes into ``stats.meta["skipped_checks"]``. This
-        tests the gradients, so it costs one host sync per check.
+        tests the gradients, so it costs one host sync per check. ``params``: every parameter the
+        optimizer steps (the scaler skips on any of them: a head trained in full too); default the
+        LoRA ``A``/``B``.
         """
         t = self.steps_seen if global_step is None else global_step
         self.steps_seen = t + 1
         if t % self.interval:
             return False
-        if skip_nonfinite and not self.gradients_finite():
+        if skip_nonfinite and not self.gradients_finite(params):
             self._stats.meta.setdefault("skipped_checks", []).append(int(t))
             return False
         self.update()
@@ -584,14 +586,16 @@ class ImportanceAccumulator:
         """The optimizer steps whose check :meth:`step` skipped (``skip_nonfinite``)."""
         return self._stats.meta.get("skipped_checks", [])
 
-    def gradients_finite(self) -> bool:
-        """Whether every LoRA ``A``/``B`` gradient is finite (one fused reduction, one host sync)."""
-        grads = [
-            w.grad
-            for layer in self.layers.values()
-            for part in ("lora_A", "lora_B")
-            if (w := _adapter_weight(layer, part, self.adapter_name)).grad is not None
-        ]
+    def gradients_finite(self, params=None) -> bool:
+        """Whether every gradient of ``params`` (default: the LoRA ``A``/``B``) is finite (one fused
+        reduction, one host sync)."""
+        if params is None:
+            params = [
+                _adapter_weight(layer, part, self.adapter_name)
+                for layer in self.layers.values()
+                for part in ("lora_A", "lora_B")
+            ]
+        grads = [p.grad for p in params if p.grad is not None]
         return not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads, norm_type=float("inf"))))
 
     def attach(self, optimizer: torch.optim.Optimizer):

@@ -128,12 +128,15 @@ GLUE_PARAMS_NOTE = (
 
 
 def _first_rows_masks(peft_model, fraction: float) -> dict[str, torch.Tensor]:
-    """Masks with ``round(fraction·m)`` dominant rows per layer (counts depend only on |M|)."""
+    """Masks with ``fraction·m`` dominant rows per layer (:func:`pilora.partition.rows_of`, as the
+    partitions count them; the counts depend only on |M|)."""
+    from .partition import rows_of
+
     masks = {}
     for name, layer in lora_layers(peft_model).items():
         m = layer.get_base_layer().weight.shape[0]
         mask = torch.zeros(m, dtype=torch.bool, device="cpu")
-        mask[: round(fraction * m)] = True
+        mask[: rows_of(fraction, m)] = True
         masks[name] = mask
     return masks
 

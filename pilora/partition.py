@@ -105,12 +105,13 @@ def cumulative(stats: ModuleStats, *, threshold: float = 0.7, **_) -> torch.Tens
 
     threshold = _unit_interval("threshold", threshold)
     hits = stats.hits.double()
-    # rank by H, break ties by ΣS: ΣS is scaled into [0, 1) so it never outranks a whole hit
-    tie = stats.score_sum / (stats.score_sum.max() + 1) if stats.score_sum.max() > 0 else 0 * stats.score_sum
     mass = hits if hits.sum() > 0 else stats.score_sum.double()  # no hits at all: fall back to ΣS
     if mass.sum() <= 0:
         raise ValueError("cumulative partition needs non-zero importance: all hits and scores are 0")
-    order = torch.argsort(hits + tie, descending=True, stable=True)
+    # rank by H, ties by ΣS (then by row): two stable sorts, the minor key first, so ΣS of any
+    # size never outranks a hit nor vanishes next to one
+    by_score = torch.argsort(stats.score_sum.double(), descending=True, stable=True)
+    order = by_score[torch.argsort(hits[by_score], descending=True, stable=True)]
     share = torch.cumsum(mass[order], 0) / mass.sum()
     k = int(torch.searchsorted(share, torch.tensor(threshold - 1e-12, dtype=share.dtype))) + 1
     mask = torch.zeros_like(stats.hits, dtype=torch.bool)
@@ -118,17 +119,22 @@ def cumulative(stats: ModuleStats, *, threshold: float = 0.7, **_) -> torch.Tens
     return mask
 
 
+def rows_of(fraction: float, m: int) -> int:
+    """``fraction·m`` rounded half up (at least 1): 0.5 of 5 rows is 3, of 3 rows 2 (Python's
+    ``round`` goes to the even neighbour, so half of 5 rows would be 2 and half of 3 rows 2)."""
+    return max(1, math.floor(fraction * m + 0.5))
+
+
 @register_partition("top_fraction")
 def top_fraction(stats: ModuleStats, *, fraction: float = 0.5, **_) -> torch.Tensor:
-    """The ``round(fraction·m)`` rows with the largest accumulated score ``ΣS``."""
+    """The ``fraction·m`` rows (:func:`rows_of`) with the largest accumulated score ``ΣS``."""
     fraction = _unit_interval("fraction", fraction)
-    m = stats.hits.numel()
-    return _top_k(stats.score_sum, max(1, round(fraction * m)))
+    return _top_k(stats.score_sum, rows_of(fraction, stats.hits.numel()))
 
 
 @register_partition("random")
 def random(stats: ModuleStats, *, fraction: float = 0.5, seed: int = 0, name: str = "", **_) -> torch.Tensor:
-    """A uniformly random ``round(fraction·m)`` rows; the seed is mixed with the module name so
+    """A uniformly random ``fraction·m`` rows (:func:`rows_of`); the seed is mixed with the module name so
     layers of the same shape get different (but reproducible) rows."""
     import torch
 
@@ -136,7 +142,7 @@ def random(stats: ModuleStats, *, fraction: float = 0.5, seed: int = 0, name: st
     m = stats.hits.numel()
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
     mask = torch.zeros(m, dtype=torch.bool)
-    mask[torch.randperm(m, generator=gen)[: max(1, round(fraction * m))]] = True
+    mask[torch.randperm(m, generator=gen)[: rows_of(fraction, m)]] = True
     return mask
 
 

@@ -74,6 +74,12 @@ def test_every_multirun_ends_with_the_summary_table():
     ]
     table = format_table(rows).splitlines()
     assert len({len(line) for line in table}) == 1  # columns stay aligned with long names
+    # a sweep over tasks of different headlines (GLUE accuracy, commonsense avg_accuracy): each row
+    # names its own, the columns stay aligned
+    rows[1] = {**{k: v for k, v in rows[1].items() if k != "accuracy"}, "avg_accuracy": 0.25}
+    mixed = format_table(rows).splitlines()
+    assert " score " in mixed[0] and len({len(line) for line in mixed}) == 1
+    assert "0.5000 accuracy" in mixed[2] and "0.2500 avg_accuracy" in mixed[3]
 
 
 def test_summary_rows_show_the_swept_values_and_the_folder(tmp_path):

@@ -286,3 +286,20 @@ def test_every_sweep_point_is_checked_before_the_first_trains():
     assert hydra_setup.check_job(["-m", "method=lora,pilora", "seed=0,1"]) is None
     error = hydra_setup.check_job(["experiment=fig4_rprime", "trainer.per_device_train_batch_size=0"])
     assert "trainer.per_device_train_batch_size=0 must be at least 1" in error and "(sweep point: " in error
+
+
+@pytest.mark.parametrize("task", ["glue/mrpc", "vision/eurosat"])
+@pytest.mark.parametrize("method", ["lora", "pilora"])
+def test_tuned_glue_and_vision_train_in_bf16_and_a_cpu_is_told_how_to_run_them(tmp_path, task, method):
+    """GOAT's train_nlu.py / train_vit.py train every method with bf16=True, and so do the tuned
+    settings; without a GPU the job stops before training, saying how to run in fp32."""
+    tuned = compose_cfg([f"task={task}", f"method={method}"])
+    assert tuned.trainer.bf16 is True
+    no_fast_bf16 = [o for o in FAST if o != "trainer.bf16=false"]
+    _refused(
+        no_fast_bf16
+        + [f"task={task}", f"method={method}", "model=tiny-clip" if "vision" in task else "model=tiny-roberta"],
+        tmp_path / "run",
+        ConfigError,
+        r"support bf16.*this machine has no GPU for trainer\.bf16=true: add trainer\.bf16=false",
+    )

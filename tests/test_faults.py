@@ -294,6 +294,27 @@ def test_truncated_checkpoint_file_is_named(finished_job, victim):
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.parametrize(
+    "victim, what",
+    [("optimizer.pt", "optimizer state"), ("scheduler.pt", "lr scheduler state"), ("rng_state.pth", "RNG state")],
+)
+def test_a_checkpoint_that_lost_its_training_state_is_refused_not_resumed_fresh(finished_job, victim, what):
+    """Without optimizer.pt (or scheduler.pt, rng_state.pth) the Trainer would resume with fresh
+    AdamW moments (a fresh schedule, another data order) and finish 'complete' with other weights."""
+    overrides, out, _ = finished_job
+    os.remove(out / "stage2" / "checkpoint-6" / victim)
+    with pytest.raises(CorruptCheckpoint, match=rf"checkpoint '.*checkpoint-6' has no {what}.*Delete"):
+        train(compose_cfg(overrides, out))
+    assert not (out / "results.json").exists()
+
+
+def test_save_only_model_checkpoints_are_refused_before_training(tmp_path):
+    from pilora.runner.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=r"save_only_model=true writes checkpoints without optimizer"):
+        train(compose_cfg(_job(str(tmp_path / "img")) + ["+trainer.save_only_model=true"], tmp_path / "run"))
+
+
 def test_checkpoint_cut_short_while_saving_falls_back(finished_job, caplog):
     """A job killed while Trainer was saving leaves a checkpoint without trainer_state.json (written
     last): it is dropped and the job resumes from the checkpoint before, to the same result."""

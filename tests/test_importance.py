@@ -439,3 +439,32 @@ def test_callback_skips_only_under_a_loss_scaler(tmp_path, caplog):
         assert cb.accumulator.skipped_checks == ([0] if scaler else [])
         assert ("importance check of step 0 is skipped" in caplog.text) == (scaler is not None)
         caplog.clear()
+
+
+def test_a_check_is_skipped_with_the_update_when_only_a_trained_heads_gradient_overflows(tmp_path):
+    """The loss scaler skips an update when any gradient it holds overflowed, a head trained in full
+    (GLUE's classifier, CLIP's linear head) included: the importance check of that step goes too,
+    though every LoRA gradient is finite."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from pilora.callbacks import ImportanceCallback
+
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    Accelerator(cpu=True)
+    model = prepare_model(TinyMLP(), CFG, stage=1)
+    head = model.base_model.model.head
+    head.requires_grad_(True)  # trained in full (modules_to_save)
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler("cpu")
+    opt = AcceleratedOptimizer(torch.optim.AdamW(params), device_placement=False, scaler=scaler)
+    scaler.scale(model(torch.randn(8, 10)).sum()).backward()
+    head.weight.grad[0, 0] = float("inf")  # the head's gradient alone overflowed
+    scaler.unscale_(opt.optimizer)
+    cb = ImportanceCallback(ImportanceAccumulator(model, interval=1))
+    cb.on_pre_optimizer_step(args, TrainerState(global_step=0), TrainerControl(), model=model, optimizer=opt)
+    opt.step()
+    assert opt.step_was_skipped  # the scaler's decision
+    assert cb.accumulator.skipped_checks == [0]
+    assert all(s.checks == 0 for s in cb.accumulator.finalize().modules.values())

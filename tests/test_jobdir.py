@@ -268,14 +268,39 @@ def test_resume_false_starts_clean_including_stage1(tmp_path):
 
     shutil.copy(other["pilora"]["importance_file"], out / "importance.pt")
     (out / "stage1" / "checkpoint-99").mkdir(parents=True)
+    (out / "eval" / "default").mkdir(parents=True)  # a re-scoring of the weights about to be replaced
     fresh = train(compose_cfg(base + ["trainer.learning_rate=1e-3", "resume=false"], out))
-    assert not (out / "stage1" / "checkpoint-99").exists()
+    assert not (out / "stage1" / "checkpoint-99").exists() and not (out / "eval").exists()
     assert fresh["config"]["trainer"]["learning_rate"] == 1e-3
     mine = torch.load(out / "importance.pt", weights_only=True)["modules"]
     again = train(compose_cfg(base + ["trainer.learning_rate=1e-3"], tmp_path / "check"))  # a clean run
     ref = torch.load(again["pilora"]["importance_file"], weights_only=True)["modules"]
     assert all(torch.equal(mine[k]["hits"], ref[k]["hits"]) for k in ref)
     assert fresh["pilora"]["dominant_fraction_per_module"] == again["pilora"]["dominant_fraction_per_module"]
+
+
+def test_resume_false_with_a_bad_input_keeps_the_earlier_run(tmp_path):
+    """``resume=false`` with a typo in the data path stops at the input check, and the finished
+    run in the folder (record, adapter) is still there: cleaning waits for inputs that load."""
+    out = tmp_path / "run"
+    base = FAST + ["method=lora", "trainer.max_steps=2"] + write_images(str(tmp_path / "img"))
+    done = train(compose_cfg(base, out))
+    before = sorted(os.listdir(out))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        train(compose_cfg(base + [f"task.dataset.data_dir={tmp_path / 'nope'}", "resume=false"], out))
+    assert sorted(os.listdir(out)) == before and (out / "adapter").is_dir()
+    assert json.load(open(out / "results.json")) == json.loads(json.dumps(done))
+
+
+def test_a_folder_whose_job_stopped_at_its_input_check_takes_the_corrected_rerun(tmp_path):
+    """A job refused before its first step (a bad path) leaves only its manifest; the rerun with the
+    path fixed is that job, not 'a run of a different config'."""
+    out = tmp_path / "run"
+    base = FAST + ["method=lora", "trainer.max_steps=2"] + write_images(str(tmp_path / "img"))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        train(compose_cfg(base + [f"task.dataset.data_dir={tmp_path / 'nope'}"], out))
+    assert (out / "job.json").exists() and not (out / "results.json").exists()
+    assert train(compose_cfg(base, out))["status"] == "complete"
 
 
 # -- folder names ----------------------------------------------------------------------------------

@@ -139,3 +139,24 @@ def test_misspelled_partition_argument_fails_before_training():
     with pytest.raises(ValueError, match=r"takes no argument 'method\.partition\.args\.tua'"):
         MethodConfig(name="pilora", partition={"name": "hit_frequency", "args": {"tua": 0.5}})
     assert hydra_setup.check_job(["method=pilora", "method.partition.args.tau=0.7"]) is None
+
+
+def test_fractions_round_half_up_whatever_the_row_count():
+    """Half of 5 rows is 3 and half of 3 rows is 2 (Python's round gives 2 for both: the share
+    flipped above and below the fraction with m's parity)."""
+    for m, want in ((3, 2), (5, 3), (7, 4), (6, 3)):
+        stats = _stats([0] * m, list(range(m)), 1)
+        assert int(partition(stats, "top_fraction", fraction=0.5)["layer"].sum()) == want
+        assert int(partition(stats, "random", fraction=0.5, seed=0)["layer"].sum()) == want
+
+
+@pytest.mark.parametrize("scale", [1e-17, 1.0, 1e17])
+def test_cumulative_ranks_by_hits_then_score_at_any_score_scale(scale):
+    """ΣS only breaks ties of H, whatever its size: a huge ΣS never outranks a hit, a tiny one is
+    not lost next to the hit count (a summed key H + ΣS/(max ΣS + 1) failed at both ends)."""
+    ties = _stats([1, 1, 1, 1], [1 * scale, 2 * scale, 3 * scale, 4 * scale], 1)
+    # equal H: the largest ΣS first; a quarter of ΣH is one row
+    assert partition(ties, "cumulative", threshold=0.25)["layer"].tolist() == [False, False, False, True]
+    ranked = _stats([2, 3], [1 * scale, 0.0], 3)
+    # H decides: the row with 3 hits holds 60 % of ΣH, enough for a 0.5 threshold on its own
+    assert partition(ranked, "cumulative", threshold=0.5)["layer"].tolist() == [False, True]

@@ -313,3 +313,68 @@ def test_the_holdout_is_the_same_for_every_run_seed(tmp_path):
 
     assert len(held(0)) == 10 and held(0) == held(1)
     assert held(0) != held(0, holdout_seed=1)
+
+
+def _vision_task(tmp_path, *extra):
+    from helpers import compose_cfg, write_images
+    from omegaconf import OmegaConf
+
+    from pilora.tasks.base import make_task
+
+    over = write_images(str(tmp_path / "img"), n=8)
+    cfg = OmegaConf.to_container(compose_cfg(over + list(extra)))
+    return make_task(cfg["task"], cfg["model"])
+
+
+def test_a_missing_test_split_is_named_unless_the_task_opts_out(tmp_path):
+    """Table 3 reports the test split: data without one is an error before training (a run would
+    otherwise end 'complete' with no headline number); task.splits.test=null opts out on purpose."""
+    import shutil
+
+    from pilora.tasks.base import DataError
+
+    task = _vision_task(tmp_path)
+    shutil.rmtree(tmp_path / "img" / "test")
+    with pytest.raises(DataError, match=r"needs a test split 'test'; the data has \['train'\].*task\.splits\.test"):
+        task.datasets()
+    assert _vision_task(tmp_path, "task.splits.test=null").datasets()["test"] is None
+
+
+def test_num_labels_must_equal_the_datas_classes(tmp_path):
+    """A head with 196 outputs on 2-class data trains 194 dead logits without a word."""
+    from pilora.tasks.base import DataError
+
+    with pytest.raises(DataError, match=r"the data has 2 classes but task\.num_labels is 196"):
+        _vision_task(tmp_path, "task.num_labels=196").datasets()
+
+
+@pytest.mark.parametrize("fraction", [0, 1.0, 1.5])
+def test_holdout_fraction_outside_the_open_unit_interval_is_named(tmp_path, fraction):
+    from pilora.tasks.base import make_task  # noqa: F401 (the task registry)
+    from pilora.tasks.vision import VisionSettings
+
+    cfg = {"name": "eurosat", "family": "vision", "num_labels": 2, "holdout_fraction": fraction}
+    with pytest.raises(ValueError, match=rf"task\.holdout_fraction must lie strictly between 0 and 1, got {fraction}"):
+        VisionSettings.from_dict(cfg)
+
+
+def test_an_unreachable_hub_dataset_is_a_clear_error(tmp_path, monkeypatch):
+    """Offline, a vision task on its hub id: one error naming the dataset and the local-copy fix,
+    not datasets' ConnectionError traceback."""
+    from pilora.tasks.base import DataError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    task = _vision_task(tmp_path, "task.dataset.path=tanganke/eurosat", "task.dataset.data_dir=null")
+    with pytest.raises(DataError, match=r"could not load 'tanganke/eurosat'.*pre-download it.*task\.dataset\.path"):
+        task.datasets()
+
+
+def test_prepared_datasets_pickle_into_spawned_dataloader_workers(folder, tmp_path):
+    """spawn / forkserver workers (macOS, Python 3.14's default) receive the dataset pickled."""
+    import pickle
+
+    ds = V.prepare_dataset(load_folder(folder, tmp_path)["train"], V.eval_transform(32))
+    again = pickle.loads(pickle.dumps(ds))
+    torch.testing.assert_close(torch.as_tensor(again[0]["pixel_values"]), torch.as_tensor(ds[0]["pixel_values"]))

@@ -45,12 +45,27 @@ def save_finished(ckpt: str, required: tuple[str, ...]) -> bool:
     return all(os.path.exists(os.path.join(ckpt, r)) for r in required)
 
 
+# (what, file-name prefix): optimizer.pt (FSDP: optimizer.bin / optimizer_0/), scheduler.pt,
+# rng_state.pth (DDP: rng_state_<rank>.pth)
+STATE_FILES = (("optimizer state", "optimizer"), ("lr scheduler state", "scheduler"), ("RNG state", "rng_state"))
+
+
 def verify_checkpoint(ckpt: str) -> None:
     """Open every weight / optimizer / RNG file of a checkpoint; raise :class:`CorruptCheckpoint`
     naming the first one that does not load (truncated, overwritten, zero bytes ...)."""
     import zipfile
 
-    for name in sorted(os.listdir(ckpt)):
+    names = os.listdir(ckpt)
+    # the Trainer writes these before trainer_state.json: a finished checkpoint without one lost it
+    # since, and resuming would restart AdamW's moments, the lr schedule or the data order silently
+    lost = [what for what, prefix in STATE_FILES if not any(n.startswith(prefix) for n in names)]
+    if lost:
+        raise CorruptCheckpoint(
+            f"checkpoint {ckpt!r} has no {' and no '.join(lost)}, so it cannot resume this run as it was. "
+            f"Delete {ckpt!r} to resume from the previous checkpoint (or the whole stage folder to restart "
+            "the stage)."
+        )
+    for name in sorted(names):
         path = os.path.join(ckpt, name)
         if not os.path.isfile(path):
             continue

@@ -47,6 +47,7 @@ JOB_ARTIFACTS = (
     "dash_directions.pt",
     "training.json",
     "predictions",
+    "eval",  # pilora.runner.evaluate's re-scorings of this run's weights: stale once it retrains
     MANIFEST,
 )
 # config keys that do not change what a job computes: a rerun differing only in them reuses the job
@@ -480,6 +481,11 @@ def check_reusable(cfg: dict, out: str) -> None:
                 theirs = {"config": f"<no {MANIFEST}; holds {', '.join(existing)}>"}
     if theirs is not None:
         diff = _manifest_differences(theirs, mine)
+        produced = [a for a in JOB_ARTIFACTS if a != MANIFEST and os.path.lexists(os.path.join(out, a))]
+        if diff and not produced:  # a job refused before its first step (bad input) left its manifest only
+            log.info("%s: the earlier job here wrote nothing but its manifest; this job takes the folder", out)
+            diff = []
+            os.remove(path)
         if diff:
             shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} differences)" if len(diff) > 6 else "")
             raise StaleJob(
@@ -536,8 +542,8 @@ class Twin(_NoLock):
 
 def open_job(cfg: dict, twins: bool = False):
     """Take the job folder for this process: the lock (rank 0 only: the other ranks of a DDP job
-    never remove or write job files), a clean start for ``resume=false``, and the manifest check.
-    Returns an object whose ``release()`` frees the folder.
+    never remove or write job files) and the manifest check; ``resume=false`` cleans later
+    (:func:`take_clean`, once the inputs passed). Returns an object whose ``release()`` frees the folder.
 
     A live holder stops this job with :class:`JobLocked`, unless ``twins`` (a sweep: ``run.py -m``)
     and the holder runs this very config in one process: then a :class:`Twin` is returned and
@@ -557,10 +563,18 @@ def open_job(cfg: dict, twins: bool = False):
             return Twin(out, err.holder)
         raise err
     try:
-        if not cfg.get("resume", True):
-            start_clean(out)
-        check_reusable(cfg, out)
+        # resume=false cleans only once the job's inputs have passed (pilora.runner.train: take_clean):
+        # a typo must not delete a finished run
+        if cfg.get("resume", True):
+            check_reusable(cfg, out)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def take_clean(cfg: dict, out: str) -> None:
+    """``resume=false``, once the job's inputs have been checked: remove the earlier run and write
+    this job's manifest (rank 0)."""
+    start_clean(out)
+    check_reusable(cfg, out)

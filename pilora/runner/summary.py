@@ -81,7 +81,14 @@ def summary_rows(root: str, swept=()) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no complete records)"
-    metric = [k for k in rows[0] if k not in _FIXED][0]
+    # each row's headline (GLUE accuracy, commonsense avg_accuracy, ...): one sweep may mix tasks
+    names = [next((k for k in r if k not in _FIXED), None) for r in rows]
+    metric = names[0] if len(set(names)) == 1 else "score"
+    scores = [
+        (f"{r[n]:.4f}" if isinstance(r.get(n), (int, float)) else "—") + (f" {n}" if metric == "score" and n else "")
+        for r, n in zip(rows, names)
+    ]
+    ws = max(9, len(metric), *(len(c) for c in scores))
     # columns as wide as their longest entry (lora_matched, commonsense170k ...)
     wm = max(8, *(len(str(r["method"])) for r in rows))
     wt = max(10, *(len(str(r["task"])) for r in rows))
@@ -91,16 +98,15 @@ def format_table(rows: list[dict]) -> str:
     wf = max(6, *(len(f) for f in folders))
     point_head = f" {'point':{wp}s}" if wp else ""
     head = (
-        f"{'method':{wm}s} {'task':{wt}s} {'seed':>4s}{point_head} {metric:>9s} {'trainable':>10s} {'adapter':>9s} "
+        f"{'method':{wm}s} {'task':{wt}s} {'seed':>4s}{point_head} {metric:>{ws}s} {'trainable':>10s} {'adapter':>9s} "
         f"{'share %':>8s} {'dominant':>8s} {'time s':>7s} {'folder':{wf}s}"
     )
     lines = [head, "-" * len(head)]
-    for r, point, folder in zip(rows, points, folders):
+    for r, point, folder, acc in zip(rows, points, folders, scores):
         dom = f"{r['dominant']:.3f}" if r["dominant"] is not None else "—"
-        acc = f"{r[metric]:.4f}" if isinstance(r[metric], (int, float)) else "—"
         point_cell = f" {point:{wp}s}" if wp else ""
         lines.append(
-            f"{r['method']:{wm}s} {r['task']:{wt}s} {r['seed']:>4d}{point_cell} {acc:>9s} {r['trainable']:>10,d} "
+            f"{r['method']:{wm}s} {r['task']:{wt}s} {r['seed']:>4d}{point_cell} {acc:>{ws}s} {r['trainable']:>10,d} "
             f"{r['adapter']:>9,d} {r['share_%']:>8.3f} {dom:>8s} {r['time_s']:>7.0f} {folder:{wf}s}"
         )
     return "\n".join(lines)

@@ -50,7 +50,7 @@ from .checkpoints import CorruptCheckpoint, fit, non_finite_weights_failure, res
 from .checks import check_values
 from .console import per_rank_log_file
 from .cost import JobClock
-from .jobdir import JobLocked, StaleJob, Twin, open_job  # noqa: F401 (re-exported)
+from .jobdir import JobLocked, StaleJob, Twin, open_job, take_clean  # noqa: F401 (re-exported)
 from .records import RECORD, SCHEMA, atomic_write_json, best_and_final, git_revision, read_record
 from .stats_check import check_statistics
 from .trainer_args import make_trainer, training_args
@@ -338,6 +338,8 @@ def _train(cfg: dict, method: MethodConfig, ignored: dict) -> dict:
     task = make_task(cfg["task"], cfg["model"], int(cfg["seed"]))
     evaluation.check_inputs(cfg, task, method)  # a missing file stops the job before any training
     data = task.datasets()
+    if not cfg.get("resume", True) and is_main():  # the inputs loaded: now the earlier run may go
+        take_clean(cfg, out)
     run = wandb_run.start_run(cfg, out) if is_main() else None
     try:
         record = _run(cfg, task, method, data, out, todo)
@@ -459,16 +461,22 @@ def _run(cfg, task, method, data, out, todo=None) -> dict:
     return _final_evaluation(cfg, task, model, trainer, data, training, out)
 
 
-def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str, todo=None) -> dict:
+def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str, todo=None, weights=None) -> dict:
     """The record: ``training`` (the record of training) + the test metrics of ``model``, with the
     evaluation settings that produced them (``evaluation.settings``; per test set ``evaluation.sets``).
     ``todo`` (:func:`pilora.runner.evaluate.plan`) scores only the sets a finished record lacks, and
-    keeps the others' scores."""
+    keeps the others' scores. Named test sets are saved as each finishes
+    (:class:`pilora.runner.evaluate.SetProgress`; ``weights``: the folder of the weights scored,
+    by default ``out``'s ``adapter/`` or ``model/``), so a rerun after a kill scores only the rest."""
     record = json.loads(json.dumps(training, default=str))
     scorer, wanted = task, evaluation.selected_sets(cfg)
     if todo is not None and todo.sets is not None:  # the missing sets only, on a task object of their own
         scorer = make_task({**cfg["task"], evaluation.SELECT_KEY: list(todo.sets)}, cfg["model"], int(cfg["seed"]))
     scorer.predictions_dir = os.path.join(out, evaluation.PREDICTIONS_DIR) if is_main() else None
+    progress = None
+    if wanted is not None:
+        weights = weights or evaluation.weights_folder(out)
+        progress = scorer.set_progress = evaluation.SetProgress(cfg, out, weights, write=is_main())
     t0 = time.time()
     test = scorer.final_metrics(model, trainer, data)
     record["config"] = cfg  # evaluation-only keys as this evaluation ran them
@@ -484,6 +492,9 @@ def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str,
             test = evaluation.merge_set_metrics(todo.old["metrics"]["test"], test, todo.keep, order)
             scored = [n for n in order if n in set(todo.keep) | set(todo.sets)]
         record["evaluation"]["sets"] = evaluation.all_set_settings(cfg, scored, out)
+        mismatched = task.size_mismatches(test) if hasattr(task, "size_mismatches") else {}
+        if mismatched:  # sets scored in full whose size is not the reference's (llm_adapters.EVAL_SETS)
+            record["evaluation"]["size_mismatch"] = mismatched
     record["metrics"]["test"] = test
     predictions = os.path.join(out, evaluation.PREDICTIONS_DIR)
     if os.path.isdir(predictions):
@@ -496,6 +507,8 @@ def _final_evaluation(cfg, task, model, trainer, data, training: dict, out: str,
     timings = record["timing"]
     timings["final_eval_s"] = time.time() - t0
     timings["total_s"] = timings.pop("train_total_s", 0.0) + timings["final_eval_s"]
+    if progress is not None:  # the record about to be written holds them now
+        progress.clear()
     return record
 
 

@@ -44,6 +44,11 @@ def check_trainer(cfg: dict, method) -> None:
     from .train import stage1_overrides
     from .trainer_args import training_args
 
+    if cfg["trainer"].get("save_only_model") and cfg["trainer"].get("save_strategy", "no") != "no":
+        raise ConfigError(
+            "trainer.save_only_model=true writes checkpoints without optimizer, scheduler and RNG state: "
+            "an interrupted job could not resume as it was. Drop it (or trainer.save_strategy=no to save no checkpoints)"
+        )
     for key in POSITIVE_TRAINER_KEYS:
         value = cfg["trainer"].get(key)
         if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and value < 1:
@@ -57,7 +62,10 @@ def check_trainer(cfg: dict, method) -> None:
         try:
             training_args(cfg, task, "/nonexistent/pilora-validate", **overrides)
         except ValueError as err:
-            raise ConfigError(f"{stage}: {' '.join(str(err).split())}") from None  # one line
+            hint = ""
+            if cfg["trainer"].get("bf16") and "support bf16" in str(err):  # the tuned GLUE / vision settings
+                hint = "; this machine has no GPU for trainer.bf16=true: add trainer.bf16=false to train in fp32"
+            raise ConfigError(f"{stage}: {' '.join(str(err).split())}{hint}") from None  # one line
 
 
 def check_task(cfg: dict) -> None:

@@ -240,6 +240,21 @@ def _decode(item: Any, position: int) -> PIL.Image.Image:
         raise ValueError(f"could not decode image ({where}example {position} of the batch): {exc}") from exc
 
 
+class _TransformBatch:
+    """The batched function of :func:`make_transform_fn`: a module-level class, not a closure, so a
+    prepared dataset pickles into DataLoader workers started by spawn/forkserver (macOS, Python 3.14)."""
+
+    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor]):
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = [self.transform(_decode(item, i)).float() for i, item in enumerate(batch["image"])]
+        out = {"pixel_values": pixels}
+        if "label" in batch:
+            out["labels"] = [int(x) for x in batch["label"]]
+        return out
+
+
 def make_transform_fn(transform: Callable[[PIL.Image.Image], torch.Tensor]) -> Callable[[dict], dict]:
     """Return a batched function for ``Dataset.with_transform``.
 
@@ -247,15 +262,7 @@ def make_transform_fn(transform: Callable[[PIL.Image.Image], torch.Tensor]) -> C
     ``{'pixel_values': [float tensors], 'labels': [ints]}``. Images that fail to decode
     raise ``ValueError`` naming the file path when the dataset stores one.
     """
-
-    def fn(batch: dict) -> dict:
-        pixels = [transform(_decode(item, i)).float() for i, item in enumerate(batch["image"])]
-        out = {"pixel_values": pixels}
-        if "label" in batch:
-            out["labels"] = [int(x) for x in batch["label"]]
-        return out
-
-    return fn
+    return _TransformBatch(transform)
 
 
 def prepare_dataset(ds: datasets.Dataset, transform: Callable) -> datasets.Dataset:
@@ -370,6 +377,10 @@ def num_classes(ds: datasets.Dataset | datasets.DatasetDict) -> int:
     return max(maxima) + 1
 
 
+class DatasetLoadError(OSError):
+    """A vision dataset that ``datasets`` could not load (the message says what to do)."""
+
+
 def check_labels(ds: datasets.Dataset | datasets.DatasetDict, n_classes: int | None = None) -> None:
     """Raise ValueError naming the first label outside ``[0, n_classes)`` (default ``num_classes(ds)``)."""
     n = num_classes(ds) if n_classes is None else n_classes
@@ -421,7 +432,20 @@ def load_vision_dataset(
         name = name if name is not None else default_name
     _check_local_inputs(path, data_dir, data_files)
 
-    ds = datasets.load_dataset(path, name, data_dir=data_dir, data_files=data_files, **load_kwargs)
+    try:
+        ds = datasets.load_dataset(path, name, data_dir=data_dir, data_files=data_files, **load_kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:
+        raise DatasetLoadError(
+            f"could not read the images of {path!r} ({err.__cause__ or err}); a file may be truncated "
+            "or not an image: fix or remove it"
+        ) from err
+    except (ConnectionError, OSError) as err:  # the hub unreachable, or no such dataset there
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise DatasetLoadError(
+            f"could not load {path!r}{f' ({name})' if name else ''} ({type(err).__name__}: {first}). Without "
+            "network access, pre-download it and point task.dataset.path at the local copy "
+            "(or task.dataset.path=imagefolder with task.dataset.data_dir=<train/ and test/ class folders>)"
+        ) from err
     if not isinstance(ds, datasets.DatasetDict):  # load_kwargs asked for one split
         ds = datasets.DatasetDict({str(load_kwargs.get("split", "train")): ds})
 

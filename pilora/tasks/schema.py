@@ -94,6 +94,12 @@ class TaskSettings:
             _check(f.name, cfg[f.name], hints[f.name], f.metadata.get("low"))
         return cls(**cfg)
 
+    def __post_init__(self):
+        # a share of the train split held out: 0 holds nothing out, 1 leaves nothing to train on
+        fraction = getattr(self, "holdout_fraction", None)
+        if fraction is not None and not 0 < fraction < 1:
+            raise ValueError(f"task.holdout_fraction must lie strictly between 0 and 1, got {fraction!r}")
+
     def as_dict(self) -> dict[str, Any]:
         """Every key, set or defaulted (plain values, a copy)."""
         return dataclasses.asdict(self)

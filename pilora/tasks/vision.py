@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import datasets
 import numpy as np
 
 from . import clip as v
@@ -65,19 +66,35 @@ class VisionTask(Task):
     def datasets(self):
         s = self.settings
         d = s.dataset
-        raw = v.load_vision_dataset(
-            d["path"],
-            d.get("name"),
-            data_files=d.get("data_files"),
-            image_column=d.get("image_column", "image"),
-            label_column=d.get("label_column", "label"),
-            data_dir=d.get("data_dir"),
-        )
+        try:
+            raw = v.load_vision_dataset(
+                d["path"],
+                d.get("name"),
+                data_files=d.get("data_files"),
+                image_column=d.get("image_column", "image"),
+                label_column=d.get("label_column", "label"),
+                data_dir=d.get("data_dir"),
+            )
+        except v.DatasetLoadError as err:
+            hub = d.get("hub_id")
+            where = f" (task {self.name!r}; its hub dataset: {hub!r})" if hub else f" (task {self.name!r})"
+            raise DataError(f"{err}{where}") from err
         splits = s.splits
         train_name, test_name = splits.get("train", "train"), splits.get("test", "test")
-        if train_name not in raw:
-            raise DataError(f"task {self.name!r} needs split {train_name!r}; the data has {list(raw)}")
+        for role, split in (("train", train_name), ("test", test_name)):
+            if split is not None and split not in raw:  # task.splits.test=null: no test split, on purpose
+                raise DataError(
+                    f"task {self.name!r} needs a {role} split {split!r}; the data has {list(raw)}. Add it, "
+                    f"or name another with task.splits.{role}" + ("=<split> (null: none)" if role == "test" else "")
+                )
         n = s.num_labels
+        classes = raw[train_name].features["label"]
+        if isinstance(classes, datasets.ClassLabel) and classes.num_classes != n:
+            # a head with more outputs than classes trains dead logits; fewer cannot fit the labels
+            raise DataError(
+                f"task {self.name!r}: the data has {classes.num_classes} classes but task.num_labels is {n}; "
+                "set task.num_labels to the number of classes (or fix the class folders / label column)"
+            )
         try:
             v.check_labels(raw, n)
         except ValueError as err:
@@ -93,7 +110,7 @@ class VisionTask(Task):
         )
         size = int(self.model_cfg.get("image_size", 224))
         tr, ev = v.train_transform(size), v.eval_transform(size)
-        test = raw[test_name] if test_name in raw else None
+        test = raw[test_name] if test_name is not None else None
         for name, ds in (("train", train), ("validation", val), ("test", test)):
             if ds is not None and len(ds) == 0:
                 raise DataError(f"split {name!r} of task {self.name!r} is empty")
