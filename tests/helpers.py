@@ -62,6 +62,7 @@ def glue_overrides(d, **kw):
         "model=minilm-l6",
         "trainer.learning_rate=2e-3",
         "trainer.per_device_train_batch_size=16",
+        "trainer.bf16=false",  # tuned/glue trains in bf16 (GOAT), which needs a GPU
     ] + [f"+{k}={v}" for k, v in files.items()]
 
 
@@ -129,6 +130,7 @@ def vision_overrides(d, task="eurosat"):
         "task.holdout_fraction=0.25",
         "trainer.learning_rate=5e-3",
         "trainer.per_device_train_batch_size=6",
+        "trainer.bf16=false",  # tuned/vision trains in bf16 (GOAT), which needs a GPU
     ]
 
 

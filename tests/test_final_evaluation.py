@@ -73,6 +73,88 @@ def test_a_failure_during_evaluation_reruns_only_the_evaluation(tmp_path, monkey
     assert rerun["metrics"]["test"]["test_boolq_accuracy"] == whole["metrics"]["test"]["test_boolq_accuracy"]
 
 
+def test_a_kill_during_the_second_test_set_keeps_the_first(tmp_path, monkeypatch):
+    """Killed while scoring piqa, the second set: boolq's metrics and settings are on disk
+    (predictions/boolq.json beside boolq.jsonl), so the rerun scores piqa alone (Table 1: hours
+    per set at batch 1), and its record and predictions files equal an uninterrupted run's."""
+    from pilora.tasks import llm_adapters as cs
+
+    whole = train(_cfg(tmp_path, "whole"))
+    real, scored, kill = cs.evaluate_dataset, [], ["piqa"]
+
+    def counted(model, tokenizer, examples, dataset, *a, **k):
+        scored.append(dataset)
+        if dataset in kill:
+            raise KeyboardInterrupt(f"killed while scoring {dataset}")
+        return real(model, tokenizer, examples, dataset, *a, **k)
+
+    monkeypatch.setattr(cs, "evaluate_dataset", counted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, "cut"))
+    cut = tmp_path / "cut"
+    assert scored == ["boolq", "piqa"] and not (cut / "results.json").exists()
+    assert (cut / "predictions" / "boolq.json").exists() and (cut / "predictions" / "boolq.jsonl").exists()
+    assert not (cut / "predictions" / "piqa.jsonl").exists()
+    import pilora.runner.train as runner
+
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("the rerun trained again"))
+    monkeypatch.setattr(runner, "run_stage1", lambda *a, **k: pytest.fail("the rerun ran stage 1 again"))
+    scored.clear()
+    kill.clear()
+    rerun = train(_cfg(tmp_path, "cut"))
+    assert scored == ["piqa"]  # boolq was not scored again
+    assert _stable(rerun) == _stable(whole)
+    assert list(rerun["metrics"]["test"]) == list(whole["metrics"]["test"])
+    for name in ("boolq", "piqa"):
+        assert (cut / "predictions" / f"{name}.jsonl").read_text() == (
+            tmp_path / "whole" / "predictions" / f"{name}.jsonl"
+        ).read_text()
+    assert sorted(os.listdir(cut / "predictions")) == ["boolq.jsonl", "piqa.jsonl"]  # progress gone with the record
+
+
+def test_a_saved_test_set_is_reused_only_under_its_settings_weights_and_predictions(tmp_path):
+    """predictions/<set>.json counts for a rerun only when the set's evaluation settings (its test
+    file's content included), the trained weights and its predictions file are the ones it was
+    scored with; a non-main rank never writes, and without saved weights nothing is kept."""
+    from pilora.runner import evaluate as ev
+    from pilora.runner.train import _plain
+
+    cfg = _plain(_cfg(tmp_path, "o"))
+    out = tmp_path / "o"
+    weights = out / "adapter"
+    weights.mkdir(parents=True)
+    (weights / "adapter_model.safetensors").write_bytes(b"trained")
+    (out / "predictions").mkdir()
+    jsonl = out / "predictions" / "boolq.jsonl"
+    jsonl.write_text('{"correct": true}\n')
+    metrics = {"test_boolq_accuracy": 0.25, "test_boolq_no_match": 1, "test_boolq_total": 4}
+
+    def reused(config=cfg, folder=str(weights)):
+        return ev.SetProgress(config, str(out), folder).finished("boolq")
+
+    ev.SetProgress(cfg, str(out), str(weights)).save("boolq", metrics)
+    assert reused() == metrics
+    assert ev.SetProgress(cfg, str(out), str(weights)).finished("piqa") is None  # never scored
+    shorter = {**cfg, "task": {**cfg["task"], "generation": {**cfg["task"]["generation"], "max_new_tokens": 4}}}
+    assert reused(shorter) is None  # scored with another decoding
+    jsonl.write_text('{"correct": false}\n')  # a later evaluation's predictions, killed before its .json
+    assert reused() is None
+    jsonl.write_text('{"correct": true}\n')
+    assert reused() == metrics
+    boolq = out.parent / "cs" / "dataset" / "boolq" / "test.json"
+    kept = boolq.read_text()
+    boolq.write_text(json.dumps(json.loads(kept)[:3]))  # the test file changed
+    assert reused() is None
+    boolq.write_text(kept)
+    assert reused() == metrics
+    (weights / "adapter_model.safetensors").write_bytes(b"trained again")  # other weights
+    assert reused() is None
+    ev.SetProgress(cfg, str(out), str(weights), write=False).save("piqa", {"test_piqa_total": 4})
+    ev.SetProgress(cfg, str(out), None).save("piqa", {"test_piqa_total": 4})
+    assert not (out / "predictions" / "piqa.json").exists()
+    assert ev.SetProgress(cfg, str(out), None).finished("boolq") is None
+
+
 @pytest.mark.slow  # trains a job, then reruns it (make test keeps the one-rerun case above)
 def test_a_changed_evaluation_setting_reuses_the_adapter(tmp_path, monkeypatch):
     """`python run.py ... task.generation.max_new_tokens=4` in a finished job folder: not StaleJob,
@@ -120,7 +202,12 @@ def test_test_sets_scored_by_separate_jobs_add_up_to_one_record(tmp_path, monkey
     whole = train(_cfg(tmp_path, "whole"))
     seen = _scored_sets(monkeypatch)
     part = train(_cfg(tmp_path, "parts", "task.eval_only=[boolq]"))
-    assert set(part["metrics"]["test"]) == {"test_boolq_accuracy", "test_boolq_no_match", "test_avg_accuracy"}
+    assert set(part["metrics"]["test"]) == {
+        "test_boolq_accuracy",
+        "test_boolq_no_match",
+        "test_boolq_total",
+        "test_avg_accuracy",
+    }
     import pilora.runner.train as runner
 
     monkeypatch.setattr(runner, "fit", lambda *a, **k: pytest.fail("trained again"))
@@ -136,7 +223,12 @@ def test_test_sets_scored_by_separate_jobs_add_up_to_one_record(tmp_path, monkey
     # another generation length: boolq's old score does not count for it
     short = train(_cfg(tmp_path, "parts", "task.eval_only=[piqa]", "task.generation.max_new_tokens=4"))
     assert seen[-1] == ["piqa"]
-    assert set(short["metrics"]["test"]) == {"test_piqa_accuracy", "test_piqa_no_match", "test_avg_accuracy"}
+    assert set(short["metrics"]["test"]) == {
+        "test_piqa_accuracy",
+        "test_piqa_no_match",
+        "test_piqa_total",
+        "test_avg_accuracy",
+    }
     assert set(short["evaluation"]["sets"]) == {"piqa"}
     assert [os.path.basename(p) for p in short["predictions"]] == ["piqa.jsonl"]
 
@@ -200,6 +292,11 @@ def test_predictions_are_written_per_example(tmp_path):
     assert all(r["correct"] == (r["extracted"] == r["answer"]) for r in rows)
     assert rec["metrics"]["test"]["test_piqa_accuracy"] == sum(r["correct"] for r in rows) / 4
     assert rec["metrics"]["test"]["test_piqa_no_match"] == sum(r["extracted"] is None for r in rows)
+    assert rec["metrics"]["test"]["test_piqa_total"] == 4
+    # 4 examples in a set named piqa (LLM-Adapters': 1838), scored in full: the record says so
+    piqa = rec["config"]["task"]["eval_sets"]["piqa"]
+    assert rec["evaluation"]["size_mismatch"] == {"piqa": {"file": piqa, "examples": 4, "reference": 1838}}
+    assert not list((tmp_path / "o" / "predictions").glob("*.json"))  # per-set progress: gone with the record
 
 
 def test_unknown_test_set_name_lists_the_valid_ones(tmp_path):
@@ -242,6 +339,30 @@ def test_evaluate_command_gives_the_training_jobs_scores(tmp_path, monkeypatch):
     assert (tmp_path / "stock" / "predictions" / "boolq.jsonl").read_text() == (
         run / "predictions" / "boolq.jsonl"
     ).read_text()
+
+
+def test_evaluate_command_checks_the_test_files_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """`python -m pilora.runner.evaluate RUN` runs the training path's input checks first: a
+    truncated test.json is named (not a DatasetGenerationError after the model loaded), and a missing
+    one gets the LLM-Adapters download hint."""
+    import re
+
+    from pilora.runner import evaluate as ev
+
+    rec = train(_cfg(tmp_path, "o"))
+    run = str(tmp_path / "o")
+    monkeypatch.setattr(ev, "load_trained", lambda *a, **k: pytest.fail("the model loaded before the checks"))
+    boolq = rec["config"]["task"]["eval_sets"]["boolq"]
+    text = open(boolq).read()
+    with open(boolq, "w") as f:
+        f.write(text[: len(text) // 2])  # a download cut short
+    with pytest.raises(ValueError, match=rf"test set 'boolq': '{re.escape(boolq)}' is not valid JSON \(truncated\?\)"):
+        ev.evaluate(run, ["task.eval_only=[boolq]"])
+    assert ev.main([run, "task.eval_only=[boolq]"]) == 1
+    assert f"error: test set 'boolq': '{boolq}' is not valid JSON" in capsys.readouterr().out
+    missing = str(tmp_path / "nowhere" / "test.json")
+    with pytest.raises(ValueError, match=r"'piqa': '.*nowhere/test.json' does not exist.*LLM-Adapters.*dataset/<name>"):
+        ev.evaluate(run, ["task.eval_only=[piqa]", f"task.eval_sets.piqa={missing}"])
 
 
 def test_evaluate_command_refuses_an_adapter_that_does_not_fit(tmp_path, monkeypatch):

@@ -7,12 +7,19 @@ starts. A job killed or failed during evaluation, or rerun with changed evaluati
 (:attr:`pilora.tasks.base.Task.evaluation_keys`, e.g. ``task.eval_only=[boolq]``), reloads the
 adapter and reruns only the evaluation; the job manifest leaves those keys out, so they never make
 the folder stale. The record's ``evaluation.settings`` says which settings produced its test metrics.
+
+An evaluation of named test sets saves each set as it finishes (``predictions/<set>.json``: its
+metrics, its settings, the trained weights' and its predictions file's identity; see
+:class:`SetProgress`), so a rerun after a kill scores only the sets left, and its record equals an
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 
@@ -129,6 +136,97 @@ def merge_set_metrics(old: dict, new: dict, keep: list[str], order: list[str]) -
         merged["test_avg_accuracy"] = sum(accs) / len(accs)
     merged.update({k: v for k, v in pool.items() if k not in merged})  # lm_eval_*: this job's
     return merged
+
+
+def weights_folder(folder: str) -> str | None:
+    """The trained weights of job folder ``folder`` that :func:`load_trained` reloads: ``adapter/``,
+    else ``model/`` (full fine-tuning); None when neither was saved (``save_adapter=false``)."""
+    for name in ("adapter", "model"):
+        if os.path.isdir(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _weights_identity(folder: str | None) -> list | None:
+    """Name, size and mtime of every file of the weights folder: a retrained (or replaced) adapter
+    changes it, so a set scored on other weights is not reused."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    found = []
+    for here, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            st = os.stat(os.path.join(here, name))
+            found.append([os.path.relpath(os.path.join(here, name), folder), st.st_size, st.st_mtime_ns])
+    return found
+
+
+def _sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+class SetProgress:
+    """The test sets an evaluation into ``out`` has finished, one file each:
+    ``predictions/<set>.json`` beside ``predictions/<set>.jsonl``, holding the set's metrics, its
+    evaluation settings (:func:`set_settings`: the set's file digest included), the identity of
+    the weights scored (``weights``, a folder) and the digest of its predictions file. A rerun reuses
+    a set only when all of them are unchanged, so a kill while the third of eight sets is scored
+    costs the third set, not the first two. :meth:`clear` removes the files once the evaluation is
+    over (its record then holds the metrics): a later evaluation of the same settings, e.g. the
+    smoke run's reload, really scores again. Only ``write=True`` (the main rank) writes; every rank
+    reads, so all ranks skip the same sets. Without saved weights nothing is saved: a rerun trains
+    again, and the sets are scored on its weights."""
+
+    def __init__(self, cfg: dict, out: str, weights: str | None, write: bool = True):
+        self.cfg, self.out, self.write = cfg, out, write
+        self.dir = os.path.join(out, PREDICTIONS_DIR)
+        self.weights = _weights_identity(weights)
+        self.saved: list[str] = []
+
+    def _path(self, name: str, ext: str) -> str:
+        return os.path.join(self.dir, f"{name}.{ext}")
+
+    def _identity(self, name: str) -> dict:
+        return json.loads(json.dumps({"settings": set_settings(self.cfg, name, self.out), "weights": self.weights}))
+
+    def finished(self, name: str) -> dict | None:
+        """The metrics of set ``name`` as an earlier evaluation of these settings saved them, or None."""
+        if self.weights is None:
+            return None
+        try:
+            with open(self._path(name, "json")) as f:
+                saved = json.load(f)
+            metrics, identity, digest = saved["metrics"], saved["identity"], saved["predictions_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):  # none, or a damaged one: score the set
+            return None
+        if identity != self._identity(name) or digest != _sha256(self._path(name, "jsonl")):
+            return None
+        self.saved.append(name)
+        return metrics
+
+    def save(self, name: str, metrics: dict) -> None:
+        """Set ``name`` is scored (its ``.jsonl`` written): record it, atomically."""
+        if not self.write or self.weights is None:
+            return
+        from ..io import atomic_write_json
+
+        entry = {
+            "metrics": metrics,
+            "identity": self._identity(name),
+            "predictions_sha256": _sha256(self._path(name, "jsonl")),
+        }
+        atomic_write_json(self._path(name, "json"), entry)
+        self.saved.append(name)
+
+    def clear(self) -> None:
+        if self.write:
+            for name in self.saved:
+                if os.path.exists(self._path(name, "json")):
+                    os.remove(self._path(name, "json"))
 
 
 def check_inputs(cfg: dict, task, method) -> None:
@@ -278,10 +376,12 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
                     f"{out} holds an evaluation of other settings or another run; pass another --out, or delete it"
                 )
             return done
+        from .validate import check_task
+
+        # the training path's checks (commonsense: every chosen test file exists and is a complete
+        # JSON list, with the LLM-Adapters download hint), before the model loads
+        check_task(cfg)
         task = make_task(cfg["task"], cfg["model"], int(cfg.get("seed", 0)))
-        for key, path in task.input_paths().items():
-            if key.startswith("task.eval_sets") and not os.path.exists(os.path.expanduser(path)):
-                raise FileNotFoundError(f"{key}={path!r} not found; fix it or choose sets with task.eval_only=[...]")
         data = task.evaluation_datasets()  # bad data fails before the model loads
         model = load_trained(cfg, task, target, adapter=target if adapter else None)
         trainer = make_trainer(
@@ -294,7 +394,8 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
         )
         from .train import _final_evaluation
 
-        record = _final_evaluation(cfg, task, model, trainer, data, {"config": cfg, **training}, out)
+        weights = target if adapter else weights_folder(target)
+        record = _final_evaluation(cfg, task, model, trainer, data, {"config": cfg, **training}, out, weights=weights)
         record["source"] = target  # what makes it a re-scoring (records.is_rescoring)
         atomic_write_json(os.path.join(out, RECORD), record)
         log.info("evaluation written: %s", os.path.join(out, RECORD))

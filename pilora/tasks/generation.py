@@ -2,9 +2,9 @@
 accuracy per test set (and per-example predictions as jsonl).
 
 One family (``family: generation``) runs every such task from its YAML alone: the training file
-(``task.dataset.train_file``, records with ``instruction`` / ``input`` / ``output``), the test sets
-(``task.eval_sets``: ``{name: json file}``, records with ``instruction`` / ``input`` / ``answer``) and
-the answer pattern (``task.answer_pattern``). The defaults are the LLM-Adapters / DoRA commonsense
+(``task.dataset.train_file``, records with ``instruction`` / ``output``, ``input`` optional), the test
+sets (``task.eval_sets``: ``{name: json file}``, records with ``instruction`` / ``answer``, ``input``
+optional) and the answer pattern (``task.answer_pattern``). The defaults are the LLM-Adapters / DoRA commonsense
 protocol (:mod:`pilora.tasks.llm_adapters`): its prompts, 4-beam decoding, batch size 1, fp16
 merged evaluation, and, without ``answer_pattern``, each commonsense test set's own answer regex.
 ``conf/task/commonsense/commonsense170k.yaml`` is that protocol; a numeric-answer task (GSM8K-like)
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 
 from . import llm_adapters as cs
 from .base import DataError, Task, load_pretrained, load_tokenizer, register_family, require_columns
 from .schema import TaskSettings, setting
+
+log = logging.getLogger("pilora")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,8 +50,12 @@ class GenerationSettings(TaskSettings):
     val_set_size: int = setting(120, low=1, help="held-out training examples for the validation loss")
     val_split_seed: int = setting(42, help="seed of that split (the reference's: the same examples every run)")
     cutoff_len: int = setting(256, low=1, help="tokens of a training example")
-    train_on_inputs: bool = setting(True, help="loss on the whole prompt (false: on the response only)")
-    lm_eval: bool = setting(False, help="also run lm-eval's log-likelihood protocol (labelled, not comparable)")
+    train_on_inputs: bool = setting(
+        True, help="loss on the whole prompt (false: the prompt's tokens masked, as finetune.py counts them)"
+    )
+    lm_eval: bool = setting(
+        False, help="also run lm-eval's log-likelihood protocol on the scored sets (labelled, not comparable)"
+    )
     reference: str = setting(
         "DoRA commonsense_evaluate.py (NVlabs/DoRA 7e2f10a, on LLM-Adapters)", help="the protocol the numbers follow"
     )
@@ -82,6 +89,9 @@ class GenerationTask(Task):
     task_type = "CAUSAL_LM"
     accepts_loss_kwargs = None  # HF causal LMs average the token loss over num_items_in_batch
     settings_cls = GenerationSettings
+    # set by the runner (pilora.runner.evaluate.SetProgress): the test sets an interrupted evaluation
+    # finished (reused, not scored again), and where each finished set is saved as it finishes
+    set_progress = None
     # settings that change only the final evaluation: a rerun differing in them reuses the adapter
     evaluation_keys = (
         "eval_sets",
@@ -243,6 +253,8 @@ class GenerationTask(Task):
         for name, path in sets.items():
             probe.answer_pattern(name)
             check_test_file(name, path)
+        if probe.settings.lm_eval:
+            cs.lm_eval_tasks(sets)  # a set lm-eval does not have fails now, not after training
 
     def headline(self):
         """The mean of the test sets' accuracies (the papers' Avg. column)."""
@@ -279,18 +291,29 @@ class GenerationTask(Task):
     def final_metrics(self, model, trainer, data):
         """Accuracy on each configured test set by generation, and Avg. With ``predictions_dir``
         set, every example's instruction, gold answer, response, extracted answer and whether it
-        is correct go to ``<predictions_dir>/<set>.jsonl`` (the reference evaluator's output)."""
+        is correct go to ``<predictions_dir>/<set>.jsonl`` (the reference evaluator's output).
+        ``test_<set>_total`` is the number of examples scored. With :attr:`set_progress` set, a set
+        that an interrupted evaluation finished under the same settings is taken from it, and each
+        set is saved there as soon as it is scored (Table 1's eight sets take hours at batch 1)."""
         sets = self.test_sets()
         limit = self.settings.eval_limit
         generation, style = self.generation, self.prompt_style  # bad settings fail before any work
         patterns = {name: self.answer_pattern(name) for name in sets}
         batch_size = self.settings.eval_batch_size or cs.REFERENCE_EVAL_BATCH_SIZE
+        progress = self.set_progress
         out = {}
         with EVAL_WEIGHTS[self.eval_weights](self, model) as scored:
             for name, path in sets.items():
+                saved = progress.finished(name) if progress is not None else None
+                if saved is not None:
+                    log.info("test set %s: scored by an interrupted evaluation under these settings; kept", name)
+                    out.update(saved)
+                    continue
                 examples = cs.load_commonsense_split(path)
                 if limit:
                     examples = examples.select(range(min(limit, len(examples))))
+                else:
+                    self._warn_if_not_reference_size(name, path, len(examples))
                 res = cs.evaluate_dataset(
                     scored,
                     self.tokenizer,
@@ -304,15 +327,47 @@ class GenerationTask(Task):
                 )
                 if self.predictions_dir is not None:
                     write_predictions(os.path.join(self.predictions_dir, f"{name}.jsonl"), examples, res)
-                out[f"test_{name}_accuracy"] = res["accuracy"]
-                out[f"test_{name}_no_match"] = res["no_match"]
+                metrics = {
+                    f"test_{name}_accuracy": res["accuracy"],
+                    f"test_{name}_no_match": res["no_match"],
+                    f"test_{name}_total": res["total"],
+                }
+                if progress is not None:
+                    progress.save(name, metrics)
+                out.update(metrics)
+            # in the sets' order, the finished ones included: the numbers of an uninterrupted run
             accs = [v for k, v in out.items() if k.endswith("_accuracy")]
             if accs:
                 out["test_avg_accuracy"] = sum(accs) / len(accs)
             if self.settings.lm_eval:
-                res = cs.evaluate_with_lm_eval(scored, self.tokenizer, limit=limit)
+                res = cs.evaluate_with_lm_eval(scored, self.tokenizer, tasks=cs.lm_eval_tasks(sets), limit=limit)
                 out.update({f"lm_eval_{k}": v for k, v in res.items()})
         return out
+
+    def _warn_if_not_reference_size(self, name: str, path: str, n: int) -> None:
+        reference = cs.reference_size(name)
+        if reference is not None and n != reference:
+            log.warning(
+                "test set %s: %s holds %d examples, not the %d of LLM-Adapters' test set (a partial "
+                "download or another file?): its score is not comparable with the papers'",
+                name,
+                path,
+                n,
+                reference,
+            )
+
+    def size_mismatches(self, test_metrics: dict) -> dict:
+        """``{set: {file, examples, reference}}`` of the sets of ``test_metrics`` scored in full
+        (``eval_limit`` null) whose size is not LLM-Adapters' (:data:`llm_adapters.EVAL_SETS`):
+        the record says its scores are not the papers' sets'."""
+        if self.settings.eval_limit:
+            return {}
+        found = {}
+        for name, path in (self.settings.eval_sets or {}).items():
+            n, reference = test_metrics.get(f"test_{name}_total"), cs.reference_size(name)
+            if n is not None and reference is not None and n != reference:
+                found[name] = {"file": str(path), "examples": n, "reference": reference}
+        return found
 
 
 def write_predictions(path: str, examples, result: dict) -> None:
@@ -335,7 +390,8 @@ def _training_records(train_file: str):
     """The training file as a Dataset; an empty list is named (``datasets`` says only that
     'Instruction "train" corresponds to no data')."""
     try:
-        return cs.load_commonsense_split(train_file)
+        # instruction and output: a training record needs no gold ``answer`` (a test record does)
+        return cs.load_commonsense_split(train_file, required=("instruction", "output"))
     except ValueError as err:
         if "corresponds to no data" in str(err):
             raise DataError(

@@ -54,6 +54,8 @@ __all__ = [
     "PROMPT_STYLES",
     "REFERENCE_GENERATION",
     "REFERENCE_EVAL_BATCH_SIZE",
+    "lm_eval_tasks",
+    "reference_size",
     "format_prompt",
     "response_text",
     "tokenize_for_training",
@@ -118,6 +120,8 @@ LM_EVAL_TASKS = (
     "arc_challenge",
     "openbookqa",
 )
+# the lm-eval task of each test set (same order as EVAL_SETS)
+_LM_EVAL_TASK = dict(zip(ANSWER_PATTERNS, LM_EVAL_TASKS))
 LM_EVAL_PROTOCOL = "lm-eval log-likelihood (not comparable with the paper's generation protocol)"
 
 _RESPONSE_MARKER = "### Response:"
@@ -198,6 +202,31 @@ def _canonical_dataset(dataset: str) -> str:
     raise ValueError(f"unknown commonsense dataset {dataset!r}; known datasets: {', '.join(ANSWER_PATTERNS)}")
 
 
+def lm_eval_tasks(names: Iterable[str]) -> list[str]:
+    """The lm-eval task names of the test sets ``names`` (e.g. ``["ARC-Easy", "boolq"]`` ->
+    ``["arc_easy", "boolq"]``), in that order; a set that is no LLM-Adapters commonsense set has
+    no lm-eval counterpart and raises, naming it."""
+    tasks = []
+    for name in names:
+        try:
+            tasks.append(_LM_EVAL_TASK[_canonical_dataset(name)])
+        except ValueError:
+            raise ValueError(
+                f"test set {name!r} has no lm-eval task: task.lm_eval=true scores only the LLM-Adapters "
+                f"commonsense sets ({', '.join(ANSWER_PATTERNS)}); set task.lm_eval=false or leave "
+                f"{name!r} out (task.eval_only=[<the others>])"
+            ) from None
+    return tasks
+
+
+def reference_size(name: str) -> int | None:
+    """The size of LLM-Adapters' test set ``name`` (:data:`EVAL_SETS`), or None for another set."""
+    try:
+        return EVAL_SETS[_canonical_dataset(name)]
+    except ValueError:
+        return None
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -264,9 +293,9 @@ def tokenize_for_training(
         tokenizer: a Hugging Face tokenizer; it must define ``eos_token`` when
             ``add_eos_token`` is true.
         cutoff_len: maximum sequence length in tokens.
-        train_on_inputs: if true the labels equal ``input_ids``; otherwise
-            the prompt tokens are masked with -100 so the loss only covers the
-            response (and EOS).
+        train_on_inputs: if true the labels equal ``input_ids``; otherwise the first
+            ``len(tokenized prompt)`` labels are -100 (the prompt tokenized on its own, without
+            EOS, as ``finetune.py`` counts it), so the loss covers the response (and EOS).
         add_eos_token: append EOS as described above.
         style: prompt template, a key of :data:`PROMPT_STYLES`.
 
@@ -284,20 +313,20 @@ def tokenize_for_training(
         result["labels"] = list(result["input_ids"])
         return result
 
-    # The prompt part is the training template with an empty output, as in finetune.py.
+    # The prompt part is the training template with an empty output, tokenized without EOS, and
+    # its own token count is what is masked: finetune.py's generate_and_tokenize_prompt,
+    # ``user_prompt_len = len(tokenize(user_prompt, add_eos_token=False)["input_ids"])``. This is
+    # not always the prompt's share of the full sequence: SmolLM2's byte-level BPE ends the prompt
+    # with a 16-space token where the full text has 15 spaces + " the", so the first response
+    # token is masked; a BERT-style tokenizer's closing [SEP] masks one likewise. Models trained
+    # by the reference were trained that way, so ours are too.
     prompt_ids = _tokenize(
         format_prompt(example["instruction"], example.get("input"), "", style), tokenizer, cutoff_len, False
     )["input_ids"]
-    # The reference masks len(prompt_ids) tokens.  Using the common prefix
-    # instead gives the same count for LLaMA-style tokenizers, and does not
-    # mask a response token for tokenizers that close every sequence with a
-    # special token (e.g. BERT's [SEP]) or that merge across the boundary.
-    n_prompt = 0
-    for a, b in zip(prompt_ids, result["input_ids"]):
-        if a != b:
-            break
-        n_prompt += 1
     ids = result["input_ids"]
+    # min: a prompt that tokenizes longer than the full text would make the reference's labels
+    # longer than its input_ids (and crash its collator); every other case is its count
+    n_prompt = min(len(prompt_ids), len(ids))
     result["labels"] = [-100] * n_prompt + ids[n_prompt:]
     return result
 
@@ -489,21 +518,27 @@ def evaluate_dataset(
 # --------------------------------------------------------------------------- data
 
 
-def load_commonsense_split(path_or_file: str | os.PathLike, cache_dir: str | None = None):
+def load_commonsense_split(
+    path_or_file: str | os.PathLike,
+    cache_dir: str | None = None,
+    required: Sequence[str] = ("instruction", "answer"),
+):
     """Load an LLM-Adapters json file (a list of instruction records).
 
     Args:
         path_or_file: a json file such as ``commonsense_170k.json`` or
             ``dataset/boolq/test.json``, or a directory containing ``test.json``.
         cache_dir: optional ``datasets`` cache directory.
+        required: the columns the records must have: a test set's ``instruction`` and ``answer``
+            (the default); a training file needs ``instruction`` and ``output``.
 
     Returns:
-        A ``datasets.Dataset`` with at least ``instruction`` and ``answer``.
+        A ``datasets.Dataset`` with at least the ``required`` columns.
 
     Raises:
         FileNotFoundError: when the file does not exist (the message says
             where to get it).
-        ValueError: when ``instruction`` or ``answer`` columns are missing.
+        ValueError: when a ``required`` column is missing.
     """
     path = os.path.expanduser(os.fspath(path_or_file))
     if os.path.isdir(path):
@@ -514,11 +549,11 @@ def load_commonsense_split(path_or_file: str | os.PathLike, cache_dir: str | Non
     import datasets
 
     ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
-    missing = [c for c in ("instruction", "answer") if c not in ds.column_names]
+    missing = [c for c in required if c not in ds.column_names]
     if missing:
         raise ValueError(
             f"{path} lacks required column(s) {missing}; found {ds.column_names}. "
-            "Expected LLM-Adapters records {instruction, input, output, answer}."
+            f"Expected records with {', '.join(required)} (LLM-Adapters: instruction, input, output, answer)."
         )
     return ds
 
