@@ -64,7 +64,12 @@ def test_a_generation_task_from_one_yaml_trains_scores_and_reports_its_headline(
     assert rec["status"] == "complete"
     assert rec["evaluation"]["headline"] == {"metric": "test_avg_accuracy", "split": "test", "from": "test"}
     assert rec["config"]["task"]["answer_pattern"] == "answer is (-?[0-9]+)"
-    assert set(rec["metrics"]["test"]) == {"test_sums_accuracy", "test_sums_no_match", "test_sums_total", "test_avg_accuracy"}
+    assert set(rec["metrics"]["test"]) == {
+        "test_sums_accuracy",
+        "test_sums_no_match",
+        "test_sums_total",
+        "test_avg_accuracy",
+    }
     preds = [json.loads(line) for line in open(os.path.join(tmp_path, "run", "predictions", "sums.jsonl"))]
     assert len(preds) == 4
     for p in preds:  # the extracted answer is the pattern's group in the response, or None
