@@ -97,6 +97,7 @@ def test_a_manifest_from_before_content_digests_is_still_compared(tmp_path):
         "inputs": {"task.train_file": {"path": str(data), "size": st.st_size, "mtime_ns": st.st_mtime_ns}},
     }
     (out / jobdir.MANIFEST).write_text(json.dumps(legacy))
+    (out / "stage1").mkdir()  # what that job trained (a folder with its manifest alone is free to take)
     jobdir.check_reusable(cfg, str(out))  # same file: reusable
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(StaleJob, match=r"input\.task\.train_file\.mtime_ns"):
