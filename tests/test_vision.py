@@ -111,22 +111,78 @@ def test_from_pretrained_loads_vision_tower_of_full_clip_checkpoint(tmp_path):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_zero_shot_head_is_frozen_and_shaped():
+def tiny_full_clip(folder):
+    """A tiny full CLIP checkpoint (both towers, projection, logit scale) and a character-level CLIP
+    tokenizer, written to ``folder``: what ``task.head=zeroshot`` loads."""
+    import json
+    import string
+
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in [*string.ascii_lowercase, "."]:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
+    text = dict(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
     torch.manual_seed(0)
-    model = V.CLIPImageClassifier.from_config(tiny_config(), num_labels=2)
-    text = torch.randn(5, 16)
-    proj = torch.randn(16, 32)
-    head = V.zero_shot_head(text, proj)
-    assert not any(p.requires_grad for p in head.parameters())
-    model.classifier = head
-    logits = model(torch.randn(3, 3, 32, 32)).logits
-    assert logits.shape == (3, 5)
-    # Same class ranking as CLIP's cosine similarity in the joint space.
-    f = model.features(torch.ones(1, 3, 32, 32)).detach()
-    cos = torch.nn.functional.normalize(f @ proj.T, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
-    assert head(f).argmax() == cos.argmax()
+    CLIPModel(CLIPConfig(text_config=text, vision_config=TINY, projection_dim=8)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_zero_shot_head_is_clips_own_zero_shot_classifier(tmp_path):
+    """At the start of training the zero-shot model's logits are CLIP's logits_per_image for the
+    class prompts; its head holds no parameter (nothing of it trains or is saved)."""
+    from transformers import AutoTokenizer
+
+    path = tiny_full_clip(tmp_path / "clip")
+    model = V.zero_shot_classifier(path, ["red", "blue", "green"]).eval()
+    assert not list(model.classifier.parameters()) and model.pool == "cls"
+    px = torch.randn(4, 3, 32, 32)
+    clip = CLIPModel.from_pretrained(path).eval()
+    prompts = AutoTokenizer.from_pretrained(path)(
+        ["a photo of a red.", "a photo of a blue.", "a photo of a green."], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        want = clip(**prompts, pixel_values=px).logits_per_image
+        torch.testing.assert_close(model(px).logits, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="does not match"):
-        V.zero_shot_head(torch.randn(5, 8), proj)
+        V.ZeroShotHead(torch.randn(8, 32), torch.randn(3, 5), 1.0)
+
+
+def test_zero_shot_head_trains_only_the_adapters_and_reloads(tmp_path):
+    """``task.head=zeroshot``: a run trains LoRA alone under the frozen text head (no head in the
+    adapter), and the reloaded adapter reproduces the trained model's test scores."""
+    from helpers import FAST, compose_cfg, write_images
+    from safetensors.torch import load_file
+
+    from pilora.runner.train import train
+
+    path = tiny_full_clip(tmp_path / "clip")
+    over = FAST + write_images(str(tmp_path / "img")) + ["model.from_config=null", f"model.path={path}"]
+    over += ["task.head=zeroshot", "task.class_names=[red,blue]", "method=lora", "trainer.max_steps=3"]
+    rec = train(compose_cfg(over, tmp_path / "run"))
+    assert (
+        rec["status"] == "complete" and rec["evaluation"]["head"] == "zeroshot" and rec["evaluation"]["pool"] == "cls"
+    )
+    assert rec["params"]["trainable"] == rec["params"]["adapter"] > 0  # no head trained in full
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    from pilora.runner.evaluate import evaluate
+
+    again = evaluate(str(tmp_path / "run"))  # the head rebuilt from the checkpoint, the adapter loaded
+    for key in ("test_accuracy", "test_loss"):
+        assert again["metrics"]["test"][key] == pytest.approx(rec["metrics"]["test"][key], rel=1e-5)
+    with pytest.raises(ValueError, match="full transformers CLIP checkpoint"):
+        train(compose_cfg(FAST + write_images(str(tmp_path / "img")) + ["task.head=zeroshot"], tmp_path / "o"))
 
 
 def test_peft_lora_targets_all_clip_linears():

@@ -153,35 +153,55 @@ POOLING: dict[str, Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]] = {
 }
 
 
-def zero_shot_head(
-    text_embeddings: torch.Tensor, visual_projection_weight: torch.Tensor, logit_scale: float = 1.0
-) -> torch.nn.Linear:
-    """A frozen classifier head built from CLIP class-name text embeddings.
+class ZeroShotHead(torch.nn.Module):
+    """CLIP's own classifier, frozen: ``logits = exp(logit_scale) · cos(W_proj f, t_c)`` for the
+    image features ``f`` (CLIP's pooled output: ``post_layernorm`` of the CLS token) and the text
+    embedding ``t_c`` of each class's prompt. Both sides are normalised as CLIP normalises them, so
+    the logits at the start of training are CLIP's zero-shot ``logits_per_image``. It holds buffers
+    only: nothing in it trains, and PEFT saves none of it (it is rebuilt from the checkpoint)."""
 
-    The caller computes ``text_embeddings`` (``[num_labels, proj_dim]``) once with CLIP's
-    text tower (e.g. ``CLIPModel.get_text_features`` on prompts such as "a photo of a
-    {class}."); ``visual_projection_weight`` is ``CLIPModel.visual_projection.weight``
-    (``[proj_dim, hidden_size]``). The head is ``logit_scale * normalize(text) @ W_proj``,
-    i.e. it projects image features into the joint space and dots them with the
-    normalised class embeddings. It does not normalise the image embedding; that only
-    rescales all logits of one image together, so the predicted class is unchanged.
+    def __init__(self, visual_projection_weight: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float):
+        super().__init__()
+        if text_embeddings.ndim != 2 or visual_projection_weight.ndim != 2:
+            raise ValueError("text_embeddings and visual_projection_weight must both be 2-D")
+        if text_embeddings.shape[1] != visual_projection_weight.shape[0]:
+            raise ValueError(
+                f"text embedding dim {text_embeddings.shape[1]} does not match the visual "
+                f"projection output dim {visual_projection_weight.shape[0]}"
+            )
+        self.register_buffer("projection", visual_projection_weight.detach().float().clone(), persistent=False)
+        self.register_buffer("text", F.normalize(text_embeddings.detach().float(), dim=-1), persistent=False)
+        self.logit_scale = float(logit_scale)
 
-    Use it as ``model.classifier = zero_shot_head(...)``, and then do not list
-    ``classifier`` in PEFT ``modules_to_save`` (that would make a trainable copy).
-    """
-    if text_embeddings.ndim != 2 or visual_projection_weight.ndim != 2:
-        raise ValueError("text_embeddings and visual_projection_weight must both be 2-D")
-    if text_embeddings.shape[1] != visual_projection_weight.shape[0]:
-        raise ValueError(
-            f"text embedding dim {text_embeddings.shape[1]} does not match the visual "
-            f"projection output dim {visual_projection_weight.shape[0]}"
-        )
-    weight = logit_scale * F.normalize(text_embeddings.float(), dim=-1) @ visual_projection_weight.float()
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-    head.requires_grad_(False)
-    return head
+    @property
+    def out_features(self) -> int:
+        return self.text.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(features.float() @ self.projection.T, dim=-1)
+        return self.logit_scale * image @ self.text.T
+
+
+ZERO_SHOT_PROMPT = "a photo of a {}."  # CLIP's basic prompt (its paper's default template)
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    path: str, class_names: Sequence[str], prompt: str = ZERO_SHOT_PROMPT, **kw: Any
+) -> CLIPImageClassifier:
+    """The image tower of the full CLIP checkpoint ``path`` with :class:`ZeroShotHead` built from
+    its text tower and tokenizer on ``prompt.format(name)`` per class (the text tower is dropped
+    afterwards). ``kw`` goes to ``from_pretrained`` (e.g. ``dtype``)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    full = CLIPModel.from_pretrained(path, **kw).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    inputs = tokenizer([prompt.format(name) for name in class_names], padding=True, return_tensors="pt")
+    out = full.get_text_features(**inputs)
+    text = out if torch.is_tensor(out) else out.pooler_output  # transformers >= 5: an output object
+    model = CLIPImageClassifier(CLIPVisionModel.from_pretrained(path, **kw), len(class_names), pool="cls")
+    model.classifier = ZeroShotHead(full.visual_projection.weight, text, full.logit_scale.exp().item())
+    return model
 
 
 # --------------------------------------------------------------------------- transforms

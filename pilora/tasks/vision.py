@@ -23,6 +23,16 @@ class VisionSettings(TaskSettings):
     holdout_seed: int = setting(
         0, low=0, help="seed of the holdout, not the run's seed: every seed trains on the same images"
     )
+    head: str = setting(
+        "linear",
+        help="linear: a linear head on the pooled tokens, trained in full (GOAT); zeroshot: CLIP's frozen "
+        "text embeddings of `prompt` per class (CLS pooling, only the adapters train)",
+    )
+    prompt: str = setting(v.ZERO_SHOT_PROMPT, help="head=zeroshot: the text of each class ({} = its name)")
+    class_names: list | None = setting(None, help="head=zeroshot: the classes' names (null: the label column's)")
+
+
+HEADS = ("linear", "zeroshot")
 
 
 @register_family("vision")
@@ -38,6 +48,8 @@ class VisionTask(Task):
         from transformers import CLIPVisionConfig
 
         n = self.settings.num_labels
+        if self.zero_shot:
+            return self._zero_shot_model()
         if self.model_cfg.get("backend") == "open_clip":  # model=clip-vit-b32-openclip (pilora.tasks.openclip)
             from .openclip import build_classifier
 
@@ -55,13 +67,47 @@ class VisionTask(Task):
             ) from err
 
     @property
+    def zero_shot(self) -> bool:
+        head = self.settings.head
+        if head not in HEADS:
+            raise ValueError(f"task.head={head!r} is not a head; choose one of {list(HEADS)}")
+        return head == "zeroshot"
+
+    def _zero_shot_model(self):
+        if self.model_cfg.get("backend") == "open_clip" or self.model_cfg.get("from_config"):
+            raise ValueError(
+                "task.head=zeroshot builds its head from CLIP's text tower and tokenizer: set model.path to a "
+                "full transformers CLIP checkpoint (e.g. model=clip-vit-b32, openai/clip-vit-base-patch32)"
+            )
+        check_model_path(self.model_cfg)
+        names = self.class_names
+        if len(names) != self.settings.num_labels:
+            raise DataError(
+                f"task.head=zeroshot: {len(names)} class names for task.num_labels={self.settings.num_labels}"
+            )
+        return v.zero_shot_classifier(self.model_cfg["path"], names, self.settings.prompt)
+
+    @property
+    def class_names(self) -> list[str]:
+        """``task.class_names``, else the label column's names (read by :meth:`datasets`)."""
+        names = self.settings.class_names or getattr(self, "_label_names", None)
+        if not names:
+            raise DataError(
+                f"task {self.name!r}: task.head=zeroshot needs the classes' names and the data's labels "
+                "have none (not a ClassLabel column): set task.class_names=[...]"
+            )
+        return [str(n).replace("_", " ") for n in names]
+
+    @property
     def pool(self) -> str:
-        """How the head pools the patch tokens (``model.pool``; GOAT's plain mean by default)."""
-        return self.model_cfg.get("pool") or "mean_patch"
+        """How the head pools the patch tokens (``model.pool``; GOAT's plain mean by default; the
+        zero-shot head reads CLIP's own pooled output, the CLS token)."""
+        return "cls" if self.zero_shot else self.model_cfg.get("pool") or "mean_patch"
 
     @property
     def head_modules(self):
-        return self.model_cfg.get("head_modules") or ["classifier"]
+        # the zero-shot head is frozen (buffers only): nothing to train or save in full
+        return [] if self.zero_shot else self.model_cfg.get("head_modules") or ["classifier"]
 
     def datasets(self):
         s = self.settings
@@ -89,6 +135,7 @@ class VisionTask(Task):
                 )
         n = s.num_labels
         classes = raw[train_name].features["label"]
+        self._label_names = list(classes.names) if isinstance(classes, datasets.ClassLabel) else None
         if isinstance(classes, datasets.ClassLabel) and classes.num_classes != n:
             # a head with more outputs than classes trains dead logits; fewer cannot fit the labels
             raise DataError(
@@ -139,6 +186,8 @@ class VisionTask(Task):
             "best_epoch_on": "validation (holdout of the train split)",
             "reference": "GOAT train_vit.py: a fixed schedule, no checkpoint selection; test on the final model",
             "pool": self.pool,
+            "head": self.settings.head,
+            **({"prompt": self.settings.prompt} if self.zero_shot else {}),
             **self._activation(),
         }
 
