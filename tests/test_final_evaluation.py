@@ -577,3 +577,15 @@ def test_a_wrong_dataset_root_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=r"task.dataset.root='.*no-such-root' does not exist.*ft-training_set"):
         train(_cfg(tmp_path, "o", f"task.dataset.root={tmp_path / 'no-such-root'}"))
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_command_rebuilds_a_random_base_as_training_built_it(tmp_path):
+    """A ``from_config`` model (the tiny test towers) has random base weights: the evaluation seeds
+    as training did before building it, so the same adapter gives the training job's test loss."""
+    from pilora.runner import evaluate as ev
+
+    over = FAST + write_images(str(tmp_path / "img")) + ["method=lora", "trainer.max_steps=2", "seed=3"]
+    rec = train(compose_cfg(over, tmp_path / "run"))
+    for i in range(2):  # not a matter of the process's RNG state
+        scored = ev.evaluate(str(tmp_path / "run"), out=str(tmp_path / f"ev{i}"))
+        assert scored["metrics"]["test"]["test_loss"] == pytest.approx(rec["metrics"]["test"]["test_loss"], rel=1e-6)

@@ -383,6 +383,11 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
         check_task(cfg)
         task = make_task(cfg["task"], cfg["model"], int(cfg.get("seed", 0)))
         data = task.evaluation_datasets()  # bad data fails before the model loads
+        import torch
+
+        # as training seeded before building its model (random base weights of from_config models,
+        # a head's initial values that the saved adapter then overwrites)
+        torch.manual_seed(int(cfg.get("seed", 0)))
         model = load_trained(cfg, task, target, adapter=target if adapter else None)
         trainer = make_trainer(
             cfg,
