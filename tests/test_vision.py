@@ -181,6 +181,12 @@ def test_zero_shot_head_trains_only_the_adapters_and_reloads(tmp_path):
     again = evaluate(str(tmp_path / "run"))  # the head rebuilt from the checkpoint, the adapter loaded
     for key in ("test_accuracy", "test_loss"):
         assert again["metrics"]["test"][key] == pytest.approx(rec["metrics"]["test"][key], rel=1e-5)
+    from pilora.tasks.vision import VisionSettings
+
+    with pytest.raises(
+        ValueError, match=r"task\.head='zeroshoot' is not a head; choose one of \['linear', 'zeroshot'\]"
+    ):
+        VisionSettings.from_dict({"name": "eurosat", "family": "vision", "num_labels": 2, "head": "zeroshoot"})
     with pytest.raises(ValueError, match="full transformers CLIP checkpoint"):
         train(compose_cfg(FAST + write_images(str(tmp_path / "img")) + ["task.head=zeroshot"], tmp_path / "o"))
 

@@ -11,6 +11,8 @@ from . import clip as v
 from .base import DataError, Task, check_model_path, register_family
 from .schema import TaskSettings, setting
 
+HEADS = ("linear", "zeroshot")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionSettings(TaskSettings):
@@ -31,8 +33,10 @@ class VisionSettings(TaskSettings):
     prompt: str = setting(v.ZERO_SHOT_PROMPT, help="head=zeroshot: the text of each class ({} = its name)")
     class_names: list | None = setting(None, help="head=zeroshot: the classes' names (null: the label column's)")
 
-
-HEADS = ("linear", "zeroshot")
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head not in HEADS:  # checked with the config, before any data loads
+            raise ValueError(f"task.head={self.head!r} is not a head; choose one of {list(HEADS)}")
 
 
 @register_family("vision")
@@ -68,10 +72,7 @@ class VisionTask(Task):
 
     @property
     def zero_shot(self) -> bool:
-        head = self.settings.head
-        if head not in HEADS:
-            raise ValueError(f"task.head={head!r} is not a head; choose one of {list(HEADS)}")
-        return head == "zeroshot"
+        return self.settings.head == "zeroshot"
 
     def _zero_shot_model(self):
         if self.model_cfg.get("backend") == "open_clip" or self.model_cfg.get("from_config"):
