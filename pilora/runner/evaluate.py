@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -162,9 +161,12 @@ def _weights_identity(folder: str | None) -> list | None:
 
 
 def _sha256(path: str) -> str | None:
+    """The file's digest (the job inputs' hashing and cache, :func:`pilora.runner.jobdir.file_digest`);
+    None for a file that is not there."""
+    from .jobdir import file_digest
+
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_digest(path)
     except OSError:
         return None
 

@@ -429,6 +429,11 @@ def _keep_in_run_folder(run, path: str, cap: float) -> None:
         run.save(copy, base_path=run.dir, policy="now")
 
 
+# the files of the record artifact, also kept in the run's files/: results.json, importance.pt and a
+# generation task's predictions/<set>.jsonl
+RECORD_ARTIFACT = ("results", "importance", "predictions")
+
+
 def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) -> None:
     """Write the summary and the artifacts; ``files`` maps ``results``/``importance``/``adapter`` to
     paths (PiLoRA's compact ``adapter_pilora/`` is found next to ``adapter/``)."""
@@ -438,7 +443,7 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
     lg = cfg.get("logger") or {}
     cap = float(lg.get("artifact_max_mb", 200))
     run.summary.update(summary_of(record, cfg))
-    for key in ("results", "importance", "predictions"):  # what the record artifact holds
+    for key in RECORD_ARTIFACT:
         _keep_in_run_folder(run, files.get(key), cap)
     adapter = files.get("adapter")
     if adapter:
@@ -446,7 +451,7 @@ def finish_run(run, record: dict, cfg: dict, out: str, files: dict[str, str]) ->
     if lg.get("artifacts", True):
         name = artifact_name(_NAME or run_name(cfg, sweep_point(cfg, out)))
         for art_name, art_type, keys in (
-            (f"{name}-record", "results", ("results", "importance", "predictions")),  # predictions/<set>.jsonl
+            (f"{name}-record", "results", RECORD_ARTIFACT),
             (f"{name}-adapter", "model", ("adapter", "adapter_pilora")),
         ):
             meta = adapter_metadata(cfg, record, adapter) if art_type == "model" and adapter else None
