@@ -26,8 +26,12 @@ Importing this module registers all of these (``run.py`` and the tests do).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
+import json
 import os
+import re
+import sys
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.hydra import Hydra
@@ -35,6 +39,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
+from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
 from hydra.plugins.completion_plugin import CompletionPlugin
 from omegaconf import DictConfig, OmegaConf
@@ -319,11 +324,17 @@ def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             plain = [o for o in parsed.overrides if "," not in o.partition("=")[2] and "(" not in o]
-            base = compose(config_name=name, overrides=plain, return_hydra_config=True)
+            try:
+                base = compose(config_name=name, overrides=plain, return_hydra_config=True)
+            except ConfigCompositionException as err:
+                return unknown_key_message(err, name, plain)
             sweep = parsed.multirun or str(base.hydra.mode) == "RunMode.MULTIRUN"
             points = sweep_points(parsed.overrides, base.hydra) if sweep else [parsed.overrides]
             for point in points or []:
-                cfg = compose(config_name=name, overrides=point)
+                try:
+                    cfg = compose(config_name=name, overrides=point)
+                except ConfigCompositionException as err:
+                    return unknown_key_message(err, name, point)
                 cfg.output_dir = ""  # ${hydra:runtime.output_dir}: not known before Hydra runs
                 try:
                     check_config(cfg)
@@ -335,6 +346,47 @@ def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
     except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
         return None
     return None
+
+
+_NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
+
+
+def unknown_key_message(err: Exception, name: str, overrides: list[str]) -> str | None:
+    """For Hydra's "Could not override 'model.nme'" (a key the composed config does not have,
+    outside the sections whose keys the job checks itself, ``ADDABLE_SECTIONS``): the keys that
+    level has, the closest one, and the ``+`` that adds a new key. None for other composition
+    errors (Hydra reports them). Runs inside ``initialize_config_dir``."""
+    from hydra import compose
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    found = _NOT_OVERRIDABLE.match(str(err))
+    if not found or not isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)):
+        return None
+    key = found.group(1)
+    try:
+        cfg = compose(config_name=name, overrides=[o for o in overrides if o.partition("=")[0] != key])
+    except Exception:  # noqa: BLE001 - another error: Hydra reports the command line
+        return None
+    node, parts = cfg, key.split(".")
+    for depth, part in enumerate(parts):  # the first level that lacks the key's next part
+        if not isinstance(node, DictConfig):
+            return None
+        if part not in node:
+            break
+        node = node[part]
+    else:
+        return None
+    section, leaf = ".".join(parts[:depth]), parts[depth]
+    keys = sorted(str(k) for k in node)
+    close = difflib.get_close_matches(leaf, keys, n=1)
+    prefix = f"{section}." if section else ""
+    return (
+        f"unknown key {key!r}: {'the config' if not section else section} has no key {leaf!r}"
+        + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+        + f"; its keys: {', '.join(keys)}"
+        # a new top-level key is refused (check_overrides: nothing would read it)
+        + (f". To add a key it does not have, write +{key}=..." if section else "")
+    )
 
 
 def register() -> None:
@@ -355,13 +407,94 @@ def register() -> None:
     ConfigLoaderImpl._apply_overrides_to_config = staticmethod(_apply_overrides_to_config)
 
 
+class FailedPoint(float):
+    """What a sweep point returns when it stops on an error the user can fix (a diverged learning
+    rate, a folder of another config, a bad data file), instead of ending the whole sweep: NaN, so
+    that a sweeper takes it for a failed trial (Optuna marks it FAIL and goes on), carrying the
+    message for the closing table (:class:`PrintSummary`)."""
+
+    def __new__(cls, message: str):
+        point = super().__new__(cls, "nan")
+        point.message = message
+        return point
+
+    def __reduce__(self):  # a launcher's worker process hands it back pickled (submitit)
+        return FailedPoint, (self.message,)
+
+
+# <sweep dir>/sweep_points.jsonl: one line per job of the latest multirun there (its folder and its
+# error, if any), appended by the job itself, so that any launcher's workers (submitit, SLURM) add to it
+SWEEP_POINTS = "sweep_points.jsonl"
+
+
+def read_sweep_points(sweep_dir: str) -> list[dict] | None:
+    """The jobs of the latest multirun into ``sweep_dir``, in the order they ended; None when no
+    multirun there listed its jobs."""
+    try:
+        with open(os.path.join(sweep_dir, SWEEP_POINTS), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    points = []
+    for line in lines:
+        try:
+            points.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed job
+            continue
+    return points
+
+
 class PrintSummary(Callback):
     """After every multirun, print the table of its records (conf/config.yaml hydra.callbacks), with
-    the value of each swept key and each job's folder."""
+    the value of each swept key and each job's folder: the jobs of this multirun only (a sweep folder
+    also keeps the records of earlier sweeps into it), then the points that failed, with their
+    errors. A failed point ends itself, not the sweep; the multirun then exits with status 1."""
+
+    def on_multirun_start(self, config, **kwargs):
+        sweep_dir = str(config.hydra.sweep.dir)
+        os.makedirs(sweep_dir, exist_ok=True)
+        open(os.path.join(sweep_dir, SWEEP_POINTS), "w").close()  # this multirun's list starts empty
+
+    def on_job_end(self, config, job_return, **kwargs):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        value = job_return._return_value  # .return_value would raise a failed job's error here
+        if isinstance(value, FailedPoint):
+            error = value.message
+        elif job_return.status is JobStatus.FAILED:  # a bug: Hydra raises it once the batch has run
+            error = f"{type(value).__name__}: {value}"
+        else:
+            error = None
+        line = json.dumps({"folder": os.path.abspath(hydra_cfg.runtime.output_dir), "error": error}) + "\n"
+        # one short O_APPEND write: lines of parallel jobs do not interleave
+        fd = os.open(os.path.join(str(config.hydra.sweep.dir), SWEEP_POINTS), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
     def on_multirun_end(self, config, **kwargs):
+        sweep_dir = str(config.hydra.sweep.dir)
         swept = swept_keys(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params"))
-        print("\n" + format_table(summary_rows(config.hydra.sweep.dir, swept)), flush=True)
+        rows = summary_rows(sweep_dir, swept)
+        points = read_sweep_points(sweep_dir)
+        failed = [p for p in points or () if p.get("error")]
+        if points:  # a failed point's folder holds what was there before it (another config's run), not its result
+            done = {p["folder"] for p in points} - {p["folder"] for p in failed}
+            rows = [r for r in rows if os.path.abspath(r["path"]) in done]
+        print("\n" + format_table(rows), flush=True)
+        if failed:
+            for p in failed:
+                print(f"failed: {os.path.relpath(p['folder'], sweep_dir)}: {p['error']}", flush=True)
+            sys.exit(
+                f"error: {len(failed)} of {len(points)} sweep points failed (listed above, each with its error). "
+                "Fix them and rerun the same command: the points that finished are reused, not trained again"
+            )
 
 
 register()

@@ -23,10 +23,18 @@ def main(cfg: DictConfig) -> float:
     from pilora.runner.train import objective, train
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    # a fixable error ends with one message; a bug with its traceback
+    # a fixable error ends with one message (in a sweep: ends that point, listed when the sweep
+    # ends); a bug with its traceback
     record = exit_on_expected(
-        train, cfg, sweep=sweep, on_open=hydra_setup.job_config_saver(cfg), output_dir=cfg.get("output_dir")
+        train,
+        cfg,
+        sweep=sweep,
+        on_open=hydra_setup.job_config_saver(cfg),
+        output_dir=cfg.get("output_dir"),
+        on_error=hydra_setup.FailedPoint if sweep else None,
     )
+    if isinstance(record, hydra_setup.FailedPoint):
+        return record
     # a validation value, never a test metric: a sweeper (Optuna, Ax) tunes on what it is given
     return objective(record)
 

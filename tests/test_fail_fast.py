@@ -181,6 +181,11 @@ def test_section_keys_the_yaml_leaves_out_are_set_without_plus():
         ),
         (["task.generation.num_beems=2"], "unknown key(s) task.generation for task 'reviews'; valid keys of task"),
         (["-m", "trainer.learning_rat=1e-3,1e-4"], "(did you mean trainer.learning_rate?)"),
+        # outside those sections: the level's keys instead of Hydra's "Could not override 'model.nme'"
+        (["model.nme=x"], "unknown key 'model.nme': model has no key 'nme' (did you mean model.name?); its keys:"),
+        (["-m", "logger.projct=a,b"], "logger has no key 'projct' (did you mean logger.project?)"),
+        (["modl.name=x"], "unknown key 'modl.name': the config has no key 'modl' (did you mean model?)"),
+        (["sed=1"], "unknown key 'sed': the config has no key 'sed' (did you mean seed?); its keys: logger,"),
     ],
 )
 def test_section_key_typos_without_plus_are_named_with_the_valid_keys(overrides, message):
@@ -190,10 +195,15 @@ def test_section_key_typos_without_plus_are_named_with_the_valid_keys(overrides,
 
     error = hydra_setup.check_job(overrides)
     assert error is not None and message in error, error
+    if overrides[-1].startswith(("model.", "logger.")):  # a level's keys, and how to add a new one
+        assert f"To add a key it does not have, write +{overrides[-1].partition('=')[0]}=..." in error
+        section = overrides[-1].split(".")[0]
+        assert error.split("its keys: ")[1].split(". To add")[0].split(", ") == sorted(compose_cfg([])[section])
 
 
 @pytest.mark.slow
 def test_section_key_typos_through_run_py_are_one_message():
+    _one_message(_run_py(["model.nme=x"]), "(did you mean model.name?)")
     _one_message(_run_py(["trainer.learning_rat=1e-3"]), "(did you mean trainer.learning_rate?)")
     _one_message(
         _run_py(["task=commonsense/commonsense170k", "task.generation.num_beems=2"]),

@@ -5,6 +5,7 @@ output root."""
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -142,6 +143,48 @@ def test_run_py_sweep_reports_a_repeated_point_and_exits_cleanly(tmp_path):
     assert not (sweep / "job" / "results.json").exists()
 
 
+@pytest.mark.slow
+def test_a_failing_sweep_point_ends_itself_not_the_sweep(tmp_path):
+    """``run.py -m seed=2,1`` where point seed=2 stops on a fixable error (its folder holds another
+    config's run): seed=1 still trains, the closing table lists this multirun's jobs only (not the
+    seed=0 job of an earlier sweep into the same folder), the failed point is named with its error,
+    and the multirun exits 1. Rerun after the fix, the finished point is reused."""
+    sweep = tmp_path / "sweep"
+    args = _vision(tmp_path / "img", "trainer.max_steps=2", "save_adapter=false")
+    args += [f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=s${seed}"]
+
+    def multirun(seeds):
+        return subprocess.run(
+            [sys.executable, "run.py", "-m", *args, f"seed={seeds}"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    first = multirun("0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(sweep / "s0", sweep / "s2")  # s2 holds another config's (seed 0) finished run
+    second = multirun("2,1")
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert json.loads((sweep / "s1" / "results.json").read_text())["status"] == "complete"  # trained after s2 failed
+    table = second.stdout[second.stdout.rindex("method ") :]
+    rows = [line.split() for line in table.splitlines()[2:] if line.startswith("lora")]
+    assert [(r[2], r[-1]) for r in rows] == [("1", "s1")]  # not s0: an earlier sweep's record
+    assert "failed: s2: the job folder" in table and "holds a run of a different config" in table
+    assert "error: 1 of 2 sweep points failed" in second.stderr
+    points = [json.loads(line) for line in (sweep / "sweep_points.jsonl").read_text().splitlines()]
+    assert [(os.path.basename(p["folder"]), bool(p["error"])) for p in points] == [("s2", True), ("s1", False)]
+    # fixed (the other run moved away), the same command trains s2 and reuses s1
+    shutil.rmtree(sweep / "s2")
+    third = multirun("2,1")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (third.stdout + third.stderr).count("job already complete") == 1
+    table = third.stdout[third.stdout.rindex("method ") :]
+    assert sorted(line.split()[-1] for line in table.splitlines()[2:] if line.startswith("lora")) == ["s1", "s2"]
+
+
 def _holder(folder, **kw):
     (folder / jobdir.LOCK_FILE).write_text(
         json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(), **kw})
@@ -177,6 +220,14 @@ def test_lock_rules_without_flock(tmp_path, monkeypatch):
         _holder(tmp_path, pid=live.pid)
         with pytest.raises(JobLocked, match=f"pid {live.pid}"):
             JobLock(str(tmp_path)).acquire()
+        started = jobdir._start_ticks(live.pid)
+        assert started is not None and started >= jobdir._start_ticks(os.getpid())
+        _holder(tmp_path, pid=live.pid, started=started)  # the holder itself: live
+        with pytest.raises(JobLocked, match=f"pid {live.pid}"):
+            JobLock(str(tmp_path)).acquire()
+        # the holder's pid now runs another process (it started at another time): taken over
+        _holder(tmp_path, pid=live.pid, started=started - 1)
+        JobLock(str(tmp_path)).acquire().release()
     finally:
         live.kill()
         live.wait()
@@ -264,7 +315,6 @@ def test_resume_false_starts_clean_including_stage1(tmp_path):
     train(compose_cfg(base, out))
     # plant foreign statistics in place of this job's own (as a run of another config would leave)
     other = train(compose_cfg(base + ["seed=3"], tmp_path / "other"))
-    import shutil
 
     shutil.copy(other["pilora"]["importance_file"], out / "importance.pt")
     (out / "stage1" / "checkpoint-99").mkdir(parents=True)

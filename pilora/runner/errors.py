@@ -84,9 +84,11 @@ def expected_message(err: BaseException, output_dir: str | None = None) -> str |
     return None
 
 
-def exit_on_expected(fn, *args, output_dir: str | None = None, **kwargs):
+def exit_on_expected(fn, *args, output_dir: str | None = None, on_error=None, **kwargs):
     """``fn(*args, **kwargs)``; an expected error ends the process with ``error: <message>`` on stderr
-    and exit status 1 instead of a traceback (a bug still raises)."""
+    and exit status 1 instead of a traceback (a bug still raises). ``on_error(message)``, when
+    given, is called instead of ending the process, and its value returned (a sweep point's
+    error ends that point, not the sweep: ``hydra_setup.FailedPoint``)."""
     import sys
 
     try:
@@ -97,5 +99,9 @@ def exit_on_expected(fn, *args, output_dir: str | None = None, **kwargs):
             raise
         import logging
 
-        logging.getLogger("pilora").debug("expected error", exc_info=True)  # the traceback stays in run.log
+        log = logging.getLogger("pilora")
+        log.debug("expected error", exc_info=True)  # the traceback stays in run.log
+        if on_error is not None:
+            log.error("%s", message)
+            return on_error(message)
         sys.exit(f"error: {message}")

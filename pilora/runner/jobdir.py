@@ -10,7 +10,8 @@ The lock (``.lock`` in the job folder) holds the writer's host, pid and a heartb
 ``fcntl.flock`` works it decides (the kernel, or the NFS/GPFS lock manager, drops it with the
 process or node), so a job requeued on another node takes over at once. On a filesystem without
 flock, or whose flock stays on one node (``PILORA_LOCK_FLOCK=node-local``), a holder named in the
-file is live while its heartbeat is fresh (other host) or its pid runs (same host).
+file is live while its heartbeat is fresh (other host) or its pid runs, started when the holder
+started (same host: a pid reused by a later process is not the holder).
 """
 
 from __future__ import annotations
@@ -86,6 +87,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, ``/proc/<pid>/stat`` field 22): a pid
+    reused by a later process (after the holder died, or after a reboot) has another. None where
+    there is no ``/proc`` (macOS) or no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+        return int(text.rpartition(")")[2].split()[19])  # the fields after the (name), which may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class JobLock:
     """Exclusive writer lock of one job folder; use as a context manager."""
 
@@ -96,7 +109,7 @@ class JobLock:
         self._fd = None
         self._stop = threading.Event()
         self._thread = None
-        self.info = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_ticks(os.getpid())}
 
     # -- holder file ------------------------------------------------------------------------
     def _read_holder(self) -> dict | None:
@@ -128,7 +141,10 @@ class JobLock:
                 # a live holder on this host would hold the flock we just got: it is gone (its pid may
                 # even run another program by now)
                 return False
-            return _pid_alive(int(holder.get("pid", -1)))
+            pid = int(holder.get("pid", -1))
+            if holder.get("started") is not None and _start_ticks(pid) not in (None, holder["started"]):
+                return False  # that pid is another process now: the holder is gone
+            return _pid_alive(pid)
         return time.time() - float(holder.get("heartbeat", 0)) < self.stale_s
 
     @staticmethod

@@ -7,6 +7,7 @@ import os
 from typing import Any, Callable
 
 import datasets
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
 from .schema import TaskSettings
 
@@ -205,16 +206,8 @@ def _check_table_file(f: str, task_name: str, columns: tuple[list[str], str] | N
         )
 
 
-_PACKAGED = (
-    "csv",
-    "json",
-    "parquet",
-    "text",
-    "arrow",
-    "imagefolder",
-    "audiofolder",
-    "webdataset",
-)  # datasets' own loaders
+# datasets' own loaders (csv, json, parquet, imagefolder, ...): such a path names no hub dataset
+_PACKAGED = frozenset(_PACKAGED_DATASETS_MODULES)
 
 
 def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] | None = None) -> datasets.DatasetDict:
