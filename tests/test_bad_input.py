@@ -200,9 +200,10 @@ def test_image_that_fails_to_decode(tmp_path, images):
     _fails(
         FAST + images + ["method=pilora", "method.stage1.max_steps=4"],
         tmp_path / "o",
-        ValueError,
-        r"could not decode image \(path '.*broken\.png'",
+        DataError,
+        r"1 of 25 images of split 'train' do not decode: '.*broken\.png' \(UnidentifiedImageError",
     )
+    assert not (tmp_path / "o" / "stage1").exists()  # found before stage 1's first step
 
 
 # --- models -----------------------------------------------------------------------------------------

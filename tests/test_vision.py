@@ -440,3 +440,47 @@ def test_prepared_datasets_pickle_into_spawned_dataloader_workers(folder, tmp_pa
     ds = V.prepare_dataset(load_folder(folder, tmp_path)["train"], V.eval_transform(32))
     again = pickle.loads(pickle.dumps(ds))
     torch.testing.assert_close(torch.as_tensor(again[0]["pixel_values"]), torch.as_tensor(ds[0]["pixel_values"]))
+
+
+def test_every_image_is_decoded_once_per_version_of_a_split(folder, tmp_path):
+    """check_decodable names every file that does not decode (a truncated JPEG included, though
+    JPEGs decode at 1/8 scale), passes a good split and skips it the next time; a changed file
+    makes a new version, checked again."""
+    cache = str(tmp_path / "checked.json")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "red" / "whole.jpg", quality=90)
+    data = (folder / "red" / "whole.jpg").read_bytes()
+    good = load_folder(folder, tmp_path)["train"]
+    assert V.check_decodable(good, "train", cache=cache, workers=2) == len(good) == 13
+    assert V.check_decodable(good, "train", cache=cache) == 0  # this version passed: not decoded again
+    (folder / "red" / "whole.jpg").write_bytes(data[: len(data) // 2])  # cut short, as a failed copy leaves it
+    (folder / "blue" / "0.png").write_bytes(b"not a png")
+    bad = load_folder(folder, tmp_path)["train"]
+    with pytest.raises(V.DatasetLoadError) as err:
+        V.check_decodable(bad, "train", cache=cache, workers=2)
+    message = str(err.value)
+    assert message.startswith("2 of 13 images of split 'train' do not decode: ")
+    assert "whole.jpg' (OSError: Truncated File Read)" in message and "0.png' (UnidentifiedImageError" in message
+    with pytest.raises(V.DatasetLoadError):  # a failed version is not cached
+        V.check_decodable(bad, "train", cache=cache)
+
+
+def test_a_bad_test_image_stops_the_job_before_training_and_the_fix_reuses_the_folder(tmp_path):
+    """A corrupt test image found at the final evaluation would cost the run (fixing it changes the
+    job's inputs, so the rerun cannot reuse the weights): it stops the job before the first step,
+    and once fixed the same command trains in the same folder."""
+    from helpers import FAST, compose_cfg, write_images
+
+    from pilora.runner.train import train
+    from pilora.tasks.base import DataError
+
+    over = FAST + write_images(str(tmp_path / "img")) + ["method=lora", "trainer.max_steps=2", "save_adapter=false"]
+    (tmp_path / "img" / "test" / "1" / "2.png").write_bytes(b"")
+    out = tmp_path / "run"
+    with pytest.raises(
+        DataError, match=r"task 'eurosat': 1 of 8 images of split 'test' do not decode: .*test/1/2\.png"
+    ):
+        train(compose_cfg(over, out))
+    assert not (out / "train").exists() and not (out / "training.json").exists()  # nothing trained
+    write_images(str(tmp_path / "img"))  # the file fixed
+    record = train(compose_cfg(over, out))
+    assert record["status"] == "complete" and record["metrics"]["test"]["test_accuracy"] is not None

@@ -240,24 +240,32 @@ def eval_transform(image_size: int = 224) -> T.Compose:
 
 def _decode(item: Any, position: int) -> PIL.Image.Image:
     """Turn a datasets image cell (PIL image, {'bytes','path'} dict or path) into a PIL image."""
-    if isinstance(item, PIL.Image.Image):
-        return item
-    path = None
     try:
-        if isinstance(item, Mapping):
-            path = item.get("path")
-            data = item.get("bytes")
-            image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
-        elif isinstance(item, (str, os.PathLike)):
-            path = os.fspath(item)
-            image = PIL.Image.open(path)
-        else:
-            raise TypeError(f"unsupported image value of type {type(item).__name__}")
+        image = _open(item)
         image.load()  # PIL is lazy; force the decode here so the error is caught here
         return image
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        path = _image_path(item)
         where = f"path {path!r}, " if path else ""
         raise ValueError(f"could not decode image ({where}example {position} of the batch): {exc}") from exc
+
+
+def _open(item: Any) -> PIL.Image.Image:
+    """A datasets image cell (PIL image, {'bytes','path'} dict or path) opened, not yet decoded."""
+    if isinstance(item, PIL.Image.Image):
+        return item
+    if isinstance(item, Mapping):
+        data = item.get("bytes")
+        return PIL.Image.open(io.BytesIO(data) if data is not None else item.get("path"))
+    if isinstance(item, (str, os.PathLike)):
+        return PIL.Image.open(os.fspath(item))
+    raise TypeError(f"unsupported image value of type {type(item).__name__}")
+
+
+def _image_path(item: Any) -> str | None:
+    if isinstance(item, Mapping):
+        return item.get("path")
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
 
 
 class _TransformBatch:
@@ -399,6 +407,72 @@ def num_classes(ds: datasets.Dataset | datasets.DatasetDict) -> int:
 
 class DatasetLoadError(OSError):
     """A vision dataset that ``datasets`` could not load (the message says what to do)."""
+
+
+# fingerprints of dataset splits whose every image decoded (check_decodable): checked once per version
+IMAGE_CHECK_CACHE = os.environ.get("PILORA_IMAGE_CHECK_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pilora", "decodable-images.json"
+)
+
+
+def _read_cache(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        return cached if isinstance(cached, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _undecodable(item: Any) -> str | None:
+    """Why one image cell does not decode (None: it does). A JPEG is decoded at 1/8 scale (``draft``):
+    every byte is still read and entropy-decoded, so a truncated or corrupt file still fails."""
+    try:
+        image = _open(item)
+        if image.format == "JPEG":
+            image.draft("RGB", (1, 1))
+        image.load()
+        return None
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        where = _image_path(item)
+        return f"{where!r} ({type(exc).__name__}: {exc})" if where else f"{type(exc).__name__}: {exc}"
+
+
+def check_decodable(ds: datasets.Dataset, split: str, cache: str | None = None, workers: int | None = None) -> int:
+    """Raise ``DatasetLoadError`` naming the images of ``ds`` that do not decode; return how many
+    were decoded (0: this version of the split passed before). Run before the first step: a bad
+    file found at the final evaluation costs the run, since fixing it changes the job's input files
+    and the rerun cannot reuse the trained weights. A split is known by its ``datasets``
+    fingerprint (which follows its files' paths and modification times), cached in ``cache``
+    (:data:`IMAGE_CHECK_CACHE`); the decoding runs on ``workers`` threads (PIL decodes without the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..io import atomic_write_json
+
+    cache = cache or IMAGE_CHECK_CACHE
+    key = getattr(ds, "_fingerprint", None)
+    if key is not None and _read_cache(cache).get(key) == len(ds):
+        return 0
+    if isinstance(ds.features.get("image"), datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # the raw bytes / path, decoded here
+    bad: list[str] = []
+    with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
+        for batch in ds.select_columns(["image"]).iter(batch_size=512):
+            bad += [why for why in pool.map(_undecodable, batch["image"]) if why]
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise DatasetLoadError(
+            f"{len(bad)} of {len(ds)} images of split {split!r} do not decode: {shown}. Replace or remove "
+            "these files (nothing was trained)"
+        )
+    if key is not None:
+        try:
+            atomic_write_json(cache, {**_read_cache(cache), key: len(ds)}, indent=0, fsync=False)
+        except OSError:  # a cache: a failed write only costs a second check
+            pass
+    return len(ds)
 
 
 def check_labels(ds: datasets.Dataset | datasets.DatasetDict, n_classes: int | None = None) -> None:

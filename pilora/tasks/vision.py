@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import datasets
 import numpy as np
@@ -10,6 +11,8 @@ import numpy as np
 from . import clip as v
 from .base import DataError, Task, check_model_path, register_family
 from .schema import TaskSettings, setting
+
+log = logging.getLogger("pilora")
 
 HEADS = ("linear", "zeroshot")
 
@@ -150,6 +153,13 @@ class VisionTask(Task):
                 f"task {self.name!r}: {err}. task.num_labels is {n}: fix the data (class folders / "
                 "label column) or set task.num_labels"
             ) from err
+        for split in {train_name, test_name} - {None}:  # the validation holdout comes from train
+            try:
+                checked = v.check_decodable(raw[split], split)
+            except v.DatasetLoadError as err:
+                raise DataError(f"task {self.name!r}: {err}") from err
+            if checked:
+                log.info("task %s: all %d images of split %r decode", self.name, checked, split)
         train, val = v.holdout_split(
             raw[train_name],
             fraction=s.holdout_fraction,
