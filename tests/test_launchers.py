@@ -110,3 +110,8 @@ def test_local_submitit_sweep_runs_jobs(tmp_path):
     records = glob.glob(f"{tmp_path}/sweep/**/results.json", recursive=True)
     assert sorted(json.load(open(r))["seed"] for r in records) == [0, 1]
     assert all(json.load(open(r))["status"] == "complete" for r in records)
+    # each worker process listed its job for the closing table
+    points = [json.loads(line) for line in open(f"{tmp_path}/sweep/sweep_points.jsonl")]
+    assert sorted(p["folder"] for p in points) == sorted(os.path.dirname(r) for r in records)
+    assert not any(p["error"] for p in points)
+    assert proc.stdout.count("\nlora ") == 2  # both jobs in the table
