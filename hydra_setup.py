@@ -408,10 +408,9 @@ def register() -> None:
 
 
 class FailedPoint(float):
-    """What a sweep point returns when it stops on an error the user can fix (a diverged learning
-    rate, a folder of another config, a bad data file), instead of ending the whole sweep: NaN, so
-    that a sweeper takes it for a failed trial (Optuna marks it FAIL and goes on), carrying the
-    message for the closing table (:class:`PrintSummary`)."""
+    """What a basic sweep's point returns when it stops on an error the user can fix (a diverged
+    learning rate, a folder of another config, a bad data file), instead of ending the whole sweep:
+    NaN (no value to compare), carrying the message for the closing table (:class:`PrintSummary`)."""
 
     def __new__(cls, message: str):
         point = super().__new__(cls, "nan")
@@ -420,6 +419,19 @@ class FailedPoint(float):
 
     def __reduce__(self):  # a launcher's worker process hands it back pickled (submitit)
         return FailedPoint, (self.message,)
+
+
+def point_error_handler(hydra_cfg):
+    """How a job ends on an error the user can fix (``on_error`` of
+    :func:`pilora.runner.errors.exit_on_expected`): a point of a basic-sweeper multirun returns a
+    :class:`FailedPoint` and the other points still run; a single run, and a trial of a sweeper
+    that stops at a failed trial anyway (Hydra's Optuna sweeper raises on a NaN), exits with the
+    message (None)."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN or not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    return FailedPoint
 
 
 # <sweep dir>/sweep_points.jsonl: one line per job of the latest multirun there (its folder and its

@@ -23,15 +23,15 @@ def main(cfg: DictConfig) -> float:
     from pilora.runner.train import objective, train
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    # a fixable error ends with one message (in a sweep: ends that point, listed when the sweep
-    # ends); a bug with its traceback
+    # a fixable error ends with one message (a basic sweep's point: ends that point, listed when the
+    # sweep ends); a bug with its traceback
     record = exit_on_expected(
         train,
         cfg,
         sweep=sweep,
         on_open=hydra_setup.job_config_saver(cfg),
         output_dir=cfg.get("output_dir"),
-        on_error=hydra_setup.FailedPoint if sweep else None,
+        on_error=hydra_setup.point_error_handler(HydraConfig.get()),
     )
     if isinstance(record, hydra_setup.FailedPoint):
         return record

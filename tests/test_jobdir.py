@@ -185,6 +185,24 @@ def test_a_failing_sweep_point_ends_itself_not_the_sweep(tmp_path):
     assert sorted(line.split()[-1] for line in table.splitlines()[2:] if line.startswith("lora")) == ["s1", "s2"]
 
 
+@pytest.mark.slow
+def test_an_optuna_trial_that_fails_ends_the_search_with_one_message(tmp_path):
+    """Hydra's Optuna sweeper stops at any failed trial (a NaN value raises there), so a trial's
+    fixable error ends the search as a single run's does: one ``error:`` line, exit status 1, no
+    traceback; the trial before it finished. (Both trials share one folder here, so the second
+    finds the first's run of another learning rate: StaleJob.)"""
+    sweep = tmp_path / "sweep"
+    args = _vision(tmp_path / "img", "trainer.max_steps=2", "save_adapter=false")
+    args += ["hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=t"]
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "holds a run of a different config" in errors[0], proc.stderr[-3000:]
+    assert "config.trainer.learning_rate (was " in errors[0] or "config.method.dropout (was " in errors[0]
+    assert json.loads((sweep / "t" / "results.json").read_text())["status"] == "complete"  # trial 1
+
+
 def _holder(folder, **kw):
     (folder / jobdir.LOCK_FILE).write_text(
         json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(), **kw})
