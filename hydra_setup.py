@@ -161,7 +161,25 @@ def _apply_overrides_to_config(overrides, cfg) -> None:
     are TrainingArguments fields" holds for the fields ``conf/trainer/default.yaml`` leaves out
     (``trainer.torch_compile=true``), and a typo (``trainer.learning_rat``) reaches the job's checks,
     which name it with the valid keys, instead of Hydra's "Key 'learning_rat' is not in struct"."""
-    _hydra_apply_overrides([_as_add(o, cfg) for o in overrides], cfg)
+    overrides = [_as_add(o, cfg) for o in overrides]
+    for override in overrides:
+        _empty_before_merge(override, cfg)
+    _hydra_apply_overrides(overrides, cfg)
+
+
+def _empty_before_merge(override, cfg) -> None:
+    """OmegaConf cannot merge a dict into an ``Optional[Dict]`` key that is null
+    (``method.rank_pattern={query:4}``: "'NoneType' object has no attribute 'get'"); such a key is
+    set to an open ``{}`` first, so the override sets exactly its dict."""
+    if override.type is not OverrideType.CHANGE or override.is_sweep_override() or override.package is not None:
+        return
+    if not isinstance(override.value(), dict):
+        return
+    section, _, leaf = override.key_or_group.rpartition(".")
+    parent = OmegaConf.select(cfg, section, throw_on_missing=False) if section else cfg
+    if isinstance(parent, DictConfig) and leaf in parent and parent._get_node(leaf)._is_none():
+        parent[leaf] = {}
+        OmegaConf.set_struct(parent[leaf], False)  # its keys are the user's (module names), not a schema's
 
 
 def _as_add(override, cfg):

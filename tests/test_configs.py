@@ -486,3 +486,27 @@ def test_the_key_listing_says_which_keys_plain_lora_ignores():
     assert "supplementary_r" not in applicable_keys("lora")
     r_line = next(l for l in describe_keys().splitlines() if l.startswith("method.r "))
     assert "lora," in r_line and "lora with" not in r_line
+
+
+def test_rank_and_alpha_patterns_are_set_from_the_command_line(tmp_path):
+    """`method.rank_pattern={query:4}` (PEFT's per-module ranks; null by default): OmegaConf cannot
+    merge a dict into a null key, so this was a traceback; now the trained adapter has rank 4 in the
+    query projections and r elsewhere, with the given α."""
+    import json
+
+    from safetensors.torch import load_file
+
+    over = FAST + ["method=lora", "method.r=2", "method.rank_pattern={query:4}", "method.alpha_pattern={query:16}"]
+    assert hydra_setup.check_job(over) is None
+    assert hydra_setup.check_job(["-m", *over[:-2], "method.rank_pattern={query:4},{key:3}"]) is None
+    cfg = compose_cfg(over + ["trainer.max_steps=1"], tmp_path / "o")
+    assert compose_cfg(FAST).method.rank_pattern is None  # the default stays null
+    train(cfg)
+    saved = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["rank_pattern"], saved["alpha_pattern"]) == (2, {"query": 4}, {"query": 16})
+    ranks = {
+        k.split(".")[-3]: v.shape[0]
+        for k, v in load_file(tmp_path / "o" / "adapter" / "adapter_model.safetensors").items()
+        if k.endswith("lora_A.weight")
+    }
+    assert ranks["query"] == 4 and ranks["key"] == ranks["value"] == 2, ranks
