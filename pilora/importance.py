@@ -25,6 +25,7 @@ many small modules needs few GEMMs. The heat-map snapshot is pooled on every
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -200,6 +201,7 @@ class ImportanceStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImportanceStats":
+        path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"importance statistics not found at {path!r}: point method.importance_from at the "
@@ -208,8 +210,16 @@ class ImportanceStats:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file
+            # torch's weights_only refusal is a page of advice for trusting other code's pickles:
+            # say what it means here; otherwise the error's first line
+            if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+                cause = "it holds Python objects, not the tensors and plain values a stage 1 writes"
+            elif isinstance(err, pickle.UnpicklingError):
+                cause = "not a file torch.save wrote"
+            else:
+                cause = " ".join([type(err).__name__ + ":", *str(err).strip().splitlines()[:1]])
             raise ValueError(
-                f"{path!r} is not a readable importance-statistics file ({err}); delete it and "
+                f"{path!r} is not a readable importance-statistics file ({cause}); delete it and "
                 "re-run stage 1 (rerun the job that wrote it), or point method.importance_from at "
                 "another file"
             ) from err

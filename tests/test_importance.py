@@ -468,3 +468,23 @@ def test_a_check_is_skipped_with_the_update_when_only_a_trained_heads_gradient_o
     assert opt.step_was_skipped  # the scaler's decision
     assert cb.accumulator.skipped_checks == [0]
     assert all(s.checks == 0 for s in cb.accumulator.finalize().modules.values())
+
+
+def test_a_foreign_file_is_one_line_naming_what_it_holds(tmp_path):
+    """method.importance_from at a file that is not a stage-1 importance.pt: one line, not torch's
+    page of weights_only advice (which is about trusting other code's pickles)."""
+    import argparse
+
+    from pilora.importance import ImportanceStats
+
+    torch.save(argparse.Namespace(a=1), tmp_path / "pickled.pt")
+    (tmp_path / "text.pt").write_text("not a torch file")
+    for name, cause in (
+        ("pickled.pt", "(it holds Python objects, not the tensors and plain values a stage 1 writes)"),
+        ("text.pt", "(not a file torch.save wrote)"),
+    ):
+        with pytest.raises(ValueError) as err:
+            ImportanceStats.load(tmp_path / name)
+        message = str(err.value)
+        assert "\n" not in message and "\x1b" not in message and cause in message, message
+        assert message.endswith("or point method.importance_from at another file")
