@@ -486,6 +486,12 @@ def test_evaluate_command_line(tmp_path, capsys, monkeypatch):
     over = FAST + write_commonsense(str(tmp_path / "cs"), n_train=40, n_test=4) + ["task.eval_only=[boolq]"]
     assert main([str(tmp_path / "o" / "adapter"), "--adapter", *over, "--out", str(tmp_path / "stock")]) == 0
     assert f"test_boolq_accuracy = {rec['metrics']['test']['test_boolq_accuracy']:.4g}" in capsys.readouterr().out
+    # misuses, each one line naming the fix: the job folder given as an adapter, a bare key
+    assert main([str(tmp_path / "o"), "--adapter", *over]) == 1
+    said = capsys.readouterr().out
+    assert "not a PEFT adapter folder: it is a job folder; drop --adapter" in said and said.count("\n") == 1
+    assert main([str(tmp_path / "o"), "task.eval_only"]) == 1  # was read as task.eval_only=null: every set
+    assert "'task.eval_only' is not a key=value override: write e.g. task.eval_only=<value>" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trains a job, then reruns it (make test keeps the one-rerun case above)

@@ -318,11 +318,20 @@ def _apply(cfg: dict, overrides: list[str], only_evaluation: bool) -> dict:
 
     node = OmegaConf.create(cfg)
     for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+")
+        key, eq, _ = item.partition("=")
+        key = key.lstrip("+")
+        if not eq:  # OmegaConf's dotlist would read a bare key as key=null
+            raise ValueError(f"{item!r} is not a key=value override: write e.g. {key}=<value>")
         if only_evaluation and not is_evaluation_key(cfg, key + ".x"):
+            keys = evaluation_keys(cfg)
             raise ValueError(
                 f"{key} is not an evaluation setting of task {cfg['task']['name']!r}: a trained run is scored "
-                f"with its own training config; evaluation settings are task.{{{', '.join(evaluation_keys(cfg))}}}"
+                "with its own training config; "
+                + (
+                    f"evaluation settings are task.{{{', '.join(keys)}}}"
+                    if keys
+                    else "this task has no evaluation-only settings: drop the overrides"
+                )
             )
     node.merge_with(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
     return OmegaConf.to_container(node, resolve=True)
@@ -355,6 +364,16 @@ def evaluate(target: str, overrides: list[str] = (), adapter: bool = False, out:
     from .trainer_args import make_trainer, training_args
 
     target = os.path.abspath(target)
+    if adapter and not os.path.exists(os.path.join(target, "adapter_config.json")):
+        job = read_record(os.path.join(target, TRAINING_RECORD)) is not None
+        raise FileNotFoundError(
+            f"{target} holds no adapter_config.json, so it is not a PEFT adapter folder: "
+            + (
+                f"it is a job folder; drop --adapter to score it with its own config (or pass {target}/adapter)"
+                if job
+                else "pass the folder a PEFT save_pretrained wrote"
+            )
+        )
     if adapter:
         cfg = _compose(list(overrides))
         training = {"status": "complete", "failure": None, "adapter": target, "metrics": {}, "timing": {}}
