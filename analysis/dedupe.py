@@ -22,7 +22,8 @@ def check_revisions(df: pd.DataFrame, revision: str | None = None, quiet: bool =
     """``revision`` (a hash or its prefix): keep only that git revision's records. Otherwise warn
     when records averaged together (one configuration, several seeds) come from different git
     revisions or from a tree with uncommitted changes (``git.dirty``): their code may differ.
-    The configurations concerned are listed in ``df.attrs["mixed_revisions"]``."""
+    The configurations concerned are listed in ``df.attrs["mixed_revisions"]``, the filter's counts
+    in ``df.attrs["revision"]``."""
     if df.empty:
         df.attrs.setdefault("mixed_revisions", [])
         return df
@@ -32,6 +33,7 @@ def check_revisions(df: pd.DataFrame, revision: str | None = None, quiet: bool =
         out = df[keep.astype(bool)].reset_index(drop=True)
         out.attrs.update(df.attrs)
         out.attrs["mixed_revisions"] = []
+        out.attrs["revision"] = {"revision": revision, "kept": len(out), "of": len(df)}
         if not quiet:
             present = sorted({_revision_label(r, None) for r in revs})
             say(

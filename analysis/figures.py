@@ -18,7 +18,8 @@ Every function returns a matplotlib Figure. When its input is missing (no record
 statistics file, no such module) it prints one line saying what is missing and returns a figure
 that shows the same message, with ``fig.missing_input`` set to it; :func:`save` and the command
 line skip such figures. Accuracy is the records' headline score (:func:`analysis.scores.score`),
-mean ± sample std over seeds, one line per (task, model, configuration of everything else).
+mean ± sample std over seeds, one line per (task, model, configuration of everything else); a
+record scored on only some of its task's test sets (Table 1's eight) is left out with a warning.
 Figs. 4-6 also draw the budget-matched LoRA (``method=lora_matched``, run by the same sweeps) as a
 dotted line with square markers: at each point, LoRA with that point's PiLoRA parameter budget.
 """
@@ -34,6 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .keys import at_default
 from .records import add_source_args, load_records, load_source  # noqa: F401
 from .rows import say
 from .scores import score
@@ -305,6 +307,37 @@ def partition_patterns(
 # ----------------------------------------------------------------------------- Fig. 4 / 5 / 6
 
 
+def eval_sets(paper: dict | None = None) -> dict[str, list[str]]:
+    """Per task, the test sets its table columns read where it has several (commonsense170k:
+    Table 1's eight): the fields a record's average must hold to be that table's average."""
+    fields: dict[str, list[str]] = {}
+    for spec in (paper or load_paper())["tables"].values():
+        for c in spec["columns"]:
+            fields.setdefault(c["task"], [])
+            if c["field"] not in fields[c["task"]]:
+                fields[c["task"]].append(c["field"])
+    return {task: f for task, f in fields.items() if len(f) > 1}
+
+
+def _complete(df: pd.DataFrame, title: str) -> pd.Series:
+    """Which records' scores are over all of their task's :func:`eval_sets`. A record that holds
+    only some of them (``task.eval_only=[boolq]``) averaged those alone: as Table 1 shows no Avg.
+    without all eight, it is no point of the figure (left out with a warning naming it). A record
+    that names no set at all (a summary of the average alone) cannot be checked and is kept."""
+    sets = eval_sets()
+    keep = pd.Series(True, index=df.index)
+    for idx, rec in df.iterrows():
+        want = sets.get(rec["task"], [])
+        missing = [f for f in want if f not in rec or pd.isna(rec[f])]
+        if missing and len(missing) < len(want):
+            keep[idx] = False
+            say(
+                f"warning: {title}: leaving out {rec['path']}: its score averages {len(want) - len(missing)} of "
+                f"{rec['task']}'s {len(want)} test sets (no {', '.join(missing)})"
+            )
+    return keep
+
+
 def accuracy_vs(
     df: pd.DataFrame,
     x: str,
@@ -328,9 +361,13 @@ def accuracy_vs(
         return message_figure(f"{title}: no PiLoRA records for the {what}")
     sub = sub[sub[x].notna()].copy()
     sub["_score"] = 100 * score(sub, which)
-    sub = sub[sub["_score"].notna()]
+    sub = sub[sub["_score"].notna() & _complete(sub, title)]
     ignore = set(swept)
-    sub["_line"] = [repr(sorted((k, repr(v)) for k, v in c.items() if k not in ignore)) for c in sub["config"]]
+    # a key at its unset default (α' = α·r'/r where r varies) is no difference between the points
+    sub["_line"] = [
+        repr(sorted((k, repr(v)) for k, v in c.items() if k not in ignore and not at_default(c, k)))
+        for c in sub["config"]
+    ]
     lines = []
     for (task, model, method, _), g in sub.groupby(["task", "model", "method", "_line"], sort=True):
         if g[x].nunique() < 2:

@@ -63,6 +63,7 @@ __all__ = [
     "record_row",
     "say",
     "score",
+    "source_notes",
     "score_label",
     "wandb_record",
 ]
@@ -146,15 +147,71 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 
 def load_source(args) -> pd.DataFrame:
     """Records from ``--wandb`` / ``--wandb-dir`` / ``--root`` (raises :class:`WandbSourceError`),
-    of one ``--revision`` if given (else a warning when averaged records come from different code)."""
+    of one ``--revision`` if given (else a warning when averaged records come from different code),
+    one per configuration and seed; ``df.attrs["notes"]``: :func:`source_notes`."""
     if args.wandb_dir:
-        df = load_wandb_dir(args.wandb_dir)
+        df = load_wandb_dir(args.wandb_dir, dedupe=False)
     elif args.wandb or args.wandb_project:
         entity, project = parse_wandb_path(args.wandb) if args.wandb else (args.wandb_entity, args.wandb_project)
-        df = load_wandb(project, entity, args.wandb_cache, refresh=args.refresh)
+        df = load_wandb(project, entity, args.wandb_cache, refresh=args.refresh, dedupe=False)
     else:
-        df = load_records(args.root)
-    return check_revisions(df, getattr(args, "revision", None))
+        df = load_records(args.root, dedupe=False)
+    revision = getattr(args, "revision", None)
+    if revision:  # first: of two duplicates, the one kept may be of another revision
+        df = drop_duplicates(check_revisions(df, revision))
+    else:
+        df = check_revisions(drop_duplicates(df))
+    df.attrs["notes"] = source_notes(df.attrs)
+    return df
+
+
+def _folder(path: str) -> str:
+    """A record's folder (a W&B run: its label)."""
+    return os.path.dirname(path) if str(path).endswith(".json") else str(path)
+
+
+def _listed(items: list[str], most: int = 10) -> str:
+    more = len(items) - most
+    return "; ".join(items[:most]) + (f"; and {more} more (stderr lists each)" if more > 0 else "")
+
+
+def source_notes(attrs: dict) -> list[str]:
+    """What loading the records said on stderr, from a frame's ``attrs``: folders that do not exist,
+    a ``--revision`` filter, records skipped, duplicates and re-scorings left out, configurations
+    averaging records of different git revisions. :func:`load_source` keeps them in
+    ``df.attrs["notes"]`` and :func:`analysis.tables.render` prints them under the tables, so that a
+    saved table (``--out``, a notebook) says it too: a cell with n=2 may be three seeds, one failed."""
+    out = []
+    if attrs.get("missing_roots"):
+        out.append(f"No such folder: {', '.join(attrs['missing_roots'])}.")
+    if attrs.get("revision"):
+        rev = attrs["revision"]
+        out.append(f"--revision {rev['revision']}: {rev['kept']} of {rev['of']} record(s) used.")
+    if attrs.get("skipped"):
+        skipped = [f"{_folder(p)} ({why})" for p, why in attrs["skipped"]]
+        out.append(f"{len(skipped)} record(s) skipped, in no table: {_listed(skipped)}.")
+    if attrs.get("duplicates"):
+        dups = [f"{_folder(p)} (kept: {_folder(kept)})" for p, kept in attrs["duplicates"]]
+        out.append(f"{len(dups)} duplicate(s) of a configuration and seed left out: {_listed(dups)}.")
+    if attrs.get("rescored"):
+        again = [_folder(p) for p in attrs["rescored"]]
+        out.append(
+            f"{len(again)} re-scoring record(s) of python -m pilora.runner.evaluate left out (each run's own "
+            f"record is used): {_listed(again)}."
+        )
+    # named by configuration, not folder: the same records read from W&B give the same text. One
+    # revision with uncommitted changes (every record of a working copy) stays a stderr warning.
+    mixed = [
+        f"{m['what']} [{m['config_key']}]: {', '.join(m['revisions'])}"
+        for m in attrs.get("mixed_revisions") or []
+        if len(m["revisions"]) > 1
+    ]
+    if mixed:
+        out.append(
+            f"{len(mixed)} configuration(s) average records of different git revisions (stderr lists their "
+            f"folders; --revision REV uses one): {_listed(mixed)}."
+        )
+    return out
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -11,6 +10,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from pilora.methods import table_rows
+
+from .keys import same_value
 
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_numbers.json")
 TABLE_IDS = ("1", "2", "3", "4")
@@ -52,13 +53,6 @@ DASH = "—"
 def load_paper(path: str = PAPER_FILE) -> dict:
     with open(path) as f:
         return json.load(f)
-
-
-def same_value(a, b) -> bool:
-    """Config values compared as the tables compare them (numbers to float precision)."""
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
 
 
 def mismatched_keys(reference: dict, config: dict) -> list[str]:

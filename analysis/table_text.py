@@ -130,6 +130,16 @@ def notes(table: Table, verbose: bool = False) -> list[str]:
     return lines
 
 
+def source_text(notes: list[str], latex: bool = False) -> str:
+    """The notes on the records (:func:`analysis.records.source_notes`) as a "Notes on the records:"
+    list (LaTeX: comment lines); '' when there are none."""
+    if not notes:
+        return ""
+    if latex:
+        return "\n".join(["% Notes on the records:"] + [f"% - {n}" for n in notes]) + "\n"
+    return "\n".join(["Notes on the records:", ""] + [f"- {n}" for n in notes]) + "\n"
+
+
 def _stage1_length(config: dict) -> str:
     """How long a record's stage 1 was, from its flattened config."""
     if config.get("method.importance_from"):

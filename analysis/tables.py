@@ -24,7 +24,7 @@ import pandas as pd
 
 from .best_cells import clear_winner, mark_best  # noqa: F401
 from .cost_table import build_cost, cost_latex, cost_markdown  # noqa: F401
-from .keys import partition_label
+from .keys import at_default, partition_label
 from .records import add_source_args, load_records, load_source  # noqa: F401
 from .rows import say
 from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
@@ -44,7 +44,7 @@ from .table_model import (  # noqa: F401 (PAPER_FILE, Stat: used by callers)
     mismatched_keys,
     same_value,
 )
-from .table_text import cell_texts, notes, to_latex, to_markdown  # noqa: F401
+from .table_text import cell_texts, notes, source_text, to_latex, to_markdown  # noqa: F401
 from .wandb_source import WandbSourceError, load_wandb  # noqa: F401
 
 
@@ -82,27 +82,28 @@ def _paper_row_id(prow: dict, row_key: str) -> str | None:
     return prow.get("method_config")
 
 
-def _varying_keys(configs: dict[str, dict], cells: dict[str, set]) -> list[str]:
-    """Keys whose values differ between configurations that share a cell."""
-    varying: set[str] = set()
-    for cks in cells.values():
-        if len(cks) < 2:
-            continue
-        keys = set().union(*(configs[c].keys() for c in cks))
-        for k in keys:
+def _varying_keys(configs: dict[str, dict], cells: dict[str, set]) -> dict[str, set[str]]:
+    """Per cell: the keys whose values differ between its configurations. Not differences of their
+    own: α where it follows r (one α/r in every configuration: α = 2r, or α = r), and a key every
+    configuration holds at its unset default (:func:`~analysis.keys.at_default`: stage-1 r = r)."""
+    varying: dict[str, set[str]] = {}
+    for t, cks in cells.items():
+        varying[t] = set()
+        for k in set().union(*(configs[c].keys() for c in cks)):
             vals = [configs[c].get(k, "<absent>") for c in cks]
             if any(not same_value(v, vals[0]) for v in vals[1:]):
-                varying.add(k)
-    # α follows r (α = 2r, or α = r): not a separate difference when the ratio is constant
-    if "method.alpha" in varying and "method.r" in varying:
+                varying[t].add(k)
+    anywhere = set().union(*varying.values())
+    explained = {k for k in anywhere if all(at_default(c, k) for c in configs.values())}
+    if {"method.alpha", "method.r"} <= anywhere:
         ratios = {
             round(c["method.alpha"] / c["method.r"], 9)
             for c in configs.values()
             if isinstance(c.get("method.alpha"), (int, float)) and c.get("method.r")
         }
         if len(ratios) == 1:
-            varying.discard("method.alpha")
-    return sorted(varying)
+            explained.add("method.alpha")
+    return {t: keys - explained for t, keys in varying.items()}
 
 
 _LABEL_ORDER = [
@@ -170,6 +171,7 @@ def build_table(
     cols = spec["columns"]
     fields = {c["key"]: c["field"].format(which=which) for c in cols}
     tasks = {c["task"] for c in cols}
+    per_task = set(spec.get("per_task_keys") or ())
     sub = df[df["task"].isin(tasks)] if not df.empty else df
     if row_key == "partition" and not sub.empty:  # PiLoRA's partitions, and LoRA at their budgets
         sub = sub[sub["method"].isin(["pilora", "lora_matched"])]
@@ -192,22 +194,31 @@ def build_table(
         configs = {ck: g.iloc[0]["config"] for ck, g in grp.groupby("config_key")}
         cells = {t: set(g["config_key"]) for t, g in grp.groupby("task")}
         varying = _varying_keys(configs, cells)
+        # what tells a cell's configurations apart names them in every column (r' = 0 and r' = 1 on
+        # one task, r' = 1 alone on another: one row r' = 1), except a key the paper sets per task
+        # (Tab. 6: each GLUE task its own learning rate and epochs): that names a configuration only
+        # where it differs inside its own cell, so one task's stray run splits no other task's row
+        across = set().union(*varying.values()) - per_task
         ref = (spec.get("reference") or {}).get(model) or {}
         target = next((r for r in paper_rows if r.model_config == model and r.row_id == rid), None)
         labels, on_paper = {}, set()
-        for ck, conf in configs.items():
-            mismatch = mismatched_keys(ref, conf)
-            # Table 4: a budget-matched LoRA always names the partition its ranks came from
-            own = (
-                {k for k in conf if k.startswith("method.partition.")}
-                if (row_key == "partition" and rid == "lora_matched")
-                else set()
-            )
-            labels[ck] = _label(conf, set(varying) | set(mismatch) | own)
-            # on the paper's row: agrees with the paper's setting on every key it has, and has no
-            # value for a varying key the paper does not set (e.g. a cumulative threshold)
-            if target is not None and not mismatch and not any(k in conf for k in varying if k not in ref):
-                on_paper.add(ck)
+        for t, cks in cells.items():
+            keys = across | varying[t]
+            for ck in cks:
+                conf = configs[ck]
+                mismatch = mismatched_keys(ref, conf)
+                # Table 4: a budget-matched LoRA always names the partition its ranks came from
+                own = (
+                    {k for k in conf if k.startswith("method.partition.")}
+                    if (row_key == "partition" and rid == "lora_matched")
+                    else set()
+                )
+                labels[ck] = _label(conf, keys | set(mismatch) | own)
+                # on the paper's row: agrees with the paper's setting on every key it has, and a key
+                # that names it here and the paper does not set holds nothing but its unset default
+                # (a cumulative threshold moves a run off the row; stage-1 r null, = r, does not)
+                if target is not None and not mismatch and all(k in ref or at_default(conf, k) for k in keys):
+                    on_paper.add(ck)
         # a label must not be shared by two configurations of one cell
         for t, cks in cells.items():
             seen: dict[str, list] = {}
@@ -312,14 +323,17 @@ def render(
     paper: dict | None = None,
     cost: bool = True,
 ) -> str:
-    """The tables (Markdown or LaTeX), followed by the cost table unless ``cost=False``."""
+    """The tables (Markdown or LaTeX), followed by the cost table unless ``cost=False`` and, for
+    records read by :func:`~analysis.records.load_source`, by its notes on them (records left out,
+    revisions mixed: :func:`~analysis.records.source_notes`)."""
     paper = paper or load_paper()
     fn = to_latex if latex else to_markdown
     built = [build_table(df, t, which, paper, params_basis) for t in tables]
     parts = [fn(t, verbose) for t in built]
     if cost:
         parts.append((cost_latex if latex else cost_markdown)(built))
-    return "\n".join(parts)
+    on_records = source_text(df.attrs.get("notes") or [], latex)  # what loading them said on stderr
+    return "\n".join(parts + ([on_records] if on_records else []))
 
 
 def main(argv=None) -> int:

@@ -289,6 +289,88 @@ def test_records_of_different_revisions_warn_and_revision_filters(tree, tmp_path
     assert "1111111111 (dirty)" in capsys.readouterr().err
 
 
+def _stamp(revision):
+    """An ``edit`` for :func:`_copy_records`: the copy comes from git revision ``revision``."""
+
+    def edit(i, rec):
+        rec["git"] = {"revision": revision, "dirty": False}
+
+    return edit
+
+
+def _wandb_cache(cache, paths, created_at):
+    """A W&B cache (as ``load_wandb`` pulls it) of the runs whose uploaded records are ``paths``."""
+    runs = [
+        {"id": f"run{i}", "path": f"me/proj/run{i}", "state": "finished", "created_at": created_at[i]}
+        | {"commit": json.load(open(p))["git"]["revision"], "config": {}, "summary": {}, "record": json.load(open(p))}
+        for i, p in enumerate(paths)
+    ]
+    os.makedirs(cache, exist_ok=True)
+    json.dump({"project": "proj", "entity": "me", "runs": runs}, open(os.path.join(cache, "me__proj.json"), "w"))
+
+
+@pytest.mark.parametrize("source", ["root", "wandb"])
+def test_revision_picks_its_records_before_duplicates_are_dropped(tree, tmp_path, capsys, source):
+    """Both GLUE seeds ran at revision 1111…, then again at 2222… (same configuration and seed, newer).
+    ``--revision 1111`` is those two records: not none, which is what is left when the duplicates of
+    another revision are dropped first (the newer twin wins and is then filtered out)."""
+    from analysis.tables import main
+
+    old = _copy_records(tree, tmp_path / "old", "glue", _stamp("1" * 40))
+    new = _copy_records(tree, tmp_path / "new", "glue", _stamp("2" * 40))
+    for p in old:
+        os.utime(p, (1e9, 1e9))  # the older twins: drop_duplicates keeps the newer one of each seed
+    if source == "root":
+        argv = ["--root", str(tmp_path / "old"), "--root", str(tmp_path / "new")]
+    else:
+        _wandb_cache(str(tmp_path / "cache"), old + new, ["2026-01-01T00:00:00Z"] * 2 + ["2026-02-01T00:00:00Z"] * 2)
+        argv = ["--wandb", "me/proj", "--wandb-cache", str(tmp_path / "cache")]
+    assert main(argv + ["--table", "2", "--revision", "1111", "--no-cost"]) == 0
+    out, err = capsys.readouterr()
+    assert "--revision 1111: 2 of 4 record(s) kept" in err
+    best = [json.load(open(p))["metrics"]["best"]["eval_accuracy"] for p in old]
+    (lora,) = table_rows(out, "tiny-roberta", "LoRA")
+    assert lora[3] == f"{_cell(best)} / —"
+
+
+def test_the_saved_table_says_what_was_left_out(tree, tmp_path, capsys):
+    """``--out x.md`` holds, under the tables, what stderr said about the records: the failed run
+    (so CoLA's n=1 is not read as one seed run), the duplicate left out, the revisions averaged
+    together (SST-2) and a folder that does not exist."""
+    from analysis.records import load_records
+    from analysis.tables import main
+
+    def fail(i, rec):
+        if i == 1:
+            rec["status"] = "failed"
+
+    def sst2(i, rec):
+        rec["task"] = rec["config"]["task"]["name"] = "sst2"
+        _stamp(str(i + 1) * 40)(i, rec)
+
+    runs = _copy_records(tree, tmp_path / "table2", "glue", fail)
+    again = _copy_records(tree, tmp_path / "old_sweep", "glue", _stamp("9" * 40), seed=0)
+    os.utime(again[0], (1e9, 1e9))  # the older twin is the one left out
+    mixed = _copy_records(tree, tmp_path / "sst2", "glue", sst2)
+    out_file = tmp_path / "x.md"
+    argv = ["--root", str(tmp_path), "--root", str(tmp_path / "nowhere"), "--table", "2", "--out", str(out_file)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {runs[1]}" in err and f"ignoring {again[0]}" in err and "different code" in err
+    text = out_file.read_text()
+    notes = text[text.index("Notes on the records:") :]  # what stderr said, under the tables
+    failed, dup, kept = (os.path.dirname(p) for p in (runs[1], again[0], runs[0]))
+    assert f"- No such folder: {tmp_path / 'nowhere'}." in notes
+    assert f"- 1 record(s) skipped, in no table: {failed} (status 'failed', not 'complete')." in notes
+    assert f"- 1 duplicate(s) of a configuration and seed left out: {dup} (kept: {kept})." in notes
+    assert "- 1 configuration(s) average records of different git revisions" in notes
+    (key,) = set(load_records(str(tmp_path / "sst2"), quiet=True)["config_key"])
+    assert f"sst2/tiny-roberta/lora [{key}]: 1111111111, 2222222222." in notes
+    assert all(p in err for p in mixed)
+    (lora,) = table_rows(text, "tiny-roberta", "LoRA")
+    assert "(n=1)" in lora[3] and "(n=2)" in lora[4]  # CoLA: one seed left; SST-2: both
+
+
 def test_wandb_pull_is_cached_and_used_when_the_api_fails(tree, tmp_path, capsys, monkeypatch):
     import wandb
 
@@ -417,6 +499,122 @@ def test_a_configuration_matching_the_paper_sits_on_the_paper_row(tree):
     assert len(extra) == 4 and all(r.label for r in extra)
     lora = next(r for r in t.rows if r.paper and r.paper["method"] == "LoRA")
     assert lora.cells["eurosat"].n == 2 and lora.cells["cars"] is None
+
+
+COMMONSENSE_SETS = (
+    "boolq",
+    "piqa",
+    "social_i_qa",
+    "hellaswag",
+    "winogrande",
+    "ARC-Easy",
+    "ARC-Challenge",
+    "openbookqa",
+)
+
+
+def _commonsense(sets=COMMONSENSE_SETS, **method):
+    """An ``edit`` for :func:`_copy_records`: a PiLoRA record becomes a LLaMA2-7B Commonsense170K run
+    in Table 1's setting (r = 32, α = 64, r' = 2, lr 2e-4; ``method`` changes more), scored
+    70 % + seed % on each of ``sets``."""
+
+    def edit(i, rec):
+        acc = 0.70 + 0.01 * rec["seed"]
+        rec.update(task="commonsense170k", family="generation", model="llama2-7b")
+        rec["config"]["task"].update(name="commonsense170k", family="generation")
+        rec["config"]["model"]["name"] = "llama2-7b"
+        rec["config"]["trainer"]["learning_rate"] = 2e-4
+        rec["config"]["method"].update({"r": 32, "alpha": 64, "supplementary_r": 2} | method)
+        rec["metrics"]["test"] = {f"test_{s}_accuracy": acc for s in sets} | {"test_avg_accuracy": acc}
+        rec["evaluation"]["headline"] = {"metric": "test_avg_accuracy", "split": "test", "from": "test"}
+
+    return edit
+
+
+def _llama2_rows(table):
+    """Table ``table``'s LLaMA2-7B PiLoRA rows: the paper's row (PiLoRA; Table 4: Ours), then ours."""
+    rows = [r for r in table.rows if r.model_config == "llama2-7b"]
+    (paper,) = [r for r in rows if r.paper and r.paper["method"] in ("PiLoRA", "Ours")]
+    return paper, [r for r in rows if r.paper is None]
+
+
+def test_a_stage1_rank_written_out_is_the_run_that_left_it_null(tree, tmp_path, capsys):
+    """Table 1's PiLoRA runs leave method.stage1_r null (= r); fig5_rank writes 32 at every point.
+    At r = 32 that is the same training: both seeds stay on the paper's row of Tables 1 and 4, the
+    r = 32 point is seed 0's duplicate, and only the r = 24 point is a row of its own."""
+    from analysis.records import load_records
+    from analysis.tables import build_table
+
+    main = _copy_records(tree, tmp_path / "table1", "vision", _commonsense(), task="eurosat", method="pilora")
+    reuse = {"stage1_r": 32, "importance_from": "multirun/table1_llama2/method=pilora,seed=0/importance.pt"}
+    (at_32,) = _copy_records(
+        tree, tmp_path / "r32", "vision", _commonsense(**reuse), task="eurosat", method="pilora", seed=0
+    )
+    _copy_records(
+        tree, tmp_path / "r24", "vision", _commonsense(r=24, alpha=48, **reuse), task="eurosat", method="pilora", seed=0
+    )
+    assert [json.load(open(p))["config"]["method"]["stage1_r"] for p in main] == [None, None]
+    df = load_records(tmp_path)
+    err = capsys.readouterr().err
+    for table in ("1", "4"):
+        paper, ours = _llama2_rows(build_table(df, table))
+        assert paper.cells["boolq"].values == pytest.approx([70, 71]) and paper.cells["boolq"].seeds == [0, 1]
+        assert paper.avg.mean == pytest.approx(70.5)
+        assert [r.label for r in ours] == ["r=24"] and ours[0].cells["openbookqa"].values == pytest.approx([70])
+    assert f"ignoring {at_32}: same configuration and seed as {main[0]}" in err
+
+
+def test_an_unset_stage1_rank_keeps_the_paper_row_beside_a_set_one(tree, tmp_path):
+    """Beside Table 1's runs (stage1_r null), a run at stage-1 rank 16: the stage-1 rank tells the two
+    apart, but only the second sets one; the first is still the paper's setting (null = r = 32)."""
+    from analysis.records import load_records
+    from analysis.tables import build_table
+
+    _copy_records(tree, tmp_path / "table1", "vision", _commonsense(), task="eurosat", method="pilora")
+    _copy_records(tree, tmp_path / "s16", "vision", _commonsense(stage1_r=16), task="eurosat", method="pilora", seed=0)
+    paper, ours = _llama2_rows(build_table(load_records(tmp_path, quiet=True), "1"))
+    assert paper.cells["piqa"].values == pytest.approx([70, 71])
+    assert [r.label for r in ours] == ["stage-1 r=16"] and ours[0].cells["piqa"].n == 1
+
+
+# Tab. 6: each GLUE task's learning rate and epochs
+TAB6 = {
+    "cola": (2e-4, 10),
+    "sst2": (1e-4, 10),
+    "mrpc": (1e-4, 10),
+    "qqp": (2e-4, 10),
+    "mnli": (1e-4, 10),
+    "qnli": (1e-4, 10),
+    "rte": (2e-4, 50),
+}
+
+
+def test_per_task_learning_rates_keep_one_row_and_a_stray_run_gets_its_own(tree, tmp_path):
+    """Both GLUE seeds on every task at its Tab. 6 lr and epochs, and one stray CoLA run at lr 1e-4
+    (SST-2's). The lr tells CoLA's two configurations apart, and only CoLA's: the other six tasks
+    stay in one row, none of them joins the stray's row because its own lr is 1e-4 too."""
+    from analysis.records import load_records
+    from analysis.tables import build_table
+
+    def at(task, lr, epochs):
+        def edit(i, rec):
+            rec["task"] = rec["config"]["task"]["name"] = task
+            rec["config"]["trainer"].update(learning_rate=lr, num_train_epochs=epochs)
+
+        return edit
+
+    for task, (lr, epochs) in TAB6.items():
+        _copy_records(tree, tmp_path / task, "glue", at(task, lr, epochs))
+    (stray,) = _copy_records(tree, tmp_path / "stray", "glue", at("cola", 1e-4, 10), seed=0)
+    best = [r["metrics"]["best"]["eval_accuracy"] for r in _pick(tree, "glue")]
+    rows = {r.label: r for r in build_table(load_records(tmp_path, quiet=True), "2").rows if r.model == "tiny-roberta"}
+    assert sorted(rows) == ["", "lr=0.0001", "lr=0.0002"]
+    assert {t for t, s in rows[""].cells.items() if s} == set(TAB6) - {"cola"}
+    assert all(s.values == pytest.approx([100 * v for v in best]) for s in rows[""].cells.values() if s)
+    assert {t for t, s in rows["lr=0.0002"].cells.items() if s} == {"cola"}  # CoLA's sweep at its Tab. 6 lr
+    assert rows["lr=0.0002"].cells["cola"].n == 2
+    assert {t for t, s in rows["lr=0.0001"].cells.items() if s} == {"cola"}  # the stray run alone
+    assert rows["lr=0.0001"].cells["cola"].values == [100 * json.load(open(stray))["metrics"]["best"]["eval_accuracy"]]
 
 
 def test_empty_tree_prints_a_message_and_the_paper_numbers(tmp_path, capsys):
@@ -573,6 +771,49 @@ def test_a_sweep_without_a_partner_point_is_reported(tree):
     df = load_records(tree, quiet=True)
     alone = df[~df["path"].str.contains("fig4_rprime")]  # r' = 1 only: no sweep over r'
     assert "no sweep over r'" in fig_rprime(alone).missing_input
+
+
+def test_fig5_point_at_the_main_rank_with_stage1_r_written_out_counts_each_seed_once(tree, tmp_path, capsys):
+    """A Fig. 5 point at the main run's rank r = 8, its stage-1 rank written out (method.stage1_r=8,
+    fig5_rank's way) and seed 0's stage 1 reused, is the main run's seed 0 again: one duplicate
+    dropped, and the r = 8 point is the two main seeds (n=2), not seed 0 twice (n=3)."""
+    from analysis.figures import fig_rank
+    from analysis.records import load_records
+    from pilora.runner.train import train
+
+    stage1 = os.path.join(tree, "multirun", "vision", "method=pilora,seed=0", "importance.pt")
+    point = tmp_path / "fig5_rank" / "method.r=8"
+    reuse = [f"method.importance_from='{stage1}'", "method.stage1_r=8"]
+    train(compose_cfg(QUICK + _vision(str(tree.parent / "img"), "eurosat") + PILORA + reuse, point))
+    df = load_records([str(tree), str(tmp_path)])
+    fig = fig_rank(df)
+    (container,) = fig.axes[0].containers
+    main = [100 * r["metrics"]["test"]["test_accuracy"] for r in _pick(tree, "vision", task="eurosat", method="pilora")]
+    assert list(container.lines[0].get_xdata()) == [4, 8]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["n=2"]
+    assert container.lines[0].get_ydata()[1] == pytest.approx(statistics.mean(main))
+    assert f"ignoring {point / 'results.json'}: same configuration and seed as" in capsys.readouterr().err
+
+
+def test_a_point_scored_on_some_test_sets_is_not_drawn_as_their_average(tree, tmp_path, capsys):
+    """Fig. 4 over r' = 0, 1, 2 on Commonsense170K, the r' = 1 run scored with task.eval_only=[boolq]:
+    its average is BoolQ's alone, not the eight sets' (Table 1 shows no Avg. without all eight), so
+    it is left out with a warning naming it and the line runs through r' = 0 and 2."""
+    from analysis.figures import fig_rprime
+    from analysis.records import load_records
+
+    paths = {
+        rs: _copy_records(
+            tree, tmp_path / f"rs{rs}", "vision", _commonsense(sets, supplementary_r=rs), method="pilora", seed=0
+        )[0]
+        for rs, sets in ((0, COMMONSENSE_SETS), (1, ["boolq"]), (2, COMMONSENSE_SETS))
+    }
+    fig = fig_rprime(load_records(tmp_path, quiet=True))
+    err = capsys.readouterr().err
+    (container,) = fig.axes[0].containers
+    assert list(container.lines[0].get_xdata()) == [0, 2]
+    assert f"leaving out {paths[1]}: its score averages 1 of commonsense170k's 8 test sets" in err
+    assert paths[0] not in err and paths[2] not in err
 
 
 # ----------------------------------------------------------------------------- notebooks
