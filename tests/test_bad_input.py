@@ -296,3 +296,113 @@ def test_disk_full_on_record_write(tmp_path, images, monkeypatch):
         r"Free some disk space",
     )
     assert not [f for f in os.listdir(out) if f.endswith(".json") and f != "job.json"]  # no temp file either
+
+
+# --- target modules and the task's head -------------------------------------------------------------
+
+
+def _tiny_classifier(model_type):
+    """A randomly initialised sequence classifier: BERT's head is one linear (``classifier``),
+    RoBERTa's a module holding ``classifier.dense`` and ``classifier.out_proj``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=50,
+        max_position_embeddings=40,
+    )
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+HEAD = r"target modules {} are in the task's head \['classifier'\] \({}\): the head trains in full"
+
+
+@pytest.mark.parametrize(
+    "model_type, targets, heads, match",
+    [
+        ("bert", ["classifier"], "head", HEAD.format(r"\['classifier'\]", "model.head_modules")),
+        ("bert", ["query", "classifier"], "head", HEAD.format(r"\['classifier'\]", "model.head_modules")),
+        ("bert", "classifier", "head", HEAD.format("classifier", "model.head_modules")),  # a regex
+        ("bert", ["classifier"], "listed", HEAD.format(r"\['classifier'\]", r"method\.modules_to_save")),
+        ("roberta", ["classifier"], "head", HEAD.format(r"\['classifier'\]", "model.head_modules")),  # no linear
+        ("roberta", ["out_proj"], "head", HEAD.format(r"\['out_proj'\]", "model.head_modules")),  # only in the head
+        # the layers a message lists and suggests are the backbone's: [classifier,dense] led to the refusal
+        ("bert", ["nope"], "head", r"its linear layers are named \['dense', 'key', 'query', 'value'\]$"),
+        ("bert", "nope", "head", r"name layers that exist as a list \(method\.target_modules=\[dense,key\]\)"),
+        ("bert", ["dense"], "head", None),
+        ("roberta", ["dense"], "head", None),  # the backbone's dense layers; PEFT leaves classifier.dense alone
+        ("bert", ["classifier"], "none", None),  # nothing trains in full: the classifier may take an adapter
+    ],
+)
+def test_target_modules_in_the_head_are_refused_and_never_suggested(model_type, targets, heads, match):
+    """`run.py method.target_modules=[classifier]` failed inside PEFT (NoMatchingPeftModuleError,
+    a traceback); the "match no linear layer" message suggested `[classifier,dense]`, which leads there."""
+    from pilora.methods.base import HeadModules, check_target_modules
+
+    model = _tiny_classifier(model_type)
+    given = {"head": HeadModules(["classifier"]), "listed": ["classifier"], "none": []}[heads]
+    if match is None:
+        check_target_modules(model, targets, heads=given)
+        return
+    with pytest.raises(ValueError, match=match) as info:
+        check_target_modules(model, targets, heads=given)
+    assert "'classifier'" not in str(info.value).split("named ")[-1].split("(of ")[-1]
+
+
+def test_targeting_the_head_stops_before_anything_trains(tmp_path, images):
+    """`run.py method=pilora method.target_modules=[classifier]`: one message (an expected error),
+    before stage 1 trains a step."""
+    from pilora.runner.errors import expected_message
+
+    out = tmp_path / "o"
+    overrides = FAST + images + ["method=pilora", "method.stage1.max_steps=2", "method.target_modules=[classifier]"]
+    with pytest.raises(ValueError) as info:
+        train(compose_cfg(overrides, out))
+    message = expected_message(info.value)
+    assert message.startswith(
+        "target modules ['classifier'] are in the task's head ['classifier'] (model.head_modules)"
+    )
+    assert (
+        "e.g. method.target_modules=[fc1,fc2] (of ['fc1', 'fc2', 'k_proj', 'out_proj', 'q_proj', 'v_proj'])" in message
+    )
+    assert not (out / "stage1").exists() and not (out / "results.json").exists()
+
+
+def test_a_wrong_head_module_names_model_head_modules(tmp_path, images):
+    """`run.py model.head_modules=[nope]`: the error blamed method.modules_to_save, which was not set."""
+    out = tmp_path / "o"
+    _fails(
+        FAST + images + ["model.head_modules=[nope]", "trainer.max_steps=1"],
+        out,
+        ValueError,
+        r"^model\.head_modules names \['nope'\], which CLIPImageClassifier does not contain; its modules are named "
+        r".*\(set model\.head_modules to the names of the task's head\)$",
+    )
+    assert not (out / "train").exists()
+    _fails(
+        FAST + images + ["method.modules_to_save=[nope]", "trainer.max_steps=1"],
+        tmp_path / "o2",
+        ValueError,
+        r"^method\.modules_to_save names \['nope'\].*\(the task's head: method\.modules_to_save=null\)$",
+    )
+
+
+def test_every_model_key_the_code_reads_is_a_model_key():
+    """The keys `+model.<key>` may add (pilora.runner.validate.model_keys: those conf/model/*.yaml
+    use) hold every key the code reads from a model section, so no real setting is refused."""
+    import glob
+    import re
+
+    from pilora.runner.validate import model_keys
+
+    read = set()
+    for path in glob.glob(os.path.join(ROOT, "pilora", "**", "*.py"), recursive=True):
+        with open(path) as f:
+            text = f.read()
+        read |= set(re.findall(r'(?:model_cfg|\["model"\]|\bmodel)(?:\.get\(|\[)"(\w+)"', text))
+    assert {"path", "head_modules", "from_config", "openclip"} <= read
+    assert read <= model_keys(), sorted(read - model_keys())

@@ -591,3 +591,86 @@ def test_a_training_file_needs_no_answer_field(tmp_path):
     task, _ = _generation_task(tmp_path / "b", f"task.dataset.train_file={tmp_path / 'no_output.json'}")
     with pytest.raises(ValueError, match=r"no_output.json.*\['output'\]"):
         task.datasets()
+
+
+# --------------------------------------------------------------------------- settings and files checked before training
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # a ZeroDivisionError inside generate during the final evaluation, after training
+        ("task.generation.num_beams=0", "task.generation.num_beams=0 is not allowed: it must be an integer >= 1"),
+        ("task.generation.num_beams=abc", "task.generation.num_beams='abc' is not allowed: it must be an integer >= 1"),
+        ("task.generation.num_beams=2.5", "task.generation.num_beams=2.5 is not allowed"),
+        ("task.generation.max_new_tokens=true", "task.generation.max_new_tokens=True is not allowed"),
+        # two responses per prompt, paired with the wrong examples by the scorer
+        (
+            "task.generation.num_return_sequences=2",
+            "task.generation.num_return_sequences=2 is not allowed: it must be 1 (each prompt's one response is scored)",
+        ),
+        ("task.generation.top_k=-1", "task.generation.top_k=-1 is not allowed: it must be an integer >= 0"),
+        ("task.generation.temperature=0", "task.generation.temperature=0 is not allowed: it must be a number > 0"),
+        ("task.generation.top_p=1.5", "task.generation.top_p=1.5 is not allowed: it must be a number in (0, 1]"),
+        ("task.generation.top_p=0", "task.generation.top_p=0 is not allowed"),
+    ],
+)
+def test_generation_counts_and_numbers_are_checked_before_the_job_starts(tmp_path, override, message):
+    """Values GenerationConfig.validate() lets through (num_beams=0, num_beams=abc, ...) stop the job
+    before its folder, naming the key; `python -m pilora.runner.evaluate <job> <override>` runs the
+    same check (validate.check_task) before the model loads."""
+    from helpers import FAST, compose_cfg, write_commonsense
+    from omegaconf import OmegaConf
+
+    import hydra_setup
+    from pilora.runner.validate import ConfigError, check_task
+
+    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["task.generation.do_sample=true", override]
+    error = hydra_setup.check_job(over)
+    assert error is not None and error.startswith(message), error
+    assert "or null for transformers' default; set task.generation." in error
+    with pytest.raises(ConfigError) as err:
+        check_task(OmegaConf.to_container(compose_cfg(over, tmp_path / "o"), resolve=True))
+    assert str(err.value) == error
+
+
+def test_generation_values_in_range_pass(tmp_path):
+    from helpers import FAST, write_commonsense
+
+    import hydra_setup
+
+    over = FAST + write_commonsense(str(tmp_path / "cs"))
+    assert (
+        hydra_setup.check_job(over + ["task.generation.num_beams=1", "task.generation.num_return_sequences=1"]) is None
+    )
+    sampled = ["task.generation.do_sample=true", "task.generation.top_p=1.0", "task.generation.temperature=0.7"]
+    assert hydra_setup.check_job(over + sampled + ["task.generation.top_k=0", "task.generation.num_beams=null"]) is None
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", r"training file '.*commonsense_170k\.json' is not valid JSON \(truncated\?\): "),
+        ("latin-1", r"training file '.*commonsense_170k\.json' is not UTF-8 text \('utf-8' codec can't decode"),
+    ],
+)
+def test_an_unreadable_training_file_is_named_as_a_test_set_is(tmp_path, damage, message):
+    """A truncated or non-UTF-8 task.dataset.train_file was a datasets DatasetGenerationError
+    traceback (the test sets, checked by check_test_file, got a clean message); now the same message:
+    the file, what is wrong and the fix, and nothing trained."""
+    from helpers import FAST, compose_cfg, write_commonsense
+
+    from pilora.runner.train import train
+    from pilora.tasks import DataError
+
+    over = FAST + write_commonsense(str(tmp_path / "cs")) + ["trainer.max_steps=2"]
+    train_file = tmp_path / "cs" / "ft-training_set" / "commonsense_170k.json"
+    if damage == "truncated":
+        train_file.write_bytes(train_file.read_bytes()[:-40])
+    else:
+        train_file.write_bytes(train_file.read_text().replace("answer", "r\u00e9ponse", 1).encode("latin-1"))
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=message) as err:
+        train(compose_cfg(over, out))
+    assert "set task.dataset.train_file to a JSON list of instruction/input/output records" in str(err.value)
+    assert not (out / "results.json").exists() and not (out / "training.json").exists()

@@ -70,8 +70,11 @@ def test_stage2_trainer_settings_fail_before_stage1(tmp_path):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("trainer.per_device_train_batch_size=0", r"trainer\.per_device_train_batch_size=0 must be at least 1"),
-        ("trainer.gradient_accumulation_steps=-1", r"trainer\.gradient_accumulation_steps=-1 must be at least 1"),
+        ("trainer.per_device_train_batch_size=0", r"trainer\.per_device_train_batch_size=0 must be a positive integer"),
+        (
+            "trainer.gradient_accumulation_steps=-1",
+            r"trainer\.gradient_accumulation_steps=-1 must be a positive integer",
+        ),
         ("seed=-1", r"seed=-1 is outside 0\.\.4294967295"),
         ("seed=99999999999", r"seed=99999999999 is outside"),
         ("resume=no", r"resume must be true or false, got 'no'"),
@@ -295,7 +298,7 @@ def test_every_sweep_point_is_checked_before_the_first_trains():
     assert error.startswith("seed=-1 is outside 0..4294967295") and error.endswith("(sweep point: method=lora seed=-1)")
     assert hydra_setup.check_job(["-m", "method=lora,pilora", "seed=0,1"]) is None
     error = hydra_setup.check_job(["experiment=fig4_rprime", "trainer.per_device_train_batch_size=0"])
-    assert "trainer.per_device_train_batch_size=0 must be at least 1" in error and "(sweep point: " in error
+    assert "trainer.per_device_train_batch_size=0 must be a positive integer" in error and "(sweep point: " in error
 
 
 @pytest.mark.parametrize("task", ["glue/mrpc", "vision/eurosat"])
@@ -313,3 +316,114 @@ def test_tuned_glue_and_vision_train_in_bf16_and_a_cpu_is_told_how_to_run_them(t
         ConfigError,
         r"support bf16.*this machine has no GPU for trainer\.bf16=true: add trainer\.bf16=false",
     )
+
+
+# --- values that failed inside a library, after training, or not at all -------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # method.stage1: float() of the epochs ran only once stage 1's TrainingArguments were built
+        # ("could not convert string to float: 'abc'"); 0 and -1 trained 0 steps, then T = 0 failed
+        (["method=pilora", "method.stage1.epochs=abc"], "method.stage1.epochs must be a positive number, got 'abc'"),
+        (["method=pilora", "method.stage1.epochs=0"], "method.stage1.epochs must be a positive number, got 0"),
+        (["method=pilora", "method.stage1.epochs=-1"], "method.stage1.epochs must be a positive number, got -1"),
+        (["method=pilora", "method.stage1.max_steps=-2"], "method.stage1.max_steps must be an integer >= -1, got -2"),
+        # trainer: TrainingArguments takes them; torch refused them at trainer creation, or 0 epochs trained nothing
+        (["trainer.learning_rate=-1"], "trainer.learning_rate=-1 must be a positive number"),
+        (["trainer.learning_rate=0"], "trainer.learning_rate=0 must be a positive number (0 trains nothing"),
+        (["+trainer.adam_beta1=1.5"], "trainer.adam_beta1=1.5 must be in [0, 1) (AdamW's first-moment decay)"),
+        (["+trainer.adam_beta2=1"], "trainer.adam_beta2=1 must be in [0, 1)"),
+        (["+trainer.adam_epsilon=0"], "trainer.adam_epsilon=0 must be a positive number"),
+        (["trainer.weight_decay=-0.1"], "trainer.weight_decay=-0.1 must be a number >= 0"),
+        (["trainer.dataloader_num_workers=-1"], "trainer.dataloader_num_workers=-1 must be an integer >= 0"),
+        (
+            ["trainer.num_train_epochs=0"],
+            "trainer.num_train_epochs=0 must be a positive number (0 epochs train nothing): change "
+            "trainer.num_train_epochs, or set trainer.max_steps > 0",
+        ),
+        # logger: a pydantic traceback from wandb.init, tags a/b/c, 'maybe' as true, a float() after training
+        (["logger=wandb", "logger.mode=bogus"], "logger.mode must be one of online, offline, disabled"),
+        (["logger=wandb", "logger.tags=abc"], "logger.tags must be a list of strings, e.g. logger.tags=[a,b]"),
+        (["logger=wandb", "logger.artifacts=maybe"], "logger.artifacts must be true or false, got 'maybe'"),
+        (["logger=wandb", "logger.artifact_max_mb=abc"], "logger.artifact_max_mb must be a number >= 0, got 'abc'"),
+        (["logger=wandb", "logger.init_timeout_s=0"], "logger.init_timeout_s must be a positive number or null, got 0"),
+        (["logger=wandb", "+logger.projekt=x"], "logger.projekt is not a logger key (did you mean logger.project?)"),
+        # model: a key no model reads trained as if it were not there
+        (["+model.bogus=1"], "model.bogus is not a model key; no model reads it. The model keys (those conf/model/"),
+        (["+model.head_module=[x]"], "model.head_module is not a model key (did you mean model.head_modules?)"),
+    ],
+)
+def test_bad_values_are_one_message_before_any_folder(overrides, message):
+    """`run.py method=pilora method.stage1.epochs=abc`, `trainer.learning_rate=-1`,
+    `logger=wandb logger.mode=bogus`, `+model.bogus=1`, ...: `run.py` stops with the message before
+    Hydra makes the job's folder (check_job composes and checks, and makes none)."""
+    import hydra_setup
+
+    error = hydra_setup.check_job(overrides)
+    assert error is not None and message in error, error
+
+
+def test_good_values_next_to_the_bounds_still_pass(monkeypatch):
+    """What the bounds let through: 0 epochs under a step budget, a YAML string number, fractional
+    stage-1 epochs, a tag list, a null timeout; and WANDB_MODE, where logger.mode comes from."""
+    import hydra_setup
+
+    for overrides in (
+        ["trainer.num_train_epochs=0", "trainer.max_steps=3"],
+        ["trainer.learning_rate='1e-4'", "trainer.weight_decay=0"],
+        ["method=pilora", "method.stage1.epochs=0.5", "method.stage1.max_steps=0"],
+        ["logger=wandb", "logger.tags=[a,b]", "logger.init_timeout_s=null", "logger.artifact_max_mb=0"],
+        ["logger=none"],
+    ):
+        assert hydra_setup.check_job(overrides) is None, overrides
+    monkeypatch.setenv("WANDB_MODE", "dryrn")
+    assert "logger.mode must be one of online, offline, disabled (when logger.mode is not given: $WANDB_MODE" in (
+        hydra_setup.check_job(["logger=wandb"])
+    )
+
+
+def test_zero_epochs_train_nothing_and_are_refused(tmp_path):
+    """`run.py trainer.num_train_epochs=0` trained 0 steps and wrote a "complete" record."""
+    base = FAST + write_images(str(tmp_path / "img")) + ["method=lora"]
+    _refused(
+        base + ["trainer.num_train_epochs=0"], tmp_path / "run", ConfigError, r"trainer\.num_train_epochs=0 must be"
+    )
+
+
+def test_a_builtins_value_error_in_pilora_code_is_a_bug_not_a_message():
+    """A ValueError that a builtin raises in a pilora frame (``float('abc')``) is not a message
+    written for the user: it was shown as `error: could not convert string to float: 'abc'`,
+    naming no key. One that a pilora ``raise`` statement raises still is."""
+    import types
+
+    from pilora.runner import errors
+    from pilora.runner.errors import expected_message
+    from pilora.runner.train import stage1_overrides
+
+    with pytest.raises(ValueError, match="could not convert string to float") as info:
+        stage1_overrides(types.SimpleNamespace(stage1=types.SimpleNamespace(epochs="abc", max_steps=-1)))
+    assert expected_message(info.value) is None
+    # the same rule on code that sits in the package: what fails is the raise, not a call or a format
+    source = (
+        "def ours(): raise ValueError('set x=1')\n"
+        "def call(): int('abc')\n"
+        "def formatting(): raise ValueError(f\"{'abc':d}\")\n"
+        "def reraised():\n    try:\n        float('abc')\n    except ValueError as err:\n        raise err\n"
+    )
+    namespace = {}
+    exec(compile(source, os.path.join(errors._PACKAGE, "_test_errors.py"), "exec"), namespace)
+    found = {}
+    for name in ("ours", "call", "formatting", "reraised"):
+        with pytest.raises(ValueError) as info:
+            namespace[name]()
+        found[name] = expected_message(info.value)
+    assert found == {"ours": "set x=1", "call": None, "formatting": None, "reraised": None}
+
+
+@pytest.mark.slow
+def test_bad_values_through_run_py_are_one_message():
+    _one_message(
+        _run_py(["method=pilora", "method.stage1.epochs=abc"]), "method.stage1.epochs must be a positive number"
+    )
+    _one_message(_run_py(["logger=wandb", "logger.artifact_max_mb=abc"]), "logger.artifact_max_mb must be a number")
+    _one_message(_run_py(["trainer.learning_rate=-1"]), "trainer.learning_rate=-1 must be a positive number")

@@ -484,3 +484,51 @@ def test_a_bad_test_image_stops_the_job_before_training_and_the_fix_reuses_the_f
     write_images(str(tmp_path / "img"))  # the file fixed
     record = train(compose_cfg(over, out))
     assert record["status"] == "complete" and record["metrics"]["test"]["test_accuracy"] is not None
+
+
+@pytest.mark.parametrize("layout", ["one_class", "no_class_folders"])
+def test_an_image_folder_without_two_class_folders_is_named(tmp_path, layout):
+    """train/ with a single class folder was `TypeError: '<' not supported between 'NoneType' and
+    'int'` in check_labels (imagefolder leaves such a split unlabelled); images lying directly in
+    train/ and test/ would even have been labelled by their split folder. Both: one message naming
+    the split, the folder and the fix."""
+    import shutil
+
+    from helpers import write_images
+
+    write_images(str(tmp_path / "img"))
+    root = tmp_path / "img"
+    if layout == "one_class":
+        shutil.rmtree(root / "train" / "1")
+        why = "its images lie in fewer than two class folders"
+    else:
+        for split in ("train", "test"):
+            for png in (root / split).glob("*/*.png"):
+                png.rename(root / split / f"{png.parent.name}-{png.name}")
+            for sub in ("0", "1"):
+                (root / split / sub).rmdir()
+        why = "its images lie in train/ itself"
+    with pytest.raises(ValueError) as err:
+        load_folder(root, tmp_path)
+    assert str(err.value) == (
+        f"split 'train' of '{root}' has no class labels: {why}, and imagefolder labels each image by the folder "
+        f"it lies in. Put each class's images in train/<class name>/ under '{root}' (two classes or more; "
+        "task.num_labels is their number)"
+    )
+
+
+def test_a_single_class_image_folder_stops_the_job_before_training(tmp_path):
+    import shutil
+
+    from helpers import FAST, compose_cfg, write_images
+
+    from pilora.runner.errors import expected_message
+    from pilora.runner.train import train
+
+    over = FAST + write_images(str(tmp_path / "img")) + ["trainer.max_steps=2"]
+    shutil.rmtree(tmp_path / "img" / "train" / "1")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"split 'train' of .* has no class labels") as err:
+        train(compose_cfg(over, out))
+    assert expected_message(err.value) == str(err.value)  # one `error:` line, no traceback
+    assert not (out / "results.json").exists() and not (out / "training.json").exists()

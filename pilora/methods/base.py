@@ -111,7 +111,7 @@ class Method:
         """The config of one job on ``task``: the task's head trains in full unless the config names
         ``modules_to_save``."""
         if cfg.modules_to_save is None and getattr(task, "head_modules", None):
-            return replace(cfg, modules_to_save=list(task.head_modules))
+            return replace(cfg, modules_to_save=HeadModules(task.head_modules))
         return cfg
 
     # ------------------------------------------------------------------------- before training
@@ -160,8 +160,8 @@ class Method:
 
         from ..layer import FusedLoraForward
 
-        check_target_modules(model, cfg.target_modules)
         check_modules_to_save(model, cfg.modules_to_save)
+        check_target_modules(model, cfg.target_modules, heads=cfg.modules_to_save)
         peft_config = self.peft_config(
             cfg, task_type, r=self.rank(cfg, masks, stage), alpha=self.alpha(cfg, masks, stage)
         )
@@ -237,6 +237,18 @@ def adapter_keys() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- target modules
 
 
+class HeadModules(list):
+    """``method.modules_to_save`` as :meth:`Method.job_config` derives it: the task's head
+    (``model.head_modules``, else the family's ``[classifier]``), not names the config gave. A list
+    like any other (PEFT, records and JSON see a list); its type only lets an error name the key
+    the names came from, which the job's typed config no longer says."""
+
+
+def _heads_key(heads) -> str:
+    """The config key that named the modules trained in full."""
+    return "model.head_modules" if isinstance(heads, HeadModules) else "method.modules_to_save"
+
+
 def linear_module_names(model: "nn.Module") -> list[str]:
     """Distinct leaf names of the ``nn.Linear`` layers in ``model`` (candidates for targets)."""
     from torch import nn
@@ -250,31 +262,58 @@ def _has_module(names: list[str], target: str) -> bool:
 
 
 def check_modules_to_save(model: "nn.Module", names) -> None:
-    """Raise when a name of ``method.modules_to_save`` is no module of ``model``: PEFT skips it
-    without a word, and the head (``[clasifier]``) would stay frozen at its random init."""
+    """Raise when a name of ``method.modules_to_save`` (or of ``model.head_modules``, when they
+    are the task's head: :class:`HeadModules`) is no module of ``model``: PEFT skips it without a
+    word, and the head (``[clasifier]``) would stay frozen at its random init."""
     if not names:
         return
     modules = [n for n, _ in model.named_modules() if n]
     missing = [t for t in names if not _has_module(modules, t)]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+        fix = (
+            "set model.head_modules to the names of the task's head"
+            if isinstance(names, HeadModules)
+            else "the task's head: method.modules_to_save=null"
+        )
         raise ValueError(
-            f"method.modules_to_save names {missing}, which {type(model).__name__} does not contain; "
-            f"its modules are named {leaves} (the task's head: method.modules_to_save=null)"
+            f"{_heads_key(names)} names {missing}, which {type(model).__name__} does not contain; "
+            f"its modules are named {leaves} ({fix})"
         )
 
 
-def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
+def _in_heads(model: "nn.Module", heads) -> Callable[[str], bool]:
+    """Whether a module (by whole name) is, or lies inside, a module that ``heads`` names."""
+    roots = [n for n, _ in model.named_modules() if n and any(_has_module([n], h) for h in heads or ())]
+    return lambda name: any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def check_target_modules(model: "nn.Module", targets: list[str] | str, heads=None) -> None:
     """Raise, listing the linear layers that exist, when the targets match nothing: a name of the
     list that no linear layer ends with, a string (PEFT's regex) that matches no module, or no
-    targets at all. PEFT's own errors for these name neither the model's layers nor the fix."""
+    targets at all. PEFT's own errors for these name neither the model's layers nor the fix.
+
+    ``heads`` (``modules_to_save``: the task's head) train in full, and PEFT gives no adapter to a
+    layer inside them: a target found only there is refused (PEFT either skips it without a word
+    or, when nothing else is targeted, fails with NoMatchingPeftModuleError), and the layers the
+    errors suggest are the backbone's only (``[classifier,dense]`` would lead to that refusal)."""
     import re
 
     from torch import nn
 
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    layers = linear_module_names(model)
+    in_head = _in_heads(model, heads)
+    modules = [n for n, _ in model.named_modules() if n]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not in_head(n)]
+    layers = sorted({n.rsplit(".", 1)[-1] for n in names})
     example = f"method.target_modules=[{','.join(layers[:2])}]"
+
+    def head_only(found) -> ValueError:
+        return ValueError(
+            f"target modules {found} are in the task's head {list(heads)} ({_heads_key(heads)}): the head "
+            "trains in full (PEFT's modules_to_save), so its layers take no adapter. Target the backbone's "
+            f"linear layers, e.g. {example} (of {layers}), or set method.target_modules=null for the model's own"
+        )
+
     if not (targets.strip() if isinstance(targets, str) else targets):
         raise ValueError(
             f"target modules is an empty {'string' if isinstance(targets, str) else 'list'}: no layer would be "
@@ -292,7 +331,10 @@ def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
                 f"instead, e.g. {example} (of {layers})"
             ) from None
         # PEFT matches a string against each module's whole dotted name (re.fullmatch), whatever its type
-        if not any(pattern.fullmatch(n) for n, _ in model.named_modules() if n):
+        matched = [n for n in modules if pattern.fullmatch(n)]
+        if matched and all(in_head(n) for n in matched):
+            raise head_only(targets)
+        if not matched:
             fix = (
                 f"to match it by name, give it as a list: method.target_modules=[{targets}]"
                 if _has_module(names, targets)
@@ -305,9 +347,13 @@ def check_target_modules(model: "nn.Module", targets: list[str] | str) -> None:
                 f"{names[0] if names else ''!r}): {fix}"
             )
         return
-    missing = [t for t in targets if not _has_module(names, t)]
+    heads_part = [n for n in modules if in_head(n)]
+    missing = [t for t in targets if not _has_module(names, t) and not _has_module(heads_part, t)]
     if missing:
         raise ValueError(
             f"target modules {missing} match no linear layer of {type(model).__name__}; "
             f"its linear layers are named {layers}"
         )
+    in_the_head = [t for t in targets if not _has_module(names, t)]
+    if in_the_head:
+        raise head_only(in_the_head)

@@ -55,25 +55,28 @@ class Key:
         elif self.low is not None and self.high is not None:
             text = f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
         elif self.low is not None:
-            text = f"a {'positive' if self.low == 0 and self.open_low else f'>= {self.low}'} number"
+            text = "a positive number" if self.low == 0 and self.open_low else f"a number >= {self.low}"
         else:
             return ""
         return text + (" or null" if self.nullable else "")
 
+    def allows(self, value) -> bool:
+        """Whether ``value`` is one of the allowed values (any value when the key has no bounds)."""
+        if not self.bounds() or (value is None and self.nullable):
+            return True
+        if self.choices is not None:
+            return value in self.choices
+        numeric = not isinstance(value, bool) and isinstance(value, (int, float))
+        ok = numeric and (not self.integer or float(value).is_integer())
+        if ok and self.low is not None:
+            ok = value > self.low if self.open_low else value >= self.low
+        if ok and self.high is not None:
+            ok = value < self.high if self.open_high else value <= self.high
+        return ok
+
     def check(self, name: str, value) -> None:
         """Raise a ValueError naming ``method.<name>`` when ``value`` is outside the allowed values."""
-        if not self.bounds() or (value is None and self.nullable):
-            return
-        if self.choices is not None:
-            ok = value in self.choices
-        else:
-            numeric = not isinstance(value, bool) and isinstance(value, (int, float))
-            ok = numeric and (not self.integer or float(value).is_integer())
-            if ok and self.low is not None:
-                ok = value > self.low if self.open_low else value >= self.low
-            if ok and self.high is not None:
-                ok = value < self.high if self.open_high else value <= self.high
-        if not ok:
+        if not self.allows(value):
             symbol = f" ({self.symbol})" if self.symbol else ""
             raise ValueError(f"method.{name}{symbol} must be {self.bounds()}, got {value!r}")
 
@@ -92,10 +95,21 @@ def key_of(name: str) -> Key:
 
 @dataclass
 class Stage1Config:
-    """Stage 1 of Alg. 1 (PiLoRA's, or the one a budget-matched LoRA runs to get PiLoRA's partition)."""
+    """Stage 1 of Alg. 1 (PiLoRA's, or the one a budget-matched LoRA runs to get PiLoRA's partition).
 
-    epochs: Any = 1  # the paper's initial phase: 1 epoch (a number of epochs)
-    max_steps: int = -1  # > 0: stage 1 lasts this many optimizer steps instead
+    Its keys are bounded like :class:`MethodConfig`'s: ``epochs`` goes to ``float()`` only when the
+    stage-1 ``TrainingArguments`` are built, and ``epochs=0`` (or -1) trained 0 steps before the
+    partition failed on T = 0 checks, naming no key."""
+
+    # the paper's initial phase: 1 epoch (a number of epochs; Any: YAML may write it as int or float)
+    epochs: Any = key(1, help="stage 1's length in epochs (the paper: 1)", number=True, low=0, open_low=True)
+    max_steps: int = key(
+        -1, help="> 0: stage 1 lasts this many optimizer steps instead (<= 0: epochs)", integer=True, low=-1
+    )
+
+    def __post_init__(self):
+        for f in fields(self):
+            f.metadata[_KEY].check(f"stage1.{f.name}", getattr(self, f.name))
 
 
 @dataclass

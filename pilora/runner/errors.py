@@ -2,12 +2,14 @@
 traceback) and which are bugs (the traceback is what a bug report needs).
 
 Expected are the project's own error types, the ``ValueError`` / ``FileNotFoundError`` that the
-project raises on purpose (the raising frame is in ``pilora``, so the message was written for the
-user; one raised inside torch or transformers is not), and the operating system's refusals to write
-(disk full, quota, read-only filesystem, permissions), wherever they surface."""
+project raises on purpose (a ``raise`` statement in ``pilora``, so the message was written for the
+user; one raised inside torch or transformers, or by a builtin such as ``float('abc')`` called from
+``pilora``, is not), and the operating system's refusals to write (disk full, quota, read-only
+filesystem, permissions), wherever they surface."""
 
 from __future__ import annotations
 
+import dis
 import errno
 import os
 
@@ -46,12 +48,28 @@ def _chain(err: BaseException):
 
 
 def _raised_by_us(err: BaseException) -> bool:
+    """Whether ``err`` comes from a ``raise`` statement of ``pilora``: the innermost traceback entry
+    is a ``pilora`` frame, and the instruction it failed at is ``RAISE_VARARGS``.
+
+    The frame alone is not enough: a builtin (``float('abc')``, ``str.format``, ``int()``) has no
+    Python frame, so its ValueError ends in the ``pilora`` frame that called it, with a message
+    ("could not convert string to float: 'abc'") that names no key. Its failing instruction is the
+    call, not a raise. The instruction, unlike the source line, is exact: a raise whose message
+    formatting fails (``raise ValueError(f"{x:d}")``) fails at the formatting, and a caught builtin
+    error re-raised (``except ValueError: raise`` / ``raise err``) keeps its innermost entry at
+    the call."""
     tb = err.__traceback__
     last = None
     while tb is not None:
         last = tb
         tb = tb.tb_next
-    return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
+    if last is None:
+        return False
+    code = last.tb_frame.f_code
+    if not os.path.abspath(code.co_filename).startswith(_PACKAGE + os.sep):
+        return False
+    failed_at = next((i.opname for i in dis.get_instructions(code) if i.offset == last.tb_lasti), None)
+    return failed_at == "RAISE_VARARGS"
 
 
 def _os_message(err: OSError, where: str | None) -> str | None:

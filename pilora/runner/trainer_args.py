@@ -39,7 +39,6 @@ def check_trainer_keys(trainer_cfg: dict) -> dict:
     anything else raises a ValueError naming the key, the value and the expected type.
     """
     import difflib
-    import math
 
     from transformers import TrainingArguments
 
@@ -64,25 +63,28 @@ def check_trainer_keys(trainer_cfg: dict) -> dict:
         if kind is bool:
             if not isinstance(value, bool):
                 raise bad
-        elif isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            out[key] = value
+            continue
+        number = as_number(value)
+        if number is None or (kind is int and not number.is_integer()):
             raise bad
-        elif kind is float:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise bad from None
-            if math.isnan(value):
-                raise bad
-        else:  # int
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise bad from None
-            if not number.is_integer():
-                raise bad
-            value = int(number)
-        out[key] = value
+        out[key] = number if kind is float else int(number)
     return out
+
+
+def as_number(value) -> float | None:
+    """``value`` as a float when it is a number or a string that parses as one (YAML 1.1 reads
+    ``1e-4`` as a string); None for anything else: a bool (``true`` is no number), null, a list,
+    text, NaN."""
+    import math
+
+    if isinstance(value, (bool, list, dict)) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
 
 
 def training_args(cfg: dict, task, output_dir: str, **overrides):

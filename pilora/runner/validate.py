@@ -1,23 +1,79 @@
 """Every setting of a job checked before its folder is made and before any training: top-level
-values, both stages' ``TrainingArguments`` and the task's evaluation settings. A value that would
-fail after stage 1, after training, or during the final evaluation fails here in seconds, and a
-corrected rerun never meets a half-trained folder made from the wrong value."""
+values, the model section's keys, both stages' ``TrainingArguments`` (and the bounds of the values
+TrainingArguments takes but torch refuses), the logger section and the task's evaluation settings.
+A value that would fail after stage 1, after training, or during the final evaluation fails here in
+seconds, and a corrected rerun never meets a half-trained folder made from the wrong value."""
 
 from __future__ import annotations
 
+import difflib
+import functools
+import os
 import types
 
 from ..methods import METHODS
+from ..methods.config import Key
 from ..tasks import FAMILIES, DataError
+from . import wandb as wandb_run
 
 # seeds go to random, numpy (0 <= seed < 2**32) and torch
 SEED_RANGE = (0, 2**32 - 1)
 # top-level keys that must be real booleans: YAML / Hydra read `resume=no` as the string "no",
 # which is truthy, so the job would resume when asked not to
 BOOL_KEYS = ("resume", "save_adapter")
-# TrainingArguments counts that TrainingArguments accepts at 0 but that fail (or divide by zero)
-# once training starts
-POSITIVE_TRAINER_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+# TrainingArguments values that TrainingArguments accepts (it checks none of these) but that fail
+# once the Trainer is built (torch's optimizer: "Invalid learning rate"; the DataLoader), divide by
+# zero once training starts, or train nothing and record the untrained model as "complete"
+TRAINER_BOUNDS = {
+    "per_device_train_batch_size": Key("examples per device and step", integer=True, low=1),
+    "per_device_eval_batch_size": Key("examples per device and evaluation step", integer=True, low=1),
+    "gradient_accumulation_steps": Key("batches per optimizer step", integer=True, low=1),
+    "learning_rate": Key("0 trains nothing; torch's optimizers refuse a negative one", low=0, open_low=True),
+    "adam_beta1": Key("AdamW's first-moment decay", low=0, high=1, open_high=True),
+    "adam_beta2": Key("AdamW's second-moment decay", low=0, high=1, open_high=True),
+    "adam_epsilon": Key("AdamW's denominator term", low=0, open_low=True),
+    "weight_decay": Key("a negative one pushes the weights away from 0", low=0),
+    "dataloader_num_workers": Key("0 loads the data in the main process", integer=True, low=0),
+    "num_train_epochs": Key("0 epochs train nothing", low=0, open_low=True),
+}
+# bounds that do not apply when another key decides instead: with max_steps > 0 the Trainer ignores
+# num_train_epochs (its usual idiom: num_train_epochs=0 with a step budget)
+TRAINER_OVERRIDDEN_BY = {"num_train_epochs": "max_steps"}
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _bounded(**bounds) -> tuple:
+    """A number's entry of :data:`LOGGER_KEYS`, from the bounds a :class:`Key` checks and words."""
+    bound = Key("", **bounds)
+    return bound.allows, bound.bounds()
+
+
+# the logger section: every key of conf/logger/wandb.yaml, as (allowed, the values in words). A
+# wrong type did not stop the job where it was set: logger.tags=abc became the tags a, b, c,
+# logger.artifacts=maybe counted as true, logger.artifact_max_mb=abc failed after training, and
+# logger.mode=bogus failed inside wandb.init with a pydantic traceback.
+LOGGER_KEYS = {
+    "name": (lambda v: v in wandb_run.LOGGERS, f"one of {', '.join(wandb_run.LOGGERS)} (choose it with logger=...)"),
+    "project": (_text, "a W&B project name"),
+    "entity": (lambda v: v is None or _text(v), "a W&B entity (user or team) or null"),
+    "mode": (
+        lambda v: v in wandb_run.MODES,
+        f"one of {', '.join(wandb_run.MODES)} (when logger.mode is not given: $WANDB_MODE, else offline)",
+    ),
+    "group": (lambda v: v is None or _text(v), "a group name or null (quote a number: logger.group='1')"),
+    "run_name": (lambda v: v is None or _text(v), "a run name or null"),
+    "tags": (
+        lambda v: isinstance(v, list) and all(_text(t) for t in v),
+        "a list of strings, e.g. logger.tags=[a,b] (a bare string would be split into its letters)",
+    ),
+    "artifacts": (lambda v: isinstance(v, bool), "true or false"),
+    "artifact_max_mb": _bounded(low=0),  # MB
+    "init_timeout_s": _bounded(low=0, open_low=True, nullable=True),  # seconds; null: 60
+    "verbose": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 class ConfigError(ValueError):
@@ -49,10 +105,6 @@ def check_trainer(cfg: dict, method) -> None:
             "trainer.save_only_model=true writes checkpoints without optimizer, scheduler and RNG state: "
             "an interrupted job could not resume as it was. Drop it (or trainer.save_strategy=no to save no checkpoints)"
         )
-    for key in POSITIVE_TRAINER_KEYS:
-        value = cfg["trainer"].get(key)
-        if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and value < 1:
-            raise ConfigError(f"trainer.{key}={value!r} must be at least 1: set trainer.{key}=<integer >= 1>")
     family = FAMILIES.get((cfg.get("task") or {}).get("family"))
     task = types.SimpleNamespace(remove_unused_columns=getattr(family, "remove_unused_columns", True))
     stages = {"training": {}}
@@ -66,6 +118,73 @@ def check_trainer(cfg: dict, method) -> None:
             if cfg["trainer"].get("bf16") and "support bf16" in str(err):  # the tuned GLUE / vision settings
                 hint = "; this machine has no GPU for trainer.bf16=true: add trainer.bf16=false to train in fp32"
             raise ConfigError(f"{stage}: {' '.join(str(err).split())}{hint}") from None  # one line
+    check_trainer_bounds(cfg["trainer"])
+
+
+def check_trainer_bounds(trainer: dict) -> None:
+    """:data:`TRAINER_BOUNDS`, on the values as TrainingArguments gets them (``'1e-4'`` converted);
+    run once the keys and types are known good (the stages' ``TrainingArguments`` above)."""
+    from .trainer_args import check_trainer_keys
+
+    typed = check_trainer_keys(trainer)
+    for name, bound in TRAINER_BOUNDS.items():
+        other = TRAINER_OVERRIDDEN_BY.get(name)
+        if typed.get(name) is None or bound.allows(typed[name]) or (other and (typed.get(other) or 0) > 0):
+            continue
+        also = f", or set trainer.{other} > 0 to train for that many steps" if other else ""
+        raise ConfigError(
+            f"trainer.{name}={trainer[name]!r} must be {bound.bounds()} ({bound.help}): change trainer.{name}{also}"
+        )
+
+
+def check_logger(cfg: dict) -> None:
+    """Every ``logger.<key>`` is a key of :data:`LOGGER_KEYS`, with a value it allows."""
+    logger = cfg.get("logger") or {}
+    for name, value in logger.items():
+        if name not in LOGGER_KEYS:
+            close = difflib.get_close_matches(name, list(LOGGER_KEYS), n=1)
+            raise ConfigError(
+                f"logger.{name} is not a logger key"
+                + (f" (did you mean logger.{close[0]}?)" if close else "")
+                + f"; the logger keys are: {', '.join(LOGGER_KEYS)}"
+            )
+        allowed, words = LOGGER_KEYS[name]
+        if not allowed(value):
+            raise ConfigError(f"logger.{name} must be {words}, got {value!r} ({type(value).__name__})")
+
+
+@functools.cache
+def model_keys() -> frozenset[str] | None:
+    """The keys a ``model`` section may have: those the ``conf/model/*.yaml`` files use (every key
+    the code reads is one of them: ``tests/test_bad_input.py`` checks it). None when this copy of
+    the package has no ``conf/`` (a library install: the check is left out)."""
+    import glob
+
+    import yaml
+
+    from ..paper_params import MODEL_CONF
+
+    keys: set[str] = set()
+    for path in glob.glob(os.path.join(MODEL_CONF, "*.yaml")):
+        with open(path) as f:
+            keys |= set(yaml.safe_load(f) or {})
+    return frozenset(keys) or None
+
+
+def check_model_keys(cfg: dict) -> None:
+    """A ``model.<key>`` that no model reads (``+model.bogus=1``) is refused: the job would have
+    trained as if it were not there."""
+    known = model_keys()
+    unknown = sorted(set(cfg.get("model") or {}) - (known or set()))
+    if known is None or not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+    raise ConfigError(
+        f"model.{unknown[0]} is not a model key"
+        + (f" (did you mean model.{close[0]}?)" if close else "")
+        + f"; no model reads it. The model keys (those conf/model/*.yaml use) are: {', '.join(sorted(known))}. "
+        f"Drop the +model.{unknown[0]}=... override"
+    )
 
 
 def check_task(cfg: dict) -> None:
@@ -82,11 +201,25 @@ def check_task(cfg: dict) -> None:
             raise ConfigError(str(err)) from None
 
 
+def check_dtype(cfg: dict) -> None:
+    """``model.dtype`` (:func:`pilora.tasks.base.check_model_dtype`): a name torch has, and no float16
+    weights to train on a CPU, before any weights load."""
+    from ..tasks.base import check_model_dtype
+
+    try:
+        check_model_dtype(cfg.get("model") or {}, cfg.get("trainer") or {})
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: dict, method) -> None:
     """All of the above, for the plain config ``cfg`` and its typed ``method``; raises :class:`ConfigError`."""
     check_top_level(cfg)
+    check_model_keys(cfg)
     check_trainer(cfg, method)
+    check_logger(cfg)
     check_task(cfg)
+    check_dtype(cfg)
 
 
 def check_config(cfg) -> None:

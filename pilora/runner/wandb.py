@@ -65,6 +65,10 @@ def _safe(text, keep: str = "") -> str:
     return re.sub(rf"[^A-Za-z0-9_.{re.escape(keep)}-]+", "_", str(text))
 
 
+LOGGERS = ("wandb", "none")  # logger.name (conf/logger/): start_run logs a run for wandb, nothing for none
+# logger.mode: what start_run handles (online: a reachability probe and an offline fallback;
+# disabled: no run). wandb.init also takes shared / dryrun / run, which would bypass both.
+MODES = ("online", "offline", "disabled")
 NAME_KEYS = ("method", "task", "model", "seed")  # overrides the run name already spells out
 MAX_POINT = 40  # characters of swept overrides spelled out in a run name; longer ones are hashed
 MAX_TAG = 64  # W&B's limit on a tag

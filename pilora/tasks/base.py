@@ -87,8 +87,29 @@ class Task:
         """Raise a ValueError (or :class:`DataError`) naming the key for a setting of ``task_cfg``
         that could not run; called before the job's folder is made, so that an evaluation setting
         fails before training rather than after it. Nothing is loaded but small files. Here: the
-        keys and types of the family's schema, and that the family names its headline metric."""
-        cls.probe(task_cfg).headline()
+        keys and types of the family's schema, that the family names its headline metric, and
+        that ``task.metric`` is one the family computes."""
+        probe = cls.probe(task_cfg)
+        probe.headline()
+        probe.check_metric()
+
+    def metric_names(self) -> list[str]:
+        """The keys of :meth:`compute_metrics` (each evaluation logs them as ``eval_<key>``)."""
+        return []
+
+    def check_metric(self) -> None:
+        """``task.metric`` is one that every evaluation reports: the Trainer's ``loss`` or a key of
+        :meth:`compute_metrics`. Any other name is in no evaluation: the best epoch would silently
+        be the last one and a sweep's objective NaN."""
+        known = ["loss", *self.metric_names()]
+        if self.metric not in known:
+            raise ValueError(
+                f"task.metric={self.metric!r} is not a metric task {self.name!r} computes per epoch; "
+                f"set task.metric to one of {', '.join(known)}{self.metric_hint}"
+            )
+
+    # appended to check_metric's message: where a family's metrics are chosen (e.g. task.metrics)
+    metric_hint: str = ""
 
     def headline(self) -> dict:
         """The one number a table reports for this task, as the record names it
@@ -161,6 +182,13 @@ class Task:
     def required_columns(self) -> tuple[list[str], str] | None:
         """Columns every local data file must have, and which keys name them (None: no check)."""
         return None
+
+    def data_file(self, split: str) -> str:
+        """``data file '<file>': `` of a split read from ``task.dataset.data_files.<split>``, to lead
+        a message about the split's contents; '' for a split the data files do not name."""
+        files = self.settings.dataset.get("data_files")
+        files = files.get(split) if isinstance(files, dict) else None
+        return f"data file {files!r}: " if files else ""
 
 
 def _local_files(data_files) -> list[str]:
@@ -238,18 +266,16 @@ def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] |
             f"pre-download {hub_hint} there, or set task.dataset.path={hub_id}"
         )
     try:
-        kwargs = {"data_files": dict(data_files) if isinstance(data_files, dict) else data_files}
-        if ds_cfg.get("data_dir"):
-            kwargs["data_dir"] = ds_cfg["data_dir"]
-        raw = datasets.load_dataset(path, name, **{k: v for k, v in kwargs.items() if v is not None})
-    except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__ or err
-        culprit = _unreadable_file(path, name, data_files)
-        where = f"data file {culprit!r}" if culprit else f"the data files ({data_files})"
-        raise DataError(
-            f"could not read {where} of task {task_name!r}: {cause}. Empty, truncated or "
-            "malformed files must be fixed or regenerated."
-        ) from err
+        if isinstance(data_files, dict):
+            # one load per split: in one load the first file's column types bind every split (a
+            # validation file of string labels then failed as "cannot parse 'positive' as int64",
+            # or a .tsv train file as a column-mismatch of validation.csv); loaded alone, each file
+            # gets the family's own checks, which name it
+            raw = datasets.DatasetDict(
+                {s: _load_files(path, name, f, ds_cfg, task_name, s) for s, f in data_files.items() if f}
+            )
+        else:
+            raw = _load_files(path, name, data_files, ds_cfg, task_name)
     except (ConnectionError, OSError) as err:
         # a path that is neither a local folder nor a datasets builder went to the hub: name it first
         what = (
@@ -265,6 +291,28 @@ def load_raw(ds_cfg: dict, task_name: str = "", columns: tuple[list[str], str] |
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
     return raw
+
+
+def _load_files(path, name, data_files, ds_cfg: dict, task_name: str, split: str | None = None):
+    """``datasets.load_dataset`` of ``data_files`` (as ``split``, when given); a file it cannot
+    parse is a :class:`DataError` naming it. A .tsv file is read with tabs (the csv builder's
+    default is commas, which makes a tab-separated file one column)."""
+    kwargs = {"data_files": {split: data_files} if split else data_files, "split": split}
+    if ds_cfg.get("data_dir"):
+        kwargs["data_dir"] = ds_cfg["data_dir"]
+    files = _local_files(data_files)
+    if path == "csv" and files and all(f.endswith(".tsv") for f in files):
+        kwargs["delimiter"] = "\t"
+    try:
+        return datasets.load_dataset(path, name, **{k: v for k, v in kwargs.items() if v is not None})
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        culprit = _unreadable_file(path, name, data_files)
+        where = f"data file {culprit!r}" if culprit else f"the data files ({data_files})"
+        raise DataError(
+            f"could not read {where} of task {task_name!r}: {cause}. Empty, truncated or "
+            "malformed files must be fixed or regenerated."
+        ) from err
 
 
 def _unreadable_file(path, name, data_files) -> str | None:
@@ -314,7 +362,7 @@ def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
     from .gguf import resolve
 
     model_cfg = resolve(model_cfg)  # model.gguf: the package's GGUF file, converted once
-    dtype = getattr(torch, model_cfg.get("dtype") or "float32")
+    dtype = getattr(torch, model_dtype(model_cfg))
     if model_cfg.get("from_config"):
         spec = dict(model_cfg["from_config"])
         config = AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
@@ -328,6 +376,35 @@ def load_pretrained(model_cfg: dict, auto_cls, **kwargs):
             f"could not load model {path!r} ({err}); without network access, "
             "pre-download it and set model.path to the local directory"
         ) from err
+
+
+# model.dtype: the precision the base model's weights load in (null: float32)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_dtype(model_cfg: dict) -> str:
+    """``model.dtype`` (null: float32), a name of :data:`MODEL_DTYPES` (a ValueError listing them)."""
+    name = model_cfg.get("dtype") or "float32"
+    if name not in MODEL_DTYPES:
+        raise ValueError(
+            f"model.dtype={name!r} is not a weight dtype: set model.dtype to one of {', '.join(MODEL_DTYPES)}"
+        )
+    return name
+
+
+def check_model_dtype(model_cfg: dict, trainer_cfg: dict) -> None:
+    """``model.dtype`` names a dtype, and float16 weights train on an accelerator: on a CPU a float16
+    base trains to NaN within a few steps (float16's range is too narrow for its activations and
+    gradients without a GPU's mixed-precision loss scaling), which a lower learning rate does not cure."""
+    import torch
+
+    on_cpu = trainer_cfg.get("use_cpu") or not torch.accelerator.is_available()
+    if model_dtype(model_cfg) == "float16" and on_cpu:
+        where = "trainer.use_cpu=true" if trainer_cfg.get("use_cpu") else "this machine has no GPU"
+        raise ValueError(
+            f"model.dtype=float16 cannot train on a CPU ({where}): float16 weights train to NaN there. "
+            "Set model.dtype=float32 (or model.dtype=bfloat16), or run on a GPU"
+        )
 
 
 def check_model_path(model_cfg: dict, key: str = "path") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import string
 
 import numpy as np
 
@@ -82,6 +83,36 @@ def _select_on_train_holdout(task, train, validation, test):
     return {"train": kept, "validation": held, "test": validation}
 
 
+def _template_fields(template: str):
+    """The field names of a format string, those inside format specs (``{x:{width}}``) included;
+    a malformed one (``'x {sentence'``) raises ValueError."""
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is not None:
+            yield field
+            yield from _template_fields(spec or "")
+
+
+def check_template(template: str, columns: list) -> None:
+    """``task.template`` is filled per row with ``template.format(**{column: text})``: a field that is
+    not a column of ``task.text_columns`` would fail on the first batch (``{nope}``: KeyError,
+    ``{0}``: IndexError), one that indexes a column (``{sentence[0]}``) would feed the model the
+    wrong text, and a template with no field would give every example the same input."""
+    allowed = ", ".join("{" + c + "}" for c in columns)
+    fix = f"write each column of task.text_columns as {allowed}, and a literal brace as {{{{ or }}}}"
+    try:
+        fields = list(_template_fields(template))
+    except ValueError as err:
+        raise ValueError(f"task.template={template!r} is not a valid format string ({err}): {fix}") from None
+    bad = [f for f in fields if f not in columns]
+    if bad:
+        raise ValueError(
+            f"task.template={template!r} reads the field {{{bad[0]}}}, which is not one of task.text_columns "
+            f"({allowed}): {fix}"
+        )
+    if not fields:
+        raise ValueError(f"task.template={template!r} reads no column, so every example would be the same text: {fix}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassificationSettings(TaskSettings):
     """``task.*`` of a sequence-classification task (GLUE, the demo)."""
@@ -108,13 +139,29 @@ class ClassificationTask(Task):
     example_model = "roberta-large"
     task_type = "SEQ_CLS"
     settings_cls = ClassificationSettings
+    metric_hint = f" (task.metrics lists what each evaluation reports, from {', '.join(sorted(METRICS))})"
 
     def __init__(self, task_cfg, model_cfg, seed=0):
         super().__init__(task_cfg, model_cfg, seed)
+        self.check_config(task_cfg)  # config only (no files): a task built from Python is checked too
         self.tokenizer = load_tokenizer(model_cfg)
-        unknown = [m for m in self.settings.metrics if m not in METRICS]
+
+    @classmethod
+    def check_config(cls, task_cfg: dict) -> None:
+        """``task.metrics`` (names of :data:`METRICS`) and ``task.template`` (fields of
+        ``task.text_columns``), then the shared checks (``task.metric`` among ``task.metrics``)."""
+        s = cls.probe(task_cfg).settings
+        unknown = [m for m in s.metrics if m not in METRICS]
         if unknown:
-            raise ValueError(f"unknown metrics {unknown} for task {self.name!r}; known: {sorted(METRICS)}")
+            raise ValueError(
+                f"task.metrics={list(s.metrics)} names unknown metric(s) {unknown}; "
+                f"choose from {', '.join(sorted(METRICS))}"
+            )
+        check_template(s.template, list(s.text_columns))
+        super().check_config(task_cfg)
+
+    def metric_names(self) -> list[str]:
+        return list(self.settings.metrics)
 
     @property
     def head_modules(self):
@@ -145,10 +192,8 @@ class ClassificationTask(Task):
         raw = self.load_raw()
         s = self.settings
         splits = s.splits
-        out = {
-            k: require_split(raw, splits.get(k, k), self.name, required=(k != "test"))
-            for k in ("train", "validation", "test")
-        }
+        names = {k: splits.get(k, k) for k in ("train", "validation", "test")}  # the data's split names
+        out = {k: require_split(raw, names[k], self.name, required=(k != "test")) for k in names}
         template, label = s.template, s.label_column
         columns = list(s.text_columns) + [label]
         n = s.num_labels
@@ -166,12 +211,13 @@ class ClassificationTask(Task):
         for split, ds in out.items():
             if ds is None:
                 continue
+            file = self.data_file(names[split])  # leads the messages below: the file to fix
             require_columns(ds, columns, self.name, hint)
             for col in columns:
                 blank = [i for i, x in enumerate(ds[col]) if x is None]
                 if blank:
                     raise DataError(
-                        f"split {split!r} of task {self.name!r} has {len(blank)} row(s) with no "
+                        f"{file}split {split!r} of task {self.name!r} has {len(blank)} row(s) with no "
                         f"{col!r} value (first: row {blank[0]}); the file may be truncated or have "
                         "blank cells"
                     )
@@ -179,14 +225,14 @@ class ClassificationTask(Task):
             if labels.dtype.kind not in "iub":
                 example = next((x for x in ds[label] if not isinstance(x, (int, np.integer))), labels[0])
                 raise DataError(
-                    f"column {label!r} of split {split!r} of task {self.name!r} holds "
+                    f"{file}column {label!r} of split {split!r} of task {self.name!r} holds "
                     f"{type(example).__name__} labels (e.g. {example!r}), not class ids; write the "
                     f"labels as integers 0..{n - 1} (task.label_column names the column)"
                 )
             if split != "test" and ((labels < 0) | (labels >= n)).any():  # GLUE test labels are -1
                 bad = labels[(labels < 0) | (labels >= n)][0]
                 raise DataError(
-                    f"label {bad} in split {split!r} of task {self.name!r} is outside "
+                    f"{file}label {bad} in split {split!r} of task {self.name!r} is outside "
                     f"[0, {n}); fix the data or task.num_labels"
                 )
             out[split] = ds.map(

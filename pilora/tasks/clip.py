@@ -543,8 +543,11 @@ def load_vision_dataset(
     if not isinstance(ds, datasets.DatasetDict):  # load_kwargs asked for one split
         ds = datasets.DatasetDict({str(load_kwargs.get("split", "train")): ds})
 
+    folders = data_dir or (path if os.path.isdir(path) else "task.dataset.data_files")
     for split_name, split in ds.items():
         missing = [c for c in (image_column, label_column) if c not in split.column_names]
+        if missing == ["label"] == [label_column] and _from_folders(split):  # imagefolder added no labels
+            raise ValueError(_no_class_folders(folders, split_name))
         if missing:
             raise ValueError(
                 f"split {split_name!r} of {path!r} has no column(s) {missing}; columns present: "
@@ -574,5 +577,33 @@ def load_vision_dataset(
     ):
         raise ValueError(f"column {label_column!r} has type {label_feature}, expected integer class labels")
 
+    if _from_folders(ds[next(iter(ds))]):
+        _check_class_folders(ds, folders)
     check_labels(ds)
     return ds
+
+
+def _from_folders(split: datasets.Dataset) -> bool:
+    """Whether ``datasets`` labelled the images by their folders (imagefolder, or a local folder of images)."""
+    return split.info.builder_name == "imagefolder"
+
+
+def _no_class_folders(folders: str, split: str, why: str = "its images lie in fewer than two class folders") -> str:
+    return (
+        f"split {split!r} of {folders!r} has no class labels: {why}, and imagefolder labels each image by "
+        f"the folder it lies in. Put each class's images in {split}/<class name>/ under {folders!r} "
+        "(two classes or more; task.num_labels is their number)"
+    )
+
+
+def _check_class_folders(ds: datasets.DatasetDict, folders: str) -> None:
+    """imagefolder gives a split labels only where its images lie in two or more folders: a split of
+    one class folder (or of images lying directly in it) has None labels, and in a later split a
+    split folder's name becomes a class of its own (the images of ``test/`` labelled "test")."""
+    feature = ds[next(iter(ds))].features["label"]
+    names = set(feature.names) if isinstance(feature, datasets.ClassLabel) else set()
+    for split_name, split in ds.items():
+        if split_name in names:
+            raise ValueError(_no_class_folders(folders, split_name, f"its images lie in {split_name}/ itself"))
+        if None in split.unique("label"):
+            raise ValueError(_no_class_folders(folders, split_name))

@@ -63,6 +63,66 @@ class GenerationSettings(TaskSettings):
     metric_mode: str = setting("min", help="max or min: which end of `metric` is best")
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The values a ``task.generation`` key may take: integers (``integer``) or numbers from ``low``
+    (excluded when ``above``) to ``high`` (None: no upper end); null always (transformers' default)."""
+
+    integer: bool
+    low: float
+    high: float | None = None
+    above: bool = False
+    why: str = ""
+
+    def admits(self, value) -> bool:
+        kinds = (int,) if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        return (value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high == self.low:
+            return str(self.low)
+        what = "an integer" if self.integer else "a number"
+        if self.high is None:
+            return f"{what} {'>' if self.above else '>='} {self.low}"
+        return f"{what} in {'(' if self.above else '['}{self.low}, {self.high}]"
+
+
+# task.generation values that GenerationConfig.validate() lets through but generate() fails on
+# during the final evaluation, after training (num_beams=0 divides by zero, num_beams=abc is a
+# TypeError, temperature=0 is refused) or scores wrongly (num_return_sequences=2 returns two
+# responses per prompt, which the scorer pairs with the wrong examples)
+GENERATION_BOUNDS: dict[str, Bound] = {
+    "num_beams": Bound(integer=True, low=1),
+    "num_beam_groups": Bound(integer=True, low=1),
+    "num_return_sequences": Bound(integer=True, low=1, high=1, why="each prompt's one response is scored"),
+    "max_new_tokens": Bound(integer=True, low=1),
+    "min_new_tokens": Bound(integer=True, low=0),
+    "max_length": Bound(integer=True, low=1),
+    "min_length": Bound(integer=True, low=0),
+    "top_k": Bound(integer=True, low=0),
+    "no_repeat_ngram_size": Bound(integer=True, low=0),
+    "temperature": Bound(integer=False, low=0, above=True),
+    "top_p": Bound(integer=False, low=0, high=1, above=True),
+    "typical_p": Bound(integer=False, low=0, high=1, above=True),
+    "min_p": Bound(integer=False, low=0, high=1),
+    "repetition_penalty": Bound(integer=False, low=0, above=True),
+}
+
+
+def check_generation(settings: dict) -> None:
+    """Every ``task.generation`` value of :data:`GENERATION_BOUNDS` within its bound (null: unset)."""
+    for key, value in settings.items():
+        bound = GENERATION_BOUNDS.get(key)
+        if bound is not None and value is not None and not bound.admits(value):
+            why = f" ({bound.why})" if bound.why else ""
+            raise ValueError(
+                f"task.generation.{key}={value!r} is not allowed: it must be {bound}{why}, or null for transformers' "
+                f"default; set task.generation.{key} to {bound}"
+            )
+
+
 def select_test_sets(eval_sets: dict, eval_only, task_name: str) -> dict[str, str]:
     """``{name: file}`` of the sets of ``eval_sets`` (those with a file) that ``eval_only`` names, in
     its order (all of them for None); an unknown name raises, listing the valid ones."""
@@ -232,6 +292,7 @@ class GenerationTask(Task):
         super().check_config(task_cfg)  # keys, types and bounds (GenerationSettings)
         probe = cls.probe(task_cfg)  # these properties read only the config
         settings = (probe.eval_weights, probe.prompt_style, probe.generation)
+        check_generation(settings[2])  # what GenerationConfig.validate lets through (GENERATION_BOUNDS)
         from transformers import GenerationConfig
 
         try:
@@ -388,10 +449,18 @@ def write_predictions(path: str, examples, result: dict) -> None:
 
 def _training_records(train_file: str):
     """The training file as a Dataset; an empty list is named (``datasets`` says only that
-    'Instruction "train" corresponds to no data')."""
+    'Instruction "train" corresponds to no data'), and a file ``datasets`` cannot parse (truncated,
+    not UTF-8) gets the test sets' message (:func:`read_json_records`), not its traceback."""
+    import datasets
+
     try:
         # instruction and output: a training record needs no gold ``answer`` (a test record does)
         return cs.load_commonsense_split(train_file, required=("instruction", "output"))
+    except datasets.exceptions.DatasetGenerationError as err:
+        fix = "fix or re-download it, or set task.dataset.train_file to a JSON list of instruction/input/output records"
+        read_json_records(os.path.expanduser(train_file), f"training file {train_file!r}", fix)
+        # valid JSON that datasets still refuses (e.g. a field holding text in one record, a list in another)
+        raise DataError(f"could not read the training file {train_file!r}: {err.__cause__ or err}; {fix}") from None
     except ValueError as err:
         if "corresponds to no data" in str(err):
             raise DataError(
@@ -400,24 +469,33 @@ def _training_records(train_file: str):
         raise DataError(f"could not read the training file {train_file!r}: {err}") from None
 
 
+def read_json_records(file: str, what: str, fix: str) -> list[dict]:
+    """The records of ``file``, a JSON list of objects; otherwise a :class:`DataError` ``<what> is
+    not ...: <the problem>; <fix>`` (``what`` names the set or the file, ``fix`` says what to do)."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} is not UTF-8 text ({err}): save it as UTF-8, or {fix}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{what} is not valid JSON (truncated?): {err}; {fix}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{what} is not a non-empty JSON list of records; {fix}")
+    return rows
+
+
 def check_test_file(name: str, path: str) -> None:
     """A test set named by ``task.eval_sets.<name>`` exists and is a complete JSON list of records
     with ``instruction`` and ``answer``: a truncated download fails before training, not after it."""
-    import json
-
     file = os.path.expanduser(str(path))
     if os.path.isdir(file):
         file = os.path.join(file, "test.json")
     fix = f"fix or re-download it, or leave the set out (task.eval_only=[<the others>] or ~task.eval_sets.{name})"
     if not os.path.isfile(file):
         raise DataError(f"test set {name!r}: {file!r} does not exist; {fix}. {cs._DOWNLOAD_HINT}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            rows = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"test set {name!r}: {file!r} is not valid JSON (truncated?): {err}; {fix}") from None
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise DataError(f"test set {name!r}: {file!r} is not a non-empty JSON list of records; {fix}")
+    rows = read_json_records(file, f"test set {name!r}: {file!r}", fix)
     missing = sorted({"instruction", "answer"} - set().union(*(r.keys() for r in rows)))
     if missing:
         raise DataError(f"test set {name!r}: {file!r} has no {', '.join(missing)} field; {fix}")

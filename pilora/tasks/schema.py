@@ -20,6 +20,10 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# task.metric_mode: which end of task.metric is best (records.best_and_final picks max or min, and
+# hparams_search's direction follows it); anything else would pick the worst epoch silently
+METRIC_MODES = ("max", "min")
+
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, low: int | float | None = None, factory=None):
     """A schema field: its default (or ``factory`` for a mutable one; neither: required), a help
@@ -95,6 +99,11 @@ class TaskSettings:
         return cls(**cfg)
 
     def __post_init__(self):
+        if self.metric_mode not in METRIC_MODES:
+            raise ValueError(
+                f"task.metric_mode={self.metric_mode!r} is not a metric mode: set task.metric_mode=max (a higher "
+                f"task.metric is better, e.g. accuracy) or task.metric_mode=min (lower is better, e.g. loss)"
+            )
         # a share of the train split held out: 0 holds nothing out, 1 leaves nothing to train on
         fraction = getattr(self, "holdout_fraction", None)
         if fraction is not None and not 0 < fraction < 1:

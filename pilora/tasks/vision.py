@@ -185,6 +185,9 @@ class VisionTask(Task):
         logits, labels = eval_pred
         return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
+    def metric_names(self):
+        return ["accuracy"]  # compute_metrics' key
+
     def headline(self):
         """GOAT's vision protocol: top-1 accuracy on the test split, scored once on the final model."""
         return {"metric": "test_accuracy", "split": "test", "from": "test"}
