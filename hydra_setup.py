@@ -321,11 +321,24 @@ def sweep_points(overrides: list[str], hydra_cfg) -> list[list[str]] | None:
     return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
 
 
+# launchers that run a multirun's jobs as processes of this machine; any other (submitit_slurm, ray,
+# rq) runs them on a cluster's nodes, whose GPUs the login node submitting them need not have
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
+
+
+def runs_here(hydra_cfg, sweep: bool) -> bool:
+    """Whether the jobs run on this machine: a single run always does (Hydra launches it in this
+    process), a multirun where its launcher is one of :data:`LOCAL_LAUNCHERS`."""
+    return not sweep or str(hydra_cfg.launcher.get("_target_", "")).rsplit(".", 1)[-1] in LOCAL_LAUNCHERS
+
+
 def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
     """The one-line error of a run whose settings cannot run (:func:`pilora.runner.validate.check_config`),
     found before Hydra makes any folder: of the single job, or of every point of a basic sweep (so
     that a bad value in point 37 stops the sweep before point 1 trains). None when all can run,
-    or when Hydra itself will report the command line."""
+    or when Hydra itself will report the command line. Jobs sent to other machines (SLURM) are
+    checked here for everything but this machine's GPU (:func:`runs_here`); each job checks that
+    where it runs, before it trains."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args
 
@@ -348,6 +361,7 @@ def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
                 return unknown_key_message(err, name, plain)
             sweep = parsed.multirun or str(base.hydra.mode) == "RunMode.MULTIRUN"
             points = sweep_points(parsed.overrides, base.hydra) if sweep else [parsed.overrides]
+            here = runs_here(base.hydra, sweep)
             for point in points or []:
                 try:
                     cfg = compose(config_name=name, overrides=point)
@@ -355,7 +369,7 @@ def check_job(args: list[str], conf_dir: str = CONF) -> str | None:
                     return unknown_key_message(err, name, point)
                 cfg.output_dir = ""  # ${hydra:runtime.output_dir}: not known before Hydra runs
                 try:
-                    check_config(cfg)
+                    check_config(cfg, device_checks=here)
                 except Exception as err:  # noqa: BLE001 - a bug is left to raise in the job, with its traceback
                     message = expected_message(err)
                     if message is None:

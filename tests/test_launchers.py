@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import CONF, FAST, write_images
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -72,6 +73,34 @@ def test_slurm_launcher_keys_make_an_sbatch_script(tmp_path, monkeypatch):
         "#SBATCH --signal=USR2@120",
     ):
         assert line in text, (line, text)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a submitting machine without a GPU")
+def test_slurm_sweep_leaves_the_gpu_checks_to_its_nodes(monkeypatch):
+    """A cluster's login node has no GPU: the tuned GLUE sweep (trainer.bf16=true) and float16
+    weights are submitted from it, and each job checks them on the node that runs it; everything
+    else is still checked before anything is submitted."""
+    from hydra_setup import check_job
+    from pilora.runner.validate import check_config
+
+    monkeypatch.setenv("PILORA_SLURM_PARTITION", "gpu")
+    slurm = ["-m", "hydra/launcher=slurm"]
+    assert check_job([*slurm, "experiment=table2_glue"]) is None
+    assert check_job([*slurm, "model=tiny-llama", "model.dtype=float16", "method=lora"]) is None
+    # the same sweeps run on this machine (the basic / local submitit launchers, a single run) are refused
+    for launch in (["-m"], ["-m", "hydra/launcher=submitit_local"], []):
+        assert "trainer.bf16=false" in check_job([*launch, "experiment=table2_glue", "task=glue/rte", "seed=0"])
+        assert "this machine has no GPU" in check_job([*launch, "model.dtype=float16"])
+    # what does not depend on the machine is refused before submitting
+    assert "trainer.learning_rate=-1" in check_job([*slurm, "experiment=table2_glue", "trainer.learning_rate=-1"])
+    assert "trainer.use_cpu=true" in check_job([*slurm, "model.dtype=float16", "trainer.use_cpu=true"])
+    assert "one of float32" in check_job([*slurm, "model.dtype=float8"])
+    # and the job on a GPU-less node refuses, before it trains (what train() runs first)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        job = compose("config", overrides=["experiment=table2_glue", "task=glue/rte", "method=lora", "seed=0"])
+    job.output_dir = ""
+    with pytest.raises(Exception, match="trainer.bf16=false"):
+        check_config(job)
 
 
 @pytest.mark.slow

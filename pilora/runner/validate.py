@@ -93,10 +93,12 @@ def check_top_level(cfg: dict) -> None:
         )
 
 
-def check_trainer(cfg: dict, method) -> None:
+def check_trainer(cfg: dict, method, device_checks: bool = True) -> None:
     """Build the ``TrainingArguments`` of every stage this job runs, so that a combination that
     ``TrainingArguments`` refuses (``eval_strategy=epoch`` + ``load_best_model_at_end`` + step
-    saving) fails before stage 1 instead of after it."""
+    saving) fails before stage 1 instead of after it. Without ``device_checks`` (the job runs on
+    another machine) the precision flags are left to the job: TrainingArguments refuses bf16 / fp16 /
+    tf32 where this machine's hardware lacks them, and a cluster's login node has no GPU."""
     from .train import stage1_overrides
     from .trainer_args import training_args
 
@@ -110,9 +112,10 @@ def check_trainer(cfg: dict, method) -> None:
     stages = {"training": {}}
     if METHODS[method.name].runs_stage1(method):
         stages = {"stage 1": stage1_overrides(method), "stage 2": {}}
+    hardware = {} if device_checks else {"bf16": False, "fp16": False, "tf32": None}
     for stage, overrides in stages.items():
         try:
-            training_args(cfg, task, "/nonexistent/pilora-validate", **overrides)
+            training_args(cfg, task, "/nonexistent/pilora-validate", **overrides, **hardware)
         except ValueError as err:
             hint = ""
             if cfg["trainer"].get("bf16") and "support bf16" in str(err):  # the tuned GLUE / vision settings
@@ -201,30 +204,32 @@ def check_task(cfg: dict) -> None:
             raise ConfigError(str(err)) from None
 
 
-def check_dtype(cfg: dict) -> None:
+def check_dtype(cfg: dict, device_checks: bool = True) -> None:
     """``model.dtype`` (:func:`pilora.tasks.base.check_model_dtype`): a name torch has, and no float16
     weights to train on a CPU, before any weights load."""
     from ..tasks.base import check_model_dtype
 
     try:
-        check_model_dtype(cfg.get("model") or {}, cfg.get("trainer") or {})
+        check_model_dtype(cfg.get("model") or {}, cfg.get("trainer") or {}, on_this_machine=device_checks)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def validate(cfg: dict, method) -> None:
-    """All of the above, for the plain config ``cfg`` and its typed ``method``; raises :class:`ConfigError`."""
+def validate(cfg: dict, method, device_checks: bool = True) -> None:
+    """All of the above, for the plain config ``cfg`` and its typed ``method``; raises :class:`ConfigError`.
+    ``device_checks=False``: the job will run on another machine (a SLURM node), so what depends on
+    this machine's GPU (bf16 / fp16 / tf32, float16 weights) is checked by the job where it runs."""
     check_top_level(cfg)
     check_model_keys(cfg)
-    check_trainer(cfg, method)
+    check_trainer(cfg, method, device_checks)
     check_logger(cfg)
     check_task(cfg)
-    check_dtype(cfg)
+    check_dtype(cfg, device_checks)
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, device_checks: bool = True) -> None:
     """:func:`validate` for a composed config (an OmegaConf node or a dict), as ``run.py`` runs it
-    before Hydra makes the job's folder."""
+    before Hydra makes the job's folder (``device_checks``: as in :func:`validate`)."""
     import logging
 
     from .train import _method_settings, _plain
@@ -235,4 +240,4 @@ def check_config(cfg) -> None:
         method, plain, _ = _method_settings(_plain(cfg))
     finally:
         quiet.disabled = was
-    validate(plain, method)
+    validate(plain, method, device_checks)

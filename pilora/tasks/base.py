@@ -392,13 +392,14 @@ def model_dtype(model_cfg: dict) -> str:
     return name
 
 
-def check_model_dtype(model_cfg: dict, trainer_cfg: dict) -> None:
+def check_model_dtype(model_cfg: dict, trainer_cfg: dict, on_this_machine: bool = True) -> None:
     """``model.dtype`` names a dtype, and float16 weights train on an accelerator: on a CPU a float16
     base trains to NaN within a few steps (float16's range is too narrow for its activations and
-    gradients without a GPU's mixed-precision loss scaling), which a lower learning rate does not cure."""
+    gradients without a GPU's mixed-precision loss scaling), which a lower learning rate does not cure.
+    ``on_this_machine=False`` (the job runs elsewhere): only ``trainer.use_cpu`` says it runs on a CPU."""
     import torch
 
-    on_cpu = trainer_cfg.get("use_cpu") or not torch.accelerator.is_available()
+    on_cpu = trainer_cfg.get("use_cpu") or (on_this_machine and not torch.accelerator.is_available())
     if model_dtype(model_cfg) == "float16" and on_cpu:
         where = "trainer.use_cpu=true" if trainer_cfg.get("use_cpu") else "this machine has no GPU"
         raise ValueError(
