@@ -532,3 +532,43 @@ def test_a_single_class_image_folder_stops_the_job_before_training(tmp_path):
         train(compose_cfg(over, out))
     assert expected_message(err.value) == str(err.value)  # one `error:` line, no traceback
     assert not (out / "results.json").exists() and not (out / "training.json").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-clip-openclip", "zeroshot"])
+def test_model_dtype_sets_the_vision_towers_weights(tmp_path, model):
+    """model.dtype=bfloat16 loads a vision model's weights in bf16, as it does a text model's (it
+    was ignored: the tower stayed fp32), and the bf16 model takes the fp32 images the transform
+    makes; its logits are the fp32 model's to bf16 rounding."""
+    extra = [f"model={model}"]
+    if model == "zeroshot":
+        path = tiny_full_clip(tmp_path / "clip")
+        extra = ["model.from_config=null", f"model.path={path}", "task.head=zeroshot", "task.class_names=[red,blue]"]
+    px = torch.rand(4, 3, 32, 32)
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        task = _vision_task(tmp_path, *extra, f"model.dtype={dtype}")
+        torch.manual_seed(0)  # the same random tower (from_config) and head for both
+        built = task.build_model().eval()
+        assert {p.dtype for p in built.parameters()} == {getattr(torch, dtype)}
+        with torch.no_grad():
+            logits[dtype] = built(pixel_values=px).logits.float()
+    torch.testing.assert_close(logits["bfloat16"], logits["float32"], atol=0.05, rtol=0.05)
+    assert not torch.equal(logits["bfloat16"], logits["float32"])  # computed in bf16, not cast back to fp32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-clip-openclip"])
+def test_a_bf16_vision_run_learns_with_fp32_adapters(tmp_path, model):
+    """model.dtype=bfloat16 end to end: both PiLoRA stages train on the bf16 tower and the saved
+    adapter is fp32 (PEFT's autocast_adapter_dtype), and the eval loss falls."""
+    from helpers import FAST, compose_cfg, write_images
+    from safetensors.torch import load_file
+
+    from pilora.runner.train import train
+
+    over = FAST + write_images(str(tmp_path / "img")) + [f"model={model}", "model.dtype=bfloat16", "method=pilora"]
+    rec = train(compose_cfg(over + ["method.r=3", "trainer.num_train_epochs=3"], tmp_path / "run"))
+    assert rec["status"] == "complete" and rec["epochs"][-1]["eval_loss"] < rec["epochs"][0]["eval_loss"]
+    saved = load_file(tmp_path / "run" / "adapter_pilora" / "pilora_model.safetensors")
+    adapters = {k: t for k, t in saved.items() if "lora_" in k and t.is_floating_point()}  # not the int8 masks
+    assert adapters and {t.dtype for t in adapters.values()} == {torch.float32}

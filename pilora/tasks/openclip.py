@@ -259,8 +259,9 @@ class OpenCLIPImageClassifier(nn.Module):
         return activation(self.visual)
 
     def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The last block's output ``[B, 1 + P, D]`` (before ``ln_post``)."""
-        return self.visual.transformer(self.visual._embeds(pixel_values))
+        """The last block's output ``[B, 1 + P, D]`` (before ``ln_post``); the images are cast to the
+        tower's dtype (a bf16 tower, model.dtype=bfloat16), as transformers' CLIP embeddings do."""
+        return self.visual.transformer(self.visual._embeds(pixel_values.to(self.visual.conv1.weight.dtype)))
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return POOLING[self.pool](self.tokens(pixel_values), self.visual.ln_post)

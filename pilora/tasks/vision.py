@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 
 from . import clip as v
-from .base import DataError, Task, check_model_path, register_family
+from .base import DataError, Task, check_model_path, model_dtype, register_family
 from .schema import TaskSettings, setting
 
 log = logging.getLogger("pilora")
@@ -52,11 +52,20 @@ class VisionTask(Task):
     settings_cls = VisionSettings
 
     def build_model(self):
+        """The image classifier with its weights in ``model.dtype`` (the new head too, as a text
+        model's head loads in its ``dtype``); the zero-shot head keeps its fp32 text embeddings."""
+        import torch
+
+        dtype = getattr(torch, model_dtype(self.model_cfg))
+        if self.zero_shot:
+            return self._zero_shot_model(dtype)
+        model = self._trainable_model()
+        return model if dtype == torch.float32 else model.to(dtype)
+
+    def _trainable_model(self):
         from transformers import CLIPVisionConfig
 
         n = self.settings.num_labels
-        if self.zero_shot:
-            return self._zero_shot_model()
         if self.model_cfg.get("backend") == "open_clip":  # model=clip-vit-b32-openclip (pilora.tasks.openclip)
             from .openclip import build_classifier
 
@@ -77,7 +86,7 @@ class VisionTask(Task):
     def zero_shot(self) -> bool:
         return self.settings.head == "zeroshot"
 
-    def _zero_shot_model(self):
+    def _zero_shot_model(self, dtype):
         if self.model_cfg.get("backend") == "open_clip" or self.model_cfg.get("from_config"):
             raise ValueError(
                 "task.head=zeroshot builds its head from CLIP's text tower and tokenizer: set model.path to a "
@@ -89,7 +98,7 @@ class VisionTask(Task):
             raise DataError(
                 f"task.head=zeroshot: {len(names)} class names for task.num_labels={self.settings.num_labels}"
             )
-        return v.zero_shot_classifier(self.model_cfg["path"], names, self.settings.prompt)
+        return v.zero_shot_classifier(self.model_cfg["path"], names, self.settings.prompt, dtype=dtype)
 
     @property
     def class_names(self) -> list[str]:
