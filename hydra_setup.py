@@ -441,7 +441,7 @@ def register() -> None:
 
 class FailedPoint(float):
     """What a basic sweep's point returns when it stops on an error the user can fix (a diverged
-    learning rate, a folder of another config, a bad data file), instead of ending the whole sweep:
+    learning rate, a folder of another config, a bad data file) or on a bug, instead of ending the whole sweep:
     NaN (no value to compare), carrying the message for the closing table (:class:`PrintSummary`)."""
 
     def __new__(cls, message: str):
@@ -454,9 +454,9 @@ class FailedPoint(float):
 
 
 def point_error_handler(hydra_cfg):
-    """How a job ends on an error the user can fix (``on_error`` of
-    :func:`pilora.runner.errors.exit_on_expected`): a point of a basic-sweeper multirun returns a
-    :class:`FailedPoint` and the other points still run; a single run, and a trial of a sweeper
+    """How a job ends on an error (``on_error`` of :func:`pilora.runner.errors.exit_on_expected`):
+    a point of a basic-sweeper multirun returns a :class:`FailedPoint` (a fixable error's message,
+    or a bug's, its traceback logged) and the other points still run; a single run, and a trial of a sweeper
     that stops at a failed trial anyway (Hydra's Optuna sweeper raises on a NaN), exits with the
     message (None)."""
     from hydra.types import RunMode

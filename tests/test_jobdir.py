@@ -3,6 +3,7 @@ config (and input files) that made it, ``resume=false`` starts clean, folder nam
 output root."""
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -480,3 +481,41 @@ def test_records_and_statistics_follow_the_umask(tmp_path):
         os.umask(old)
     assert os.stat(tmp_path / "results.json").st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "importance.pt").st_mode & 0o777 == 0o644
+
+
+@pytest.mark.slow
+def test_a_bug_in_one_sweep_point_still_ends_with_the_table(tmp_path):
+    """A point that raises an unexpected error (a bug, not a fixable setting; here a stand-in
+    ``train`` that raises for seed=2) prints its traceback and ends itself: the other point still
+    trains, the closing table lists it, the bug is listed as that point's error, and the multirun
+    exits 1 (it ended with Hydra's traceback and no table)."""
+    sweep = tmp_path / "sweep"
+    args = _vision(tmp_path / "img", "trainer.max_steps=2", "save_adapter=false")
+    args += [f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=s${seed}", "seed=2,1"]
+    script = tmp_path / "buggy_run.py"
+    script.write_text(
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import pilora.runner.train as t\n"
+        "_train = t.train\n"
+        "def train(cfg, *a, **k):\n"
+        "    if int(cfg.seed) == 2:\n"
+        "        raise RuntimeError('an unforeseen failure in point seed=2')\n"
+        "    return _train(cfg, *a, **k)\n"
+        "t.train = train\n"
+        f"sys.argv[0] = {os.path.join(ROOT, 'run.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, str(script), "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert json.loads((sweep / "s1" / "results.json").read_text())["status"] == "complete"
+    table = run.stdout[run.stdout.rindex("method ") :]
+    rows = [line.split() for line in table.splitlines()[2:] if line.startswith("lora")]
+    assert [(r[2], r[-1]) for r in rows] == [("1", "s1")]
+    assert "failed: s2: RuntimeError: an unforeseen failure in point seed=2" in table
+    logs = glob.glob(str(sweep / "s2" / "*.log"))  # the job's log (Hydra names it after the script)
+    for said in (run.stdout, open(logs[0]).read()):  # the bug's own traceback, on the console and in the log
+        assert "Traceback (most recent call last)" in said and "an unforeseen failure" in said
+    assert "error: 1 of 2 sweep points failed" in run.stderr
