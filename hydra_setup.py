@@ -26,7 +26,6 @@ Importing this module registers all of these (``run.py`` and the tests do).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import json
 import os
@@ -44,6 +43,7 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.completion_plugin import CompletionPlugin
 from omegaconf import DictConfig, OmegaConf
 
+from pilora.hints import did_you_mean
 from pilora.methods import METHODS, MethodConfig, PartitionConfig, Stage1Config, applicable_keys
 from pilora.runner.config import register_resolvers, safe_dirname
 from pilora.runner.summary import format_table, summary_rows, swept_keys
@@ -410,11 +410,9 @@ def unknown_key_message(err: Exception, name: str, overrides: list[str]) -> str 
         return None
     section, leaf = ".".join(parts[:depth]), parts[depth]
     keys = sorted(str(k) for k in node)
-    close = difflib.get_close_matches(leaf, keys, n=1)
-    prefix = f"{section}." if section else ""
     return (
         f"unknown key {key!r}: {'the config' if not section else section} has no key {leaf!r}"
-        + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+        + did_you_mean(leaf, keys, prefix=f"{section}." if section else "")
         + f"; its keys: {', '.join(keys)}"
         # a new top-level key is refused (check_overrides: nothing would read it)
         + (f". To add a key it does not have, write +{key}=..." if section else "")

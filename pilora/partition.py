@@ -16,11 +16,12 @@ argument is refused, so that a misspelled ``tua=0.5`` cannot split with the defa
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import zlib
 from typing import TYPE_CHECKING, Callable
+
+from .hints import did_you_mean
 
 # torch is imported where it is used: ``pilora`` imports this module eagerly (its ``partition``
 # function shares the module's name), and ``pilora`` must load without torch (see __init__.py)
@@ -64,8 +65,7 @@ def check_args(strategy: str, params, prefix: str = "") -> None:
         return
     named = []
     for k in unknown:
-        close = difflib.get_close_matches(str(k), accepted, n=1)
-        named.append(f"{prefix + str(k)!r}" + (f" (did you mean {prefix + close[0]!r}?)" if close else ""))
+        named.append(f"{prefix + str(k)!r}" + did_you_mean(k, accepted, prefix=prefix, quote=True))
     raise ValueError(
         f"partition strategy {strategy!r} takes no argument{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
         + (f"its arguments are {accepted}" if accepted else "it takes no arguments")

@@ -8,11 +8,11 @@ fine-tuning of a 7B model fits, so its settings are checked before the run: tran
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..hints import did_you_mean
 from .base import Method, register_method
 
 if TYPE_CHECKING:
@@ -53,12 +53,7 @@ def check_full_finetune_fsdp(args, model: nn.Module) -> None:
     config = dict(getattr(args, "fsdp_config", None) or {})
     unknown = sorted(set(config) - FSDP_CONFIG_KEYS)
     if unknown:
-        hints = [
-            f"{k} (did you mean {', '.join(difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=2))}?)"
-            if difflib.get_close_matches(k, FSDP_CONFIG_KEYS, n=1)
-            else k
-            for k in unknown
-        ]
+        hints = [k + did_you_mean(k, FSDP_CONFIG_KEYS, n=2) for k in unknown]
         raise ValueError(
             f"FSDP: trainer.fsdp_config has key(s) {', '.join(hints)} that "
             "transformers ignores; remove or rename them. Known keys: "

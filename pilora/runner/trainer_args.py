@@ -11,6 +11,7 @@ import typing
 import torch
 
 from ..distributed import world_size
+from ..hints import did_you_mean
 from . import wandb as wandb_run
 from .callbacks import NanLossGuard
 from .console import MetricsToLog, StageProgress, stage_label
@@ -38,7 +39,6 @@ def check_trainer_keys(trainer_cfg: dict) -> dict:
     Strings that parse as the expected number are converted (YAML reads ``1e-4`` as a string);
     anything else raises a ValueError naming the key, the value and the expected type.
     """
-    import difflib
 
     from transformers import TrainingArguments
 
@@ -46,10 +46,9 @@ def check_trainer_keys(trainer_cfg: dict) -> dict:
     out = {}
     for key, value in trainer_cfg.items():
         if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=3)
             raise ValueError(
                 f"trainer.{key} is not a transformers.TrainingArguments field"
-                + (f" (did you mean {', '.join('trainer.' + c for c in close)}?)" if close else "")
+                + did_you_mean(key, hints, prefix="trainer.", n=3)
                 + "; every key under trainer: is passed to TrainingArguments"
             )
         kind, optional = _scalar_type(hints[key])

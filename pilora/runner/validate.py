@@ -6,11 +6,11 @@ seconds, and a corrected rerun never meets a half-trained folder made from the w
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import types
 
+from ..hints import did_you_mean
 from ..methods import METHODS
 from ..methods.config import Key
 from ..tasks import FAMILIES, DataError
@@ -145,10 +145,9 @@ def check_logger(cfg: dict) -> None:
     logger = cfg.get("logger") or {}
     for name, value in logger.items():
         if name not in LOGGER_KEYS:
-            close = difflib.get_close_matches(name, list(LOGGER_KEYS), n=1)
             raise ConfigError(
                 f"logger.{name} is not a logger key"
-                + (f" (did you mean logger.{close[0]}?)" if close else "")
+                + did_you_mean(name, LOGGER_KEYS, prefix="logger.")
                 + f"; the logger keys are: {', '.join(LOGGER_KEYS)}"
             )
         allowed, words = LOGGER_KEYS[name]
@@ -181,10 +180,9 @@ def check_model_keys(cfg: dict) -> None:
     unknown = sorted(set(cfg.get("model") or {}) - (known or set()))
     if known is None or not unknown:
         return
-    close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
     raise ConfigError(
         f"model.{unknown[0]} is not a model key"
-        + (f" (did you mean model.{close[0]}?)" if close else "")
+        + did_you_mean(unknown[0], known, prefix="model.")
         + f"; no model reads it. The model keys (those conf/model/*.yaml use) are: {', '.join(sorted(known))}. "
         f"Drop the +model.{unknown[0]}=... override"
     )

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 
+from ..hints import did_you_mean
 from . import llm_adapters as cs
 from .base import DataError, Task, load_pretrained, load_tokenizer, register_family, require_columns
 from .schema import TaskSettings, setting
@@ -244,12 +245,9 @@ class GenerationTask(Task):
         known = GenerationConfig().to_dict()
         unknown = sorted(k for k in settings if k not in known)
         if unknown:
-            import difflib
-
-            close = difflib.get_close_matches(unknown[0], list(known), n=3)
             raise ValueError(
                 f"task.generation.{unknown[0]} is not a transformers.GenerationConfig setting"
-                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + did_you_mean(unknown[0], known, n=3)
             )
         return settings
 
