@@ -617,6 +617,58 @@ def test_per_task_learning_rates_keep_one_row_and_a_stray_run_gets_its_own(tree,
     assert rows["lr=0.0001"].cells["cola"].values == [100 * json.load(open(stray))["metrics"]["best"]["eval_accuracy"]]
 
 
+def test_the_paper_row_holds_each_glue_task_at_its_own_tab6_settings(tree, tmp_path):
+    """RoBERTa-large LoRA runs: every task at its Tab. 6 lr and epochs, beside one CoLA run at lr 1e-4
+    and RTE run at 10 epochs only (their cells' only runs of that setting). The paper's row holds
+    each task's Tab. 6 runs, all of them (CoLA's, labelled by its lr in its own cell, replaced the
+    other tasks' on that row), and the runs off Tab. 6 get rows named by what differs, even where
+    nothing else in their cell differs (the RTE run alone at 10 epochs sat on the paper's row)."""
+    from analysis.records import load_records
+    from analysis.tables import build_table
+
+    def at(task, lr, epochs):
+        def edit(i, rec):
+            rec.update(task=task, model="roberta-large")
+            rec["config"]["task"]["name"] = task
+            rec["config"]["model"]["name"] = "roberta-large"
+            rec["config"]["trainer"].update(learning_rate=lr, num_train_epochs=epochs)
+            rec["config"]["method"]["r"] = 8
+
+        return edit
+
+    for task, (lr, epochs) in TAB6.items():
+        if task != "rte":
+            _copy_records(tree, tmp_path / task, "glue", at(task, lr, epochs))
+    _copy_records(tree, tmp_path / "stray", "glue", at("cola", 1e-4, 10), seed=0)
+    _copy_records(tree, tmp_path / "rte10", "glue", at("rte", 2e-4, 10))
+    rows = build_table(load_records(tmp_path, quiet=True), "2").rows
+    (paper,) = [r for r in rows if r.paper and r.method.startswith("LoRA")]
+    assert {t for t, s in paper.cells.items() if s} == set(TAB6) - {"rte"} and paper.cells["cola"].n == 2
+    ours = {r.label: r for r in rows if not r.paper}
+    assert {k: {t for t, s in r.cells.items() if s} for k, r in ours.items()} == {
+        "lr=0.0001": {"cola"},
+        "epochs=10": {"rte"},
+    }
+
+
+def test_the_per_task_reference_is_what_the_tuned_configs_train_with():
+    """``reference_per_task`` (Tab. 6 / Tab. 7) holds the values conf/tuned/<family>/<task>.yaml sets:
+    a run made with the shipped config sits on the paper's row."""
+    import yaml
+    from helpers import CONF
+
+    from analysis.tables import load_paper
+
+    tables = load_paper()["tables"]
+    for table, family in (("2", "glue"), ("3", "vision")):
+        per_task = tables[table]["reference_per_task"]
+        assert set(per_task) == {c["key"] for c in tables[table]["columns"]}
+        for task, ref in per_task.items():
+            with open(os.path.join(CONF, "tuned", family, f"{task}.yaml")) as f:
+                trainer = yaml.safe_load(f)["trainer"]
+            assert {k: float(trainer[k.removeprefix("trainer.")]) for k in ref} == ref, (table, task)
+
+
 def test_empty_tree_prints_a_message_and_the_paper_numbers(tmp_path, capsys):
     from analysis.tables import main
 

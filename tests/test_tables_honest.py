@@ -50,10 +50,12 @@ def write(
     peak=1024.0,
     budget=None,
     importance_from=None,
-    lr=1e-4,
+    lr=None,
     extra=None,
 ):
-    """One schema-1 record, as pilora.runner.train writes it (only the fields the loader reads)."""
+    """One schema-1 record, as pilora.runner.train writes it (only the fields the loader reads);
+    ``lr`` None: the task's Tab. 6 learning rate (CoLA 2e-4, SST-2 1e-4)."""
+    lr = {"cola": 2e-4}.get(task, 1e-4) if lr is None else lr
     m = dict(cfg, importance_from=importance_from) if importance_from else dict(cfg)
     rec = {
         "schema": 1,
