@@ -51,11 +51,14 @@ def write(
     budget=None,
     importance_from=None,
     lr=None,
+    epochs=None,
     extra=None,
 ):
     """One schema-1 record, as pilora.runner.train writes it (only the fields the loader reads);
-    ``lr`` None: the task's Tab. 6 learning rate (CoLA 2e-4, SST-2 1e-4)."""
+    ``lr`` / ``epochs`` None: the task's own in Tab. 6 (CoLA lr 2e-4, SST-2 1e-4) / Tab. 7 (EuroSAT
+    12 epochs), where the paper gives it one."""
     lr = {"cola": 2e-4}.get(task, 1e-4) if lr is None else lr
+    epochs = {"eurosat": 12}.get(task, 10) if epochs is None else epochs
     m = dict(cfg, importance_from=importance_from) if importance_from else dict(cfg)
     rec = {
         "schema": 1,
@@ -71,7 +74,7 @@ def write(
             "method": m,
             "model": {"name": model},
             "task": {"name": task, "family": family},
-            "trainer": {"learning_rate": lr, "num_train_epochs": 10},
+            "trainer": {"learning_rate": lr, "num_train_epochs": epochs},
         },
         "metrics": {"final": {"eval_accuracy": acc}, "best": {"eval_accuracy": acc}, "test": test or {}},
         "params": {"trainable": 1000, "total": 100000, "adapter": 900, "adapter_share": 0.009},
