@@ -589,6 +589,20 @@ TAB6 = {
 }
 
 
+def _glue_at(task, lr, epochs, model=None):
+    """An ``edit`` for :func:`_copy_records`: a GLUE record becomes a run of ``task`` at ``lr`` and
+    ``epochs``; with ``model``, one of that model at the paper's r = 8."""
+
+    def edit(i, rec):
+        rec["task"] = rec["config"]["task"]["name"] = task
+        rec["config"]["trainer"].update(learning_rate=lr, num_train_epochs=epochs)
+        if model:
+            rec["model"] = rec["config"]["model"]["name"] = model
+            rec["config"]["method"]["r"] = 8
+
+    return edit
+
+
 def test_per_task_learning_rates_keep_one_row_and_a_stray_run_gets_its_own(tree, tmp_path):
     """Both GLUE seeds on every task at its Tab. 6 lr and epochs, and one stray CoLA run at lr 1e-4
     (SST-2's). The lr tells CoLA's two configurations apart, and only CoLA's: the other six tasks
@@ -596,16 +610,9 @@ def test_per_task_learning_rates_keep_one_row_and_a_stray_run_gets_its_own(tree,
     from analysis.records import load_records
     from analysis.tables import build_table
 
-    def at(task, lr, epochs):
-        def edit(i, rec):
-            rec["task"] = rec["config"]["task"]["name"] = task
-            rec["config"]["trainer"].update(learning_rate=lr, num_train_epochs=epochs)
-
-        return edit
-
     for task, (lr, epochs) in TAB6.items():
-        _copy_records(tree, tmp_path / task, "glue", at(task, lr, epochs))
-    (stray,) = _copy_records(tree, tmp_path / "stray", "glue", at("cola", 1e-4, 10), seed=0)
+        _copy_records(tree, tmp_path / task, "glue", _glue_at(task, lr, epochs))
+    (stray,) = _copy_records(tree, tmp_path / "stray", "glue", _glue_at("cola", 1e-4, 10), seed=0)
     best = [r["metrics"]["best"]["eval_accuracy"] for r in _pick(tree, "glue")]
     rows = {r.label: r for r in build_table(load_records(tmp_path, quiet=True), "2").rows if r.model == "tiny-roberta"}
     assert sorted(rows) == ["", "lr=0.0001", "lr=0.0002"]
@@ -627,14 +634,7 @@ def test_the_paper_row_holds_each_glue_task_at_its_own_tab6_settings(tree, tmp_p
     from analysis.tables import build_table
 
     def at(task, lr, epochs):
-        def edit(i, rec):
-            rec.update(task=task, model="roberta-large")
-            rec["config"]["task"]["name"] = task
-            rec["config"]["model"]["name"] = "roberta-large"
-            rec["config"]["trainer"].update(learning_rate=lr, num_train_epochs=epochs)
-            rec["config"]["method"]["r"] = 8
-
-        return edit
+        return _glue_at(task, lr, epochs, model="roberta-large")
 
     for task, (lr, epochs) in TAB6.items():
         if task != "rte":
