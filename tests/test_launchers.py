@@ -103,6 +103,26 @@ def test_slurm_sweep_leaves_the_gpu_checks_to_its_nodes(monkeypatch):
         check_config(job)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="stands in a GPU without bf16 on a machine without a GPU")
+def test_a_gpu_without_bf16_is_told_so(monkeypatch):
+    """The bf16 GLUE settings on a GPU older than Ampere (transformers' own check, as it runs where a
+    CUDA GPU is there): the message names the GPU's missing bf16 and fp16 as the other mixed precision,
+    not a missing GPU."""
+    import transformers.training_args
+
+    from pilora.runner.validate import check_config
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        job = compose("config", overrides=["experiment=table2_glue", "task=glue/rte", "method=lora", "seed=0"])
+    job.output_dir = ""
+    with pytest.raises(Exception, match="this machine has no GPU for trainer.bf16=true"):
+        check_config(job)
+    monkeypatch.setattr(transformers.training_args, "is_torch_cuda_available", lambda: True)
+    with pytest.raises(Exception, match="this GPU has no bf16: .* trainer.bf16=false trainer.fp16=true") as err:
+        check_config(job)
+    assert "no GPU" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_run_py_prints_slurm_launcher_config():
     proc = subprocess.run(

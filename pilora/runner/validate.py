@@ -119,7 +119,13 @@ def check_trainer(cfg: dict, method, device_checks: bool = True) -> None:
         except ValueError as err:
             hint = ""
             if cfg["trainer"].get("bf16") and "support bf16" in str(err):  # the tuned GLUE / vision settings
-                hint = "; this machine has no GPU for trainer.bf16=true: add trainer.bf16=false to train in fp32"
+                hint = (
+                    # transformers names Ampere only where a CUDA GPU is there (a V100, a T4)
+                    "; this GPU has no bf16: add trainer.bf16=false to train in fp32, or trainer.bf16=false "
+                    "trainer.fp16=true for fp16 mixed precision"
+                    if "Ampere" in str(err)
+                    else "; this machine has no GPU for trainer.bf16=true: add trainer.bf16=false to train in fp32"
+                )
             raise ConfigError(f"{stage}: {' '.join(str(err).split())}{hint}") from None  # one line
     check_trainer_bounds(cfg["trainer"])
 
