@@ -184,6 +184,36 @@ def test_fsdp_wrap_class_is_checked_for_adapter_methods_too(tmp_path):
         train(cfg)
 
 
+def test_cpu_ram_efficient_loading_is_refused_for_a_model_with_buffers():
+    """accelerate's FSDP2 cpu_ram_efficient_loading broadcasts every state-dict entry as a sharded
+    parameter, so PiLoRA's state dict (compact B blocks, partition masks) stops it with AttributeError
+    ('Tensor' object has no attribute 'device_mesh'; seen on 2 gloo ranks): a PiLoRA job is refused
+    before the Trainer is built, naming the fix, and a full fine-tune (parameters only) is not."""
+    import types
+
+    from conftest import tiny_llama_and_tokenizer
+
+    from pilora import MethodConfig, prepare_model
+    from pilora.methods.full import check_full_finetune_fsdp
+
+    config = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "cpu_ram_efficient_loading": True}
+    args = types.SimpleNamespace(fsdp="full_shard", fsdp_config=config)
+    model, _ = tiny_llama_and_tokenizer()
+    check_full_finetune_fsdp(args, model)  # nothing but parameters
+    targets = ["q_proj", "v_proj"]
+    masks = {
+        n: torch.arange(m.out_features) % 2 == 0 for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets
+    }
+    pilora = prepare_model(model, MethodConfig(name="pilora", r=2, target_modules=targets), masks=masks)
+    with pytest.raises(
+        ValueError, match=r"cpu_ram_efficient_loading=true loads a state dict of parameters only.*lora_B.*=false"
+    ):
+        check_full_finetune_fsdp(args, pilora)
+    check_full_finetune_fsdp(
+        types.SimpleNamespace(fsdp="full_shard", fsdp_config={**config, "cpu_ram_efficient_loading": False}), pilora
+    )
+
+
 def test_fsdp_units_and_memory_estimate_from_exact_counts():
     from conftest import tiny_llama_and_tokenizer
 

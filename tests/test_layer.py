@@ -556,6 +556,26 @@ def test_derived_tensors_follow_the_module_but_are_not_buffers():
     assert B.pattern.device.type == "meta" and B.supplementary_rows.device.type == "meta"
 
 
+def test_derived_tensors_follow_blocks_that_fsdp_moved_without_apply():
+    """FSDP2's ``fully_shard`` moves a module's parameters and buffers itself (``t.data = t.to(gpu)``),
+    never through ``_apply``: the pattern and row indices follow ``blocks`` to its device when they
+    are first needed, instead of a device-mismatch error in the first forward (the meta device
+    stands in for the GPU)."""
+    _, model = _pilora(supplementary_alpha=8.0)
+    layers = {name: lora_layers(model)[name].lora_B["default"] for name in ("up", "down")}
+    for module in model.modules():  # as fully_shard does: each tensor replaced, the module's _apply not called
+        for key, p in module._parameters.items():
+            module._parameters[key] = None if p is None else nn.Parameter(p.to("meta"), p.requires_grad)
+        for key, b in module._buffers.items():
+            module._buffers[key] = None if b is None else b.to("meta")
+    assert all(B.pattern.device.type == "cpu" for B in layers.values())  # what fully_shard leaves behind
+    out = model(X.to("meta"))
+    assert out.device.type == "meta" and out.shape == (X.shape[0], 3)
+    for name, B in layers.items():
+        assert {t.device.type for t in B.derived_tensors()} == {"meta"}
+        assert B.dominant.shape == (int(MASKS[name].sum()), 4) and B.dominant.device.type == "meta"
+
+
 ADAPTER_NAME_PARTS = ("lora_", "dominant_mask", "magnitude_vector", "base_layer")
 
 

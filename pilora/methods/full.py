@@ -45,9 +45,10 @@ FSDP_CONFIG_KEYS = frozenset(
 
 
 def check_full_finetune_fsdp(args, model: nn.Module) -> None:
-    """Raise a ValueError for FSDP settings a full fine-tune cannot use: an ``fsdp_config`` key that
-    transformers would ignore, or a ``transformer_layer_cls_to_wrap`` class the model does not have
-    (FSDP would then wrap the whole model as one unit, i.e. no sharding benefit)."""
+    """Raise a ValueError for FSDP settings a job cannot use: an ``fsdp_config`` key that
+    transformers would ignore, a ``transformer_layer_cls_to_wrap`` class the model does not have
+    (FSDP would then wrap the whole model as one unit, i.e. no sharding benefit), or
+    ``cpu_ram_efficient_loading`` for a model whose state dict is not its parameters."""
     if not getattr(args, "fsdp", None):
         return
     config = dict(getattr(args, "fsdp_config", None) or {})
@@ -69,6 +70,18 @@ def check_full_finetune_fsdp(args, model: nn.Module) -> None:
             f"{missing}, which {type(model).__name__} does not contain; its layer classes are "
             f"{blocks or sorted(classes)}"
         )
+    if str(config.get("cpu_ram_efficient_loading", "")).lower() in ("true", "1"):
+        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}  # tied weights too
+        other = sorted(k for k in model.state_dict() if k not in params)
+        if other:
+            # accelerate's FSDP2 loader broadcasts every state-dict entry as a sharded parameter
+            # (AttributeError: 'Tensor' object has no attribute 'device_mesh' at the first other one)
+            raise ValueError(
+                "FSDP: trainer.fsdp_config.cpu_ram_efficient_loading=true loads a state dict of parameters "
+                f"only, and this model's holds {len(other)} other entries (e.g. {other[0]}; PiLoRA saves its "
+                "B blocks compactly and its partition masks as buffers). Set "
+                "trainer.fsdp_config.cpu_ram_efficient_loading=false"
+            )
 
 
 def full_finetune(model: nn.Module, cfg=None) -> nn.Module:
