@@ -87,6 +87,11 @@ def test_slurm_sweep_leaves_the_gpu_checks_to_its_nodes(monkeypatch):
     slurm = ["-m", "hydra/launcher=slurm"]
     assert check_job([*slurm, "experiment=table2_glue"]) is None
     assert check_job([*slurm, "model=tiny-llama", "model.dtype=float16", "method=lora"]) is None
+    assert check_job([*slurm, "+trainer.bf16_full_eval=true"]) is None  # bf16 evaluation is the node's too
+    # ... which this machine refuses, naming the key that was set
+    assert "no GPU for trainer.bf16_full_eval=true: add trainer.bf16_full_eval=false" in check_job(
+        ["+trainer.bf16_full_eval=true"]
+    )
     # the same sweeps run on this machine (the basic / local submitit launchers, a single run) are refused
     for launch in (["-m"], ["-m", "hydra/launcher=submitit_local"], []):
         assert "trainer.bf16=false" in check_job([*launch, "experiment=table2_glue", "task=glue/rte", "seed=0"])

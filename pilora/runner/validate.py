@@ -36,6 +36,9 @@ TRAINER_BOUNDS = {
     "dataloader_num_workers": Key("0 loads the data in the main process", integer=True, low=0),
     "num_train_epochs": Key("0 epochs train nothing", low=0, open_low=True),
 }
+# the TrainingArguments precision flags that TrainingArguments refuses where this machine's hardware
+# lacks them (checked by a job on its own node when it runs on another machine)
+PRECISION_KEYS = ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval")
 # bounds that do not apply when another key decides instead: with max_steps > 0 the Trainer ignores
 # num_train_epochs (its usual idiom: num_train_epochs=0 with a step budget)
 TRAINER_OVERRIDDEN_BY = {"num_train_epochs": "max_steps"}
@@ -112,19 +115,21 @@ def check_trainer(cfg: dict, method, device_checks: bool = True) -> None:
     stages = {"training": {}}
     if METHODS[method.name].runs_stage1(method):
         stages = {"stage 1": stage1_overrides(method), "stage 2": {}}
-    hardware = {} if device_checks else {"bf16": False, "fp16": False, "tf32": None}
+    hardware = {} if device_checks else {**dict.fromkeys(PRECISION_KEYS, False), "tf32": None}
     for stage, overrides in stages.items():
         try:
             training_args(cfg, task, "/nonexistent/pilora-validate", **overrides, **hardware)
         except ValueError as err:
             hint = ""
-            if cfg["trainer"].get("bf16") and "support bf16" in str(err):  # the tuned GLUE / vision settings
+            bf16 = [k for k in ("bf16", "bf16_full_eval") if cfg["trainer"].get(k)]
+            if bf16 and "support bf16" in str(err):  # the tuned GLUE / vision settings
+                off = " ".join(f"trainer.{k}=false" for k in bf16)
                 hint = (
                     # transformers names Ampere only where a CUDA GPU is there (a V100, a T4)
-                    "; this GPU has no bf16: add trainer.bf16=false to train in fp32, or trainer.bf16=false "
-                    "trainer.fp16=true for fp16 mixed precision"
+                    f"; this GPU has no bf16: add {off} to train in fp32, or {off} trainer.fp16=true for fp16 "
+                    "mixed precision"
                     if "Ampere" in str(err)
-                    else "; this machine has no GPU for trainer.bf16=true: add trainer.bf16=false to train in fp32"
+                    else f"; this machine has no GPU for trainer.{bf16[0]}=true: add {off} to train in fp32"
                 )
             raise ConfigError(f"{stage}: {' '.join(str(err).split())}{hint}") from None  # one line
     check_trainer_bounds(cfg["trainer"])
