@@ -519,3 +519,21 @@ def test_a_bug_in_one_sweep_point_still_ends_with_the_table(tmp_path):
     for said in (run.stdout, open(logs[0]).read()):  # the bug's own traceback, on the console and in the log
         assert "Traceback (most recent call last)" in said and "an unforeseen failure" in said
     assert "error: 1 of 2 sweep points failed" in run.stderr
+
+
+def test_resume_false_never_reads_the_earlier_stage1_on_any_rank(tmp_path, monkeypatch, caplog):
+    """``resume=false`` into a folder that holds a finished PiLoRA run: rank 0 moves the earlier run
+    away (take_clean), but the other ranks of a torchrun job may look for ``importance.pt`` before
+    it has: they must run stage 1 as rank 0 does (with the old statistics they skipped it, and the
+    ranks' collectives no longer matched). Here the move is withheld, as a rank other than 0 sees it."""
+    import pilora.runner.train as runner
+
+    out = tmp_path / "job"
+    base = FAST + write_images(str(tmp_path / "img")) + ["method=pilora", "method.stage1.max_steps=2"]
+    base += ["method.importance_interval=1", "trainer.max_steps=2"]
+    assert train(compose_cfg(base, out))["status"] == "complete" and (out / "importance.pt").exists()
+    monkeypatch.setattr(runner, "take_clean", lambda cfg, out: None)
+    with caplog.at_level("INFO", logger="pilora"):
+        again = train(compose_cfg(base + ["resume=false"], out))
+    assert again["status"] == "complete"
+    assert "PiLoRA stage 1: importance accumulation" in caplog.text and "already done" not in caplog.text

@@ -156,3 +156,40 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
     assert resumed["metrics"]["final"]["eval_accuracy"] == full["metrics"]["final"]["eval_accuracy"]
     assert resumed["metrics"]["final"]["eval_loss"] == pytest.approx(full["metrics"]["final"]["eval_loss"], rel=1e-5)
     assert resumed["pilora"]["dominant_fraction_per_module"] == full["pilora"]["dominant_fraction_per_module"]
+
+
+def test_the_stage1_model_is_freed_before_stage2_builds_its_own(tmp_path, monkeypatch):
+    """Under mixed precision accelerate wraps the model's forward in a closure over the model (a
+    reference cycle), so ``del`` alone kept stage 1's whole model alive while stage 2 built a second
+    one (on a GPU: a second copy of the base in memory, and in the record's peak). Stage 1 ends with
+    its model collected (bf16 autocast on the CPU here)."""
+    import gc
+    import weakref
+
+    import pilora.runner.train as runner
+
+    stage1_models, alive = [], []
+    prepare, stage1 = runner.prepare_model, runner.run_stage1
+
+    def spy_prepare(model, method, stage=None, **kw):
+        built = prepare(model, method, stage=stage, **kw)
+        if stage == 1:
+            stage1_models.append(weakref.ref(built))
+        return built
+
+    def spy_stage1(*args, **kwargs):
+        out = stage1(*args, **kwargs)
+        alive.append(stage1_models[0]() is not None)
+        return out
+
+    monkeypatch.setattr(runner, "prepare_model", spy_prepare)
+    monkeypatch.setattr(runner, "run_stage1", spy_stage1)
+    gc.disable()  # no automatic collection may free it by chance: only what stage 1 does itself
+    try:
+        over = FAST + write_images(str(tmp_path / "img")) + _method("pilora", 2, r=2)
+        rec = train(
+            compose_cfg(over + ["trainer.max_steps=2", "trainer.bf16=true", "+trainer.use_cpu=true"], tmp_path / "o")
+        )
+    finally:
+        gc.enable()
+    assert rec["status"] == "complete" and alive == [False]

@@ -20,6 +20,7 @@ the adapter and ``results.json``. FSDP is refused for stage 1 (see :func:`pilora
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -109,7 +110,9 @@ def run_stage1(
         stats = ImportanceStats.load(source)
         clock.stop("stage1")
         return stats, os.path.abspath(source)
-    if os.path.exists(path):  # an interrupted job that had finished stage 1
+    # an interrupted job that had finished stage 1; never under resume=false, on any rank: rank 0
+    # moves the earlier run away (take_clean) while the other ranks may already be here
+    if cfg.get("resume", True) and os.path.exists(path):
         log.info("PiLoRA stage 1: already done, loading %s", path)
         try:
             stats = ImportanceStats.load(path)
@@ -164,7 +167,12 @@ def run_stage1(
     stats.meta["cost"] = clock.state()  # a job resumed after stage 1 still counts its time
     if is_main():
         stats.save(path)
-    del trainer, model
+    # stage 2 builds a second model: free this one first. accelerate's mixed-precision forward
+    # wrapper refers to the model from the model, so only the cycle collector frees it
+    del trainer, model, acc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return stats, path
 
 
