@@ -406,3 +406,49 @@ def test_every_model_key_the_code_reads_is_a_model_key():
         read |= set(re.findall(r'(?:model_cfg|\["model"\]|\bmodel)(?:\.get\(|\[)"(\w+)"', text))
     assert {"path", "head_modules", "from_config", "openclip"} <= read
     assert read <= model_keys(), sorted(read - model_keys())
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fp16_mixed_precision_with_float16_trainable_weights_is_refused(tmp_path, images, method):
+    """model.dtype=float16 with trainer.fp16=true: PEFT keeps the adapters fp32, but the task head
+    (and a full fine-tune's every weight) stays float16, whose gradients fp16 mixed precision cannot
+    unscale (torch's GradScaler refuses them at the first step, checked here on those very weights).
+    The job is refused before its Trainer is built; LoRA on a causal LM (no head) is not."""
+    import types
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from pilora import MethodConfig, prepare_model
+    from pilora.runner.trainer_args import check_trainable_dtypes
+    from pilora.runner.validate import ConfigError
+    from pilora.tasks.base import make_task
+
+    cfg = OmegaConf.to_container(compose_cfg(images + ["model.dtype=float16"], tmp_path / "o"), resolve=True)
+    task = make_task(cfg["task"], cfg["model"])
+    model = task.build_model()
+    targets = list(cfg["model"]["target_modules"])
+    if method == "lora":
+        lora = MethodConfig(name="lora", r=2, target_modules=targets, modules_to_save=list(task.head_modules))
+        model = prepare_model(model, lora, task_type=task.task_type)
+    else:
+        model = prepare_model(model, MethodConfig(name="full", target_modules=targets))
+    half = [p for p in model.parameters() if p.requires_grad and p.dtype == torch.float16]
+    assert half  # the head's (LoRA) / every weight (full)
+    for p in half:
+        p.grad = torch.ones_like(p)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # as a training step begins
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.unscale_(torch.optim.SGD(half, lr=0.1))
+    fp16 = types.SimpleNamespace(fp16=True)
+    with pytest.raises(ConfigError, match=r"trainer.fp16=true .* float16 \(e.g. .*Set model.dtype=float32") as err:
+        check_trainable_dtypes(fp16, model)
+    assert f"{len(half)} trainable tensor(s)" in str(err.value)
+    assert method == "full" or "classifier" in str(err.value)
+    check_trainable_dtypes(types.SimpleNamespace(fp16=False), model)  # no scaler: trains in float16
+    from conftest import tiny_llama_and_tokenizer
+
+    llama, _ = tiny_llama_and_tokenizer()
+    lora = prepare_model(llama.half(), MethodConfig(name="lora", r=2, target_modules=["q_proj", "v_proj"]))
+    check_trainable_dtypes(fp16, lora)  # fp32 adapters on a float16 base, nothing else trains

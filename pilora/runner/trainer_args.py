@@ -124,10 +124,31 @@ def training_args(cfg: dict, task, output_dir: str, **overrides):
     return args
 
 
+def check_trainable_dtypes(args, model) -> None:
+    """fp16 mixed precision (``trainer.fp16``) scales the loss and unscales fp32 gradients, so a
+    float16 trainable weight stops the first optimizer step (GradScaler: "Attempting to unscale FP16
+    gradients"). On a float16 base PEFT keeps the adapters fp32, but a task head (modules_to_save)
+    and a full fine-tune's weights stay float16."""
+    if not getattr(args, "fp16", False):
+        return
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        from .validate import ConfigError
+
+        raise ConfigError(
+            f"trainer.fp16=true (fp16 mixed precision) needs fp32 trainable weights, and {len(half)} trainable "
+            f"tensor(s) are float16 (e.g. {half[0]}: a task head or a full fine-tune's weights load in "
+            "model.dtype=float16). Set model.dtype=float32 (or model.dtype=bfloat16 with trainer.bf16=true "
+            "trainer.fp16=false)"
+        )
+
+
 def make_trainer(cfg, task, model, data, args, callbacks=(), evaluate=True):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..trainer import PiLoRATrainer
+
+    check_trainable_dtypes(args, model)  # before the Trainer: the first step would fail
 
     trainer = PiLoRATrainer(
         model=model,
