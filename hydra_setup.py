@@ -26,6 +26,7 @@ Importing this module registers all of these (``run.py`` and the tests do).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import glob
 import json
 import os
@@ -513,12 +514,17 @@ class PrintSummary(Callback):
         else:
             error = None
         line = json.dumps({"folder": os.path.abspath(hydra_cfg.runtime.output_dir), "error": error}) + "\n"
-        # one short O_APPEND write: lines of parallel jobs do not interleave
+        # one short O_APPEND write under flock: lines of parallel jobs neither interleave nor, on NFS
+        # (where O_APPEND is not atomic across hosts: SLURM jobs on several nodes), overwrite each other
         fd = os.open(os.path.join(str(config.hydra.sweep.dir), SWEEP_POINTS), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a filesystem without locks: the append alone
+                pass
             os.write(fd, line.encode())
         finally:
-            os.close(fd)
+            os.close(fd)  # releases the lock
 
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = str(config.hydra.sweep.dir)
