@@ -455,11 +455,12 @@ def test_tiny_models_tokenizer_ships_with_the_library_and_matches_their_configs(
     if model == "tiny-llama":
         assert (fc.bos_token_id, fc.eos_token_id) == (tok.cls_token_id, tok.eos_token_id) == (2, 3)
     # the prompt templates and the tests' data are whole words or characters, never [UNK]
+    glue = [compose_cfg([f"task=glue/{t}"]).task for t in ("sst2", "mrpc", "mnli", "qnli")]  # GOAT's instructions
     texts = [
         llm_adapters.format_prompt(
             "Please answer: is it true? Answer format: true/false", "", "the correct answer is true"
         ),
-        "sst2: alpha beta good gamma delta\nresult: ",
+        *(task.template.format(**dict.fromkeys(task.text_columns, "alpha beta good gamma delta")) for task in glue),
         "Any ASCII word is spelled out: commonsense_170k (3.5%)",
     ]
     for text in texts:

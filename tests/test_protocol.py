@@ -340,6 +340,45 @@ def test_commonsense_selects_the_best_checkpoint_on_validation_loss(tmp_path):
     assert rec["evaluation"]["reported_split"] == "test"
 
 
+# GOAT's input text per GLUE task (goat/peta/tasks/data.py, load_<task>; train_nlu.py tokenizes it
+# as one sequence, max 128 tokens): an instruction, the sentences joined by "\n", then "\nresult: "
+GOAT_GLUE_INPUT = {
+    "sst2": "classify the sentiment of the text: {sentence}\nresult: ",
+    "cola": "classify the grammaticality of the text: {sentence}\nresult: ",
+    "qqp": "classify the semantic similarity of the text: {question1}\n{question2}\nresult: ",
+    "mrpc": "classify the semantic similarity of the text: {sentence1}\n{sentence2}\nresult: ",
+    "mnli": "classify the semantic similarity of the text: {premise}\n{hypothesis}\nresult: ",
+    "qnli": "classify the semantic similarity of the question and the sentence: {question}\n{sentence}\nresult: ",
+    "rte": "determine if the second sentence entails the first sentence: {sentence1}\n{sentence2}\nresult: ",
+}
+
+
+@pytest.mark.parametrize("task", sorted(GOAT_GLUE_INPUT))
+def test_glue_input_is_goats_text(task, tmp_path):
+    """Each GLUE task's model input is GOAT's text for a row (its instruction, not the task's name):
+    the token ids the task family feeds the model equal those of GOAT's string, cut at 128 tokens."""
+    import csv
+
+    from pilora.tasks.base import load_tokenizer, make_task
+
+    columns = list(compose_cfg([f"task=glue/{task}"]).task.text_columns)
+    row = {c: f"the {c} text" for c in columns}
+    files = {}
+    for split in ("train", "validation"):
+        files[split] = str(tmp_path / f"{split}.csv")
+        with open(files[split], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*columns, "label"])
+            w.writerow([*row.values(), 0])
+    over = [f"task=glue/{task}", "model=tiny-roberta", "task.dataset.path=csv", "task.dataset.name=null"]
+    over += ["task.splits.validation=validation"]  # MNLI's validation_matched: a local file named validation
+    over += [f"+task.dataset.data_files.{k}={v}" for k, v in files.items()]
+    cfg = OmegaConf.to_container(compose_cfg(over, tmp_path / "o"), resolve=True)
+    fed = make_task(cfg["task"], cfg["model"]).datasets()["train"][0]["input_ids"]
+    tok = load_tokenizer(cfg["model"])
+    assert fed == tok(GOAT_GLUE_INPUT[task].format(**row), truncation=True, max_length=128)["input_ids"]
+
+
 @pytest.mark.slow
 def test_glue_objective_is_a_validation_metric_and_the_record_says_what_picks_the_best_epoch(tmp_path):
     rec = train(

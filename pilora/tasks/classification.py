@@ -118,7 +118,10 @@ class ClassificationSettings(TaskSettings):
     """``task.*`` of a sequence-classification task (GLUE, the demo)."""
 
     text_columns: list = setting(help="the columns the template reads, e.g. [sentence1, sentence2]")
-    template: str = setting(help="the model's input: template.format(**row), e.g. 'rte: {sentence1}...'")
+    template: str = setting(
+        help="the model's input: template.format(**row), e.g. GOAT's RTE 'determine if the second sentence "
+        "entails the first sentence: {sentence1}\\n{sentence2}\\nresult: '"
+    )
     label_column: str = setting("label", help="the column of integer class ids 0..num_labels-1")
     num_labels: int = setting(2, low=1, help="classes of the head")
     max_length: int = setting(128, low=1, help="tokens; longer inputs are truncated")
