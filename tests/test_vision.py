@@ -572,3 +572,59 @@ def test_a_bf16_vision_run_learns_with_fp32_adapters(tmp_path, model):
     saved = load_file(tmp_path / "run" / "adapter_pilora" / "pilora_model.safetensors")
     adapters = {k: t for k, t in saved.items() if "lora_" in k and t.is_floating_point()}  # not the int8 masks
     assert adapters and {t.dtype for t in adapters.values()} == {torch.float32}
+
+
+def _hub_layout(root, extra_splits=("contrast", "gaussian_noise"), readable=False):
+    """A dataset laid out as tanganke's hub copies are: parquet files per split, named in the card's
+    ``configs``, with corrupted copies of the test set as further splits; unless ``readable``, those
+    files here are not parquet at all, so reading one fails."""
+    import io
+
+    os.makedirs(os.path.join(root, "data"), exist_ok=True)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red", "blue"])})
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buf, "PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    rows = {"image": [png("red"), png("blue")] * 6, "label": [0, 1] * 6}
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(os.path.join(root, "data", f"{split}.parquet"))
+    for split in extra_splits:
+        if readable:
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(
+                os.path.join(root, "data", f"{split}.parquet")
+            )
+            continue
+        with open(os.path.join(root, "data", f"{split}.parquet"), "wb") as f:
+            f.write(b"not read unless the split is loaded")
+    entries = "".join(f"  - split: {s}\n    path: data/{s}.parquet\n" for s in ("train", "test", *extra_splits))
+    with open(os.path.join(root, "README.md"), "w") as f:
+        f.write(f"---\nconfigs:\n- config_name: default\n  data_files:\n{entries}---\n")
+    return str(root)
+
+
+def test_only_the_train_and_test_splits_are_loaded(tmp_path):
+    """load_dataset prepares every split of a config: the hub's eurosat / gtsrb / cars also carry
+    corrupted test copies (Cars: ~6 GB in all), downloaded and read for nothing. The task loads its
+    train and test splits alone (a bad file in another split was an error here); a split it needs
+    and the data lacks is still named with the splits the data has."""
+    from helpers import compose_cfg
+    from omegaconf import OmegaConf
+
+    from pilora.tasks import DataError
+    from pilora.tasks.base import make_task
+
+    root = _hub_layout(tmp_path / "hub")
+    over = ["task=vision/eurosat", "model=tiny-clip", f"task.dataset.path={root}", "task.dataset.name=default"]
+    over += ["task.num_labels=2", "task.holdout_fraction=0.25"]
+    cfg = OmegaConf.to_container(compose_cfg(over, tmp_path / "o"), resolve=True)
+    data = make_task(cfg["task"], cfg["model"]).datasets()
+    assert len(data["train"]) + len(data["validation"]) == 12 and len(data["test"]) == 12
+    cfg["task"]["splits"]["test"] = "snow"
+    cfg["task"]["dataset"]["path"] = _hub_layout(tmp_path / "hub2", readable=True)
+    with pytest.raises(
+        DataError, match=r"needs a test split 'snow'; the data has \['train', 'test', 'contrast', 'gaussian_noise'\]"
+    ):
+        make_task(cfg["task"], cfg["model"]).datasets()

@@ -507,6 +507,7 @@ def load_vision_dataset(
     image_column: str = "image",
     label_column: str = "label",
     data_dir: str | None = None,
+    splits: Sequence[str] | None = None,
     **load_kwargs: Any,
 ) -> datasets.DatasetDict:
     """Load an image-classification dataset as a ``DatasetDict`` with ``image``/``label`` columns.
@@ -515,7 +516,8 @@ def load_vision_dataset(
     ``"imagefolder"`` with ``data_dir``/``data_files``) or a short name from
     ``VISION_DATASETS`` (``"eurosat"``, ...). ``load_kwargs`` go to ``load_dataset``
     (e.g. ``cache_dir``). Image columns holding file paths are cast to ``Image``; string
-    labels become a ``ClassLabel`` with sorted names shared by all splits.
+    labels become a ``ClassLabel`` with sorted names shared by all splits. ``splits``: load only
+    these where the dataset has more (:func:`_only_splits`).
 
     Raises:
         FileNotFoundError: a local path / data_dir / data file does not exist.
@@ -525,6 +527,8 @@ def load_vision_dataset(
         path, default_name = VISION_DATASETS[path]
         name = name if name is not None else default_name
     _check_local_inputs(path, data_dir, data_files)
+    if splits and data_files is None:
+        data_files = _only_splits(path, name, data_dir, splits, load_kwargs)
 
     try:
         ds = datasets.load_dataset(path, name, data_dir=data_dir, data_files=data_files, **load_kwargs)
@@ -581,6 +585,23 @@ def load_vision_dataset(
         _check_class_folders(ds, folders)
     check_labels(ds)
     return ds
+
+
+def _only_splits(path, name, data_dir, splits: Sequence[str], load_kwargs: dict) -> dict | None:
+    """The data files of ``splits`` alone, as ``datasets`` resolves them from the dataset's own
+    metadata (nothing is downloaded for that), where it has other splits too: ``load_dataset``
+    downloads and prepares every split of a config, and tanganke/eurosat, gtsrb and stanford_cars
+    carry seven corrupted copies of their test set beside train and test (Cars: ~6 GB in all).
+    None (load as is) where it has only these, lacks one of them (the caller names what it has),
+    or cannot say."""
+    try:
+        builder = datasets.load_dataset_builder(path, name, data_dir=data_dir, **load_kwargs)
+        files = dict(builder.config.data_files or {})
+    except Exception:  # noqa: BLE001 - load_dataset below loads as is and reports what is wrong
+        return None
+    if not set(splits) <= set(files) or set(files) <= set(splits):
+        return None
+    return {split: list(files[split]) for split in splits}
 
 
 def _from_folders(split: datasets.Dataset) -> bool:

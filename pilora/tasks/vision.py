@@ -125,6 +125,8 @@ class VisionTask(Task):
     def datasets(self):
         s = self.settings
         d = s.dataset
+        splits = s.splits
+        train_name, test_name = splits.get("train", "train"), splits.get("test", "test")
         try:
             raw = v.load_vision_dataset(
                 d["path"],
@@ -133,13 +135,12 @@ class VisionTask(Task):
                 image_column=d.get("image_column", "image"),
                 label_column=d.get("label_column", "label"),
                 data_dir=d.get("data_dir"),
+                splits=[n for n in (train_name, test_name) if n is not None],
             )
         except v.DatasetLoadError as err:
             hub = d.get("hub_id")
             where = f" (task {self.name!r}; its hub dataset: {hub!r})" if hub else f" (task {self.name!r})"
             raise DataError(f"{err}{where}") from err
-        splits = s.splits
-        train_name, test_name = splits.get("train", "train"), splits.get("test", "test")
         for role, split in (("train", train_name), ("test", test_name)):
             if split is not None and split not in raw:  # task.splits.test=null: no test split, on purpose
                 raise DataError(
