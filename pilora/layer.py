@@ -119,21 +119,20 @@ class RowPartitionedB(nn.Module):
         if self.masked_per_step:
             return self.blocks
         blocks = self.blocks
-        if self.pattern.device != blocks.device:
-            self._follow(blocks.device)
+        self._follow(blocks.device)
         return blocks * self.pattern
 
     def _follow(self, device: torch.device) -> None:
-        """Move the derived tensors to ``device``, where ``blocks`` is: FSDP2's ``fully_shard`` moves
-        a module's parameters and buffers to the GPU itself, without ``_apply`` (a plain ``.to()``
-        reaches them through :meth:`_apply`)."""
-        for name in self._DERIVED:
-            setattr(self, name, getattr(self, name).to(device))
+        """Keep the derived tensors where ``blocks`` is: FSDP2's ``fully_shard`` moves a module's
+        parameters and buffers to the GPU itself, without ``_apply`` (through which a plain ``.to()``
+        moves them too)."""
+        if self.pattern.device != device:  # the derived tensors always move together
+            for name in self._DERIVED:
+                setattr(self, name, getattr(self, name).to(device))
 
     def structural_zeros_moved(self) -> bool:
         """Whether a structural zero of ``blocks`` is non-zero (one device→host read)."""
-        if self.pattern.device != self.blocks.device:
-            self._follow(self.blocks.device)
+        self._follow(self.blocks.device)
         return bool(torch.count_nonzero(self.blocks.detach() * (self.pattern == 0)))
 
     def _full_blocks(self) -> torch.Tensor:
@@ -142,8 +141,7 @@ class RowPartitionedB(nn.Module):
         from torch.distributed.tensor import DTensor
 
         blocks = self.blocks.full_tensor() if isinstance(self.blocks, DTensor) else self.blocks
-        if self.dominant_rows.device != blocks.device:
-            self._follow(blocks.device)
+        self._follow(blocks.device)
         return blocks
 
     @property
