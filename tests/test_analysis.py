@@ -58,6 +58,9 @@ def _glue(d):
         "task.dataset.path=csv",
         "task.dataset.name=null",
         "model=tiny-roberta",
+        # the sentence alone: GOAT's instruction, spelled out in characters by the tiny tokenizer,
+        # buries the keyword deeper than 3 epochs of the tiny model learn (accuracy stays 0.5)
+        "task.template='{sentence}'",
         "trainer.learning_rate=1e-2",
         "trainer.per_device_train_batch_size=16",
         "trainer.num_train_epochs=3",
