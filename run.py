@@ -25,15 +25,13 @@ def main(cfg: DictConfig) -> float:
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     # a fixable error ends with one message, a bug with its traceback; a basic sweep's point ends
     # itself on either, and is listed with its error when the sweep ends
-    on_error = hydra_setup.point_error_handler(HydraConfig.get())
     record = exit_on_expected(
         train,
         cfg,
         sweep=sweep,
         on_open=hydra_setup.job_config_saver(cfg),
         output_dir=cfg.get("output_dir"),
-        on_error=on_error,
-        bugs_too=on_error is not None,
+        on_error=hydra_setup.point_error_handler(HydraConfig.get()),
     )
     if isinstance(record, hydra_setup.FailedPoint):
         return record

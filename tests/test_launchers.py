@@ -23,6 +23,14 @@ def _hydra_cfg(overrides):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
+def _tuned_glue_job():
+    """One point of the tuned GLUE sweep (trainer.bf16=true), composed as the job itself gets it."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        job = compose("config", overrides=["experiment=table2_glue", "task=glue/rte", "method=lora", "seed=0"])
+    job.output_dir = ""  # ${hydra:runtime.output_dir}: known only inside a Hydra run
+    return job
+
+
 def test_slurm_launcher_composes(monkeypatch):
     monkeypatch.delenv("PILORA_SLURM_PARTITION", raising=False)
     monkeypatch.delenv("PILORA_SLURM_ACCOUNT", raising=False)
@@ -101,9 +109,7 @@ def test_slurm_sweep_leaves_the_gpu_checks_to_its_nodes(monkeypatch):
     assert "trainer.use_cpu=true" in check_job([*slurm, "model.dtype=float16", "trainer.use_cpu=true"])
     assert "one of float32" in check_job([*slurm, "model.dtype=float8"])
     # and the job on a GPU-less node refuses, before it trains (what train() runs first)
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        job = compose("config", overrides=["experiment=table2_glue", "task=glue/rte", "method=lora", "seed=0"])
-    job.output_dir = ""
+    job = _tuned_glue_job()
     with pytest.raises(Exception, match="trainer.bf16=false"):
         check_config(job)
 
@@ -117,9 +123,7 @@ def test_a_gpu_without_bf16_is_told_so(monkeypatch):
 
     from pilora.runner.validate import check_config
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        job = compose("config", overrides=["experiment=table2_glue", "task=glue/rte", "method=lora", "seed=0"])
-    job.output_dir = ""
+    job = _tuned_glue_job()
     with pytest.raises(Exception, match="this machine has no GPU for trainer.bf16=true"):
         check_config(job)
     monkeypatch.setattr(transformers.training_args, "is_torch_cuda_available", lambda: True)

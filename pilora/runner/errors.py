@@ -102,12 +102,12 @@ def expected_message(err: BaseException, output_dir: str | None = None) -> str |
     return None
 
 
-def exit_on_expected(fn, *args, output_dir: str | None = None, on_error=None, bugs_too: bool = False, **kwargs):
+def exit_on_expected(fn, *args, output_dir: str | None = None, on_error=None, **kwargs):
     """``fn(*args, **kwargs)``; an expected error ends the process with ``error: <message>`` on stderr
-    and exit status 1 instead of a traceback (a bug still raises). ``on_error(message)``, when
-    given, is called instead of ending the process, and its value returned (a sweep point's
-    error ends that point, not the sweep: ``hydra_setup.FailedPoint``); with ``bugs_too`` a bug
-    goes there as well, once its traceback is logged (a sweep still ends with its table)."""
+    and exit status 1 instead of a traceback (a bug raises). ``on_error(message)``, when given, is
+    called instead, for a bug too once its traceback is logged, and its value returned (a sweep
+    point's error ends that point, not the sweep, which still ends with its table:
+    ``hydra_setup.FailedPoint``)."""
     import logging
     import sys
 
@@ -117,7 +117,7 @@ def exit_on_expected(fn, *args, output_dir: str | None = None, on_error=None, bu
     except Exception as err:  # noqa: BLE001 - classified here, re-raised when it is a bug
         message = expected_message(err, output_dir)
         if message is None:
-            if on_error is None or not bugs_too:
+            if on_error is None:
                 raise
             log.error("a bug ended this job (not a setting to fix):", exc_info=True)  # console and the job's log
             return on_error(f"{type(err).__name__}: {err} (a bug: its traceback is in the job's log)")
